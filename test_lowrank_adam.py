@@ -1,0 +1,518 @@
+"""Tests for lowrank_adam (pytest + hypothesis). Run: ``pytest -q``.
+
+Sections: shared math, GaLoreAdamW, then suite-wide tests parametrized over
+every optimizer the module exports (new optimizers join automatically).
+"""
+
+import copy
+import io
+import inspect
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
+from torch import nn
+
+import lowrank_adam as la
+
+torch.set_num_threads(min(torch.get_num_threads(), 2))
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# Every optimizer class the module exports, with test-sized hyperparameters.
+OPTIMIZERS = [c for name in la.__all__ if inspect.isclass(c := getattr(la, name)) and issubclass(c, torch.optim.Optimizer)]
+TEST_KWARGS = {
+    "GaLoreAdamW": dict(lr=1e-2, update_proj_gap=5),
+    "AdaptiveAdamW": dict(lr=1e-2, update_proj_gap=5),
+    "LDAdam": dict(lr=1e-2),
+    "Adapprox": dict(lr=1e-2),
+}
+# Extra options under which an optimizer's dense path is exactly AdamW.
+ADAMW_EQUIVALENT = {"Adapprox": dict(clip_threshold=None)}
+
+
+def kwargs_for(cls, **over):
+    return {**TEST_KWARGS.get(cls.__name__, {}), **over}
+
+
+def ids(cls):
+    return cls.__name__
+
+
+def mlp(seed=0, dtype=torch.float32, device="cpu"):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 1)).to(device, dtype)
+
+
+def mlp_groups(model, rank=3):
+    """Hidden weights low-rank, everything else dense (the galore-torch convention)."""
+    lowrank = [model[0].weight, model[2].weight]
+    rest = [p for p in model.parameters() if all(p is not q for q in lowrank)]
+    return [{"params": rest}, {"params": lowrank, "rank": rank}]
+
+
+def regression_data(seed=1, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 8, generator=g)
+    y = torch.sin(x[:, :1] * 2) + x[:, 1:2] * x[:, 2:3]
+    return x.to(device, dtype), y.to(device, dtype)
+
+
+def train(model, opt, steps, data, sched=None):
+    x, y = data
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def snapshot(opt, model):
+    return copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in model.parameters()]
+
+
+def assert_same_state(a, b):
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        for name, v in a["state"][k].items():
+            w = b["state"][k][name]
+            if isinstance(v, torch.Tensor):
+                assert v.dtype == w.dtype and torch.equal(v, w), name
+            else:
+                assert v == w, name
+
+
+# =============================================================================
+# Shared math
+# =============================================================================
+
+shapes = st.tuples(st.integers(1, 12), st.integers(1, 12))
+
+
+def matrix(shape, seed, kind="randn"):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "zeros":
+        return torch.zeros(shape)
+    if kind == "rank1":
+        return torch.randn(shape[0], 1, generator=g) @ torch.randn(1, shape[1], generator=g)
+    return torch.randn(shape, generator=g)
+
+
+@given(shape=shapes, seed=st.integers(0, 2**16), kind=st.sampled_from(["randn", "zeros", "rank1"]),
+       frac=st.floats(0.01, 1.0))
+@example(shape=(1, 7), seed=0, kind="randn", frac=1.0)
+@example(shape=(5, 5), seed=0, kind="zeros", frac=1.0)
+def test_basis_is_orthonormal_projector(shape, seed, kind, frac):
+    g = matrix(shape, seed, kind)
+    transposed = la.is_transposed(g.shape)
+    x = la.orient(g, transposed)
+    s = min(shape)
+    assert x.shape == (s, max(shape))
+    r = max(1, round(frac * s))
+    P = la.top_r_basis(x, r)
+    assert P.shape == (s, r) and P.dtype == torch.float32
+    # Pᵀ P = I
+    torch.testing.assert_close(P.T @ P, torch.eye(r), atol=1e-5, rtol=0)
+    # back(project(X)) is the orthogonal projector: idempotent and norm-non-increasing
+    proj = P @ (P.T @ x)
+    torch.testing.assert_close(P @ (P.T @ proj), proj, atol=1e-5, rtol=1e-5)
+    assert torch.linalg.norm(proj) <= torch.linalg.norm(x) * (1 + 1e-5) + 1e-6
+    if r == s:  # full rank: nothing is lost
+        torch.testing.assert_close(proj, x, atol=1e-5, rtol=1e-5)
+
+
+def test_top_r_basis_finds_dominant_subspace():
+    torch.manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(10, 10))
+    V, _ = torch.linalg.qr(torch.randn(30, 10))
+    S = torch.tensor([10.0, 8.0, 6.0] + [0.1] * 7)
+    x = U @ torch.diag(S) @ V.T
+    P = la.top_r_basis(x, 3)
+    # same subspace as the first three left singular vectors
+    torch.testing.assert_close(P @ P.T, U[:, :3] @ U[:, :3].T, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_linear_algebra_runs_in_at_least_float32(dtype):
+    x = torch.randn(6, 9).to(dtype)
+    assert la.top_r_basis(x, 2).dtype == la.linalg_dtype(dtype)
+    assert la.orthonormalize(x.T).dtype == la.linalg_dtype(dtype)
+    assert la.linalg_dtype(dtype) in (torch.float32, torch.float64)
+
+
+def test_orthonormalize_rank_deficient_is_finite():
+    q = la.orthonormalize(torch.zeros(7, 3))
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.T @ q, torch.eye(3), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (5, 12), (7, 7)], ids=["tall", "wide", "square"])
+def test_orientation_gives_state_of_shape_r_by_long_side(shape):
+    p = nn.Parameter(torch.randn(shape))
+    opt = la.GaLoreAdamW([{"params": [p], "rank": 3}])
+    p.grad = torch.randn(shape)
+    opt.step()
+    st_ = opt.state[p]
+    assert st_["exp_avg"].shape == (3, max(shape))
+    assert st_["exp_avg_sq"].shape == (3, max(shape))
+    assert st_["P"].shape == (min(shape), 3)
+
+
+def test_norm_growth_limiter_bounds_growth():
+    x = torch.ones(4, 4) * 10
+    prev = torch.tensor(1.0)
+    new = la.norm_growth_limit_(x, prev, 1.01)
+    assert math.isclose(la.rms(x).item(), 1.01, rel_tol=1e-5) and math.isclose(new.item(), 1.01, rel_tol=1e-5)
+    # no history (prev = 0): untouched
+    y = torch.ones(3, 3) * 5
+    la.norm_growth_limit_(y, torch.tensor(0.0), 1.01)
+    assert torch.equal(y, torch.ones(3, 3) * 5)
+    # shrinking is never limited
+    z = torch.ones(2, 2) * 0.5
+    la.norm_growth_limit_(z, torch.tensor(1.0), 1.01)
+    assert torch.equal(z, torch.ones(2, 2) * 0.5)
+
+
+# =============================================================================
+# GaLoreAdamW against an independent reference
+# =============================================================================
+
+
+def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale):
+    """Straight from the GaLore paper's algorithm box, written independently."""
+    W = W0.clone()
+    m_, n_ = W.shape
+    right = m_ >= n_  # project the short side
+    M = V = P = None
+    for t, G in enumerate(grads, start=1):
+        if (t - 1) % gap == 0:
+            if right:
+                # right singular vectors of G, taken as left ones of Gᵀ so the arbitrary
+                # signs match the optimizer's (moments are not rotated at a refresh)
+                U, _, _ = torch.linalg.svd(G.T, full_matrices=False)
+                P = U[:, :rank]  # (n, r): R = G P
+            else:
+                U, _, _ = torch.linalg.svd(G, full_matrices=False)
+                P = U[:, :rank]  # (m, r): R = Pᵀ G
+        R = G @ P if right else P.T @ G
+        if M is None:
+            M, V = torch.zeros_like(R), torch.zeros_like(R)
+        M = betas[0] * M + (1 - betas[0]) * R
+        V = betas[1] * V + (1 - betas[1]) * R * R
+        N = (M / (1 - betas[0] ** t)) / ((V / (1 - betas[1] ** t)).sqrt() + eps)
+        D = N @ P.T if right else P @ N
+        W = W * (1 - lr * wd) - lr * scale * D
+    return W
+
+
+@pytest.mark.parametrize("shape", [(9, 4), (4, 9), (6, 6)], ids=["tall", "wide", "square"])
+def test_galore_matches_reference(shape):
+    torch.manual_seed(0)
+    W0 = torch.randn(shape, dtype=torch.float64)
+    # gradients with a clear spectral gap so the SVD basis is well defined (sign aside)
+    grads = [torch.randn(shape, dtype=torch.float64) * 0.3 + (t % 3 + 1) * torch.outer(
+        torch.randn(shape[0], dtype=torch.float64), torch.randn(shape[1], dtype=torch.float64)) for t in range(7)]
+    kw = dict(rank=2, gap=3, lr=0.05, betas=(0.9, 0.99), eps=1e-8, wd=0.1, scale=0.5)
+    expected = galore_reference(W0, grads, **kw)
+    p = nn.Parameter(W0.clone())
+    opt = la.GaLoreAdamW([{"params": [p], "rank": 2, "update_proj_gap": 3, "scale": 0.5}], lr=0.05,
+                         betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(p.detach(), expected, atol=1e-10, rtol=1e-10)
+
+
+def test_galore_keeps_moments_on_refresh():
+    p = nn.Parameter(torch.randn(6, 10))
+    opt = la.GaLoreAdamW([{"params": [p], "rank": 2, "update_proj_gap": 2}])
+    for i in range(2):
+        p.grad = torch.randn(6, 10)
+        opt.step()
+    m_before = opt.state[p]["exp_avg"].clone()
+    P_before = opt.state[p]["P"].clone()
+    p.grad = torch.randn(6, 10)
+    opt.step()  # step 3: refresh
+    assert not torch.allclose(opt.state[p]["P"], P_before)
+    # the moment was updated with the new R, not rotated/reset: m = β1 m_before + (1-β1) R
+    R = opt.state[p]["P"].T @ p.grad
+    torch.testing.assert_close(opt.state[p]["exp_avg"], 0.9 * m_before + 0.1 * R)
+
+
+def test_rank_larger_than_matrix_is_clamped_with_one_warning():
+    a, b = nn.Parameter(torch.randn(3, 8)), nn.Parameter(torch.randn(8, 2))
+    opt = la.GaLoreAdamW([{"params": [a, b], "rank": 5}])
+    a.grad, b.grad = torch.randn(3, 8), torch.randn(8, 2)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        opt.step()
+    assert len([x for x in w if "exceeds min(m, n)" in str(x.message)]) == 1
+    assert opt.ranks() == [3, 2]
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+
+
+# =============================================================================
+# Suite-wide tests, every optimizer
+# =============================================================================
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+@given(shape=st.one_of(st.tuples(st.integers(1, 12)), shapes), lr=st.floats(1e-4, 1e-1),
+       b1=st.floats(0.0, 0.99), b2=st.floats(0.5, 0.9999), eps=st.floats(1e-10, 1e-3), wd=st.floats(0.0, 0.5),
+       seed=st.integers(0, 1000))
+def test_dense_path_matches_torch_adamw(cls, shape, lr, b1, b2, eps, wd, seed):
+    if cls.__name__ == "Adapprox":  # factors every matrix with min(m, n) >= 2; its exact-rank test covers those
+        assume(len(shape) == 1 or min(shape) < 2)
+    g = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(shape, generator=g)
+    grads = [torch.randn(shape, generator=g) for _ in range(12)]
+    a, b = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    hp = dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    ref = torch.optim.AdamW([a], foreach=False, **hp)
+    opt = cls([b], **hp, **ADAMW_EQUIVALENT.get(cls.__name__, {}))
+    for gr in grads:
+        a.grad, b.grad = gr.clone(), gr.clone()
+        ref.step()
+        opt.step()
+    torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_converges_on_tiny_regression(cls):
+    model = mlp()
+    data = regression_data()
+    opt = cls(mlp_groups(model), **kwargs_for(cls))
+    losses = train(model, opt, 150, data)
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_state_dict_round_trip_continues_bit_identically(cls, tmp_path):
+    data = regression_data()
+    model = mlp()
+    opt = cls(mlp_groups(model), **kwargs_for(cls))
+    train(model, opt, 7, data)  # crosses a subspace refresh for the periodic methods
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model2 = mlp(seed=123)
+    model2.load_state_dict(ckpt["model"])
+    opt2 = cls(mlp_groups(model2), **kwargs_for(cls))
+    opt2.load_state_dict(ckpt["opt"])
+    l1 = train(model, opt, 9, data)
+    l2 = train(model2, opt2, 9, data)
+    assert l1 == l2
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    assert_same_state(opt.state_dict(), opt2.state_dict())
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_bf16_params_keep_float32_state_after_load(cls):
+    model = mlp(dtype=torch.bfloat16)
+    data = regression_data(dtype=torch.bfloat16)
+    opt = cls(mlp_groups(model), **kwargs_for(cls))
+    train(model, opt, 3, data)
+    floating = lambda sd: {(k, n): v.dtype for k, s in sd["state"].items() for n, v in s.items()
+                           if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    before = floating(opt.state_dict())
+    assert torch.float32 in before.values()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2 = cls(mlp_groups(model), **kwargs_for(cls))
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    assert floating(opt2.state_dict()) == before
+    train(model, opt2, 2, data)
+    assert floating(opt2.state_dict()) == before
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_scheduler_closure_and_set_to_none(cls):
+    model = mlp()
+    x, y = regression_data()
+    opt = cls(mlp_groups(model), **kwargs_for(cls))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=20)
+    first = None
+    for _ in range(20):
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+        loss = opt.step(closure)
+        assert isinstance(loss, torch.Tensor)
+        first = first if first is not None else loss.item()
+        sched.step()
+    opt.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in model.parameters())
+    assert nn.functional.mse_loss(model(x), y).item() < first
+    # a step with no gradients at all changes nothing
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+INVALID = [("lr", -1.0, "learning rate"), ("eps", 0.0, "epsilon"), ("eps", -1e-8, "epsilon"),
+           ("betas", (1.0, 0.999), "beta parameter at index 0"), ("betas", (0.9, -0.1), "beta parameter at index 1"),
+           ("weight_decay", -0.1, "weight_decay")]
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+@pytest.mark.parametrize("key,value,words", INVALID)
+def test_invalid_hyperparameters_raise(cls, key, value, words):
+    model = mlp()
+    with pytest.raises(ValueError, match=f"Invalid {words}"):
+        cls(mlp_groups(model), **kwargs_for(cls, **{key: value}))
+    # the same check applies per group
+    with pytest.raises(ValueError, match=f"Invalid {words}"):
+        groups = mlp_groups(model)
+        groups[1][key] = value
+        cls(groups, **kwargs_for(cls))
+
+
+@pytest.mark.parametrize("cls", [c for c in OPTIMIZERS if c.__name__ != "Adapprox"], ids=ids)
+@pytest.mark.parametrize("key,value,words", [("rank", 0, "rank"), ("rank", 2.5, "rank"),
+                                             ("update_proj_gap", 0, "update_proj_gap"),
+                                             ("proj_type", "diagonal", "proj_type")])
+def test_invalid_lowrank_group_options_raise(cls, key, value, words):
+    model = mlp()
+    groups = mlp_groups(model)
+    groups[1][key] = value
+    with pytest.raises(ValueError, match=f"Invalid {words}"):
+        cls(groups, **kwargs_for(cls))
+
+
+@pytest.mark.parametrize("cls", [c for c in OPTIMIZERS if c.__name__ != "Adapprox"], ids=ids)
+def test_non_2d_tensor_in_rank_group_raises(cls):
+    model = mlp()
+    with pytest.raises(ValueError, match=r"shape \(16,\) is not 2-D"):
+        cls([{"params": [model[0].weight, model[0].bias], "rank": 2}], **kwargs_for(cls))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+@pytest.mark.parametrize("bad", ["nan", "inf", "sparse"])
+def test_bad_gradient_raises_and_leaves_everything_untouched(cls, bad):
+    model = mlp()
+    data = regression_data()
+    opt = cls(mlp_groups(model), **kwargs_for(cls))
+    train(model, opt, 3, data)
+    sd, params = snapshot(opt, model)
+    opt.zero_grad()
+    nn.functional.mse_loss(model(data[0]), data[1]).backward()
+    target = model[4].weight  # a dense parameter late in the order: earlier ones must not move either
+    if bad == "sparse":
+        target.grad = target.grad.to_sparse()
+        err, msg = RuntimeError, "sparse"
+    else:
+        target.grad[0, 0] = float(bad)
+        err, msg = la.NonFiniteGradientError, r"shape \(1, 12\) at its step 4"
+    with pytest.raises(err, match=msg):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert_same_state(sd, opt.state_dict())
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+@pytest.mark.parametrize("kind", ["zeros", "rank1"])
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (1, 7)])
+def test_degenerate_gradients_stay_finite(cls, kind, shape):
+    p = nn.Parameter(torch.randn(shape))
+    groups = [{"params": [p], "rank": 4}] if cls.__name__ != "Adapprox" else [p]
+    opt = cls(groups, **kwargs_for(cls))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rank 4 > min(m, n) for (1, 7) warns
+        for i in range(8):
+            p.grad = matrix(shape, i, kind)
+            opt.step()
+    assert torch.isfinite(p).all()
+    for v in opt.state[p].values():
+        if isinstance(v, torch.Tensor):
+            assert torch.isfinite(v).all()
+
+
+def test_lowrank_groups_convention():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Linear(4, 4, bias=True)
+            self.mlp = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4))
+            self.norm = nn.LayerNorm(4)
+            self.head = nn.Linear(4, 10)
+
+    m = Block()
+    groups = la.lowrank_groups(m, 3, update_proj_gap=50)
+    dense, lowrank = groups
+    assert lowrank["rank"] == 3 and lowrank["update_proj_gap"] == 50
+    assert {id(p) for p in lowrank["params"]} == {id(m.attn.weight), id(m.mlp[0].weight), id(m.mlp[1].weight)}
+    assert len(dense["params"]) + len(lowrank["params"]) == len(list(m.parameters()))
+    assert id(m.head.weight) in {id(p) for p in dense["params"]}
+
+
+def test_state_bytes_galore_formula():
+    a, b = nn.Parameter(torch.randn(20, 8)), nn.Parameter(torch.randn(5))
+    opt = la.GaLoreAdamW([{"params": [a], "rank": 3}, {"params": [b]}])
+    a.grad, b.grad = torch.randn(20, 8), torch.randn(5)
+    opt.step()
+    s, l, r = 8, 20, 3
+    assert la.state_bytes(opt) == 4 * (2 * r * l + s * r + 2 * 5)
+    assert la.state_bytes(opt, by_key=True)["P"] == 4 * s * r
+
+
+# =============================================================================
+# CUDA (skipped without a GPU)
+# =============================================================================
+
+
+@CUDA
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_cuda_converges_and_matches_cpu_roughly(cls):
+    data_cpu = regression_data()
+    results = []
+    for device in ("cpu", "cuda"):
+        model = mlp(device=device)
+        opt = cls(mlp_groups(model), **kwargs_for(cls))
+        losses = train(model, opt, 60, tuple(t.to(device) for t in data_cpu))
+        assert losses[-1] < 0.5 * losses[0]
+        results.append(losses[-1])
+    assert abs(results[0] - results[1]) < 0.1 * max(results)
+
+
+@CUDA
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_cuda_round_trip_and_bf16(cls):
+    model = mlp(device="cuda", dtype=torch.bfloat16)
+    data = regression_data(device="cuda", dtype=torch.bfloat16)
+    opt = cls(mlp_groups(model), **kwargs_for(cls))
+    train(model, opt, 6, data)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2 = cls(mlp_groups(model), **kwargs_for(cls))
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    assert_same_state(opt.state_dict(), opt2.state_dict())
+    for st_ in opt2.state.values():
+        for v in st_.values():
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0:
+                assert v.device.type == "cuda" and v.dtype == torch.float32
+
+
+@CUDA
+def test_cuda_nan_guard():
+    model = mlp(device="cuda")
+    x, y = regression_data(device="cuda")
+    opt = la.GaLoreAdamW(mlp_groups(model))
+    nn.functional.mse_loss(model(x), y).backward()
+    model[2].weight.grad[1, 1] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(la.NonFiniteGradientError):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
