@@ -76,6 +76,7 @@ from torch.optim import Optimizer
 
 __all__ = [
     "GaLoreAdamW",
+    "AdaptiveAdamW",
     "lowrank_groups",
     "state_bytes",
     "NonFiniteGradientError",
@@ -119,8 +120,12 @@ def gradient_spectrum(x: Tensor, max_rank: Optional[int] = None) -> tuple[Tensor
 
 
 def top_r_basis(x: Tensor, rank: int) -> Tensor:
-    """P = top-r left singular vectors of x, shape (s, r), orthonormal columns."""
-    return gradient_spectrum(x, rank)[0]
+    """P = top-r left singular vectors of x, shape (s, r), orthonormal columns.
+
+    Returned contiguous: a column slice of U would keep all of U alive (and
+    be saved whole by ``torch.save``).
+    """
+    return gradient_spectrum(x, rank)[0].contiguous()
 
 
 def orthonormalize(x: Tensor) -> Tensor:
@@ -381,6 +386,17 @@ class _Base(Optimizer):
 # =============================================================================
 
 
+def orthogonal_residual(x: Tensor, P: Tensor, r: Tensor, n: Tensor) -> Tensor:
+    """Fira-style residual: what the subspace drops, scaled like the Adam update.
+
+    ``φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + 1e-8)`` per column j, and
+    ``S = (X - P R) · diag(φ)``. (Fira subtracts ``α·P R``; we take the exact
+    orthogonal residual, so ``Pᵀ S = 0``. Our choice, see SPEC §2.6.)
+    """
+    phi = torch.linalg.vector_norm(n, dim=0) / (torch.linalg.vector_norm(r, dim=0) + 1e-8)  # (l,)
+    return torch.addmm(x, P, r, alpha=-1).mul_(phi)  # (s, l)
+
+
 class GaLoreAdamW(_Base):
     r"""AdamW with GaLore gradient low-rank projection (Zhao et al. 2024).
 
@@ -400,19 +416,26 @@ class GaLoreAdamW(_Base):
         opt = GaLoreAdamW(groups, lr=1e-2)      # GaLore uses a high lr
 
     Group options: ``rank`` (int), ``update_proj_gap`` T (200), ``scale`` α
-    (0.25), ``proj_type`` (``std``, ``reverse_std``, ``left``, ``right``).
+    (0.25), ``proj_type`` (``std``, ``reverse_std``, ``left``, ``right``),
+    ``residual`` (False): add the Fira-style out-of-subspace residual
+    ``S`` (see ``orthogonal_residual``), whose RMS may grow by at most
+    ``norm_growth_limit`` γ (1.01) per step; the update is then
+    ``α·P N + S``. GaLore itself has no limiter: γ only acts on ``S``.
 
     Not for: 1-D tensors, embeddings or small matrices (they gain nothing).
     Memory per low-rank matrix: ``2·r·l + s·r`` floats instead of ``2·m·n``.
     """
 
     proj_types = ("std", "reverse_std", "left", "right")
+    limit_normalized_update = False  # AdaptiveAdamW limits N itself
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, update_proj_gap: int = 200, scale: float = 0.25,
-                 proj_type: str = "std", check_finite: bool = True):
+                 proj_type: str = "std", residual: bool = False, norm_growth_limit: Optional[float] = 1.01,
+                 check_finite: bool = True, **extra_defaults):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_proj_gap=update_proj_gap,
-                        scale=scale, proj_type=proj_type, check_finite=check_finite)
+                        scale=scale, proj_type=proj_type, residual=residual, norm_growth_limit=norm_growth_limit,
+                        check_finite=check_finite, **extra_defaults)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict) -> None:
@@ -420,12 +443,19 @@ class GaLoreAdamW(_Base):
         if group.get("rank") is not None:
             _validate_rank(group, self.proj_types)
             _check(group["scale"] > 0, f"Invalid scale: {group['scale']}")
+            gamma = group["norm_growth_limit"]
+            _check(gamma is None or gamma >= 1.0, f"Invalid norm_growth_limit: {gamma} (use >= 1, or None for off)")
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
         """Perform one optimization step; ``closure`` re-evaluates the loss."""
         loss = self._closure(closure)
         self._check_grads()
+        # P ← new bases for the matrices whose step is 1, T+1, 2T+1, ...
+        due = [(p, g) for g in self.param_groups if g.get("rank") is not None for p in g["params"]
+               if p.grad is not None and self.state[p].get("step", 0) % g["update_proj_gap"] == 0]
+        if due:
+            self._refresh_subspaces(due)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -433,36 +463,243 @@ class GaLoreAdamW(_Base):
                 if group.get("rank") is None:
                     self._dense_step(p, group)
                 else:
-                    self._galore_step(p, group)
+                    self._projected_step(p, group)
         return loss
 
-    def _galore_step(self, p: Tensor, group: dict) -> None:
-        state = self.state[p]
+    @staticmethod
+    def _oriented_grad(p: Tensor, group: dict) -> tuple[Tensor, bool]:
         transposed = is_transposed(p.shape, group["proj_type"])
-        x = orient(p.grad, transposed).to(linalg_dtype(p.dtype))  # X: (s, l)
-        if len(state) == 0:
-            state["step"] = 0
-            state["rank"] = self._clamped_rank(p, group)
-        t = state["step"] + 1
-        # P ← top-r left singular vectors of X, on steps 1, T+1, 2T+1, ...
-        if (t - 1) % group["update_proj_gap"] == 0:
-            state["P"] = top_r_basis(x, state["rank"])  # (s, r)
+        return orient(p.grad, transposed).to(linalg_dtype(p.dtype)), transposed  # X: (s, l)
+
+    def _refresh_subspaces(self, due: list[tuple[Tensor, dict]]) -> None:
+        """GaLore: P ← top-r left singular vectors of X, rank fixed per group."""
+        for p, group in due:
+            state = self.state[p]
+            if "rank" not in state:
+                state["rank"] = self._clamped_rank(p, group)
+            state["P"] = top_r_basis(self._oriented_grad(p, group)[0], state["rank"])  # (s, r)
+
+    def _projected_step(self, p: Tensor, group: dict) -> None:
+        state = self.state[p]
+        x, transposed = self._oriented_grad(p, group)
         P = state["P"]
         if "exp_avg" not in state:
             state["exp_avg"] = x.new_zeros(P.shape[1], x.shape[1])  # m: (r, l)
             state["exp_avg_sq"] = x.new_zeros(P.shape[1], x.shape[1])  # v: (r, l)
+            if group["residual"] or self.limit_normalized_update:
+                state["rms"] = x.new_zeros(())  # RMS of the last limited update (0 = no history)
+        t = state.get("step", 0) + 1
+        beta1, beta2 = group["betas"]
+        gamma = group["norm_growth_limit"]
         # R ← Pᵀ X
         r = P.T @ x
-        beta1, beta2 = group["betas"]
         # m, v ← Adam moments of R ;  N ← m̂ / (sqrt(v̂) + ε)
         n = adam_normalized_(state["exp_avg"], state["exp_avg_sq"], r, t, beta1, beta2, group["eps"])
-        # W ← W (1 - lr·wd) - lr · α · P N
-        apply_update_(p, P @ n, transposed, group["lr"], group["weight_decay"], alpha=group["scale"])
+        if group["residual"]:
+            # S ← (X - P R) diag(φ), its RMS growth capped at γ per step ;  D ← α P N + S
+            s = orthogonal_residual(x, P, r, n)
+            if gamma is not None:
+                state["rms"] = norm_growth_limit_(s, state["rms"], gamma)
+            update, alpha = s.addmm_(P, n, alpha=group["scale"]), 1.0
+        else:
+            # (AdaptiveAdamW) N ← N · min(1, γ·RMS_{t-1}/RMS(N)) ;  D ← α P N
+            if self.limit_normalized_update and gamma is not None:
+                state["rms"] = norm_growth_limit_(n, state["rms"], gamma)
+            update, alpha = P @ n, group["scale"]
+        # W ← W (1 - lr·wd) - lr · D
+        apply_update_(p, update, transposed, group["lr"], group["weight_decay"], alpha=alpha)
         state["step"] = t
 
 
 # =============================================================================
-# 4. Helpers for users: param groups and state memory
+# 4. AdaptiveAdamW: a global rank budget split by gradient spectra
+# =============================================================================
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b, and 0 when b is 0 (a zero-gradient matrix scores 0, never NaN)."""
+    return a / b if b > 0 else 0.0
+
+
+# Score of giving a matrix rank r+1, from its singular values s (descending,
+# 0-indexed: s[r] is the (r+1)-th value), at its current rank r >= 1, where
+# E = Σ sᵢ² is the gradient's energy. The greedy allocator gives the next unit
+# of budget to the highest score. (SPEC §2, table of metrics.)
+RANK_METRICS: dict[str, Callable[[list[float], int, float], float]] = {
+    # s_{r+1}² / E: the share of the gradient's energy the next direction explains
+    "explained_variance": lambda s, r, E: _ratio(s[r] ** 2, E),
+    # s_{r+1}²: raw energy, favours matrices with large gradients
+    "singular_value": lambda s, r, E: s[r] ** 2,
+    # s_{r+1} / s_1: the next value relative to the largest
+    "conditioning": lambda s, r, E: _ratio(s[r], s[0]),
+    # s_{r+1} / s_r: the next value relative to the last one kept
+    "gap": lambda s, r, E: _ratio(s[r], s[r - 1]),
+    # w·s_{r+1}²/E + (1-w)·s_{r+1}/s_1 with w = 0.5
+    "combined": lambda s, r, E: 0.5 * _ratio(s[r] ** 2, E) + 0.5 * _ratio(s[r], s[0]),
+    # -(Σ_{i<=r} sᵢ²)/E: helps the matrix that captures the least variance now
+    "uniform_variance": lambda s, r, E: -_ratio(sum(v * v for v in s[:r]), E),
+}
+
+
+def allocate_ranks(spectra: Sequence[Sequence[float]], budget: int, caps: Optional[Sequence[int]] = None,
+                   metric: str = "explained_variance") -> list[int]:
+    """Greedy rank allocation: spectra + budget + caps -> one rank per matrix.
+
+    Every matrix starts at rank 1; while budget is left, the matrix whose next
+    singular value scores highest under ``metric`` gets one more rank. A
+    matrix never exceeds its cap (default: its number of singular values);
+    the budget is capped at the sum of the caps; ties go to the lower index.
+    O(B log L) with a heap.
+    """
+    if metric not in RANK_METRICS:
+        raise ValueError(f"Invalid rank metric: {metric!r} (expected one of {sorted(RANK_METRICS)})")
+    score = RANK_METRICS[metric]
+    spectra = [[float(v) for v in s] for s in spectra]
+    caps = [len(s) for s in spectra] if caps is None else [min(int(c), len(s)) for c, s in zip(caps, spectra)]
+    if any(c < 1 for c in caps):
+        raise ValueError("every matrix needs at least one singular value")
+    energy = [sum(v * v for v in s) for s in spectra]
+    ranks = [1] * len(spectra)
+    budget = min(budget, sum(caps))
+    # heap of (-score of the next rank, matrix index): pops the best, lower index on ties
+    heap = [(-score(s, 1, e), i) for i, (s, e, c) in enumerate(zip(spectra, energy, caps)) if c > 1]
+    heapq.heapify(heap)
+    for _ in range(budget - len(spectra)):
+        _, i = heapq.heappop(heap)
+        ranks[i] += 1
+        if ranks[i] < caps[i]:
+            heapq.heappush(heap, (-score(spectra[i], ranks[i], energy[i]), i))
+    return ranks
+
+
+def transform_moments(P_new: Tensor, P_old: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> tuple[Tensor, Tensor]:
+    """Carry Adam's moments from basis P_old (s×r_old) into P_new (s×r_new).
+
+    ``C = P_newᵀ P_old`` (r_new×r_old); ``m ← C m``; ``v ← (C∘C) v``. The
+    second rule (elementwise square, then a product) is our reading: it is
+    the one that fits the shapes when the ranks differ and keeps ``v >= 0``.
+    """
+    C = P_new.T @ P_old
+    return C @ exp_avg, (C * C) @ exp_avg_sq
+
+
+class AdaptiveAdamW(GaLoreAdamW):
+    r"""GaLore with a global rank budget allocated from gradient spectra.
+
+    The ``rank`` of each low-rank group is the *average* rank per matrix; the
+    budget is ``B = Σ rank`` over all its matrices. On steps 1, T+1, 2T+1, …
+    (T = ``update_proj_gap``), for the matrices refreshed together::
+
+        X_i = U_i diag(s_i) V_iᵀ           one thin SVD per matrix (float32)
+        r_i ← allocate_ranks(s, B, caps)    greedy: rank 1 each, then the best
+                                            next singular value by `rank_metric`
+        P_i ← U_i[:, :r_i]
+        C_i = P_newᵀ P_old ; m ← C m ; v ← (C∘C) v       momentum transformation
+
+    and every step, as GaLore, with a norm-growth limiter on the update::
+
+        R ← Pᵀ X ;  m, v ← Adam moments of R ;  N ← m̂ / (sqrt(v̂) + ε)
+        N ← N · min(1, γ·RMS_{t-1} / RMS(N))            (no limit at step 1)
+        W ← W (1 - lr·wd) - lr · α · P N
+
+    RMS = ‖N‖_F / sqrt(numel), so a rank change alone does not trip the
+    limiter. The source says the limiter caps "relative increases in
+    normalized gradient norm"; we apply it to N (Fira applies it to the
+    out-of-subspace residual instead: ``residual=True``, see GaLoreAdamW).
+
+    Group options as GaLoreAdamW plus ``rank_metric`` (one of
+    ``RANK_METRICS``, default ``explained_variance``),
+    ``transform_momentum`` (True) and ``norm_growth_limit`` γ (1.01, None =
+    off). ``allocate=False`` keeps every matrix at its group's rank (then,
+    with the transformation and limiter off, this is exactly GaLoreAdamW).
+    Spectra are of the gradient handed to ``step``, i.e. already summed over
+    the micro-batches of gradient accumulation (our reading of the source's
+    "accumulated gradients"). ``ranks()`` gives the current allocation,
+    which is part of the state dict, so a resumed run keeps it::
+
+        opt = AdaptiveAdamW(lowrank_groups(model, rank=8, update_proj_gap=200), lr=1e-2)
+    """
+
+    limit_normalized_update = True
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, update_proj_gap: int = 200, scale: float = 0.25,
+                 proj_type: str = "std", rank_metric: str = "explained_variance", allocate: bool = True,
+                 transform_momentum: bool = True, norm_growth_limit: Optional[float] = 1.01,
+                 residual: bool = False, check_finite: bool = True):
+        super().__init__(params, lr, betas, eps, weight_decay, update_proj_gap=update_proj_gap, scale=scale,
+                         proj_type=proj_type, residual=residual, norm_growth_limit=norm_growth_limit,
+                         check_finite=check_finite, rank_metric=rank_metric, allocate=allocate,
+                         transform_momentum=transform_momentum)
+
+    def _validate_group(self, group: dict) -> None:
+        super()._validate_group(group)
+        if group.get("rank") is not None:
+            _check(group["rank_metric"] in RANK_METRICS,
+                   f"Invalid rank_metric: {group['rank_metric']!r} (expected one of {sorted(RANK_METRICS)})")
+
+    def _refresh_subspaces(self, due: list[tuple[Tensor, dict]]) -> None:
+        # Budget of the matrices refreshed together: their current ranks (the
+        # group's average rank before the first allocation), capped at Σ min(m, n).
+        caps = [min(p.shape) for p, _ in due]
+        budget = sum(self.state[p].get("rank", g["rank"]) for p, g in due)
+        if budget > sum(caps) and not getattr(self, "_warned_clamp", False):
+            self._warned_clamp = True
+            warnings.warn(f"AdaptiveAdamW: rank budget {budget} exceeds the sum of min(m, n) = {sum(caps)}; "
+                          "capping it (warned once).", stacklevel=3)
+        budget = min(budget, sum(caps))
+        # 1. Spectra: X = U diag(s) Vᵀ, one thin SVD per matrix; keep only the U
+        #    columns some allocation could use (rank <= B - (L - 1)).
+        keep = budget - len(due) + 1
+        svds = [gradient_spectrum(self._oriented_grad(p, g)[0], keep) for p, g in due]
+        spectra = self._to_host([s for _, s in svds])  # one host sync per device
+        # 2. Greedy allocation (or the groups' fixed ranks)
+        metric = due[0][1]["rank_metric"]
+        if all(g["allocate"] for _, g in due):
+            ranks = allocate_ranks(spectra, budget, caps, metric)
+        else:
+            ranks = [self._clamped_rank(p, g) for p, g in due]
+        for (p, group), (u, _), rank in zip(due, svds, ranks):
+            state = self.state[p]
+            # 3. P_new ← top-r_new left singular vectors
+            P_new = u[:, :rank].contiguous()
+            if "P" in state and "exp_avg" in state:
+                if group["transform_momentum"]:
+                    # 4. C = P_newᵀ P_old ;  m ← C m ;  v ← (C∘C) v
+                    state["exp_avg"], state["exp_avg_sq"] = transform_moments(
+                        P_new, state["P"], state["exp_avg"], state["exp_avg_sq"])
+                elif rank != state["rank"]:
+                    # no transformation: keep the first min(r_old, r_new) rows (GaLore-like)
+                    state["exp_avg"] = _resize_rows(state["exp_avg"], rank)
+                    state["exp_avg_sq"] = _resize_rows(state["exp_avg_sq"], rank)
+            state["P"], state["rank"] = P_new, rank
+
+    @staticmethod
+    def _to_host(tensors: list[Tensor]) -> list[list[float]]:
+        by_device: dict[torch.device, list[int]] = {}
+        for i, t in enumerate(tensors):
+            by_device.setdefault(t.device, []).append(i)
+        out: list[list[float]] = [[] for _ in tensors]
+        for idx in by_device.values():
+            flat = torch.cat([tensors[i] for i in idx]).tolist()
+            for i in idx:
+                out[i], flat = flat[: tensors[i].numel()], flat[tensors[i].numel():]
+        return out
+
+    def _initial_rank(self, p: Tensor, group: dict) -> int:
+        return min(group["rank"], min(p.shape))
+
+
+def _resize_rows(x: Tensor, rows: int) -> Tensor:
+    """First ``rows`` rows of x, zero-padded when x has fewer."""
+    out = x.new_zeros(rows, x.shape[1])
+    k = min(rows, x.shape[0])
+    out[:k] = x[:k]
+    return out
+
+
+# =============================================================================
+# 7. Helpers for users: param groups and state memory
 # =============================================================================
 
 

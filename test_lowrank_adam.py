@@ -516,3 +516,268 @@ def test_cuda_nan_guard():
     with pytest.raises(la.NonFiniteGradientError):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# =============================================================================
+# AdaptiveAdamW
+# =============================================================================
+
+MONOTONE = ["explained_variance", "singular_value", "conditioning", "combined", "uniform_variance"]
+
+
+@st.composite
+def spectra_and_budget(draw, max_matrices=5, max_len=6):
+    L = draw(st.integers(1, max_matrices))
+    spectra = []
+    for _ in range(L):
+        n = draw(st.integers(1, max_len))
+        zero = draw(st.booleans()) and draw(st.booleans())
+        vals = [0.0] * n if zero else draw(st.lists(st.floats(0.0, 100.0), min_size=n, max_size=n))
+        spectra.append(sorted(vals, reverse=True))
+    budget = draw(st.integers(L, L * max_len + 3))
+    return spectra, budget
+
+
+@given(sb=spectra_and_budget(), metric=st.sampled_from(sorted(la.RANK_METRICS)))
+def test_allocation_invariants(sb, metric):
+    spectra, budget = sb
+    caps = [len(s) for s in spectra]
+    ranks = la.allocate_ranks(spectra, budget, caps, metric)
+    assert sum(ranks) == min(budget, sum(caps))
+    assert all(1 <= r <= c for r, c in zip(ranks, caps))
+    assert ranks == la.allocate_ranks(spectra, budget, caps, metric)  # deterministic
+
+
+def all_scores(spectra, metric):
+    """Score of each possible added rank r+1 (r = 1..cap-1), per matrix."""
+    f = la.RANK_METRICS[metric]
+    return [[f(s, r, sum(v * v for v in s)) for r in range(1, len(s))] for s in spectra]
+
+
+@given(sb=spectra_and_budget(), metric=st.sampled_from(MONOTONE))
+def test_monotone_metrics_equal_top_scores(sb, metric):
+    spectra, budget = sb
+    ranks = la.allocate_ranks(spectra, budget, None, metric)
+    scores = all_scores(spectra, metric)
+    chosen = sorted((v for sc, r in zip(scores, ranks) for v in sc[: r - 1]), reverse=True)
+    top = sorted((v for sc in scores for v in sc), reverse=True)[: budget - len(spectra)]
+    assert chosen == pytest.approx(top)
+
+
+@given(sb=spectra_and_budget(max_matrices=3, max_len=4), metric=st.sampled_from(MONOTONE))
+def test_greedy_is_optimal_by_brute_force(sb, metric):
+    import itertools
+    spectra, budget = sb
+    caps = [len(s) for s in spectra]
+    budget = min(budget, sum(caps))
+    scores = all_scores(spectra, metric)
+    value = lambda ranks: sum(sum(sc[: r - 1]) for sc, r in zip(scores, ranks))
+    best = max(value(rs) for rs in itertools.product(*[range(1, c + 1) for c in caps]) if sum(rs) == budget)
+    assert value(la.allocate_ranks(spectra, budget, caps, metric)) == pytest.approx(best)
+
+
+def test_metric_scores_on_hand_made_spectra():
+    s = [4.0, 2.0, 1.0]
+    E = 21.0
+    M = la.RANK_METRICS
+    assert M["explained_variance"](s, 1, E) == pytest.approx(4 / 21)
+    assert M["singular_value"](s, 1, E) == pytest.approx(4.0)
+    assert M["conditioning"](s, 2, E) == pytest.approx(1 / 4)
+    assert M["gap"](s, 2, E) == pytest.approx(1 / 2)
+    assert M["combined"](s, 1, E) == pytest.approx(0.5 * 4 / 21 + 0.5 * 2 / 4)
+    assert M["uniform_variance"](s, 2, E) == pytest.approx(-20 / 21)
+    for f in M.values():  # a zero spectrum scores 0, never NaN
+        assert f([0.0, 0.0], 1, 0.0) == 0.0
+
+
+def test_explained_variance_favours_flat_spectrum():
+    # equal energy (Σ s² = 16), one flat and one top-heavy spectrum
+    flat = [2.0] * 4
+    heavy = [math.sqrt(15.0), math.sqrt(1 / 3), math.sqrt(1 / 3), math.sqrt(1 / 3)]
+    r_flat, r_heavy = la.allocate_ranks([flat, heavy], 6, metric="explained_variance")
+    assert r_flat > r_heavy
+
+
+def test_unknown_metric_raises():
+    with pytest.raises(ValueError, match="Invalid rank metric"):
+        la.allocate_ranks([[1.0]], 1, metric="entropy")
+    p = nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="Invalid rank_metric"):
+        la.AdaptiveAdamW([{"params": [p], "rank": 2}], rank_metric="entropy")
+
+
+def random_basis(s, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(s, r, generator=g)).Q
+
+
+def test_transform_identity_when_unchanged():
+    P = random_basis(8, 3, 0)
+    m, v = torch.randn(3, 5), torch.rand(3, 5)
+    m2, v2 = la.transform_moments(P, P, m, v)
+    torch.testing.assert_close(m2, m, atol=1e-5, rtol=0)
+    torch.testing.assert_close(v2, v, atol=1e-5, rtol=0)
+
+
+@given(s=st.integers(2, 10), r_old=st.integers(1, 10), r_new=st.integers(1, 10), seed=st.integers(0, 100))
+def test_transform_shapes_nonnegativity_and_containment(s, r_old, r_new, seed):
+    r_old, r_new = min(r_old, s), min(r_new, s)
+    P_old = random_basis(s, r_old, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    m, v = torch.randn(r_old, 7, generator=g), torch.rand(r_old, 7, generator=g)
+    if r_new >= r_old:  # a new subspace that contains the old one: the momentum is carried exactly
+        extra = torch.randn(s, r_new - r_old, generator=g)
+        P_new = torch.linalg.qr(torch.cat([P_old, extra], 1)).Q
+    else:
+        P_new = random_basis(s, r_new, seed + 2)
+    m2, v2 = la.transform_moments(P_new, P_old, m, v)
+    assert m2.shape == (r_new, 7) and v2.shape == (r_new, 7)
+    assert (v2 >= 0).all()
+    if r_new >= r_old:
+        torch.testing.assert_close(P_new @ m2, P_old @ m, atol=1e-4, rtol=1e-4)
+
+
+def spectral_grads(shape, flat_first, steps, seed=0):
+    """Gradients of two matrices: one with a flat spectrum, one top-heavy."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        a = torch.randn(shape, generator=g)  # flat-ish spectrum
+        u, v = torch.randn(shape[0], 1, generator=g), torch.randn(1, shape[1], generator=g)
+        b = 10 * u @ v + 0.01 * torch.randn(shape, generator=g)  # nearly rank 1
+        out.append((a, b) if flat_first else (b, a))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(8, 20), (20, 8)], ids=["wide", "tall"])
+def test_adaptive_reallocates_and_keeps_state_consistent(shape):
+    a, b = nn.Parameter(torch.randn(shape)), nn.Parameter(torch.randn(shape))
+    opt = la.AdaptiveAdamW([{"params": [a, b], "rank": 3, "update_proj_gap": 2}], lr=1e-2)
+    assert opt.ranks() == [3, 3]
+    for i, (ga, gb) in enumerate(spectral_grads(shape, True, 3) + spectral_grads(shape, False, 2)):
+        a.grad, b.grad = ga, gb
+        opt.step()
+        ranks = opt.ranks()
+        assert sum(ranks) == 6  # budget conserved
+        for p, r in zip((a, b), ranks):
+            st_ = opt.state[p]
+            assert st_["P"].shape == (min(shape), r) and st_["exp_avg"].shape == (r, max(shape))
+            assert (st_["exp_avg_sq"] >= 0).all()
+        if i < 3:
+            assert ranks[0] > ranks[1]  # flat spectrum gets more rank
+        elif i == 4:
+            assert ranks[0] < ranks[1]  # after the refresh at step 5 the roles swapped
+
+
+def test_adaptive_limiter_bounds_rms_growth():
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(6, 12))
+    opt = la.AdaptiveAdamW([{"params": [p], "rank": 3, "update_proj_gap": 4}], lr=1e-2, norm_growth_limit=1.01)
+    prev = None
+    for i in range(12):
+        p.grad = torch.randn(6, 12) * (1 + 3 * i)  # growing gradients push the update up
+        before = p.detach().clone()
+        opt.step()
+        step_rms = la.rms(before - p.detach()).item() / (1e-2 * 0.25)  # = RMS(P N) = RMS(N)·sqrt(r/s)
+        if prev is not None:
+            assert step_rms <= 1.01 * prev * (1 + 1e-4)
+        prev = step_rms
+
+
+@pytest.mark.parametrize("gamma", [1.01, None])
+def test_adaptive_limiter_on_caps_and_off_lets_grow(gamma):
+    # g, -g, -g, -g: the momentum nearly cancels at step 2, then the update
+    # grows quickly again -- the limiter must cap that growth at γ per step.
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(6, 12, generator=g)
+    p = nn.Parameter(torch.zeros(6, 12))
+    opt = la.AdaptiveAdamW([{"params": [p], "rank": 3}], lr=1.0, norm_growth_limit=gamma)
+    sizes = []
+    for sign in (1, -1, -1, -1):
+        p.grad = sign * grad
+        before = p.detach().clone()
+        opt.step()
+        sizes.append(la.rms(p.detach() - before).item())
+    growth = max(b / a for a, b in zip(sizes[1:], sizes[2:]))
+    if gamma is None:
+        assert growth > 1.5 and "rms" in opt.state[p] and opt.state[p]["rms"] == 0
+    else:
+        assert growth <= gamma * (1 + 1e-5)
+
+
+def test_adaptive_equals_galore_with_fixed_ranks():
+    torch.manual_seed(0)
+    shapes_ = [(6, 10), (10, 6), (7, 7)]
+    params_a = [nn.Parameter(torch.randn(s)) for s in shapes_]
+    params_b = [nn.Parameter(p.detach().clone()) for p in params_a]
+    hp = dict(lr=1e-2, weight_decay=0.1, update_proj_gap=3)
+    opt_a = la.GaLoreAdamW([{"params": params_a, "rank": 3}], **hp)
+    opt_b = la.AdaptiveAdamW([{"params": params_b, "rank": 3}], **hp, allocate=False,
+                             transform_momentum=False, norm_growth_limit=None)
+    for _ in range(8):
+        for pa, pb in zip(params_a, params_b):
+            g = torch.randn(pa.shape)
+            pa.grad, pb.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    for pa, pb in zip(params_a, params_b):
+        assert torch.equal(pa, pb)
+
+
+def test_residual_is_orthogonal_to_subspace():
+    torch.manual_seed(0)
+    x = torch.randn(5, 9)
+    P = la.top_r_basis(x, 2)
+    r = P.T @ x
+    n = torch.randn(2, 9)
+    s = la.orthogonal_residual(x, P, r, n)
+    torch.testing.assert_close(P.T @ s, torch.zeros(2, 9), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [la.GaLoreAdamW, la.AdaptiveAdamW], ids=ids)
+def test_residual_changes_nothing_at_full_rank(cls):
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(5, 9))
+    b = nn.Parameter(a.detach().clone())
+    opt_a = cls([{"params": [a], "rank": 5}], lr=1e-2)
+    opt_b = cls([{"params": [b], "rank": 5, "residual": True}], lr=1e-2)
+    for _ in range(5):
+        g = torch.randn(5, 9)
+        a.grad, b.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def residual_growth(cls, gamma, steps=5):
+    """Largest step-to-step growth of RMS(S), S read off the parameter change."""
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(6, 12, generator=g)
+    p = nn.Parameter(torch.zeros(6, 12))
+    opt = cls([{"params": [p], "rank": 2, "residual": True, "norm_growth_limit": gamma}], lr=1.0)
+    sizes = []
+    for i in range(steps):
+        p.grad = grad * (1 if i == 0 else -1) + 0.1 * torch.randn(6, 12, generator=g)
+        before = p.detach().clone()
+        opt.step()
+        P = opt.state[p]["P"]  # (6, 2): the (6, 12) matrix is not transposed
+        delta = p.detach() - before
+        sizes.append(la.rms(delta - P @ (P.T @ delta)).item())  # = lr · RMS(S)
+    return max(b / a for a, b in zip(sizes[1:], sizes[2:])), opt, p
+
+
+@pytest.mark.parametrize("cls", [la.GaLoreAdamW, la.AdaptiveAdamW], ids=ids)
+def test_residual_limiter_bounds_growth_and_round_trips(cls, tmp_path):
+    free, _, _ = residual_growth(cls, None)
+    assert free > 1.5  # without the limiter the residual jumps after the sign flip
+    limited, opt, p = residual_growth(cls, 1.01)
+    assert limited <= 1.01 * (1 + 1e-4)
+    torch.save(opt.state_dict(), tmp_path / "o.pt")
+    q = nn.Parameter(p.detach().clone())
+    opt2 = cls([{"params": [q], "rank": 2, "residual": True}], lr=1.0)
+    opt2.load_state_dict(torch.load(tmp_path / "o.pt", weights_only=True))
+    grad = torch.randn(6, 12)
+    p.grad, q.grad = grad.clone(), grad.clone()
+    opt.step()
+    opt2.step()
+    assert torch.equal(p, q)
