@@ -77,6 +77,7 @@ from torch.optim import Optimizer
 __all__ = [
     "GaLoreAdamW",
     "AdaptiveAdamW",
+    "LDAdam",
     "lowrank_groups",
     "state_bytes",
     "NonFiniteGradientError",
@@ -696,6 +697,175 @@ def _resize_rows(x: Tensor, rows: int) -> Tensor:
     k = min(rows, x.shape[0])
     out[:k] = x[:k]
     return out
+
+
+# =============================================================================
+# 5. LDAdam: a new subspace every step, projection-aware moments, error feedback
+# =============================================================================
+
+
+def power_iteration_basis(a: Tensor, P_prev: Tensor, M: Tensor, coef_m: float, coef_a: float) -> Tensor:
+    """One block power iteration warm-started from P_prev (PowerSGD-style).
+
+    Target ``T = coef_m · P_prev M + coef_a · A`` (s×l); returns
+    ``P = orth(T (Tᵀ P_prev))`` (s×r) without ever forming T: since P_prev
+    has orthonormal columns, ``Tᵀ P_prev = coef_m · Mᵀ + coef_a · Aᵀ P_prev``
+    and ``T Y = coef_m · P_prev (M Y) + coef_a · A Y``.
+    """
+    y = torch.addmm(M.T, a.T, P_prev, beta=coef_m, alpha=coef_a)  # Y = Tᵀ P_prev: (l, r)
+    z = torch.addmm(P_prev @ (M @ y), a, y, beta=coef_m, alpha=coef_a)  # T Y: (s, r)
+    return orthonormalize(z)
+
+
+def generalized_error_feedback_(a: Tensor, P: Tensor, R: Tensor, P_prev: Tensor, M: Tensor, M_new: Tensor,
+                                beta1: float) -> Tensor:
+    """``E ← (A - P R) + β1/(1-β1) · (P_prev M - P M̃)``, in place in ``a``.
+
+    What projecting the gradient dropped, plus what re-projecting the
+    momentum dropped, scaled so the lost momentum mass re-enters. Equals
+    ``(I - P Pᵀ)(A + β1/(1-β1) · P_prev M)`` because ``R = Pᵀ A`` and
+    ``M̃ = Pᵀ P_prev M``.
+    """
+    k = beta1 / (1 - beta1)
+    a.addmm_(P, R, alpha=-1)  # A - P R
+    if k != 0.0:
+        a.addmm_(P_prev, M, alpha=k).addmm_(P, M_new, alpha=-k)  # + k (P_prev M - P M̃)
+    return a
+
+
+def transport_second_moment(V: Tensor, M: Tensor, M_new: Tensor, C: Tensor, t: int, beta1: float,
+                            beta2: float) -> Tensor:
+    """Projection-aware transport of Adam's second moment into a new basis.
+
+    With ``c1 = 1-β1ᵗ``, ``c2 = 1-β2ᵗ`` and ``C = Pᵀ P_prev``:
+    ``V ← c2 · | (C∘C)(V/c2 - M²/c1²) + M̃²/c1² |`` -- transport the
+    per-coordinate variance ``V̂ - M̂²`` (coordinates taken independent), add
+    back the squared transported mean, return to the raw EMA scale; ``abs``
+    keeps it non-negative. Identity when ``C = I``.
+    """
+    c1, c2 = 1 - beta1**t, 1 - beta2**t
+    variance = V / c2 - (M / c1).square()  # V̂ - M̂²: (r, l)
+    return torch.addmm((M_new / c1).square(), C * C, variance).abs_().mul_(c2)
+
+
+class LDAdam(_Base):
+    r"""LDAdam (Robert et al., ICLR 2025), following the official code's update.
+
+    Oriented gradient X (s×l), t = steps taken so far, k = t + 1::
+
+        A ← X + E                                       (E: error-feedback buffer)
+        t = 0:  P ← top-r left singular vectors of A     (SVD)
+        t > 0:  T = ρ · P_prev M / (1-β1ᵗ) + (1-ρ) · A
+                P ← orth(T (Tᵀ P_prev))                  (one warm-started power iteration)
+        R ← Pᵀ A
+        C ← Pᵀ P_prev ;  M̃ ← C M                        (first moment into the new basis)
+        E ← (A - P R) + β1/(1-β1) · (P_prev M - P M̃)     (generalized error feedback)
+        V ← c2 · |(C∘C)(V/c2 - M²/c1²) + M̃²/c1²| ;  M ← M̃   (projection-aware V)
+        M ← β1 M + (1-β1) R ;  V ← β2 V + (1-β2) R²
+        W ← W (1 - lr·wd) - lr · P (M/(1-β1ᵏ)) / (sqrt(V/(1-β2ᵏ)) + ε)
+
+    Defaults are the official code's: ``lr=1e-3, betas=(0.908, 0.99),
+    eps=1e-8, weight_decay=0, rho=0.908, error_feedback=True``; ``rank`` per
+    group (the GaLore convention), other groups plain AdamW. Options:
+    ``proj_method`` (``"power"``, or ``"svd"`` for the top-r of T),
+    ``error_dtype`` (torch.float32, or torch.bfloat16 to halve the buffer).
+
+    Deliberate change from the official code: the error buffer is an explicit
+    optimizer-state tensor ``error`` rather than living in ``p.grad``, so
+    ``zero_grad(set_to_none=True)``, gradient clipping and DDP's gradient
+    averaging never touch it. It costs m·n floats per low-rank matrix::
+
+        opt = LDAdam(lowrank_groups(model, rank=128), lr=1e-3)
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.908, 0.99), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, rho: float = 0.908, error_feedback: bool = True,
+                 proj_method: str = "power", error_dtype: torch.dtype = torch.float32, check_finite: bool = True):
+        if error_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"Invalid error_dtype: {error_dtype}")
+        self.error_dtype = error_dtype
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rho=rho,
+                        error_feedback=error_feedback, proj_method=proj_method, check_finite=check_finite)
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict) -> None:
+        _validate_adam(group)
+        _check(0.0 <= group["rho"] <= 1.0, f"Invalid rho: {group['rho']}")
+        _check(group["proj_method"] in ("power", "svd"),
+               f"Invalid proj_method: {group['proj_method']!r} (expected 'power' or 'svd')")
+        if group.get("rank") is not None:
+            _validate_rank(group)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        """Perform one optimization step; ``closure`` re-evaluates the loss."""
+        loss = self._closure(closure)
+        self._check_grads()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group.get("rank") is None:
+                    self._dense_step(p, group)
+                else:
+                    self._ldadam_step(p, group)
+        return loss
+
+    def _ldadam_step(self, p: Tensor, group: dict) -> None:
+        state = self.state[p]
+        transposed = is_transposed(p.shape)
+        x = orient(p.grad, transposed).to(linalg_dtype(p.dtype))  # X: (s, l)
+        ef = group["error_feedback"]
+        if len(state) == 0:
+            state["step"] = 0
+            state["rank"] = self._clamped_rank(p, group)
+            if ef:
+                state["error"] = torch.zeros_like(x, dtype=self.error_dtype)  # E: (s, l)
+        t, rank = state["step"], state["rank"]
+        beta1, beta2 = group["betas"]
+        # A ← X + E  (in E's own buffer when the dtypes allow: E's old value is not needed again)
+        if not ef:
+            a = x
+        elif state["error"].dtype == x.dtype:
+            a = state["error"].add_(x)
+        else:
+            a = state["error"].to(x.dtype).add_(x)
+        if t == 0:
+            # P ← top-r left singular vectors of A ;  M, V ← 0
+            P = top_r_basis(a, rank)
+            R = P.T @ a
+            M = x.new_zeros(rank, x.shape[1])  # first moment: (r, l)
+            V = x.new_zeros(rank, x.shape[1])  # second moment: (r, l)
+            if ef:
+                a.addmm_(P, R, alpha=-1)  # E ← A - P R  (M = 0: no momentum term)
+        else:
+            P_prev, M, V = state["P"], state["exp_avg"], state["exp_avg_sq"]
+            c1 = 1 - beta1**t
+            rho = group["rho"]
+            if group["proj_method"] == "power":
+                # P ← orth(T (Tᵀ P_prev)),  T = ρ · P_prev M / c1 + (1-ρ) · A
+                P = power_iteration_basis(a, P_prev, M, rho / c1, 1 - rho)
+            else:
+                # P ← top-r left singular vectors of T
+                P = top_r_basis(torch.addmm(a, P_prev, M, beta=1 - rho, alpha=rho / c1), rank)
+            # R ← Pᵀ A
+            R = P.T @ a
+            # C ← Pᵀ P_prev ;  M̃ ← C M
+            C = P.T @ P_prev
+            M_new = C @ M
+            if ef:
+                # E ← (A - P R) + β1/(1-β1) · (P_prev M - P M̃)
+                generalized_error_feedback_(a, P, R, P_prev, M, M_new, beta1)
+            # V ← c2 · |(C∘C)(V/c2 - M²/c1²) + M̃²/c1²| ;  M ← M̃
+            V = transport_second_moment(V, M, M_new, C, t, beta1, beta2)
+            M = M_new
+        if ef and a is not state["error"]:
+            state["error"].copy_(a)
+        # M, V ← Adam moments of R ;  N ← M̂ / (sqrt(V̂) + ε)
+        n = adam_normalized_(M, V, R, t + 1, beta1, beta2, group["eps"])
+        # W ← W (1 - lr·wd) - lr · P N
+        apply_update_(p, P @ n, transposed, group["lr"], group["weight_decay"])
+        state.update(step=t + 1, P=P, exp_avg=M, exp_avg_sq=V)
 
 
 # =============================================================================

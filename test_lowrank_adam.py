@@ -781,3 +781,166 @@ def test_residual_limiter_bounds_growth_and_round_trips(cls, tmp_path):
     opt.step()
     opt2.step()
     assert torch.equal(p, q)
+
+
+# =============================================================================
+# LDAdam
+# =============================================================================
+
+
+def ld_inputs(s, l, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(s, l, generator=g, dtype=torch.float64)
+    P_prev = torch.linalg.qr(torch.randn(s, r, generator=g, dtype=torch.float64)).Q
+    P = torch.linalg.qr(torch.randn(s, r, generator=g, dtype=torch.float64)).Q
+    M = torch.randn(r, l, generator=g, dtype=torch.float64)
+    V = torch.rand(r, l, generator=g, dtype=torch.float64)
+    return a, P_prev, P, M, V
+
+
+@given(s=st.integers(1, 8), l=st.integers(1, 10), frac=st.floats(0.1, 1.0), seed=st.integers(0, 1000),
+       beta1=st.floats(0.0, 0.99))
+def test_error_feedback_identity(s, l, frac, seed, beta1):
+    r = max(1, round(frac * s))
+    a, P_prev, P, M, _ = ld_inputs(s, l, r, seed)
+    R, M_new = P.T @ a, P.T @ P_prev @ M
+    k = beta1 / (1 - beta1)
+    E = la.generalized_error_feedback_(a.clone(), P, R, P_prev, M, M_new, beta1)
+    # E = (I - P Pᵀ)(A + k P_prev M)
+    expected = (torch.eye(s, dtype=a.dtype) - P @ P.T) @ (a + k * P_prev @ M)
+    torch.testing.assert_close(E, expected, atol=1e-9 * (1 + k), rtol=1e-9)
+    # nothing is lost: P R + k P M̃ + E = A + k P_prev M
+    torch.testing.assert_close(P @ R + k * P @ M_new + E, a + k * P_prev @ M, atol=1e-9 * (1 + k), rtol=1e-9)
+    assert torch.allclose(P.T @ E, torch.zeros(r, l, dtype=a.dtype), atol=1e-9 * (1 + k) * (1 + E.abs().max()))
+
+
+def test_transport_identity_when_basis_unchanged():
+    _, _, P, M, V = ld_inputs(6, 9, 3, 0)
+    C = P.T @ P
+    torch.testing.assert_close(la.transport_second_moment(V, M, C @ M, C, 5, 0.9, 0.99), V, atol=1e-10, rtol=1e-10)
+
+
+@given(s=st.integers(1, 8), l=st.integers(1, 10), seed=st.integers(0, 1000), t=st.integers(1, 50))
+def test_transport_keeps_v_nonnegative_and_full_rank_rotation_exact(s, l, seed, t):
+    a, P_prev, _, M, V = ld_inputs(s, l, s, seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    Q = torch.linalg.qr(torch.randn(s, s, generator=g, dtype=torch.float64)).Q
+    P = P_prev @ Q  # a full-rank basis, rotated
+    C = P.T @ P_prev
+    M_new = C @ M
+    torch.testing.assert_close(P @ M_new, P_prev @ M, atol=1e-10, rtol=1e-10)  # first moment exact
+    V_new = la.transport_second_moment(V, M, M_new, C, t, 0.9, 0.99)
+    assert (V_new >= 0).all() and V_new.shape == V.shape
+
+
+def test_power_iteration_converges_to_top_subspace():
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(12, 12, generator=g)).Q
+    W = torch.linalg.qr(torch.randn(30, 12, generator=g)).Q
+    S = torch.tensor([10.0, 9.0, 8.0, 3.0] + [1.0] * 8)
+    A = U @ torch.diag(S) @ W.T
+    top = U[:, :3]
+    P = torch.linalg.qr(torch.randn(12, 3, generator=g)).Q
+    zero_m = torch.zeros(3, 30)
+    angles = []
+    for _ in range(8):
+        P = la.power_iteration_basis(A, P, zero_m, 0.0, 1.0)
+        angles.append(torch.linalg.norm(P - top @ (top.T @ P)).item())  # sin of the subspace angles
+    assert all(b <= a + 1e-6 for a, b in zip(angles, angles[1:]))
+    assert angles[-1] < 1e-3 < angles[0]
+
+
+def test_power_iteration_equals_explicit_target():
+    a, P_prev, _, M, _ = ld_inputs(7, 11, 3, 1)
+    T = 0.4 * P_prev @ M + 0.6 * a
+    expected = torch.linalg.qr(T @ (T.T @ P_prev)).Q
+    P = la.power_iteration_basis(a, P_prev, M, 0.4, 0.6)
+    torch.testing.assert_close(P @ P.T, expected @ expected.T, atol=1e-10, rtol=0)
+
+
+def quadratic_run(opt_fn, steps=150, seed=0):
+    """min ‖W X - Y‖² with a full-rank target: its gradients are not low-rank."""
+    g = torch.Generator().manual_seed(seed)
+    X, Wt = torch.randn(8, 64, generator=g), torch.randn(8, 8, generator=g)
+    Y = Wt @ X
+    w = nn.Parameter(torch.zeros(8, 8))
+    opt = opt_fn([w])
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = (w @ X - Y).square().mean()
+        loss.backward()
+        opt.step()
+    return (w @ X - Y).square().mean().item()
+
+
+def test_ldadam_full_rank_without_feedback_behaves_like_adam():
+    adam = quadratic_run(lambda ps: torch.optim.Adam(ps, lr=0.05, betas=(0.908, 0.99)))
+    ld = quadratic_run(lambda ps: la.LDAdam([{"params": ps, "rank": 8}], lr=0.05, error_feedback=False))
+    start = quadratic_run(lambda ps: torch.optim.SGD(ps, lr=0.0), steps=1)
+    assert ld < 0.05 * start and ld < 3 * adam + 1e-3, (start, adam, ld)
+
+
+def test_ldadam_error_feedback_helps_at_low_rank():
+    on = quadratic_run(lambda ps: la.LDAdam([{"params": ps, "rank": 1}], lr=0.05, error_feedback=True))
+    off = quadratic_run(lambda ps: la.LDAdam([{"params": ps, "rank": 1}], lr=0.05, error_feedback=False))
+    assert on < 0.5 * off, (on, off)
+
+
+def test_ldadam_svd_option_and_grad_untouched():
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(6, 10))
+    opt = la.LDAdam([{"params": [p], "rank": 2}], proj_method="svd")
+    for _ in range(3):
+        p.grad = torch.randn(6, 10)
+        g = p.grad.clone()
+        opt.step()
+        assert torch.equal(p.grad, g)  # the error buffer lives in state, never in p.grad
+    assert opt.state[p]["error"].shape == (6, 10) and torch.isfinite(p).all()
+    with pytest.raises(ValueError, match="Invalid proj_method"):
+        la.LDAdam([{"params": [p], "rank": 2}], proj_method="qr")
+    with pytest.raises(ValueError, match="Invalid rho"):
+        la.LDAdam([{"params": [p], "rank": 2}], rho=1.5)
+
+
+def test_ldadam_independent_of_zero_grad_style():
+    results = []
+    for set_to_none in (True, False):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = la.LDAdam(mlp_groups(model), lr=1e-2)
+        x, y = regression_data()
+        for _ in range(5):
+            opt.zero_grad(set_to_none=set_to_none)
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("error_dtype,elt", [(torch.float32, 4), (torch.bfloat16, 2)])
+@pytest.mark.parametrize("shape", [(20, 8), (8, 20)])
+def test_ldadam_state_bytes_formula(error_dtype, elt, shape):
+    p = nn.Parameter(torch.randn(shape))
+    opt = la.LDAdam([{"params": [p], "rank": 3}], error_dtype=error_dtype)
+    for _ in range(2):
+        p.grad = torch.randn(shape)
+        opt.step()
+    (m, n), r = shape, 3
+    s, l = min(m, n), max(m, n)
+    assert la.state_bytes(opt) == 4 * (2 * r * l + s * r) + elt * m * n
+    assert opt.state[p]["error"].dtype == error_dtype
+
+
+def test_ldadam_bf16_error_buffer_tracks_float32():
+    runs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(8, 16))
+        opt = la.LDAdam([{"params": [p], "rank": 2}], lr=1e-2, error_dtype=dtype)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            p.grad = torch.randn(8, 16, generator=g)
+            opt.step()
+        runs.append(opt.state[p]["error"].float())
+    assert runs[0].abs().max() > 0.1
+    torch.testing.assert_close(runs[1], runs[0], atol=0.05, rtol=0.02)
