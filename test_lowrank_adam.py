@@ -944,3 +944,176 @@ def test_ldadam_bf16_error_buffer_tracks_float32():
         runs.append(opt.state[p]["error"].float())
     assert runs[0].abs().max() > 0.1
     torch.testing.assert_close(runs[1], runs[0], atol=0.05, rtol=0.02)
+
+
+# =============================================================================
+# Adapprox
+# =============================================================================
+
+
+def nonneg_lowrank(m, n, k, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(m, k, generator=g, dtype=dtype) @ torch.rand(k, n, generator=g, dtype=dtype)
+
+
+@given(m=st.integers(2, 12), n=st.integers(2, 12), k=st.integers(1, 6), seed=st.integers(0, 1000))
+@example(m=2, n=12, k=2, seed=0)
+def test_srsi_recovers_low_rank_nonnegative_matrix(m, n, k, seed):
+    k = min(k, m, n)
+    V = nonneg_lowrank(m, n, k, seed)
+    Q, U = la.srsi(V, k, generator=torch.Generator().manual_seed(seed))
+    assert Q.shape == (m, k) and U.shape == (n, k)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(k, dtype=V.dtype), atol=1e-10, rtol=0)
+    torch.testing.assert_close(Q @ U.T, V, atol=1e-9 * V.abs().max().item(), rtol=1e-9)
+
+
+@given(m=st.integers(3, 12), n=st.integers(3, 12), seed=st.integers(0, 1000))
+def test_srsi_error_decreases_with_rank_and_iterations_and_cheap_xi_is_exact(m, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    V = torch.rand(m, n, generator=g, dtype=torch.float64)
+    direct = lambda Q, U: (torch.linalg.norm(V - Q @ U.T) / torch.linalg.norm(V)).item()
+    by_rank = []
+    for k in range(1, min(m, n) + 1):
+        Q, U = la.srsi(V, k, generator=torch.Generator().manual_seed(0))
+        xi = la.srsi_relative_error(V, U).item()
+        assert xi == pytest.approx(direct(Q, U), abs=1e-7)
+        by_rank.append(xi)
+        optimal = torch.linalg.svdvals(V)[k:].square().sum().sqrt().item() / torch.linalg.norm(V).item()
+        assert xi >= optimal - 1e-9  # Eckart-Young: no rank-k approximation beats the SVD
+    assert all(b <= a + 1e-6 for a, b in zip(by_rank, by_rank[1:]))
+    by_iters = [la.srsi_relative_error(V, la.srsi(V, 1, 0, it, torch.Generator().manual_seed(0))[1]).item()
+                for it in range(4)]
+    assert all(b <= a + 1e-6 for a, b in zip(by_iters, by_iters[1:]))
+    assert by_rank[-1] < 1e-6  # full rank: exact
+
+
+def test_srsi_relative_error_of_zero_matrix_is_zero():
+    V = torch.zeros(4, 5)
+    Q, U = la.srsi(V, 2)
+    assert la.srsi_relative_error(V, U).item() == 0.0 and torch.isfinite(Q).all()
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("shape", [(5, 9), (9, 5), (6, 6)])
+def test_adapprox_full_rank_equals_adamw(beta1, shape):
+    torch.manual_seed(0)
+    w0 = torch.randn(shape, dtype=torch.float64)
+    a, b = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    hp = dict(lr=1e-2, betas=(beta1, 0.99), eps=1e-8, weight_decay=0.1)
+    ref = torch.optim.AdamW([a], foreach=False, **hp)
+    opt = la.Adapprox([b], **hp, k_max_frac=1.0, err_tol=0.0, clip_threshold=None)
+    for _ in range(10):
+        g = torch.randn(shape, dtype=torch.float64)
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        opt.step()
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-8)
+    assert opt.ranks() == [min(shape)]
+    assert ("exp_avg" in opt.state[b]) == (beta1 > 0)
+
+
+@given(k=st.integers(1, 20), err=st.floats(0, 2), tol=st.floats(0, 1), k_min=st.integers(1, 4),
+       k_max=st.integers(4, 20), step_=st.integers(1, 3))
+def test_next_rank_rule(k, err, tol, k_min, k_max, step_):
+    k = min(max(k, k_min), k_max)
+    new = la.next_rank(k, err, tol, k_min, k_max, step_)
+    assert k_min <= new <= k_max and abs(new - k) <= step_
+    if err > tol:
+        assert new >= k
+    elif err < tol / 2:
+        assert new <= k
+    else:
+        assert new == k
+
+
+@pytest.mark.parametrize("tol,direction", [(1e-6, "grow"), (10.0, "shrink")])
+def test_adapprox_rank_adapts_within_bounds(tol, direction):
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(16, 24))
+    init = 1 if direction == "grow" else 6
+    opt = la.Adapprox([p], k_max_frac=0.5, rank_init=init, err_tol=tol, rank_step=2)
+    history = [opt.ranks()[0]]
+    for _ in range(6):
+        p.grad = torch.randn(16, 24)
+        opt.step()
+        history.append(opt.ranks()[0])
+    assert all(1 <= k <= 8 for k in history)
+    assert all(abs(b - a) <= 2 for a, b in zip(history, history[1:]))
+    if direction == "grow":
+        assert history[-1] == 8 and history == sorted(history)
+    else:
+        assert history[-1] == 1 and history == sorted(history, reverse=True)
+
+
+def adapprox_delta(clip, guidance=False, lr=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = nn.Parameter(torch.randn(8, 12, generator=g))
+    before = p.detach().clone()
+    opt = la.Adapprox([p], lr=lr, clip_threshold=clip, cosine_guidance=guidance)
+    p.grad = torch.randn(8, 12, generator=g)
+    p.grad[0] *= 1e-4  # tiny second moment in a row -> large normalized update there
+    opt.step()
+    return before - p.detach()
+
+
+def test_adapprox_clipping_bounds_rms_and_never_enlarges():
+    free = adapprox_delta(None)
+    for d in (0.05, 0.5, 1.0):
+        clipped = adapprox_delta(d)
+        assert la.rms(clipped).item() <= d * (1 + 1e-5)
+        assert (clipped.abs() <= free.abs() * (1 + 1e-6)).all()
+    huge = adapprox_delta(1e12)  # a threshold above RMS(D) changes nothing
+    torch.testing.assert_close(huge, free)
+
+
+def test_adapprox_cosine_guidance_doubles_the_first_step():
+    # step 1: M = (1-β1) G, so cos(M, G) = 1 and the update is scaled by 2
+    torch.testing.assert_close(adapprox_delta(None, guidance=True), 2 * adapprox_delta(None), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="Invalid cosine_guidance"):
+        la.Adapprox([nn.Parameter(torch.randn(3, 3))], betas=(0.0, 0.999), cosine_guidance=True)
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+def test_adapprox_state_bytes_formula(beta1):
+    torch.manual_seed(0)
+    ps = [nn.Parameter(torch.randn(s)) for s in [(16, 40), (40, 12), (7,), (1, 9)]]
+    opt = la.Adapprox(ps, betas=(beta1, 0.999), rank_init=2)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    k = opt.ranks()
+    factored = [(16, 40), (40, 12)]
+    expected = sum(ki * (m + n) + (m * n if beta1 > 0 else 0) for ki, (m, n) in zip(k, factored))
+    dense = 7 + 9  # the 1-D and 1×n tensors keep exact moments
+    expected += dense * (2 if beta1 > 0 else 1)
+    assert la.state_bytes(opt) == 4 * expected
+    assert len(k) == 2
+
+
+@pytest.mark.parametrize("key,value", [("k_max_frac", 0.0), ("k_max_frac", 1.5), ("k_min", 0), ("err_tol", -1.0),
+                                       ("rank_step", 0), ("oversample", -1), ("power_iters", -1),
+                                       ("clip_threshold", 0.0), ("rank_init", 0), ("err_beta", 1.0)])
+def test_adapprox_invalid_options(key, value):
+    with pytest.raises(ValueError, match=f"Invalid {key}"):
+        la.Adapprox([nn.Parameter(torch.randn(4, 4))], **{key: value})
+
+
+def test_adapprox_resume_restores_generator():
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(10, 14))
+    opt = la.Adapprox([p], rank_init=2)
+    grads = [torch.randn(10, 14) for _ in range(6)]
+    for g in grads[:3]:
+        p.grad = g.clone()
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    assert "rng" in sd["extra"]
+    q = nn.Parameter(p.detach().clone())
+    opt2 = la.Adapprox([q], rank_init=2, seed=999)  # a different seed: the loaded state must win
+    opt2.load_state_dict(sd)
+    for g in grads[3:]:
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        opt2.step()
+    assert torch.equal(p, q)
