@@ -728,9 +728,10 @@ def generalized_error_feedback_(a: Tensor, P: Tensor, R: Tensor, P_prev: Tensor,
     ``M̃ = Pᵀ P_prev M``.
     """
     k = beta1 / (1 - beta1)
-    a.addmm_(P, R, alpha=-1)  # A - P R
+    # two full-size products instead of three: A - P (R + k M̃) + k P_prev M
+    a.addmm_(P, R if k == 0.0 else R + k * M_new, alpha=-1)
     if k != 0.0:
-        a.addmm_(P_prev, M, alpha=k).addmm_(P, M_new, alpha=-k)  # + k (P_prev M - P M̃)
+        a.addmm_(P_prev, M, alpha=k)
     return a
 
 

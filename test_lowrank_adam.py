@@ -1333,3 +1333,36 @@ def test_torchrun_two_process_cpu_smoke(corpus, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("ldadam seed 0:") == 1  # only rank 0 reports
     assert (tmp_path / "ldadam-seed0" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("method", ["adamw", "galore", "adaptive", "ldadam", "ldadam-bf16", "adapprox",
+                                    "adapprox-b0"])
+def test_memory_formula_equals_state_bytes_of_a_real_step(method):
+    torch.manual_seed(0)
+    cfg = tl.LlamaConfig(vocab_size=96, hidden=32, intermediate=80, heads=4, layers=2, max_seq_len=16)
+    model = tl.Llama(cfg)
+    rank = 5
+    groups = la.lowrank_groups(model, rank)
+    opt = {"adamw": lambda: torch.optim.AdamW(model.parameters()),
+           "galore": lambda: la.GaLoreAdamW(groups),
+           "adaptive": lambda: la.AdaptiveAdamW(groups, allocate=False),
+           "ldadam": lambda: la.LDAdam(groups),
+           "ldadam-bf16": lambda: la.LDAdam(groups, error_dtype=torch.bfloat16),
+           "adapprox": lambda: la.Adapprox(model.parameters(), err_tol=0.0),
+           "adapprox-b0": lambda: la.Adapprox(model.parameters(), betas=(0.0, 0.999), err_tol=0.0)}[method]()
+    idx = torch.randint(0, 96, (2, 16))
+    model(idx, idx)[1].backward()
+    opt.step()
+    kw = {"ldadam-bf16": dict(error_bytes=2), "adapprox-b0": dict(beta1=0.0)}.get(method, {})
+    predicted = tl.predicted_state_bytes(model, method.split("-")[0], rank, **kw)
+    assert la.state_bytes(opt) == predicted
+
+
+def test_bench_and_memory_table_run(capsys):
+    tl.main(["--bench", "--model", "tiny", "--optimizer", "adamw,galore,ldadam", "--bench-steps", "1",
+             "--update-proj-gap", "4"])
+    out = capsys.readouterr().out
+    assert "| galore |" in out and "| ldadam |" in out and "normal / AdamW" in out
+    tl.main(["--memory-table"])
+    out = capsys.readouterr().out
+    assert "| 1b | 512 |" in out and "| 60m | 4 |" in out

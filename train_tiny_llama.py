@@ -652,6 +652,137 @@ def _progress(iterable, desc, disable=False, **kw):
 
 
 # =============================================================================
+# Benchmarks: optimizer state per method, step() time per method
+# =============================================================================
+
+PUBLISHED_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}
+
+
+def model_on_meta(name: str, vocab_size: int = 32000) -> Llama:
+    """The model's parameter shapes without allocating them (meta device)."""
+    hidden, inter, heads, layers = MODEL_SHAPES[name]
+    with torch.device("meta"):
+        return Llama(LlamaConfig(vocab_size=vocab_size, hidden=hidden, intermediate=inter, heads=heads, layers=layers,
+                                 max_seq_len=64))
+
+
+def predicted_state_bytes(model: nn.Module, method: str, rank: int, *, beta1: float = 0.9,
+                          error_bytes: int = 4, k_max_frac: float = 0.25) -> int:
+    """Optimizer state in bytes from SPEC §5's per-matrix formulas, float32 state.
+
+    Equal to ``state_bytes`` after a real step (tested on small configs).
+    AdaptiveAdamW is counted at uniform ranks (its total moves with the
+    allocation, since matrices differ in their long side); Adapprox at its
+    largest rank k_max (the rank rule can only lower it).
+    """
+    f = 4
+    lowrank = {id(p) for g in la.lowrank_groups(model, rank) if "rank" in g for p in g["params"]}
+    total = 0
+    for p in model.parameters():
+        if method == "adamw":
+            total += 2 * f * p.numel() + 4  # m, v and torch's float32 step tensor
+            continue
+        if method == "adapprox":
+            if la.Adapprox.is_factored(p):
+                m, n = p.shape
+                k = max(1, int(k_max_frac * min(m, n)))
+                total += f * (k * (m + n) + (m * n if beta1 > 0 else 0))
+            else:
+                total += f * p.numel() * (2 if beta1 > 0 else 1)
+            continue
+        if id(p) not in lowrank:
+            total += 2 * f * p.numel()  # the dense AdamW path
+            continue
+        s, l = min(p.shape), max(p.shape)
+        r = min(rank, s)
+        total += f * (2 * r * l + s * r)  # m, v: r×l ; P: s×r
+        if method == "adaptive":
+            total += 4  # the limiter's previous RMS
+        if method == "ldadam":
+            total += error_bytes * p.numel()  # error-feedback buffer
+    return total
+
+
+def memory_table(configs=("60m", "130m", "350m", "1b"), ranks=(None, 4, 8)) -> str:
+    """Markdown: optimizer state per method (GB and % of AdamW) at several ranks."""
+    rows = ["| model | rank | AdamW GB | GaLore / AdaptiveAdamW | LDAdam (fp32 EF) | LDAdam (bf16 EF) | "
+            "Adapprox β1=0.9 | Adapprox β1=0 |", "|---|---|---|---|---|---|---|---|"]
+    for name in configs:
+        model = model_on_meta(name)
+        adamw = predicted_state_bytes(model, "adamw", 1)
+        for rank in ranks:
+            r = PUBLISHED_RANKS.get(name, 128) if rank is None else rank
+            cell = lambda b: f"{b / 1e9:.3f} ({100 * b / adamw:.1f} %)"
+            rows.append(f"| {name} | {r} | {adamw / 1e9:.3f} | {cell(predicted_state_bytes(model, 'galore', r))} | "
+                        f"{cell(predicted_state_bytes(model, 'ldadam', r))} | "
+                        f"{cell(predicted_state_bytes(model, 'ldadam', r, error_bytes=2))} | "
+                        f"{cell(predicted_state_bytes(model, 'adapprox', r))} | "
+                        f"{cell(predicted_state_bytes(model, 'adapprox', r, beta1=0.0))} |")
+    return "\n".join(rows)
+
+
+def bench_steps(args) -> str:
+    """Time ``step()`` of each optimizer on the attn/mlp matrices of ``--model``.
+
+    Normal steps are the mean of ``--bench-steps`` steps after a warm-up; the
+    refresh step is GaLore/AdaptiveAdamW's SVD step (the next one after
+    them); amortized = (refresh + (T-1)·normal) / T with T = --update-proj-gap.
+    """
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    hidden, inter, heads, layers = MODEL_SHAPES[args.model]
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = Llama(LlamaConfig(vocab_size=320, hidden=hidden, intermediate=inter, heads=heads, layers=layers,
+                                  max_seq_len=64))
+    rank = args.rank if args.rank is not None else max(1, hidden // 4)
+    params = la.lowrank_groups(model, rank)[-1]["params"]
+    grads = [torch.randn_like(p) * 1e-3 for p in params]
+    n, T = args.bench_steps, args.update_proj_gap
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(opt):
+        for p, g in zip(params, grads):
+            p.grad = g
+        sync()
+        t0 = time.perf_counter()
+        opt.step()
+        sync()
+        return time.perf_counter() - t0
+
+    results = {}
+    for name in args.optimizers:
+        if name == "adamw":
+            opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+        elif name == "adapprox":
+            opt = la.Adapprox(params, lr=1e-5, err_tol=args.err_tol, k_max_frac=args.k_max_frac)
+        else:
+            group = [{"params": params, "rank": rank}]
+            cls = {"galore": la.GaLoreAdamW, "adaptive": la.AdaptiveAdamW, "ldadam": la.LDAdam}[name]
+            opt = cls(group, lr=1e-5, **({} if name == "ldadam" else {"update_proj_gap": n + 1}))
+        timed(opt)  # step 1: allocates state (and the first SVD)
+        normal = [timed(opt) for _ in range(n)]
+        refresh = timed(opt) if name in ("galore", "adaptive") else None  # step n+2 = 1 + (n+1): a refresh
+        normal_ms = 1e3 * statistics.median(normal)
+        refresh_ms = 1e3 * refresh if refresh is not None else normal_ms
+        results[name] = (normal_ms, refresh_ms, (refresh_ms + (T - 1) * normal_ms) / T)
+        del opt
+    base = results.get("adamw")
+    lines = [f"step() on the {len(params)} attn/mlp matrices of {args.model} (rank {rank}, {device}, "
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads); median of {n} normal steps; "
+             f"amortized over T = {T}", "",
+             "| optimizer | normal ms | refresh ms | amortized ms | normal / AdamW | refresh / AdamW | "
+             "amortized / AdamW |", "|---|---|---|---|---|---|---|"]
+    for name, (a, b, c) in results.items():
+        ratios = " | ".join(f"{x / y:.2f}" for x, y in zip((a, b, c), base)) if base else " | | "
+        lines.append(f"| {name} | {a:.2f} | {b:.2f} | {c:.2f} | {ratios} |")
+    return "\n".join(lines)
+
+
+# =============================================================================
 # Command line
 # =============================================================================
 
@@ -722,6 +853,12 @@ def parse_args(argv=None):
                    "invocation, keeping the --max-steps schedule; for time-limited jobs, continue with --resume")
     y.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 bf16 dense)")
     y.add_argument("--quiet", action="store_true", help="no progress bars")
+    b = p.add_argument_group("benchmarks (print a table and exit)")
+    b.add_argument("--bench", action="store_true", help="time step() of each --optimizer on --model's attn/mlp "
+                   "matrices (random gradients): normal, refresh and amortized, as ratios to AdamW")
+    b.add_argument("--bench-steps", type=int, default=5, help="normal steps timed by --bench")
+    b.add_argument("--memory-table", action="store_true", help="optimizer state per method for the 60m-1b "
+                   "configs at the published ranks and at ranks 4 and 8")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.optimizer.split(",") if n.strip()]
     bad = [n for n in names if n not in OPTIMIZERS]
@@ -779,6 +916,12 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_table:
+        print(memory_table())
+        return []
+    if args.bench:
+        print(bench_steps(args))
+        return []
     dist = setup_distributed(args)
     tokenizer = FileTokenizer(args.tokenizer, args.eos_token) if args.tokenizer else ByteTokenizer()
     source = args.data
