@@ -1331,7 +1331,7 @@ def test_torchrun_two_process_cpu_smoke(corpus, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("ldadam seed 0:") == 1  # only rank 0 reports
+    assert out.stdout.count("ldadam (lr 0.003) seed 0:") == 1  # only rank 0 reports
     assert (tmp_path / "ldadam-seed0" / "ckpt.pt").exists()
 
 

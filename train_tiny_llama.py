@@ -402,38 +402,65 @@ OPTIMIZERS = ("adamw", "galore", "adaptive", "ldadam", "adapprox")
 DEFAULT_LR = {"adamw": 3e-3, "galore": 1e-2, "adaptive": 1e-2, "ldadam": 3e-3, "adapprox": 3e-3}
 
 
-def build_optimizer(name: str, model: nn.Module, args, lr: float) -> torch.optim.Optimizer:
+def parse_optimizer(spec: str) -> tuple[str, dict]:
+    """``name[:metric][+residual][+noef]`` -> (name, option overrides).
+
+    ``adaptive:gap`` picks AdaptiveAdamW's metric, ``+residual`` adds the
+    Fira-style residual (galore, adaptive), ``+noef`` turns LDAdam's error
+    feedback off, so one command can compare variants side by side.
+    """
+    name, *mods = spec.split("+")
+    name, _, metric = name.partition(":")
+    over: dict = {}
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    if metric:
+        if name != "adaptive" or metric not in la.RANK_METRICS:
+            raise ValueError(f"{spec}: ':metric' is for adaptive, one of {', '.join(sorted(la.RANK_METRICS))}")
+        over["rank_metric"] = metric
+    for mod in mods:
+        if mod == "residual" and name in ("galore", "adaptive"):
+            over["residual"] = True
+        elif mod == "noef" and name == "ldadam":
+            over["error_feedback"] = False
+        else:
+            raise ValueError(f"{spec}: unknown modifier +{mod} (+residual for galore/adaptive, +noef for ldadam)")
+    return name, over
+
+
+def build_optimizer(spec: str, model: nn.Module, args, lr: float) -> torch.optim.Optimizer:
+    name, over = parse_optimizer(spec)
     betas, wd = (args.beta1, args.beta2), args.weight_decay
     rank = args.rank if args.rank is not None else max(1, model.config.hidden // 4)
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=wd)
     if name == "adapprox":
         return la.Adapprox(model.parameters(), lr=lr, betas=betas, weight_decay=wd, k_max_frac=args.k_max_frac,
-                           err_tol=args.err_tol, clip_threshold=args.clip_threshold or None,
+                           err_tol=args.err_tol, rank_init=args.rank_init, clip_threshold=args.clip_threshold or None,
                            cosine_guidance=args.cosine_guidance, seed=args.seed)
     groups = la.lowrank_groups(model, rank)
     if name == "ldadam":
-        return la.LDAdam(groups, lr=lr, betas=(args.beta1, args.beta2) if args.ldadam_betas is None
-                         else tuple(args.ldadam_betas), weight_decay=wd, rho=args.rho,
-                         error_feedback=not args.no_error_feedback,
+        return la.LDAdam(groups, lr=lr, betas=betas if args.ldadam_betas is None else tuple(args.ldadam_betas),
+                         weight_decay=wd, rho=args.rho,
+                         error_feedback=over.get("error_feedback", not args.no_error_feedback),
                          error_dtype=torch.bfloat16 if args.error_dtype == "bf16" else torch.float32)
     common = dict(lr=lr, betas=betas, weight_decay=wd, update_proj_gap=args.update_proj_gap, scale=args.scale,
-                  residual=args.residual, norm_growth_limit=args.norm_growth_limit or None)
+                  residual=over.get("residual", args.residual), norm_growth_limit=args.norm_growth_limit or None)
     if name == "galore":
         return la.GaLoreAdamW(groups, **common)
-    if name == "adaptive":
-        return la.AdaptiveAdamW(groups, **common, rank_metric=args.rank_metric)
-    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    return la.AdaptiveAdamW(groups, **common, rank_metric=over.get("rank_metric", args.rank_metric))
 
 
 def parse_lr(spec: Optional[str], name: str) -> float:
-    """``--lr 1e-3`` for all, or ``--lr adamw=3e-3,galore=1e-2`` per optimizer."""
+    """``--lr 1e-3`` for all, or ``--lr adamw=3e-3,galore=1e-2`` per optimizer
+    (a variant such as ``galore+residual`` falls back to its base name)."""
+    base = parse_optimizer(name)[0]
     if spec is None:
-        return DEFAULT_LR[name]
+        return DEFAULT_LR[base]
     if "=" not in spec:
         return float(spec)
     table = dict(item.split("=", 1) for item in spec.split(","))
-    return float(table[name]) if name in table else DEFAULT_LR[name]
+    return float(table.get(name, table.get(base, DEFAULT_LR[base])))
 
 
 def get_lr(it: int, base: float, warmup: int, max_steps: int, min_ratio: float) -> float:
@@ -474,17 +501,19 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def train_one(opt_name: str, seed: int, args, data: C4Data, val: list, vocab_size: int, dist: dict) -> dict:
+def train_one(opt_name: str, seed: int, args, data: C4Data, val: list, vocab_size: int, dist: dict,
+              lr_factor: float = 1.0) -> dict:
     master, device = dist["master"], torch.device(dist["device"])
-    run_dir = Path(args.out_dir) / f"{opt_name}-seed{seed}"
+    base_lr = parse_lr(args.lr, opt_name) * lr_factor
+    run_dir = Path(args.out_dir) / (f"{opt_name}-seed{seed}" if lr_factor == 1.0 else f"{opt_name}-lr{base_lr:g}-seed{seed}")
     run_dir.mkdir(parents=True, exist_ok=True)
     hidden, inter, heads, layers = MODEL_SHAPES[args.model]
     config = LlamaConfig(vocab_size=vocab_size, hidden=hidden, intermediate=inter, heads=heads, layers=layers,
                          max_seq_len=max(args.seq_len, 64))
     torch.manual_seed(seed)  # same initial weights for every optimizer at this seed
     model = Llama(config).to(device)
-    base_lr = parse_lr(args.lr, opt_name)
     opt = build_optimizer(opt_name, model, args, base_lr)
+    rank_names = ranked_parameter_names(model, opt)
     start_step, batches_done = 0, 0
     ckpt_path = run_dir / "ckpt.pt"
     if args.resume and ckpt_path.exists():
@@ -524,6 +553,8 @@ def train_one(opt_name: str, seed: int, args, data: C4Data, val: list, vocab_siz
         return sum(losses) / len(losses)
 
     metrics = open(run_dir / "metrics.jsonl", "a") if master else None
+    if master and rank_names and start_step == 0:
+        _log(metrics, step=0, rank_names=rank_names)
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * dist["world"]
     stop_at = args.max_steps if args.stop_after is None else min(args.max_steps, start_step + args.stop_after)
     step_times, tokens_seen, loss_val, val_loss = [], 0, float("nan"), None
@@ -571,7 +602,10 @@ def train_one(opt_name: str, seed: int, args, data: C4Data, val: list, vocab_siz
                 last_log_t, last_log_tokens = now, tokens_seen
                 if master:
                     bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-                    _log(metrics, step=step, train_loss=loss_val, lr=lr, tokens_per_s=tps)
+                    row = dict(step=step, train_loss=loss_val, lr=lr, tokens_per_s=tps)
+                    if rank_names:
+                        row["ranks"] = opt.ranks()
+                    _log(metrics, **row)
             if step % args.eval_interval == 0 or step == args.max_steps:
                 val_loss = evaluate()
                 if master:
@@ -598,8 +632,8 @@ def train_one(opt_name: str, seed: int, args, data: C4Data, val: list, vocab_siz
                   params=sum(p.numel() for p in raw_model.parameters()))
     if device.type == "cuda" and args.peak_tflops:
         result["mfu"] = result["tokens_per_s"] * raw_model.flops_per_token(args.seq_len) / (args.peak_tflops * 1e12)
-    if isinstance(opt, la.Adapprox) or getattr(opt, "ranks", None) and opt.ranks():
-        result["ranks"] = opt.ranks()
+    if rank_names:
+        result["ranks"] = dict(zip(rank_names, opt.ranks()))
     if master:
         _log(metrics, step=step, final=result)
         metrics.close()
@@ -629,6 +663,16 @@ def _stop_on_first_ctrl_c():
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, previous)
+
+
+def ranked_parameter_names(model: nn.Module, opt) -> list[str]:
+    """Names of the parameters whose ranks ``opt.ranks()`` lists, in its order."""
+    if not hasattr(opt, "ranks"):
+        return []
+    names = {id(p): n for n, p in model.named_parameters()}
+    if isinstance(opt, la.Adapprox):
+        return [names[id(p)] for g in opt.param_groups for p in g["params"] if la.Adapprox.is_factored(p)]
+    return [names[id(p)] for g in opt.param_groups if g.get("rank") is not None for p in g["params"]]
 
 
 def _save(path, model, opt, opt_name, config, args, step, batches_done):
@@ -758,7 +802,8 @@ def bench_steps(args) -> str:
         if name == "adamw":
             opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
         elif name == "adapprox":
-            opt = la.Adapprox(params, lr=1e-5, err_tol=args.err_tol, k_max_frac=args.k_max_frac)
+            opt = la.Adapprox(params, lr=1e-5, err_tol=args.err_tol, k_max_frac=args.k_max_frac,
+                              rank_init=args.rank_init)
         else:
             group = [{"params": params, "rank": rank}]
             cls = {"galore": la.GaLoreAdamW, "adaptive": la.AdaptiveAdamW, "ldadam": la.LDAdam}[name]
@@ -806,7 +851,10 @@ def parse_args(argv=None):
     m.add_argument("--model", default="tiny", choices=list(MODEL_SHAPES), help="LLaMA shape (hidden/intermediate/"
                    "heads/layers: " + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in MODEL_SHAPES.items()) + ")")
     o = p.add_argument_group("optimizer")
-    o.add_argument("--optimizer", default="adamw", help=f"one or a comma list of: {', '.join(OPTIMIZERS)}")
+    o.add_argument("--optimizer", default="adamw", help=f"one or a comma list of: {', '.join(OPTIMIZERS)}; "
+                   "variants: adaptive:METRIC, galore+residual, adaptive+residual, ldadam+noef")
+    o.add_argument("--lr-sweep", default="1", help="comma list of factors on each optimizer's lr (e.g. 0.5,1,2); "
+                   "the summary then reports each optimizer at its best lr")
     o.add_argument("--lr", default=None, help="peak learning rate, or per optimizer: adamw=3e-3,galore=1e-2 "
                    f"(defaults: {', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())})")
     o.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
@@ -829,7 +877,8 @@ def parse_args(argv=None):
     o.add_argument("--no-error-feedback", action="store_true", help="LDAdam without error feedback")
     o.add_argument("--error-dtype", default="fp32", choices=["fp32", "bf16"], help="LDAdam error buffer dtype")
     o.add_argument("--k-max-frac", type=float, default=0.25, help="Adapprox: max rank as a fraction of min(m, n)")
-    o.add_argument("--err-tol", type=float, default=0.3, help="Adapprox: relative error target of the rank rule")
+    o.add_argument("--err-tol", type=float, default=0.1, help="Adapprox: relative error target of the rank rule")
+    o.add_argument("--rank-init", type=int, default=None, help="Adapprox: initial rank (default: its largest)")
     o.add_argument("--clip-threshold", type=float, default=1.0, help="Adapprox update clipping d (0 = off)")
     o.add_argument("--cosine-guidance", action="store_true", help="Adapprox cosine-similarity guidance")
     s = p.add_argument_group("schedule")
@@ -861,10 +910,18 @@ def parse_args(argv=None):
                    "configs at the published ranks and at ranks 4 and 8")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.optimizer.split(",") if n.strip()]
-    bad = [n for n in names if n not in OPTIMIZERS]
-    if bad or not names:
-        p.error(f"--optimizer: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(OPTIMIZERS)}")
+    if not names:
+        p.error("--optimizer: empty list")
+    for n in names:
+        try:
+            parse_optimizer(n)
+        except ValueError as e:
+            p.error(f"--optimizer: {e}")
     args.optimizers = names
+    try:
+        args.lr_factors = [float(f) for f in args.lr_sweep.split(",")]
+    except ValueError:
+        p.error(f"--lr-sweep: not a comma list of numbers: {args.lr_sweep}")
     for flag in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval", "seeds",
                  "val_batches"):
         if getattr(args, flag) < 1:
@@ -889,27 +946,41 @@ def setup_distributed(args) -> dict:
 
 
 def summarize(results: list[dict]) -> str:
-    """A markdown table, one row per optimizer: medians over seeds, ± half the range."""
-    by_opt: dict[str, list[dict]] = {}
+    """Markdown: one row per (optimizer, lr) with medians over seeds (± half the
+    range); with an lr sweep, a second table keeps each optimizer's best lr."""
+    by_run: dict[tuple, list[dict]] = {}
     for r in results:
-        by_opt.setdefault(r["optimizer"], []).append(r)
+        by_run.setdefault((r["optimizer"], r["lr"]), []).append(r)
     med = lambda rs, key: statistics.median(r[key] for r in rs)
-    ref = by_opt.get("adamw")
+    best = {}
+    for (name, lr), rs in by_run.items():
+        if name not in best or med(rs, "val_loss") < med(by_run[best[name]], "val_loss"):
+            best[name] = (name, lr)
+    ref = by_run.get(best["adamw"]) if "adamw" in best else None
     cuda = any(r["peak_cuda_gb"] is not None for r in results)
     cols = ["optimizer", "lr", "seeds", "val loss", "val ppl", "Δ loss vs AdamW", "state MB", "% of AdamW",
             "step() ms", "tokens/s"] + (["peak CUDA GB"] if cuda else [])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for name, rs in by_opt.items():
-        loss = med(rs, "val_loss")
-        spread = (max(r["val_loss"] for r in rs) - min(r["val_loss"] for r in rs)) / 2
-        row = [name, f"{rs[0]['lr']:g}", str(len(rs)), f"{loss:.4f}" + (f" ± {spread:.4f}" if len(rs) > 1 else ""),
-               f"{math.exp(loss):.3f}", f"{loss - med(ref, 'val_loss'):+.4f}" if ref else "",
-               f"{med(rs, 'state_mb'):.3f}", f"{100 * med(rs, 'state_mb') / med(ref, 'state_mb'):.1f}" if ref else "",
-               f"{med(rs, 'step_ms'):.2f}", f"{med(rs, 'tokens_per_s'):,.0f}"]
-        if cuda:
-            row.append(f"{med(rs, 'peak_cuda_gb'):.2f}")
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+
+    def table(keys):
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for key in keys:
+            rs = by_run[key]
+            loss = med(rs, "val_loss")
+            spread = (max(r["val_loss"] for r in rs) - min(r["val_loss"] for r in rs)) / 2
+            row = [key[0], f"{key[1]:g}", str(len(rs)), f"{loss:.4f}" + (f" ± {spread:.4f}" if len(rs) > 1 else ""),
+                   f"{math.exp(loss):.3f}", f"{loss - med(ref, 'val_loss'):+.4f}" if ref else "",
+                   f"{med(rs, 'state_mb'):.3f}",
+                   f"{100 * med(rs, 'state_mb') / med(ref, 'state_mb'):.1f}" if ref else "",
+                   f"{med(rs, 'step_ms'):.2f}", f"{med(rs, 'tokens_per_s'):,.0f}"]
+            if cuda:
+                row.append(f"{med(rs, 'peak_cuda_gb'):.2f}")
+            lines.append("| " + " | ".join(row) + " |")
+        return "\n".join(lines)
+
+    if len(by_run) == len(best):
+        return table(list(by_run))
+    return ("all learning rates:\n" + table(list(by_run)) + "\n\neach optimizer at its best lr:\n"
+            + table(list(best.values())))
 
 
 def main(argv=None) -> list[dict]:
@@ -943,13 +1014,13 @@ def main(argv=None) -> list[dict]:
     results = []
     try:
         for seed in range(args.seed, args.seed + args.seeds):
-            for name in args.optimizers:
-                r = train_one(name, seed, args, data, val, vocab, dist)
+            for name, factor in [(n, f) for n in args.optimizers for f in args.lr_factors]:
+                r = train_one(name, seed, args, data, val, vocab, dist, factor)
                 results.append(r)
                 if dist["master"]:
                     extra = f", peak CUDA {r['peak_cuda_gb']:.2f} GB" if r["peak_cuda_gb"] is not None else ""
                     extra += f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
-                    print(f"{name} seed {seed}: {r['params'] / 1e6:.2f}M params, val loss {r['val_loss']:.4f}, "
+                    print(f"{name} (lr {r['lr']:g}) seed {seed}: {r['params'] / 1e6:.2f}M params, val loss {r['val_loss']:.4f}, "
                           f"val ppl {r['val_ppl']:.2f}, {r['tokens_per_s']:,.0f} tokens/s, optimizer state "
                           f"{r['state_mb']:.2f} MB, step() {r['step_ms']:.2f} ms, {r['seconds']:.0f} s{extra}")
     except KeyboardInterrupt:
