@@ -1366,3 +1366,23 @@ def test_bench_and_memory_table_run(capsys):
     tl.main(["--memory-table"])
     out = capsys.readouterr().out
     assert "| 1b | 512 |" in out and "| 60m | 4 |" in out
+
+
+def test_plots_or_a_clear_message(corpus, tmp_path, monkeypatch):
+    tl.main(SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adaptive,adapprox",
+                     "--log-interval", "1"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="pip install matplotlib"):
+            tl.make_plots(tmp_path)
+        return
+    written = tl.make_plots(tmp_path)
+    assert {p.name for p in written} == {"loss_curves.png", "ranks_adaptive-seed0.png", "ranks_adapprox-seed0.png"}
+    assert all(p.stat().st_size > 1000 for p in written)
+    import builtins
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name.startswith("matplotlib") else real_import(name, *a, **k))
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        tl.make_plots(tmp_path)

@@ -828,6 +828,92 @@ def bench_steps(args) -> str:
 
 
 # =============================================================================
+# Plots (matplotlib, only when asked for)
+# =============================================================================
+
+
+def read_runs(out_dir: Path) -> dict[str, list[dict]]:
+    """metrics.jsonl of every run folder under out_dir: {folder name: rows}."""
+    runs = {}
+    for f in sorted(Path(out_dir).glob("*/metrics.jsonl")):
+        runs[f.parent.name] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return runs
+
+
+def make_plots(out_dir: Path) -> list[Path]:
+    """Loss curves of every run; AdaptiveAdamW's ranks as a matrices × refreshes
+    heatmap; Adapprox's ranks over time. PNGs are written into out_dir."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("plots need matplotlib, which is not installed: pip install matplotlib")
+    runs = read_runs(out_dir)
+    if not runs:
+        sys.exit(f"no runs (*/metrics.jsonl) under {out_dir}")
+    written = []
+    fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = {}
+    for name, rows in runs.items():
+        label = name.rsplit("-seed", 1)[0]
+        color = colors.setdefault(label, f"C{len(colors) % 10}")
+        first = label not in {line.get_label() for line in ax_v.get_lines()}
+        t = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+        v = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if t:
+            ax_t.plot(*zip(*t), color=color, alpha=0.6, lw=1, label=label if first else None)
+        if v:
+            ax_v.plot(*zip(*v), color=color, marker="o", lw=1.5, label=label if first else None)
+    for ax, title in ((ax_t, "train loss"), (ax_v, "validation loss")):
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax_v.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(out_dir / "loss_curves.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    for name, rows in runs.items():
+        names = next((r["rank_names"] for r in rows if "rank_names" in r), None)
+        history = [(r["step"], r["ranks"]) for r in rows if "ranks" in r]
+        if not names or not history:
+            continue
+        short = [n.replace("layers.", "L").replace(".weight", "").replace("_proj", "") for n in names]
+        if name.startswith("adaptive"):
+            # one column per allocation: keep the rank vectors where they change
+            cols = [history[0]] + [h for prev, h in zip(history, history[1:]) if h[1] != prev[1]]
+            grid = torch.tensor([c[1] for c in cols]).T  # (matrices, refreshes)
+            fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(cols) + 3), 0.25 * len(names) + 1.5))
+            im = ax.imshow(grid, aspect="auto", cmap="viridis")
+            ax.set_yticks(range(len(short)), short, fontsize=7)
+            ax.set_xticks(range(len(cols)), [str(c[0]) for c in cols], fontsize=7)
+            ax.set_xlabel("logged at step (each column: a new allocation)")
+            for i in range(grid.shape[0]):
+                for j in range(grid.shape[1]):
+                    ax.text(j, i, str(int(grid[i, j])), ha="center", va="center", fontsize=6, color="w")
+            fig.colorbar(im, ax=ax, label="rank")
+            ax.set_title(f"AdaptiveAdamW ranks: {name}")
+        elif name.startswith("adapprox"):
+            fig, ax = plt.subplots(figsize=(7, 4))
+            steps = [h[0] for h in history]
+            for i, n in enumerate(short):
+                ax.plot(steps, [h[1][i] for h in history], lw=0.8, alpha=0.5)
+            ax.plot(steps, [sum(h[1]) / len(h[1]) for h in history], color="k", lw=2, label="mean")
+            ax.set_xlabel("step")
+            ax.set_ylabel("rank k of V ≈ Q Uᵀ")
+            ax.legend()
+            ax.set_title(f"Adapprox ranks: {name}")
+        else:
+            continue
+        fig.tight_layout()
+        written.append(out_dir / f"ranks_{name}.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+# =============================================================================
 # Command line
 # =============================================================================
 
@@ -906,6 +992,9 @@ def parse_args(argv=None):
     b.add_argument("--bench", action="store_true", help="time step() of each --optimizer on --model's attn/mlp "
                    "matrices (random gradients): normal, refresh and amortized, as ratios to AdamW")
     b.add_argument("--bench-steps", type=int, default=5, help="normal steps timed by --bench")
+    b.add_argument("--plot", action="store_true", help="after the runs, write PNG plots into --out-dir "
+                   "(loss curves, AdaptiveAdamW rank heatmap, Adapprox ranks; needs matplotlib)")
+    b.add_argument("--plot-only", action="store_true", help="only plot the runs already in --out-dir")
     b.add_argument("--memory-table", action="store_true", help="optimizer state per method for the 60m-1b "
                    "configs at the published ranks and at ranks 4 and 8")
     args = p.parse_args(argv)
@@ -993,6 +1082,10 @@ def main(argv=None) -> list[dict]:
     if args.bench:
         print(bench_steps(args))
         return []
+    if args.plot_only:
+        for path in make_plots(Path(args.out_dir)):
+            print(f"wrote {path}")
+        return []
     dist = setup_distributed(args)
     tokenizer = FileTokenizer(args.tokenizer, args.eos_token) if args.tokenizer else ByteTokenizer()
     source = args.data
@@ -1037,6 +1130,9 @@ def main(argv=None) -> list[dict]:
             print(summarize(results))
         with open(Path(args.out_dir) / "results.json", "w") as fh:
             json.dump(results, fh, indent=1)
+        if args.plot:
+            for path in make_plots(Path(args.out_dir)):
+                print(f"wrote {path}")
     return results
 
 
