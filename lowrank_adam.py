@@ -598,16 +598,25 @@ class AdaptiveAdamW(GaLoreAdamW):
         P_i ← U_i[:, :r_i]
         C_i = P_newᵀ P_old ; m ← C m ; v ← (C∘C) v       momentum transformation
 
-    and every step, as GaLore, with a norm-growth limiter on the update::
+    and every step, as GaLore, plus the out-of-subspace residual S with a
+    norm-growth limiter (``residual=True``, the default)::
 
         R ← Pᵀ X ;  m, v ← Adam moments of R ;  N ← m̂ / (sqrt(v̂) + ε)
-        N ← N · min(1, γ·RMS_{t-1} / RMS(N))            (no limit at step 1)
-        W ← W (1 - lr·wd) - lr · α · P N
+        S ← (X - P R) · diag(φ),  φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + 1e-8)
+        S ← S · min(1, γ·RMS_{t-1} / RMS(S))            (no limit at step 1)
+        W ← W (1 - lr·wd) - lr · (α · P N + S)
 
-    RMS = ‖N‖_F / sqrt(numel), so a rank change alone does not trip the
-    limiter. The source says the limiter caps "relative increases in
-    normalized gradient norm"; we apply it to N (Fira applies it to the
-    out-of-subspace residual instead: ``residual=True``, see GaLoreAdamW).
+    With ``residual=False`` there is no S and the limiter acts on N instead
+    (``N ← N · min(1, γ·RMS_{t-1}/RMS(N))``, ``W ← W(1-lr·wd) - lr·α·P N``).
+    RMS = ‖·‖_F / sqrt(numel), so a rank change alone does not trip the
+    limiter. The source says only that the limiter caps "relative increases
+    in normalized gradient norm"; Fira (Chen et al. 2024, arXiv:2410.01623)
+    applies it to S. We measured both readings (README, "Residual or not",
+    tiny LLaMA, 3 seeds, lr swept per method): with the residual the
+    validation loss is 0.47 lower at rank 4 (1.855 vs 2.329) and 0.41
+    lower at rank 8 (1.791 vs 2.197), and beats AdamW (2.101); so the
+    residual is the default. It costs one full-size temporary per matrix
+    and no extra state.
 
     Group options as GaLoreAdamW plus ``rank_metric`` (one of
     ``RANK_METRICS``, default ``explained_variance``),
@@ -628,7 +637,7 @@ class AdaptiveAdamW(GaLoreAdamW):
                  weight_decay: float = 0.0, *, update_proj_gap: int = 200, scale: float = 0.25,
                  proj_type: str = "std", rank_metric: str = "explained_variance", allocate: bool = True,
                  transform_momentum: bool = True, norm_growth_limit: Optional[float] = 1.01,
-                 residual: bool = False, check_finite: bool = True):
+                 residual: bool = True, check_finite: bool = True):
         super().__init__(params, lr, betas, eps, weight_decay, update_proj_gap=update_proj_gap, scale=scale,
                          proj_type=proj_type, residual=residual, norm_growth_limit=norm_growth_limit,
                          check_finite=check_finite, rank_metric=rank_metric, allocate=allocate,

@@ -672,7 +672,8 @@ def test_adaptive_reallocates_and_keeps_state_consistent(shape):
 def test_adaptive_limiter_bounds_rms_growth():
     torch.manual_seed(0)
     p = nn.Parameter(torch.randn(6, 12))
-    opt = la.AdaptiveAdamW([{"params": [p], "rank": 3, "update_proj_gap": 4}], lr=1e-2, norm_growth_limit=1.01)
+    opt = la.AdaptiveAdamW([{"params": [p], "rank": 3, "update_proj_gap": 4}], lr=1e-2, norm_growth_limit=1.01,
+                           residual=False)
     prev = None
     for i in range(12):
         p.grad = torch.randn(6, 12) * (1 + 3 * i)  # growing gradients push the update up
@@ -691,7 +692,7 @@ def test_adaptive_limiter_on_caps_and_off_lets_grow(gamma):
     g = torch.Generator().manual_seed(0)
     grad = torch.randn(6, 12, generator=g)
     p = nn.Parameter(torch.zeros(6, 12))
-    opt = la.AdaptiveAdamW([{"params": [p], "rank": 3}], lr=1.0, norm_growth_limit=gamma)
+    opt = la.AdaptiveAdamW([{"params": [p], "rank": 3}], lr=1.0, norm_growth_limit=gamma, residual=False)
     sizes = []
     for sign in (1, -1, -1, -1):
         p.grad = sign * grad
@@ -713,7 +714,7 @@ def test_adaptive_equals_galore_with_fixed_ranks():
     hp = dict(lr=1e-2, weight_decay=0.1, update_proj_gap=3)
     opt_a = la.GaLoreAdamW([{"params": params_a, "rank": 3}], **hp)
     opt_b = la.AdaptiveAdamW([{"params": params_b, "rank": 3}], **hp, allocate=False,
-                             transform_momentum=False, norm_growth_limit=None)
+                             transform_momentum=False, norm_growth_limit=None, residual=False)
     for _ in range(8):
         for pa, pb in zip(params_a, params_b):
             g = torch.randn(pa.shape)
@@ -739,7 +740,7 @@ def test_residual_changes_nothing_at_full_rank(cls):
     torch.manual_seed(0)
     a = nn.Parameter(torch.randn(5, 9))
     b = nn.Parameter(a.detach().clone())
-    opt_a = cls([{"params": [a], "rank": 5}], lr=1e-2)
+    opt_a = cls([{"params": [a], "rank": 5, "residual": False}], lr=1e-2)
     opt_b = cls([{"params": [b], "rank": 5, "residual": True}], lr=1e-2)
     for _ in range(5):
         g = torch.randn(5, 9)
@@ -1386,3 +1387,11 @@ def test_plots_or_a_clear_message(corpus, tmp_path, monkeypatch):
                         if name.startswith("matplotlib") else real_import(name, *a, **k))
     with pytest.raises(SystemExit, match="pip install matplotlib"):
         tl.make_plots(tmp_path)
+
+
+def test_adaptive_defaults_to_the_residual_and_galore_does_not():
+    p = nn.Parameter(torch.randn(4, 6))
+    assert la.AdaptiveAdamW([{"params": [p], "rank": 2}]).param_groups[0]["residual"] is True
+    assert la.GaLoreAdamW([{"params": [p], "rank": 2}]).param_groups[0]["residual"] is False
+    name, over = tl.parse_optimizer("adaptive:gap+noresidual")
+    assert name == "adaptive" and over == {"rank_metric": "gap", "residual": False}

@@ -403,10 +403,11 @@ DEFAULT_LR = {"adamw": 3e-3, "galore": 1e-2, "adaptive": 1e-2, "ldadam": 3e-3, "
 
 
 def parse_optimizer(spec: str) -> tuple[str, dict]:
-    """``name[:metric][+residual][+noef]`` -> (name, option overrides).
+    """``name[:metric][+residual|+noresidual][+noef]`` -> (name, option overrides).
 
-    ``adaptive:gap`` picks AdaptiveAdamW's metric, ``+residual`` adds the
-    Fira-style residual (galore, adaptive), ``+noef`` turns LDAdam's error
+    ``adaptive:gap`` picks AdaptiveAdamW's metric, ``+residual`` /
+    ``+noresidual`` switch the Fira-style residual (galore, adaptive; the
+    default is GaLore off, AdaptiveAdamW on), ``+noef`` turns LDAdam's error
     feedback off, so one command can compare variants side by side.
     """
     name, *mods = spec.split("+")
@@ -419,12 +420,12 @@ def parse_optimizer(spec: str) -> tuple[str, dict]:
             raise ValueError(f"{spec}: ':metric' is for adaptive, one of {', '.join(sorted(la.RANK_METRICS))}")
         over["rank_metric"] = metric
     for mod in mods:
-        if mod == "residual" and name in ("galore", "adaptive"):
-            over["residual"] = True
+        if mod in ("residual", "noresidual") and name in ("galore", "adaptive"):
+            over["residual"] = mod == "residual"
         elif mod == "noef" and name == "ldadam":
             over["error_feedback"] = False
         else:
-            raise ValueError(f"{spec}: unknown modifier +{mod} (+residual for galore/adaptive, +noef for ldadam)")
+            raise ValueError(f"{spec}: unknown modifier +{mod} (+residual / +noresidual for galore/adaptive, +noef for ldadam)")
     return name, over
 
 
@@ -445,7 +446,12 @@ def build_optimizer(spec: str, model: nn.Module, args, lr: float) -> torch.optim
                          error_feedback=over.get("error_feedback", not args.no_error_feedback),
                          error_dtype=torch.bfloat16 if args.error_dtype == "bf16" else torch.float32)
     common = dict(lr=lr, betas=betas, weight_decay=wd, update_proj_gap=args.update_proj_gap, scale=args.scale,
-                  residual=over.get("residual", args.residual), norm_growth_limit=args.norm_growth_limit or None)
+                  norm_growth_limit=args.norm_growth_limit or None)
+    residual = {"on": True, "off": False}.get(args.residual)  # None: the optimizer's own default
+    if "residual" in over:
+        residual = over["residual"]
+    if residual is not None:
+        common["residual"] = residual
     if name == "galore":
         return la.GaLoreAdamW(groups, **common)
     return la.AdaptiveAdamW(groups, **common, rank_metric=over.get("rank_metric", args.rank_metric))
@@ -938,7 +944,7 @@ def parse_args(argv=None):
                    "heads/layers: " + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in MODEL_SHAPES.items()) + ")")
     o = p.add_argument_group("optimizer")
     o.add_argument("--optimizer", default="adamw", help=f"one or a comma list of: {', '.join(OPTIMIZERS)}; "
-                   "variants: adaptive:METRIC, galore+residual, adaptive+residual, ldadam+noef")
+                   "variants: adaptive:METRIC, galore+residual, adaptive+noresidual, ldadam+noef")
     o.add_argument("--lr-sweep", default="1", help="comma list of factors on each optimizer's lr (e.g. 0.5,1,2); "
                    "the summary then reports each optimizer at its best lr")
     o.add_argument("--lr", default=None, help="peak learning rate, or per optimizer: adamw=3e-3,galore=1e-2 "
@@ -954,8 +960,8 @@ def parse_args(argv=None):
     o.add_argument("--scale", type=float, default=0.25, help="GaLore scale α")
     o.add_argument("--rank-metric", default="explained_variance", choices=sorted(la.RANK_METRICS),
                    help="AdaptiveAdamW allocation metric")
-    o.add_argument("--residual", action="store_true", help="add the Fira-style out-of-subspace residual "
-                   "(GaLore, AdaptiveAdamW)")
+    o.add_argument("--residual", default="default", choices=["default", "on", "off"], help="Fira-style "
+                   "out-of-subspace residual for GaLore and AdaptiveAdamW (default: GaLore off, AdaptiveAdamW on)")
     o.add_argument("--norm-growth-limit", type=float, default=1.01, help="norm-growth limiter γ (0 = off)")
     o.add_argument("--rho", type=float, default=0.908, help="LDAdam ρ")
     o.add_argument("--ldadam-betas", type=float, nargs=2, default=None, help="LDAdam betas (default: --beta1 "
