@@ -890,7 +890,7 @@ def make_plots(out_dir: Path) -> list[Path]:
             # one column per allocation: keep the rank vectors where they change
             cols = [history[0]] + [h for prev, h in zip(history, history[1:]) if h[1] != prev[1]]
             grid = torch.tensor([c[1] for c in cols]).T  # (matrices, refreshes)
-            fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(cols) + 3), 0.25 * len(names) + 1.5))
+            fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(cols) + 3), 0.25 * len(names) + 1.5))
             im = ax.imshow(grid, aspect="auto", cmap="viridis")
             ax.set_yticks(range(len(short)), short, fontsize=7)
             ax.set_xticks(range(len(cols)), [str(c[0]) for c in cols], fontsize=7)
