@@ -194,14 +194,14 @@ def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale):
     M = V = P = None
     for t, G in enumerate(grads, start=1):
         if (t - 1) % gap == 0:
+            # P from the SVD of the tall orientation, as the optimizer computes it, so
+            # the arbitrary signs match (moments are not rotated at a refresh)
             if right:
-                # right singular vectors of G, taken as left ones of Gᵀ so the arbitrary
-                # signs match the optimizer's (moments are not rotated at a refresh)
-                U, _, _ = torch.linalg.svd(G.T, full_matrices=False)
-                P = U[:, :rank]  # (n, r): R = G P
+                _, _, Vh = torch.linalg.svd(G, full_matrices=False)
+                P = Vh[:rank].T  # (n, r): right singular vectors, R = G P
             else:
-                U, _, _ = torch.linalg.svd(G, full_matrices=False)
-                P = U[:, :rank]  # (m, r): R = Pᵀ G
+                _, _, Vh = torch.linalg.svd(G.T, full_matrices=False)
+                P = Vh[:rank].T  # (m, r): left singular vectors of G, R = Pᵀ G
         R = G @ P if right else P.T @ G
         if M is None:
             M, V = torch.zeros_like(R), torch.zeros_like(R)
@@ -1395,3 +1395,15 @@ def test_adaptive_defaults_to_the_residual_and_galore_does_not():
     assert la.GaLoreAdamW([{"params": [p], "rank": 2}]).param_groups[0]["residual"] is False
     name, over = tl.parse_optimizer("adaptive:gap+noresidual")
     assert name == "adaptive" and over == {"rank_metric": "gap", "residual": False}
+
+
+def test_layout_helpers_agree_with_the_oriented_math():
+    torch.manual_seed(0)
+    x = torch.randn(5, 9)
+    P = la.top_r_basis(x, 2)
+    r, n = P.T @ x, torch.randn(2, 9)
+    torch.testing.assert_close(la.orthogonal_residual(x, P, r, n, transposed=True),
+                               la.orthogonal_residual(x, P, r, n).T)
+    torch.testing.assert_close(la.back_project(P, n, True), (P @ n).T)
+    out = torch.randn(9, 5)
+    torch.testing.assert_close(la.back_project(P, n, True, out=out.clone(), alpha=0.5), out + 0.5 * (P @ n).T)
