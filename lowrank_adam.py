@@ -395,6 +395,17 @@ class _Base(Optimizer):
         adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr=group["lr"],
                     beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
+    def _update_each(self, lowrank_step: Callable[[Tensor, dict], None]) -> None:
+        """Plain AdamW for groups without ``rank``, ``lowrank_step`` for the others."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group.get("rank") is None:
+                    self._dense_step(p, group)
+                else:
+                    lowrank_step(p, group)
+
     def _closure(self, closure: Optional[Callable[[], float]]):
         if closure is None:
             return None
@@ -480,14 +491,7 @@ class GaLoreAdamW(_Base):
                if p.grad is not None and self.state[p].get("step", 0) % g["update_proj_gap"] == 0]
         if due:
             self._refresh_subspaces(due)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group.get("rank") is None:
-                    self._dense_step(p, group)
-                else:
-                    self._projected_step(p, group)
+        self._update_each(self._projected_step)
         return loss
 
     @staticmethod
@@ -834,14 +838,7 @@ class LDAdam(_Base):
         """Perform one optimization step; ``closure`` re-evaluates the loss."""
         loss = self._closure(closure)
         self._check_grads()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group.get("rank") is None:
-                    self._dense_step(p, group)
-                else:
-                    self._ldadam_step(p, group)
+        self._update_each(self._ldadam_step)
         return loss
 
     def _ldadam_step(self, p: Tensor, group: dict) -> None:
