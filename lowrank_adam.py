@@ -20,8 +20,10 @@ The methods (each class docstring has its algorithm box)
   projected Adam, but the ranks are not uniform: a global budget (the sum of
   the per-matrix ranks) is split greedily across matrices by how much of
   each gradient's spectrum the next singular value explains. When a subspace
-  changes, the moments are rotated into the new basis (``M = P_newᵀ P_old``),
-  and a norm-growth limiter caps how fast the update may grow.
+  changes, the moments are rotated into the new basis (``M = P_newᵀ P_old``).
+  By default it also adds the part of the gradient the subspace drops,
+  rescaled like the Adam update (Fira-style, chosen by measurement), and a
+  norm-growth limiter caps how fast that residual may grow.
 * ``LDAdam`` (Robert et al., ICLR 2025, "LDAdam: Adaptive Optimization from
   Low-Dimensional Gradient Statistics", arXiv:2410.16103). The subspace is
   refreshed every step by one warm-started block power iteration; both Adam
