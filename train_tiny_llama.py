@@ -382,7 +382,7 @@ def build_embedded_corpus(cache_dir: Path, train_shards: int = 4) -> Path:
     docs = list(python_docs())
     val = docs[9::20]  # every 20th document is validation
     train = [d for i, d in enumerate(docs) if i % 20 != 9]
-    shards = [(f"c4-validation.00000-of-00001.json.gz", val)]
+    shards = [("c4-validation.00000-of-00001.json.gz", val)]
     shards += [(f"c4-train.{i:05d}-of-{train_shards:05d}.json.gz", train[i::train_shards]) for i in range(train_shards)]
     for name, items in shards:
         tmp = out / (name + ".tmp")
