@@ -68,6 +68,7 @@ Public API::
 from __future__ import annotations
 
 import heapq
+import inspect
 import math
 import warnings
 from typing import Callable, Iterable, Optional, Sequence
@@ -146,6 +147,33 @@ def orthonormalize(x: Tensor) -> Tensor:
     all-zero ``x`` (the extra columns are then arbitrary but orthonormal).
     """
     return torch.linalg.qr(x.to(linalg_dtype(x.dtype)), mode="reduced").Q
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's finalizer: a well-spread 64-bit hash of the integer x."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def stream_seed(seed: int, *counters: int) -> int:
+    """Seed of one random draw from the optimizer's ``seed`` and counters
+    (a parameter's index, a step).
+
+    Counter-based randomness: each draw depends on these integers alone, not
+    on a device, a process or earlier draws. So every DDP rank draws the same
+    numbers, a checkpoint needs no generator state (only the integers, which
+    live in the per-parameter state), and a checkpoint moves between devices
+    (CUDA -> CPU) without a generator that does not exist there.
+    """
+    x = _splitmix64(seed & _MASK64)
+    for c in counters:
+        x = _splitmix64(x ^ (c & _MASK64))
+    return x >> 1  # 63 bits: any torch.Generator accepts it
 
 
 def adamw_step_(
@@ -275,18 +303,45 @@ def _validate_rank(group: dict, proj_types: Iterable[str] = ("std",)) -> None:
 
 class _Base(Optimizer):
     """Machinery every optimizer here shares: input checks before touching
-    anything, and state dtypes preserved through ``load_state_dict``."""
+    anything, param-group dicts copied (never mutated), options of another
+    optimizer refused, and state restored exactly by ``load_state_dict``."""
+
+    # Group options this optimizer honours besides its ``defaults`` (GaLore's
+    # ``rank`` for the projected methods). Any option of another optimizer in
+    # this module found in a group is refused rather than silently ignored.
+    group_keys: tuple[str, ...] = ()
+    _refused_hints: dict[str, str] = {}
 
     def add_param_group(self, param_group: dict) -> None:
+        # A copy: torch writes the defaults into the dict it is given, so a
+        # list of groups reused for a second optimizer would silently inherit
+        # the first one's options. ``params`` may be a tensor, a list, a
+        # generator (consumed once, here) or (name, tensor) pairs.
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError("optimizer parameters need to be an ordered collection (a list), not a set")
+        params = [params] if isinstance(params, Tensor) else list(params)
+        param_group = {**param_group, "params": params}
+        tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+        for p in tensors:
+            if isinstance(p, Tensor):
+                _check(not torch.is_complex(p), f"Complex parameters are not supported (shape {tuple(p.shape)})")
+        self._refuse_foreign_options(param_group)
         # Validate the group as it will be (defaults filled in) before torch
         # registers it, so a bad group never half-joins the optimizer.
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        merged = {**self.defaults, **param_group, "params": params}
-        for p in params:
-            _check(not torch.is_complex(p), f"Complex parameters are not supported (shape {tuple(p.shape)})")
-        self._validate_group(merged)
+        self._validate_group({**self.defaults, **param_group, "params": tensors})
         super().add_param_group(param_group)
+
+    def _refuse_foreign_options(self, group: dict) -> None:
+        mine = set(self.defaults) | set(self.group_keys)
+        for key in group:
+            if key in _ALL_OPTIONS and key not in mine:
+                owners = ", ".join(sorted(_ALL_OPTIONS[key]))
+                hint = self._refused_hints.get(key, "remove it from the group")
+                raise ValueError(f"{type(self).__name__} has no group option {key!r} (an option of {owners}): "
+                                 f"{hint}")
 
     def _validate_group(self, group: dict) -> None:  # overridden per optimizer
         _validate_adam(group)
@@ -295,7 +350,7 @@ class _Base(Optimizer):
     def _check_grads(self) -> None:
         """Raise, before any state or parameter changes, on a sparse, complex
         or non-finite gradient. Costs one host sync per step (not per tensor)."""
-        grads = []
+        checked = []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -306,59 +361,43 @@ class _Base(Optimizer):
                 if torch.is_complex(p.grad):
                     raise RuntimeError(f"{type(self).__name__} does not support complex gradients "
                                        f"(parameter of shape {tuple(p.shape)})")
-                grads.append(p)
-        if not grads or not self.defaults.get("check_finite", True):
+                if group["check_finite"]:
+                    checked.append(p)
+        if not checked:
             return
         # Σ g is NaN/Inf when g holds a NaN or Inf (a cheap reduction, 10× faster
         # than max|g| on CPU); stack the sums per device and sync once.
         by_device: dict[torch.device, list[Tensor]] = {}
-        for p in grads:
+        for p in checked:
             by_device.setdefault(p.grad.device, []).append(p.grad.sum(dtype=torch.float32))
         if all(bool(torch.stack(v).isfinite().all()) for v in by_device.values()):
             return
-        for group in self.param_groups:  # slow path: name the culprit
-            for p in group["params"]:
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                    step = self.state[p].get("step", 0) + 1 if p in self.state else 1
-                    raise NonFiniteGradientError(
-                        f"{type(self).__name__}: non-finite gradient (NaN or Inf) for the parameter of shape "
-                        f"{tuple(p.shape)} at its step {step}; nothing was updated. "
-                        "Lower the learning rate, clip gradients, or use a GradScaler for fp16.")
+        for p in checked:  # slow path: name the culprit
+            if not bool(torch.isfinite(p.grad).all()):
+                step = self.state[p].get("step", 0) + 1 if p in self.state else 1
+                raise NonFiniteGradientError(
+                    f"{type(self).__name__}: non-finite gradient (NaN or Inf) for the parameter of shape "
+                    f"{tuple(p.shape)} at its step {step}; nothing was updated. "
+                    "Lower the learning rate, clip gradients, or use a GradScaler for fp16.")
         # no culprit: a sum of huge finite values overflowed; the gradients are finite
 
-    # -- state dtypes survive load_state_dict --------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
-        """Like ``Optimizer.load_state_dict``, but floating state keeps the
-        dtype it was saved in (torch casts it to the parameter's dtype, which
-        would silently turn float32 moments of a bf16 model into bf16)."""
-        dtypes = {k: {name: v.dtype for name, v in s.items() if isinstance(v, Tensor)}
-                  for k, s in state_dict["state"].items()}
-        extra = state_dict.get("extra")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "extra"})
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if index in dtypes and p in self.state:
-                    st = self.state[p]
-                    for name, dtype in dtypes[index].items():
-                        if isinstance(st.get(name), Tensor) and st[name].dtype != dtype:
-                            st[name] = st[name].to(dtype)
-                index += 1
-        if extra is not None:
-            self._load_extra(extra)
+        """``Optimizer.load_state_dict``, then every floating state tensor is
+        put back with the exact value and dtype it was saved with.
 
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        extra = self._extra_state()
-        if extra:
-            sd["extra"] = extra
-        return sd
-
-    def _extra_state(self) -> dict:  # optimizer-wide state (e.g. RNG), overridden
-        return {}
-
-    def _load_extra(self, extra: dict) -> None:
-        pass
+        torch casts floating state to the parameter's dtype while loading: for
+        a bf16/fp16 model that rounds the float32 moments and bases (fp16 even
+        flushes a small ``exp_avg_sq`` to zero), and restoring only the dtype
+        afterwards cannot undo the rounding. Like torch, tensors already on
+        the parameter's device are used as they are, not copied.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            for name, value in state_dict["state"].get(i, {}).items():
+                if isinstance(value, Tensor) and value.is_floating_point():
+                    self.state[p][name] = value.to(device=p.device)
 
     def ranks(self) -> list[int]:
         """Current rank of each low-rank parameter, in param-group order."""
@@ -383,6 +422,15 @@ class _Base(Optimizer):
                           f"parameter of shape {tuple(p.shape)}; using rank {min(p.shape)} for such matrices "
                           "(warned once).", stacklevel=3)
         return min(rank, min(p.shape))
+
+    def _generator(self, device: torch.device, seed: int) -> torch.Generator:
+        """A generator on ``device`` seeded with ``seed`` (see ``stream_seed``).
+        One per device, kept only as a workspace: it is re-seeded before every
+        draw, so it holds no state that a checkpoint would need."""
+        cache = self.__dict__.setdefault("_generators", {})
+        if device not in cache:
+            cache[device] = torch.Generator(device=device)
+        return cache[device].manual_seed(seed)
 
     def _dense_step(self, p: Tensor, group: dict) -> None:
         """The torch.optim.AdamW update for a parameter outside a low-rank group."""
@@ -465,14 +513,15 @@ class GaLoreAdamW(_Base):
 
     proj_types = ("std", "reverse_std", "left", "right")
     limit_normalized_update = False  # AdaptiveAdamW limits N itself
+    group_keys = ("rank",)
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, update_proj_gap: int = 200, scale: float = 0.25,
                  proj_type: str = "std", residual: bool = False, norm_growth_limit: Optional[float] = 1.01,
-                 check_finite: bool = True, **extra_defaults):
+                 check_finite: bool = True):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_proj_gap=update_proj_gap,
                         scale=scale, proj_type=proj_type, residual=residual, norm_growth_limit=norm_growth_limit,
-                        check_finite=check_finite, **extra_defaults)
+                        check_finite=check_finite)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict) -> None:
@@ -666,38 +715,44 @@ class AdaptiveAdamW(GaLoreAdamW):
                  proj_type: str = "std", rank_metric: str = "explained_variance", allocate: bool = True,
                  transform_momentum: bool = True, norm_growth_limit: Optional[float] = 1.01,
                  residual: bool = True, check_finite: bool = True):
-        super().__init__(params, lr, betas, eps, weight_decay, update_proj_gap=update_proj_gap, scale=scale,
-                         proj_type=proj_type, residual=residual, norm_growth_limit=norm_growth_limit,
-                         check_finite=check_finite, rank_metric=rank_metric, allocate=allocate,
-                         transform_momentum=transform_momentum)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_proj_gap=update_proj_gap,
+                        scale=scale, proj_type=proj_type, residual=residual, norm_growth_limit=norm_growth_limit,
+                        check_finite=check_finite, rank_metric=rank_metric, allocate=allocate,
+                        transform_momentum=transform_momentum)
+        _Base.__init__(self, params, defaults)
 
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)
         if group.get("rank") is not None:
             _check(group["rank_metric"] in RANK_METRICS,
                    f"Invalid rank_metric: {group['rank_metric']!r} (expected one of {sorted(RANK_METRICS)})")
+            # One greedy allocation compares the scores of all allocating
+            # matrices, so they must all be scored by the same metric.
+            others = {g["rank_metric"] for g in self.param_groups if g.get("rank") is not None and g["allocate"]}
+            _check(not group["allocate"] or others <= {group["rank_metric"]},
+                   f"Invalid rank_metric: {group['rank_metric']!r} differs from {sorted(others)} of another group; "
+                   "every group that allocates shares one budget and must use the same rank_metric "
+                   "(or set allocate=False in one of them)")
 
     def _refresh_subspaces(self, due: list[tuple[Tensor, dict]]) -> None:
-        # Budget of the matrices refreshed together: their current ranks (the
-        # group's average rank before the first allocation), capped at Σ min(m, n).
-        caps = [min(p.shape) for p, _ in due]
-        budget = sum(self.state[p].get("rank", g["rank"]) for p, g in due)
-        if budget > sum(caps) and not getattr(self, "_warned_clamp", False):
-            self._warned_clamp = True
-            warnings.warn(f"AdaptiveAdamW: rank budget {budget} exceeds the sum of min(m, n) = {sum(caps)}; "
-                          "capping it (warned once).", stacklevel=3)
-        budget = min(budget, sum(caps))
+        # Ranks before this refresh: the allocation so far, or the group's rank
+        # (clamped to min(m, n)) at the first refresh. The matrices of groups
+        # with ``allocate=True`` share their sum as the budget B; the others
+        # keep their rank.
+        ranks = [self.state[p]["rank"] if "rank" in self.state[p] else self._clamped_rank(p, g) for p, g in due]
+        pool = [i for i, (_, g) in enumerate(due) if g["allocate"]]
+        budget = sum(ranks[i] for i in pool)
         # 1. Spectra: X = U diag(s) Vᵀ, one thin SVD per matrix; keep only the U
-        #    columns some allocation could use (rank <= B - (L - 1)).
-        keep = budget - len(due) + 1
-        svds = [gradient_spectrum(self._oriented_grad(p, g)[0], keep) for p, g in due]
-        spectra = self._to_host([s for _, s in svds])  # one host sync per device
-        # 2. Greedy allocation (or the groups' fixed ranks)
-        metric = due[0][1]["rank_metric"]
-        if all(g["allocate"] for _, g in due):
-            ranks = allocate_ranks(spectra, budget, caps, metric)
-        else:
-            ranks = [self._clamped_rank(p, g) for p, g in due]
+        #    columns an allocation could use (at most B - (L - 1) for the pool).
+        pooled = set(pool)
+        svds = [gradient_spectrum(self._oriented_grad(p, g)[0], budget - len(pool) + 1 if i in pooled else ranks[i])
+                for i, (p, g) in enumerate(due)]
+        # 2. Greedy allocation: rank 1 each, then the best next singular value
+        if pool:
+            spectra = self._to_host([svds[i][1] for i in pool])  # one host sync per device
+            caps = [min(due[i][0].shape) for i in pool]
+            for i, rank in zip(pool, allocate_ranks(spectra, budget, caps, due[pool[0]][1]["rank_metric"])):
+                ranks[i] = rank
         for (p, group), (u, _), rank in zip(due, svds, ranks):
             state = self.state[p]
             # 3. P_new ← top-r_new left singular vectors
@@ -724,9 +779,6 @@ class AdaptiveAdamW(GaLoreAdamW):
             for i in idx:
                 out[i], flat = flat[: tensors[i].numel()], flat[tensors[i].numel():]
         return out
-
-    def _initial_rank(self, p: Tensor, group: dict) -> int:
-        return min(group["rank"], min(p.shape))
 
 
 def _resize_rows(x: Tensor, rows: int) -> Tensor:
@@ -816,6 +868,13 @@ class LDAdam(_Base):
 
         opt = LDAdam(lowrank_groups(model, rank=128), lr=1e-3)
     """
+
+    group_keys = ("rank",)
+    _refused_hints = {
+        "scale": "LDAdam's update P N has no GaLore scale α; remove 'scale' (or multiply lr by it)",
+        "update_proj_gap": "LDAdam refreshes its subspace every step; remove 'update_proj_gap'",
+        "error_dtype": "it is a constructor argument, LDAdam(..., error_dtype=torch.bfloat16)",
+    }
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.908, 0.99), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, rho: float = 0.908, error_feedback: bool = True,
@@ -996,11 +1055,16 @@ class Adapprox(_Base):
     non-negative (Perron-Frobenius), which is why small ranks train well.
 
     Not for: tiny models, where the S-RSI cost outweighs the memory saved.
-    ``seed`` seeds the optimizer's own generators (one per device); their
-    state is in ``state_dict()["extra"]`` so a resumed run is bit-exact::
+    The sketch Ω of parameter i at step t is drawn from
+    ``stream_seed(seed, i, t)`` alone (counter-based), so every DDP rank
+    draws the same Ω, the state dict needs no generator state and a resumed
+    run is bit-exact, also through torch.distributed.checkpoint's helpers::
 
         opt = Adapprox(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
     """
+
+    _refused_hints = {"rank": "Adapprox picks each matrix's rank itself (k_max_frac, rank_init, err_tol) and "
+                              "factors every 2-D parameter; pass plain parameter groups"}
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, k_max_frac: float = 0.25, k_min: int = 1,
@@ -1010,9 +1074,7 @@ class Adapprox(_Base):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, k_max_frac=k_max_frac, k_min=k_min,
                         rank_init=rank_init, err_tol=err_tol, err_beta=err_beta, rank_step=rank_step,
                         oversample=oversample, power_iters=power_iters, clip_threshold=clip_threshold,
-                        cosine_guidance=cosine_guidance, check_finite=check_finite)
-        self.seed = seed
-        self._generators: dict[str, torch.Generator] = {}
+                        cosine_guidance=cosine_guidance, seed=seed, check_finite=check_finite)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict) -> None:
@@ -1032,6 +1094,7 @@ class Adapprox(_Base):
                f"Invalid clip_threshold: {g['clip_threshold']} (use > 0, or None for off)")
         _check(not g["cosine_guidance"] or g["betas"][0] > 0,
                "Invalid cosine_guidance: it needs a first moment (betas[0] > 0)")
+        _check(isinstance(g["seed"], int) and not isinstance(g["seed"], bool), f"Invalid seed: {g['seed']!r}")
 
     # -- ranks -------------------------------------------------------------
     @staticmethod
@@ -1054,21 +1117,6 @@ class Adapprox(_Base):
         return [self.state[p]["rank"] if "rank" in self.state.get(p, {}) else self._initial_rank(p, g)
                 for g in self.param_groups for p in g["params"] if self.is_factored(p)]
 
-    # -- random generators, one per device, saved with the state ------------
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[key]
-
-    def _extra_state(self) -> dict:
-        return {"rng": {k: g.get_state() for k, g in self._generators.items()}}
-
-    def _load_extra(self, extra: dict) -> None:
-        self._generators = {}
-        for key, rng_state in extra.get("rng", {}).items():
-            self._generator(torch.device(key)).set_state(rng_state.cpu())
-
     # -- the step ----------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -1076,12 +1124,14 @@ class Adapprox(_Base):
         loss = self._closure(closure)
         self._check_grads()
         factored, errors = [], []
+        index = 0  # the parameter's position: with the group's seed, it seeds its sketches
         for group in self.param_groups:
             for p in group["params"]:
+                index += 1
                 if p.grad is None:
                     continue
                 if self.is_factored(p):
-                    errors.append(self._factored_step(p, group))
+                    errors.append(self._factored_step(p, group, index - 1))
                     factored.append((p, group))
                 else:
                     self._dense_adapprox_step(p, group)
@@ -1096,7 +1146,7 @@ class Adapprox(_Base):
                                           group["rank_step"])
         return loss
 
-    def _factored_step(self, p: Tensor, group: dict) -> Tensor:
+    def _factored_step(self, p: Tensor, group: dict, index: int) -> Tensor:
         state = self.state[p]
         beta1, beta2 = group["betas"]
         g = p.grad.to(linalg_dtype(p.dtype))  # G: (m, n)
@@ -1104,6 +1154,7 @@ class Adapprox(_Base):
             state["step"] = 0
             state["rank"] = self._initial_rank(p, group)
             state["err_ema"] = 0.0
+            state["seed"] = stream_seed(group["seed"], index)  # Ω at step t: stream_seed(this, t)
             if beta1 > 0:
                 state["exp_avg"] = torch.zeros_like(g)  # M: (m, n)
         t = state["step"] + 1
@@ -1112,7 +1163,8 @@ class Adapprox(_Base):
         if t > 1:
             v.addmm_(state["Q"], state["U"].T, alpha=beta2)
         # Q, U ← S-RSI(V, k, p, l)
-        Q, U = srsi(v, state["rank"], group["oversample"], group["power_iters"], self._generator(p.device))
+        Q, U = srsi(v, state["rank"], group["oversample"], group["power_iters"],
+                    self._generator(p.device, stream_seed(state["seed"], t)))
         # ξ = sqrt(max(‖V‖² - ‖U‖², 0)) / ‖V‖
         xi = srsi_relative_error(v, U)
         # V̂ ← max(Q Uᵀ, 0) / (1-β2ᵗ)   (written into V's buffer)
@@ -1160,6 +1212,15 @@ class Adapprox(_Base):
         apply_update_(p, d, group["lr"], group["weight_decay"])
 
 
+# Every group option of every optimizer above, with the classes that honour
+# it: an option of one optimizer in another's group is refused, not ignored.
+_ALL_OPTIONS: dict[str, set[str]] = {}
+for _cls in (GaLoreAdamW, AdaptiveAdamW, LDAdam, Adapprox):
+    for _key in [*inspect.signature(_cls.__init__).parameters, *_cls.group_keys]:
+        if _key not in ("self", "params"):
+            _ALL_OPTIONS.setdefault(_key, set()).add(_cls.__name__)
+
+
 # =============================================================================
 # 7. Helpers for users: param groups and state memory
 # =============================================================================
@@ -1173,14 +1234,35 @@ def lowrank_groups(model: nn.Module, rank: int, *, targets: Sequence[str] = ("at
     of ``targets`` go into a group ``{"params": ..., "rank": rank,
     **group_options}``; every other parameter (embeddings, norms, LM head,
     biases) into a plain group. Empty groups are left out.
+
+    Choosing ``targets``: the substrings of the names (``model.named_modules()``)
+    of the big linear layers inside the blocks. The default fits LLaMA/GPT
+    code that names them ``...attn...`` and ``...mlp...``; for other models
+    name yours, e.g. ``targets=("fc1", "fc2", "qkv", "proj")``. A pattern
+    that matches no ``nn.Linear`` warns (with the names it could have
+    matched), since otherwise every matrix would silently get plain AdamW.
     """
-    lowrank, seen = [], set()
+    if isinstance(targets, str):
+        targets = (targets,)
+    lowrank, seen, linear_names = [], set(), []
+    matched = dict.fromkeys(targets, False)
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and any(t in name for t in targets):
-            w = module.weight
-            if w.dim() == 2 and id(w) not in seen:
-                seen.add(id(w))
-                lowrank.append(w)
+        if not isinstance(module, nn.Linear):
+            continue
+        linear_names.append(name)
+        hits = [t for t in targets if t in name]
+        for t in hits:
+            matched[t] = True
+        w = module.weight
+        if hits and w.dim() == 2 and id(w) not in seen:
+            seen.add(id(w))
+            lowrank.append(w)
+    missing = [t for t, hit in matched.items() if not hit]
+    if missing:
+        shown = ", ".join(linear_names[:8]) + (", ..." if len(linear_names) > 8 else "")
+        warnings.warn(f"lowrank_groups: target(s) {missing} match no nn.Linear module of this model "
+                      f"({'its nn.Linear modules: ' + shown if linear_names else 'it has no nn.Linear'}); "
+                      "pass targets=(...) with substrings of their names", stacklevel=2)
     rest = [p for p in model.parameters() if id(p) not in seen]
     groups = []
     if rest:

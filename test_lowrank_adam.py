@@ -47,10 +47,16 @@ def mlp(seed=0, dtype=torch.float32, device="cpu"):
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 1)).to(device, dtype)
 
 
-def mlp_groups(model, rank=3):
-    """Hidden weights low-rank, everything else dense (the galore-torch convention)."""
+def mlp_groups(model, rank=3, cls=None):
+    """Hidden weights low-rank, everything else dense (the galore-torch convention).
+
+    For an optimizer without ``rank`` groups (Adapprox, which factors every
+    matrix itself) the same two groups without the ``rank`` key.
+    """
     lowrank = [model[0].weight, model[2].weight]
     rest = [p for p in model.parameters() if all(p is not q for q in lowrank)]
+    if cls is not None and "rank" not in cls.group_keys:
+        return [{"params": rest}, {"params": lowrank}]
     return [{"params": rest}, {"params": lowrank, "rank": rank}]
 
 
@@ -289,7 +295,7 @@ def test_dense_path_matches_torch_adamw(cls, shape, lr, b1, b2, eps, wd, seed):
 def test_converges_on_tiny_regression(cls):
     model = mlp()
     data = regression_data()
-    opt = cls(mlp_groups(model), **kwargs_for(cls))
+    opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
     losses = train(model, opt, 150, data)
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
@@ -299,13 +305,13 @@ def test_converges_on_tiny_regression(cls):
 def test_state_dict_round_trip_continues_bit_identically(cls, tmp_path):
     data = regression_data()
     model = mlp()
-    opt = cls(mlp_groups(model), **kwargs_for(cls))
+    opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
     train(model, opt, 7, data)  # crosses a subspace refresh for the periodic methods
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     model2 = mlp(seed=123)
     model2.load_state_dict(ckpt["model"])
-    opt2 = cls(mlp_groups(model2), **kwargs_for(cls))
+    opt2 = cls(mlp_groups(model2, cls=cls), **kwargs_for(cls))
     opt2.load_state_dict(ckpt["opt"])
     l1 = train(model, opt, 9, data)
     l2 = train(model2, opt2, 9, data)
@@ -315,31 +321,45 @@ def test_state_dict_round_trip_continues_bit_identically(cls, tmp_path):
     assert_same_state(opt.state_dict(), opt2.state_dict())
 
 
+def train_scaled(model, opt, steps, data, loss_scale):
+    """``train`` with the loss multiplied by ``loss_scale`` (small gradients)."""
+    x, y = data
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        (nn.functional.mse_loss(model(x), y) * loss_scale).backward()
+        opt.step()
+
+
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
-def test_bf16_params_keep_float32_state_after_load(cls):
-    model = mlp(dtype=torch.bfloat16)
-    data = regression_data(dtype=torch.bfloat16)
-    opt = cls(mlp_groups(model), **kwargs_for(cls))
-    train(model, opt, 3, data)
-    floating = lambda sd: {(k, n): v.dtype for k, s in sd["state"].items() for n, v in s.items()
-                           if isinstance(v, torch.Tensor) and v.is_floating_point()}
-    before = floating(opt.state_dict())
-    assert torch.float32 in before.values()
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
-    opt2 = cls(mlp_groups(model), **kwargs_for(cls))
-    opt2.load_state_dict(torch.load(buf, weights_only=True))
-    assert floating(opt2.state_dict()) == before
-    train(model, opt2, 2, data)
-    assert floating(opt2.state_dict()) == before
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_model_resumes_bit_exactly(cls, dtype, tmp_path):
+    # Small gradients (loss × 1e-4): in fp16, (1-β2)·g² underflows to 0, so a
+    # state rounded to the parameter's dtype on load would be visibly wrong.
+    data = regression_data(dtype=dtype)
+    model = mlp(dtype=dtype)
+    opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
+    train_scaled(model, opt, 7, data, 1e-4)  # crosses a subspace refresh for the periodic methods
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model2 = mlp(seed=123, dtype=dtype)
+    model2.load_state_dict(ckpt["model"])
+    opt2 = cls(mlp_groups(model2, cls=cls), **kwargs_for(cls))
+    opt2.load_state_dict(ckpt["opt"])
+    # every state tensor is the saved one, value and dtype (float32 state for a low-precision model)
+    assert_same_state(opt.state_dict(), opt2.state_dict())
+    assert any(v.dtype == torch.float32 for st_ in opt2.state.values() for v in st_.values()
+               if isinstance(v, torch.Tensor))
+    train_scaled(model, opt, 6, data, 1e-4)
+    train_scaled(model2, opt2, 6, data, 1e-4)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+    assert_same_state(opt.state_dict(), opt2.state_dict())
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
 def test_scheduler_closure_and_set_to_none(cls):
     model = mlp()
     x, y = regression_data()
-    opt = cls(mlp_groups(model), **kwargs_for(cls))
+    opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=20)
     first = None
     for _ in range(20):
@@ -361,6 +381,78 @@ def test_scheduler_closure_and_set_to_none(cls):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_param_groups_take_generators_and_named_parameters(cls):
+    model = mlp()
+    opt = cls([{"params": model.parameters()}], **kwargs_for(cls))  # a generator inside a group dict
+    assert len(opt.param_groups[0]["params"]) == 6
+    named = cls(model.named_parameters(), **kwargs_for(cls))  # torch's (name, tensor) pairs
+    assert named.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
+    with pytest.raises(TypeError, match="not a set"):
+        cls([{"params": set(model.parameters())}])
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_group_dicts_are_copied_not_mutated(cls):
+    model = mlp()
+    groups = mlp_groups(model, cls=cls)
+    before = [dict(g) for g in groups]
+    cls(groups, **kwargs_for(cls))
+    assert [dict(g) for g in groups] == before  # torch.optim would have written its defaults into them
+
+
+def test_reusing_groups_for_a_second_optimizer_keeps_its_own_defaults():
+    # the README pattern: one lowrank_groups list, two optimizers
+    model = mlp()
+    groups = la.lowrank_groups(nn.ModuleDict({"mlp": model}), rank=3, targets=("mlp",))
+    assert la.GaLoreAdamW(groups).param_groups[-1]["residual"] is False
+    assert la.AdaptiveAdamW(groups).param_groups[-1]["residual"] is True
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_unknown_constructor_options_raise_type_error(cls):
+    for bad in ("amsgrad", "maximize", "foreach", "correct_bias"):
+        with pytest.raises(TypeError):
+            cls(mlp().parameters(), **{bad: True})
+
+
+@pytest.mark.parametrize("cls,key,value,words", [
+    (la.LDAdam, "scale", 0.25, "no GaLore scale"),
+    (la.LDAdam, "update_proj_gap", 200, "every step"),
+    (la.LDAdam, "residual", True, "an option of AdaptiveAdamW, GaLoreAdamW"),
+    (la.LDAdam, "error_dtype", torch.bfloat16, "constructor argument"),
+    (la.Adapprox, "rank", 4, "picks each matrix's rank itself"),
+    (la.Adapprox, "update_proj_gap", 10, "remove it from the group"),
+    (la.GaLoreAdamW, "rank_metric", "gap", "an option of AdaptiveAdamW"),
+    (la.GaLoreAdamW, "rho", 0.9, "an option of LDAdam"),
+    (la.AdaptiveAdamW, "k_max_frac", 0.5, "an option of Adapprox"),
+])
+def test_options_of_another_optimizer_are_refused_not_ignored(cls, key, value, words):
+    groups = mlp_groups(mlp(), cls=cls)
+    with pytest.raises(ValueError, match=f"{cls.__name__} has no group option '{key}'.*{words}"):
+        cls([groups[0], {**groups[1], key: value}])
+    # keys that are no optimizer's option stay allowed, as in torch
+    assert cls([groups[0], {**groups[1], "custom_tag": "kept"}]).param_groups[1]["custom_tag"] == "kept"
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_distributed_checkpoint_helpers_round_trip(cls):
+    # torch.distributed.checkpoint's helpers (FSDP2 / torchtitan style) keep only
+    # per-parameter state and param groups: the optimizers must keep everything there.
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    data = regression_data()
+    model = mlp()
+    opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
+    train(model, opt, 7, data)
+    sd = copy.deepcopy(get_optimizer_state_dict(model, opt))  # as if written to disk: no aliasing
+    model2 = mlp(seed=5)
+    model2.load_state_dict(model.state_dict())
+    opt2 = cls(mlp_groups(model2, cls=cls), **kwargs_for(cls, seed=3) if cls is la.Adapprox else kwargs_for(cls))
+    set_optimizer_state_dict(model2, opt2, sd)
+    assert train(model, opt, 6, data) == train(model2, opt2, 6, data)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+
+
 INVALID = [("lr", -1.0, "learning rate"), ("eps", 0.0, "epsilon"), ("eps", -1e-8, "epsilon"),
            ("betas", (1.0, 0.999), "beta parameter at index 0"), ("betas", (0.9, -0.1), "beta parameter at index 1"),
            ("weight_decay", -0.1, "weight_decay")]
@@ -371,10 +463,10 @@ INVALID = [("lr", -1.0, "learning rate"), ("eps", 0.0, "epsilon"), ("eps", -1e-8
 def test_invalid_hyperparameters_raise(cls, key, value, words):
     model = mlp()
     with pytest.raises(ValueError, match=f"Invalid {words}"):
-        cls(mlp_groups(model), **kwargs_for(cls, **{key: value}))
+        cls(mlp_groups(model, cls=cls), **kwargs_for(cls, **{key: value}))
     # the same check applies per group
     with pytest.raises(ValueError, match=f"Invalid {words}"):
-        groups = mlp_groups(model)
+        groups = mlp_groups(model, cls=cls)
         groups[1][key] = value
         cls(groups, **kwargs_for(cls))
 
@@ -385,9 +477,11 @@ def test_invalid_hyperparameters_raise(cls, key, value, words):
                                              ("proj_type", "diagonal", "proj_type")])
 def test_invalid_lowrank_group_options_raise(cls, key, value, words):
     model = mlp()
-    groups = mlp_groups(model)
+    groups = mlp_groups(model, cls=cls)
     groups[1][key] = value
-    with pytest.raises(ValueError, match=f"Invalid {words}"):
+    honoured = key == "rank" or key in inspect.signature(cls).parameters
+    expected = f"Invalid {words}" if honoured else f"has no group option '{key}'"
+    with pytest.raises(ValueError, match=expected):
         cls(groups, **kwargs_for(cls))
 
 
@@ -403,7 +497,7 @@ def test_non_2d_tensor_in_rank_group_raises(cls):
 def test_bad_gradient_raises_and_leaves_everything_untouched(cls, bad):
     model = mlp()
     data = regression_data()
-    opt = cls(mlp_groups(model), **kwargs_for(cls))
+    opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
     train(model, opt, 3, data)
     sd, params = snapshot(opt, model)
     opt.zero_grad()
@@ -457,6 +551,21 @@ def test_lowrank_groups_convention():
     assert id(m.head.weight) in {id(p) for p in dense["params"]}
 
 
+def test_lowrank_groups_warns_when_a_target_matches_nothing():
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(4, 8))
+    model.add_module("fc2", nn.Linear(8, 4))
+    with pytest.warns(UserWarning, match=r"\['attn', 'mlp'\] match no nn.Linear.*fc1, fc2"):
+        groups = la.lowrank_groups(model, 2)
+    assert all("rank" not in g for g in groups)  # nothing would be low-rank: hence the warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        groups = la.lowrank_groups(model, 2, targets=("fc1", "fc2"))
+    assert groups[1]["params"] == [model.fc1.weight, model.fc2.weight]
+    with pytest.warns(UserWarning, match=r"\['qkv'\] match no"):  # one unmatched pattern of several
+        la.lowrank_groups(model, 2, targets=("fc1", "qkv"))
+
+
 def test_state_bytes_galore_formula():
     a, b = nn.Parameter(torch.randn(20, 8)), nn.Parameter(torch.randn(5))
     opt = la.GaLoreAdamW([{"params": [a], "rank": 3}, {"params": [b]}])
@@ -479,7 +588,7 @@ def test_cuda_converges_and_matches_cpu_roughly(cls):
     results = []
     for device in ("cpu", "cuda"):
         model = mlp(device=device)
-        opt = cls(mlp_groups(model), **kwargs_for(cls))
+        opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
         losses = train(model, opt, 60, tuple(t.to(device) for t in data_cpu))
         assert losses[-1] < 0.5 * losses[0]
         results.append(losses[-1])
@@ -491,12 +600,12 @@ def test_cuda_converges_and_matches_cpu_roughly(cls):
 def test_cuda_round_trip_and_bf16(cls):
     model = mlp(device="cuda", dtype=torch.bfloat16)
     data = regression_data(device="cuda", dtype=torch.bfloat16)
-    opt = cls(mlp_groups(model), **kwargs_for(cls))
+    opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
     train(model, opt, 6, data)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
-    opt2 = cls(mlp_groups(model), **kwargs_for(cls))
+    opt2 = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
     opt2.load_state_dict(torch.load(buf, weights_only=True))
     assert_same_state(opt.state_dict(), opt2.state_dict())
     for st_ in opt2.state.values():
@@ -667,6 +776,41 @@ def test_adaptive_reallocates_and_keeps_state_consistent(shape):
             assert ranks[0] > ranks[1]  # flat spectrum gets more rank
         elif i == 4:
             assert ranks[0] < ranks[1]  # after the refresh at step 5 the roles swapped
+
+
+def test_adaptive_budget_counts_clamped_ranks():
+    # rank 8 on a 4×100 matrix is really rank 4: the budget is 4 + 8 = 12, as ranks() reports
+    a, b = nn.Parameter(torch.randn(4, 100)), nn.Parameter(torch.randn(64, 64))
+    opt = la.AdaptiveAdamW([{"params": [a, b], "rank": 8}], lr=1e-2)
+    assert opt.ranks() == [4, 8]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the clamp warning
+        a.grad, b.grad = torch.randn(4, 100), torch.randn(64, 64)
+        opt.step()
+    assert sum(opt.ranks()) == 12 and opt.ranks()[0] <= 4
+
+
+def test_adaptive_allocate_false_group_keeps_its_rank_and_others_still_allocate():
+    shape = (8, 20)
+    fixed = nn.Parameter(torch.randn(shape))
+    a, b = nn.Parameter(torch.randn(shape)), nn.Parameter(torch.randn(shape))
+    opt = la.AdaptiveAdamW([{"params": [fixed], "rank": 3, "allocate": False},
+                            {"params": [a, b], "rank": 3}], lr=1e-2)
+    ga, gb = spectral_grads(shape, True, 1)[0]
+    fixed.grad, a.grad, b.grad = gb.clone(), ga, gb
+    opt.step()
+    r_fixed, r_a, r_b = opt.ranks()
+    assert r_fixed == 3  # not in the pool, even with a nearly rank-1 gradient
+    assert r_a + r_b == 6 and r_a > r_b  # the pool still allocates its own budget
+
+
+def test_adaptive_groups_that_allocate_must_share_the_metric():
+    ps = [nn.Parameter(torch.randn(4, 6)) for _ in range(3)]
+    with pytest.raises(ValueError, match="Invalid rank_metric.*same rank_metric"):
+        la.AdaptiveAdamW([{"params": ps[:1], "rank": 2, "rank_metric": "gap"}, {"params": ps[1:], "rank": 2}])
+    # a group that does not allocate may name any metric
+    la.AdaptiveAdamW([{"params": ps[:1], "rank": 2, "rank_metric": "gap", "allocate": False},
+                      {"params": ps[1:], "rank": 2}])
 
 
 def test_adaptive_limiter_bounds_rms_growth():
@@ -1100,24 +1244,76 @@ def test_adapprox_invalid_options(key, value):
         la.Adapprox([nn.Parameter(torch.randn(4, 4))], **{key: value})
 
 
-def test_adapprox_resume_restores_generator():
+def test_adapprox_random_stream_is_counter_based_and_resumes_anywhere():
+    # Ω of parameter i at step t comes from stream_seed(seed, i, t) alone, so a
+    # state dict holds no generator state and no device name, and a replica
+    # that loads it (another rank, another device, other global RNG state,
+    # another seed in its constructor) continues exactly.
     torch.manual_seed(0)
-    p = nn.Parameter(torch.randn(10, 14))
-    opt = la.Adapprox([p], rank_init=2)
-    grads = [torch.randn(10, 14) for _ in range(6)]
-    for g in grads[:3]:
-        p.grad = g.clone()
+    ps = [nn.Parameter(torch.randn(10, 14)), nn.Parameter(torch.randn(9, 6))]
+    opt = la.Adapprox(ps, rank_init=2)
+    grads = [[torch.randn(p.shape) for p in ps] for _ in range(6)]
+    for gs in grads[:3]:
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
         opt.step()
     sd = copy.deepcopy(opt.state_dict())
-    assert "rng" in sd["extra"]
-    q = nn.Parameter(p.detach().clone())
-    opt2 = la.Adapprox([q], rank_init=2, seed=999)  # a different seed: the loaded state must win
+    assert set(sd) == {"state", "param_groups"}
+    assert all(isinstance(v, (torch.Tensor, int, float)) for st_ in sd["state"].values() for v in st_.values())
+    assert sd["state"][0]["seed"] != sd["state"][1]["seed"]  # each matrix has its own stream
+    torch.manual_seed(12345)
+    qs = [nn.Parameter(p.detach().clone()) for p in ps]
+    opt2 = la.Adapprox(qs, rank_init=2, seed=999)  # the loaded seeds must win
     opt2.load_state_dict(sd)
-    for g in grads[3:]:
-        p.grad, q.grad = g.clone(), g.clone()
+    for gs in grads[3:]:
+        for p, q, g in zip(ps, qs, gs):
+            p.grad, q.grad = g.clone(), g.clone()
         opt.step()
         opt2.step()
-    assert torch.equal(p, q)
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+
+
+def test_adapprox_seed_changes_the_sketches():
+    runs = []
+    for seed in (0, 0, 1):
+        g = torch.Generator().manual_seed(0)
+        p = nn.Parameter(torch.randn(12, 16, generator=g))
+        opt = la.Adapprox([p], rank_init=2, power_iters=0, seed=seed)
+        for _ in range(3):
+            p.grad = torch.randn(12, 16, generator=g)
+            opt.step()
+        runs.append(p.detach().clone())
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_stream_seed_is_a_spread_function_of_its_counters():
+    seeds = {la.stream_seed(s, i, t) for s in range(3) for i in range(10) for t in range(10)}
+    assert len(seeds) == 300 and all(0 <= x < 2**63 for x in seeds)
+    assert la.stream_seed(0, 1, 2) == la.stream_seed(0, 1, 2) != la.stream_seed(0, 2, 1)
+
+
+@CUDA
+def test_adapprox_cuda_checkpoint_continues_on_cpu():
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(10, 14, device="cuda"))
+    opt = la.Adapprox([p], rank_init=2)
+    for _ in range(3):
+        p.grad = torch.randn(10, 14, device="cuda")
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    results = []
+    for _ in range(2):  # two CPU replicas loaded from the CUDA checkpoint stay identical
+        buf.seek(0)
+        q = nn.Parameter(p.detach().cpu().clone())
+        opt2 = la.Adapprox([q], rank_init=2)
+        opt2.load_state_dict(torch.load(buf, weights_only=True, map_location="cpu"))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            q.grad = torch.randn(10, 14, generator=g)
+            opt2.step()
+        results.append(q.detach())
+    assert torch.isfinite(results[0]).all() and torch.equal(results[0], results[1])
 
 
 # =============================================================================
