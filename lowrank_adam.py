@@ -53,11 +53,16 @@ Conventions (see SPEC §0)
   low-rank tensors of shape (r, l): ``project(X) = Pᵀ X``, ``back(Y) = P Y``.
 * All linear algebra (SVD, QR, power iteration, S-RSI) runs in float32 or
   better, whatever the parameter dtype; optimizer state is float32 for
-  bf16/fp16 parameters and survives ``load_state_dict`` in that dtype.
+  bf16/fp16 parameters, and ``load_state_dict`` restores it with its saved
+  values (torch's own would round it to the parameter's dtype).
+* Param-group dicts are copied, never mutated; a group option that belongs
+  to another optimizer of this module is refused, not ignored.
 * Parameters outside a low-rank group (biases, norms, embeddings, the LM
   head) get exactly ``torch.optim.AdamW``'s update.
-* State holds only tensors and plain numbers, so ``torch.load(...,
+* State holds only tensors and plain numbers, all of it per parameter (so
+  ``torch.distributed.checkpoint``'s helpers keep it), ``torch.load(...,
   weights_only=True)`` reads a checkpoint back and resuming is exact.
+  Randomness is counter-based (``stream_seed``): the same on every DDP rank.
 
 Public API::
 
