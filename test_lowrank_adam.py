@@ -1374,6 +1374,86 @@ def test_srsi_relative_error_of_zero_matrix_is_zero():
     assert la.srsi_relative_error(V, U).item() == 0.0 and torch.isfinite(Q).all()
 
 
+def adapprox_reference(W0, grads, *, lr, betas, eps, wd, k_init, k_max, err_tol, err_beta, oversample,
+                       power_iters, warm_start, nonneg, clip, guidance, seed, index=0):
+    """Adapprox (SPEC §4 and our labelled choices) in float64, step by step.
+
+    The random sketch is an input like the gradients: Ω at step t is drawn
+    from a generator seeded with stream_seed(stream_seed(seed, index), t).
+    Returns the final weights and the rank used at each step."""
+    b1, b2 = betas
+    W = W0.clone()
+    m_, n_ = W.shape
+    M = torch.zeros_like(W)
+    Q = U = None
+    k, err_ema, ranks = k_init, 0.0, []
+    for t, G in enumerate(grads, start=1):
+        ranks.append(k)
+        V = (1 - b2) * G * G + (b2 * Q @ U.T if t > 1 else 0.0)  # the EMA, from the factors
+        width = min(k + oversample, m_, n_)
+        warm = Q[:, :min(k, width)] if warm_start and Q is not None else torch.zeros(m_, 0, dtype=W.dtype)
+        gen = torch.Generator().manual_seed(la.stream_seed(la.stream_seed(seed, index), t))
+        omega = torch.randn(n_, width - warm.shape[1], generator=gen, dtype=W.dtype)
+        Qs = torch.linalg.qr(torch.cat([warm, V @ omega], dim=1)).Q
+        for _ in range(power_iters):  # subspace iteration on V Vᵀ
+            Qs = torch.linalg.qr(V @ torch.linalg.qr(V.T @ Qs).Q).Q
+        Ub, S, Wh = torch.linalg.svd(Qs.T @ V, full_matrices=False)
+        kk = min(k, width)
+        Q, U = Qs @ Ub[:, :kk], Wh[:kk].T * S[:kk]  # V ≈ Q Uᵀ
+        xi = (torch.linalg.norm(V - Q @ U.T) / torch.linalg.norm(V)).item()
+        err_ema = xi if t == 1 else err_beta * err_ema + (1 - err_beta) * xi
+        k = min(k + 1, k_max) if err_ema > err_tol else (max(k - 1, 1) if err_ema < err_tol / 2 else k)
+        R = Q @ U.T
+        V_hat = {"abs": R.abs(), "clamp": R.clamp_min(0), "floor": torch.maximum(R, (1 - b2) * G * G)}[nonneg]
+        denom = (V_hat / (1 - b2 ** t)).sqrt() + eps
+        if b1 > 0:
+            M = b1 * M + (1 - b1) * G
+            D = M / (1 - b1 ** t) / denom
+        else:
+            D = G / denom
+        if clip is not None:
+            D = D / max(1.0, rms64(D) / clip)
+        if guidance:
+            D = D * (1 + (M.flatten() @ G.flatten() / (torch.linalg.norm(M) * torch.linalg.norm(G))).item())
+        W = W * (1 - lr * wd) - lr * D
+    return W, ranks
+
+
+ADAPPROX_CASES = {  # name: options that differ from the defaults below
+    "abs": {}, "clamp": dict(nonneg="clamp"), "floor": dict(nonneg="floor"),
+    "cold-start": dict(warm_start=False, power_iters=3), "no-first-moment": dict(betas=(0.0, 0.99)),
+    "guidance-no-clip": dict(cosine_guidance=True, clip_threshold=None),
+}
+
+
+@pytest.mark.parametrize("shape", [(9, 6), (6, 9), (7, 7)], ids=["tall", "wide", "square"])
+@pytest.mark.parametrize("case", list(ADAPPROX_CASES))
+def test_adapprox_matches_reference_across_rank_changes(shape, case):
+    opts = {**dict(lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, k_max_frac=1.0, rank_init=2,
+                   err_tol=0.02, err_beta=0.5, oversample=2, power_iters=1, warm_start=True, nonneg="abs",
+                   clip_threshold=0.5, cosine_guidance=False, seed=7), **ADAPPROX_CASES[case]}
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(shape, generator=g, dtype=torch.float64)
+    # gradients whose squares are close to low-rank at first, then not: the rank must move
+    u, v = torch.rand(shape[0], 1, generator=g, dtype=torch.float64), torch.rand(1, shape[1], generator=g,
+                                                                                  dtype=torch.float64)
+    grads = [(u @ v).sqrt() * (1 + 0.01 * torch.randn(shape, generator=g, dtype=torch.float64)) if t < 4 else
+             torch.randn(shape, generator=g, dtype=torch.float64) for t in range(12)]
+    expected, ranks = adapprox_reference(
+        W0, grads, lr=opts["lr"], betas=opts["betas"], eps=opts["eps"], wd=opts["weight_decay"], k_init=2,
+        k_max=min(shape), err_tol=opts["err_tol"], err_beta=opts["err_beta"], oversample=opts["oversample"],
+        power_iters=opts["power_iters"], warm_start=opts["warm_start"], nonneg=opts["nonneg"],
+        clip=opts["clip_threshold"], guidance=opts["cosine_guidance"], seed=opts["seed"])
+    assert min(ranks) < 2 < max(ranks)  # it shrinks, then grows
+    p = nn.Parameter(W0.clone())
+    opt = la.Adapprox([p], **opts)
+    for gr, k in zip(grads, ranks):
+        assert opt.ranks() == [k]
+        p.grad = gr.clone()
+        opt.step()
+    torch.testing.assert_close(p.detach(), expected, atol=1e-9, rtol=1e-9)
+
+
 @pytest.mark.parametrize("beta1", [0.0, 0.5, 0.9])
 @pytest.mark.parametrize("shape", [(5, 9), (9, 5), (6, 6)])
 def test_adapprox_full_rank_equals_adamw(beta1, shape):
