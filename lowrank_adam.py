@@ -181,6 +181,15 @@ def stream_seed(seed: int, *counters: int) -> int:
     return x >> 1  # 63 bits: any torch.Generator accepts it
 
 
+def orthonormalize_signed(x: Tensor) -> Tensor:
+    """Q of the thin QR of x with diag(R) >= 0: the orthonormal basis closest
+    to x's own columns (no arbitrary sign flips), and Haar-distributed when x
+    is Gaussian (Mezzadri 2007)."""
+    q, r = torch.linalg.qr(x.to(linalg_dtype(x.dtype)), mode="reduced")
+    sign = torch.sign(torch.diagonal(r))
+    return q * torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
 def adamw_step_(
     param: Tensor,
     grad: Tensor,
@@ -487,6 +496,33 @@ def orthogonal_residual(x: Tensor, P: Tensor, r: Tensor, n: Tensor, transposed: 
     return torch.addmm(x, P, r, alpha=-1).mul_(phi)  # S: (s, l)
 
 
+SUBSPACES = ("svd", "random", "gha")
+
+
+def random_basis(s: int, r: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A uniformly distributed r-dimensional subspace of R^s: the orthonormal
+    factor of an s×r standard Gaussian matrix (signs fixed, so the basis
+    itself is Haar-distributed). Drawn on the generator's device."""
+    return orthonormalize_signed(torch.randn(s, r, generator=generator, device=generator.device, dtype=dtype))
+
+
+def gha_step(P: Tensor, x: Tensor, r: Tensor, lr: float) -> Tensor:
+    """One step of Sanger's rule (the Generalized Hebbian Algorithm) towards
+    the top-r eigenvectors of ``C = X Xᵀ / ‖X‖²_F``::
+
+        P ← P + η (C P - P triu(Pᵀ C P))
+
+    ``r = Pᵀ X`` is the projected gradient the optimizer computed anyway, so
+    ``C P = X rᵀ / ‖X‖²`` and ``Pᵀ C P = r rᵀ / ‖X‖²``: one s·l·r product.
+    Dividing by ``‖X‖²_F`` (the trace of X Xᵀ, so C's eigenvalues lie in
+    [0, 1]) makes the step size independent of the gradient's scale (our
+    normalization). A zero gradient leaves P unchanged.
+    """
+    energy = torch.linalg.vector_norm(x).square().clamp_min(1e-30)
+    cp = (r @ x.T).T  # X rᵀ = X Xᵀ P: (s, r), written with X on the right (fast skinny product)
+    return P + (cp - P @ torch.triu(r @ r.T)) * (lr / energy)
+
+
 class GaLoreAdamW(_Base):
     r"""AdamW with GaLore gradient low-rank projection (Zhao et al. 2024).
 
@@ -512,6 +548,22 @@ class GaLoreAdamW(_Base):
     ``norm_growth_limit`` γ (1.01) per step; the update is then
     ``α·P N + S``. GaLore itself has no limiter: γ only acts on ``S``.
 
+    ``subspace`` chooses how P is found (the AdaptiveAdamW repository's
+    baselines ``rsadamw`` and ``gha``, whose code is not public: these are
+    our readings of their names, SPEC §1)::
+
+        "svd"     GaLore: the SVD above at every refresh, moments untouched
+        "random"  at every refresh a fresh uniformly random P (``random_basis``,
+                  from ``stream_seed(seed, i, t)``: the same on every rank);
+                  the moments follow it: C = P_newᵀ P_old, m ← C m, v ← (C∘C) v
+                  (our reading of "random subspace drift": the subspace
+                  moves, the statistics go with it)
+        "gha"     P from the SVD at step 1, then tracked every step by
+                  Sanger's rule (``gha_step``, step size ``gha_lr``) on the
+                  gradient the step just used; the moments follow P every
+                  step as above; at every refresh P is re-orthonormalized (QR)
+                  instead of recomputed. No SVD after step 1.
+
     Not for: 1-D tensors, embeddings or small matrices (they gain nothing).
     Memory per low-rank matrix: ``2·r·l + s·r`` floats instead of ``2·m·n``.
     """
@@ -523,10 +575,10 @@ class GaLoreAdamW(_Base):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, update_proj_gap: int = 200, scale: float = 0.25,
                  proj_type: str = "std", residual: bool = False, norm_growth_limit: Optional[float] = 1.01,
-                 check_finite: bool = True):
+                 subspace: str = "svd", gha_lr: float = 0.1, seed: int = 0, check_finite: bool = True):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_proj_gap=update_proj_gap,
                         scale=scale, proj_type=proj_type, residual=residual, norm_growth_limit=norm_growth_limit,
-                        check_finite=check_finite)
+                        subspace=subspace, gha_lr=gha_lr, seed=seed, check_finite=check_finite)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict) -> None:
@@ -536,6 +588,13 @@ class GaLoreAdamW(_Base):
             _check(group["scale"] > 0, f"Invalid scale: {group['scale']}")
             gamma = group["norm_growth_limit"]
             _check(gamma is None or gamma >= 1.0, f"Invalid norm_growth_limit: {gamma} (use >= 1, or None for off)")
+        subspace = group.get("subspace", "svd")  # AdaptiveAdamW has no such option: always "svd"
+        _check(subspace in SUBSPACES, f"Invalid subspace: {subspace!r} (expected one of {SUBSPACES})")
+        if subspace == "gha":
+            _check(0.0 < group["gha_lr"] <= 1.0, f"Invalid gha_lr: {group['gha_lr']} (use 0 < gha_lr <= 1)")
+        if "seed" in group:
+            _check(isinstance(group["seed"], int) and not isinstance(group["seed"], bool),
+                   f"Invalid seed: {group['seed']!r}")
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -543,8 +602,9 @@ class GaLoreAdamW(_Base):
         loss = self._closure(closure)
         self._check_grads()
         # P ← new bases for the matrices whose step is 1, T+1, 2T+1, ...
-        due = [(p, g) for g in self.param_groups if g.get("rank") is not None for p in g["params"]
-               if p.grad is not None and self.state[p].get("step", 0) % g["update_proj_gap"] == 0]
+        due = [(p, g, i) for i, (p, g) in enumerate((p, g) for g in self.param_groups for p in g["params"])
+               if g.get("rank") is not None and p.grad is not None
+               and self.state[p].get("step", 0) % g["update_proj_gap"] == 0]
         if due:
             self._refresh_subspaces(due)
         self._update_each(self._projected_step)
@@ -555,13 +615,28 @@ class GaLoreAdamW(_Base):
         transposed = is_transposed(p.shape, group["proj_type"])
         return orient(p.grad, transposed).to(linalg_dtype(p.dtype)), transposed  # X: (s, l)
 
-    def _refresh_subspaces(self, due: list[tuple[Tensor, dict]]) -> None:
-        """GaLore: P ← top-r left singular vectors of X, rank fixed per group."""
-        for p, group in due:
+    def _refresh_subspaces(self, due: list[tuple[Tensor, dict, int]]) -> None:
+        """P ← a new basis (s×r) at steps 1, T+1, ...; the rank is fixed per group."""
+        for p, group, index in due:
             state = self.state[p]
             if "rank" not in state:
                 state["rank"] = self._clamped_rank(p, group)
-            state["P"] = top_r_basis(self._oriented_grad(p, group)[0], state["rank"])  # (s, r)
+            x = self._oriented_grad(p, group)[0]
+            if group["subspace"] == "random":
+                # P ← orth(Ω), Ω ~ N(0, 1) of shape s×r
+                rng = self._generator(p.device, stream_seed(group["seed"], index, state.get("step", 0) + 1))
+                P_new = random_basis(x.shape[0], state["rank"], rng, x.dtype)
+            elif group["subspace"] == "gha" and "P" in state:
+                # P ← orth(P): Sanger's rule keeps P only nearly orthonormal
+                P_new = orthonormalize_signed(state["P"])
+            else:
+                # P ← top-r left singular vectors of X (GaLore; GHA's start)
+                P_new = top_r_basis(x, state["rank"])
+            if group["subspace"] != "svd" and "exp_avg" in state:
+                # C = P_newᵀ P_old ;  m ← C m ;  v ← (C∘C) v
+                state["exp_avg"], state["exp_avg_sq"] = transform_moments(
+                    P_new, state["P"], state["exp_avg"], state["exp_avg_sq"])
+            state["P"] = P_new
 
     def _projected_step(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
@@ -593,6 +668,12 @@ class GaLoreAdamW(_Base):
         # W ← W (1 - lr·wd) - lr · D
         apply_update_(p, update, group["lr"], group["weight_decay"], alpha=alpha)
         state["step"] = t
+        if group.get("subspace") == "gha":
+            # P_next ← P + η (C P - P triu(Pᵀ C P)), C = X Xᵀ/‖X‖² ;  moments follow: m ← C' m, v ← (C'∘C') v
+            P_next = gha_step(P, x, r, group["gha_lr"])
+            state["exp_avg"], state["exp_avg_sq"] = transform_moments(P_next, P, state["exp_avg"],
+                                                                      state["exp_avg_sq"])
+            state["P"] = P_next
 
 
 # =============================================================================
@@ -714,6 +795,8 @@ class AdaptiveAdamW(GaLoreAdamW):
     """
 
     limit_normalized_update = True
+    _refused_hints = {"subspace": "AdaptiveAdamW's allocation needs the spectra of the SVD, so its subspace is "
+                                  "always the SVD's (use GaLoreAdamW for 'random' or 'gha')"}
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, update_proj_gap: int = 200, scale: float = 0.25,
@@ -739,11 +822,12 @@ class AdaptiveAdamW(GaLoreAdamW):
                    "every group that allocates shares one budget and must use the same rank_metric "
                    "(or set allocate=False in one of them)")
 
-    def _refresh_subspaces(self, due: list[tuple[Tensor, dict]]) -> None:
+    def _refresh_subspaces(self, due: list[tuple[Tensor, dict, int]]) -> None:
         # Ranks before this refresh: the allocation so far, or the group's rank
         # (clamped to min(m, n)) at the first refresh. The matrices of groups
         # with ``allocate=True`` share their sum as the budget B; the others
         # keep their rank.
+        due = [(p, g) for p, g, _ in due]
         ranks = [self.state[p]["rank"] if "rank" in self.state[p] else self._clamped_rank(p, g) for p, g in due]
         pool = [i for i, (_, g) in enumerate(due) if g["allocate"]]
         budget = sum(ranks[i] for i in pool)

@@ -231,18 +231,37 @@ def fira_residual(X, P, R, N):
     return (X - P @ R) * phi[None, :]
 
 
+def signed_qr(x):
+    """Orthonormal Q of x with diag(R) >= 0 (no arbitrary sign flips)."""
+    q, r = torch.linalg.qr(x)
+    return q * torch.sign(torch.diagonal(r))
+
+
 def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale, proj_type="std", residual=False,
-                     gamma=None):
+                     gamma=None, subspace="svd", gha_lr=0.1, seed=0):
     """GaLore's algorithm box, written independently in float64, plus the
-    Fira-style residual with its norm-growth limiter (SPEC §2.6)."""
+    Fira-style residual with its norm-growth limiter (SPEC §2.6) and the
+    random / GHA subspaces (SPEC §1). The random bases are drawn from
+    generators seeded with stream_seed(seed, 0, t): an input, like the gradients."""
     W = W0.clone()
     side = PROJECTION_SIDE[proj_type](*W.shape)
     M = V = P = None
     prev_rms = 0.0
     for t, G in enumerate(grads, start=1):
         X = G if side == "left" else G.T  # the rows of X are what P spans
+        r = min(rank, X.shape[0])
         if (t - 1) % gap == 0:
-            P = left_singular_vectors(X)[:, :min(rank, X.shape[0])]
+            if subspace == "random":  # a fresh uniformly random basis
+                gen = torch.Generator().manual_seed(la.stream_seed(seed, 0, t))
+                P_new = signed_qr(torch.randn(X.shape[0], r, generator=gen, dtype=W.dtype))
+            elif subspace == "gha" and P is not None:  # re-orthonormalize the tracked basis
+                P_new = signed_qr(P)
+            else:  # the top-r left singular vectors
+                P_new = left_singular_vectors(X)[:, :r]
+            if subspace != "svd" and M is not None:  # the moments follow the basis
+                C = P_new.T @ P
+                M, V = C @ M, (C * C) @ V
+            P = P_new
         R = P.T @ X
         if M is None:
             M, V = torch.zeros_like(R), torch.zeros_like(R)
@@ -254,6 +273,11 @@ def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale, proj_type=
             S, prev_rms = limit_growth(fira_residual(X, P, R, N), prev_rms, gamma)
             D = D + S
         W = W * (1 - lr * wd) - lr * (D if side == "left" else D.T)
+        if subspace == "gha":  # Sanger's rule on C = X Xᵀ / ‖X‖², then the moments follow
+            Cov = X @ X.T / (X * X).sum()
+            P_next = P + gha_lr * (Cov @ P - P @ torch.triu(P.T @ Cov @ P))
+            C = P_next.T @ P
+            M, V, P = C @ M, (C * C) @ V, P_next
     return W
 
 
@@ -291,6 +315,77 @@ def test_galore_matches_reference(shape, proj_type, residual):
     torch.testing.assert_close(p.detach(), expected, atol=1e-10, rtol=1e-10)
     side = PROJECTION_SIDE[proj_type](*shape)
     assert opt.state[p]["P"].shape == (shape[0] if side == "left" else shape[1], 2)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("subspace", ["random", "gha"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_galore_subspaces_match_reference(shape, subspace, residual):
+    torch.manual_seed(0)
+    W0 = torch.randn(shape, dtype=torch.float64)
+    grads = gapped_grads(shape, 8)
+    kw = dict(rank=2, gap=3, lr=0.05, betas=(0.9, 0.99), eps=1e-8, wd=0.1, scale=0.5)
+    expected = galore_reference(W0, grads, **kw, residual=residual, gamma=1.01 if residual else None,
+                                subspace=subspace, gha_lr=0.3, seed=5)
+    p = nn.Parameter(W0.clone())
+    opt = la.GaLoreAdamW([{"params": [p], "rank": 2, "update_proj_gap": 3, "scale": 0.5, "residual": residual,
+                           "subspace": subspace, "gha_lr": 0.3, "seed": 5}],
+                         lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(p.detach(), expected, atol=1e-10, rtol=1e-10)
+
+
+def test_random_bases_are_orthonormal_reproducible_and_uniform():
+    draws = [la.random_basis(6, 2, torch.Generator().manual_seed(i), torch.float64) for i in range(2000)]
+    for P in draws[:5]:
+        torch.testing.assert_close(P.T @ P, torch.eye(2, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert torch.equal(draws[3], la.random_basis(6, 2, torch.Generator().manual_seed(3), torch.float64))
+    # a uniformly distributed subspace has E[P Pᵀ] = (r/s) I, and a Haar basis E[P] = 0
+    torch.testing.assert_close(torch.stack([P @ P.T for P in draws]).mean(0), torch.eye(6, dtype=torch.float64) / 3,
+                               atol=0.03, rtol=0)
+    assert torch.stack(draws).mean(0).abs().max() < 0.05
+
+
+def test_gha_converges_to_the_top_subspace_of_a_fixed_matrix():
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=torch.float64)).Q
+    Wm = torch.linalg.qr(torch.randn(30, 10, generator=g, dtype=torch.float64)).Q
+    X = U @ torch.diag(torch.tensor([8.0, 6.0, 4.0] + [1.0] * 7, dtype=torch.float64)) @ Wm.T
+    P = la.random_basis(10, 3, torch.Generator().manual_seed(1), torch.float64)
+    for _ in range(300):
+        P = la.gha_step(P, X, P.T @ X, lr=0.5)
+    # Sanger's rule finds the eigenvectors themselves, in order (up to sign), hence the SVD's top-3 subspace
+    torch.testing.assert_close((P.T @ U[:, :3]).abs(), torch.eye(3, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(P.T @ P, torch.eye(3, dtype=torch.float64), atol=1e-6, rtol=0)
+    # the step does not depend on the gradient's scale, and a zero gradient changes nothing
+    torch.testing.assert_close(la.gha_step(P, 1e3 * X, P.T @ (1e3 * X), 0.5), la.gha_step(P, X, P.T @ X, 0.5))
+    assert torch.equal(la.gha_step(P, 0 * X, P.T @ (0 * X), 0.5), P)
+
+
+@pytest.mark.parametrize("subspace", ["random", "gha"])
+def test_galore_subspaces_resume_exactly_and_are_refused_by_adaptive(subspace, tmp_path):
+    data = regression_data()
+    model = mlp()
+    groups = mlp_groups(model)
+    groups[1]["subspace"] = subspace
+    opt = la.GaLoreAdamW(groups, lr=1e-2, update_proj_gap=3)
+    train(model, opt, 7, data)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model2 = mlp(seed=9)
+    model2.load_state_dict(ckpt["model"])
+    groups2 = mlp_groups(model2)
+    groups2[1]["subspace"] = subspace
+    opt2 = la.GaLoreAdamW(groups2, lr=1e-2, update_proj_gap=3)
+    opt2.load_state_dict(ckpt["opt"])
+    assert train(model, opt, 8, data) == train(model2, opt2, 8, data)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+    with pytest.raises(ValueError, match="AdaptiveAdamW has no group option 'subspace'.*spectra"):
+        la.AdaptiveAdamW(groups)
+    with pytest.raises(ValueError, match="Invalid subspace"):
+        la.GaLoreAdamW(mlp_groups(model), subspace="pca")
 
 
 def test_residual_limiter_acts_in_the_reference_run():
