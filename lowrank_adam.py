@@ -190,12 +190,12 @@ def orthonormalize_signed(x: Tensor) -> Tensor:
     return q * torch.where(sign == 0, torch.ones_like(sign), sign)
 
 
-def adamw_step_(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    step: int,
+def adamw_foreach_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[int],
     *,
     lr: float,
     beta1: float,
@@ -203,26 +203,35 @@ def adamw_step_(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """One ``torch.optim.AdamW`` step, operation for operation (single-tensor path).
+    """``torch.optim.AdamW``'s update for a list of tensors, operation for
+    operation, with torch's multi-tensor (``_foreach``) kernels: one call per
+    operation for the whole list, not one per tensor (on a GPU a model's many
+    small tensors are otherwise bound by kernel launches).
 
-    ``exp_avg``/``exp_avg_sq`` may be float32 for a bf16 parameter; the
-    update is then computed in float32 and rounded once into the parameter.
+    All tensors of one call share a device; the moments may be float32 for
+    bf16 parameters: the update is then computed in float32 and rounded once
+    into each parameter. ``steps`` are the per-tensor step counts (t).
     """
     # W <- W (1 - lr·wd)                       (decoupled weight decay)
     if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)
-    grad = grad.to(exp_avg.dtype)
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    grads = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]  # no copy when the dtypes agree
     # m <- β1 m + (1-β1) g ;  v <- β2 v + (1-β2) g²
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
     # W <- W - lr/(1-β1ᵗ) · m / (sqrt(v)/sqrt(1-β2ᵗ) + eps)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    if param.dtype == exp_avg.dtype:
-        param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
-    else:
-        param.add_((exp_avg / denom).to(param.dtype), alpha=-lr / bias_correction1)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in steps])
+    torch._foreach_add_(denom, eps)
+    step_size = [-lr / (1 - beta1**t) for t in steps]
+    same = [p.dtype == m.dtype for p, m in zip(params, exp_avgs)]
+    if all(same):
+        torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+        return
+    updates = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(updates, step_size)
+    torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params)])
 
 
 def adam_normalized_(
@@ -446,28 +455,34 @@ class _Base(Optimizer):
             cache[device] = torch.Generator(device=device)
         return cache[device].manual_seed(seed)
 
-    def _dense_step(self, p: Tensor, group: dict) -> None:
-        """The torch.optim.AdamW update for a parameter outside a low-rank group."""
-        state = self.state[p]
-        if len(state) == 0:
-            state["step"] = 0
-            dtype = linalg_dtype(p.dtype)
-            state["exp_avg"] = torch.zeros_like(p, dtype=dtype)  # m: first moment
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)  # v: second moment
-        state["step"] += 1
+    def _dense_step(self, params: list[Tensor], group: dict) -> None:
+        """The torch.optim.AdamW update for the parameters of a group without
+        ``rank``: multi-tensor kernels, one call per device."""
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = 0
+                dtype = linalg_dtype(p.dtype)
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype)  # m: first moment
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)  # v: second moment
+            state["step"] += 1
+            by_device.setdefault(p.device, []).append(p)
         beta1, beta2 = group["betas"]
-        adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr=group["lr"],
-                    beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        for ps in by_device.values():
+            states = [self.state[p] for p in ps]
+            adamw_foreach_(ps, [p.grad for p in ps], [st["exp_avg"] for st in states],
+                           [st["exp_avg_sq"] for st in states], [st["step"] for st in states], lr=group["lr"],
+                           beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
     def _update_each(self, lowrank_step: Callable[[Tensor, dict], None]) -> None:
         """Plain AdamW for groups without ``rank``, ``lowrank_step`` for the others."""
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group.get("rank") is None:
-                    self._dense_step(p, group)
-                else:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group.get("rank") is None:
+                self._dense_step(params, group)
+            else:
+                for p in params:
                     lowrank_step(p, group)
 
     def _closure(self, closure: Optional[Callable[[], float]]):
