@@ -122,8 +122,10 @@ def orient(x: Tensor, transposed: bool) -> Tensor:
 def gradient_spectrum(x: Tensor, max_rank: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """Thin SVD of an oriented matrix in float32: (left vectors, singular values).
 
-    ``x = U diag(S) Vᵀ``; returns ``U[:, :max_rank]`` (orthonormal columns)
-    and all of ``S`` (descending, >= 0). Finite for an all-zero ``x``.
+    ``x = U diag(S) Vᵀ``; returns ``U[:, :max_rank]`` (orthonormal columns,
+    contiguous: a column slice would keep all of U alive, and be saved whole
+    by ``torch.save``) and all of ``S`` (descending, >= 0). Finite for an
+    all-zero ``x``.
     """
     x = x.to(linalg_dtype(x.dtype))
     if x.shape[0] <= x.shape[1]:
@@ -133,16 +135,12 @@ def gradient_spectrum(x: Tensor, max_rank: Optional[int] = None) -> tuple[Tensor
         u = vh.T
     else:
         u, s, _ = torch.linalg.svd(x, full_matrices=False)
-    return (u if max_rank is None else u[:, :max_rank]), s
+    return (u if max_rank is None else u[:, :max_rank].contiguous()), s
 
 
 def top_r_basis(x: Tensor, rank: int) -> Tensor:
-    """P = top-r left singular vectors of x, shape (s, r), orthonormal columns.
-
-    Returned contiguous: a column slice of U would keep all of U alive (and
-    be saved whole by ``torch.save``).
-    """
-    return gradient_spectrum(x, rank)[0].contiguous()
+    """P = top-r left singular vectors of x, shape (s, r), orthonormal columns."""
+    return gradient_spectrum(x, rank)[0]
 
 
 def orthonormalize(x: Tensor) -> Tensor:
@@ -796,11 +794,17 @@ class AdaptiveAdamW(GaLoreAdamW):
     residual is the default. It costs one full-size temporary per matrix
     and no extra state.
 
-    Group options as GaLoreAdamW plus ``rank_metric`` (one of
-    ``RANK_METRICS``, default ``explained_variance``),
+    Group options as GaLoreAdamW (but no ``subspace``: the allocation needs
+    the SVD) plus ``rank_metric`` (one of ``RANK_METRICS``, default
+    ``explained_variance``; the same in every group that allocates),
     ``transform_momentum`` (True) and ``norm_growth_limit`` γ (1.01, None =
-    off). ``allocate=False`` keeps every matrix at its group's rank (then,
-    with the transformation and limiter off, this is exactly GaLoreAdamW).
+    off). ``allocate=False`` keeps the matrices of a group at its rank, out
+    of the shared budget (then, with the transformation and limiter off,
+    this is exactly GaLoreAdamW). ``refresh_keep`` (2.0) bounds the memory
+    of a refresh: of each matrix's singular vectors, at most refresh_keep ×
+    the group's rank are held until the allocation is known (a matrix
+    allocated more gets its SVD recomputed, which gives the same vectors);
+    None keeps them all.
     Spectra are of the gradient handed to ``step``, i.e. already summed over
     the micro-batches of gradient accumulation (our reading of the source's
     "accumulated gradients"). ``ranks()`` gives the current allocation,
@@ -817,11 +821,11 @@ class AdaptiveAdamW(GaLoreAdamW):
                  weight_decay: float = 0.0, *, update_proj_gap: int = 200, scale: float = 0.25,
                  proj_type: str = "std", rank_metric: str = "explained_variance", allocate: bool = True,
                  transform_momentum: bool = True, norm_growth_limit: Optional[float] = 1.01,
-                 residual: bool = True, check_finite: bool = True):
+                 residual: bool = True, refresh_keep: Optional[float] = 2.0, check_finite: bool = True):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_proj_gap=update_proj_gap,
                         scale=scale, proj_type=proj_type, residual=residual, norm_growth_limit=norm_growth_limit,
                         check_finite=check_finite, rank_metric=rank_metric, allocate=allocate,
-                        transform_momentum=transform_momentum)
+                        transform_momentum=transform_momentum, refresh_keep=refresh_keep)
         _Base.__init__(self, params, defaults)
 
     def _validate_group(self, group: dict) -> None:
@@ -829,6 +833,8 @@ class AdaptiveAdamW(GaLoreAdamW):
         if group.get("rank") is not None:
             _check(group["rank_metric"] in RANK_METRICS,
                    f"Invalid rank_metric: {group['rank_metric']!r} (expected one of {sorted(RANK_METRICS)})")
+            keep = group["refresh_keep"]
+            _check(keep is None or keep > 0, f"Invalid refresh_keep: {keep} (use > 0, or None to keep every vector)")
             # One greedy allocation compares the scores of all allocating
             # matrices, so they must all be scored by the same metric.
             others = {g["rank_metric"] for g in self.param_groups if g.get("rank") is not None and g["allocate"]}
@@ -846,11 +852,14 @@ class AdaptiveAdamW(GaLoreAdamW):
         ranks = [self.state[p]["rank"] if "rank" in self.state[p] else self._clamped_rank(p, g) for p, g in due]
         pool = [i for i, (_, g) in enumerate(due) if g["allocate"]]
         budget = sum(ranks[i] for i in pool)
-        # 1. Spectra: X = U diag(s) Vᵀ, one thin SVD per matrix; keep only the U
-        #    columns an allocation could use (at most B - (L - 1) for the pool).
-        pooled = set(pool)
-        svds = [gradient_spectrum(self._oriented_grad(p, g)[0], budget - len(pool) + 1 if i in pooled else ranks[i])
-                for i, (p, g) in enumerate(due)]
+        # 1. Spectra: X = U diag(s) Vᵀ, one thin SVD per matrix. Of U, keep only
+        #    the columns an allocation is likely to use: at most B - (L - 1),
+        #    and at most refresh_keep × the group's rank (so the refresh never
+        #    holds every matrix's full s×s basis at once; our bound).
+        keep = [ranks[i] if i not in pool else
+                budget - len(pool) + 1 if g["refresh_keep"] is None else
+                min(budget - len(pool) + 1, math.ceil(g["refresh_keep"] * g["rank"])) for i, (_, g) in enumerate(due)]
+        svds = [gradient_spectrum(self._oriented_grad(p, g)[0], k) for (p, g), k in zip(due, keep)]
         # 2. Greedy allocation: rank 1 each, then the best next singular value
         if pool:
             spectra = self._to_host([svds[i][1] for i in pool])  # one host sync per device
@@ -859,8 +868,10 @@ class AdaptiveAdamW(GaLoreAdamW):
                 ranks[i] = rank
         for (p, group), (u, _), rank in zip(due, svds, ranks):
             state = self.state[p]
-            # 3. P_new ← top-r_new left singular vectors
-            P_new = u[:, :rank].contiguous()
+            # 3. P_new ← top-r_new left singular vectors (a matrix allocated more
+            #    than was kept: its SVD again, which gives the same vectors)
+            P_new = u[:, :rank].contiguous() if rank <= u.shape[1] else top_r_basis(self._oriented_grad(p, group)[0],
+                                                                                    rank)
             if "P" in state and "exp_avg" in state:
                 if group["transform_momentum"]:
                     # 4. C = P_newᵀ P_old ;  m ← C m ;  v ← (C∘C) v

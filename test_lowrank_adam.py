@@ -1072,6 +1072,29 @@ def test_adaptive_matches_reference_across_rank_changes(residual):
         torch.testing.assert_close(p.detach(), w, atol=1e-9, rtol=1e-9)
 
 
+def test_adaptive_refresh_keep_bounds_memory_without_changing_results():
+    # refresh_keep only decides how many singular vectors wait for the
+    # allocation: a matrix allocated more gets its SVD again, with the same vectors
+    shapes_ = [(8, 20), (20, 8), (12, 12)]
+    runs = []
+    for keep in (None, 1.0):
+        g = torch.Generator().manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, generator=g)) for s in shapes_]
+        opt = la.AdaptiveAdamW([{"params": params, "rank": 3, "update_proj_gap": 2}], lr=1e-2, refresh_keep=keep)
+        for t in range(6):
+            for i, p in enumerate(params):  # one matrix nearly rank 1, the others flat: ranks move
+                p.grad = (torch.randn(p.shape, generator=g) if i != t % 3 else
+                          torch.outer(torch.randn(p.shape[0], generator=g), torch.randn(p.shape[1], generator=g)))
+            opt.step()
+            runs.append(opt.ranks())
+        runs.append([p.detach().clone() for p in params])
+    assert max(max(r) for r in runs[:6]) > 3  # some matrix got more than refresh_keep × rank vectors
+    assert runs[:6] == runs[7:13]
+    assert all(torch.equal(a, b) for a, b in zip(runs[6], runs[13]))
+    with pytest.raises(ValueError, match="Invalid refresh_keep"):
+        la.AdaptiveAdamW([{"params": params, "rank": 3}], refresh_keep=0)
+
+
 def test_adaptive_budget_counts_clamped_ranks():
     # rank 8 on a 4×100 matrix is really rank 4: the budget is 4 + 8 = 12, as ranks() reports
     a, b = nn.Parameter(torch.randn(4, 100)), nn.Parameter(torch.randn(64, 64))
