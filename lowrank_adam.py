@@ -88,6 +88,7 @@ __all__ = [
     "LDAdam",
     "Adapprox",
     "lowrank_groups",
+    "layerwise_hooks",
     "state_bytes",
     "NonFiniteGradientError",
 ]
@@ -354,6 +355,7 @@ class _Base(Optimizer):
         # registers it, so a bad group never half-joins the optimizer.
         self._validate_group({**self.defaults, **param_group, "params": tensors})
         super().add_param_group(param_group)
+        self.__dict__.pop("_where", None)  # step_parameter's lookup table is stale
 
     def _refuse_foreign_options(self, group: dict) -> None:
         mine = set(self.defaults) | set(self.group_keys)
@@ -367,23 +369,65 @@ class _Base(Optimizer):
     def _validate_group(self, group: dict) -> None:  # overridden per optimizer
         _validate_adam(group)
 
+    # -- the step: step() for every parameter, step_parameter(p) for one ----
     @torch.no_grad()
-    def _check_grads(self) -> None:
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        """Perform one optimization step; ``closure`` re-evaluates the loss."""
+        loss = self._closure(closure)
+        items = [(p, g, i) for i, (p, g) in enumerate((p, g) for g in self.param_groups for p in g["params"])
+                 if p.grad is not None]
+        self._check_grads(items)
+        if items:
+            self._step_items(items)
+        return loss
+
+    @torch.no_grad()
+    def step_parameter(self, p: Tensor) -> None:
+        """Update the one parameter ``p`` now, exactly as ``step()`` would.
+
+        For layer-wise training (GaLore's trick): call it from ``p``'s
+        post-accumulate-grad hook and free ``p.grad`` right after, so the
+        gradients of the whole model never exist at once (``layerwise_hooks``
+        sets this up). The state dict is the ordinary one, so checkpoints
+        and LR schedulers work unchanged. Costs one host sync per parameter
+        for the NaN/Inf check (``check_finite=False`` avoids it).
+        """
+        where = self.__dict__.get("_where")
+        if where is None or len(where) != sum(len(g["params"]) for g in self.param_groups):
+            where = self.__dict__["_where"] = {id(q): (gi, i) for i, (gi, q) in enumerate(
+                (gi, q) for gi, g in enumerate(self.param_groups) for q in g["params"])}
+        if id(p) not in where:
+            raise ValueError(f"step_parameter: the tensor of shape {tuple(p.shape)} is not a parameter of this "
+                             "optimizer")
+        gi, index = where[id(p)]
+        group = self.param_groups[gi]
+        if p.grad is None:
+            return
+        self._check_layerwise(group)
+        self._check_grads([(p, group, index)])
+        self._step_items([(p, group, index)])
+
+    def _check_layerwise(self, group: dict) -> None:  # overridden where a step needs every parameter
+        pass
+
+    def _step_items(self, items: list[tuple[Tensor, dict, int]]) -> None:
+        """Update the given (parameter, group, index) triples (all with grads)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _check_grads(self, items: list[tuple[Tensor, dict, int]]) -> None:
         """Raise, before any state or parameter changes, on a sparse, complex
         or non-finite gradient. Costs one host sync per step (not per tensor)."""
         checked = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
-                                       f"(parameter of shape {tuple(p.shape)})")
-                if torch.is_complex(p.grad):
-                    raise RuntimeError(f"{type(self).__name__} does not support complex gradients "
-                                       f"(parameter of shape {tuple(p.shape)})")
-                if group["check_finite"]:
-                    checked.append(p)
+        for p, group, _ in items:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                                   f"(parameter of shape {tuple(p.shape)})")
+            if torch.is_complex(p.grad):
+                raise RuntimeError(f"{type(self).__name__} does not support complex gradients "
+                                   f"(parameter of shape {tuple(p.shape)})")
+            if group["check_finite"]:
+                checked.append(p)
         if not checked:
             return
         # Σ g is NaN/Inf when g holds a NaN or Inf (a cheap reduction, 10× faster
@@ -473,15 +517,18 @@ class _Base(Optimizer):
                            [st["exp_avg_sq"] for st in states], [st["step"] for st in states], lr=group["lr"],
                            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
-    def _update_each(self, lowrank_step: Callable[[Tensor, dict], None]) -> None:
-        """Plain AdamW for groups without ``rank``, ``lowrank_step`` for the others."""
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
+    def _update_each(self, items: list[tuple[Tensor, dict, int]], lowrank_step: Callable[[Tensor, dict], None]
+                     ) -> None:
+        """Plain AdamW for groups without ``rank`` (one multi-tensor call per
+        group), ``lowrank_step`` for the others."""
+        dense: dict[int, tuple[dict, list[Tensor]]] = {}
+        for p, group, _ in items:
             if group.get("rank") is None:
-                self._dense_step(params, group)
+                dense.setdefault(id(group), (group, []))[1].append(p)
             else:
-                for p in params:
-                    lowrank_step(p, group)
+                lowrank_step(p, group)
+        for group, params in dense.values():
+            self._dense_step(params, group)
 
     def _closure(self, closure: Optional[Callable[[], float]]):
         if closure is None:
@@ -609,19 +656,13 @@ class GaLoreAdamW(_Base):
             _check(isinstance(group["seed"], int) and not isinstance(group["seed"], bool),
                    f"Invalid seed: {group['seed']!r}")
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
-        """Perform one optimization step; ``closure`` re-evaluates the loss."""
-        loss = self._closure(closure)
-        self._check_grads()
+    def _step_items(self, items: list[tuple[Tensor, dict, int]]) -> None:
         # P ← new bases for the matrices whose step is 1, T+1, 2T+1, ...
-        due = [(p, g, i) for i, (p, g) in enumerate((p, g) for g in self.param_groups for p in g["params"])
-               if g.get("rank") is not None and p.grad is not None
-               and self.state[p].get("step", 0) % g["update_proj_gap"] == 0]
+        due = [(p, g, i) for p, g, i in items
+               if g.get("rank") is not None and self.state[p].get("step", 0) % g["update_proj_gap"] == 0]
         if due:
             self._refresh_subspaces(due)
-        self._update_each(self._projected_step)
-        return loss
+        self._update_each(items, self._projected_step)
 
     @staticmethod
     def _oriented_grad(p: Tensor, group: dict) -> tuple[Tensor, bool]:
@@ -883,6 +924,12 @@ class AdaptiveAdamW(GaLoreAdamW):
                     state["exp_avg_sq"] = _resize_rows(state["exp_avg_sq"], rank)
             state["P"], state["rank"] = P_new, rank
 
+    def _check_layerwise(self, group: dict) -> None:
+        if group.get("rank") is not None and group["allocate"]:
+            raise RuntimeError("AdaptiveAdamW cannot update one parameter at a time (layer-wise): its allocation "
+                               "splits one rank budget using the spectra of all matrices at once. Use "
+                               "allocate=False (fixed ranks) or GaLoreAdamW for layer-wise updates.")
+
     @staticmethod
     def _to_host(tensors: list[Tensor]) -> list[list[float]]:
         by_device: dict[torch.device, list[int]] = {}
@@ -1014,13 +1061,8 @@ class LDAdam(_Base):
         if group.get("rank") is not None:
             _validate_rank(group)
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
-        """Perform one optimization step; ``closure`` re-evaluates the loss."""
-        loss = self._closure(closure)
-        self._check_grads()
-        self._update_each(self._ldadam_step)
-        return loss
+    def _step_items(self, items: list[tuple[Tensor, dict, int]]) -> None:
+        self._update_each(items, self._ldadam_step)
 
     def _ldadam_step(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
@@ -1256,23 +1298,14 @@ class Adapprox(_Base):
                 for g in self.param_groups for p in g["params"] if self.is_factored(p)]
 
     # -- the step ----------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
-        """Perform one optimization step; ``closure`` re-evaluates the loss."""
-        loss = self._closure(closure)
-        self._check_grads()
+    def _step_items(self, items: list[tuple[Tensor, dict, int]]) -> None:
         factored, errors = [], []
-        index = 0  # the parameter's position: with the group's seed, it seeds its sketches
-        for group in self.param_groups:
-            for p in group["params"]:
-                index += 1
-                if p.grad is None:
-                    continue
-                if self.is_factored(p):
-                    errors.append(self._factored_step(p, group, index - 1))
-                    factored.append((p, group))
-                else:
-                    self._dense_adapprox_step(p, group)
+        for p, group, index in items:  # index: the parameter's position, which (with the seed) seeds its sketches
+            if self.is_factored(p):
+                errors.append(self._factored_step(p, group, index))
+                factored.append((p, group))
+            else:
+                self._dense_adapprox_step(p, group)
         if factored:
             # ξ̄ ← EMA of ξ ;  k ← next_rank(k, ξ̄): one host sync for all matrices
             for (p, group), xi in zip(factored, torch.stack([e.to(errors[0].device) for e in errors]).tolist()):
@@ -1282,7 +1315,6 @@ class Adapprox(_Base):
                 k_min, k_max = self.rank_bounds(p, group)
                 state["rank"] = next_rank(state["rank"], state["err_ema"], group["err_tol"], k_min, k_max,
                                           group["rank_step"])
-        return loss
 
     def _factored_step(self, p: Tensor, group: dict, index: int) -> Tensor:
         state = self.state[p]
@@ -1418,6 +1450,40 @@ def lowrank_groups(model: nn.Module, rank: int, *, targets: Sequence[str] = ("at
     if lowrank:
         groups.append({"params": lowrank, "rank": rank, **group_options})
     return groups
+
+
+def layerwise_hooks(optimizer: Optimizer) -> list:
+    """Update each parameter inside the backward pass, as soon as its gradient
+    is ready, and free that gradient at once (GaLore's per-layer weight
+    updates): the gradients of the whole model never exist together.
+
+    Registers a post-accumulate-grad hook on every parameter of
+    ``optimizer`` that calls ``optimizer.step_parameter(p)`` and then sets
+    ``p.grad = None``. A training step is then ``loss.backward()`` alone: no
+    ``optimizer.step()``, no ``zero_grad()``. The results equal ordinary
+    steps (no parameter's update depends on another's gradient), and the
+    state dict, checkpoints and LR schedulers are the ordinary ones.
+
+    It excludes whatever needs every gradient at once: global-norm gradient
+    clipping, gradient accumulation over micro-batches (the first backward
+    would already step), DDP (its gradient averaging runs after the hook),
+    a GradScaler (its inf check is global), and AdaptiveAdamW's allocation.
+    Returns the hook handles; ``handle.remove()`` on each undoes it::
+
+        handles = layerwise_hooks(GaLoreAdamW(lowrank_groups(model, rank=128), lr=1e-2))
+        for x, y in batches:
+            model(x, y)[1].backward()      # every parameter is updated in here
+    """
+    if not hasattr(optimizer, "step_parameter"):
+        raise TypeError(f"layerwise_hooks needs an optimizer of this module (with step_parameter), not "
+                        f"{type(optimizer).__name__}; for plain AdamW use GaLoreAdamW(model.parameters()), "
+                        "whose groups without 'rank' get exactly AdamW's update")
+
+    def hook(p: Tensor) -> None:
+        optimizer.step_parameter(p)
+        p.grad = None
+
+    return [p.register_post_accumulate_grad_hook(hook) for g in optimizer.param_groups for p in g["params"]]
 
 
 def state_bytes(optimizer: Optimizer, by_key: bool = False):

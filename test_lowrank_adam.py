@@ -613,6 +613,45 @@ def test_distributed_checkpoint_helpers_round_trip(cls):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
 
 
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_layerwise_updates_equal_ordinary_steps_and_resume(cls, tmp_path):
+    # every parameter stepped inside backward (its gradient freed at once)
+    # gives the same weights and state as optimizer.step() after backward
+    data = regression_data()
+    extra = dict(allocate=False) if cls is la.AdaptiveAdamW else {}
+    ordinary, layerwise = mlp(), mlp()
+    opt_a = cls(mlp_groups(ordinary, cls=cls), **kwargs_for(cls, **extra))
+    opt_b = cls(mlp_groups(layerwise, cls=cls), **kwargs_for(cls, **extra))
+    handles = la.layerwise_hooks(opt_b)
+    x, y = data
+    for step in range(8):  # crosses the refreshes of the periodic methods
+        opt_a.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(ordinary(x), y).backward()
+        opt_a.step()
+        nn.functional.mse_loss(layerwise(x), y).backward()
+        assert all(p.grad is None for p in layerwise.parameters())  # no gradient outlives its update
+        if step == 3:  # resume the layer-wise run from a checkpoint
+            torch.save(opt_b.state_dict(), tmp_path / "o.pt")
+            opt_b = cls(mlp_groups(layerwise, cls=cls), **kwargs_for(cls, **extra))
+            opt_b.load_state_dict(torch.load(tmp_path / "o.pt", weights_only=True))
+            for h in handles:
+                h.remove()
+            handles = la.layerwise_hooks(opt_b)
+    assert all(torch.equal(p, q) for p, q in zip(ordinary.parameters(), layerwise.parameters()))
+    assert_same_state(opt_a.state_dict(), opt_b.state_dict())
+
+
+def test_layerwise_refusals():
+    model = mlp()
+    with pytest.raises(TypeError, match="needs an optimizer of this module"):
+        la.layerwise_hooks(torch.optim.AdamW(model.parameters()))
+    la.layerwise_hooks(la.AdaptiveAdamW(mlp_groups(model)))
+    with pytest.raises(RuntimeError, match="AdaptiveAdamW cannot update one parameter at a time"):
+        nn.functional.mse_loss(model(regression_data()[0]), regression_data()[1]).backward()
+    with pytest.raises(ValueError, match="not a parameter of this optimizer"):
+        la.GaLoreAdamW(mlp().parameters()).step_parameter(model[0].weight)
+
+
 INVALID = [("lr", -1.0, "learning rate"), ("eps", 0.0, "epsilon"), ("eps", -1e-8, "epsilon"),
            ("betas", (1.0, 0.999), "beta parameter at index 0"), ("betas", (0.9, -0.1), "beta parameter at index 1"),
            ("weight_decay", -0.1, "weight_decay")]
