@@ -245,7 +245,7 @@ def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale, proj_type=
     generators seeded with stream_seed(seed, 0, t): an input, like the gradients."""
     W = W0.clone()
     side = PROJECTION_SIDE[proj_type](*W.shape)
-    M = V = P = None
+    M = V = P = P_ref = None
     prev_rms = 0.0
     for t, G in enumerate(grads, start=1):
         X = G if side == "left" else G.T  # the rows of X are what P spans
@@ -254,14 +254,14 @@ def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale, proj_type=
             if subspace == "random":  # a fresh uniformly random basis
                 gen = torch.Generator().manual_seed(la.stream_seed(seed, 0, t))
                 P_new = signed_qr(torch.randn(X.shape[0], r, generator=gen, dtype=W.dtype))
-            elif subspace == "gha" and P is not None:  # re-orthonormalize the tracked basis
-                P_new = signed_qr(P)
+            elif subspace == "gha" and P is not None:  # the basis GHA has tracked
+                P_new = P
             else:  # the top-r left singular vectors
                 P_new = left_singular_vectors(X)[:, :r]
             if subspace != "svd" and M is not None:  # the moments follow the basis
-                C = P_new.T @ P
+                C = P_new.T @ (P_ref if subspace == "gha" else P)
                 M, V = C @ M, (C * C) @ V
-            P = P_new
+            P = P_ref = P_new
         R = P.T @ X
         if M is None:
             M, V = torch.zeros_like(R), torch.zeros_like(R)
@@ -273,11 +273,9 @@ def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale, proj_type=
             S, prev_rms = limit_growth(fira_residual(X, P, R, N), prev_rms, gamma)
             D = D + S
         W = W * (1 - lr * wd) - lr * (D if side == "left" else D.T)
-        if subspace == "gha":  # Sanger's rule on C = X Xᵀ / ‖X‖², then the moments follow
+        if subspace == "gha":  # Sanger's rule on C = X Xᵀ / ‖X‖², then QR
             Cov = X @ X.T / (X * X).sum()
-            P_next = P + gha_lr * (Cov @ P - P @ torch.triu(P.T @ Cov @ P))
-            C = P_next.T @ P
-            M, V, P = C @ M, (C * C) @ V, P_next
+            P = signed_qr(P + gha_lr * (Cov @ P - P @ torch.triu(P.T @ Cov @ P)))
     return W
 
 
