@@ -1357,8 +1357,12 @@ def test_script_trains_and_resumes_exactly(opt, corpus, tmp_path, capsys):
 def test_a_resumed_run_reports_whole_run_timings_and_a_complete_run_its_saved_result(corpus, tmp_path, capsys):
     common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path)]
     tl.main(common + ["--stop-after", "3"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["timing"] = {"seconds": 1000.0, "step_seconds": 3.0}  # as if the first 3 steps had taken that long
+    torch.save(ckpt, tmp_path / "ckpt.pt")
     resumed = tl.main(common + ["--resume"])
-    assert resumed["tokens_per_s"] > 0 and math.isfinite(resumed["step_ms"]) and resumed["steps"] == 6
+    assert resumed["steps"] == 6 and 1000 < resumed["seconds"] < 1100 and resumed["step_ms"] > 3000 / 6
+    assert resumed["tokens_per_s"] == pytest.approx(6 * 2 * 32 / resumed["seconds"])
     again = tl.main(common + ["--resume"])
     assert again == resumed
     assert "is complete (6 steps); its saved result" in capsys.readouterr().out
@@ -1550,6 +1554,7 @@ def test_help_is_grouped_with_examples_on_their_lines_and_one_default_per_flag(c
     for entry in entries:
         assert len(re.findall(r"default|unset", entry)) <= 1, entry
     assert "--residual, --no-residual" in text and "(default: 300)" in text
+    assert "decoupled weight decay (default: 0.0)" in text and "(default: False)" not in text
 
 
 def test_every_optimizer_flag_names_an_argument_of_an_optimizer():
@@ -1558,6 +1563,37 @@ def test_every_optimizer_flag_names_an_argument_of_an_optimizer():
     groups = ("galore and adaptive", "ldadam", "adapprox")
     flags = [a.dest for g in tl.build_parser()._action_groups if g.title in groups for a in g._group_actions]
     assert len(flags) == 14 and set(flags) - takes == {"ldadam_betas"}
+
+
+FLAG_EFFECTS = [  # (flags, what the optimizer's last param group holds then; None = off)
+    (["--optimizer", "galore", "--update-proj-gap", "7", "--scale", "0.5", "--norm-growth-limit", "0", "--residual"],
+     dict(update_proj_gap=7, scale=0.5, norm_growth_limit=None, residual=True, rank=16)),
+    (["--optimizer", "adaptive", "--rank-metric", "gap", "--no-residual", "--rank", "3", "--norm-growth-limit", "2"],
+     dict(rank_metric="gap", residual=False, rank=3, norm_growth_limit=2.0)),
+    (["--optimizer", "adaptive:conditioning+noresidual", "--rank-metric", "gap", "--residual"],  # the spec wins
+     dict(rank_metric="conditioning", residual=False)),
+    (["--optimizer", "ldadam", "--rho", "0.5", "--no-error-feedback", "--ldadam-betas", "0.8", "0.9"],
+     dict(rho=0.5, error_feedback=False, betas=(0.8, 0.9))),
+    (["--optimizer", "adapprox", "--k-max-frac", "0.5", "--err-tol", "0.2", "--rank-init", "2", "--clip-threshold",
+      "0", "--cosine-guidance", "--beta2", "0.95", "--weight-decay", "0.1", "--lr", "adapprox=1e-4"],
+     dict(k_max_frac=0.5, err_tol=0.2, rank_init=2, clip_threshold=None, cosine_guidance=True, betas=(0.9, 0.95),
+          weight_decay=0.1, lr=1e-4)),
+    (["--optimizer", "adamw", "--beta1", "0.8", "--update-proj-gap", "7"], dict(betas=(0.8, 0.999), lr=3e-3)),
+]
+
+
+@pytest.mark.parametrize("argv, expected", FLAG_EFFECTS, ids=[a[1] for a, _ in FLAG_EFFECTS])
+def test_flags_reach_the_optimizer(argv, expected):
+    args = tl.parse_args(argv + ["--seed", "3"])
+    opt = tl.build_optimizer(args, tl.build_model(args, vocab_size=64, device="meta"))
+    group = opt.param_groups[-1]
+    assert {k: group[k] for k in expected} == expected
+    if isinstance(opt, la.LDAdam):
+        assert opt.error_dtype == torch.float32
+        args.error_dtype = "bf16"
+        assert tl.build_optimizer(args, tl.build_model(args, 64, device="meta")).error_dtype == torch.bfloat16
+    if isinstance(opt, la.Adapprox):
+        assert opt.seed == 3
 
 
 def test_a_new_optimizer_is_one_recipe(corpus, tmp_path, monkeypatch):

@@ -70,8 +70,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Examples keep their lines; a flag shows its default once (none for switches
     and unset flags: their help says what unset means)."""
     def _get_help_string(self, action):
-        shown = action.default not in (None, False, argparse.SUPPRESS)
-        return action.help + " (default: %(default)s)" if shown else action.help
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        return action.help if unset else action.help + " (default: %(default)s)"
 
 def data_and_model_flags(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group("data")
@@ -150,11 +150,12 @@ def run_flags(p: argparse.ArgumentParser) -> None:
                    help="autocast dtype on CUDA (CPU runs float32)")
     y.add_argument("--compile", action="store_true", help="torch.compile the model")
     y.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = 1 for the tiny and 9m models on CPU "
-                   "(measured faster when another process shares the cores), torch's default otherwise")
+                   "(far faster when another process shares the cores), else one per core")
     y.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 bf16 dense)")
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="train_tiny_llama.py", description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    p = Parser(prog="train_tiny_llama.py", usage="%(prog)s [--flag value ...]", description=__doc__,
+               formatter_class=HelpFormatter, allow_abbrev=False)
     data_and_model_flags(p)
     optimizer_flags(p)
     run_flags(p)
@@ -579,9 +580,9 @@ class Recipe:
     lowrank: bool = False
     variants: dict = field(default_factory=dict)  # ":kind" or "+switch" -> options
 
-    def describe(self, name: str) -> str:
-        kinds = "|".join(v for v in self.variants if v[0] == ":")
-        return name + (f"[{kinds}]" if kinds else "") + "".join(f"[{v}]" for v in self.variants if v[0] == "+")
+    def describe(self, name: str) -> str:  # e.g. adaptive[:gap|combined|...][+residual][+noresidual]
+        kinds = "|".join(v[1:] for v in self.variants if v[0] == ":")
+        return name + (f"[:{kinds}]" if kinds else "") + "".join(f"[{v}]" for v in self.variants if v[0] == "+")
 
 RESIDUAL = {"+residual": {"residual": True}, "+noresidual": {"residual": False}}
 OPTIMIZERS = {
