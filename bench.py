@@ -319,15 +319,15 @@ def plot_ranks(plt, name: str, optimizer: str, names: list, history: list, path:
     if optimizer.startswith("adaptive"):
         # one column per allocation: keep the rank vectors where they change
         cols = [history[0]] + [h for prev, h in zip(history, history[1:]) if h[1] != prev[1]]
-        grid = torch.tensor([c[1] for c in cols]).T  # (matrices, allocations)
+        grid = [[c[1][i] for c in cols] for i in range(len(names))]  # (matrices, allocations)
         fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(cols) + 3), 0.25 * len(names) + 1.5))
         im = ax.imshow(grid, aspect="auto", cmap="viridis")
         ax.set_yticks(range(len(short)), short, fontsize=7)
         ax.set_xticks(range(len(cols)), [str(c[0]) for c in cols], fontsize=7)
         ax.set_xlabel("logged at step (each column: a new allocation)")
-        for i in range(grid.shape[0]):
-            for j in range(grid.shape[1]):
-                ax.text(j, i, str(int(grid[i, j])), ha="center", va="center", fontsize=6, color="w")
+        for i, row in enumerate(grid):
+            for j, rank in enumerate(row):
+                ax.text(j, i, str(rank), ha="center", va="center", fontsize=6, color="w")
         fig.colorbar(im, ax=ax, label="rank")
         ax.set_title(f"AdaptiveAdamW ranks: {name}")
     else:
