@@ -129,7 +129,8 @@ def summarize(results: list[dict]) -> str:
             spread = (max(r["val_loss"] for r in rs) - min(r["val_loss"] for r in rs)) / 2
             row = [key[0], f"{key[1]:g}", str(len(rs)), f"{loss:.4f}" + (f" ± {spread:.4f}" if len(rs) > 1 else ""),
                    f"{math.exp(loss):.3f}", f"{loss - med(ref, 'val_loss'):+.4f}" if ref else "",
-                   f"{med(rs, 'state_mb'):.3f}", f"{100 * med(rs, 'state_mb') / med(ref, 'state_mb'):.1f}" if ref else "",
+                   f"{med(rs, 'state_mb'):.3f}",
+                   f"{100 * med(rs, 'state_mb') / med(ref, 'state_mb'):.1f}" if ref else "",
                    f"{med(rs, 'step_ms'):.2f}", f"{med(rs, 'tokens_per_s'):,.0f}"]
             lines.append("| " + " | ".join(row + ([f"{med(rs, 'peak_cuda_gb'):.2f}"] if cuda else [])) + " |")
         return "\n".join(lines)
@@ -272,7 +273,8 @@ def import_pyplot():
 
 def read_runs(out_dir: Path) -> dict[str, list[dict]]:
     """metrics.jsonl of a run folder, or of every run folder inside one: {run name: rows}."""
-    files = [out_dir / "metrics.jsonl"] if (out_dir / "metrics.jsonl").exists() else sorted(out_dir.glob("*/metrics.jsonl"))
+    single = out_dir / "metrics.jsonl"
+    files = [single] if single.exists() else sorted(out_dir.glob("*/metrics.jsonl"))
     return {f.parent.name: [json.loads(line) for line in f.read_text().splitlines() if line.strip()] for f in files}
 
 def make_plots(out_dir: Path) -> list[Path]:

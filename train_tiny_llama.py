@@ -1,9 +1,8 @@
 """Pretrain a small LLaMA on C4 with the optimizers of lowrank_adam: one training run.
 
-Read top to bottom: configuration, model, tokenizers, data, optimizers,
-checkpoints, the training loop, DDP and main. bench.py imports this file to
-compare runs (optimizers side by side, seeds, lr sweeps, step() timings, the
-memory table, plots).
+Read it top to bottom: configuration, model, tokenizers, data, optimizers,
+checkpoints, the training loop, DDP and main. bench.py imports it to compare
+runs (side by side, seeds, lr sweeps, step() timings, memory, plots).
 
 examples:
   python train_tiny_llama.py                          # tiny LLaMA, AdamW, embedded corpus: ~20 s on 2 CPU cores
@@ -26,8 +25,8 @@ import argparse
 import ast
 import contextlib
 import glob
-import inspect
 import gzip
+import inspect
 import json
 import math
 import os
@@ -75,8 +74,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def data_and_model_flags(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group("data")
-    a.add_argument("--data", help="C4 shards: a folder, glob or file of c4-train.*.json.gz, c4-validation.*.json.gz, "
-                   ".json or .jsonl; unset: the embedded Python-docs corpus")
+    a.add_argument("--data", help="C4 shards: a folder, glob or file of c4-train.*.json.gz, c4-validation.*.json.gz,"
+                   " .json or .jsonl; unset: the embedded Python-docs corpus")
     a.add_argument("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "lowrank_adam"),
                    help="where the embedded corpus is written")
     a.add_argument("--tokenizer", help="a local tokenizer.json (needs 'pip install tokenizers'); unset: UTF-8 bytes")
@@ -102,32 +101,27 @@ def optimizer_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--rank", type=int, help="rank of the attn/mlp matrices (adaptive: the average); unset: hidden/4")
     # The flags below are passed to the optimizers that take a keyword argument of
     # the same name; unset, the optimizer's own default applies.
+    G, A = la.GaLoreAdamW, la.Adapprox
     unset = lambda cls, name: f"; unset: {inspect.signature(cls).parameters[name].default}"
     g = p.add_argument_group("galore and adaptive")
-    g.add_argument("--update-proj-gap", type=int, help="steps between subspace refreshes" + unset(la.GaLoreAdamW,
-                   "update_proj_gap"))
-    g.add_argument("--scale", type=float, help="scale α of the low-rank update" + unset(la.GaLoreAdamW, "scale"))
-    g.add_argument("--rank-metric", choices=sorted(la.RANK_METRICS), help="adaptive's rank-allocation metric" +
-                   unset(la.AdaptiveAdamW, "rank_metric"))
-    g.add_argument("--residual", action=argparse.BooleanOptionalAction, help="the Fira-style out-of-subspace "
-                   "residual; unset: off for galore, on for adaptive")
-    g.add_argument("--norm-growth-limit", type=float, help="norm-growth limiter γ, 0 = off" + unset(la.GaLoreAdamW,
-                   "norm_growth_limit"))
+    g.add_argument("--update-proj-gap", type=int, help="steps between subspace refreshes" + unset(G, "update_proj_gap"))
+    g.add_argument("--scale", type=float, help="scale α of the low-rank update" + unset(G, "scale"))
+    g.add_argument("--rank-metric", choices=sorted(la.RANK_METRICS), help="adaptive's rank-allocation metric; unset: "
+                   "explained_variance")
+    g.add_argument("--residual", action=argparse.BooleanOptionalAction,
+                   help="the Fira-style out-of-subspace residual; unset: off for galore, on for adaptive")
+    g.add_argument("--norm-growth-limit", type=float, help="limiter γ, 0 = off" + unset(G, "norm_growth_limit"))
     d = p.add_argument_group("ldadam")
     d.add_argument("--rho", type=float, help="weight of the previous subspace" + unset(la.LDAdam, "rho"))
-    d.add_argument("--ldadam-betas", type=float, nargs=2, metavar=("B1", "B2"),
-                   help="unset: --beta1 --beta2 (the paper's are 0.908 0.99)")
+    d.add_argument("--ldadam-betas", type=float, nargs=2, metavar=("B1", "B2"), help="unset: --beta1 --beta2")
     d.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, help="unset: on")
     d.add_argument("--error-dtype", choices=["fp32", "bf16"], help="error-feedback buffer dtype; unset: fp32")
     x = p.add_argument_group("adapprox")
-    x.add_argument("--k-max-frac", type=float, help="largest rank / min(m, n)" + unset(la.Adapprox, "k_max_frac"))
-    x.add_argument("--err-tol", type=float, help="relative error target of the rank rule" + unset(la.Adapprox,
-                   "err_tol"))
+    x.add_argument("--k-max-frac", type=float, help="largest rank / min(m, n)" + unset(A, "k_max_frac"))
+    x.add_argument("--err-tol", type=float, help="relative error target of the rank rule" + unset(A, "err_tol"))
     x.add_argument("--rank-init", type=int, help="initial rank; unset: the largest")
-    x.add_argument("--clip-threshold", type=float, help="update clipping d, 0 = off" + unset(la.Adapprox,
-                   "clip_threshold"))
-    x.add_argument("--cosine-guidance", action=argparse.BooleanOptionalAction, help="cosine-similarity guidance; "
-                   "unset: off")
+    x.add_argument("--clip-threshold", type=float, help="update clipping d, 0 = off" + unset(A, "clip_threshold"))
+    x.add_argument("--cosine-guidance", action=argparse.BooleanOptionalAction, help="unset: off")
 
 def run_flags(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("schedule")
@@ -138,16 +132,15 @@ def run_flags(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("output and checkpoints")
     c.add_argument("--out-dir", default="out", help="this run's folder: ckpt.pt and metrics.jsonl")
     c.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
-    c.add_argument("--stop-after", type=int, help="stop with a checkpoint after this many steps of this invocation, "
-                   "keeping the --max-steps schedule; unset: run to --max-steps")
+    c.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N steps of this invocation; "
+                   "unset: run to --max-steps")
     c.add_argument("--save-interval", type=int, default=0, help="also checkpoint every N steps (0 = only at the end)")
     c.add_argument("--eval-interval", type=int, default=100, help="steps between validation evaluations")
     c.add_argument("--log-interval", type=int, default=10, help="steps between train-loss lines")
     c.add_argument("--quiet", action="store_true", help="no train-loss lines (evaluations and messages still print)")
     y = p.add_argument_group("system")
     y.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    y.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                   help="autocast dtype on CUDA (CPU runs float32)")
+    y.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="autocast on CUDA")
     y.add_argument("--compile", action="store_true", help="torch.compile the model")
     y.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = 1 for the tiny and 9m models on CPU "
                    "(far faster when another process shares the cores), else one per core")
@@ -260,10 +253,8 @@ class Attention(nn.Module):
     def __init__(self, c: LlamaConfig):
         super().__init__()
         self.heads, self.head_dim = c.heads, c.hidden // c.heads
-        self.q_proj = nn.Linear(c.hidden, c.hidden, bias=False)
-        self.k_proj = nn.Linear(c.hidden, c.hidden, bias=False)
-        self.v_proj = nn.Linear(c.hidden, c.hidden, bias=False)
-        self.o_proj = nn.Linear(c.hidden, c.hidden, bias=False)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(c.hidden, c.hidden, bias=False)
+                                                              for _ in range(4))
 
     def forward(self, x, cos, sin):
         B, T, C = x.shape
@@ -341,37 +332,33 @@ class ByteTokenizer:
         return list(text.encode("utf-8", errors="replace"))
 
 class FileTokenizer:
-    """A local ``tokenizer.json`` through the ``tokenizers`` package."""
+    """A local ``tokenizer.json`` through the ``tokenizers`` package; checked as it loads."""
     def __init__(self, path: str, eos_token: Optional[str]):
         try:
             json.loads(Path(path).read_bytes())
         except OSError as e:
-            raise ValueError(f"--tokenizer {path}: {e.strerror or e}") from None
+            fail(f"--tokenizer {path}: {e.strerror or e}")
         except ValueError as e:
-            raise ValueError(f"--tokenizer {path}: not a tokenizer.json (not JSON: {e})") from None
+            fail(f"--tokenizer {path}: not a tokenizer.json (not JSON: {e})")
         try:
             from tokenizers import Tokenizer
-        except ImportError:
-            raise ValueError("--tokenizer needs the 'tokenizers' package: pip install tokenizers") from None
-        try:
             self.tok, self.name = Tokenizer.from_file(path), path
+        except ImportError:
+            fail("--tokenizer needs the 'tokenizers' package: pip install tokenizers")
         except Exception as e:  # the package's own parse error
-            raise ValueError(f"--tokenizer {path}: not a tokenizer.json that 'tokenizers' can load ({e})") from None
+            fail(f"--tokenizer {path}: not a tokenizer.json that 'tokenizers' can load ({e})")
         self.vocab_size = self.tok.get_vocab_size()
         candidates = [eos_token] if eos_token else ["</s>", "<|endoftext|>", "<eos>", "[SEP]"]
         ids = [self.tok.token_to_id(t) for t in candidates if self.tok.token_to_id(t) is not None]
         if not ids:
-            raise ValueError(f"--tokenizer {path}: none of {candidates} is in its vocabulary; name one with --eos-token")
+            fail(f"--tokenizer {path}: none of {candidates} is in its vocabulary; name one with --eos-token")
         self.eos_id = ids[0]
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
 def load_tokenizer(args):
-    try:
-        return FileTokenizer(args.tokenizer, args.eos_token) if args.tokenizer else ByteTokenizer()
-    except ValueError as e:
-        fail(str(e))
+    return FileTokenizer(args.tokenizer, args.eos_token) if args.tokenizer else ByteTokenizer()
 
 # ----------------------------------------------------------------------------- data
 # C4 shards -> documents -> packed token sequences -> shuffled batches.
@@ -515,12 +502,12 @@ class C4Data:
         seqs = packed_sequences(self.train_files if self.holdout else self.val_files, self.tokenizer, self.seq_len,
                                 keep=keep, stats=self.stats, epochs=1)
         out = [b for _, b in zip(range(count), batched(seqs, batch_size, partial=True))]
-        if not out and self.holdout:
-            raise DataError(f"the held-out validation set is empty: with no c4-validation.* shard every "
-                            f"{HOLDOUT_EVERY}th document is held out, and {self.stats.documents} documents give no "
-                            f"held-out sequence of {self.seq_len + 1} tokens; add a validation shard or more documents")
         if not out:
-            raise DataError(f"the validation shards give no sequence of {self.seq_len + 1} tokens: use a shorter --seq-len")
+            raise DataError(f"the held-out validation set is empty: with no c4-validation.* shard every {HOLDOUT_EVERY}"
+                            f"th document is held out, and {self.stats.documents} documents give no held-out sequence "
+                            f"of {self.seq_len + 1} tokens; add a validation shard or more documents" if self.holdout
+                            else f"the validation shards give no sequence of {self.seq_len + 1} tokens: use a "
+                            "shorter --seq-len")
         return out
 
 def python_docs() -> Iterator[tuple[str, str]]:
