@@ -1,8 +1,8 @@
 """Pretrain a small LLaMA on C4 with the optimizers of lowrank_adam: one training run.
 
-Read it top to bottom: configuration, model, tokenizers, data, optimizers,
-checkpoints, the training loop, DDP and main. bench.py imports it to compare
-runs (side by side, seeds, lr sweeps, step() timings, memory, plots).
+Read it top to bottom: configuration, model, tokenizers, data, optimizers, the
+training steps, checkpoints, the loop, DDP and main. bench.py imports it to
+compare runs (side by side, seeds, lr sweeps, step() timings, memory, plots).
 
 examples:
   python train_tiny_llama.py                          # tiny LLaMA, AdamW, embedded corpus: ~20 s on 2 CPU cores
@@ -640,65 +640,8 @@ def get_lr(it: int, base: float, warmup: int, max_steps: int, min_ratio: float) 
     progress = (it - warmup) / max(1, max_steps - warmup)
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
-# ----------------------------------------------------------------------------- checkpoints
-# Atomic, and exact to resume: model, optimizer, scaler, step, data position, RNG.
-
-# The flags a resume may change: where and how fast it runs, how often it reports.
-# The others shape the run (model, data, optimizer, schedule, seed; --max-steps too,
-# as the cosine schedule is laid out over it), so a resume that changes one is refused.
-RESUME_MAY_CHANGE = ("resume", "out_dir", "stop_after", "save_interval", "eval_interval", "log_interval", "quiet",
-                     "device", "compile", "threads", "peak_tflops", "cache_dir")
-
-def run_settings(args) -> dict:
-    """How the run was made: every flag, and the number of processes."""
-    return {**vars(args), "processes": int(os.environ.get("WORLD_SIZE", 1))}
-
-def resume_checkpoint(args) -> Optional[dict]:
-    """With --resume, the checkpoint in --out-dir (None if there is none yet),
-    refused if it was made with other settings."""
-    path = Path(args.out_dir) / "ckpt.pt"
-    if not args.resume or not path.exists():
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, foreign pickle...
-        fail(f"checkpoint {path} is corrupt or not a checkpoint of this script ({type(e).__name__}: {e}); "
-             "delete it or choose another --out-dir")
-    if not isinstance(ckpt, dict) or "settings" not in ckpt:
-        fail(f"checkpoint {path} is not a checkpoint of this script")
-    saved, now = ckpt["settings"], run_settings(args)
-    flag = lambda k: "processes" if k == "processes" else "--" + k.replace("_", "-")
-    changed = [f"{flag(k)} {saved[k]} (now {now[k]})" for k in saved
-               if k in now and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
-    if changed:
-        fail(f"--resume: {path} was made with other settings: {', '.join(changed)}. A resume may only change "
-             f"{', '.join(flag(k) for k in RESUME_MAY_CHANGE[2:])}; start anything else in a new --out-dir")
-    return ckpt
-
-def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
-    """Everything an exact resume needs; ``result`` marks a complete run.
-    Written to a temporary file, then renamed over the old checkpoint."""
-    path = Path(run.args.out_dir) / "ckpt.pt"
-    torch.save({"model": run.raw_model.state_dict(), "optimizer": run.opt.state_dict(),
-                "scaler": run.scaler.state_dict(), "settings": run_settings(run.args), "step": run.step,
-                "batches_done": run.batches_done, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                "timing": {"seconds": run.train_seconds(), "step_seconds": run.step_seconds}, "result": result},
-               path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
-
-def restore(run: Run, ckpt: dict) -> None:
-    run.raw_model.load_state_dict(ckpt["model"])
-    run.opt.load_state_dict(ckpt["optimizer"])
-    if ckpt["scaler"]:
-        run.scaler.load_state_dict(ckpt["scaler"])
-    run.step, run.batches_done = ckpt["step"], ckpt["batches_done"]
-    run.seconds, run.step_seconds = ckpt["timing"]["seconds"], ckpt["timing"]["step_seconds"]
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    random.setstate(ckpt["rng"]["python"])
-
 # ----------------------------------------------------------------------------- training
-# The run's state, the loop's steps (train_step, evaluate, log_train, log_eval and
-# save_checkpoint above), the loop (train) and its end (finish).
+# The run's state and the loop's steps: train_step, evaluate, log_train, log_eval.
 
 class Dist(NamedTuple):
     ddp: bool  # launched by torchrun
@@ -821,6 +764,65 @@ def ranked_parameter_names(run: Run) -> list[str]:
     if isinstance(run.opt, la.Adapprox):
         return [names[id(p)] for g in run.opt.param_groups for p in g["params"] if la.Adapprox.is_factored(p)]
     return [names[id(p)] for g in run.opt.param_groups if g.get("rank") is not None for p in g["params"]]
+
+# ----------------------------------------------------------------------------- checkpoints
+# Atomic, and exact to resume: model, optimizer, scaler, step, data position, RNG.
+
+# The flags a resume may change: where and how fast it runs, how often it reports.
+# The others shape the run (model, data, optimizer, schedule, seed; --max-steps too,
+# as the cosine schedule is laid out over it), so a resume that changes one is refused.
+RESUME_MAY_CHANGE = ("resume", "out_dir", "stop_after", "save_interval", "eval_interval", "log_interval", "quiet",
+                     "device", "compile", "threads", "peak_tflops", "cache_dir")
+
+def run_settings(args) -> dict:
+    """How the run was made: every flag, and the number of processes."""
+    return {**vars(args), "processes": int(os.environ.get("WORLD_SIZE", 1))}
+
+def resume_checkpoint(args) -> Optional[dict]:
+    """With --resume, the checkpoint in --out-dir (None if there is none yet),
+    refused if it was made with other settings."""
+    path = Path(args.out_dir) / "ckpt.pt"
+    if not args.resume or not path.exists():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, foreign pickle...
+        fail(f"checkpoint {path} is corrupt or not a checkpoint of this script ({type(e).__name__}: {e}); "
+             "delete it or choose another --out-dir")
+    if not isinstance(ckpt, dict) or "settings" not in ckpt:
+        fail(f"checkpoint {path} is not a checkpoint of this script")
+    saved, now = ckpt["settings"], run_settings(args)
+    flag = lambda k: "processes" if k == "processes" else "--" + k.replace("_", "-")
+    changed = [f"{flag(k)} {saved[k]} (now {now[k]})" for k in saved
+               if k in now and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    if changed:
+        fail(f"--resume: {path} was made with other settings: {', '.join(changed)}. A resume may only change "
+             f"{', '.join(flag(k) for k in RESUME_MAY_CHANGE[2:])}; start anything else in a new --out-dir")
+    return ckpt
+
+def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
+    """Everything an exact resume needs; ``result`` marks a complete run.
+    Written to a temporary file, then renamed over the old checkpoint."""
+    path = Path(run.args.out_dir) / "ckpt.pt"
+    torch.save({"model": run.raw_model.state_dict(), "optimizer": run.opt.state_dict(),
+                "scaler": run.scaler.state_dict(), "settings": run_settings(run.args), "step": run.step,
+                "batches_done": run.batches_done, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                "timing": {"seconds": run.train_seconds(), "step_seconds": run.step_seconds}, "result": result},
+               path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+def restore(run: Run, ckpt: dict) -> None:
+    run.raw_model.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"]:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.step, run.batches_done = ckpt["step"], ckpt["batches_done"]
+    run.seconds, run.step_seconds = ckpt["timing"]["seconds"], ckpt["timing"]["step_seconds"]
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    random.setstate(ckpt["rng"]["python"])
+
+# ----------------------------------------------------------------------------- the loop
+# train() steps to --max-steps (or --stop-after) and finish() ends the invocation.
 
 @contextlib.contextmanager
 def stop_on_first_ctrl_c():
