@@ -1609,7 +1609,7 @@ def test_small_models_on_cpu_default_to_one_thread():
     """Issue 13 #11. conftest.py pins the suite itself to 1 thread."""
     assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
     try:
-        for model, threads, expect in [("tiny", 0, 1), ("9m", 0, 1), ("tiny", 2, 2), ("60m", 0, 2)]:
+        for model, threads, expect in [("tiny", 0, 1), ("9m", 0, 2), ("tiny", 2, 2), ("60m", 0, 2), ("9m", 1, 1)]:
             torch.set_num_threads(2)
             tl.set_threads(tl.parse_args(["--model", model, "--threads", str(threads)]), "cpu")
             assert torch.get_num_threads() == expect
