@@ -965,7 +965,7 @@ def load_data(args, tokenizer, dist: Dist) -> tuple[C4Data, list]:
               f"{tokenizer.name} (vocab {tokenizer.vocab_size})")
         print(f"model: {args.model} ({'/'.join(map(str, MODEL_SHAPES[args.model]))}); optimizer: {args.optimizer}, "
               f"lr {args.lr:g}; tokens per step: {args.batch_size * args.seq_len * args.grad_accum * dist.world:,}; "
-              f"device: {dist.device}, {torch.get_num_threads()} threads")
+              f"device: {dist.device}, CPU threads: {torch.get_num_threads()}")
     return data, val
 
 def report_data(stats: DataStats) -> None:
