@@ -5,7 +5,7 @@ training steps, checkpoints, the loop, DDP and main. bench.py imports it to
 compare runs (side by side, seeds, lr sweeps, step() timings, memory, plots).
 
 examples:
-  python train_tiny_llama.py                          # tiny LLaMA, AdamW, embedded corpus: ~20 s on 2 CPU cores
+  python train_tiny_llama.py                          # tiny LLaMA, AdamW, embedded corpus: ~25 s on 2 CPU cores
   python train_tiny_llama.py --optimizer galore --rank 8 --out-dir out/galore
   python train_tiny_llama.py --resume                 # continue out/ after Ctrl-C or --stop-after
   python train_tiny_llama.py --data /data/c4/en --tokenizer /data/t5-base/tokenizer.json \\
