@@ -979,7 +979,8 @@ def main(argv=None) -> dict:
     check_out_dir(args)
     ckpt = resume_checkpoint(args)
     if ckpt is not None and ckpt["result"] is not None:  # a complete run: nothing to train
-        print(f"{args.out_dir} is complete ({ckpt['step']} steps); its saved result:\n{describe(ckpt['result'])}")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{args.out_dir} is complete ({ckpt['step']} steps); its saved result:\n{describe(ckpt['result'])}")
         return ckpt["result"]
     dist = setup_distributed(args)
     try:
