@@ -1,4 +1,4 @@
-"""pytest configuration: one hypothesis profile for the whole suite.
+"""pytest configuration: one hypothesis profile and one CPU thread for the whole suite.
 
 Under CI (the ``CI`` environment variable set) examples are derandomized and
 no example database is written, so a run is reproducible and leaves no files.
@@ -25,3 +25,12 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+# One thread, whatever the machine: torch's default (one per core) made the suite
+# ten times slower on a 2-core machine shared with another process, and results
+# and timings should not depend on the core count. OMP_NUM_THREADS reaches the
+# processes the tests start (README commands, torchrun).
+os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

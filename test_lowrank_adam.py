@@ -1827,14 +1827,24 @@ def test_adapprox_cuda_checkpoint_continues_on_cpu():
 # =============================================================================
 # train_tiny_llama.py: model, data, end to end
 # =============================================================================
+# Also bench.py, README.md's commands and requirements.txt. Tests that start a
+# process say so in their name or docstring; the rest call main() directly.
 
+import builtins  # noqa: E402
 import gzip  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
+import bench  # noqa: E402
 import train_tiny_llama as tl  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def tiny_config(**over):
@@ -1936,11 +1946,16 @@ def test_ddp_ranks_get_disjoint_slices(tmp_path):
     assert b"<0>" in per_rank[0] and b"<1>" in per_rank[1] and b"<1><1>" not in per_rank[0]
 
 
-def test_bad_data_is_skipped_and_counted(tmp_path, capsys):
-    write_shard(tmp_path / "c4-train.00000-of-00003.json.gz", docs("ok", 5),
+def bad_data_folder(path):
+    """5 good documents with 2 undecodable lines and 2 without text, a truncated shard, a plain JSON file."""
+    write_shard(path / "c4-train.00000-of-00003.json.gz", docs("ok", 5),
                 raw_lines=[b"{not json", b'{"text": "\xff\xfe bad utf8"}', b'{"url": "no text here"}', b"[1, 2]"])
-    write_shard(tmp_path / "c4-train.00001-of-00003.json.gz", docs("cut", 200), truncate=True)
-    (tmp_path / "c4-train.00002-of-00003.json").write_text(json.dumps({"text": "plain json file"}) + "\n")
+    write_shard(path / "c4-train.00001-of-00003.json.gz", docs("cut", 200), truncate=True)
+    (path / "c4-train.00002-of-00003.json").write_text(json.dumps({"text": "plain json file"}) + "\n")
+
+
+def test_bad_data_is_skipped_and_counted(tmp_path, capsys):
+    bad_data_folder(tmp_path)
     files, _ = tl.find_shards(str(tmp_path))
     stats = tl.DataStats()
     texts = list(tl.read_documents(files, stats))
@@ -1949,13 +1964,36 @@ def test_bad_data_is_skipped_and_counted(tmp_path, capsys):
     assert "skipping the rest" in capsys.readouterr().err
 
 
+def test_bad_data_is_counted_and_warned_about_once_however_often_it_repeats(tmp_path, capsys):
+    """Issue 13 #8: 2 bad lines once became 'skipped 28' and 13 identical warnings."""
+    bad_data_folder(tmp_path)
+    write_shard(tmp_path / "c4-train.00003-of-00003.json.gz", docs("more", 150))
+    data = tl.C4Data(str(tmp_path), tl.ByteTokenizer(), 16)
+    data.val_batches(2, 4)  # the held-out pass reads every shard too
+    batches = data.train_batches(2, seed=0, shuffle_buffer=0)
+    for _ in range(300):  # many epochs of this small data set
+        next(batches)
+    s = data.stats
+    assert (s.bad_lines, s.no_text, s.bad_shards) == (2, 2, 1)
+    assert capsys.readouterr().err.count("skipping the rest") == 1
+
+
+def test_an_empty_held_out_set_is_named_as_the_problem(tmp_path):
+    """Issue 13 #9: fewer than 100 documents and no validation shard."""
+    write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", docs("few", 60))
+    with pytest.raises(tl.DataError, match="held-out validation set is empty.*60 documents"):
+        tl.C4Data(str(tmp_path), tl.ByteTokenizer(), 16).val_batches(2, 4)
+    with pytest.raises(SystemExit, match="held-out validation set is empty"):
+        tl.main(["--data", str(tmp_path), "--out-dir", str(tmp_path / "out")])
+
+
 def test_missing_or_empty_data_path_errors_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or directory"):
         tl.find_shards(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="no C4 shards"):
         tl.find_shards(str(tmp_path))
-    with pytest.raises(SystemExit, match="nope"):
-        tl.main(["--data", str(tmp_path / "nope"), "--quiet"])
+    with pytest.raises(SystemExit, match="nope: no such file"):
+        tl.main(["--data", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "out")])
 
 
 def test_lr_schedule():
@@ -1966,8 +2004,16 @@ def test_lr_schedule():
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    return str(tl.build_embedded_corpus(tmp_path_factory.mktemp("cache")))
+def xdg_cache(tmp_path_factory):
+    """An XDG_CACHE_HOME holding the embedded corpus, where --cache-dir looks by default."""
+    xdg = tmp_path_factory.mktemp("xdg")
+    tl.build_embedded_corpus(xdg / "lowrank_adam")
+    return xdg
+
+
+@pytest.fixture(scope="session")
+def corpus(xdg_cache):
+    return str(tl.build_embedded_corpus(xdg_cache / "lowrank_adam"))
 
 
 def test_embedded_corpus_is_c4_format(corpus):
@@ -1983,61 +2029,341 @@ SMALL = ["--quiet", "--max-steps", "6", "--eval-interval", "3", "--batch-size", 
          "--val-batches", "2", "--update-proj-gap", "4", "--shuffle-buffer", "50", "--warmup-steps", "2"]
 
 
-@pytest.mark.parametrize("opt", tl.OPTIMIZERS)
-def test_script_trains_and_resumes_exactly(opt, corpus, tmp_path):
+def history(out_dir):
+    """metrics.jsonl without its timings: what must be identical between two runs."""
+    rows = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "final")} for r in rows]
+
+
+@pytest.mark.parametrize("opt", list(tl.OPTIMIZERS))
+def test_script_trains_and_resumes_exactly(opt, corpus, tmp_path, capsys):
     common = SMALL + ["--data", corpus, "--optimizer", opt]
-    full = tl.main(common + ["--out-dir", str(tmp_path / "a")])[0]
+    a, b = tmp_path / "a", tmp_path / "b"
+    full = tl.main(common + ["--out-dir", str(a)])
     assert math.isfinite(full["val_loss"]) and full["steps"] == 6 and full["state_mb"] > 0
-    part = tl.main(common + ["--out-dir", str(tmp_path / "b"), "--stop-after", "4"])[0]
+    part = tl.main(common + ["--out-dir", str(b), "--stop-after", "4"])
     assert part["steps"] == 4
-    resumed = tl.main(common + ["--out-dir", str(tmp_path / "b"), "--resume"])[0]
-    assert resumed["steps"] == 6
-    a = torch.load(tmp_path / "a" / f"{opt}-seed0" / "ckpt.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / f"{opt}-seed0" / "ckpt.pt", weights_only=True)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert resumed["val_loss"] == full["val_loss"]
-    rows = [json.loads(line) for line in open(tmp_path / "a" / f"{opt}-seed0" / "metrics.jsonl")]
-    assert any("val_ppl" in r for r in rows) and "final" in rows[-1]
+    assert f"stopped at step 4 of 6 (--stop-after 4): checkpoint saved to {b / 'ckpt.pt'}; rerun with --resume" \
+        in capsys.readouterr().out
+    shutil.copy(b / "ckpt.pt", tmp_path / "step4.pt")
+    resumed = tl.main(common + ["--out-dir", str(b), "--resume"])
+    assert resumed["steps"] == 6 and resumed["val_loss"] == full["val_loss"]
+    ckpt_a, ckpt_b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (a, b))
+    assert all(torch.equal(ckpt_a["model"][k], ckpt_b["model"][k]) for k in ckpt_a["model"])
+    assert history(b) == history(a) and "final" in json.loads(open(a / "metrics.jsonl").readlines()[-1])
+    # a crash after step 6 but before the final save: resuming the step-4 checkpoint drops the
+    # rows after step 4 before it logs them again, so every step appears once
+    shutil.copy(tmp_path / "step4.pt", b / "ckpt.pt")
+    assert tl.main(common + ["--out-dir", str(b), "--resume"])["val_loss"] == full["val_loss"]
+    assert history(b) == history(a)
 
 
-def test_corrupt_and_incompatible_checkpoints_error_clearly(corpus, tmp_path):
+def test_a_resumed_run_reports_whole_run_timings_and_a_complete_run_its_saved_result(corpus, tmp_path, capsys):
     common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path)]
-    tl.main(common + ["--optimizer", "galore"])
-    ckpt = tmp_path / "galore-seed0" / "ckpt.pt"
-    with pytest.raises(SystemExit, match="incompatible"):
-        tl.main(common + ["--optimizer", "galore", "--resume", "--model", "9m"])
+    tl.main(common + ["--stop-after", "3"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["timing"] = {"seconds": 1000.0, "step_seconds": 3.0}  # as if the first 3 steps had taken that long
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    resumed = tl.main(common + ["--resume"])
+    assert resumed["steps"] == 6 and 1000 < resumed["seconds"] < 1100 and resumed["step_ms"] > 3000 / 6
+    assert resumed["tokens_per_s"] == pytest.approx(6 * 2 * 32 / resumed["seconds"])
+    again = tl.main(common + ["--resume"])
+    assert again == resumed
+    assert "is complete (6 steps); its saved result" in capsys.readouterr().out
+
+
+def test_an_existing_run_is_never_overwritten(corpus, tmp_path):
+    """Issue 13 #2: a second run into the same --out-dir used to overwrite ckpt.pt and append to metrics.jsonl."""
+    common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path)]
+    tl.main(common + ["--stop-after", "2"])
+    before = (tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit, match="already holds a run .ckpt.pt, metrics.jsonl.: add --resume"):
+        tl.main(common)
+    assert ((tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "metrics.jsonl").read_text()) == before
+    (tmp_path / "ckpt.pt").unlink()  # a run that died before its first checkpoint: still refused
+    with pytest.raises(SystemExit, match="already holds a run .metrics.jsonl."):
+        tl.main(common)
+
+
+def test_a_resume_with_other_settings_is_refused_naming_them(corpus, tmp_path):
+    """Issue 13 #3: a rank-16 checkpoint resumed with --rank 8 trained on at rank 16."""
+    common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "galore"]
+    tl.main(common + ["--rank", "16", "--stop-after", "2"])
+    with pytest.raises(SystemExit, match=r"other settings: --rank 16 \(now 8\), --max-steps 6 \(now 9\)\. A "
+                                         r"resume may only change --stop-after, --save-interval"):
+        tl.main(common + ["--rank", "8", "--max-steps", "9", "--resume"])
+    with pytest.raises(SystemExit, match=r"--optimizer galore \(now adamw\)"):
+        tl.main(common + ["--rank", "16", "--optimizer", "adamw", "--resume"])
+    # what may change: reporting, checkpoint cadence, device, threads...
+    done = tl.main(common + ["--rank", "16", "--resume", "--eval-interval", "2", "--log-interval", "1",
+                             "--threads", "1", "--save-interval", "1"])
+    assert done["steps"] == 6
+
+
+def test_corrupt_checkpoints_error_clearly(corpus, tmp_path):
+    common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path)]
+    tl.main(common + ["--stop-after", "2"])
+    ckpt = tmp_path / "ckpt.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(SystemExit, match="corrupt"):
-        tl.main(common + ["--optimizer", "galore", "--resume"])
+        tl.main(common + ["--resume"])
+    torch.save({"model": {}}, ckpt)
+    with pytest.raises(SystemExit, match="not a checkpoint of this script"):
+        tl.main(common + ["--resume"])
 
 
-def test_side_by_side_table(corpus, tmp_path, capsys):
-    results = tl.main(SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adamw,galore",
-                               "--seeds", "2"])
+BAD_FLAGS = [  # Issue 13 #4, and the rest of the flags: one clear line each
+    (["--lr", "galore=-1e-3", "--optimizer", "galore"], "--lr galore=-1e-3: a learning rate must be a number > 0"),
+    (["--lr", "galore=-1e-3"], "a learning rate must be a number > 0"),  # checked even when this run is adamw
+    (["--lr", "galore=1e-2x"], "--lr galore=1e-2x: '1e-2x' is not a number"),
+    (["--lr", "abc"], "--lr abc: 'abc' is not a number"),
+    (["--lr", "sgd=1e-2"], "unknown optimizer 'sgd'"),
+    (["--rank", "0"], "--rank 0: must be an integer >= 1"),
+    (["--max-steps", "0"], "--max-steps 0: must be an integer >= 1"),
+    (["--beta1", "1.0"], "--beta1 1.0: must be in [0, 1)"),
+    (["--weight-decay", "nan"], "--weight-decay nan: must be a number >= 0"),
+    (["--seq-len", "x"], "argument --seq-len: invalid int value: 'x'"),
+    (["--model", "2b"], "argument --model: invalid choice: '2b'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--optimizer", "galore:gap"], "galore has no variant :gap; it has +residual, +noresidual"),
+    (["--optimizer", "adaptive:nope"], "adaptive has no variant :nope"),
+    (["--optimizer", "galore", "--norm-growth-limit", "0.5"], "Invalid norm_growth_limit: 0.5"),
+    (["--optimizer", "adapprox", "--beta1", "0", "--cosine-guidance"], "Invalid cosine_guidance"),
+    (["--eos-token", "</s>"], "--eos-token names a token of --tokenizer, which is not given"),
+    (["--device", "tpu"], "--device tpu: not a device"),
+    (["--data", "/nonexistent/c4"], "--data /nonexistent/c4: no such file or directory"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flags_fail_before_anything_is_read_with_one_line(argv, message, tmp_path, monkeypatch):
+    for name in ("build_embedded_corpus", "C4Data", "load_tokenizer"):
+        monkeypatch.setattr(tl, name, lambda *a, **k: pytest.fail("read data before checking the flags"))
+    with pytest.raises(SystemExit) as e:
+        tl.main(argv + ["--out-dir", str(tmp_path / "out")])
+    text = str(e.value.code)
+    assert text.startswith("error: ") and message in text and "\n" not in text
+    assert not (tmp_path / "out").exists()  # nothing written either
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+def test_cuda_on_a_cpu_only_torch_fails_up_front(tmp_path):
+    with pytest.raises(SystemExit, match="--device cuda: no such CUDA device .*use --device cpu"):
+        tl.main(["--device", "cuda", "--out-dir", str(tmp_path)])
+
+
+def test_unwritable_out_dir_and_bad_tokenizer_fail_up_front(tmp_path, monkeypatch):
+    monkeypatch.setattr(tl, "build_embedded_corpus", lambda *a: pytest.fail("read data before checking the flags"))
+    (tmp_path / "file").write_text("")
+    # (a read-only folder is no test as root, so: a folder that cannot be created, under a file)
+    with pytest.raises(SystemExit, match="--out-dir .*file/out: cannot write there"):
+        tl.main(["--out-dir", str(tmp_path / "file" / "out")])
+    (tmp_path / "tok.json").write_text("this is not JSON")
+    with pytest.raises(SystemExit, match="--tokenizer .*tok.json: not a tokenizer.json .not JSON"):
+        tl.main(["--tokenizer", str(tmp_path / "tok.json"), "--out-dir", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="missing.json: No such file"):
+        tl.main(["--tokenizer", str(tmp_path / "missing.json"), "--out-dir", str(tmp_path / "b")])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_bad_flag_on_the_command_line_is_one_line_on_stderr(tmp_path):
+    """Runs the script as a process: exit status 1, one line, no traceback."""
+    out = subprocess.run([sys.executable, "train_tiny_llama.py", "--rank", "0", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == "error: --rank 0: must be an integer >= 1\n"
+
+
+def test_compare_checks_every_run_before_training_any(corpus, tmp_path, capsys):
+    """Issue 13 #4: `--lr galore=1e-2x` crashed only after the AdamW run had finished."""
+    out = tmp_path / "cmp"
+    for argv, message in [(["--lr", "galore=1e-2x"], "'1e-2x' is not a number"),
+                          (["--lr-sweep", "1,x"], "--lr-sweep 1,x: not a comma list"),
+                          (["--optimizer", "adamw,galore:gap"], "galore has no variant :gap")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            bench.main(["compare", "--optimizer", "adamw,galore", *argv, "--data", corpus, "--out-dir", str(out)])
+        assert not list(out.glob("*/metrics.jsonl"))
+    bench.main(["compare", "--optimizer", "adamw", *SMALL, "--data", corpus, "--out-dir", str(out),
+                "--stop-after", "2"])
+    with pytest.raises(SystemExit, match="adamw-seed0 already holds a run"):  # checked before galore trains
+        bench.main(["compare", "--optimizer", "galore,adamw", *SMALL, "--data", corpus, "--out-dir", str(out)])
+    assert not (out / "galore-seed0" / "metrics.jsonl").exists()
+
+
+def block_matplotlib(monkeypatch):
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def test_plot_without_matplotlib_fails_before_training(corpus, tmp_path, monkeypatch):
+    """Issue 13 #5: --plot trained everything first, then exited with status 1."""
+    block_matplotlib(monkeypatch)
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        bench.main(["compare", "--optimizer", "adamw,galore", *SMALL, "--data", corpus, "--out-dir", str(tmp_path),
+                    "--plot"])
+    assert not list(tmp_path.glob("*/metrics.jsonl"))
+
+
+def test_output_is_plain_lines_and_quiet_keeps_evaluations(corpus, tmp_path, capsys):
+    """Issue 13 #6: no \\r-joined progress bar; --quiet hid the evaluation lines too."""
+    common = [a for a in SMALL if a != "--quiet"] + ["--data", corpus, "--log-interval", "2"]
+    tl.main(common + ["--out-dir", str(tmp_path / "a")])
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and err == ""
+    assert [line for line in out.splitlines() if line.startswith("step ")] == [
+        line for line in out.splitlines() if re.fullmatch(r"step (\d/6: train loss [\d.]+, lr [\d.e-]+, [\d,]+ "
+                                                          r"tokens/s|\d: val loss [\d.]+, val ppl [\d.]+)", line)]
+    assert out.count("/6: train loss") == 3 and out.count(": val loss") == 2
+    tl.main(common + ["--out-dir", str(tmp_path / "b"), "--quiet"])
+    out = capsys.readouterr().out
+    assert "train loss" not in out and out.count(": val loss") == 2 and "adamw (lr 0.003) seed 0:" in out
+
+
+def test_first_ctrl_c_saves_a_checkpoint_and_resume_continues(corpus, tmp_path):
+    """Runs the script as a process and sends it SIGINT once it has logged step 3."""
+    cmd = [sys.executable, "train_tiny_llama.py", *SMALL, "--max-steps", "100000", "--log-interval", "1",
+           "--data", corpus, "--out-dir", str(tmp_path)]
+    cmd.remove("--quiet")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    step = int(re.search(r"interrupted at step (\d+) of 100000: checkpoint saved to .*ckpt.pt; rerun with --resume",
+                         out).group(1))
+    assert step >= 3 and "Ctrl-C: finishing this step" in err
+    resumed = tl.main(cmd[2:] + ["--resume", "--stop-after", "2"])
+    assert resumed["steps"] == step + 2
+
+
+def test_help_is_grouped_with_examples_on_their_lines_and_one_default_per_flag(capsys):
+    """Issue 13 #10."""
+    with pytest.raises(SystemExit):
+        tl.main(["--help"])
+    text = capsys.readouterr().out
+    assert "\n  python train_tiny_llama.py                          # tiny LLaMA, AdamW, embedded corpus: ~25 s" in text
+    assert "2 min" not in text and "benchmark" not in text.lower()
+    for group in ("data", "model", "optimizer", "galore and adaptive", "ldadam", "adapprox", "schedule",
+                  "output and checkpoints", "system"):
+        assert f"\n{group}:\n" in text
+    entries = re.split(r"\n  (?=-)", text.split("options:", 1)[1])
+    assert len(entries) > 40
+    for entry in entries:
+        assert len(re.findall(r"default|unset", entry)) <= 1, entry
+    assert "--residual, --no-residual" in text and "(default: 300)" in text
+    assert "decoupled weight decay (default: 0.0)" in text and "(default: False)" not in text
+
+
+def test_every_optimizer_flag_names_an_argument_of_an_optimizer():
+    """The optimizer flags reach the optimizers by name, so a renamed argument must fail here, not silently."""
+    takes = set().union(*(inspect.signature(r.cls).parameters for r in tl.OPTIMIZERS.values()))
+    groups = ("galore and adaptive", "ldadam", "adapprox")
+    flags = [a.dest for g in tl.build_parser()._action_groups if g.title in groups for a in g._group_actions]
+    assert len(flags) == 14 and set(flags) - takes == {"ldadam_betas"}
+
+
+FLAG_EFFECTS = [  # (flags, what the optimizer's last param group holds then; None = off)
+    (["--optimizer", "galore", "--update-proj-gap", "7", "--scale", "0.5", "--norm-growth-limit", "0", "--residual"],
+     dict(update_proj_gap=7, scale=0.5, norm_growth_limit=None, residual=True, rank=16)),
+    (["--optimizer", "adaptive", "--rank-metric", "gap", "--no-residual", "--rank", "3", "--norm-growth-limit", "2"],
+     dict(rank_metric="gap", residual=False, rank=3, norm_growth_limit=2.0)),
+    (["--optimizer", "adaptive:conditioning+noresidual", "--rank-metric", "gap", "--residual"],  # the spec wins
+     dict(rank_metric="conditioning", residual=False)),
+    (["--optimizer", "ldadam", "--rho", "0.5", "--no-error-feedback", "--ldadam-betas", "0.8", "0.9"],
+     dict(rho=0.5, error_feedback=False, betas=(0.8, 0.9))),
+    (["--optimizer", "adapprox", "--k-max-frac", "0.5", "--err-tol", "0.2", "--rank-init", "2", "--clip-threshold",
+      "0", "--cosine-guidance", "--beta2", "0.95", "--weight-decay", "0.1", "--lr", "adapprox=1e-4"],
+     dict(k_max_frac=0.5, err_tol=0.2, rank_init=2, clip_threshold=None, cosine_guidance=True, betas=(0.9, 0.95),
+          weight_decay=0.1, lr=1e-4)),
+    (["--optimizer", "adamw", "--beta1", "0.8", "--update-proj-gap", "7"], dict(betas=(0.8, 0.999), lr=3e-3)),
+]
+
+
+@pytest.mark.parametrize("argv, expected", FLAG_EFFECTS, ids=[a[1] for a, _ in FLAG_EFFECTS])
+def test_flags_reach_the_optimizer(argv, expected):
+    args = tl.parse_args(argv + ["--seed", "3"])
+    opt = tl.build_optimizer(args, tl.build_model(args, vocab_size=64, device="meta"))
+    group = opt.param_groups[-1]
+    assert {k: group[k] for k in expected} == expected
+    if isinstance(opt, la.LDAdam):
+        assert opt.error_dtype == torch.float32
+        args.error_dtype = "bf16"
+        assert tl.build_optimizer(args, tl.build_model(args, 64, device="meta")).error_dtype == torch.bfloat16
+    if isinstance(opt, la.Adapprox):
+        assert opt.seed == 3
+
+
+def test_a_new_optimizer_is_one_recipe(corpus, tmp_path, monkeypatch):
+    """How Adafactor or a GaLore subspace variant will join: one entry, its options from the flags by name."""
+    monkeypatch.setitem(tl.OPTIMIZERS, "sgd", tl.Recipe(torch.optim.SGD, 0.05, variants={
+        "+nesterov": {"momentum": 0.9, "nesterov": True}}))
+    result = tl.main(SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "sgd+nesterov"])
+    assert result["optimizer"] == "sgd+nesterov" and result["lr"] == 0.05 and result["state_mb"] > 0
+    assert tl.parse_optimizer("adaptive:gap+noresidual") == ("adaptive", {"rank_metric": "gap", "residual": False})
+
+
+def test_small_models_on_cpu_default_to_one_thread():
+    """Issue 13 #11. conftest.py pins the suite itself to 1 thread."""
+    assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    try:
+        for model, threads, expect in [("tiny", 0, 1), ("9m", 0, 2), ("tiny", 2, 2), ("60m", 0, 2), ("9m", 1, 1)]:
+            torch.set_num_threads(2)
+            tl.set_threads(tl.parse_args(["--model", model, "--threads", str(threads)]), "cpu")
+            assert torch.get_num_threads() == expect
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_requirements_list_numpy_so_torch_imports_without_a_warning():
+    """Issue 13 #7. Starts two processes: without numpy torch warns (so the check can fail), with it not."""
+    names = [re.split(r"[<>=!~ ]", line)[0] for line in open(os.path.join(ROOT, "requirements.txt"))
+             if line.strip() and not line.startswith("#")]
+    assert "numpy" in names and "torch" in names
+    hidden = subprocess.run([sys.executable, "-c", "import sys; sys.modules['numpy'] = None; import torch"],
+                            capture_output=True, text=True)
+    assert "Failed to initialize NumPy" in hidden.stderr
+    plain = subprocess.run([sys.executable, "-W", "always", "-c", "import torch, train_tiny_llama"],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert plain.returncode == 0 and plain.stderr == ""
+
+
+def test_compare_tabulates_and_a_resumed_compare_reports_finished_runs(corpus, tmp_path, capsys):
+    args = ["compare", *SMALL, "--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adamw,galore",
+            "--seeds", "2"]
+    results = bench.main(args)
     assert [(r["optimizer"], r["seed"]) for r in results] == [("adamw", 0), ("galore", 0), ("adamw", 1),
                                                                ("galore", 1)]
     out = capsys.readouterr().out
     assert "| adamw | 0.003 | 2 |" in out and "| galore |" in out and "% of AdamW" in out
     assert json.load(open(tmp_path / "results.json"))[0]["optimizer"] == "adamw"
+    again = bench.main(args + ["--resume"])  # issue 13 #10: finished runs were "0 tokens/s, step() nan ms"
+    assert again == results and capsys.readouterr().out.count("(complete before: the saved result)") == 4
 
 
-def test_help_explains_flags():
-    out = subprocess.run([sys.executable, "train_tiny_llama.py", "--help"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert out.returncode == 0
-    for flag in ("--rank", "--update-proj-gap", "--rank-metric", "--resume", "--data", "(default: 300)"):
-        assert flag in out.stdout
+def test_compare_lr_sweep_names_runs_and_keeps_each_best_lr(corpus, tmp_path, capsys):
+    bench.main(["compare", *SMALL, "--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adamw",
+                "--lr-sweep", "0.5,1"])
+    assert {p.name for p in tmp_path.iterdir() if p.is_dir()} == {"adamw-lr0.0015-seed0", "adamw-seed0"}
+    assert "each optimizer at its best lr" in capsys.readouterr().out
 
 
 def test_torchrun_two_process_cpu_smoke(corpus, tmp_path):
+    """Starts torchrun with 2 gloo processes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "train_tiny_llama.py", *SMALL, "--data", corpus, "--optimizer", "ldadam", "--out-dir", str(tmp_path),
            "--threads", "1"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("ldadam (lr 0.003) seed 0:") == 1  # only rank 0 reports
-    assert (tmp_path / "ldadam-seed0" / "ckpt.pt").exists()
+    assert (tmp_path / "ckpt.pt").exists()
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["settings"]["processes"] == 2
 
 
 @pytest.mark.parametrize("method", ["adamw", "galore", "adaptive", "ldadam", "ldadam-bf16", "adapprox",
@@ -2059,38 +2385,40 @@ def test_memory_formula_equals_state_bytes_of_a_real_step(method):
     model(idx, idx)[1].backward()
     opt.step()
     kw = {"ldadam-bf16": dict(error_bytes=2), "adapprox-b0": dict(beta1=0.0)}.get(method, {})
-    predicted = tl.predicted_state_bytes(model, method.split("-")[0], rank, **kw)
+    predicted = bench.predicted_state_bytes(model, method.split("-")[0], rank, **kw)
     assert la.state_bytes(opt) == predicted
 
 
-def test_bench_and_memory_table_run(capsys):
-    tl.main(["--bench", "--model", "tiny", "--optimizer", "adamw,galore,ldadam", "--bench-steps", "1",
-             "--update-proj-gap", "4"])
-    out = capsys.readouterr().out
-    assert "| galore |" in out and "| ldadam |" in out and "normal / AdamW" in out
-    tl.main(["--memory-table"])
+def test_bench_steps_and_memory_tables(capsys):
+    bench.main(["steps", "--model", "tiny", "--optimizer", "adamw,galore,ldadam", "--steps", "1"])
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert rows["adamw"][2] == rows["ldadam"][2] == "–" and rows["adamw"][5] == "–"  # no refresh step
+    assert float(rows["galore"][2]) > 0 and float(rows["adamw"][4]) == 1.0
+    bench.main(["memory"])
     out = capsys.readouterr().out
     assert "| 1b | 512 |" in out and "| 60m | 4 |" in out
+    with pytest.raises(SystemExit, match="unknown command 'bench'"):
+        bench.main(["bench"])
 
 
 def test_plots_or_a_clear_message(corpus, tmp_path, monkeypatch):
-    tl.main(SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adaptive,adapprox",
-                     "--log-interval", "1"])
+    bench.main(["compare", *SMALL, "--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adaptive,adapprox",
+                "--log-interval", "1"])
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         with pytest.raises(SystemExit, match="pip install matplotlib"):
-            tl.make_plots(tmp_path)
+            bench.main(["plot", "--out-dir", str(tmp_path)])
         return
-    written = tl.make_plots(tmp_path)
+    written = bench.main(["plot", "--out-dir", str(tmp_path)])
     assert {p.name for p in written} == {"loss_curves.png", "ranks_adaptive-seed0.png", "ranks_adapprox-seed0.png"}
     assert all(p.stat().st_size > 1000 for p in written)
-    import builtins
-    real_import = builtins.__import__
-    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
-                        if name.startswith("matplotlib") else real_import(name, *a, **k))
+    assert {p.name for p in bench.main(["plot", "--out-dir", str(tmp_path / "adaptive-seed0")])} == {
+        "loss_curves.png", "ranks_adaptive-seed0.png"}  # one run's folder works too
+    block_matplotlib(monkeypatch)
     with pytest.raises(SystemExit, match="pip install matplotlib"):
-        tl.make_plots(tmp_path)
+        bench.main(["plot", "--out-dir", str(tmp_path)])
 
 
 def test_adaptive_defaults_to_the_residual_and_galore_does_not():
@@ -2111,3 +2439,120 @@ def test_layout_helpers_agree_with_the_oriented_math():
     torch.testing.assert_close(la.back_project(P, n, True), (P @ n).T)
     out = torch.randn(9, 5)
     torch.testing.assert_close(la.back_project(P, n, True, out=out.clone(), alpha=0.5), out + 0.5 * (P @ n).T)
+
+
+# README.md: every command it shows is run, in order, in a scratch folder, as written
+# except for the appendices below, which shrink it to a few steps of a tiny model:
+# argparse keeps the last value of a repeated flag, so appending overrides.
+README_TRAIN = ["--max-steps", "4", "--eval-interval", "2", "--warmup-steps", "1", "--batch-size", "2",
+                "--seq-len", "32", "--val-batches", "1", "--shuffle-buffer", "8", "--update-proj-gap", "2",
+                "--model", "tiny", "--quiet"]
+README_APPEND = {"train_tiny_llama.py": README_TRAIN, "bench.py compare": README_TRAIN + ["--seeds", "1"],
+                 "bench.py steps": ["--model", "tiny", "--rank", "8", "--steps", "1"]}
+
+
+def readme_commands():
+    """Shell commands of README.md: its ```bash blocks (joining continued lines) and
+    its inline `python ...` / `torchrun ...` spans."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                commands.append(" ".join(line.split()))
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    commands += [c for c in re.findall(r"`((?:python|torchrun) [^`]+)`", prose)]
+    return commands
+
+
+def shrink(command, corpus, tokenizer):
+    """The command as run by the test (see README_APPEND), or None for pip and pytest,
+    which .ci/run runs exactly as the README shows them."""
+    if command.startswith("python -m pytest"):
+        return None
+    command = command.replace("pip install -r requirements.txt && ", "")
+    command = command.replace("/data/c4/en", corpus)  # the embedded corpus is C4-format shards
+    if tokenizer:
+        command = command.replace("/data/t5-base/tokenizer.json", tokenizer)
+    else:  # without the tokenizers package: byte-level, tokenizer-free
+        command = re.sub(r" --tokenizer \S+", "", command)
+    command = re.sub(r"--nproc_per_node \d+", "--nproc_per_node 2", command)
+    command = command.replace("torchrun ", f"{sys.executable} -m torch.distributed.run ")
+
+    def append(m):
+        key = next((k for k in README_APPEND if m.group(0).startswith(("python " + k, k)) or
+                    f"run --standalone --nproc_per_node 2 {k}" in m.group(0)), None)
+        return m.group(0) + (" " + " ".join(README_APPEND[key]) if key else "")
+    return re.sub(r"(python|torch\.distributed\.run) [^;&|\n]*?(?=\s*(;|&&|\|\||$))", append, command)
+
+
+def test_readme_commands_are_shown_in_full():
+    commands = readme_commands()
+    assert any(c.startswith("pip install -r requirements.txt && python train_tiny_llama.py") for c in commands)
+    assert sum(c.startswith("python bench.py compare") for c in commands) >= 3
+    assert any(c.startswith("torchrun") for c in commands) and "python -m pytest -q" in commands
+    for c in commands:
+        assert "..." not in c and "DIR" not in c, c
+
+
+def run_command(command, capsys):
+    """(exit status, output) of a command run in the current folder. A plain
+    `python train_tiny_llama.py|bench.py ARGS` runs in this process through the
+    script's main(ARGS), which is all its `__main__` does; anything with shell
+    syntax (a loop, &&) or torchrun runs through bash."""
+    argv = shlex.split(command)
+    if re.search(r"[;&|]", command) or argv[:2] not in (["python", "train_tiny_llama.py"], ["python", "bench.py"]):
+        out = subprocess.run(["bash", "-c", f"set -e; {command}"], capture_output=True, text=True, timeout=600)
+        return out.returncode, out.stdout + out.stderr
+    try:
+        (tl.main if argv[1] == "train_tiny_llama.py" else bench.main)(argv[2:])
+        status = 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+        print(e.code, file=sys.stderr)
+    out = capsys.readouterr()
+    return status, out.out + out.err
+
+
+@pytest.mark.filterwarnings("ignore:.*exceeds (min|the sum):UserWarning")  # rank 128 on the tiny model
+def test_every_readme_command_runs(corpus, xdg_cache, tmp_path, monkeypatch, capsys):
+    """Each command of README.md, in order, in a scratch folder, shrunk as README_APPEND says.
+    Without matplotlib, a command that plots must fail with the install hint before training,
+    and then runs without --plot."""
+    for name in ("lowrank_adam.py", "train_tiny_llama.py", "bench.py", "requirements.txt"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg_cache))  # the embedded corpus, built once per session
+    tokenizer = None
+    try:
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+        tok.train_from_iterator(["a tokenizer for the README test"] * 10, trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tokenizer = str(tmp_path / "tokenizer.json")
+        tok.save(tokenizer)
+    except ImportError:
+        pass
+    try:
+        import matplotlib  # noqa: F401
+        plots = True
+    except ImportError:
+        plots = False
+    ran, seen = 0, set()
+    for command in readme_commands():
+        run = shrink(command, corpus, tokenizer)
+        if run is None or run in seen:  # pip, pytest; a command shown twice runs once
+            continue
+        seen.add(run)
+        if not plots and ("--plot" in run or "bench.py plot" in run):
+            status, out = run_command(run, capsys)
+            assert status == 1 and "pip install matplotlib" in out, f"{command}\n{out[-3000:]}"
+            if "--plot" not in run:
+                continue
+            run = run.replace(" --plot", "")
+        status, out = run_command(run, capsys)
+        assert status == 0, f"README command failed: {command}\nran: {run}\n{out[-5000:]}"
+        ran += 1
+    assert ran >= 12
+    assert (tmp_path / "out" / "ckpt.pt").exists() and (tmp_path / "out" / "c4-130m" / "ckpt.pt").exists()

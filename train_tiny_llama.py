@@ -1,17 +1,22 @@
-"""Pretrain a small LLaMA on C4 shards with the optimizers of lowrank_adam.
+"""Pretrain a small LLaMA on C4 with the optimizers of lowrank_adam: one training run.
 
-nanoGPT-style: one file, every setting a flag with a commented default.
+Read it top to bottom: configuration, model, tokenizers, data, optimizers, the
+training steps, checkpoints, the loop, DDP and main. bench.py imports it to
+compare runs (side by side, seeds, lr sweeps, step() timings, memory, plots).
 
-    python train_tiny_llama.py                          # CPU, ~2 min, embedded corpus
-    python train_tiny_llama.py --optimizer adamw,galore --seeds 3     # side by side
-    python train_tiny_llama.py --model 60m --data /data/c4/en --rank 128 \\
-        --batch-size 64 --grad-accum 8 --seq-len 256 --max-steps 10000 --device cuda
-    torchrun --standalone --nproc_per_node 8 train_tiny_llama.py --model 130m --data /data/c4/en
+examples:
+  python train_tiny_llama.py                          # tiny LLaMA, AdamW, embedded corpus: ~25 s on 2 CPU cores
+  python train_tiny_llama.py --optimizer galore --rank 8 --out-dir out/galore
+  python train_tiny_llama.py --resume                 # continue out/ after Ctrl-C or --stop-after
+  python train_tiny_llama.py --data /data/c4/en --tokenizer /data/t5-base/tokenizer.json \\
+      --model 60m --optimizer galore --rank 128 --seq-len 256 --batch-size 128 --device cuda
+  torchrun --standalone --nproc_per_node 8 train_tiny_llama.py --data /data/c4/en --model 130m
 
-With no ``--data`` it builds a small corpus from the documentation that ships
-with Python itself (``pydoc`` topics and the standard library's docstrings),
-writes it as C4-format shards into a cache folder, and trains from those
-through the same loader a real C4 run uses. Nothing is downloaded, ever.
+Without --data it writes the documentation every Python ships (pydoc topics and
+the standard library's docstrings) as C4-format shards into --cache-dir, once,
+and trains from them through the same loader a real C4 run uses. Nothing is
+downloaded. A run lives in --out-dir (ckpt.pt, metrics.jsonl); a run already
+there is continued with --resume, never overwritten.
 """
 
 from __future__ import annotations
@@ -21,20 +26,21 @@ import ast
 import contextlib
 import glob
 import gzip
+import inspect
 import json
 import math
 import os
 import random
+import re
 import signal
-import statistics
 import sys
 import sysconfig
 import threading
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +48,174 @@ from torch import nn
 
 import lowrank_adam as la
 
-# =============================================================================
-# Model: LLaMA (RMSNorm, rotary embeddings, SwiGLU, untied head)
-# =============================================================================
+# ----------------------------------------------------------------------------- configuration
+# Every setting is a flag; every flag is checked before anything is read or built.
 
+# hidden / intermediate / heads / layers: the published shapes of the GaLore and
+# LDAdam experiments, plus a CPU-sized default.
+MODEL_SHAPES = {"tiny": (64, 176, 4, 4), "9m": (128, 352, 4, 4), "20m": (256, 688, 4, 4), "35m": (384, 1024, 8, 6),
+                "60m": (512, 1376, 8, 8), "130m": (768, 2048, 12, 12), "350m": (1024, 2736, 16, 24),
+                "1b": (2048, 5461, 32, 24)}
+
+def fail(message: str):
+    """Stop with one line on stderr (exit status 1)."""
+    raise SystemExit(f"error: {message}")
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's 20-line usage block
+        fail(f"{message} (see --help)")
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples keep their lines; a flag shows its default once (none for switches
+    and unset flags: their help says what unset means)."""
+    def _get_help_string(self, action):
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        return action.help if unset else action.help + " (default: %(default)s)"
+
+def data_and_model_flags(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("data")
+    a.add_argument("--data", help="C4 shards: a folder, glob or file of c4-train.*.json.gz, c4-validation.*.json.gz,"
+                   " .json or .jsonl; unset: the embedded Python-docs corpus")
+    a.add_argument("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "lowrank_adam"),
+                   help="where the embedded corpus is written")
+    a.add_argument("--tokenizer", help="a local tokenizer.json (needs 'pip install tokenizers'); unset: UTF-8 bytes")
+    a.add_argument("--eos-token", help="--tokenizer's end-of-document token; unset: </s>, <|endoftext|>, <eos>, [SEP]")
+    a.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
+    a.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (per process)")
+    a.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a.add_argument("--shuffle-buffer", type=int, default=1000, help="sequences in the seeded shuffle buffer")
+    a.add_argument("--val-batches", type=int, default=8, help="validation batches per evaluation")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="tiny", choices=list(MODEL_SHAPES), help="LLaMA shape, hidden/intermediate/"
+                   "heads/layers: " + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in MODEL_SHAPES.items()))
+
+def optimizer_flags(p: argparse.ArgumentParser) -> None:
+    o = p.add_argument_group("optimizer")
+    o.add_argument("--optimizer", default="adamw", help="; ".join(r.describe(n) for n, r in OPTIMIZERS.items()))
+    o.add_argument("--lr", help="peak learning rate: a number, or NAME=LR,... (this run takes its optimizer's); "
+                   "unset: " + ", ".join(f"{n} {r.lr:g}" for n, r in OPTIMIZERS.items()))
+    o.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    o.add_argument("--beta1", type=float, default=0.9, help="Adam β1")
+    o.add_argument("--beta2", type=float, default=0.999, help="Adam β2")
+    o.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    o.add_argument("--rank", type=int, help="rank of the attn/mlp matrices (adaptive: the average); unset: hidden/4")
+    # The flags below are passed to the optimizers that take a keyword argument of
+    # the same name; unset, the optimizer's own default applies.
+    G, A = la.GaLoreAdamW, la.Adapprox
+    unset = lambda cls, name: f"; unset: {inspect.signature(cls).parameters[name].default}"
+    g = p.add_argument_group("galore and adaptive")
+    g.add_argument("--update-proj-gap", type=int, help="steps between subspace refreshes" + unset(G, "update_proj_gap"))
+    g.add_argument("--scale", type=float, help="scale α of the low-rank update" + unset(G, "scale"))
+    g.add_argument("--rank-metric", choices=sorted(la.RANK_METRICS), help="adaptive's rank-allocation metric; unset: "
+                   "explained_variance")
+    g.add_argument("--residual", action=argparse.BooleanOptionalAction,
+                   help="the Fira-style out-of-subspace residual; unset: off for galore, on for adaptive")
+    g.add_argument("--norm-growth-limit", type=float, help="limiter γ, 0 = off" + unset(G, "norm_growth_limit"))
+    d = p.add_argument_group("ldadam")
+    d.add_argument("--rho", type=float, help="weight of the previous subspace" + unset(la.LDAdam, "rho"))
+    d.add_argument("--ldadam-betas", type=float, nargs=2, metavar=("B1", "B2"), help="unset: --beta1 --beta2")
+    d.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, help="unset: on")
+    d.add_argument("--error-dtype", choices=["fp32", "bf16"], help="error-feedback buffer dtype; unset: fp32")
+    x = p.add_argument_group("adapprox")
+    x.add_argument("--k-max-frac", type=float, help="largest rank / min(m, n)" + unset(A, "k_max_frac"))
+    x.add_argument("--err-tol", type=float, help="relative error target of the rank rule" + unset(A, "err_tol"))
+    x.add_argument("--rank-init", type=int, help="initial rank; unset: the largest")
+    x.add_argument("--clip-threshold", type=float, help="update clipping d, 0 = off" + unset(A, "clip_threshold"))
+    x.add_argument("--cosine-guidance", action=argparse.BooleanOptionalAction, help="unset: off")
+
+def run_flags(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("schedule")
+    s.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
+    s.add_argument("--warmup-steps", type=int, default=30, help="linear warmup steps")
+    s.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of the peak lr")
+    s.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and optimizer randomness")
+    c = p.add_argument_group("output and checkpoints")
+    c.add_argument("--out-dir", default="out", help="this run's folder: ckpt.pt and metrics.jsonl")
+    c.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
+    c.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N steps of this invocation; "
+                   "unset: run to --max-steps")
+    c.add_argument("--save-interval", type=int, default=0, help="also checkpoint every N steps (0 = only at the end)")
+    c.add_argument("--eval-interval", type=int, default=100, help="steps between validation evaluations")
+    c.add_argument("--log-interval", type=int, default=10, help="steps between train-loss lines")
+    c.add_argument("--quiet", action="store_true", help="no train-loss lines (evaluations and messages still print)")
+    y = p.add_argument_group("system")
+    y.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    y.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="autocast on CUDA")
+    y.add_argument("--compile", action="store_true", help="torch.compile the model")
+    y.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = 1 for the tiny model on CPU (see "
+                   "set_threads), else one per core")
+    y.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 bf16 dense)")
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="train_tiny_llama.py", usage="%(prog)s [--flag value ...]", description=__doc__,
+               formatter_class=HelpFormatter, allow_abbrev=False)
+    data_and_model_flags(p)
+    optimizer_flags(p)
+    run_flags(p)
+    return p
+
+# Range checks of every flag that has a value: (flags, test, what they must be).
+RULES = [(("seq_len", "batch_size", "grad_accum", "val_batches", "max_steps", "eval_interval", "log_interval", "rank",
+           "update_proj_gap", "rank_init", "stop_after"), lambda v: v >= 1, "an integer >= 1"),
+         (("shuffle_buffer", "warmup_steps", "save_interval", "threads"), lambda v: v >= 0, "an integer >= 0"),
+         (("weight_decay", "grad_clip", "norm_growth_limit", "err_tol", "clip_threshold", "peak_tflops"),
+          lambda v: 0 <= v < math.inf, "a number >= 0"),
+         (("beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
+         (("rho", "min_lr_ratio"), lambda v: 0 <= v <= 1, "in [0, 1]"),
+         (("k_max_frac",), lambda v: 0 < v <= 1, "in (0, 1]"),
+         (("scale",), lambda v: 0 < v < math.inf, "a number > 0")]
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, each checked, with --lr and --rank resolved to this run's numbers.
+    Reads and writes no file (check_out_dir does, for a run)."""
+    args = build_parser().parse_args(argv)
+    for names, ok, must in RULES:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not ok(value):  # `not ok` also catches NaN
+                fail(f"--{name.replace('_', '-')} {value}: must be {must}")
+    if args.ldadam_betas and not all(0 <= b < 1 for b in args.ldadam_betas):
+        fail(f"--ldadam-betas {' '.join(map(str, args.ldadam_betas))}: each must be in [0, 1)")
+    if args.eos_token and not args.tokenizer:
+        fail("--eos-token names a token of --tokenizer, which is not given")
+    try:
+        args.lr = peak_lr(args.optimizer, args.lr)
+        args.rank = args.rank or MODEL_SHAPES[args.model][0] // 4
+        build_optimizer(args, build_model(args, vocab_size=64, device="meta"))  # its own checks, allocating nothing
+        if args.data is not None:
+            find_shards(args.data)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    check_device(args.device)
+    return args
+
+def check_device(spec: str) -> None:
+    try:
+        device = torch.device("cpu" if spec == "auto" else spec)
+    except RuntimeError:
+        fail(f"--device {spec}: not a device (auto, cpu, cuda, cuda:N)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        why = "a CPU-only build" if torch.version.cuda is None else f"{torch.cuda.device_count()} GPUs visible"
+        fail(f"--device {spec}: no such CUDA device (torch {torch.__version__}, {why}); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"--device {spec}: this script runs on cpu or cuda")
+
+def check_out_dir(args) -> None:
+    """A run already in --out-dir is only continued (--resume); the folder must be writable."""
+    out, probe = Path(args.out_dir), Path(args.out_dir) / f".write-test-{os.getpid()}"
+    found = [name for name in ("ckpt.pt", "metrics.jsonl") if (out / name).exists()]
+    if found and not args.resume:
+        fail(f"--out-dir {out} already holds a run ({', '.join(found)}): add --resume to continue it, or choose "
+             "another --out-dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        fail(f"--out-dir {out}: cannot write there ({e.strerror or e})")
+
+# ----------------------------------------------------------------------------- model
+# LLaMA: RMSNorm, rotary embeddings, SwiGLU, untied head.
 
 @dataclass
 class LlamaConfig:
@@ -58,21 +228,6 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
 
-
-# hidden / intermediate / heads / layers; the published shapes of the GaLore and
-# LDAdam experiments, plus a CPU-sized default.
-MODEL_SHAPES = {
-    "tiny": (64, 176, 4, 4),
-    "9m": (128, 352, 4, 4),
-    "20m": (256, 688, 4, 4),
-    "35m": (384, 1024, 8, 6),
-    "60m": (512, 1376, 8, 8),
-    "130m": (768, 2048, 12, 12),
-    "350m": (1024, 2736, 16, 24),
-    "1b": (2048, 5461, 32, 24),
-}
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -84,27 +239,22 @@ class RMSNorm(nn.Module):
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
-
 def rotary_cache(seq_len: int, head_dim: int, theta: float, device=None):
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
     angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)  # (T, hs/2)
     return angles.cos(), angles.sin()
-
 
 def apply_rotary(x, cos, sin):
     # rotate the two halves of each head: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos)
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
-
 class Attention(nn.Module):
     def __init__(self, c: LlamaConfig):
         super().__init__()
         self.heads, self.head_dim = c.heads, c.hidden // c.heads
-        self.q_proj = nn.Linear(c.hidden, c.hidden, bias=False)
-        self.k_proj = nn.Linear(c.hidden, c.hidden, bias=False)
-        self.v_proj = nn.Linear(c.hidden, c.hidden, bias=False)
-        self.o_proj = nn.Linear(c.hidden, c.hidden, bias=False)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(c.hidden, c.hidden, bias=False)
+                                                              for _ in range(4))
 
     def forward(self, x, cos, sin):
         B, T, C = x.shape
@@ -113,7 +263,6 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
-
 
 class MLP(nn.Module):
     def __init__(self, c: LlamaConfig):
@@ -125,7 +274,6 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
-
 class Block(nn.Module):
     def __init__(self, c: LlamaConfig):
         super().__init__()
@@ -135,7 +283,6 @@ class Block(nn.Module):
     def forward(self, x, cos, sin):
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.mlp(self.mlp_norm(x))
-
 
 class Llama(nn.Module):
     def __init__(self, c: LlamaConfig):
@@ -168,58 +315,69 @@ class Llama(nn.Module):
         n = sum(p.numel() for p in self.parameters()) - self.embed_tokens.weight.numel()
         return 6 * n + 12 * c.layers * c.hidden * seq_len
 
+def build_model(args, vocab_size: int, device="cpu") -> Llama:
+    """--model's shape; the vocabulary padded to a multiple of 64 for fast matmuls."""
+    hidden, inter, heads, layers = MODEL_SHAPES[args.model]
+    with torch.device(device):
+        return Llama(LlamaConfig(vocab_size=64 * math.ceil(vocab_size / 64), hidden=hidden, intermediate=inter,
+                                 heads=heads, layers=layers, max_seq_len=max(args.seq_len, 64)))
 
-# =============================================================================
-# Tokenizers
-# =============================================================================
-
+# ----------------------------------------------------------------------------- tokenizers
 
 class ByteTokenizer:
     """UTF-8 bytes 0..255 plus an end-of-document token 256. Needs no files."""
-
     vocab_size, eos_id, name = 257, 256, "bytes"
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8", errors="replace"))
 
-
 class FileTokenizer:
-    """A local ``tokenizer.json`` through the ``tokenizers`` package."""
-
+    """A local ``tokenizer.json`` through the ``tokenizers`` package; checked as it loads."""
     def __init__(self, path: str, eos_token: Optional[str]):
         try:
+            json.loads(Path(path).read_bytes())
+        except OSError as e:
+            fail(f"--tokenizer {path}: {e.strerror or e}")
+        except ValueError as e:
+            fail(f"--tokenizer {path}: not a tokenizer.json (not JSON: {e})")
+        try:
             from tokenizers import Tokenizer
+            self.tok, self.name = Tokenizer.from_file(path), path
         except ImportError:
-            sys.exit("--tokenizer needs the 'tokenizers' package: pip install tokenizers")
-        if not Path(path).is_file():
-            sys.exit(f"--tokenizer {path}: no such file")
-        self.tok, self.name = Tokenizer.from_file(path), path
+            fail("--tokenizer needs the 'tokenizers' package: pip install tokenizers")
+        except Exception as e:  # the package's own parse error
+            fail(f"--tokenizer {path}: not a tokenizer.json that 'tokenizers' can load ({e})")
         self.vocab_size = self.tok.get_vocab_size()
         candidates = [eos_token] if eos_token else ["</s>", "<|endoftext|>", "<eos>", "[SEP]"]
         ids = [self.tok.token_to_id(t) for t in candidates if self.tok.token_to_id(t) is not None]
         if not ids:
-            sys.exit(f"--tokenizer {path}: none of {candidates} is in its vocabulary; name one with --eos-token")
+            fail(f"--tokenizer {path}: none of {candidates} is in its vocabulary; name one with --eos-token")
         self.eos_id = ids[0]
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
+def load_tokenizer(args):
+    return FileTokenizer(args.tokenizer, args.eos_token) if args.tokenizer else ByteTokenizer()
 
-# =============================================================================
-# Data: C4 shards -> documents -> packed token sequences
-# =============================================================================
+# ----------------------------------------------------------------------------- data
+# C4 shards -> documents -> packed token sequences -> shuffled batches.
 
 SHARD_PATTERNS = ("*.json.gz", "*.jsonl.gz", "*.json", "*.jsonl")
 HOLDOUT_EVERY = 100  # without validation shards, every 100th document is held out
 
+class DataError(ValueError):
+    """The data cannot give what the run needs."""
 
 @dataclass
 class DataStats:
+    """What the shards held. A line counts once, however often the data repeats."""
     documents: int = 0
     bad_lines: int = 0  # undecodable bytes or invalid JSON
     no_text: int = 0  # a JSON record without a string "text"
     bad_shards: int = 0  # unreadable / truncated files
-
+    lines_seen: dict = field(default_factory=dict)  # shard -> lines counted so far
+    warned: set = field(default_factory=set)  # shards already reported unreadable
 
 def find_shards(spec: str) -> tuple[list[Path], list[Path]]:
     """(train shards, validation shards) from a directory, glob or file."""
@@ -238,31 +396,34 @@ def find_shards(spec: str) -> tuple[list[Path], list[Path]]:
     val = [f for f in files if "validation" in f.name]
     return [f for f in files if f not in val], val
 
-
 def read_documents(files: list[Path], stats: DataStats) -> Iterator[str]:
-    """Stream the ``text`` of each JSON line; bad lines and shards are counted, not fatal."""
+    """Stream the ``text`` of each JSON line. Bad lines and shards are skipped,
+    and counted (and warned about) the first time they are read."""
     for f in files:
-        opener = gzip.open if f.suffix == ".gz" else open
+        i = -1
         try:
-            with opener(f, "rb") as fh:
-                for raw in fh:
+            with (gzip.open if f.suffix == ".gz" else open)(f, "rb") as fh:
+                for i, raw in enumerate(fh):
+                    new = i >= stats.lines_seen.get(f, 0)
+                    stats.lines_seen[f] = max(stats.lines_seen.get(f, 0), i + 1)
                     if not raw.strip():
                         continue
                     try:
                         record = json.loads(raw)
                     except ValueError:  # JSONDecodeError and UnicodeDecodeError
-                        stats.bad_lines += 1
+                        stats.bad_lines += new
                         continue
                     text = record.get("text") if isinstance(record, dict) else None
                     if not isinstance(text, str):
-                        stats.no_text += 1
+                        stats.no_text += new
                         continue
-                    stats.documents += 1
+                    stats.documents += new
                     yield text
         except (OSError, EOFError, zlib.error) as e:
-            stats.bad_shards += 1
-            print(f"warning: skipping the rest of {f}: {e}", file=sys.stderr)
-
+            if f not in stats.warned:
+                stats.warned.add(f)
+                stats.bad_shards += 1
+                print(f"warning: skipping the rest of {f} after line {i + 1}: {e}", file=sys.stderr)
 
 def packed_sequences(files, tokenizer, seq_len: int, *, keep=lambda i: True, rank: int = 0, world: int = 1,
                      stats: Optional[DataStats] = None, epochs: Optional[int] = None) -> Iterator[torch.Tensor]:
@@ -289,14 +450,16 @@ def packed_sequences(files, tokenizer, seq_len: int, *, keep=lambda i: True, ran
                 yield torch.tensor(buf[: seq_len + 1], dtype=torch.long)
                 emitted += 1
                 del buf[: seq_len + 1]
-        if emitted == 0:
-            raise ValueError(f"the data yields no sequence of {seq_len + 1} tokens for rank {rank} "
-                             f"({stats.documents} documents read): use more data or a shorter --seq-len")
+        if emitted == 0 and epochs is None:  # repeating nothing would loop forever
+            raise DataError(f"the training data yields no sequence of {seq_len + 1} tokens for rank {rank} "
+                            f"({stats.documents} documents): use more data or a shorter --seq-len")
         epoch += 1
-
 
 def shuffled(items: Iterator, size: int, seed: int) -> Iterator:
     """A seeded shuffle buffer of ``size`` items (0 = no shuffling)."""
+    if size == 0:
+        yield from items
+        return
     rng, buf = random.Random(seed), []
     for item in items:
         if len(buf) < size:
@@ -308,19 +471,17 @@ def shuffled(items: Iterator, size: int, seed: int) -> Iterator:
     rng.shuffle(buf)
     yield from buf
 
-
-def batched(seqs: Iterator[torch.Tensor], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batched(seqs: Iterator[torch.Tensor], batch_size: int, partial: bool = False):
+    """(inputs, next-token targets) batches; a short last batch only if ``partial``."""
     while True:
         chunk = [s for _, s in zip(range(batch_size), seqs)]
-        if len(chunk) < batch_size:
+        if not chunk or (len(chunk) < batch_size and not partial):
             return
         b = torch.stack(chunk)  # (B, T+1)
-        yield b[:, :-1], b[:, 1:]  # inputs, next-token targets
-
+        yield b[:, :-1], b[:, 1:]
 
 class C4Data:
     """Train and validation streams of one data source, disjoint by construction."""
-
     def __init__(self, spec: str, tokenizer, seq_len: int, rank: int = 0, world: int = 1):
         self.train_files, self.val_files = find_shards(spec)
         self.tokenizer, self.seq_len, self.rank, self.world = tokenizer, seq_len, rank, world
@@ -337,16 +498,17 @@ class C4Data:
         return batched(shuffled(seqs, shuffle_buffer, seed), batch_size)
 
     def val_batches(self, batch_size: int, count: int) -> list:
-        if self.holdout:
-            seqs = packed_sequences(self.train_files, self.tokenizer, self.seq_len,
-                                    keep=lambda i: i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1, epochs=1)
-        else:
-            seqs = packed_sequences(self.val_files, self.tokenizer, self.seq_len, epochs=1)
-        out = [b for _, b in zip(range(count), batched(seqs, batch_size))]
+        keep = (lambda i: i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1) if self.holdout else (lambda i: True)
+        seqs = packed_sequences(self.train_files if self.holdout else self.val_files, self.tokenizer, self.seq_len,
+                                keep=keep, stats=self.stats, epochs=1)
+        out = [b for _, b in zip(range(count), batched(seqs, batch_size, partial=True))]
         if not out:
-            raise ValueError("the validation stream is empty: use more data, a smaller --batch-size or --seq-len")
+            raise DataError(f"the held-out validation set is empty: with no c4-validation.* shard every {HOLDOUT_EVERY}"
+                            f"th document is held out, and {self.stats.documents} documents give no held-out sequence "
+                            f"of {self.seq_len + 1} tokens; add a validation shard or more documents" if self.holdout
+                            else f"the validation shards give no sequence of {self.seq_len + 1} tokens: use a "
+                            "shorter --seq-len")
         return out
-
 
 def python_docs() -> Iterator[tuple[str, str]]:
     """(url, text) of documentation every CPython ships: pydoc topics and the
@@ -372,7 +534,6 @@ def python_docs() -> Iterator[tuple[str, str]]:
         if len(text) > 100:
             yield "python://stdlib/" + "/".join(parts), text
 
-
 def build_embedded_corpus(cache_dir: Path, train_shards: int = 4) -> Path:
     """Write the Python documentation corpus as C4-format shards, once."""
     out = cache_dir / f"pydoc-c4-py{sys.version_info.major}{sys.version_info.minor}"
@@ -393,81 +554,80 @@ def build_embedded_corpus(cache_dir: Path, train_shards: int = 4) -> Path:
     (out / "DONE").write_text(f"{len(docs)} documents\n")
     return out
 
+# ----------------------------------------------------------------------------- optimizers
+# By name: --optimizer NAME[:KIND][+SWITCH]..., e.g. adaptive:gap+noresidual.
 
-# =============================================================================
-# Optimizers by name
-# =============================================================================
+@dataclass
+class Recipe:
+    """An --optimizer name: the class, its default lr, whether it takes lowrank_groups
+    (rank groups for the attn/mlp matrices) or all parameters alike, and the
+    options that each ``:KIND`` or ``+SWITCH`` of the name sets."""
+    cls: type
+    lr: float  # default peak lr, tuned on the tiny config
+    lowrank: bool = False
+    variants: dict = field(default_factory=dict)  # ":kind" or "+switch" -> options
 
-OPTIMIZERS = ("adamw", "galore", "adaptive", "ldadam", "adapprox")
-DEFAULT_LR = {"adamw": 3e-3, "galore": 1e-2, "adaptive": 1e-2, "ldadam": 3e-3, "adapprox": 3e-3}
+    def describe(self, name: str) -> str:  # e.g. adaptive[:gap|combined|...][+residual][+noresidual]
+        kinds = "|".join(v[1:] for v in self.variants if v[0] == ":")
+        return name + (f"[:{kinds}]" if kinds else "") + "".join(f"[{v}]" for v in self.variants if v[0] == "+")
 
+RESIDUAL = {"+residual": {"residual": True}, "+noresidual": {"residual": False}}
+OPTIMIZERS = {
+    "adamw": Recipe(torch.optim.AdamW, 3e-3),
+    "galore": Recipe(la.GaLoreAdamW, 1e-2, lowrank=True, variants=RESIDUAL),
+    "adaptive": Recipe(la.AdaptiveAdamW, 1e-2, lowrank=True,
+                       variants={**{f":{m}": {"rank_metric": m} for m in sorted(la.RANK_METRICS)}, **RESIDUAL}),
+    "ldadam": Recipe(la.LDAdam, 3e-3, lowrank=True, variants={"+noef": {"error_feedback": False}}),
+    "adapprox": Recipe(la.Adapprox, 3e-3),
+}
 
 def parse_optimizer(spec: str) -> tuple[str, dict]:
-    """``name[:metric][+residual|+noresidual][+noef]`` -> (name, option overrides).
-
-    ``adaptive:gap`` picks AdaptiveAdamW's metric, ``+residual`` /
-    ``+noresidual`` switch the Fira-style residual (galore, adaptive; the
-    default is GaLore off, AdaptiveAdamW on), ``+noef`` turns LDAdam's error
-    feedback off, so one command can compare variants side by side.
-    """
-    name, *mods = spec.split("+")
-    name, _, metric = name.partition(":")
-    over: dict = {}
+    """``NAME[:KIND][+SWITCH]...`` -> (NAME, the options its variants set)."""
+    name, *variants = re.split(r"(?=[:+])", spec)
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-    if metric:
-        if name != "adaptive" or metric not in la.RANK_METRICS:
-            raise ValueError(f"{spec}: ':metric' is for adaptive, one of {', '.join(sorted(la.RANK_METRICS))}")
-        over["rank_metric"] = metric
-    for mod in mods:
-        if mod in ("residual", "noresidual") and name in ("galore", "adaptive"):
-            over["residual"] = mod == "residual"
-        elif mod == "noef" and name == "ldadam":
-            over["error_feedback"] = False
-        else:
-            raise ValueError(f"{spec}: unknown modifier +{mod} (+residual / +noresidual for galore/adaptive, +noef for ldadam)")
-    return name, over
+        raise ValueError(f"--optimizer {spec}: unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    options, known = {}, OPTIMIZERS[name].variants
+    for v in variants:
+        if v not in known:
+            raise ValueError(f"--optimizer {spec}: {name} has no variant {v}" +
+                             (f"; it has {', '.join(known)}" if known else ""))
+        options.update(known[v])
+    return name, options
 
+def peak_lr(spec: str, flag: Optional[str]) -> float:
+    """--lr: a number, or NAME=LR pairs where the run's full spec wins over its
+    base name; unset, the optimizer's default. Every entry is checked."""
+    name = parse_optimizer(spec)[0]
+    if flag is None:
+        return OPTIMIZERS[name].lr
+    table = {spec: flag} if "=" not in flag else dict(item.partition("=")[::2] for item in flag.split(","))
+    for key, value in table.items():
+        parse_optimizer(key)  # an unknown name is an error, not silently unused
+        try:
+            table[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--lr {flag}: {value!r} is not a number") from None
+        if not 0 < table[key] < math.inf:
+            raise ValueError(f"--lr {flag}: a learning rate must be a number > 0, not {value}")
+    return table.get(spec, table.get(name, OPTIMIZERS[name].lr))
 
-def build_optimizer(spec: str, model: nn.Module, args, lr: float) -> torch.optim.Optimizer:
-    name, over = parse_optimizer(spec)
-    betas, wd = (args.beta1, args.beta2), args.weight_decay
-    rank = args.rank if args.rank is not None else max(1, model.config.hidden // 4)
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=wd)
-    if name == "adapprox":
-        return la.Adapprox(model.parameters(), lr=lr, betas=betas, weight_decay=wd, k_max_frac=args.k_max_frac,
-                           err_tol=args.err_tol, rank_init=args.rank_init, clip_threshold=args.clip_threshold or None,
-                           cosine_guidance=args.cosine_guidance, seed=args.seed)
-    groups = la.lowrank_groups(model, rank)
-    if name == "ldadam":
-        return la.LDAdam(groups, lr=lr, betas=betas if args.ldadam_betas is None else tuple(args.ldadam_betas),
-                         weight_decay=wd, rho=args.rho,
-                         error_feedback=over.get("error_feedback", not args.no_error_feedback),
-                         error_dtype=torch.bfloat16 if args.error_dtype == "bf16" else torch.float32)
-    common = dict(lr=lr, betas=betas, weight_decay=wd, update_proj_gap=args.update_proj_gap, scale=args.scale,
-                  norm_growth_limit=args.norm_growth_limit or None)
-    residual = {"on": True, "off": False}.get(args.residual)  # None: the optimizer's own default
-    if "residual" in over:
-        residual = over["residual"]
-    if residual is not None:
-        common["residual"] = residual
-    if name == "galore":
-        return la.GaLoreAdamW(groups, **common)
-    return la.AdaptiveAdamW(groups, **common, rank_metric=over.get("rank_metric", args.rank_metric))
+def optimizer_options(args) -> tuple[Recipe, dict]:
+    """The recipe of --optimizer, and its keyword arguments: every set flag that
+    names one (0 = None for the two "0 = off" flags), then its variants' options."""
+    name, options = parse_optimizer(args.optimizer)
+    recipe = OPTIMIZERS[name]
+    flags = {**vars(args), "betas": (args.beta1, args.beta2), "error_dtype": {"fp32": torch.float32, "bf16":
+             torch.bfloat16}.get(args.error_dtype)}
+    if args.ldadam_betas and recipe.cls is la.LDAdam:
+        flags["betas"] = tuple(args.ldadam_betas)
+    takes = inspect.signature(recipe.cls).parameters
+    kwargs = {k: None if v == 0 and k in ("norm_growth_limit", "clip_threshold") else v
+              for k, v in flags.items() if k in takes and v is not None}
+    return recipe, {**kwargs, **options}
 
-
-def parse_lr(spec: Optional[str], name: str) -> float:
-    """``--lr 1e-3`` for all, or ``--lr adamw=3e-3,galore=1e-2`` per optimizer
-    (a variant such as ``galore+residual`` falls back to its base name)."""
-    base = parse_optimizer(name)[0]
-    if spec is None:
-        return DEFAULT_LR[base]
-    if "=" not in spec:
-        return float(spec)
-    table = dict(item.split("=", 1) for item in spec.split(","))
-    return float(table.get(name, table.get(base, DEFAULT_LR[base])))
-
+def build_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
+    recipe, kwargs = optimizer_options(args)
+    return recipe.cls(la.lowrank_groups(model, args.rank) if recipe.lowrank else model.parameters(), **kwargs)
 
 def get_lr(it: int, base: float, warmup: int, max_steps: int, min_ratio: float) -> float:
     # 1) linear warmup
@@ -480,176 +640,192 @@ def get_lr(it: int, base: float, warmup: int, max_steps: int, min_ratio: float) 
     progress = (it - warmup) / max(1, max_steps - warmup)
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
+# ----------------------------------------------------------------------------- training
+# The run's state and the loop's steps: train_step, evaluate, log_train, log_eval.
 
-# =============================================================================
-# Training
-# =============================================================================
+class Dist(NamedTuple):
+    ddp: bool  # launched by torchrun
+    rank: int
+    world: int
+    device: str
 
+    @property
+    def master(self) -> bool:  # rank 0 logs and saves
+        return self.rank == 0
 
-def load_checkpoint(path: Path, model_args: dict, opt_name: str) -> dict:
+class Run:
+    """One training run: what the loop's steps share and a checkpoint saves."""
+    def __init__(self, args, vocab_size: int, dist: Dist):
+        self.args, self.dist, self.device = args, dist, torch.device(dist.device)
+        torch.manual_seed(args.seed)  # the same initial weights for every optimizer at this seed
+        self.raw_model = build_model(args, vocab_size).to(self.device)  # what is evaluated and saved
+        self.opt = build_optimizer(args, self.raw_model)
+        self.model = torch.compile(self.raw_model) if args.compile else self.raw_model  # what trains
+        if dist.ddp:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        amp = self.device.type == "cuda" and args.dtype != "float32"
+        self.ctx = torch.autocast("cuda", dtype=getattr(torch, args.dtype)) if amp else contextlib.nullcontext()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp and args.dtype == "float16")
+        self.step, self.batches_done = 0, 0  # optimizer steps; micro-batches consumed (the data position)
+        self.seconds, self.step_seconds = 0.0, 0.0  # training time of earlier invocations; time in opt.step()
+        self.started = self.last_log_time = time.perf_counter()
+        self.last_log_step, self.train_loss, self.last_eval = 0, math.nan, (-1, math.nan)
+        self.tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * dist.world
+
+    def train_seconds(self) -> float:
+        return self.seconds + time.perf_counter() - self.started
+
+def train_step(run: Run, batches) -> tuple[float, torch.Tensor]:
+    """One optimizer step over --grad-accum micro-batches: (lr, summed loss)."""
+    args, opt = run.args, run.opt
+    # lr ← warmup, then cosine decay to the floor
+    lr = get_lr(run.step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(args.grad_accum):
+        x, y = next(batches)
+        if run.dist.ddp:  # all-reduce the gradients on the last micro-step only
+            run.model.require_backward_grad_sync = micro == args.grad_accum - 1
+        with run.ctx:
+            _, loss = run.model(x.to(run.device), y.to(run.device))
+            loss = loss / args.grad_accum
+        run.scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    run.batches_done += args.grad_accum
+    if args.grad_clip > 0:
+        run.scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    synchronize(run.device)
+    t0 = time.perf_counter()
+    run.scaler.step(opt)
+    synchronize(run.device)
+    run.step_seconds += time.perf_counter() - t0
+    run.scaler.update()
+    opt.zero_grad(set_to_none=True)
+    run.step += 1
+    return lr, loss_sum
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # so that a timer measures the GPU's work, not the queueing of it
+        torch.cuda.synchronize(device)
+
+@torch.no_grad()
+def evaluate(run: Run, val: list) -> float:
+    """Mean loss per validation sequence."""
+    run.model.eval()
+    total, count = 0.0, 0
+    for x, y in val:
+        with run.ctx:
+            total += run.raw_model(x.to(run.device), y.to(run.device))[1].item() * len(x)
+        count += len(x)
+    run.model.train()
+    return total / count
+
+def open_metrics(path: Path, step: int, master: bool):
+    """metrics.jsonl, written by rank 0: a JSON object per line, each with its step.
+    A resumed run first drops the rows after its checkpoint: each step appears once."""
+    if not master:
+        return None
+    rows = path.read_text().splitlines() if step > 0 and path.exists() else []
+    path.write_text("".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= step))
+    return open(path, "a")
+
+def log(metrics, **row) -> None:
+    if metrics is not None:
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+
+def log_train(run: Run, lr: float, loss: torch.Tensor, metrics) -> None:
+    """A metrics row and, unless --quiet, a line: the loss, lr and tokens/s since the last one."""
+    now = time.perf_counter()
+    tokens_per_s = (run.step - run.last_log_step) * run.tokens_per_step / max(now - run.last_log_time, 1e-9)
+    run.last_log_time, run.last_log_step, run.train_loss = now, run.step, float(loss)
+    row = dict(step=run.step, train_loss=run.train_loss, lr=lr, tokens_per_s=tokens_per_s)
+    if hasattr(run.opt, "ranks"):
+        row["ranks"] = run.opt.ranks()
+    log(metrics, **row)
+    if run.dist.master and not run.args.quiet:
+        print(f"step {run.step}/{run.args.max_steps}: train loss {run.train_loss:.4f}, lr {lr:.2e}, "
+              f"{tokens_per_s:,.0f} tokens/s", flush=True)
+
+def log_eval(run: Run, val_loss: float, metrics) -> None:
+    run.last_eval = (run.step, val_loss)
+    log(metrics, step=run.step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+    if run.dist.master:
+        print(f"step {run.step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f}", flush=True)
+
+def ranked_parameter_names(run: Run) -> list[str]:
+    """Names of the parameters whose ranks ``opt.ranks()`` lists, in its order."""
+    if not hasattr(run.opt, "ranks"):
+        return []
+    names = {id(p): n for n, p in run.raw_model.named_parameters()}
+    if isinstance(run.opt, la.Adapprox):
+        return [names[id(p)] for g in run.opt.param_groups for p in g["params"] if la.Adapprox.is_factored(p)]
+    return [names[id(p)] for g in run.opt.param_groups if g.get("rank") is not None for p in g["params"]]
+
+# ----------------------------------------------------------------------------- checkpoints
+# Atomic, and exact to resume: model, optimizer, scaler, step, data position, RNG.
+
+# The flags a resume may change: where and how fast it runs, how often it reports.
+# The others shape the run (model, data, optimizer, schedule, seed; --max-steps too,
+# as the cosine schedule is laid out over it), so a resume that changes one is refused.
+RESUME_MAY_CHANGE = ("resume", "out_dir", "stop_after", "save_interval", "eval_interval", "log_interval", "quiet",
+                     "device", "compile", "threads", "peak_tflops", "cache_dir")
+
+def run_settings(args) -> dict:
+    """How the run was made: every flag, and the number of processes."""
+    return {**vars(args), "processes": int(os.environ.get("WORLD_SIZE", 1))}
+
+def resume_checkpoint(args) -> Optional[dict]:
+    """With --resume, the checkpoint in --out-dir (None if there is none yet),
+    refused if it was made with other settings."""
+    path = Path(args.out_dir) / "ckpt.pt"
+    if not args.resume or not path.exists():
+        return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, foreign pickle...
-        sys.exit(f"checkpoint {path} is corrupt or not a checkpoint of this script ({type(e).__name__}: {e}); "
-                 "delete it or point --out-dir elsewhere")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        sys.exit(f"checkpoint {path} is not a checkpoint of this script")
-    if ckpt["model_args"] != model_args or ckpt.get("optimizer_name") != opt_name:
-        sys.exit(f"checkpoint {path} is incompatible: it holds {ckpt.get('optimizer_name')} on "
-                 f"{ckpt['model_args']}, this run asks for {opt_name} on {model_args}")
+        fail(f"checkpoint {path} is corrupt or not a checkpoint of this script ({type(e).__name__}: {e}); "
+             "delete it or choose another --out-dir")
+    if not isinstance(ckpt, dict) or "settings" not in ckpt:
+        fail(f"checkpoint {path} is not a checkpoint of this script")
+    saved, now = ckpt["settings"], run_settings(args)
+    flag = lambda k: "processes" if k == "processes" else "--" + k.replace("_", "-")
+    changed = [f"{flag(k)} {saved[k]} (now {now[k]})" for k in saved
+               if k in now and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    if changed:
+        fail(f"--resume: {path} was made with other settings: {', '.join(changed)}. A resume may only change "
+             f"{', '.join(flag(k) for k in RESUME_MAY_CHANGE[2:])}; start anything else in a new --out-dir")
     return ckpt
 
+def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
+    """Everything an exact resume needs; ``result`` marks a complete run.
+    Written to a temporary file, then renamed over the old checkpoint."""
+    path = Path(run.args.out_dir) / "ckpt.pt"
+    torch.save({"model": run.raw_model.state_dict(), "optimizer": run.opt.state_dict(),
+                "scaler": run.scaler.state_dict(), "settings": run_settings(run.args), "step": run.step,
+                "batches_done": run.batches_done, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                "timing": {"seconds": run.train_seconds(), "step_seconds": run.step_seconds}, "result": result},
+               path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Atomic: write a temporary file, then rename over the old checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+def restore(run: Run, ckpt: dict) -> None:
+    run.raw_model.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"]:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.step, run.batches_done = ckpt["step"], ckpt["batches_done"]
+    run.seconds, run.step_seconds = ckpt["timing"]["seconds"], ckpt["timing"]["step_seconds"]
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    random.setstate(ckpt["rng"]["python"])
 
-
-def train_one(opt_name: str, seed: int, args, data: C4Data, val: list, vocab_size: int, dist: dict,
-              lr_factor: float = 1.0) -> dict:
-    master, device = dist["master"], torch.device(dist["device"])
-    base_lr = parse_lr(args.lr, opt_name) * lr_factor
-    run_dir = Path(args.out_dir) / (f"{opt_name}-seed{seed}" if lr_factor == 1.0 else f"{opt_name}-lr{base_lr:g}-seed{seed}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    hidden, inter, heads, layers = MODEL_SHAPES[args.model]
-    config = LlamaConfig(vocab_size=vocab_size, hidden=hidden, intermediate=inter, heads=heads, layers=layers,
-                         max_seq_len=max(args.seq_len, 64))
-    torch.manual_seed(seed)  # same initial weights for every optimizer at this seed
-    model = Llama(config).to(device)
-    opt = build_optimizer(opt_name, model, args, base_lr)
-    rank_names = ranked_parameter_names(model, opt)
-    start_step, batches_done = 0, 0
-    ckpt_path = run_dir / "ckpt.pt"
-    if args.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, asdict(config), opt_name)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start_step, batches_done = ckpt["step"], ckpt["batches_done"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(ckpt["rng"]["python"])
-        if master:
-            print(f"resumed {ckpt_path} at step {start_step}")
-    elif args.resume and master:
-        print(f"--resume: no checkpoint at {ckpt_path}, starting fresh")
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if dist["ddp"]:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
-    use_amp = device.type == "cuda" and args.dtype in ("bfloat16", "float16")
-    ctx = (torch.autocast("cuda", dtype=getattr(torch, args.dtype)) if use_amp else contextlib.nullcontext())
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.dtype == "float16")
-
-    train_iter = data.train_batches(args.batch_size, seed, args.shuffle_buffer)
-    if batches_done:  # fast-forward the deterministic stream to where the checkpoint left it
-        for _ in _progress(range(batches_done), "skipping data", disable=not master or args.quiet):
-            next(train_iter)
-
-    @torch.no_grad()
-    def evaluate() -> float:
-        model.eval()
-        losses = []
-        for x, y in val:
-            with ctx:
-                losses.append(raw_model(x.to(device), y.to(device))[1].item())
-        model.train()
-        return sum(losses) / len(losses)
-
-    metrics = open(run_dir / "metrics.jsonl", "a") if master else None
-    if master and rank_names and start_step == 0:
-        _log(metrics, step=0, rank_names=rank_names)
-    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * dist["world"]
-    stop_at = args.max_steps if args.stop_after is None else min(args.max_steps, start_step + args.stop_after)
-    step_times, tokens_seen, loss_val, val_loss = [], 0, float("nan"), None
-    t_start = last_log_t = time.perf_counter()
-    last_log_tokens = 0
-    bar = _progress(None, f"{opt_name} s{seed}", disable=not master or args.quiet, initial=start_step,
-                    total=args.max_steps)
-    step = start_step
-    with _stop_on_first_ctrl_c() as stop_requested:
-        while step < stop_at and not stop_requested():
-            # lr ← warmup, then cosine decay to the floor
-            lr = get_lr(step, base_lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(args.grad_accum):
-                x, y = next(train_iter)
-                if dist["ddp"]:  # all-reduce the gradients on the last micro-step only
-                    model.require_backward_grad_sync = micro == args.grad_accum - 1
-                with ctx:
-                    _, loss = model(x.to(device), y.to(device))
-                    loss = loss / args.grad_accum
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            batches_done += args.grad_accum
-            if args.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            scaler.step(opt)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            step_times.append(time.perf_counter() - t0)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens_per_step
-            bar.update(1)
-            if step % args.log_interval == 0 or step == stop_at:
-                loss_val = float(loss_sum)
-                now = time.perf_counter()
-                tps = (tokens_seen - last_log_tokens) / max(now - last_log_t, 1e-9)
-                last_log_t, last_log_tokens = now, tokens_seen
-                if master:
-                    bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-                    row = dict(step=step, train_loss=loss_val, lr=lr, tokens_per_s=tps)
-                    if rank_names:
-                        row["ranks"] = opt.ranks()
-                    _log(metrics, **row)
-            if step % args.eval_interval == 0 or step == args.max_steps:
-                val_loss = evaluate()
-                if master:
-                    _log(metrics, step=step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
-                    if not args.quiet:
-                        bar.write(f"{opt_name} seed {seed} step {step}: val loss {val_loss:.4f}, "
-                                  f"ppl {math.exp(min(val_loss, 50)):.2f}")
-            if master and args.save_interval and step % args.save_interval == 0:
-                _save(ckpt_path, raw_model, opt, opt_name, config, args, step, batches_done)
-        interrupted = stop_requested()
-    bar.close()
-    if master:
-        _save(ckpt_path, raw_model, opt, opt_name, config, args, step, batches_done)
-        if interrupted:
-            print(f"interrupted at step {step}: checkpoint saved to {ckpt_path}; rerun with --resume")
-    if val_loss is None or step != args.max_steps:
-        val_loss = evaluate()
-    elapsed = time.perf_counter() - t_start
-    result = dict(optimizer=opt_name, seed=seed, lr=base_lr, steps=step, val_loss=val_loss,
-                  val_ppl=math.exp(min(val_loss, 50)), train_loss=loss_val,
-                  tokens_per_s=tokens_seen / max(elapsed, 1e-9), step_ms=1e3 * _mean(step_times),
-                  state_mb=la.state_bytes(opt) / 2**20, seconds=elapsed,
-                  peak_cuda_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-                  params=sum(p.numel() for p in raw_model.parameters()))
-    if device.type == "cuda" and args.peak_tflops:
-        result["mfu"] = result["tokens_per_s"] * raw_model.flops_per_token(args.seq_len) / (args.peak_tflops * 1e12)
-    if rank_names:
-        result["ranks"] = dict(zip(rank_names, opt.ranks()))
-    if master:
-        _log(metrics, step=step, final=result)
-        metrics.close()
-    if interrupted:
-        raise KeyboardInterrupt
-    return result
-
+# ----------------------------------------------------------------------------- the loop
+# train() steps to --max-steps (or --stop-after) and finish() ends the invocation.
 
 @contextlib.contextmanager
-def _stop_on_first_ctrl_c():
+def stop_on_first_ctrl_c():
     """The first Ctrl-C finishes the current step and stops cleanly (with a
     checkpoint); a second one interrupts at once."""
     flag = {"stop": False}
@@ -662,7 +838,6 @@ def _stop_on_first_ctrl_c():
                 raise KeyboardInterrupt
             flag["stop"] = True
             print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
-
         signal.signal(signal.SIGINT, handler)
     try:
         yield lambda: flag["stop"]
@@ -670,477 +845,158 @@ def _stop_on_first_ctrl_c():
         if main_thread:
             signal.signal(signal.SIGINT, previous)
 
+def fast_forward(batches, count: int, master: bool) -> None:
+    """Replay the deterministic data stream to where the checkpoint left it."""
+    if count and master:
+        print(f"replaying {count:,} micro-batches of the data stream to the checkpoint's position")
+    for _ in range(count):
+        next(batches)
 
-def ranked_parameter_names(model: nn.Module, opt) -> list[str]:
-    """Names of the parameters whose ranks ``opt.ranks()`` lists, in its order."""
-    if not hasattr(opt, "ranks"):
-        return []
-    names = {id(p): n for n, p in model.named_parameters()}
-    if isinstance(opt, la.Adapprox):
-        return [names[id(p)] for g in opt.param_groups for p in g["params"] if la.Adapprox.is_factored(p)]
-    return [names[id(p)] for g in opt.param_groups if g.get("rank") is not None for p in g["params"]]
+def train(args, data: C4Data, val: list, dist: Dist, ckpt: Optional[dict] = None) -> dict:
+    """One run in --out-dir: build or resume it, step to --max-steps (or
+    --stop-after), evaluate, save. Returns the run's result."""
+    run = Run(args, data.tokenizer.vocab_size, dist)
+    if ckpt is not None:
+        restore(run, ckpt)
+        if ckpt["result"] is not None:  # complete: nothing to train
+            return ckpt["result"]
+    elif args.resume and dist.master:
+        print(f"--resume: no checkpoint in {args.out_dir} yet, so the run starts there")
+    batches = data.train_batches(args.batch_size, args.seed, args.shuffle_buffer)
+    fast_forward(batches, run.batches_done, dist.master)
+    metrics = open_metrics(Path(args.out_dir) / "metrics.jsonl", run.step, dist.master)
+    if run.step == 0:
+        log(metrics, step=0, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
+            rank_names=ranked_parameter_names(run))
+    stop_at = args.max_steps if args.stop_after is None else min(args.max_steps, run.step + args.stop_after)
+    run.started = run.last_log_time = time.perf_counter()
+    run.last_log_step = run.step
+    with stop_on_first_ctrl_c() as stop_requested:
+        while run.step < stop_at and not stop_requested():
+            lr, loss = train_step(run, batches)
+            if run.step % args.log_interval == 0 or run.step == args.max_steps:
+                log_train(run, lr, loss, metrics)
+            if run.step % args.eval_interval == 0 or run.step == args.max_steps:
+                log_eval(run, evaluate(run, val), metrics)
+            if args.save_interval and run.step % args.save_interval == 0 and dist.master:
+                save_checkpoint(run)
+        interrupted = stop_requested()
+    return finish(run, val, metrics, interrupted)
 
-
-def _save(path, model, opt, opt_name, config, args, step, batches_done):
-    save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "optimizer_name": opt_name,
-                           "model_args": asdict(config), "step": step, "batches_done": batches_done,
-                           "config": vars(args), "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}})
-
-
-def _log(fh, **row):
-    fh.write(json.dumps(row) + "\n")
-    fh.flush()
-
-
-def _mean(xs):
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def _progress(iterable, desc, disable=False, **kw):
-    from tqdm import tqdm
-    return tqdm(iterable, desc=desc, disable=disable, dynamic_ncols=True, mininterval=1.0, **kw)
-
-
-# =============================================================================
-# Benchmarks: optimizer state per method, step() time per method
-# =============================================================================
-
-PUBLISHED_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}
-
-
-def model_on_meta(name: str, vocab_size: int = 32000) -> Llama:
-    """The model's parameter shapes without allocating them (meta device)."""
-    hidden, inter, heads, layers = MODEL_SHAPES[name]
-    with torch.device("meta"):
-        return Llama(LlamaConfig(vocab_size=vocab_size, hidden=hidden, intermediate=inter, heads=heads, layers=layers,
-                                 max_seq_len=64))
-
-
-def predicted_state_bytes(model: nn.Module, method: str, rank: int, *, beta1: float = 0.9,
-                          error_bytes: int = 4, k_max_frac: float = 0.25) -> int:
-    """Optimizer state in bytes from SPEC §5's per-matrix formulas, float32 state.
-
-    Equal to ``state_bytes`` after a real step (tested on small configs).
-    AdaptiveAdamW is counted at uniform ranks (its total moves with the
-    allocation, since matrices differ in their long side); Adapprox at its
-    largest rank k_max (the rank rule can only lower it).
-    """
-    f = 4
-    lowrank = {id(p) for g in la.lowrank_groups(model, rank) if "rank" in g for p in g["params"]}
-    total = 0
-    for p in model.parameters():
-        if method == "adamw":
-            total += 2 * f * p.numel() + 4  # m, v and torch's float32 step tensor
-            continue
-        if method == "adapprox":
-            if la.Adapprox.is_factored(p):
-                m, n = p.shape
-                k = max(1, int(k_max_frac * min(m, n)))
-                total += f * (k * (m + n) + (m * n if beta1 > 0 else 0))
-            else:
-                total += f * p.numel() * (2 if beta1 > 0 else 1)
-            continue
-        if id(p) not in lowrank:
-            total += 2 * f * p.numel()  # the dense AdamW path
-            continue
-        s, l = min(p.shape), max(p.shape)
-        r = min(rank, s)
-        total += f * (2 * r * l + s * r)  # m, v: r×l ; P: s×r
-        if method == "adaptive":
-            total += 4  # the limiter's previous RMS
-        if method == "ldadam":
-            total += error_bytes * p.numel()  # error-feedback buffer
-    return total
-
-
-def memory_table(configs=("60m", "130m", "350m", "1b"), ranks=(None, 4, 8)) -> str:
-    """Markdown: optimizer state per method (GB and % of AdamW) at several ranks."""
-    rows = ["| model | rank | AdamW GB | GaLore / AdaptiveAdamW | LDAdam (fp32 EF) | LDAdam (bf16 EF) | "
-            "Adapprox β1=0.9 | Adapprox β1=0 |", "|---|---|---|---|---|---|---|---|"]
-    for name in configs:
-        model = model_on_meta(name)
-        adamw = predicted_state_bytes(model, "adamw", 1)
-        for rank in ranks:
-            r = PUBLISHED_RANKS.get(name, 128) if rank is None else rank
-            cell = lambda b: f"{b / 1e9:.3f} ({100 * b / adamw:.1f} %)"
-            rows.append(f"| {name} | {r} | {adamw / 1e9:.3f} | {cell(predicted_state_bytes(model, 'galore', r))} | "
-                        f"{cell(predicted_state_bytes(model, 'ldadam', r))} | "
-                        f"{cell(predicted_state_bytes(model, 'ldadam', r, error_bytes=2))} | "
-                        f"{cell(predicted_state_bytes(model, 'adapprox', r))} | "
-                        f"{cell(predicted_state_bytes(model, 'adapprox', r, beta1=0.0))} |")
-    return "\n".join(rows)
-
-
-def bench_steps(args) -> str:
-    """Time ``step()`` of each optimizer on the attn/mlp matrices of ``--model``.
-
-    Normal steps are the mean of ``--bench-steps`` steps after a warm-up; the
-    refresh step is GaLore/AdaptiveAdamW's SVD step (the next one after
-    them); amortized = (refresh + (T-1)·normal) / T with T = --update-proj-gap.
-    """
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    hidden, inter, heads, layers = MODEL_SHAPES[args.model]
-    torch.manual_seed(args.seed)
-    with torch.device(device):
-        model = Llama(LlamaConfig(vocab_size=320, hidden=hidden, intermediate=inter, heads=heads, layers=layers,
-                                  max_seq_len=64))
-    rank = args.rank if args.rank is not None else max(1, hidden // 4)
-    params = la.lowrank_groups(model, rank)[-1]["params"]
-    grads = [torch.randn_like(p) * 1e-3 for p in params]
-    n, T = args.bench_steps, args.update_proj_gap
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def timed(opt):
-        for p, g in zip(params, grads):
-            p.grad = g
-        sync()
-        t0 = time.perf_counter()
-        opt.step()
-        sync()
-        return time.perf_counter() - t0
-
-    results = {}
-    for name in args.optimizers:
-        if name == "adamw":
-            opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
-        elif name == "adapprox":
-            opt = la.Adapprox(params, lr=1e-5, err_tol=args.err_tol, k_max_frac=args.k_max_frac,
-                              rank_init=args.rank_init)
+def finish(run: Run, val: list, metrics, interrupted: bool) -> dict:
+    """The end of this invocation: a checkpoint, with the result once the run is complete."""
+    args, path = run.args, Path(run.args.out_dir) / "ckpt.pt"
+    rerun = f"checkpoint saved to {path}; rerun with --resume to continue"
+    if interrupted:
+        if run.dist.master:
+            save_checkpoint(run)
+            print(f"interrupted at step {run.step} of {args.max_steps}: {rerun}")
+        raise KeyboardInterrupt
+    val_loss = run.last_eval[1] if run.last_eval[0] == run.step else evaluate(run, val)
+    result, complete = result_of(run, val_loss), run.step == args.max_steps
+    if run.dist.master:
+        save_checkpoint(run, result if complete else None)
+        if complete:
+            log(metrics, step=run.step, final=result)
         else:
-            group = [{"params": params, "rank": rank}]
-            cls = {"galore": la.GaLoreAdamW, "adaptive": la.AdaptiveAdamW, "ldadam": la.LDAdam}[name]
-            opt = cls(group, lr=1e-5, **({} if name == "ldadam" else {"update_proj_gap": n + 1}))
-        timed(opt)  # step 1: allocates state (and the first SVD)
-        normal = [timed(opt) for _ in range(n)]
-        refresh = timed(opt) if name in ("galore", "adaptive") else None  # step n+2 = 1 + (n+1): a refresh
-        normal_ms = 1e3 * statistics.median(normal)
-        refresh_ms = 1e3 * refresh if refresh is not None else normal_ms
-        results[name] = (normal_ms, refresh_ms, (refresh_ms + (T - 1) * normal_ms) / T)
-        del opt
-    base = results.get("adamw")
-    lines = [f"step() on the {len(params)} attn/mlp matrices of {args.model} (rank {rank}, {device}, "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads); median of {n} normal steps; "
-             f"amortized over T = {T}", "",
-             "| optimizer | normal ms | refresh ms | amortized ms | normal / AdamW | refresh / AdamW | "
-             "amortized / AdamW |", "|---|---|---|---|---|---|---|"]
-    for name, (a, b, c) in results.items():
-        ratios = " | ".join(f"{x / y:.2f}" for x, y in zip((a, b, c), base)) if base else " | | "
-        lines.append(f"| {name} | {a:.2f} | {b:.2f} | {c:.2f} | {ratios} |")
-    return "\n".join(lines)
+            print(f"stopped at step {run.step} of {args.max_steps} (--stop-after {args.stop_after}): {rerun}")
+        metrics.close()
+    return result
 
+def result_of(run: Run, val_loss: float) -> dict:
+    """The numbers that describe a run (bench.py tabulates them); times cover every invocation."""
+    args, device, seconds, names = run.args, run.device, run.train_seconds(), ranked_parameter_names(run)
+    result = dict(optimizer=args.optimizer, seed=args.seed, lr=args.lr, steps=run.step, val_loss=val_loss,
+                  val_ppl=math.exp(min(val_loss, 50)), train_loss=run.train_loss,
+                  tokens_per_s=run.step * run.tokens_per_step / max(seconds, 1e-9),
+                  step_ms=1e3 * run.step_seconds / max(run.step, 1), state_mb=la.state_bytes(run.opt) / 2**20,
+                  seconds=seconds, params=sum(p.numel() for p in run.raw_model.parameters()),
+                  peak_cuda_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+    if device.type == "cuda" and args.peak_tflops:
+        result["mfu"] = result["tokens_per_s"] * run.raw_model.flops_per_token(args.seq_len) / (args.peak_tflops * 1e12)
+    if names:
+        result["ranks"] = dict(zip(names, run.opt.ranks()))
+    return result
 
-# =============================================================================
-# Plots (matplotlib, only when asked for)
-# =============================================================================
+def describe(r: dict) -> str:
+    """A run's result in one line."""
+    extra = f", peak CUDA {r['peak_cuda_gb']:.2f} GB" if r["peak_cuda_gb"] is not None else ""
+    extra += f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
+    return (f"{r['optimizer']} (lr {r['lr']:g}) seed {r['seed']}: {r['params'] / 1e6:.2f}M params, {r['steps']} steps, "
+            f"val loss {r['val_loss']:.4f}, val ppl {r['val_ppl']:.2f}, {r['tokens_per_s']:,.0f} tokens/s, optimizer "
+            f"state {r['state_mb']:.2f} MB, step() {r['step_ms']:.2f} ms, {r['seconds']:.0f} s{extra}")
 
+# ----------------------------------------------------------------------------- DDP, threads, data, main
 
-def read_runs(out_dir: Path) -> dict[str, list[dict]]:
-    """metrics.jsonl of every run folder under out_dir: {folder name: rows}."""
-    runs = {}
-    for f in sorted(Path(out_dir).glob("*/metrics.jsonl")):
-        runs[f.parent.name] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-    return runs
-
-
-def make_plots(out_dir: Path) -> list[Path]:
-    """Loss curves of every run; AdaptiveAdamW's ranks as a matrices × refreshes
-    heatmap; Adapprox's ranks over time. PNGs are written into out_dir."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        sys.exit("plots need matplotlib, which is not installed: pip install matplotlib")
-    runs = read_runs(out_dir)
-    if not runs:
-        sys.exit(f"no runs (*/metrics.jsonl) under {out_dir}")
-    written = []
-    fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {}
-    for name, rows in runs.items():
-        label = name.rsplit("-seed", 1)[0]
-        color = colors.setdefault(label, f"C{len(colors) % 10}")
-        first = label not in {line.get_label() for line in ax_v.get_lines()}
-        t = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
-        v = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-        if t:
-            ax_t.plot(*zip(*t), color=color, alpha=0.6, lw=1, label=label if first else None)
-        if v:
-            ax_v.plot(*zip(*v), color=color, marker="o", lw=1.5, label=label if first else None)
-    for ax, title in ((ax_t, "train loss"), (ax_v, "validation loss")):
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    ax_v.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(out_dir / "loss_curves.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
-    for name, rows in runs.items():
-        names = next((r["rank_names"] for r in rows if "rank_names" in r), None)
-        history = [(r["step"], r["ranks"]) for r in rows if "ranks" in r]
-        if not names or not history:
-            continue
-        short = [n.replace("layers.", "L").replace(".weight", "").replace("_proj", "") for n in names]
-        if name.startswith("adaptive"):
-            # one column per allocation: keep the rank vectors where they change
-            cols = [history[0]] + [h for prev, h in zip(history, history[1:]) if h[1] != prev[1]]
-            grid = torch.tensor([c[1] for c in cols]).T  # (matrices, refreshes)
-            fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(cols) + 3), 0.25 * len(names) + 1.5))
-            im = ax.imshow(grid, aspect="auto", cmap="viridis")
-            ax.set_yticks(range(len(short)), short, fontsize=7)
-            ax.set_xticks(range(len(cols)), [str(c[0]) for c in cols], fontsize=7)
-            ax.set_xlabel("logged at step (each column: a new allocation)")
-            for i in range(grid.shape[0]):
-                for j in range(grid.shape[1]):
-                    ax.text(j, i, str(int(grid[i, j])), ha="center", va="center", fontsize=6, color="w")
-            fig.colorbar(im, ax=ax, label="rank")
-            ax.set_title(f"AdaptiveAdamW ranks: {name}")
-        elif name.startswith("adapprox"):
-            fig, ax = plt.subplots(figsize=(7, 4))
-            steps = [h[0] for h in history]
-            for i, n in enumerate(short):
-                ax.plot(steps, [h[1][i] for h in history], lw=0.8, alpha=0.5)
-            ax.plot(steps, [sum(h[1]) / len(h[1]) for h in history], color="k", lw=2, label="mean")
-            ax.set_xlabel("step")
-            ax.set_ylabel("rank k of V ≈ Q Uᵀ")
-            ax.legend()
-            ax.set_title(f"Adapprox ranks: {name}")
-        else:
-            continue
-        fig.tight_layout()
-        written.append(out_dir / f"ranks_{name}.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-    return written
-
-
-# =============================================================================
-# Command line
-# =============================================================================
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument_group("data")
-    a.add_argument("--data", default=None, help="C4 shards: a directory, a glob or a file (c4-train.*.json.gz, "
-                   "c4-validation.*.json.gz, .json/.jsonl); none = the embedded Python-docs corpus")
-    a.add_argument("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "lowrank_adam"),
-                   help="where the embedded corpus is written")
-    a.add_argument("--tokenizer", default=None, help="a local tokenizer.json (needs the 'tokenizers' package); "
-                   "none = UTF-8 bytes")
-    a.add_argument("--eos-token", default=None, help="end-of-document token of --tokenizer (default: </s> and kin)")
-    a.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
-    a.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (per process)")
-    a.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    a.add_argument("--shuffle-buffer", type=int, default=1000, help="sequences in the seeded shuffle buffer")
-    a.add_argument("--val-batches", type=int, default=8, help="validation batches per evaluation")
-    m = p.add_argument_group("model")
-    m.add_argument("--model", default="tiny", choices=list(MODEL_SHAPES), help="LLaMA shape (hidden/intermediate/"
-                   "heads/layers: " + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in MODEL_SHAPES.items()) + ")")
-    o = p.add_argument_group("optimizer")
-    o.add_argument("--optimizer", default="adamw", help=f"one or a comma list of: {', '.join(OPTIMIZERS)}; "
-                   "variants: adaptive:METRIC, galore+residual, adaptive+noresidual, ldadam+noef")
-    o.add_argument("--lr-sweep", default="1", help="comma list of factors on each optimizer's lr (e.g. 0.5,1,2); "
-                   "the summary then reports each optimizer at its best lr")
-    o.add_argument("--lr", default=None, help="peak learning rate, or per optimizer: adamw=3e-3,galore=1e-2 "
-                   f"(defaults: {', '.join(f'{k} {v:g}' for k, v in DEFAULT_LR.items())})")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
-    o.add_argument("--beta1", type=float, default=0.9, help="Adam β1")
-    o.add_argument("--beta2", type=float, default=0.999, help="Adam β2")
-    o.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
-    o.add_argument("--rank", type=int, default=None, help="rank of the attn/mlp matrices (GaLore, LDAdam) or "
-                   "average rank (AdaptiveAdamW); default hidden/4")
-    o.add_argument("--update-proj-gap", type=int, default=200, help="steps between subspace refreshes (GaLore, "
-                   "AdaptiveAdamW)")
-    o.add_argument("--scale", type=float, default=0.25, help="GaLore scale α")
-    o.add_argument("--rank-metric", default="explained_variance", choices=sorted(la.RANK_METRICS),
-                   help="AdaptiveAdamW allocation metric")
-    o.add_argument("--residual", default="default", choices=["default", "on", "off"], help="Fira-style "
-                   "out-of-subspace residual for GaLore and AdaptiveAdamW (default: GaLore off, AdaptiveAdamW on)")
-    o.add_argument("--norm-growth-limit", type=float, default=1.01, help="norm-growth limiter γ (0 = off)")
-    o.add_argument("--rho", type=float, default=0.908, help="LDAdam ρ")
-    o.add_argument("--ldadam-betas", type=float, nargs=2, default=None, help="LDAdam betas (default: --beta1 "
-                   "--beta2; the paper's are 0.908 0.99)")
-    o.add_argument("--no-error-feedback", action="store_true", help="LDAdam without error feedback")
-    o.add_argument("--error-dtype", default="fp32", choices=["fp32", "bf16"], help="LDAdam error buffer dtype")
-    o.add_argument("--k-max-frac", type=float, default=0.25, help="Adapprox: max rank as a fraction of min(m, n)")
-    o.add_argument("--err-tol", type=float, default=0.1, help="Adapprox: relative error target of the rank rule")
-    o.add_argument("--rank-init", type=int, default=None, help="Adapprox: initial rank (default: its largest)")
-    o.add_argument("--clip-threshold", type=float, default=1.0, help="Adapprox update clipping d (0 = off)")
-    o.add_argument("--cosine-guidance", action="store_true", help="Adapprox cosine-similarity guidance")
-    s = p.add_argument_group("schedule")
-    s.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
-    s.add_argument("--warmup-steps", type=int, default=30, help="linear warmup steps")
-    s.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of the peak lr")
-    s.add_argument("--eval-interval", type=int, default=100, help="steps between validation evaluations")
-    s.add_argument("--log-interval", type=int, default=10, help="steps between progress/metrics updates")
-    y = p.add_argument_group("system")
-    y.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    y.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                   help="autocast dtype on CUDA (CPU always runs float32)")
-    y.add_argument("--compile", action="store_true", help="torch.compile the model")
-    y.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
-    y.add_argument("--seed", type=int, default=0, help="seed of weights, data order and optimizer randomness")
-    y.add_argument("--seeds", type=int, default=1, help="run seeds seed..seed+N-1 and report median and spread")
-    y.add_argument("--out-dir", default="out", help="checkpoints and metrics.jsonl, one folder per run")
-    y.add_argument("--resume", action="store_true", help="continue each run from its checkpoint in --out-dir")
-    y.add_argument("--save-interval", type=int, default=0, help="also checkpoint every N steps (0 = at the end)")
-    y.add_argument("--stop-after", type=int, default=None, help="stop (and checkpoint) after N steps in this "
-                   "invocation, keeping the --max-steps schedule; for time-limited jobs, continue with --resume")
-    y.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 bf16 dense)")
-    y.add_argument("--quiet", action="store_true", help="no progress bars")
-    b = p.add_argument_group("benchmarks (print a table and exit)")
-    b.add_argument("--bench", action="store_true", help="time step() of each --optimizer on --model's attn/mlp "
-                   "matrices (random gradients): normal, refresh and amortized, as ratios to AdamW")
-    b.add_argument("--bench-steps", type=int, default=5, help="normal steps timed by --bench")
-    b.add_argument("--plot", action="store_true", help="after the runs, write PNG plots into --out-dir "
-                   "(loss curves, AdaptiveAdamW rank heatmap, Adapprox ranks; needs matplotlib)")
-    b.add_argument("--plot-only", action="store_true", help="only plot the runs already in --out-dir")
-    b.add_argument("--memory-table", action="store_true", help="optimizer state per method for the 60m-1b "
-                   "configs at the published ranks and at ranks 4 and 8")
-    args = p.parse_args(argv)
-    names = [n.strip() for n in args.optimizer.split(",") if n.strip()]
-    if not names:
-        p.error("--optimizer: empty list")
-    for n in names:
-        try:
-            parse_optimizer(n)
-        except ValueError as e:
-            p.error(f"--optimizer: {e}")
-    args.optimizers = names
-    try:
-        args.lr_factors = [float(f) for f in args.lr_sweep.split(",")]
-    except ValueError:
-        p.error(f"--lr-sweep: not a comma list of numbers: {args.lr_sweep}")
-    for flag in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval", "seeds",
-                 "val_batches"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    return args
-
-
-def setup_distributed(args) -> dict:
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        import torch.distributed as tdist
-        cuda = torch.cuda.is_available() and args.device != "cpu"
-        tdist.init_process_group(backend="nccl" if cuda else "gloo")
-        rank, world, local = tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-        device = f"cuda:{local}" if cuda else "cpu"
-        if cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
+def setup_distributed(args) -> Dist:
+    """torchrun sets RANK: one process per GPU with NCCL, or per CPU share with gloo."""
+    if int(os.environ.get("RANK", -1)) == -1:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    return dict(ddp=ddp, rank=rank, world=world, device=device, master=rank == 0)
+        dist = Dist(ddp=False, rank=0, world=1, device=device)
+    else:
+        cuda = torch.cuda.is_available() and args.device != "cpu"
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+        dist = Dist(ddp=True, rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size(),
+                    device=f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(dist.device)
+    set_threads(args, dist.device)
+    return dist
 
-
-def summarize(results: list[dict]) -> str:
-    """Markdown: one row per (optimizer, lr) with medians over seeds (± half the
-    range); with an lr sweep, a second table keeps each optimizer's best lr."""
-    by_run: dict[tuple, list[dict]] = {}
-    for r in results:
-        by_run.setdefault((r["optimizer"], r["lr"]), []).append(r)
-    med = lambda rs, key: statistics.median(r[key] for r in rs)
-    best = {}
-    for (name, lr), rs in by_run.items():
-        if name not in best or med(rs, "val_loss") < med(by_run[best[name]], "val_loss"):
-            best[name] = (name, lr)
-    ref = by_run.get(best["adamw"]) if "adamw" in best else None
-    cuda = any(r["peak_cuda_gb"] is not None for r in results)
-    cols = ["optimizer", "lr", "seeds", "val loss", "val ppl", "Δ loss vs AdamW", "state MB", "% of AdamW",
-            "step() ms", "tokens/s"] + (["peak CUDA GB"] if cuda else [])
-
-    def table(keys):
-        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for key in keys:
-            rs = by_run[key]
-            loss = med(rs, "val_loss")
-            spread = (max(r["val_loss"] for r in rs) - min(r["val_loss"] for r in rs)) / 2
-            row = [key[0], f"{key[1]:g}", str(len(rs)), f"{loss:.4f}" + (f" ± {spread:.4f}" if len(rs) > 1 else ""),
-                   f"{math.exp(loss):.3f}", f"{loss - med(ref, 'val_loss'):+.4f}" if ref else "",
-                   f"{med(rs, 'state_mb'):.3f}",
-                   f"{100 * med(rs, 'state_mb') / med(ref, 'state_mb'):.1f}" if ref else "",
-                   f"{med(rs, 'step_ms'):.2f}", f"{med(rs, 'tokens_per_s'):,.0f}"]
-            if cuda:
-                row.append(f"{med(rs, 'peak_cuda_gb'):.2f}")
-            lines.append("| " + " | ".join(row) + " |")
-        return "\n".join(lines)
-
-    if len(by_run) == len(best):
-        return table(list(by_run))
-    return ("all learning rates:\n" + table(list(by_run)) + "\n\neach optimizer at its best lr:\n"
-            + table(list(best.values())))
-
-
-def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
+def set_threads(args, device: str) -> None:
+    """--threads, or 1 for the tiny model on CPU. Measured on a 2-core machine: idle,
+    2 threads ran the default run 1.25x faster; with another process busy on one
+    core, 6x slower (their OpenMP threads spin, waiting for the busy core)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.memory_table:
-        print(memory_table())
-        return []
-    if args.bench:
-        print(bench_steps(args))
-        return []
-    if args.plot_only:
-        for path in make_plots(Path(args.out_dir)):
-            print(f"wrote {path}")
-        return []
-    dist = setup_distributed(args)
-    tokenizer = FileTokenizer(args.tokenizer, args.eos_token) if args.tokenizer else ByteTokenizer()
-    source = args.data
-    if source is None:
-        source = str(build_embedded_corpus(Path(os.path.expanduser(args.cache_dir))))
+    elif device == "cpu" and args.model == "tiny":
+        torch.set_num_threads(1)
+
+def load_data(args, tokenizer, dist: Dist) -> tuple[C4Data, list]:
+    source = args.data or str(build_embedded_corpus(Path(args.cache_dir).expanduser()))
     try:
-        data = C4Data(source, tokenizer, args.seq_len, rank=dist["rank"], world=dist["world"])
+        data = C4Data(source, tokenizer, args.seq_len, rank=dist.rank, world=dist.world)
         val = data.val_batches(args.batch_size, args.val_batches)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    vocab = 64 * math.ceil(tokenizer.vocab_size / 64)  # padded for fast matmuls
-    if dist["master"]:
-        hidden, inter, heads, layers = MODEL_SHAPES[args.model]
+    except (FileNotFoundError, DataError) as e:
+        fail(str(e))
+    if dist.master:
         print(f"data: {source} ({len(data.train_files)} train / {len(data.val_files)} validation shards"
-              f"{', holding out every 100th document for validation' if data.holdout else ''}); "
-              f"tokenizer: {tokenizer.name} (vocab {tokenizer.vocab_size}, padded to {vocab})")
-        print(f"model: {args.model} ({hidden}/{inter}/{heads}/{layers}); tokens per step: "
-              f"{args.batch_size * args.seq_len * args.grad_accum * dist['world']:,}; device: {dist['device']}")
-    results = []
+              f"{', every 100th document held out for validation' if data.holdout else ''}); tokenizer: "
+              f"{tokenizer.name} (vocab {tokenizer.vocab_size})")
+        print(f"model: {args.model} ({'/'.join(map(str, MODEL_SHAPES[args.model]))}); optimizer: {args.optimizer}, "
+              f"lr {args.lr:g}; tokens per step: {args.batch_size * args.seq_len * args.grad_accum * dist.world:,}; "
+              f"device: {dist.device}, CPU threads: {torch.get_num_threads()}")
+    return data, val
+
+def report_data(stats: DataStats) -> None:
+    if stats.bad_lines or stats.no_text or stats.bad_shards:
+        print(f"data: skipped {stats.bad_lines} undecodable lines, {stats.no_text} records without text, "
+              f"{stats.bad_shards} unreadable shards")
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)  # every flag checked before anything is read
+    tokenizer = load_tokenizer(args)
+    check_out_dir(args)
+    ckpt = resume_checkpoint(args)
+    if ckpt is not None and ckpt["result"] is not None:  # a complete run: nothing to train
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{args.out_dir} is complete ({ckpt['step']} steps); its saved result:\n{describe(ckpt['result'])}")
+        return ckpt["result"]
+    dist = setup_distributed(args)
     try:
-        for seed in range(args.seed, args.seed + args.seeds):
-            for name, factor in [(n, f) for n in args.optimizers for f in args.lr_factors]:
-                r = train_one(name, seed, args, data, val, vocab, dist, factor)
-                results.append(r)
-                if dist["master"]:
-                    extra = f", peak CUDA {r['peak_cuda_gb']:.2f} GB" if r["peak_cuda_gb"] is not None else ""
-                    extra += f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
-                    print(f"{name} (lr {r['lr']:g}) seed {seed}: {r['params'] / 1e6:.2f}M params, val loss {r['val_loss']:.4f}, "
-                          f"val ppl {r['val_ppl']:.2f}, {r['tokens_per_s']:,.0f} tokens/s, optimizer state "
-                          f"{r['state_mb']:.2f} MB, step() {r['step_ms']:.2f} ms, {r['seconds']:.0f} s{extra}")
+        data, val = load_data(args, tokenizer, dist)
+        result = train(args, data, val, dist, ckpt)
+        if dist.master:
+            print(describe(result))
+            report_data(data.stats)
+        return result
     except KeyboardInterrupt:
         sys.exit(130)
+    except DataError as e:  # the training stream ran dry
+        fail(str(e))
     finally:
-        if dist["ddp"]:
+        if dist.ddp:
             torch.distributed.destroy_process_group()
-    s = data.stats
-    if dist["master"]:
-        if s.bad_lines or s.no_text or s.bad_shards:
-            print(f"data: skipped {s.bad_lines} undecodable lines, {s.no_text} records without text, "
-                  f"{s.bad_shards} unreadable shards")
-        if len(results) > 1:
-            print(summarize(results))
-        with open(Path(args.out_dir) / "results.json", "w") as fh:
-            json.dump(results, fh, indent=1)
-        if args.plot:
-            for path in make_plots(Path(args.out_dir)):
-                print(f"wrote {path}")
-    return results
-
 
 if __name__ == "__main__":
     main()
