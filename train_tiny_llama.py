@@ -574,11 +574,14 @@ class Recipe:
 RESIDUAL = {"+residual": {"residual": True}, "+noresidual": {"residual": False}}
 OPTIMIZERS = {
     "adamw": Recipe(torch.optim.AdamW, 3e-3),
-    "galore": Recipe(la.GaLoreAdamW, 1e-2, lowrank=True, variants=RESIDUAL),
+    "galore": Recipe(la.GaLoreAdamW, 1e-2, lowrank=True,
+                     variants={**{f":{k}": {"subspace": k} for k in la.SUBSPACES}, **RESIDUAL}),
     "adaptive": Recipe(la.AdaptiveAdamW, 1e-2, lowrank=True,
                        variants={**{f":{m}": {"rank_metric": m} for m in sorted(la.RANK_METRICS)}, **RESIDUAL}),
     "ldadam": Recipe(la.LDAdam, 3e-3, lowrank=True, variants={"+noef": {"error_feedback": False}}),
-    "adapprox": Recipe(la.Adapprox, 3e-3),
+    "adapprox": Recipe(la.Adapprox, 3e-3, variants={"+nomoment": {"betas": (0.0, 0.999)},  # no first moment
+                                                    "+cold": {"warm_start": False, "power_iters": 5}}),
+    "adafactor": Recipe(torch.optim.Adafactor, 1e-2),  # torch's; its lr is relative to the weights' RMS
 }
 
 def parse_optimizer(spec: str) -> tuple[str, dict]:
@@ -892,6 +895,7 @@ def finish(run: Run, val: list, metrics, interrupted: bool) -> dict:
             save_checkpoint(run)
             print(f"interrupted at step {run.step} of {args.max_steps}: {rerun}")
         raise KeyboardInterrupt
+    check_replicas(run)
     val_loss = run.last_eval[1] if run.last_eval[0] == run.step else evaluate(run, val)
     result, complete = result_of(run, val_loss), run.step == args.max_steps
     if run.dist.master:
@@ -902,6 +906,23 @@ def finish(run: Run, val: list, metrics, interrupted: bool) -> dict:
             print(f"stopped at step {run.step} of {args.max_steps} (--stop-after {args.stop_after}): {rerun}")
         metrics.close()
     return result
+
+@torch.no_grad()
+def check_replicas(run: Run) -> None:
+    """Under DDP every rank must hold the same weights: compare a checksum of
+    each parameter across ranks (an error names the first that differs)."""
+    if not run.dist.ddp:
+        return
+    params = list(run.raw_model.named_parameters())
+    local = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for _, p in params])
+    every = [torch.empty_like(local) for _ in range(run.dist.world)]
+    torch.distributed.all_gather(every, local)
+    for rank, other in enumerate(every):
+        differ = (other != every[0]).any(dim=1).nonzero()
+        if len(differ):
+            raise RuntimeError(f"DDP replicas differ: rank {rank}'s {params[differ[0, 0]][0]} is not rank 0's")
+    if run.dist.master:
+        print(f"replicas: the weights are identical on all {run.dist.world} ranks")
 
 def result_of(run: Run, val_loss: float) -> dict:
     """The numbers that describe a run (bench.py tabulates them); times cover every invocation."""
