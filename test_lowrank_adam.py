@@ -2125,7 +2125,7 @@ BAD_FLAGS = [  # Issue 13 #4, and the rest of the flags: one clear line each
     (["--seq-len", "x"], "argument --seq-len: invalid int value: 'x'"),
     (["--model", "2b"], "argument --model: invalid choice: '2b'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--optimizer", "galore:gap"], "galore has no variant :gap; it has +residual, +noresidual"),
+    (["--optimizer", "galore:gap"], "galore has no variant :gap; it has :svd, :random, :gha, +residual, +noresidual"),
     (["--optimizer", "adaptive:nope"], "adaptive has no variant :nope"),
     (["--optimizer", "galore", "--norm-growth-limit", "0.5"], "Invalid norm_growth_limit: 0.5"),
     (["--optimizer", "adapprox", "--beta1", "0", "--cosine-guidance"], "Invalid cosine_guidance"),
