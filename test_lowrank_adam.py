@@ -1839,6 +1839,7 @@ import shlex  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
+import time  # noqa: E402
 import sys  # noqa: E402
 
 import bench  # noqa: E402
@@ -2014,6 +2015,39 @@ def xdg_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def corpus(xdg_cache):
     return str(tl.build_embedded_corpus(xdg_cache / "lowrank_adam"))
+
+
+def test_a_late_resume_reads_at_most_one_shard_and_continues_exactly(corpus, tmp_path):
+    tok = tl.ByteTokenizer()
+    data = tl.C4Data(corpus, tok, 64)
+    batches = data.train_batches(4, seed=0, shuffle_buffer=50)
+    while batches.stream.pos["file"] < 2 or batches.stream.pos["epoch"] < 1:  # late: the 2nd epoch, 3rd shard
+        next(batches)
+    torch.save(tl.saveable(batches.state_dict()), tmp_path / "data.pt")
+    saved = dict(batches.stream.pos)
+    expected = [next(batches) for _ in range(60)]  # enough to read on from the saved line
+    fresh = tl.C4Data(corpus, tok, 64)
+    resumed = fresh.train_batches(4, seed=0, shuffle_buffer=50)
+    tl.restore_data(resumed, {"data": torch.load(tmp_path / "data.pt", weights_only=True)}, tl.Dist(False, 0, 1, "cpu"))
+    got = []
+    while fresh.stats.lines_read == 0:  # up to the first line the resumed stream reads
+        got.append(next(resumed))
+    # getting back to the saved position read (unparsed) only the lines before it in its own shard
+    assert fresh.stats.lines_read == saved["line"] + 1
+    got += [next(resumed) for _ in range(60 - len(got))]
+    assert all(torch.equal(a, b) for x, y in zip(expected, got) for a, b in zip(x, y))
+
+
+def test_prefetch_gives_the_same_batches_and_the_state_of_the_last_taken(corpus):
+    tok = tl.ByteTokenizer()
+    plain = tl.C4Data(corpus, tok, 32).train_batches(2, seed=1, shuffle_buffer=10)
+    ahead = tl.Prefetch(tl.C4Data(corpus, tok, 32).train_batches(2, seed=1, shuffle_buffer=10), depth=4)
+    for _ in range(6):
+        a, b = next(plain), next(ahead)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    time.sleep(0.2)  # the worker is ahead now; the state must still be the one after the 6th batch
+    assert ahead.state["stream"] == plain.state_dict()["stream"] and ahead.state["rng"] == plain.rng.getstate()
+    ahead.close()
 
 
 def test_embedded_corpus_is_c4_format(corpus):

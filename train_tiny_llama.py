@@ -30,6 +30,7 @@ import inspect
 import json
 import math
 import os
+import queue
 import random
 import re
 import signal
@@ -377,6 +378,7 @@ class DataStats:
     no_text: int = 0  # a JSON record without a string "text"
     bad_shards: int = 0  # unreadable / truncated files
     lines_seen: dict = field(default_factory=dict)  # shard -> lines counted so far
+    lines_read: int = 0  # every line decompressed, also those a resume skips
     warned: set = field(default_factory=set)  # shards already reported unreadable
 
 def find_shards(spec: str) -> tuple[list[Path], list[Path]]:
@@ -396,14 +398,21 @@ def find_shards(spec: str) -> tuple[list[Path], list[Path]]:
     val = [f for f in files if "validation" in f.name]
     return [f for f in files if f not in val], val
 
-def read_documents(files: list[Path], stats: DataStats) -> Iterator[str]:
-    """Stream the ``text`` of each JSON line. Bad lines and shards are skipped,
-    and counted (and warned about) the first time they are read."""
-    for f in files:
-        i = -1
+def read_documents(files: list[Path], stats: DataStats, pos: Optional[dict] = None) -> Iterator[str]:
+    """Stream the ``text`` of each JSON line, from position ``pos`` ({"file": i,
+    "line": j}: shard i, line j), which it keeps at the line after the last
+    text yielded. Lines before the start are skipped unparsed. Bad lines and
+    shards are skipped, and counted (and warned about) the first time they are read."""
+    pos = pos if pos is not None else {"file": 0, "line": 0}
+    while pos["file"] < len(files):
+        f, i = files[pos["file"]], -1
         try:
             with (gzip.open if f.suffix == ".gz" else open)(f, "rb") as fh:
                 for i, raw in enumerate(fh):
+                    stats.lines_read += 1
+                    if i < pos["line"]:  # a resume: this line was used before the checkpoint
+                        continue
+                    pos["line"] = i + 1
                     new = i >= stats.lines_seen.get(f, 0)
                     stats.lines_seen[f] = max(stats.lines_seen.get(f, 0), i + 1)
                     if not raw.strip():
@@ -424,52 +433,61 @@ def read_documents(files: list[Path], stats: DataStats) -> Iterator[str]:
                 stats.warned.add(f)
                 stats.bad_shards += 1
                 print(f"warning: skipping the rest of {f} after line {i + 1}: {e}", file=sys.stderr)
+        pos["file"], pos["line"] = pos["file"] + 1, 0
 
-def packed_sequences(files, tokenizer, seq_len: int, *, keep=lambda i: True, rank: int = 0, world: int = 1,
-                     stats: Optional[DataStats] = None, epochs: Optional[int] = None) -> Iterator[torch.Tensor]:
+class TokenStream:
     """Documents -> tokens + end-of-document -> chunks of seq_len + 1 tokens.
 
     Chunks do not overlap and nothing is padded: concatenated, they are the
     token stream itself. Document i is used if ``keep(i)``; of those, rank r
-    of ``world`` takes every world-th. ``epochs=None`` repeats forever.
+    of ``world`` takes every world-th. ``epochs=None`` repeats forever. The
+    position (epoch, shard, line, document counters) and the packing
+    remainder are its state, so a resume continues from a checkpoint at once.
     """
-    stats = stats if stats is not None else DataStats()
-    epoch = 0
-    while epochs is None or epoch < epochs:
-        buf: list[int] = []
-        used, emitted = 0, 0
-        for i, text in enumerate(read_documents(files, stats)):
-            if not keep(i):
-                continue
-            used += 1
-            if (used - 1) % world != rank:
-                continue
-            buf.extend(tokenizer.encode(text))
-            buf.append(tokenizer.eos_id)
-            while len(buf) >= seq_len + 1:
-                yield torch.tensor(buf[: seq_len + 1], dtype=torch.long)
-                emitted += 1
-                del buf[: seq_len + 1]
-        if emitted == 0 and epochs is None:  # repeating nothing would loop forever
-            raise DataError(f"the training data yields no sequence of {seq_len + 1} tokens for rank {rank} "
-                            f"({stats.documents} documents): use more data or a shorter --seq-len")
-        epoch += 1
+    def __init__(self, files, tokenizer, seq_len: int, *, keep=lambda i: True, rank: int = 0, world: int = 1,
+                 stats: Optional[DataStats] = None, epochs: Optional[int] = None):
+        self.files, self.tokenizer, self.seq_len, self.keep = files, tokenizer, seq_len, keep
+        self.rank, self.world, self.epochs = rank, world, epochs
+        self.stats = stats if stats is not None else DataStats()
+        self.pos = dict(epoch=0, file=0, line=0, doc=0, used=0, emitted=0)
+        self.tokens: list[int] = []  # read but not yet emitted
 
-def shuffled(items: Iterator, size: int, seed: int) -> Iterator:
-    """A seeded shuffle buffer of ``size`` items (0 = no shuffling)."""
-    if size == 0:
-        yield from items
-        return
-    rng, buf = random.Random(seed), []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        i = rng.randrange(size)
-        yield buf[i]
-        buf[i] = item
-    rng.shuffle(buf)
-    yield from buf
+    def state_dict(self) -> dict:
+        return {**self.pos, "tokens": list(self.tokens)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos = {k: int(state[k]) for k in self.pos}
+        self.tokens = [int(t) for t in state["tokens"]]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        p, n = self.pos, self.seq_len + 1
+        while self.epochs is None or p["epoch"] < self.epochs:
+            yield from self._chunks()  # what a resumed state still holds
+            for text in read_documents(self.files, self.stats, p):
+                p["doc"] += 1
+                if not self.keep(p["doc"] - 1):
+                    continue
+                p["used"] += 1
+                if (p["used"] - 1) % self.world != self.rank:
+                    continue
+                self.tokens += self.tokenizer.encode(text) + [self.tokenizer.eos_id]
+                yield from self._chunks()
+            if p["emitted"] == 0 and self.epochs is None:  # repeating nothing would loop forever
+                raise DataError(f"the training data yields no sequence of {n} tokens for rank {self.rank} "
+                                f"({self.stats.documents} documents): use more data or a shorter --seq-len")
+            p.update(epoch=p["epoch"] + 1, file=0, line=0, doc=0, used=0, emitted=0)
+            self.tokens = []  # an epoch's remainder is dropped
+
+    def _chunks(self) -> Iterator[torch.Tensor]:
+        n = self.seq_len + 1
+        while len(self.tokens) >= n:
+            chunk, self.tokens = self.tokens[:n], self.tokens[n:]
+            self.pos["emitted"] += 1
+            yield torch.tensor(chunk, dtype=torch.long)
+
+def packed_sequences(files, tokenizer, seq_len: int, **options) -> Iterator[torch.Tensor]:
+    """The chunks of a fresh ``TokenStream`` (see there for the options)."""
+    return iter(TokenStream(files, tokenizer, seq_len, **options))
 
 def batched(seqs: Iterator[torch.Tensor], batch_size: int, partial: bool = False):
     """(inputs, next-token targets) batches; a short last batch only if ``partial``."""
@@ -479,6 +497,84 @@ def batched(seqs: Iterator[torch.Tensor], batch_size: int, partial: bool = False
             return
         b = torch.stack(chunk)  # (B, T+1)
         yield b[:, :-1], b[:, 1:]
+
+class TrainBatches:
+    """The training batches of one rank: the token stream through a seeded
+    shuffle buffer of ``size`` sequences (0 = none), then (inputs, targets).
+    Its state (the stream's, the buffer, the shuffle's RNG) is saved in every
+    checkpoint: a resume at any step reads at most the rest of one shard."""
+    def __init__(self, stream: TokenStream, batch_size: int, seed: int, size: int):
+        self.stream, self.batch_size, self.size = stream, batch_size, size
+        self.rng, self.buffer = random.Random(seed), []
+        self.sequences = iter(stream)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        b = torch.stack([self.next_sequence() for _ in range(self.batch_size)])  # (B, T+1)
+        return b[:, :-1], b[:, 1:]
+
+    def next_sequence(self) -> torch.Tensor:
+        item = next(self.sequences)
+        if self.size == 0:
+            return item
+        while len(self.buffer) < self.size:  # fill the buffer first
+            self.buffer.append(item)
+            item = next(self.sequences)
+        i = self.rng.randrange(self.size)  # then take a random one out, put the new one in
+        out, self.buffer[i] = self.buffer[i], item
+        return out
+
+    def state_dict(self) -> dict:
+        """A snapshot (cheap: the buffer's tensors are shared, never changed)."""
+        return {"stream": self.stream.state_dict(), "buffer": list(self.buffer), "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self.buffer = list(state["buffer"])
+        self.rng.setstate(state["rng"])
+        self.sequences = iter(self.stream)
+
+def saveable(state: dict) -> dict:
+    """A ``TrainBatches`` snapshot as tensors and numbers (torch.load(weights_only=True))."""
+    stream = {**state["stream"], "tokens": torch.tensor(state["stream"]["tokens"], dtype=torch.long)}
+    buffer = torch.stack(state["buffer"]) if state["buffer"] else torch.zeros(0, dtype=torch.long)
+    return {"stream": stream, "buffer": buffer, "rng": state["rng"]}
+
+class Prefetch:
+    """Batches made by a background thread, ``depth`` ahead, each with the
+    loader state after it: tokenizing never holds up the training step, and a
+    checkpoint saves the state of the last batch the loop took. ``wait`` is
+    the time the loop spent waiting for data."""
+    def __init__(self, batches: TrainBatches, depth: int = 8):
+        self.queue, self.wait, self.state = queue.Queue(maxsize=depth), 0.0, batches.state_dict()
+        self.stop = threading.Event()
+        threading.Thread(target=self.work, args=(batches,), daemon=True).start()
+
+    def work(self, batches: TrainBatches) -> None:
+        try:
+            while not self.stop.is_set():
+                item = (next(batches), batches.state_dict())
+                while not self.stop.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # the loop re-raises it (DataError: the data ran dry)
+            self.queue.put((None, e))
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = time.perf_counter()
+        batch, self.state = self.queue.get()
+        self.wait += time.perf_counter() - t0
+        if batch is None:
+            raise self.state
+        return batch
+
+    def close(self) -> None:
+        self.stop.set()
 
 class C4Data:
     """Train and validation streams of one data source, disjoint by construction."""
@@ -491,11 +587,11 @@ class C4Data:
             self.val_files = []
         self.stats = DataStats()
 
-    def train_batches(self, batch_size: int, seed: int, shuffle_buffer: int):
+    def train_batches(self, batch_size: int, seed: int, shuffle_buffer: int) -> TrainBatches:
         keep = (lambda i: i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1) if self.holdout else (lambda i: True)
-        seqs = packed_sequences(self.train_files, self.tokenizer, self.seq_len, keep=keep, rank=self.rank,
-                                world=self.world, stats=self.stats)
-        return batched(shuffled(seqs, shuffle_buffer, seed), batch_size)
+        stream = TokenStream(self.train_files, self.tokenizer, self.seq_len, keep=keep, rank=self.rank,
+                             world=self.world, stats=self.stats)
+        return TrainBatches(stream, batch_size, seed, shuffle_buffer)
 
     def val_batches(self, batch_size: int, count: int) -> list:
         keep = (lambda i: i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1) if self.holdout else (lambda i: True)
@@ -670,7 +766,7 @@ class Run:
         amp = self.device.type == "cuda" and args.dtype != "float32"
         self.ctx = torch.autocast("cuda", dtype=getattr(torch, args.dtype)) if amp else contextlib.nullcontext()
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and args.dtype == "float16")
-        self.step, self.batches_done = 0, 0  # optimizer steps; micro-batches consumed (the data position)
+        self.step, self.batches = 0, None  # optimizer steps; the data (a Prefetch of TrainBatches)
         self.seconds, self.step_seconds = 0.0, 0.0  # training time of earlier invocations; time in opt.step()
         self.started = self.last_log_time = time.perf_counter()
         self.last_log_step, self.train_loss, self.last_eval = 0, math.nan, (-1, math.nan)
@@ -696,7 +792,6 @@ def train_step(run: Run, batches) -> tuple[float, torch.Tensor]:
             loss = loss / args.grad_accum
         run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
-    run.batches_done += args.grad_accum
     if args.grad_clip > 0:
         run.scaler.unscale_(opt)
         nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
@@ -804,12 +899,20 @@ def resume_checkpoint(args) -> Optional[dict]:
     return ckpt
 
 def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
-    """Everything an exact resume needs; ``result`` marks a complete run.
-    Written to a temporary file, then renamed over the old checkpoint."""
+    """Everything an exact resume needs (the data position of every rank too);
+    ``result`` marks a complete run. Every rank calls it; rank 0 writes a
+    temporary file, then renames it over the old checkpoint."""
+    data = saveable(run.batches.state)
+    if run.dist.ddp:  # each rank reads its own slice of the data: keep every rank's position
+        every = [None] * run.dist.world
+        torch.distributed.all_gather_object(every, data)
+        data = every
+    if not run.dist.master:
+        return
     path = Path(run.args.out_dir) / "ckpt.pt"
     torch.save({"model": run.raw_model.state_dict(), "optimizer": run.opt.state_dict(),
                 "scaler": run.scaler.state_dict(), "settings": run_settings(run.args), "step": run.step,
-                "batches_done": run.batches_done, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                "data": data, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                 "timing": {"seconds": run.train_seconds(), "step_seconds": run.step_seconds}, "result": result},
                path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
@@ -819,10 +922,16 @@ def restore(run: Run, ckpt: dict) -> None:
     run.opt.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
-    run.step, run.batches_done = ckpt["step"], ckpt["batches_done"]
+    run.step = ckpt["step"]
     run.seconds, run.step_seconds = ckpt["timing"]["seconds"], ckpt["timing"]["step_seconds"]
     torch.set_rng_state(ckpt["rng"]["torch"])
     random.setstate(ckpt["rng"]["python"])
+
+def restore_data(batches: TrainBatches, ckpt: Optional[dict], dist: Dist) -> None:
+    """The data position of this rank in the checkpoint: no replay of the stream."""
+    if ckpt is not None:
+        state = ckpt["data"][dist.rank] if dist.ddp else ckpt["data"]
+        batches.load_state_dict({**state, "buffer": list(state["buffer"].unbind(0)) if len(state["buffer"]) else []})
 
 # ----------------------------------------------------------------------------- the loop
 # train() steps to --max-steps (or --stop-after) and finish() ends the invocation.
@@ -848,13 +957,6 @@ def stop_on_first_ctrl_c():
         if main_thread:
             signal.signal(signal.SIGINT, previous)
 
-def fast_forward(batches, count: int, master: bool) -> None:
-    """Replay the deterministic data stream to where the checkpoint left it."""
-    if count and master:
-        print(f"replaying {count:,} micro-batches of the data stream to the checkpoint's position")
-    for _ in range(count):
-        next(batches)
-
 def train(args, data: C4Data, val: list, dist: Dist, ckpt: Optional[dict] = None) -> dict:
     """One run in --out-dir: build or resume it, step to --max-steps (or
     --stop-after), evaluate, save. Returns the run's result."""
@@ -866,7 +968,8 @@ def train(args, data: C4Data, val: list, dist: Dist, ckpt: Optional[dict] = None
     elif args.resume and dist.master:
         print(f"--resume: no checkpoint in {args.out_dir} yet, so the run starts there")
     batches = data.train_batches(args.batch_size, args.seed, args.shuffle_buffer)
-    fast_forward(batches, run.batches_done, dist.master)
+    restore_data(batches, ckpt, dist)
+    run.batches = Prefetch(batches)  # tokenized ahead, in a background thread
     metrics = open_metrics(Path(args.out_dir) / "metrics.jsonl", run.step, dist.master)
     if run.step == 0:
         log(metrics, step=0, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
@@ -875,31 +978,40 @@ def train(args, data: C4Data, val: list, dist: Dist, ckpt: Optional[dict] = None
     run.started = run.last_log_time = time.perf_counter()
     run.last_log_step = run.step
     with stop_on_first_ctrl_c() as stop_requested:
-        while run.step < stop_at and not stop_requested():
-            lr, loss = train_step(run, batches)
+        while run.step < stop_at and not agree(stop_requested(), dist):
+            lr, loss = train_step(run, run.batches)
             if run.step % args.log_interval == 0 or run.step == args.max_steps:
                 log_train(run, lr, loss, metrics)
             if run.step % args.eval_interval == 0 or run.step == args.max_steps:
                 log_eval(run, evaluate(run, val), metrics)
-            if args.save_interval and run.step % args.save_interval == 0 and dist.master:
+            if args.save_interval and run.step % args.save_interval == 0:
                 save_checkpoint(run)
-        interrupted = stop_requested()
+        interrupted = agree(stop_requested(), dist)
+    run.batches.close()
     return finish(run, val, metrics, interrupted)
+
+def agree(stop: bool, dist: Dist) -> bool:
+    """Under DDP every rank stops at the same step if any was asked to (Ctrl-C)."""
+    if not dist.ddp:
+        return stop
+    flag = torch.tensor([float(stop)], device=dist.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 def finish(run: Run, val: list, metrics, interrupted: bool) -> dict:
     """The end of this invocation: a checkpoint, with the result once the run is complete."""
     args, path = run.args, Path(run.args.out_dir) / "ckpt.pt"
     rerun = f"checkpoint saved to {path}; rerun with --resume to continue"
     if interrupted:
+        save_checkpoint(run)
         if run.dist.master:
-            save_checkpoint(run)
             print(f"interrupted at step {run.step} of {args.max_steps}: {rerun}")
         raise KeyboardInterrupt
     check_replicas(run)
     val_loss = run.last_eval[1] if run.last_eval[0] == run.step else evaluate(run, val)
     result, complete = result_of(run, val_loss), run.step == args.max_steps
+    save_checkpoint(run, result if complete else None)
     if run.dist.master:
-        save_checkpoint(run, result if complete else None)
         if complete:
             log(metrics, step=run.step, final=result)
         else:
@@ -931,6 +1043,7 @@ def result_of(run: Run, val_loss: float) -> dict:
                   val_ppl=math.exp(min(val_loss, 50)), train_loss=run.train_loss,
                   tokens_per_s=run.step * run.tokens_per_step / max(seconds, 1e-9),
                   step_ms=1e3 * run.step_seconds / max(run.step, 1), state_mb=la.state_bytes(run.opt) / 2**20,
+                  data_wait_ms=1e3 * run.batches.wait / max(run.step, 1) if run.batches else None,
                   seconds=seconds, params=sum(p.numel() for p in run.raw_model.parameters()),
                   peak_cuda_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
     if device.type == "cuda" and args.peak_tflops:
