@@ -1839,6 +1839,7 @@ import shlex  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
 import time  # noqa: E402
 import sys  # noqa: E402
 
@@ -2388,16 +2389,76 @@ def test_compare_lr_sweep_names_runs_and_keeps_each_best_lr(corpus, tmp_path, ca
     assert "each optimizer at its best lr" in capsys.readouterr().out
 
 
+def torchrun(*flags, cwd=ROOT):
+    """train_tiny_llama.py under torchrun with 2 gloo processes: (exit code, stdout, stderr)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "train_tiny_llama.py", *SMALL, "--threads", "1", *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def final_weights(out_dir):
+    return torch.load(Path(out_dir) / "ckpt.pt", weights_only=True)["model"]
+
+
 def test_torchrun_two_process_cpu_smoke(corpus, tmp_path):
     """Starts torchrun with 2 gloo processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "train_tiny_llama.py", *SMALL, "--data", corpus, "--optimizer", "ldadam", "--out-dir", str(tmp_path),
-           "--threads", "1"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("ldadam (lr 0.003) seed 0:") == 1  # only rank 0 reports
-    assert (tmp_path / "ckpt.pt").exists()
+    stdout = torchrun("--data", corpus, "--optimizer", "ldadam", "--out-dir", str(tmp_path))
+    assert stdout.count("ldadam (lr 0.003) seed 0:") == 1  # only rank 0 reports
+    assert "replicas: the weights are identical on all 2 ranks" in stdout
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["settings"]["processes"] == 2
+
+
+def test_torchrun_zero_adapprox_replicas_stay_identical_and_resume_exactly(corpus, tmp_path):
+    # ZeRO-1: each rank steps and keeps the state of its shard of the parameters and
+    # broadcasts them; the checkpoint holds the consolidated state and every rank's
+    # data position, so an interrupted run continues exactly as the uninterrupted one.
+    common = ("--data", corpus, "--optimizer", "adapprox", "--zero")
+    whole = torchrun(*common, "--out-dir", str(tmp_path / "whole"))
+    part = torchrun(*common, "--out-dir", str(tmp_path / "part"), "--stop-after", "3")
+    resumed = torchrun(*common, "--out-dir", str(tmp_path / "part"), "--resume")
+    for stdout in (whole, part, resumed):
+        assert "replicas: the weights are identical on all 2 ranks" in stdout
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)["data"]) == 2  # a position per rank
+
+
+def test_torchrun_zero_galore_equals_plain_ddp(corpus, tmp_path):
+    # GaLore's update of a matrix depends on nothing random: a rank stepping its shard
+    # computes exactly what every rank computes without ZeRO
+    common = ("--data", corpus, "--optimizer", "galore", "--update-proj-gap", "4")
+    torchrun(*common, "--out-dir", str(tmp_path / "ddp"))
+    torchrun(*common, "--zero", "--out-dir", str(tmp_path / "zero"))
+    a, b = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "zero")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("opt", ["adamw", "galore", "ldadam", "adapprox"])
+def test_layerwise_run_equals_the_ordinary_loop_and_resumes_exactly(opt, corpus, tmp_path):
+    common = SMALL + ["--data", corpus, "--optimizer", opt, "--grad-clip", "0"]
+    ordinary = tl.main(common + ["--out-dir", str(tmp_path / "a")])
+    layerwise = tl.main(common + ["--out-dir", str(tmp_path / "b"), "--layerwise"])
+    assert layerwise["val_loss"] == ordinary["val_loss"]
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    tl.main(common + ["--out-dir", str(tmp_path / "c"), "--layerwise", "--stop-after", "4"])
+    tl.main(common + ["--out-dir", str(tmp_path / "c"), "--layerwise", "--resume"])
+    c = final_weights(tmp_path / "c")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--layerwise"], "no global gradient norm ever exists to clip: add --grad-clip 0"),
+    (["--layerwise", "--grad-clip", "0", "--grad-accum", "2"], "use --grad-accum 1"),
+    (["--layerwise", "--grad-clip", "0", "--optimizer", "adaptive"], "use galore"),
+    (["--layerwise", "--grad-clip", "0", "--optimizer", "adafactor"], "cannot step one parameter"),
+    (["--zero"], "start the run with torchrun"),
+])
+def test_layerwise_and_zero_refuse_what_they_cannot_do(flags, words):
+    with pytest.raises(SystemExit, match=words):
+        tl.parse_args(flags)
 
 
 @pytest.mark.parametrize("method", ["adamw", "galore", "adaptive", "ldadam", "ldadam-bf16", "adapprox",

@@ -146,6 +146,11 @@ def run_flags(p: argparse.ArgumentParser) -> None:
     y.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = 1 for the tiny model on CPU (see "
                    "set_threads), else one per core")
     y.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 bf16 dense)")
+    y.add_argument("--layerwise", action="store_true", help="update each parameter inside the backward pass, as soon "
+                   "as its gradient is ready, and free that gradient: the whole model's gradients never coexist. "
+                   "One process, --grad-clip 0, --grad-accum 1; not adaptive or adafactor")
+    y.add_argument("--zero", action="store_true", help="under torchrun: shard the optimizer state across the "
+                   "processes (ZeRO-1, torch's ZeroRedundancyOptimizer); each rank steps its own parameters")
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="train_tiny_llama.py", usage="%(prog)s [--flag value ...]", description=__doc__,
@@ -188,7 +193,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     check_device(args.device)
+    check_memory_modes(args)
     return args
+
+def check_memory_modes(args) -> None:
+    """--layerwise and --zero: refuse what they cannot do, naming the way out."""
+    torchrun, cls = "RANK" in os.environ, OPTIMIZERS[parse_optimizer(args.optimizer)[0]].cls
+    if args.zero and (not torchrun or args.layerwise):
+        fail("--zero shards the optimizer state across torchrun's processes: start the run with torchrun, "
+             "without --layerwise")
+    if not args.layerwise:
+        return
+    refusals = [
+        (args.grad_clip > 0, "no global gradient norm ever exists to clip: add --grad-clip 0"),
+        (args.grad_accum > 1, "a parameter is updated at every backward, so micro-batches cannot accumulate: "
+                              "use --grad-accum 1"),
+        (torchrun, "the update would come before DDP averages the gradients across processes: run one process "
+                   "(under torchrun, --zero saves memory)"),
+        (args.dtype == "float16" and args.device != "cpu", "a GradScaler's inf check needs every gradient at once: "
+                                                           "use --dtype bfloat16"),
+        (cls is la.AdaptiveAdamW, "adaptive allocates its rank budget from the spectra of all matrices at once: use "
+                                  "galore"),
+        (cls is torch.optim.Adafactor, "torch's Adafactor cannot step one parameter at a time")]
+    for refused, why in refusals:
+        if refused:
+            fail(f"--layerwise: {why}")
 
 def check_device(spec: str) -> None:
     try:
@@ -724,9 +753,18 @@ def optimizer_options(args) -> tuple[Recipe, dict]:
               for k, v in flags.items() if k in takes and v is not None}
     return recipe, {**kwargs, **options}
 
-def build_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(args, model: nn.Module, zero: bool = False) -> torch.optim.Optimizer:
+    """--optimizer for ``model``; ``zero``: wrapped in ZeroRedundancyOptimizer (under torchrun)."""
     recipe, kwargs = optimizer_options(args)
-    return recipe.cls(la.lowrank_groups(model, args.rank) if recipe.lowrank else model.parameters(), **kwargs)
+    cls, params = recipe.cls, la.lowrank_groups(model, args.rank) if recipe.lowrank else list(model.parameters())
+    if args.layerwise and cls is torch.optim.AdamW:
+        # torch's AdamW cannot step one parameter; GaLoreAdamW's groups without 'rank' get exactly its update
+        cls = la.GaLoreAdamW
+        kwargs = {k: v for k, v in kwargs.items() if k in inspect.signature(cls).parameters}
+    if zero:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
+    return cls(params, **kwargs)
 
 def get_lr(it: int, base: float, warmup: int, max_steps: int, min_ratio: float) -> float:
     # 1) linear warmup
@@ -758,7 +796,10 @@ class Run:
         self.args, self.dist, self.device = args, dist, torch.device(dist.device)
         torch.manual_seed(args.seed)  # the same initial weights for every optimizer at this seed
         self.raw_model = build_model(args, vocab_size).to(self.device)  # what is evaluated and saved
-        self.opt = build_optimizer(args, self.raw_model)
+        self.opt = build_optimizer(args, self.raw_model, zero=args.zero)
+        self.local_opt = getattr(self.opt, "optim", self.opt)  # --zero: this rank's shard of the optimizer
+        if args.layerwise:
+            self.layerwise_hooks = la.layerwise_hooks(self.timed(self.opt))
         self.model = torch.compile(self.raw_model) if args.compile else self.raw_model  # what trains
         if dist.ddp:
             self.model = nn.parallel.DistributedDataParallel(
@@ -775,6 +816,17 @@ class Run:
     def train_seconds(self) -> float:
         return self.seconds + time.perf_counter() - self.started
 
+    def timed(self, opt):
+        """--layerwise: count the time of every opt.step_parameter as optimizer time."""
+        step_parameter = opt.step_parameter
+
+        def timed_step(p):
+            t0 = time.perf_counter()
+            step_parameter(p)
+            self.step_seconds += time.perf_counter() - t0
+        opt.step_parameter = timed_step
+        return opt
+
 def train_step(run: Run, batches) -> tuple[float, torch.Tensor]:
     """One optimizer step over --grad-accum micro-batches: (lr, summed loss)."""
     args, opt = run.args, run.opt
@@ -790,8 +842,11 @@ def train_step(run: Run, batches) -> tuple[float, torch.Tensor]:
         with run.ctx:
             _, loss = run.model(x.to(run.device), y.to(run.device))
             loss = loss / args.grad_accum
-        run.scaler.scale(loss).backward()
+        run.scaler.scale(loss).backward()  # --layerwise: every parameter is updated in here
         loss_sum += loss.detach()
+    run.step += 1
+    if args.layerwise:
+        return lr, loss_sum
     if args.grad_clip > 0:
         run.scaler.unscale_(opt)
         nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
@@ -802,7 +857,6 @@ def train_step(run: Run, batches) -> tuple[float, torch.Tensor]:
     run.step_seconds += time.perf_counter() - t0
     run.scaler.update()
     opt.zero_grad(set_to_none=True)
-    run.step += 1
     return lr, loss_sum
 
 def synchronize(device: torch.device) -> None:
@@ -841,7 +895,7 @@ def log_train(run: Run, lr: float, loss: torch.Tensor, metrics) -> None:
     tokens_per_s = (run.step - run.last_log_step) * run.tokens_per_step / max(now - run.last_log_time, 1e-9)
     run.last_log_time, run.last_log_step, run.train_loss = now, run.step, float(loss)
     row = dict(step=run.step, train_loss=run.train_loss, lr=lr, tokens_per_s=tokens_per_s)
-    if hasattr(run.opt, "ranks"):
+    if hasattr(run.opt, "ranks"):  # (not under --zero: each rank holds only its shard)
         row["ranks"] = run.opt.ranks()
     log(metrics, **row)
     if run.dist.master and not run.args.quiet:
@@ -903,6 +957,9 @@ def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
     ``result`` marks a complete run. Every rank calls it; rank 0 writes a
     temporary file, then renames it over the old checkpoint."""
     data = saveable(run.batches.state)
+    if run.args.zero:  # every rank sends its shard of the optimizer state to rank 0
+        run.opt.consolidate_state_dict(to=0)
+    optimizer_state = run.opt.state_dict() if run.dist.master else None
     if run.dist.ddp:  # each rank reads its own slice of the data: keep every rank's position
         every = [None] * run.dist.world
         torch.distributed.all_gather_object(every, data)
@@ -910,7 +967,7 @@ def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
     if not run.dist.master:
         return
     path = Path(run.args.out_dir) / "ckpt.pt"
-    torch.save({"model": run.raw_model.state_dict(), "optimizer": run.opt.state_dict(),
+    torch.save({"model": run.raw_model.state_dict(), "optimizer": optimizer_state,
                 "scaler": run.scaler.state_dict(), "settings": run_settings(run.args), "step": run.step,
                 "data": data, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                 "timing": {"seconds": run.train_seconds(), "step_seconds": run.step_seconds}, "result": result},
@@ -1042,7 +1099,7 @@ def result_of(run: Run, val_loss: float) -> dict:
     result = dict(optimizer=args.optimizer, seed=args.seed, lr=args.lr, steps=run.step, val_loss=val_loss,
                   val_ppl=math.exp(min(val_loss, 50)), train_loss=run.train_loss,
                   tokens_per_s=run.step * run.tokens_per_step / max(seconds, 1e-9),
-                  step_ms=1e3 * run.step_seconds / max(run.step, 1), state_mb=la.state_bytes(run.opt) / 2**20,
+                  step_ms=1e3 * run.step_seconds / max(run.step, 1), state_mb=la.state_bytes(run.local_opt) / 2**20,
                   data_wait_ms=1e3 * run.batches.wait / max(run.step, 1) if run.batches else None,
                   seconds=seconds, params=sum(p.numel() for p in run.raw_model.parameters()),
                   peak_cuda_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
