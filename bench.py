@@ -12,6 +12,13 @@ commands:
             random gradients: normal, refresh (SVD) and amortized, against AdamW
   memory    optimizer state of every method for the 60m-1b shapes, from the
             per-matrix formulas (tested equal to state_bytes after a real step)
+  peak      peak memory of whole training steps, each optimizer in a fresh
+            process, with and without --layerwise (CUDA: max_memory_allocated;
+            CPU: peak resident memory)
+  refresh   AdaptiveAdamW's refresh (SVD) step against GaLore's: time and the
+            memory it adds (refresh_keep bounds it)
+  loader    tokens per second of the data loader on one core, byte tokenizer
+            and a BPE tokenizer trained on the corpus (needs tokenizers)
   plot      loss curves, AdaptiveAdamW's rank heatmap and Adapprox's ranks of
             the runs in --out-dir (needs matplotlib)
 
@@ -20,6 +27,8 @@ examples:
   python bench.py compare --optimizer adamw,galore+residual --lr-sweep 0.5,1,2 --out-dir out/sweep
   python bench.py steps --model 60m --rank 128 --optimizer adamw,galore,adaptive,ldadam,adapprox
   python bench.py memory
+  python bench.py peak --model 60m --rank 128 --batch-size 1 --seq-len 256
+  python bench.py refresh --model 350m --rank 256
   python bench.py plot --out-dir out/compare
 """
 
@@ -30,6 +39,7 @@ import inspect
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -161,6 +171,8 @@ def steps(argv: list[str]) -> str:
                   formatter_class=tl.HelpFormatter, allow_abbrev=False)
     p.add_argument("--optimizer", default="adamw,galore,adaptive,ldadam,adapprox", help="comma list of specs")
     p.add_argument("--steps", type=int, default=5, help="normal steps timed (their median is reported)")
+    p.add_argument("--all-params", action="store_true", help="every parameter of the model, the dense ones too "
+                   "(embeddings, norms, head: plain AdamW in the low-rank optimizers), not only the attn/mlp matrices")
     own, rest = p.parse_known_args(argv)
     if own.steps < 1:
         tl.fail(f"--steps {own.steps}: must be an integer >= 1")
@@ -170,7 +182,8 @@ def steps(argv: list[str]) -> str:
     tl.set_threads(runs[0], device.type)
     torch.manual_seed(runs[0].seed)
     model = tl.build_model(runs[0], 320, device)
-    params = la.lowrank_groups(model, runs[0].rank)[-1]["params"]  # the attn/mlp matrices
+    groups = la.lowrank_groups(model, runs[0].rank)
+    params = [p for g in groups for p in g["params"]] if own.all_params else groups[-1]["params"]
     grads = [torch.randn_like(p) * 1e-3 for p in params]
     rows, gap = {}, None
     for args in runs:
@@ -179,19 +192,21 @@ def steps(argv: list[str]) -> str:
         gap = kwargs.get("update_proj_gap", inspect.signature(la.GaLoreAdamW).parameters["update_proj_gap"].default)
         kwargs.update(lr=1e-5, **({"update_proj_gap": own.steps + 1} if refreshes else {}),
                       **({"foreach": True} if recipe.cls is torch.optim.AdamW else {}))
-        opt = recipe.cls([{"params": params, "rank": args.rank}] if recipe.lowrank else params, **kwargs)
+        lowrank = groups if own.all_params else [{"params": params, "rank": args.rank}]
+        opt = recipe.cls(lowrank if recipe.lowrank else params, **kwargs)
         normal = time_steps(opt, params, grads, own.steps + 1, device)[1:]  # step 1 allocates state (and SVDs)
         normal_ms = 1e3 * statistics.median(normal)
         refresh_ms = 1e3 * time_steps(opt, params, grads, 1, device)[0] if refreshes else None  # step steps+2
         amortized = (refresh_ms + (gap - 1) * normal_ms) / gap if refreshes else normal_ms
         rows[args.optimizer] = (normal_ms, refresh_ms, amortized)
-    return steps_table(rows, runs[0], len(params), device, own.steps, gap)
+    what = f"all {len(params)} tensors" if own.all_params else f"the {len(params)} attn/mlp matrices"
+    return steps_table(rows, runs[0], what, device, own.steps, gap)
 
-def steps_table(rows: dict, args, matrices: int, device, count: int, gap: int) -> str:
+def steps_table(rows: dict, args, what: str, device, count: int, gap: int) -> str:
     fmt = lambda x: "–" if x is None else f"{x:.2f}"
     adamw = rows.get("adamw")
     base = (adamw[0], adamw[0], adamw[2]) if adamw else None  # AdamW has no refresh: its normal step is the base
-    lines = [f"step() on the {matrices} attn/mlp matrices of {args.model} (rank {args.rank}, {device}, torch "
+    lines = [f"step() on {what} of {args.model} (rank {args.rank}, {device}, torch "
              f"{torch.__version__}, {torch.get_num_threads()} threads); median of {count} normal steps; refresh = the "
              f"SVD step, amortized over T = {gap}", "",
              "| optimizer | normal ms | refresh ms | amortized ms | normal / AdamW | refresh / AdamW | "
@@ -199,6 +214,176 @@ def steps_table(rows: dict, args, matrices: int, device, count: int, gap: int) -
     for name, times in rows.items():
         ratios = [None if t is None or base is None else t / b for t, b in zip(times, base or times)]
         lines.append(f"| {name} | " + " | ".join(map(fmt, times)) + " | " + " | ".join(map(fmt, ratios)) + " |")
+    return "\n".join(lines)
+
+# ----------------------------------------------------------------------------- peak: memory of whole training steps
+
+def resident_kb(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in KiB (Linux)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field + ":")))
+
+def peak_one(argv: list[str]) -> None:
+    """One measurement in this (fresh) process: prints a JSON line. On CUDA the
+    peak is torch.cuda.max_memory_allocated; on CPU the peak resident memory
+    (VmHWM, reset before the first step) minus the resident memory before the
+    model existed."""
+    args = tl.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    tl.set_threads(args, device.type)
+    baseline = resident_kb("VmRSS") * 1024
+    torch.manual_seed(args.seed)
+    model = tl.build_model(args, 32000, device)
+    opt = tl.build_optimizer(args, model)
+    if args.layerwise:
+        la.layerwise_hooks(opt)
+    tokens = torch.randint(0, 32000, (args.batch_size, args.seq_len + 1), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = 0
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM <- VmRSS
+    for _ in range(args.max_steps):  # step 1 also allocates the state and computes the first bases
+        model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+        if not args.layerwise:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    tl.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resident_kb("VmHWM") * 1024 - baseline
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(json.dumps(dict(optimizer=args.optimizer, layerwise=args.layerwise, params=param_bytes,
+                          grads=0 if args.layerwise else param_bytes, state=la.state_bytes(opt), peak=peak,
+                          device=str(device))))
+
+def peak(argv: list[str]) -> str:
+    p = tl.Parser(prog="bench.py peak", description="Peak memory of --max-steps training steps (random tokens), each "
+                  "optimizer in a fresh process, with and without --layerwise; any other flag (see "
+                  "train_tiny_llama.py --help: --model, --rank, --batch-size, --seq-len, --device) applies too.",
+                  formatter_class=tl.HelpFormatter, allow_abbrev=False)
+    p.add_argument("--optimizer", default="adamw,galore,adaptive,ldadam,adapprox", help="comma list of specs")
+    p.add_argument("--modes", default="plain,layerwise", help="plain (optimizer.step() after backward), layerwise")
+    own, rest = p.parse_known_args(argv)
+    rest = ["--grad-clip", "0", "--max-steps", "3", *rest]  # clipping is not part of what is measured
+    rows = []
+    for spec in own.optimizer.split(","):
+        for mode in own.modes.split(","):
+            flags = [*rest, "--optimizer", spec] + (["--layerwise"] if mode == "layerwise" else [])
+            if mode == "layerwise":
+                try:
+                    tl.check_memory_modes(tl.parse_args(flags))
+                except SystemExit:  # e.g. adaptive: no layer-wise mode
+                    continue
+            out = subprocess.run([sys.executable, __file__, "peak-one", *flags], capture_output=True, text=True)
+            if out.returncode:
+                tl.fail(f"peak-one {' '.join(flags)} failed:\n{out.stderr[-2000:]}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    args = tl.parse_args(rest)
+    mb = lambda b: f"{b / 2**20:,.0f}"
+    lines = [f"peak memory of {args.max_steps} training steps of {args.model} (batch {args.batch_size} x "
+             f"{args.seq_len} tokens, rank {args.rank}, {rows[0]['device']}, torch {torch.__version__}); MB", "",
+             "| optimizer | mode | params | grads | optimizer state | peak | peak - params - state (grads, "
+             "activations, temporaries) | peak / AdamW's |", "|---|---|---|---|---|---|---|---|"]
+    base = next((r["peak"] for r in rows if r["optimizer"] == "adamw" and not r["layerwise"]), None)
+    for r in rows:
+        lines.append(f"| {r['optimizer']} | {'layerwise' if r['layerwise'] else 'plain'} | {mb(r['params'])} | "
+                     f"{mb(r['grads'])} | {mb(r['state'])} | {mb(r['peak'])} | {mb(r['peak'] - r['params'] - r['state'])}"
+                     f" | {r['peak'] / base:.2f} |" if base else " |")
+    return "\n".join(lines)
+
+def refresh_one(argv: list[str]) -> None:
+    """One refresh step (step 1: every matrix's SVD) on --model's attn/mlp matrices
+    with random gradients, in this fresh process: prints a JSON line with its
+    seconds and its peak memory above what existed before it (CPU: VmHWM)."""
+    own = argv[0]  # "galore", "adaptive" or "adaptive-keep-all"
+    args = tl.parse_args(argv[1:])
+    tl.set_threads(args, "cpu")
+    torch.manual_seed(args.seed)
+    params = la.lowrank_groups(tl.build_model(args, 320), args.rank)[-1]["params"]
+    g = torch.Generator().manual_seed(0)
+    for p in params:  # gradients with a decaying spectrum, as real ones have: random factors times 1/i
+        k = min(p.shape)
+        p.grad = (torch.randn(p.shape[0], k, generator=g) / torch.arange(1, k + 1)) @ torch.randn(k, p.shape[1], generator=g)
+    group = [{"params": params, "rank": args.rank}]
+    opt = la.GaLoreAdamW(group) if own == "galore" else la.AdaptiveAdamW(group, refresh_keep=None if own.endswith(
+        "keep-all") else 2.0)
+    before = resident_kb("VmRSS") * 1024
+    Path("/proc/self/clear_refs").write_text("5")
+    t0 = time.perf_counter()
+    opt.step()
+    seconds = time.perf_counter() - t0
+    print(json.dumps(dict(optimizer=own, seconds=seconds, extra=resident_kb("VmHWM") * 1024 - before,
+                          matrices=len(params), bases=sum(st["P"].numel() * 4 for st in opt.state.values()),
+                          max_rank=max(opt.ranks()))))
+
+def refresh(argv: list[str]) -> str:
+    """AdaptiveAdamW's refresh against GaLore's: time and peak memory above the step's inputs."""
+    p = tl.Parser(prog="bench.py refresh", description="The first (SVD) step of galore and adaptive on --model's "
+                  "attn/mlp matrices, each in a fresh process, on CPU: seconds and the peak memory it adds. Other "
+                  "flags: --model, --rank, --threads.", formatter_class=tl.HelpFormatter, allow_abbrev=False)
+    own, rest = p.parse_known_args(argv)
+    rows = []
+    for name in ("galore", "adaptive-keep-all", "adaptive"):
+        out = subprocess.run([sys.executable, __file__, "refresh-one", name, *rest], capture_output=True, text=True)
+        if out.returncode:
+            tl.fail(f"refresh-one {name} failed:\n{out.stderr[-2000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    args = tl.parse_args(rest)
+    lines = [f"one refresh (SVD) step on the {rows[0]['matrices']} attn/mlp matrices of {args.model}, rank "
+             f"{args.rank}, CPU, {torch.get_num_threads()} threads", "",
+             "| optimizer | seconds | / galore | peak memory added, MB | bases P, MB | largest rank |",
+             "|---|---|---|---|---|---|"]
+    names = {"galore": "GaLoreAdamW", "adaptive-keep-all": "AdaptiveAdamW, refresh_keep=None (every vector kept)",
+             "adaptive": "AdaptiveAdamW, refresh_keep=2 (default)"}
+    for r in rows:
+        lines.append(f"| {names[r['optimizer']]} | {r['seconds']:.1f} | {r['seconds'] / rows[0]['seconds']:.2f} | "
+                     f"{r['extra'] / 2**20:,.0f} | {r['bases'] / 2**20:,.0f} | {r['max_rank']} |")
+    return "\n".join(lines)
+
+# ----------------------------------------------------------------------------- loader: tokens per second
+
+def train_bpe(corpus: str, vocab_size: int, path: Path) -> Path:
+    """A byte-level BPE tokenizer.json trained on the train shards of ``corpus``
+    (needs the tokenizers package), with </s> as end-of-document token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(tl.read_documents(tl.find_shards(corpus)[0], tl.DataStats()), trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+def loader(argv: list[str]) -> str:
+    p = tl.Parser(prog="bench.py loader", description="Tokens per second the training data loader delivers on one "
+                  "core (read, parse, tokenize, pack, shuffle, batch), for the byte tokenizer and a BPE tokenizer. "
+                  "Other flags: --data, --tokenizer, --seq-len, --batch-size.",
+                  formatter_class=tl.HelpFormatter, allow_abbrev=False)
+    p.add_argument("--bpe", type=int, default=8000, help="vocabulary of the BPE tokenizer trained on the corpus "
+                   "when --tokenizer is not given (0: only the byte tokenizer)")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long each tokenizer is timed")
+    own, rest = p.parse_known_args(argv)
+    args = tl.parse_args(["--threads", "1", *rest])
+    torch.set_num_threads(1)
+    corpus = args.data or str(tl.build_embedded_corpus(Path(args.cache_dir).expanduser()))
+    tokenizers = {"bytes": tl.ByteTokenizer()}
+    if args.tokenizer:
+        tokenizers[args.tokenizer] = tl.load_tokenizer(args)
+    elif own.bpe:
+        path = train_bpe(corpus, own.bpe, Path(args.cache_dir).expanduser() / f"bpe{own.bpe}" / "tokenizer.json")
+        tokenizers[f"BPE {own.bpe} (trained on the corpus)"] = tl.FileTokenizer(str(path), "</s>")
+    lines = [f"data loader on one core ({corpus}, seq len {args.seq_len}, batch {args.batch_size})", "",
+             "| tokenizer | tokens/s | bytes of text per token |", "|---|---|---|"]
+    for name, tok in tokenizers.items():
+        data = tl.C4Data(corpus, tok, args.seq_len)
+        batches, tokens, t0 = data.train_batches(args.batch_size, 0, args.shuffle_buffer), 0, time.perf_counter()
+        while time.perf_counter() - t0 < own.seconds:
+            tokens += next(batches)[0].numel()
+        rate = tokens / (time.perf_counter() - t0)
+        docs = list(tl.read_documents(data.train_files[:1], tl.DataStats()))
+        per_token = sum(len(d.encode()) for d in docs) / sum(len(tok.encode(d)) for d in docs)
+        lines.append(f"| {name} | {rate:,.0f} | {per_token:.2f} |")
     return "\n".join(lines)
 
 # ----------------------------------------------------------------------------- memory: optimizer state per method
@@ -360,7 +545,10 @@ def plot(argv: list[str]) -> list[Path]:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"compare": compare, "steps": lambda a: print(steps(a)), "memory": memory, "plot": plot}
+    commands = {"compare": compare, "steps": lambda a: print(steps(a)), "memory": memory, "plot": plot,
+                "peak": lambda a: print(peak(a)), "peak-one": peak_one,
+                "refresh": lambda a: print(refresh(a)), "refresh-one": refresh_one,
+                "loader": lambda a: print(loader(a))}
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return None
