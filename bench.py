@@ -336,8 +336,8 @@ def refresh(argv: list[str]) -> str:
     names = {"galore": "GaLoreAdamW", "adaptive-keep-all": "AdaptiveAdamW, refresh_keep=None (every vector kept)",
              "adaptive": "AdaptiveAdamW, refresh_keep=2 (default)"}
     for r in rows:
-        lines.append(f"| {names[r['optimizer']]} | {r['seconds']:.1f} | {r['seconds'] / rows[0]['seconds']:.2f} | "
-                     f"{r['extra'] / 2**20:,.0f} | {r['bases'] / 2**20:,.0f} | {r['max_rank']} |")
+        lines.append(f"| {names[r['optimizer']]} | {r['seconds']:.3g} | {r['seconds'] / rows[0]['seconds']:.2f} | "
+                     f"{r['extra'] / 2**20:,.1f} | {r['bases'] / 2**20:,.1f} | {r['max_rank']} |")
     return "\n".join(lines)
 
 # ----------------------------------------------------------------------------- loader: tokens per second

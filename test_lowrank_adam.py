@@ -2498,6 +2498,52 @@ def test_bench_steps_and_memory_tables(capsys):
         bench.main(["bench"])
 
 
+def table_rows(out):
+    return [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+
+
+def test_bench_peak_measures_each_optimizer_in_a_fresh_process(capsys, xdg_cache):
+    bench.main(["peak", "--model", "tiny", "--optimizer", "adamw,galore,adaptive", "--max-steps", "1",
+                "--batch-size", "1", "--seq-len", "16"])
+    rows = {(r[0][2:], r[1]): r for r in table_rows(capsys.readouterr().out)}
+    assert set(rows) == {("adamw", "plain"), ("adamw", "layerwise"), ("galore", "plain"), ("galore", "layerwise"),
+                         ("adaptive", "plain")}  # adaptive has no layer-wise mode
+    assert rows[("galore", "layerwise")][3] == "0" and rows[("galore", "plain")][3] == rows[("galore", "plain")][2]
+    assert all(float(r[5].replace(",", "")) > 0 for r in rows.values())
+
+
+def test_bench_refresh_and_steps_over_all_params(capsys):
+    bench.main(["refresh", "--model", "tiny", "--rank", "8"])
+    rows = table_rows(capsys.readouterr().out)
+    assert [r[0][2:] for r in rows] == ["GaLoreAdamW", "AdaptiveAdamW, refresh_keep=None (every vector kept)",
+                                        "AdaptiveAdamW, refresh_keep=2 (default)"]
+    assert rows[0][2] == "1.00" and all(float(r[1]) > 0 for r in rows)
+    bench.main(["steps", "--model", "tiny", "--optimizer", "adamw,galore", "--steps", "1", "--all-params"])
+    assert "step() on all 39 tensors of tiny" in capsys.readouterr().out  # 4 × (7 matrices + 2 norms) + 3
+
+
+def test_bench_loader_with_a_bpe_tokenizer_trained_on_the_corpus(capsys, corpus, tmp_path):
+    pytest.importorskip("tokenizers")
+    bench.main(["loader", "--data", corpus, "--bpe", "400", "--seconds", "0.2", "--cache-dir", str(tmp_path)])
+    rows = {r[0][2:]: r for r in table_rows(capsys.readouterr().out)}
+    assert float(rows["bytes"][2].strip(" |")) == 1.0
+    assert float(rows["BPE 400 (trained on the corpus)"][2].strip(" |")) > 1.5  # merges: more than a byte per token
+    assert all(float(r[1].replace(",", "")) > 0 for r in rows.values())
+
+
+def test_a_bpe_run_resumes_exactly(corpus, tmp_path):
+    # the batched BPE encoding in the prefetch thread, and the loader state with it
+    pytest.importorskip("tokenizers")
+    tok = str(bench.train_bpe(corpus, 400, tmp_path / "bpe" / "tokenizer.json"))
+    common = SMALL + ["--data", corpus, "--tokenizer", tok, "--optimizer", "galore"]
+    whole = tl.main(common + ["--out-dir", str(tmp_path / "a")])
+    tl.main(common + ["--out-dir", str(tmp_path / "b"), "--stop-after", "3"])
+    resumed = tl.main(common + ["--out-dir", str(tmp_path / "b"), "--resume"])
+    assert resumed["val_loss"] == whole["val_loss"]
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_plots_or_a_clear_message(corpus, tmp_path, monkeypatch):
     bench.main(["compare", *SMALL, "--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adaptive,adapprox",
                 "--log-interval", "1"])
@@ -2544,7 +2590,10 @@ README_TRAIN = ["--max-steps", "4", "--eval-interval", "2", "--warmup-steps", "1
                 "--seq-len", "32", "--val-batches", "1", "--shuffle-buffer", "8", "--update-proj-gap", "2",
                 "--model", "tiny", "--quiet"]
 README_APPEND = {"train_tiny_llama.py": README_TRAIN, "bench.py compare": README_TRAIN + ["--seeds", "1"],
-                 "bench.py steps": ["--model", "tiny", "--rank", "8", "--steps", "1"]}
+                 "bench.py steps": ["--model", "tiny", "--rank", "8", "--steps", "1"],
+                 "bench.py peak": ["--model", "tiny", "--rank", "8", "--max-steps", "1", "--seq-len", "16"],
+                 "bench.py refresh": ["--model", "tiny", "--rank", "8"],
+                 "bench.py loader": ["--seconds", "0.2", "--bpe", "300"]}
 
 
 def readme_commands():
