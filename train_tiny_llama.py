@@ -599,7 +599,8 @@ class Prefetch:
     def __init__(self, batches: TrainBatches, depth: int = 8):
         self.queue, self.wait, self.state = queue.Queue(maxsize=depth), 0.0, batches.state_dict()
         self.stop = threading.Event()
-        threading.Thread(target=self.work, args=(batches,), daemon=True).start()
+        self.thread = threading.Thread(target=self.work, args=(batches,), daemon=True)
+        self.thread.start()
 
     def work(self, batches: TrainBatches) -> None:
         try:
@@ -623,7 +624,10 @@ class Prefetch:
         return batch
 
     def close(self) -> None:
+        """Stop the worker and wait for it: a thread still inside torch when the
+        interpreter exits can abort the process."""
         self.stop.set()
+        self.thread.join()
 
 class C4Data:
     """Train and validation streams of one data source, disjoint by construction."""
@@ -1054,17 +1058,19 @@ def train(args, data: C4Data, val: list, dist: Dist, ckpt: Optional[dict] = None
     stop_at = args.max_steps if args.stop_after is None else min(args.max_steps, run.step + args.stop_after)
     run.started = run.last_log_time = time.perf_counter()
     run.last_log_step = run.step
-    with stop_on_first_ctrl_c() as stop_requested:
-        while run.step < stop_at and not agree(stop_requested(), dist):
-            lr, loss = train_step(run, run.batches)
-            if run.step % args.log_interval == 0 or run.step == args.max_steps:
-                log_train(run, lr, loss, metrics)
-            if run.step % args.eval_interval == 0 or run.step == args.max_steps:
-                log_eval(run, evaluate(run, val), metrics)
-            if args.save_interval and run.step % args.save_interval == 0:
-                save_checkpoint(run)
-        interrupted = agree(stop_requested(), dist)
-    run.batches.close()
+    try:
+        with stop_on_first_ctrl_c() as stop_requested:
+            while run.step < stop_at and not agree(stop_requested(), dist):
+                lr, loss = train_step(run, run.batches)
+                if run.step % args.log_interval == 0 or run.step == args.max_steps:
+                    log_train(run, lr, loss, metrics)
+                if run.step % args.eval_interval == 0 or run.step == args.max_steps:
+                    log_eval(run, evaluate(run, val), metrics)
+                if args.save_interval and run.step % args.save_interval == 0:
+                    save_checkpoint(run)
+            interrupted = agree(stop_requested(), dist)
+    finally:
+        run.batches.close()
     return finish(run, val, metrics, interrupted)
 
 def agree(stop: bool, dist: Dist) -> bool:
