@@ -1244,6 +1244,15 @@ class Adapprox(_Base):
     A rank-1 reconstruction is non-negative anyway (Perron-Frobenius), which
     is why the old default only trained because its ranks fell to 1.
 
+    ``err_tol`` default 0.01, chosen by measurement (tiny LLaMA, 300 steps,
+    3 seeds, lr 3e-3; README, "Adapprox"): err_tol 0.01 / 0.02 / 0.05 / 0.1
+    / 0.2 end at val loss 2.040 / 2.043 / 2.038 / 2.044 / 2.057, all within
+    the seed spread (about ±0.02) and below AdamW's 2.110, at mean ranks over
+    training of 9.4 / 5.3 / 2.2 / 1.4 / 1.0. With the loss flat, we take the
+    tolerance that keeps the approximation faithful (ξ̄ ≤ 1 %) rather than
+    the one that shrinks every matrix to rank 1 (Adafactor-like): it costs
+    58 % of AdamW's state instead of 51 %.
+
     Cost per factored matrix and step: one m×n temporary (V, overwritten by
     V̂, then the update), about five skinny m·n·(k+p) products, and one host
     sync per step for all matrices together (the ranks of the next step).
