@@ -20,7 +20,7 @@ The methods (each class docstring has its algorithm box)
   projected Adam, but the ranks are not uniform: a global budget (the sum of
   the per-matrix ranks) is split greedily across matrices by how much of
   each gradient's spectrum the next singular value explains. When a subspace
-  changes, the moments are rotated into the new basis (``M = P_newᵀ P_old``).
+  changes, the moments are rotated into the new basis (``C = P_newᵀ P_old``).
   By default it also adds the part of the gradient the subspace drops,
   rescaled like the Adam update (Fira-style, chosen by measurement), and a
   norm-growth limiter caps how fast that residual may grow.
@@ -224,13 +224,15 @@ def adamw_foreach_(
     torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in steps])
     torch._foreach_add_(denom, eps)
     step_size = [-lr / (1 - beta1**t) for t in steps]
-    same = [p.dtype == m.dtype for p, m in zip(params, exp_avgs)]
-    if all(same):
-        torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
-        return
-    updates = torch._foreach_div(exp_avgs, denom)
-    torch._foreach_mul_(updates, step_size)
-    torch._foreach_add_(params, [u.to(p.dtype) for u, p in zip(updates, params)])
+    same = [i for i, (p, m) in enumerate(zip(params, exp_avgs)) if p.dtype == m.dtype]
+    mixed = [i for i, (p, m) in enumerate(zip(params, exp_avgs)) if p.dtype != m.dtype]
+    pick = lambda xs, idx: [xs[i] for i in idx]
+    if same:  # torch's own last operation
+        torch._foreach_addcdiv_(pick(params, same), pick(exp_avgs, same), pick(denom, same), pick(step_size, same))
+    if mixed:  # a bf16/fp16 parameter with float32 moments: the update in float32, rounded once
+        updates = torch._foreach_div(pick(exp_avgs, mixed), pick(denom, mixed))
+        torch._foreach_mul_(updates, pick(step_size, mixed))
+        torch._foreach_add_(pick(params, mixed), [u.to(p.dtype) for u, p in zip(updates, pick(params, mixed))])
 
 
 def adam_normalized_(
@@ -389,8 +391,10 @@ class _Base(Optimizer):
         post-accumulate-grad hook and free ``p.grad`` right after, so the
         gradients of the whole model never exist at once (``layerwise_hooks``
         sets this up). The state dict is the ordinary one, so checkpoints
-        and LR schedulers work unchanged. Costs one host sync per parameter
-        for the NaN/Inf check (``check_finite=False`` avoids it).
+        and LR schedulers work unchanged (the hooks of
+        ``register_step_pre_hook`` / ``_post_hook`` are not called). Costs one
+        host sync per parameter for the NaN/Inf check (``check_finite=False``
+        avoids it) and, for Adapprox, one for the parameter's next rank.
         """
         where = self.__dict__.get("_where")
         if where is None or len(where) != sum(len(g["params"]) for g in self.param_groups):
@@ -401,9 +405,10 @@ class _Base(Optimizer):
                              "optimizer")
         gi, index = where[id(p)]
         group = self.param_groups[gi]
+        self._opt_called = True  # what torch's step wrapper records: LR schedulers then know a step happened
+        self._check_layerwise(group)
         if p.grad is None:
             return
-        self._check_layerwise(group)
         self._check_grads([(p, group, index)])
         self._step_items([(p, group, index)])
 
@@ -417,7 +422,8 @@ class _Base(Optimizer):
     @torch.no_grad()
     def _check_grads(self, items: list[tuple[Tensor, dict, int]]) -> None:
         """Raise, before any state or parameter changes, on a sparse, complex
-        or non-finite gradient. Costs one host sync per step (not per tensor)."""
+        or non-finite gradient. Costs one host sync per device and call (not
+        per tensor)."""
         checked = []
         for p, group, _ in items:
             if p.grad.is_sparse:
@@ -442,7 +448,7 @@ class _Base(Optimizer):
                 step = self.state[p].get("step", 0) + 1 if p in self.state else 1
                 raise NonFiniteGradientError(
                     f"{type(self).__name__}: non-finite gradient (NaN or Inf) for the parameter of shape "
-                    f"{tuple(p.shape)} at its step {step}; nothing was updated. "
+                    f"{tuple(p.shape)} at its step {step}; this call updated nothing. "
                     "Lower the learning rate, clip gradients, or use a GradScaler for fp16.")
         # no culprit: a sum of huge finite values overflowed; the gradients are finite
 
@@ -456,6 +462,10 @@ class _Base(Optimizer):
         afterwards cannot undo the rounding. Like torch, tensors already on
         the parameter's device are used as they are, not copied.
         """
+        if "extra" in state_dict:  # written before the randomness became counter-based
+            warnings.warn(f"{type(self).__name__}.load_state_dict: this state dict has the generator states of an "
+                          "older version, which are ignored: the random sketches continue from counter-based "
+                          "seeds, so the run does not continue bit-exactly", stacklevel=2)
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -633,7 +643,8 @@ class GaLoreAdamW(_Base):
     ``gha_lr`` 0.5 and 1 tie, 0.1 is worse.
 
     Not for: 1-D tensors, embeddings or small matrices (they gain nothing).
-    Memory per low-rank matrix: ``2·r·l + s·r`` floats instead of ``2·m·n``.
+    Memory per low-rank matrix: ``2·r·l + s·r`` floats instead of ``2·m·n``
+    (``gha``: ``2·r·l + 2·s·r``, for ``P_ref``).
     """
 
     proj_types = ("std", "reverse_std", "left", "right")
@@ -685,8 +696,9 @@ class GaLoreAdamW(_Base):
                 state["rank"] = self._clamped_rank(p, group)
             x = self._oriented_grad(p, group)[0]
             if group["subspace"] == "random":
-                # P ← orth(Ω), Ω ~ N(0, 1) of shape s×r
-                rng = self._generator(p.device, stream_seed(group["seed"], index, state.get("step", 0) + 1))
+                # P ← orth(Ω), Ω ~ N(0, 1) of shape s×r, drawn from stream_seed(seed of this parameter, t)
+                state.setdefault("seed", stream_seed(group["seed"], index))
+                rng = self._generator(p.device, stream_seed(state["seed"], state.get("step", 0) + 1))
                 P_new = random_basis(x.shape[0], state["rank"], rng, x.dtype)
             elif group["subspace"] == "gha" and "P" in state:
                 # P: where Sanger's rule has taken it since the last refresh
@@ -875,6 +887,8 @@ class AdaptiveAdamW(GaLoreAdamW):
                         scale=scale, proj_type=proj_type, residual=residual, norm_growth_limit=norm_growth_limit,
                         check_finite=check_finite, rank_metric=rank_metric, allocate=allocate,
                         transform_momentum=transform_momentum, refresh_keep=refresh_keep)
+        # GaLoreAdamW.__init__ takes exactly GaLore's options (an unknown one is a
+        # TypeError), so the richer defaults go straight to the base class.
         _Base.__init__(self, params, defaults)
 
     def _validate_group(self, group: dict) -> None:
@@ -905,9 +919,14 @@ class AdaptiveAdamW(GaLoreAdamW):
         #    the columns an allocation is likely to use: at most B - (L - 1),
         #    and at most refresh_keep × the group's rank (so the refresh never
         #    holds every matrix's full s×s basis at once; our bound).
-        keep = [ranks[i] if i not in pool else
-                budget - len(pool) + 1 if g["refresh_keep"] is None else
-                min(budget - len(pool) + 1, math.ceil(g["refresh_keep"] * g["rank"])) for i, (_, g) in enumerate(due)]
+        keep = []
+        for i, (_, g) in enumerate(due):
+            if i not in pool:  # a fixed rank
+                keep.append(ranks[i])
+            elif g["refresh_keep"] is None:  # every vector an allocation could use
+                keep.append(budget - len(pool) + 1)
+            else:  # refresh_keep × the group's rank, and at least the current rank
+                keep.append(min(budget - len(pool) + 1, max(ranks[i], math.ceil(g["refresh_keep"] * g["rank"]))))
         svds = [gradient_spectrum(self._oriented_grad(p, g)[0], k) for (p, g), k in zip(due, keep)]
         # 2. Greedy allocation: rank 1 each, then the best next singular value
         if pool:
@@ -1233,35 +1252,46 @@ class Adapprox(_Base):
     reconstruction of the non-negative V has negative entries wherever it
     undershoots. ``"clamp"`` (max(QUᵀ, 0), our first version) makes sqrt(V̂) = 0
     there, so D = M/ε explodes and the update clipping then shrinks every
-    other coordinate: on the tiny LLaMA a rank held at 4 or 16 ended at val
-    loss 4.58 / 4.84 against AdamW's 2.07. ``"floor"`` (max(QUᵀ, (1-β2)·G²),
-    a true lower bound of the EMA) is 2.14 / 2.23: that bound is about
+    other coordinate: on the tiny LLaMA (seed 0, lr 3e-3, where AdamW ends
+    at val loss 2.07) a rank held at 4 or 16 ended at 4.58 / 4.84.
+    ``"floor"`` (max(QUᵀ, (1-β2)·G²), a true lower bound of the EMA) gave
+    2.14 / 2.23 and ``"abs"`` 2.05 / 2.04: the floor is about
     1/(1-β2) = 1000× below a settled V, so the same coordinates still get
     updates 30× too large. ``"abs"`` (|QUᵀ|, the default, as LDAdam treats its
     transported second moment) keeps the magnitude of the approximation
-    error there, which is of the order of V itself, and trains as AdamW
-    does at every rank (2.05 / 2.04; README, "Adapprox at a fixed rank").
-    A rank-1 reconstruction is non-negative anyway (Perron-Frobenius), which
-    is why the old default only trained because its ranks fell to 1.
+    error there, which is of the order of V itself, and trains at least as
+    well as AdamW at every rank (README, "Adapprox: a better approximation must never
+    train worse"). The exact rank-1 reconstruction of a non-negative matrix
+    is non-negative (Perron-Frobenius), which is why the old default only
+    trained because its ranks fell to 1.
 
     ``err_tol`` default 0.01, chosen by measurement (tiny LLaMA, 300 steps,
-    3 seeds, lr 3e-3; README, "Adapprox"): err_tol 0.01 / 0.02 / 0.05 / 0.1
-    / 0.2 end at val loss 2.040 / 2.043 / 2.038 / 2.044 / 2.057, all within
-    the seed spread (about ±0.02) and below AdamW's 2.110, at mean ranks over
-    training of 9.4 / 5.3 / 2.2 / 1.4 / 1.0. With the loss flat, we take the
+    3 seeds, lr 3e-3; README, "Adapprox: choosing err_tol"): from 0.01 to
+    0.2 the loss stays within the seed spread, and below AdamW's, while the
+    mean rank falls from about 9 to 1. With the loss flat, we take the
     tolerance that keeps the approximation faithful (ξ̄ ≤ 1 %) rather than
     the one that shrinks every matrix to rank 1 (Adafactor-like): it costs
-    58 % of AdamW's state instead of 51 %.
+    about 59 % of AdamW's state instead of 51 %.
 
-    Cost per factored matrix and step: one m×n temporary (V, overwritten by
-    V̂, then the update), about five skinny m·n·(k+p) products, and one host
-    sync per step for all matrices together (the ranks of the next step).
+    Cost per factored matrix and step: one m×n temporary for a float32
+    parameter (V, overwritten by V̂, then the update; ``"floor"`` adds one,
+    a bf16 parameter its float32 gradient), about five skinny m·n·(k+p)
+    products, and per step one host sync for all matrices together (the
+    ranks of the next step) besides the NaN/Inf check's.
+
+    Further choices of ours: step 1 has no Q to start from, so it is a cold
+    start with ``power_iters`` iterations; when the rank grows, Ω' has the
+    p + (k_new - k_old) missing columns; ``err_tol=0`` holds every rank at
+    its initial value (k_max unless ``rank_init`` says otherwise).
 
     Not for: tiny models, where the S-RSI cost outweighs the memory saved.
-    The sketch Ω of parameter i at step t is drawn from
-    ``stream_seed(seed, i, t)`` alone (counter-based), so every DDP rank
-    draws the same Ω, the state dict needs no generator state and a resumed
-    run is bit-exact, also through torch.distributed.checkpoint's helpers::
+    The sketch Ω of parameter i at step t is drawn from a generator seeded
+    with ``stream_seed(state["seed"], t)``, where ``state["seed"] =
+    stream_seed(seed, i)`` is set at the parameter's first step
+    (counter-based): every DDP rank draws the same Ω, the state dict needs no
+    generator state, and a resumed run is bit-exact, also through
+    torch.distributed.checkpoint's helpers (on another device type the
+    generator, and so Ω, differs: CPU and CUDA draw different numbers)::
 
         opt = Adapprox(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
     """
@@ -1350,9 +1380,9 @@ class Adapprox(_Base):
             state["step"] = 0
             state["rank"] = self._initial_rank(p, group)
             state["err_ema"] = 0.0
-            state["seed"] = stream_seed(group["seed"], index)  # Ω at step t: stream_seed(this, t)
             if beta1 > 0:
                 state["exp_avg"] = torch.zeros_like(g)  # M: (m, n)
+        state.setdefault("seed", stream_seed(group["seed"], index))  # Ω at step t: stream_seed(this, t)
         t = state["step"] + 1
         # V ← β2 · Q Uᵀ + (1-β2) · G²   (the one m×n temporary of this step)
         v = torch.square(g).mul_(1 - beta2)
@@ -1505,11 +1535,15 @@ def layerwise_hooks(optimizer: Optimizer) -> list:
                         f"{type(optimizer).__name__}; for plain AdamW use GaLoreAdamW(model.parameters()), "
                         "whose groups without 'rank' get exactly AdamW's update")
 
+    for group in optimizer.param_groups:
+        optimizer._check_layerwise(group)  # refuse now, not inside the first backward
+
     def hook(p: Tensor) -> None:
         optimizer.step_parameter(p)
         p.grad = None
 
-    return [p.register_post_accumulate_grad_hook(hook) for g in optimizer.param_groups for p in g["params"]]
+    return [p.register_post_accumulate_grad_hook(hook) for g in optimizer.param_groups for p in g["params"]
+            if p.requires_grad]  # a frozen parameter has no gradient and takes no hook
 
 
 def state_bytes(optimizer: Optimizer, by_key: bool = False):

@@ -242,7 +242,8 @@ def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale, proj_type=
     """GaLore's algorithm box, written independently in float64, plus the
     Fira-style residual with its norm-growth limiter (SPEC §2.6) and the
     random / GHA subspaces (SPEC §1). The random bases are drawn from
-    generators seeded with stream_seed(seed, 0, t): an input, like the gradients."""
+    generators seeded with stream_seed(stream_seed(seed, 0), t): an input,
+    like the gradients."""
     W = W0.clone()
     side = PROJECTION_SIDE[proj_type](*W.shape)
     M = V = P = P_ref = None
@@ -252,7 +253,7 @@ def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale, proj_type=
         r = min(rank, X.shape[0])
         if (t - 1) % gap == 0:
             if subspace == "random":  # a fresh uniformly random basis
-                gen = torch.Generator().manual_seed(la.stream_seed(seed, 0, t))
+                gen = torch.Generator().manual_seed(la.stream_seed(la.stream_seed(seed, 0), t))
                 P_new = signed_qr(torch.randn(X.shape[0], r, generator=gen, dtype=W.dtype))
             elif subspace == "gha" and P is not None:  # the basis GHA has tracked
                 P_new = P
@@ -333,6 +334,15 @@ def test_galore_subspaces_match_reference(shape, subspace, residual):
         p.grad = g.clone()
         opt.step()
     torch.testing.assert_close(p.detach(), expected, atol=1e-10, rtol=1e-10)
+
+
+def test_random_subspace_stream_lives_in_the_parameter_state():
+    # like Adapprox's: a resume with the groups in another order continues the same stream
+    a, b = nn.Parameter(torch.randn(6, 9)), nn.Parameter(torch.randn(7, 5))
+    opt = la.GaLoreAdamW([{"params": [a, b], "rank": 2, "subspace": "random", "update_proj_gap": 2}])
+    a.grad, b.grad = torch.randn(6, 9), torch.randn(7, 5)
+    opt.step()
+    assert opt.state[a]["seed"] == la.stream_seed(0, 0) and opt.state[b]["seed"] == la.stream_seed(0, 1)
 
 
 def test_random_bases_are_orthonormal_reproducible_and_uniform():
@@ -639,13 +649,49 @@ def test_layerwise_updates_equal_ordinary_steps_and_resume(cls, tmp_path):
     assert_same_state(opt_a.state_dict(), opt_b.state_dict())
 
 
+def test_dense_path_is_torch_adamw_bit_for_bit_even_beside_a_bf16_parameter():
+    torch.manual_seed(0)
+    a32, b32, b16 = nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(5, 3)), nn.Parameter(
+        torch.randn(4).bfloat16())
+    b32.data.copy_(a32)
+    ref = torch.optim.AdamW([a32], lr=1e-2, weight_decay=0.1, foreach=False)
+    opt = la.GaLoreAdamW([b32, b16], lr=1e-2, weight_decay=0.1)  # one group, mixed dtypes
+    for _ in range(5):
+        g = torch.randn(5, 3)
+        a32.grad, b32.grad, b16.grad = g.clone(), g.clone(), torch.randn(4).bfloat16()
+        ref.step()
+        opt.step()
+    assert torch.equal(a32, b32)
+
+
+def test_layerwise_steps_count_for_lr_schedulers():
+    model = mlp()
+    opt = la.GaLoreAdamW(mlp_groups(model), lr=1e-2)
+    la.layerwise_hooks(opt)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()" would be raised
+        for _ in range(2):
+            nn.functional.mse_loss(model(regression_data()[0]), regression_data()[1]).backward()
+            sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.5e-3)
+
+
 def test_layerwise_refusals():
     model = mlp()
     with pytest.raises(TypeError, match="needs an optimizer of this module"):
         la.layerwise_hooks(torch.optim.AdamW(model.parameters()))
-    la.layerwise_hooks(la.AdaptiveAdamW(mlp_groups(model)))
     with pytest.raises(RuntimeError, match="AdaptiveAdamW cannot update one parameter at a time"):
-        nn.functional.mse_loss(model(regression_data()[0]), regression_data()[1]).backward()
+        la.layerwise_hooks(la.AdaptiveAdamW(mlp_groups(model)))
+    with pytest.raises(RuntimeError, match="AdaptiveAdamW cannot update one parameter at a time"):
+        la.AdaptiveAdamW(mlp_groups(model)).step_parameter(model[0].weight)
+    # a frozen parameter takes no hook (torch refuses one) and is simply never stepped
+    model[0].bias.requires_grad_(False)
+    opt = la.GaLoreAdamW(model.parameters(), lr=1e-2)
+    assert len(la.layerwise_hooks(opt)) == 5
+    before = model[0].bias.detach().clone()
+    nn.functional.mse_loss(model(regression_data()[0]), regression_data()[1]).backward()
+    assert torch.equal(model[0].bias, before) and not torch.equal(model[0].weight, mlp()[0].weight)
     with pytest.raises(ValueError, match="not a parameter of this optimizer"):
         la.GaLoreAdamW(mlp().parameters()).step_parameter(model[0].weight)
 
@@ -1130,6 +1176,23 @@ def test_adaptive_refresh_keep_bounds_memory_without_changing_results():
     assert all(torch.equal(a, b) for a, b in zip(runs[6], runs[13]))
     with pytest.raises(ValueError, match="Invalid refresh_keep"):
         la.AdaptiveAdamW([{"params": params, "rank": 3}], refresh_keep=0)
+
+
+def test_adaptive_refresh_keeps_at_least_the_current_rank(monkeypatch):
+    # a matrix already above refresh_keep × the average rank needs no second SVD per refresh
+    a, b = nn.Parameter(torch.randn(12, 30)), nn.Parameter(torch.randn(12, 30))
+    opt = la.AdaptiveAdamW([{"params": [a, b], "rank": 3, "update_proj_gap": 1}], lr=1e-2, refresh_keep=1.0)
+    g = torch.Generator().manual_seed(0)
+    flat = lambda: torch.randn(12, 30, generator=g)
+    spiky = lambda: torch.outer(torch.randn(12, generator=g), torch.randn(30, generator=g))
+    a.grad, b.grad = flat(), spiky()
+    opt.step()
+    assert opt.ranks()[0] > 3  # above refresh_keep × rank
+    calls = []
+    monkeypatch.setattr(la, "top_r_basis", lambda *args: calls.append(args) or la.gradient_spectrum(*args)[0])
+    a.grad, b.grad = flat(), spiky()
+    opt.step()
+    assert opt.ranks()[0] > 3 and calls == []
 
 
 def test_adaptive_budget_counts_clamped_ranks():
