@@ -651,13 +651,13 @@ def test_layerwise_updates_equal_ordinary_steps_and_resume(cls, tmp_path):
 
 def test_dense_path_is_torch_adamw_bit_for_bit_even_beside_a_bf16_parameter():
     torch.manual_seed(0)
-    a32, b32, b16 = nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(5, 3)), nn.Parameter(
+    a32, b32, b16 = nn.Parameter(torch.randn(64, 64)), nn.Parameter(torch.randn(64, 64)), nn.Parameter(
         torch.randn(4).bfloat16())
     b32.data.copy_(a32)
-    ref = torch.optim.AdamW([a32], lr=1e-2, weight_decay=0.1, foreach=False)
-    opt = la.GaLoreAdamW([b32, b16], lr=1e-2, weight_decay=0.1)  # one group, mixed dtypes
-    for _ in range(5):
-        g = torch.randn(5, 3)
+    ref = torch.optim.AdamW([a32], lr=1e-3, weight_decay=0.1, foreach=False)
+    opt = la.GaLoreAdamW([b32, b16], lr=1e-3, weight_decay=0.1)  # one group, mixed dtypes
+    for _ in range(20):
+        g = torch.randn(64, 64)
         a32.grad, b32.grad, b16.grad = g.clone(), g.clone(), torch.randn(4).bfloat16()
         ref.step()
         opt.step()
