@@ -17,6 +17,8 @@ commands:
             CPU: peak resident memory)
   refresh   AdaptiveAdamW's refresh (SVD) step against GaLore's: time and the
             memory it adds (refresh_keep bounds it)
+  sketch    Adapprox's S-RSI variants (warm/cold start, power iterations) on the
+            very matrices one training run sketches: relative errors, paired
   loader    tokens per second of the data loader on one core, byte tokenizer
             and a BPE tokenizer trained on the corpus (needs tokenizers)
   plot      loss curves, AdaptiveAdamW's rank heatmap and Adapprox's ranks of
@@ -340,6 +342,49 @@ def refresh(argv: list[str]) -> str:
                      f"{r['extra'] / 2**20:,.1f} | {r['bases'] / 2**20:,.1f} | {r['max_rank']} |")
     return "\n".join(lines)
 
+# ----------------------------------------------------------------------------- sketch: S-RSI accuracy along a run
+
+SKETCHES = {"warm, 1 iteration (default)": dict(warm=True, power_iters=1),
+            "warm, 0 iterations": dict(warm=True, power_iters=0),
+            "cold, 1 iteration": dict(warm=False, power_iters=1),
+            "cold, 5 iterations (paper)": dict(warm=False, power_iters=5)}
+
+def sketch(argv: list[str]) -> str:
+    """Train one Adapprox run; at every step, sketch the very V the optimizer
+    sketches with each S-RSI variant too, and compare their relative errors ξ
+    (paired: the same V, rank and oversampling) with the optimum of that rank
+    (the truncated SVD, Eckart-Young)."""
+    args = tl.parse_args([*argv, "--optimizer", "adapprox", "--quiet"])
+    srsi, errors = la.srsi, {name: [] for name in ["optimal", *SKETCHES]}
+
+    def paired(V, rank, oversample=5, power_iters=1, generator=None, init=None):
+        g = torch.Generator(device=V.device).manual_seed(len(errors["optimal"]))
+        for name, how in SKETCHES.items():
+            U = srsi(V, rank, oversample, how["power_iters"], g, init if how["warm"] else None)[1]
+            errors[name].append(la.srsi_relative_error(V, U).item())
+        s = torch.linalg.svdvals(V.double())
+        errors["optimal"].append((s[rank:].square().sum() / s.square().sum().clamp_min(1e-300)).sqrt().item())
+        return srsi(V, rank, oversample, power_iters, generator, init)  # what the optimizer uses, unchanged
+
+    la.srsi = paired
+    try:
+        tl.check_out_dir(args)
+        dist = tl.setup_distributed(args)
+        result = tl.train(args, *tl.load_data(args, tl.load_tokenizer(args), dist), dist)
+    finally:
+        la.srsi = srsi
+    lines = [f"relative error ξ = ||V - Q Uᵀ|| / ||V|| of every Adapprox sketch of one run ({args.model}, "
+             f"{args.max_steps} steps, {tl.optimizer_options(args)[1]}; val loss "
+             f"{result['val_loss']:.4f}), {len(errors['optimal'])} sketches", "",
+             "| S-RSI | mean ξ | median ξ | 95th percentile | ≤ cold 5-iteration ξ + 1e-4 |", "|---|---|---|---|---|"]
+    cold = errors["cold, 5 iterations (paper)"]
+    for name, xs in errors.items():
+        q = statistics.quantiles(xs, n=20)[-1]
+        share = sum(x <= c + 1e-4 for x, c in zip(xs, cold)) / len(xs)
+        lines.append(f"| {name} | {statistics.mean(xs):.5f} | {statistics.median(xs):.5f} | {q:.5f} | "
+                     f"{100 * share:.1f} % |")
+    return "\n".join(lines)
+
 # ----------------------------------------------------------------------------- loader: tokens per second
 
 def train_bpe(corpus: str, vocab_size: int, path: Path) -> Path:
@@ -548,7 +593,7 @@ def main(argv=None):
     commands = {"compare": compare, "steps": lambda a: print(steps(a)), "memory": memory, "plot": plot,
                 "peak": lambda a: print(peak(a)), "peak-one": peak_one,
                 "refresh": lambda a: print(refresh(a)), "refresh-one": refresh_one,
-                "loader": lambda a: print(loader(a))}
+                "loader": lambda a: print(loader(a)), "sketch": lambda a: print(sketch(a))}
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return None

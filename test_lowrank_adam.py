@@ -2594,6 +2594,16 @@ def test_bench_loader_with_a_bpe_tokenizer_trained_on_the_corpus(capsys, corpus,
     assert all(float(r[1].replace(",", "")) > 0 for r in rows.values())
 
 
+def test_bench_sketch_compares_srsi_variants_on_the_same_matrices(capsys, corpus, tmp_path):
+    bench.main(["sketch", *SMALL, "--data", corpus, "--out-dir", str(tmp_path), "--k-max-frac", "0.25",
+                "--err-tol", "0"])
+    rows = {r[0][2:]: [float(x.strip(" |%")) for x in r[1:]] for r in table_rows(capsys.readouterr().out)}
+    assert set(rows) == {"optimal", *bench.SKETCHES}
+    for name in bench.SKETCHES:  # no sketch beats the truncated SVD (up to float32's ξ resolution)
+        assert rows[name][0] >= rows["optimal"][0] - 1e-3
+    assert rows["cold, 5 iterations (paper)"][3] == 100.0
+
+
 def test_a_bpe_run_resumes_exactly(corpus, tmp_path):
     # the batched BPE encoding in the prefetch thread, and the loader state with it
     pytest.importorskip("tokenizers")
@@ -2656,7 +2666,8 @@ README_APPEND = {"train_tiny_llama.py": README_TRAIN, "bench.py compare": README
                  "bench.py steps": ["--model", "tiny", "--rank", "8", "--steps", "1"],
                  "bench.py peak": ["--model", "tiny", "--rank", "8", "--max-steps", "1", "--seq-len", "16"],
                  "bench.py refresh": ["--model", "tiny", "--rank", "8"],
-                 "bench.py loader": ["--seconds", "0.2", "--bpe", "300"]}
+                 "bench.py loader": ["--seconds", "0.2", "--bpe", "300"],
+                 "bench.py sketch": README_TRAIN}
 
 
 def readme_commands():
