@@ -2662,7 +2662,8 @@ def test_layout_helpers_agree_with_the_oriented_math():
 README_TRAIN = ["--max-steps", "4", "--eval-interval", "2", "--warmup-steps", "1", "--batch-size", "2",
                 "--seq-len", "32", "--val-batches", "1", "--shuffle-buffer", "8", "--update-proj-gap", "2",
                 "--model", "tiny", "--quiet"]
-README_APPEND = {"train_tiny_llama.py": README_TRAIN, "bench.py compare": README_TRAIN + ["--seeds", "1"],
+README_APPEND = {"train_tiny_llama.py": README_TRAIN,
+                 "bench.py compare": README_TRAIN + ["--seeds", "1", "--lr-sweep", "1"],  # one run per spec
                  "bench.py steps": ["--model", "tiny", "--rank", "8", "--steps", "1"],
                  "bench.py peak": ["--model", "tiny", "--rank", "8", "--max-steps", "1", "--seq-len", "16"],
                  "bench.py refresh": ["--model", "tiny", "--rank", "8"],
