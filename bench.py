@@ -288,9 +288,10 @@ def peak(argv: list[str]) -> str:
              "activations, temporaries) | peak / AdamW's |", "|---|---|---|---|---|---|---|---|"]
     base = next((r["peak"] for r in rows if r["optimizer"] == "adamw" and not r["layerwise"]), None)
     for r in rows:
+        ratio = f"{r['peak'] / base:.2f}" if base else ""
         lines.append(f"| {r['optimizer']} | {'layerwise' if r['layerwise'] else 'plain'} | {mb(r['params'])} | "
-                     f"{mb(r['grads'])} | {mb(r['state'])} | {mb(r['peak'])} | {mb(r['peak'] - r['params'] - r['state'])}"
-                     f" | {r['peak'] / base:.2f} |" if base else " |")
+                     f"{mb(r['grads'])} | {mb(r['state'])} | {mb(r['peak'])} | "
+                     f"{mb(r['peak'] - r['params'] - r['state'])} | {ratio} |")
     return "\n".join(lines)
 
 def refresh_one(argv: list[str]) -> None:
