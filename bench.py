@@ -40,6 +40,7 @@ import argparse
 import inspect
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -402,8 +403,8 @@ def train_bpe(corpus: str, vocab_size: int, path: Path) -> Path:
     return path
 
 def loader(argv: list[str]) -> str:
-    p = tl.Parser(prog="bench.py loader", description="Tokens per second the training data loader delivers on one "
-                  "core (read, parse, tokenize, pack, shuffle, batch), for the byte tokenizer and a BPE tokenizer. "
+    p = tl.Parser(prog="bench.py loader", description="Tokens per second the training data loader delivers "
+                  "(read, parse, tokenize, pack, shuffle, batch), for the byte tokenizer and a BPE tokenizer. "
                   "Other flags: --data, --tokenizer, --seq-len, --batch-size.",
                   formatter_class=tl.HelpFormatter, allow_abbrev=False)
     p.add_argument("--bpe", type=int, default=8000, help="vocabulary of the BPE tokenizer trained on the corpus "
@@ -419,7 +420,9 @@ def loader(argv: list[str]) -> str:
     elif own.bpe:
         path = train_bpe(corpus, own.bpe, Path(args.cache_dir).expanduser() / f"bpe{own.bpe}" / "tokenizer.json")
         tokenizers[f"BPE {own.bpe} (trained on the corpus)"] = tl.FileTokenizer(str(path), "</s>")
-    lines = [f"data loader on one core ({corpus}, seq len {args.seq_len}, batch {args.batch_size})", "",
+    cores = os.environ.get("RAYON_NUM_THREADS") or f"every core ({os.cpu_count()}; RAYON_NUM_THREADS=1 for one)"
+    lines = [f"data loader, one thread; a tokenizers BPE encodes on {cores} ({corpus}, seq len {args.seq_len}, "
+             f"batch {args.batch_size})", "",
              "| tokenizer | tokens/s | bytes of text per token |", "|---|---|---|"]
     for name, tok in tokenizers.items():
         data = tl.C4Data(corpus, tok, args.seq_len)
