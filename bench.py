@@ -45,9 +45,12 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import lowrank_adam as la
 import train_tiny_llama as tl
@@ -295,10 +298,56 @@ def peak(argv: list[str]) -> str:
                      f"{mb(r['peak'] - r['params'] - r['state'])} | {ratio} |")
     return "\n".join(lines)
 
+class LiveTensorBytes(TorchDispatchMode):
+    """The bytes of the tensors that ops create and Python still holds, and
+    their peak. Exact where resident memory is not (the allocator keeps freed
+    pages), but blind to a kernel's internal workspace (LAPACK's, for an SVD).
+    A storage counts from the op that creates it (one sharing no input's
+    storage) until the last tensor object that views it is collected;
+    ``existing`` tensors count from the start, so ``peak`` is the peak above
+    the start and a replaced state tensor is no longer counted."""
+    def __init__(self, existing=()):
+        super().__init__()
+        self.refs, self.size, self.now, self.peak = {}, {}, 0, 0
+        for t in existing:  # tensors from before: their release lowers ``now`` below the start
+            self._hold(t)
+
+    def _hold(self, t: torch.Tensor) -> None:
+        key = t.untyped_storage().data_ptr()
+        if key not in self.refs:
+            self.refs[key], self.size[key] = 0, t.untyped_storage().nbytes()
+        self.refs[key] += 1
+        weakref.finalize(t, self._release, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs or {}))[0]
+                  if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.untyped_storage().nbytes() == 0:
+                continue
+            key = t.untyped_storage().data_ptr()
+            if key not in self.refs:
+                if key in inputs:  # an in-place op on a tensor it does not track
+                    continue
+                self.now += t.untyped_storage().nbytes()
+                self.peak = max(self.peak, self.now)
+            self._hold(t)
+        return out
+
+    def _release(self, key) -> None:
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            self.now -= self.size.pop(key)
+            del self.refs[key]
+
 def refresh_one(argv: list[str]) -> None:
-    """One refresh step (step 1: every matrix's SVD) on --model's attn/mlp matrices
-    with random gradients, in this fresh process: prints a JSON line with its
-    seconds and its peak memory above what existed before it (CPU: VmHWM)."""
+    """AdaptiveAdamW's or GaLore's refresh on --model's attn/mlp matrices with
+    random gradients, in this fresh process; prints a JSON line. Step 1 (every
+    matrix's SVD, and the state allocated) is timed, with the peak resident
+    memory it adds (VmHWM); step 2, a refresh too, with the peak of the
+    tensors it creates and holds (LiveTensorBytes): the refresh's own
+    temporaries, the state being there already."""
     own = argv[0]  # "galore", "adaptive" or "adaptive-keep-all"
     args = tl.parse_args(argv[1:])
     tl.set_threads(args, "cpu")
@@ -308,7 +357,7 @@ def refresh_one(argv: list[str]) -> None:
     for p in params:  # gradients with a decaying spectrum, as real ones have: random factors times 1/i
         k = min(p.shape)
         p.grad = (torch.randn(p.shape[0], k, generator=g) / torch.arange(1, k + 1)) @ torch.randn(k, p.shape[1], generator=g)
-    group = [{"params": params, "rank": args.rank}]
+    group = [{"params": params, "rank": args.rank, "update_proj_gap": 1}]
     opt = la.GaLoreAdamW(group) if own == "galore" else la.AdaptiveAdamW(group, refresh_keep=None if own.endswith(
         "keep-all") else 2.0)
     before = resident_kb("VmRSS") * 1024
@@ -316,15 +365,22 @@ def refresh_one(argv: list[str]) -> None:
     t0 = time.perf_counter()
     opt.step()
     seconds = time.perf_counter() - t0
-    print(json.dumps(dict(optimizer=own, seconds=seconds, extra=resident_kb("VmHWM") * 1024 - before,
-                          matrices=len(params), bases=sum(st["P"].numel() * 4 for st in opt.state.values()),
-                          max_rank=max(opt.ranks()))))
+    extra = resident_kb("VmHWM") * 1024 - before
+    state = [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+    with LiveTensorBytes(state) as live:
+        del state
+        opt.step()
+    print(json.dumps(dict(optimizer=own, seconds=seconds, extra=extra, live_peak=live.peak, matrices=len(params),
+                          bases=sum(st["P"].numel() * 4 for st in opt.state.values()),
+                          state=la.state_bytes(opt), max_rank=max(opt.ranks()))))
 
 def refresh(argv: list[str]) -> str:
-    """AdaptiveAdamW's refresh against GaLore's: time and peak memory above the step's inputs."""
-    p = tl.Parser(prog="bench.py refresh", description="The first (SVD) step of galore and adaptive on --model's "
-                  "attn/mlp matrices, each in a fresh process, on CPU: seconds and the peak memory it adds. Other "
-                  "flags: --model, --rank, --threads.", formatter_class=tl.HelpFormatter, allow_abbrev=False)
+    """AdaptiveAdamW's refresh against GaLore's: time and memory."""
+    p = tl.Parser(prog="bench.py refresh", description="The SVD steps of galore and adaptive on --model's "
+                  "attn/mlp matrices, each in a fresh process, on CPU: the first step's seconds and the resident "
+                  "memory it adds (the state included), and the tensors a later refresh holds at its peak (its "
+                  "temporaries). Other flags: --model, --rank, --threads.", formatter_class=tl.HelpFormatter,
+                  allow_abbrev=False)
     own, rest = p.parse_known_args(argv)
     rows = []
     for name in ("galore", "adaptive-keep-all", "adaptive"):
@@ -333,15 +389,17 @@ def refresh(argv: list[str]) -> str:
             tl.fail(f"refresh-one {name} failed:\n{out.stderr[-2000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     args = tl.parse_args(rest)
-    lines = [f"one refresh (SVD) step on the {rows[0]['matrices']} attn/mlp matrices of {args.model}, rank "
+    lines = [f"refresh (SVD) steps on the {rows[0]['matrices']} attn/mlp matrices of {args.model}, rank "
              f"{args.rank}, CPU, {torch.get_num_threads()} threads", "",
-             "| optimizer | seconds | / galore | peak memory added, MB | bases P, MB | largest rank |",
-             "|---|---|---|---|---|---|"]
+             "| optimizer | step 1, seconds | / galore | step 1: resident memory added, MB | a later refresh: "
+             "peak of the tensors it holds, MB | state, MB (bases P) | largest rank |", "|---|---|---|---|---|---|---|"]
     names = {"galore": "GaLoreAdamW", "adaptive-keep-all": "AdaptiveAdamW, refresh_keep=None (every vector kept)",
              "adaptive": "AdaptiveAdamW, refresh_keep=2 (default)"}
+    mb = lambda b: f"{b / 2**20:,.1f}"
     for r in rows:
         lines.append(f"| {names[r['optimizer']]} | {r['seconds']:.3g} | {r['seconds'] / rows[0]['seconds']:.2f} | "
-                     f"{r['extra'] / 2**20:,.1f} | {r['bases'] / 2**20:,.1f} | {r['max_rank']} |")
+                     f"{mb(r['extra'])} | {mb(r['live_peak'])} | {mb(r['state'])} ({mb(r['bases'])}) | "
+                     f"{r['max_rank']} |")
     return "\n".join(lines)
 
 # ----------------------------------------------------------------------------- sketch: S-RSI accuracy along a run

@@ -2585,6 +2585,37 @@ def test_bench_refresh_and_steps_over_all_params(capsys):
     assert "step() on all 39 tensors of tiny" in capsys.readouterr().out  # 4 × (7 matrices + 2 norms) + 3
 
 
+def test_adaptive_refresh_holds_at_most_refresh_keep_times_the_bases():
+    # The README's bound: with refresh_keep=2 a refresh holds about twice the
+    # bases' bytes (kept vectors, plus one SVD at a time); keeping every vector
+    # holds L full s×s bases. Counted by bench.LiveTensorBytes, whose own
+    # counting is checked first on tensors of known size.
+    with bench.LiveTensorBytes() as live:
+        a = torch.zeros(1000)  # 4,000 bytes
+        b = torch.zeros(500) + 1  # 2,000 more (zeros, then add: 2 allocations, one dropped)
+        del a
+        c = b.view(5, 100)  # a view: no new storage
+    assert live.peak == 6000 + 2000 and live.now == 2000 and c.shape == (5, 100)
+    s, l, rank, L = 64, 64, 8, 16  # keeping every vector: min(s, budget - L + 1) = s of them
+    peaks = {}
+    for keep in (None, 2.0):
+        g = torch.Generator().manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, l, generator=g)) for _ in range(L)]
+        opt = la.AdaptiveAdamW([{"params": params, "rank": rank, "update_proj_gap": 1}], lr=1e-3, refresh_keep=keep)
+        for step in range(2):
+            for p in params:  # a decaying spectrum, as real gradients have
+                p.grad = (torch.randn(s, s, generator=g) / torch.arange(1.0, s + 1)) @ torch.randn(s, l, generator=g)
+            state = [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+            with bench.LiveTensorBytes(state) as live:
+                del state
+                opt.step()  # step 2 is a refresh with the state already there
+        peaks[keep] = live.peak
+    bases, one_svd = 4 * L * s * rank, 4 * (s * s + s * l + s + s * l)  # P; U, Vᵀ, S and the oriented copy
+    assert peaks[None] >= 4 * L * s * s  # every matrix's full basis at once
+    assert 2 * bases <= peaks[2.0] <= 2 * bases + 2 * one_svd
+    assert peaks[2.0] < peaks[None] / 2
+
+
 def test_bench_loader_with_a_bpe_tokenizer_trained_on_the_corpus(capsys, corpus, tmp_path):
     pytest.importorskip("tokenizers")
     bench.main(["loader", "--data", corpus, "--bpe", "400", "--seconds", "0.2", "--cache-dir", str(tmp_path)])
@@ -2681,7 +2712,7 @@ def readme_commands():
             if line.strip() and not line.lstrip().startswith("#"):
                 commands.append(" ".join(line.split()))
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
-    commands += [c for c in re.findall(r"`((?:python|torchrun) [^`]+)`", prose)]
+    commands += [" ".join(c.split()) for c in re.findall(r"`((?:python|torchrun) [^`]+)`", prose)]  # may wrap
     return commands
 
 
@@ -2702,7 +2733,13 @@ def shrink(command, corpus, tokenizer):
     def append(m):
         key = next((k for k in README_APPEND if m.group(0).startswith(("python " + k, k)) or
                     f"run --standalone --nproc_per_node 2 {k}" in m.group(0)), None)
-        return m.group(0) + (" " + " ".join(README_APPEND[key]) if key else "")
+        if key is None:
+            return m.group(0)
+        extra, shown = README_APPEND[key], m.group(0)
+        for flag, value in zip(extra, extra[1:]):  # a value appended makes the one shown moot: drop it, so
+            if flag.startswith("--") and not value.startswith("--"):  # that commands differing only there run once
+                shown = re.sub(rf" {re.escape(flag)} [^\s$]+(?=\s|$)", "", shown)
+        return shown + " " + " ".join(extra)
     return re.sub(r"(python|torch\.distributed\.run) [^;&|\n]*?(?=\s*(;|&&|\|\||$))", append, command)
 
 
