@@ -677,6 +677,23 @@ def test_layerwise_steps_count_for_lr_schedulers():
     assert opt.param_groups[0]["lr"] == pytest.approx(2.5e-3)
 
 
+def test_layerwise_gradients_never_coexist_during_backward():
+    # GaLore's memory trick: when a parameter's gradient is ready, every earlier
+    # one has already been used and freed, so at most one full gradient exists
+    # (the ordinary loop holds them all by the end of backward)
+    for layerwise in (False, True):
+        model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+        params = list(model.parameters())
+        most = []
+        for p in params:  # registered first, so it runs before the layer-wise update of p
+            p.register_post_accumulate_grad_hook(lambda _: most.append(sum(q.grad is not None for q in params)))
+        opt = la.GaLoreAdamW([{"params": params[::2], "rank": 4}, {"params": params[1::2]}], lr=1e-3)
+        if layerwise:
+            la.layerwise_hooks(opt)
+        model(torch.randn(8, 16)).square().mean().backward()
+        assert max(most) == (1 if layerwise else len(params)) and len(most) == len(params)
+
+
 def test_layerwise_refusals():
     model = mlp()
     with pytest.raises(TypeError, match="needs an optimizer of this module"):
