@@ -862,8 +862,8 @@ class AdaptiveAdamW(GaLoreAdamW):
     off). ``allocate=False`` keeps the matrices of a group at its rank, out
     of the shared budget (then, with the transformation and limiter off,
     this is exactly GaLoreAdamW). ``refresh_keep`` (2.0) bounds the memory
-    of a refresh: of each matrix's singular vectors, at most refresh_keep ×
-    the group's rank are held until the allocation is known (a matrix
+    of a refresh: of each matrix's singular vectors, at most ⌈refresh_keep ×
+    the group's rank⌉ (and at least the matrix's current rank) are held until the allocation is known (a matrix
     allocated more gets its SVD recomputed, which gives the same vectors);
     None keeps them all.
     Spectra are of the gradient handed to ``step``, i.e. already summed over
@@ -1194,7 +1194,8 @@ def srsi_relative_error(V: Tensor, U: Tensor) -> Tensor:
 
     Exact for the output of ``srsi`` (``Q Uᵀ`` is the orthogonal projection of
     V, so ``‖V - Q Uᵀ‖² = ‖V‖² - ‖U‖²``); 0 for an all-zero V. Float32
-    cancellation limits its resolution to about 1e-3.
+    cancellation limits its resolution to about 1e-3, and the squares of
+    entries below about 1e-19 underflow (Adapprox scales V first).
     """
     v2 = torch.linalg.vector_norm(V).square()
     u2 = torch.linalg.vector_norm(U).square()
@@ -1281,8 +1282,11 @@ class Adapprox(_Base):
 
     Further choices of ours: step 1 has no Q to start from, so it is a cold
     start with ``power_iters`` iterations; when the rank grows, Ω' has the
-    p + (k_new - k_old) missing columns; ``err_tol=0`` holds every rank at
-    its initial value (k_max unless ``rank_init`` says otherwise).
+    p + (k_new - k_old) missing columns; with ``err_tol=0`` any error grows
+    the rank, so every rank rises to k_max (from ``rank_init`` if given, by
+    ``rank_step`` per step) and stays there. V is sketched at a power-of-two
+    scale that brings max|G| to [1, 2) (exact, and undone on U), so that ξ's
+    float32 sums of squares do not underflow for tiny gradients.
 
     Not for: tiny models, where the S-RSI cost outweighs the memory saved.
     The sketch Ω of parameter i at step t is drawn from a generator seeded
@@ -1384,16 +1388,24 @@ class Adapprox(_Base):
                 state["exp_avg"] = torch.zeros_like(g)  # M: (m, n)
         state.setdefault("seed", stream_seed(group["seed"], index))  # Ω at step t: stream_seed(this, t)
         t = state["step"] + 1
-        # V ← β2 · Q Uᵀ + (1-β2) · G²   (the one m×n temporary of this step)
-        v = torch.square(g).mul_(1 - beta2)
+        # c = 4^-⌊log2 max|G|⌋: V is sketched as c·V, whose entries are about 1.
+        # A power of two scales exactly, and S-RSI is scale-equivariant, but the
+        # float32 sums of squares in ξ and in the QRs are not: for |G| ~ 1e-11
+        # the squares of V's entries underflow and ξ read 0 (our guard).
+        lo, hi = torch.aminmax(g)
+        big = torch.maximum(hi, -lo)
+        c = torch.where(big > 0, torch.exp2(-2 * torch.floor(torch.log2(big))), torch.ones_like(big))
+        # c·V ← β2 · Q (c·U)ᵀ + (1-β2) · c·G²   (the one m×n temporary of this step)
+        v = torch.square(g).mul_(c * (1 - beta2))
         if t > 1:
-            v.addmm_(state["Q"], state["U"].T, alpha=beta2)
-        # Q, U ← S-RSI(V, k, p, l), warm-started from the previous Q
+            v.addmm_(state["Q"], (state["U"] * c).T, alpha=beta2)
+        # Q, c·U ← S-RSI(c·V, k, p, l), warm-started from the previous Q
         warm = state.get("Q") if group["warm_start"] else None
         Q, U = srsi(v, state["rank"], group["oversample"], group["power_iters"],
                     self._generator(p.device, stream_seed(state["seed"], t)), init=warm)
-        # ξ = sqrt(max(‖V‖² - ‖U‖², 0)) / ‖V‖
+        # ξ = sqrt(max(‖V‖² - ‖U‖², 0)) / ‖V‖   (scale-free: computed at scale c)
         xi = srsi_relative_error(v, U)
+        U = U.div_(c)
         # V̂ ← nonneg(Q Uᵀ)   (written into V's buffer; see ``nonneg``)
         v_hat = torch.mm(Q, U.T, out=v)
         if group["nonneg"] == "abs":

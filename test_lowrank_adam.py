@@ -162,6 +162,21 @@ def test_orthonormalize_rank_deficient_is_finite():
     torch.testing.assert_close(q.T @ q, torch.eye(3), atol=1e-5, rtol=0)
 
 
+
+@pytest.mark.parametrize("x", [torch.zeros(6, 3, dtype=torch.float64),
+                               torch.tensor([[1.0, 0, 2], [0, 0, -1], [3, 0, 1], [0, 0, 4]], dtype=torch.float64)],
+                         ids=["zero", "zero-column"])
+def test_orthonormalize_signed_keeps_orthonormal_columns_for_rank_deficient_input(x):
+    # a zero pivot (diag(R) = 0) has no sign to fix: its column must stay a unit
+    # vector, not be multiplied by sign(0) = 0
+    q = la.orthonormalize_signed(x)
+    torch.testing.assert_close(q.T @ q, torch.eye(x.shape[1], dtype=x.dtype), atol=1e-12, rtol=0)
+    torch.testing.assert_close(q @ (q.T @ x), x, atol=1e-12, rtol=0)  # spans x's range
+    r = q.T @ x  # x = Q R with R upper triangular and diag(R) >= 0
+    torch.testing.assert_close(r, torch.triu(r), atol=1e-12, rtol=0)
+    assert (torch.diagonal(r) >= -1e-12).all()
+
+
 @pytest.mark.parametrize("shape", [(12, 5), (5, 12), (7, 7)], ids=["tall", "wide", "square"])
 def test_orientation_gives_state_of_shape_r_by_long_side(shape):
     p = nn.Parameter(torch.randn(shape))
@@ -370,6 +385,68 @@ def test_gha_converges_to_the_top_subspace_of_a_fixed_matrix():
     # the step does not depend on the gradient's scale, and a zero gradient changes nothing
     torch.testing.assert_close(la.gha_step(P, 1e3 * X, P.T @ (1e3 * X), 0.5), la.gha_step(P, X, P.T @ X, 0.5))
     assert torch.equal(la.gha_step(P, 0 * X, P.T @ (0 * X), 0.5), P)
+
+
+
+def test_gha_step_is_scale_free_down_to_small_float32_gradients():
+    # the ‖X‖² normalization must hold for gradients far below 1 in float32 (the
+    # dtype the optimizer runs it in): only an exactly zero gradient is special
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(8, 20, generator=g)
+    P = la.random_basis(8, 3, torch.Generator().manual_seed(1))
+    expected = la.gha_step(P, X, P.T @ X, 0.5)
+    assert not torch.allclose(expected, P, atol=1e-3)  # the step does move P
+    for c in (1e-3, 1e-6, 1e-9):
+        torch.testing.assert_close(la.gha_step(P, c * X, P.T @ (c * X), 0.5), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_gha_lr_and_seed_are_validated():
+    p = nn.Parameter(torch.randn(6, 9))
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="Invalid gha_lr"):
+            la.GaLoreAdamW([{"params": [p], "rank": 2, "subspace": "gha", "gha_lr": bad}])
+    la.GaLoreAdamW([{"params": [p], "rank": 2, "subspace": "gha", "gha_lr": 1.0}])  # the upper end is allowed
+    for bad in (True, 1.5, "0"):
+        with pytest.raises(ValueError, match="Invalid seed"):
+            la.GaLoreAdamW([{"params": [p], "rank": 2, "subspace": "random", "seed": bad}])
+        with pytest.raises(ValueError, match="Invalid seed"):
+            la.Adapprox([p], seed=bad)
+
+
+def remap_state(sd, order):
+    """A state dict for an optimizer whose parameters are those of ``sd`` in
+    ``order`` (one group): what a load by parameter name does."""
+    sd = copy.deepcopy(sd)
+    sd["state"] = {new: sd["state"][old] for new, old in enumerate(order) if old in sd["state"]}
+    return sd
+
+
+@pytest.mark.parametrize("cls", [la.GaLoreAdamW, la.Adapprox], ids=ids)
+def test_sketch_streams_follow_the_parameter_through_a_reordered_load(cls):
+    # The seed of a parameter's random draws lives in its state, so a resume into
+    # an optimizer that lists the parameters in another order (a load by name)
+    # continues every parameter's own stream, not the stream of its new position.
+    g = torch.Generator().manual_seed(0)
+    shapes_ = [(10, 14), (9, 6)]
+    ws = [torch.randn(s, generator=g) for s in shapes_]
+    grads = [[torch.randn(s, generator=g) for s in shapes_] for _ in range(5)]
+    group = lambda ps: ([{"params": ps, "rank": 2, "subspace": "random", "update_proj_gap": 1}]
+                        if cls is la.GaLoreAdamW else [{"params": ps, "rank_init": 2}])
+    a = [nn.Parameter(w.clone()) for w in ws]
+    opt = cls(group(a), lr=1e-2)
+    for gs in grads[:2]:
+        for p, gr in zip(a, gs):
+            p.grad = gr.clone()
+        opt.step()
+    b = [nn.Parameter(p.detach().clone()) for p in a]
+    opt2 = cls(group(b[::-1]), lr=1e-2)  # the same parameters, listed the other way round
+    opt2.load_state_dict(remap_state(opt.state_dict(), [1, 0]))
+    for gs in grads[2:]:
+        for p, q, gr in zip(a, b, gs):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        opt.step()
+        opt2.step()
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
 @pytest.mark.parametrize("subspace", ["random", "gha"])
@@ -603,6 +680,78 @@ def test_options_of_another_optimizer_are_refused_not_ignored(cls, key, value, w
     assert cls([groups[0], {**groups[1], "custom_tag": "kept"}]).param_groups[1]["custom_tag"] == "kept"
 
 
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_a_rejected_param_group_never_half_joins(cls):
+    model = mlp()
+    opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
+    extra = nn.Parameter(torch.randn(5, 7))
+    for bad in ({"params": [extra], "lr": -1.0}, {"params": [extra], "rho": 0.5, "k_max_frac": 0.5}):
+        with pytest.raises(ValueError, match="Invalid learning rate|has no group option"):
+            opt.add_param_group(bad)
+        assert len(opt.param_groups) == 2 and all(p is not extra for g in opt.param_groups for p in g["params"])
+    with pytest.raises(ValueError, match="Complex parameters are not supported"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))]})
+    with pytest.raises(ValueError, match="Complex parameters are not supported"):
+        cls([nn.Parameter(torch.randn(4, dtype=torch.complex64))])
+    assert len(opt.param_groups) == 2
+    train(model, opt, 2, regression_data())  # still a working optimizer
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_load_state_dict_holds_the_given_tensors_not_copies(cls, dtype):
+    # like torch's own: loading a large checkpoint must not hold its state twice
+    model = mlp(dtype=dtype)
+    opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
+    train(model, opt, 3, regression_data(dtype=dtype))
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    opt2 = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
+    opt2.load_state_dict(sd)
+    params = [p for g in opt2.param_groups for p in g["params"]]
+    checked = 0
+    for i, st_ in sd["state"].items():
+        for name, v in st_.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                assert opt2.state[params[i]][name].data_ptr() == v.data_ptr(), name
+                checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_a_state_dict_with_old_generator_states_warns_and_still_loads(cls):
+    model = mlp()
+    opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
+    train(model, opt, 2, regression_data())
+    sd = {**copy.deepcopy(opt.state_dict()), "extra": {"generators": [torch.Generator().get_state()]}}
+    opt2 = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
+    with pytest.warns(UserWarning, match="generator states of an older version"):
+        opt2.load_state_dict(sd)
+    assert_same_state(opt.state_dict(), opt2.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a current state dict loads silently
+        cls(mlp_groups(model, cls=cls), **kwargs_for(cls)).load_state_dict(opt.state_dict())
+
+
+def test_documented_defaults_are_the_constructors():
+    # the defaults chosen by measurement and stated in the docstrings / README
+    documented = {
+        la.GaLoreAdamW: dict(update_proj_gap=200, scale=0.25, proj_type="std", residual=False, subspace="svd",
+                             gha_lr=0.5, norm_growth_limit=1.01),
+        la.AdaptiveAdamW: dict(update_proj_gap=200, scale=0.25, residual=True, refresh_keep=2.0,
+                               rank_metric="explained_variance", transform_momentum=True, norm_growth_limit=1.01),
+        la.LDAdam: dict(lr=1e-3, betas=(0.908, 0.99), rho=0.908, error_feedback=True, proj_method="power"),
+        la.Adapprox: dict(k_max_frac=0.25, err_tol=0.01, nonneg="abs", warm_start=True, power_iters=1,
+                          oversample=5, clip_threshold=1.0, cosine_guidance=False),
+    }
+    for cls, expected in documented.items():
+        defaults = cls([nn.Parameter(torch.randn(4, 4))]).defaults
+        assert {k: defaults[k] for k in expected} == expected, cls.__name__
+
+
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
 def test_distributed_checkpoint_helpers_round_trip(cls):
     # torch.distributed.checkpoint's helpers (FSDP2 / torchtitan style) keep only
@@ -677,6 +826,25 @@ def test_layerwise_steps_count_for_lr_schedulers():
     assert opt.param_groups[0]["lr"] == pytest.approx(2.5e-3)
 
 
+@pytest.mark.parametrize("cls", [la.Adapprox, la.GaLoreAdamW], ids=ids)
+def test_a_random_stream_is_keyed_by_the_parameter_position_not_by_who_has_a_gradient(cls):
+    # a parameter's sketches come from (seed, its index among all parameters, t):
+    # a neighbour without a gradient this step must not shift that index
+    runs = []
+    for with_neighbour_grad in (False, True):
+        g = torch.Generator().manual_seed(0)
+        a, b = nn.Parameter(torch.randn(12, 10, generator=g)), nn.Parameter(torch.randn(12, 10, generator=g))
+        extra = {"subspace": "random", "rank": 3} if cls is la.GaLoreAdamW else {}
+        opt = cls([{"params": [a, b], **extra}], lr=1e-2)
+        for _ in range(3):
+            a.grad, b.grad = torch.randn(12, 10, generator=g), torch.randn(12, 10, generator=g)
+            if not with_neighbour_grad:
+                a.grad = None
+            opt.step()
+        runs.append(b.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_layerwise_gradients_never_coexist_during_backward():
     # GaLore's memory trick: when a parameter's gradient is ready, every earlier
     # one has already been used and freed, so at most one full gradient exists
@@ -711,6 +879,39 @@ def test_layerwise_refusals():
     assert torch.equal(model[0].bias, before) and not torch.equal(model[0].weight, mlp()[0].weight)
     with pytest.raises(ValueError, match="not a parameter of this optimizer"):
         la.GaLoreAdamW(mlp().parameters()).step_parameter(model[0].weight)
+
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_step_parameter_refuses_a_non_finite_gradient_and_skips_a_missing_one(cls):
+    model = mlp()
+    extra = dict(allocate=False) if cls is la.AdaptiveAdamW else {}
+    opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls, **extra))
+    la.layerwise_hooks(opt)
+    x, y = regression_data()
+    nn.functional.mse_loss(model(x), y).backward()
+    sd, params = snapshot(opt, model)
+    w = model[0].weight  # low-rank (or factored) matrix
+    opt.step_parameter(w)  # no gradient (freed by its hook): nothing happens
+    w.grad = torch.full_like(w, float("nan"))
+    with pytest.raises(la.NonFiniteGradientError, match=r"shape \(16, 8\)"):
+        opt.step_parameter(w)
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert_same_state(sd, opt.state_dict())
+
+
+def test_step_parameter_reaches_a_parameter_of_a_group_added_later():
+    model, late = mlp(), nn.Parameter(torch.randn(5, 7))
+    opt = la.GaLoreAdamW(mlp_groups(model), lr=1e-2)
+    la.layerwise_hooks(opt)
+    nn.functional.mse_loss(model(regression_data()[0]), regression_data()[1]).backward()
+    opt.add_param_group({"params": [late], "rank": 2})
+    ref = nn.Parameter(late.detach().clone())
+    ref_opt = la.GaLoreAdamW([{"params": [ref], "rank": 2}], lr=1e-2)
+    late.grad = ref.grad = torch.randn(5, 7)
+    opt.step_parameter(late)
+    ref_opt.step()
+    assert torch.equal(late, ref) and opt.state[late]["step"] == 1
 
 
 INVALID = [("lr", -1.0, "learning rate"), ("eps", 0.0, "epsilon"), ("eps", -1e-8, "epsilon"),
@@ -1212,6 +1413,32 @@ def test_adaptive_refresh_keeps_at_least_the_current_rank(monkeypatch):
     assert opt.ranks()[0] > 3 and calls == []
 
 
+
+@pytest.mark.parametrize("keep", [None, 1.0])
+def test_adaptive_refresh_holds_the_vectors_an_allocation_can_use(monkeypatch, keep):
+    # Singular vectors held per matrix until the allocation is known: a group with
+    # allocate=False, its rank; refresh_keep=None, every vector an allocation could
+    # give a matrix (B - L + 1 = 5 here), so no SVD is ever recomputed; otherwise
+    # refresh_keep × the group's rank (3), or the matrix's current rank if that
+    # is more (then only a matrix allocated more is recomputed)
+    fixed, a, b = (nn.Parameter(torch.randn(8, 20)) for _ in range(3))
+    opt = la.AdaptiveAdamW([{"params": [fixed], "rank": 2, "allocate": False}, {"params": [a, b], "rank": 3}],
+                           lr=1e-2, refresh_keep=keep, update_proj_gap=1)
+    held, recomputed = [], []
+    spectrum = la.gradient_spectrum
+    monkeypatch.setattr(la, "gradient_spectrum", lambda *args: held.append((u := spectrum(*args))[0].shape[1]) or u)
+    monkeypatch.setattr(la, "top_r_basis", lambda *args: recomputed.append(args[1]) or spectrum(*args)[0])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        fixed.grad, a.grad = torch.randn(8, 20, generator=g), torch.randn(8, 20, generator=g)
+        b.grad = torch.outer(torch.randn(8, generator=g), torch.randn(20, generator=g))  # rank 1: a gets the rest
+        opt.step()
+        assert opt.ranks() == [2, 5, 1]
+    if keep is None:
+        assert held == [2, 5, 5] * 2 and recomputed == []
+    else:  # ranks before the refreshes: [2, 3, 3], then [2, 5, 1]
+        assert held == [2, 3, 3, 2, 5, 3] and recomputed == [5]
+
 def test_adaptive_budget_counts_clamped_ranks():
     # rank 8 on a 4×100 matrix is really rank 4: the budget is 4 + 8 = 12, as ranks() reports
     a, b = nn.Parameter(torch.randn(4, 100)), nn.Parameter(torch.randn(64, 64))
@@ -1652,13 +1879,14 @@ def adapprox_reference(W0, grads, *, lr, betas, eps, wd, k_init, k_max, err_tol,
 
     The random sketch is an input like the gradients: Ω at step t is drawn
     from a generator seeded with stream_seed(stream_seed(seed, index), t).
-    Returns the final weights and the rank used at each step."""
+    Returns the final weights, the rank used at each step and the smoothed
+    error after each step."""
     b1, b2 = betas
     W = W0.clone()
     m_, n_ = W.shape
     M = torch.zeros_like(W)
     Q = U = None
-    k, err_ema, ranks = k_init, 0.0, []
+    k, err_ema, ranks, emas = k_init, 0.0, [], []
     for t, G in enumerate(grads, start=1):
         ranks.append(k)
         V = (1 - b2) * G * G + (b2 * Q @ U.T if t > 1 else 0.0)  # the EMA, from the factors
@@ -1674,6 +1902,7 @@ def adapprox_reference(W0, grads, *, lr, betas, eps, wd, k_init, k_max, err_tol,
         Q, U = Qs @ Ub[:, :kk], Wh[:kk].T * S[:kk]  # V ≈ Q Uᵀ
         xi = (torch.linalg.norm(V - Q @ U.T) / torch.linalg.norm(V)).item()
         err_ema = xi if t == 1 else err_beta * err_ema + (1 - err_beta) * xi
+        emas.append(err_ema)
         k = min(k + 1, k_max) if err_ema > err_tol else (max(k - 1, 1) if err_ema < err_tol / 2 else k)
         R = Q @ U.T
         V_hat = {"abs": R.abs(), "clamp": R.clamp_min(0), "floor": torch.maximum(R, (1 - b2) * G * G)}[nonneg]
@@ -1688,7 +1917,7 @@ def adapprox_reference(W0, grads, *, lr, betas, eps, wd, k_init, k_max, err_tol,
         if guidance:
             D = D * (1 + (M.flatten() @ G.flatten() / (torch.linalg.norm(M) * torch.linalg.norm(G))).item())
         W = W * (1 - lr * wd) - lr * D
-    return W, ranks
+    return W, ranks, emas
 
 
 ADAPPROX_CASES = {  # name: options that differ from the defaults below
@@ -1711,7 +1940,7 @@ def test_adapprox_matches_reference_across_rank_changes(shape, case):
                                                                                   dtype=torch.float64)
     grads = [(u @ v).sqrt() * (1 + 0.01 * torch.randn(shape, generator=g, dtype=torch.float64)) if t < 4 else
              torch.randn(shape, generator=g, dtype=torch.float64) for t in range(12)]
-    expected, ranks = adapprox_reference(
+    expected, ranks, emas = adapprox_reference(
         W0, grads, lr=opts["lr"], betas=opts["betas"], eps=opts["eps"], wd=opts["weight_decay"], k_init=2,
         k_max=min(shape), err_tol=opts["err_tol"], err_beta=opts["err_beta"], oversample=opts["oversample"],
         power_iters=opts["power_iters"], warm_start=opts["warm_start"], nonneg=opts["nonneg"],
@@ -1719,11 +1948,30 @@ def test_adapprox_matches_reference_across_rank_changes(shape, case):
     assert min(ranks) < 2 < max(ranks)  # it shrinks, then grows
     p = nn.Parameter(W0.clone())
     opt = la.Adapprox([p], **opts)
-    for gr, k in zip(grads, ranks):
+    for gr, k, ema in zip(grads, ranks, emas):
         assert opt.ranks() == [k]
         p.grad = gr.clone()
         opt.step()
+        assert opt.state[p]["err_ema"] == pytest.approx(ema, rel=1e-6, abs=1e-9)  # ξ̄, seeded with ξ at step 1
     torch.testing.assert_close(p.detach(), expected, atol=1e-9, rtol=1e-9)
+
+
+def test_adapprox_rank_rule_is_blind_to_the_gradient_scale():
+    # ξ is scale-free, so gradients scaled by 2^-40 (|g| ~ 1e-12, whose V has
+    # entries ~ 1e-24 that square to below float32's range) must give the same
+    # errors and ranks; unguarded, ξ read 0 and every rank fell to k_min
+    runs = []
+    for scale in (1.0, 2.0 ** -40, 2.0 ** 40):
+        g = torch.Generator().manual_seed(0)
+        p = nn.Parameter(torch.randn(16, 24, generator=g))
+        opt = la.Adapprox([p], lr=1e-3, err_tol=0.2)
+        trace = []
+        for _ in range(6):
+            p.grad = torch.randn(16, 24, generator=g) * scale
+            opt.step()
+            trace.append((opt.ranks()[0], opt.state[p]["err_ema"]))
+        runs.append(trace)
+    assert runs[0][0][1] > 0.1 and runs[0] == runs[1] == runs[2]
 
 
 @pytest.mark.parametrize("beta1", [0.0, 0.5, 0.9])
@@ -1776,6 +2024,54 @@ def test_adapprox_rank_adapts_within_bounds(tol, direction):
         assert history[-1] == 8 and history == sorted(history)
     else:
         assert history[-1] == 1 and history == sorted(history, reverse=True)
+
+
+
+@given(shape=st.tuples(st.integers(2, 12), st.integers(2, 12)), frac=st.floats(0.05, 1.0),
+       k_min=st.integers(1, 6), rank_init=st.one_of(st.none(), st.integers(1, 14)),
+       err_tol=st.sampled_from([0.0, 1e9]))
+def test_adapprox_ranks_follow_the_documented_bounds(shape, frac, k_min, rank_init, err_tol):
+    # k_max = max(1, ⌊k_max_frac · min(m, n)⌋); k_min is capped at k_max; the
+    # rank starts at k_max or at rank_init clamped into [k_min, k_max]
+    k_max = max(1, math.floor(frac * min(shape)))
+    lo = min(k_min, k_max)
+    start = k_max if rank_init is None else max(lo, min(k_max, rank_init))
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(shape, generator=g))
+    opt = la.Adapprox([p], k_max_frac=frac, k_min=k_min, rank_init=rank_init, err_tol=err_tol)
+    assert opt.ranks() == [start]
+    for _ in range(3):
+        p.grad = torch.randn(shape, generator=g)
+        opt.step()
+        assert lo <= opt.ranks()[0] <= k_max
+        assert opt.state[p]["Q"].shape[1] <= k_max
+    # a huge tolerance shrinks the rank by one a step, a zero one grows it (ξ > 0 below full rank)
+    assert opt.ranks()[0] == (max(lo, start - 3) if err_tol > 1 else min(k_max, start + 3))
+
+
+@pytest.mark.parametrize("shape,factored", [((2, 9), True), ((9, 2), True), ((2, 2), True), ((1, 9), False),
+                                            ((9, 1), False)])
+def test_adapprox_factors_every_matrix_with_at_least_two_rows_and_columns(shape, factored):
+    p = nn.Parameter(torch.randn(shape))
+    opt = la.Adapprox([p], lr=1e-2)
+    p.grad = torch.randn(shape)
+    opt.step()
+    assert la.Adapprox.is_factored(p) == factored
+    assert ("Q" in opt.state[p] and "U" in opt.state[p]) == factored
+    assert ("exp_avg_sq" in opt.state[p]) == (not factored)
+    assert opt.ranks() == ([1] if factored else [])  # k_max = max(1, ⌊0.25 · 2⌋) = 1
+
+
+@pytest.mark.parametrize("power_iters", [1, 3])
+def test_srsi_is_scale_equivariant_across_the_float32_range(power_iters):
+    # Adam's second moment of tiny gradients (|g| ~ 1e-10) has entries ~ 1e-23:
+    # S-RSI must orthonormalize after every product, or V Vᵀ Q (~ 1e-46)
+    # underflows in float32 and the sketch is lost
+    V = torch.rand(12, 16, generator=torch.Generator().manual_seed(0))
+    Q, U = la.srsi(V, 3, 2, power_iters, torch.Generator().manual_seed(1))
+    for c in (2.0**-75, 2.0**-40, 2.0**40):
+        Qc, Uc = la.srsi(c * V, 3, 2, power_iters, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(Qc @ Uc.T / c, Q @ U.T, atol=1e-5, rtol=1e-4)
 
 
 def adapprox_delta(clip, guidance=False, lr=1.0, seed=0):
@@ -2745,6 +3041,11 @@ def shrink(command, corpus, tokenizer):
     else:  # without the tokenizers package: byte-level, tokenizer-free
         command = re.sub(r" --tokenizer \S+", "", command)
     command = re.sub(r"--nproc_per_node \d+", "--nproc_per_node 2", command)
+    # a loop runs its first and last value: the others repeat the same command
+    def first_and_last(m):
+        values = m[2].split()
+        return f"for {m[1]} in {' '.join(dict.fromkeys([values[0], values[-1]]))};"
+    command = re.sub(r"^for (\w+) in ([^;]+);", first_and_last, command)
     command = command.replace("torchrun ", f"{sys.executable} -m torch.distributed.run ")
 
     def append(m):
