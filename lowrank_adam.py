@@ -863,9 +863,9 @@ class AdaptiveAdamW(GaLoreAdamW):
     of the shared budget (then, with the transformation and limiter off,
     this is exactly GaLoreAdamW). ``refresh_keep`` (2.0) bounds the memory
     of a refresh: of each matrix's singular vectors, at most ⌈refresh_keep ×
-    the group's rank⌉ (and at least the matrix's current rank) are held until the allocation is known (a matrix
-    allocated more gets its SVD recomputed, which gives the same vectors);
-    None keeps them all.
+    the group's rank⌉ (and at least the matrix's current rank) are held
+    until the allocation is known (a matrix allocated more gets its SVD
+    recomputed, which gives the same vectors); None keeps them all.
     Spectra are of the gradient handed to ``step``, i.e. already summed over
     the micro-batches of gradient accumulation (our reading of the source's
     "accumulated gradients"). ``ranks()`` gives the current allocation,
@@ -1285,8 +1285,9 @@ class Adapprox(_Base):
     p + (k_new - k_old) missing columns; with ``err_tol=0`` any error grows
     the rank, so every rank rises to k_max (from ``rank_init`` if given, by
     ``rank_step`` per step) and stays there. V is sketched at a power-of-two
-    scale that brings max|G| to [1, 2) (exact, and undone on U), so that ξ's
-    float32 sums of squares do not underflow for tiny gradients.
+    scale that brings its largest part (G² or the previous Q Uᵀ) to about 1
+    (exact, and undone on U), so that ξ's float32 sums of squares neither
+    underflow for tiny gradients nor overflow for huge ones.
 
     Not for: tiny models, where the S-RSI cost outweighs the memory saved.
     The sketch Ω of parameter i at step t is drawn from a generator seeded
@@ -1388,13 +1389,16 @@ class Adapprox(_Base):
                 state["exp_avg"] = torch.zeros_like(g)  # M: (m, n)
         state.setdefault("seed", stream_seed(group["seed"], index))  # Ω at step t: stream_seed(this, t)
         t = state["step"] + 1
-        # c = 4^-⌊log2 max|G|⌋: V is sketched as c·V, whose entries are about 1.
-        # A power of two scales exactly, and S-RSI is scale-equivariant, but the
-        # float32 sums of squares in ξ and in the QRs are not: for |G| ~ 1e-11
-        # the squares of V's entries underflow and ξ read 0 (our guard).
+        # c = 2^-⌊log2 max(max|G|², max|U|)⌋ (Q Uᵀ is about as large as U): V is
+        # sketched as c·V, whose entries are then about 1 at most. A power of two scales
+        # exactly, and S-RSI is scale-equivariant, but the float32 sums of
+        # squares in ξ and in the QRs are not: for |G| ~ 1e-11 the squares of
+        # V's entries underflowed and ξ read 0 (our guard).
         lo, hi = torch.aminmax(g)
-        big = torch.maximum(hi, -lo)
-        c = torch.where(big > 0, torch.exp2(-2 * torch.floor(torch.log2(big))), torch.ones_like(big))
+        size = 2 * torch.log2(torch.maximum(hi, -lo))
+        if t > 1:
+            size = torch.maximum(size, torch.log2(state["U"].abs().amax()))  # U: n×k, small
+        c = torch.exp2(-torch.floor(size).clamp(-126, 126))  # finite, even in float32 (all-zero V: any c)
         # c·V ← β2 · Q (c·U)ᵀ + (1-β2) · c·G²   (the one m×n temporary of this step)
         v = torch.square(g).mul_(c * (1 - beta2))
         if t > 1:

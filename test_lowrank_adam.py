@@ -1972,6 +1972,12 @@ def test_adapprox_rank_rule_is_blind_to_the_gradient_scale():
             trace.append((opt.ranks()[0], opt.state[p]["err_ema"]))
         runs.append(trace)
     assert runs[0][0][1] > 0.1 and runs[0] == runs[1] == runs[2]
+    p = nn.Parameter(torch.randn(16, 24))
+    opt = la.Adapprox([p], lr=1e-3)
+    for scale in (2.0 ** -100, 2.0 ** 60, 0.0):  # beyond the scale's clamp: still finite
+        p.grad = torch.randn(16, 24) * scale
+        opt.step()
+        assert torch.isfinite(p).all() and math.isfinite(opt.state[p]["err_ema"])
 
 
 @pytest.mark.parametrize("beta1", [0.0, 0.5, 0.9])
