@@ -53,9 +53,28 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import lowrank_adam as la
+import c4_data
 import train_tiny_llama as tl
 
 # ----------------------------------------------------------------------------- compare: runs side by side
+
+def peak_lr(spec: str, flag: str | None) -> float:
+    """compare's --lr for the run of ``spec``: a number, or NAME=LR pairs where the
+    full spec wins over its base name; unset, the optimizer's default. Every entry
+    is checked, also those no run of this compare uses."""
+    name = tl.parse_optimizer(spec)[0]
+    if flag is None:
+        return tl.OPTIMIZERS[name].lr
+    table = {spec: flag} if "=" not in flag else dict(item.partition("=")[::2] for item in flag.split(","))
+    for key, value in table.items():
+        tl.parse_optimizer(key)  # an unknown name is an error, not silently unused
+        try:
+            table[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--lr {flag}: {value!r} is not a number") from None
+        if not 0 < table[key] < math.inf:
+            raise ValueError(f"--lr {flag}: a learning rate must be a number > 0, not {value}")
+    return table.get(spec, table.get(name, tl.OPTIMIZERS[name].lr))
 
 def plan_runs(own, rest: list[str]) -> list:
     """The checked flags of every run: each spec x lr factor x seed, in its own folder."""
@@ -71,7 +90,7 @@ def plan_runs(own, rest: list[str]) -> list:
         for spec in specs:
             for factor in factors:
                 try:
-                    lr = tl.peak_lr(spec, own.lr) * factor
+                    lr = peak_lr(spec, own.lr) * factor
                 except ValueError as e:
                     tl.fail(str(e))
                 name = f"{spec}-seed{seed}" if factor == 1 else f"{spec}-lr{lr:g}-seed{seed}"
@@ -109,10 +128,11 @@ def compare(argv: list[str]) -> list[dict]:
                 print(tl.describe(results[-1]) + saved)
     except KeyboardInterrupt:
         sys.exit(130)
-    except tl.DataError as e:
+    except c4_data.DataError as e:
         tl.fail(str(e))
     if dist.master:
-        tl.report_data(data.stats)
+        if data.stats.report():
+            print(data.stats.report())
         if len(results) > 1:
             print(summarize(results))
         (Path(own.out_dir) / "results.json").write_text(json.dumps(results, indent=1))
@@ -455,7 +475,7 @@ def train_bpe(corpus: str, vocab_size: int, path: Path) -> Path:
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(tl.read_documents(tl.find_shards(corpus)[0], tl.DataStats()), trainer)
+    tok.train_from_iterator(c4_data.read_documents(c4_data.find_shards(corpus)[0], c4_data.DataStats()), trainer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return path
@@ -471,24 +491,24 @@ def loader(argv: list[str]) -> str:
     own, rest = p.parse_known_args(argv)
     args = tl.parse_args(["--threads", "1", *rest])
     torch.set_num_threads(1)
-    corpus = args.data or str(tl.build_embedded_corpus(Path(args.cache_dir).expanduser()))
-    tokenizers = {"bytes": tl.ByteTokenizer()}
+    corpus = args.data or str(c4_data.build_embedded_corpus(Path(args.cache_dir).expanduser()))
+    tokenizers = {"bytes": c4_data.ByteTokenizer()}
     if args.tokenizer:
         tokenizers[args.tokenizer] = tl.load_tokenizer(args)
     elif own.bpe:
         path = train_bpe(corpus, own.bpe, Path(args.cache_dir).expanduser() / f"bpe{own.bpe}" / "tokenizer.json")
-        tokenizers[f"BPE {own.bpe} (trained on the corpus)"] = tl.FileTokenizer(str(path), "</s>")
+        tokenizers[f"BPE {own.bpe} (trained on the corpus)"] = c4_data.FileTokenizer(str(path), "</s>")
     cores = os.environ.get("RAYON_NUM_THREADS") or f"every core ({os.cpu_count()}; RAYON_NUM_THREADS=1 for one)"
     lines = [f"data loader, one thread; a tokenizers BPE encodes on {cores} ({corpus}, seq len {args.seq_len}, "
              f"batch {args.batch_size})", "",
              "| tokenizer | tokens/s | bytes of text per token |", "|---|---|---|"]
     for name, tok in tokenizers.items():
-        data = tl.C4Data(corpus, tok, args.seq_len)
+        data = c4_data.C4Data(corpus, tok, args.seq_len)
         batches, tokens, t0 = data.train_batches(args.batch_size, 0, args.shuffle_buffer), 0, time.perf_counter()
         while time.perf_counter() - t0 < own.seconds:
             tokens += next(batches)[0].numel()
         rate = tokens / (time.perf_counter() - t0)
-        docs = list(tl.read_documents(data.train_files[:1], tl.DataStats()))
+        docs = list(c4_data.read_documents(data.train_files[:1], c4_data.DataStats()))
         per_token = sum(len(d.encode()) for d in docs) / sum(len(tok.encode(d)) for d in docs)
         lines.append(f"| {name} | {rate:,.0f} | {per_token:.2f} |")
     return "\n".join(lines)

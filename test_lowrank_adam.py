@@ -2226,6 +2226,7 @@ import time  # noqa: E402
 import sys  # noqa: E402
 
 import bench  # noqa: E402
+import c4_data  # noqa: E402
 import train_tiny_llama as tl  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -2275,10 +2276,10 @@ def token_stream(texts, tok):
 def test_packing_loses_and_duplicates_no_token(tmp_path):
     write_shard(tmp_path / "c4-train.00000-of-00002.json.gz", docs("a", 30))
     write_shard(tmp_path / "c4-train.00001-of-00002.json.gz", docs("b", 25))
-    tok = tl.ByteTokenizer()
-    train, val = tl.find_shards(str(tmp_path))
+    tok = c4_data.ByteTokenizer()
+    train, val = c4_data.find_shards(str(tmp_path))
     assert len(train) == 2 and val == []
-    seqs = list(tl.packed_sequences(train, tok, 16, epochs=1))
+    seqs = list(c4_data.TokenStream(train, tok, 16, epochs=1))
     assert all(s.shape == (17,) for s in seqs)
     stream = token_stream([d["text"] for d in docs("a", 30) + docs("b", 25)], tok)
     flat = torch.cat(seqs).tolist()
@@ -2292,11 +2293,11 @@ def batch_bytes(batches):
 
 
 def test_train_and_validation_are_disjoint(tmp_path):
-    tok = tl.ByteTokenizer()
+    tok = c4_data.ByteTokenizer()
     # with validation shards
     write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", docs("train", 40))
     write_shard(tmp_path / "c4-validation.00000-of-00001.json.gz", docs("valid", 20))
-    data = tl.C4Data(str(tmp_path), tok, 16)
+    data = c4_data.C4Data(str(tmp_path), tok, 16)
     assert [f.name for f in data.val_files] == ["c4-validation.00000-of-00001.json.gz"]
     val_text = batch_bytes(data.val_batches(2, 100))
     assert b"valid" in val_text and b"train" not in val_text
@@ -2304,11 +2305,11 @@ def test_train_and_validation_are_disjoint(tmp_path):
     only = tmp_path / "only"
     only.mkdir()
     write_shard(only / "c4-train.00000-of-00001.json.gz", [{"text": f"doc{i:03d}|" * 3} for i in range(300)])
-    data = tl.C4Data(str(only), tok, 8)
+    data = c4_data.C4Data(str(only), tok, 8)
     assert data.holdout
-    train_docs = {t for t in tl.read_documents(data.train_files, tl.DataStats())}
+    train_docs = {t for t in c4_data.read_documents(data.train_files, c4_data.DataStats())}
     held = [f"doc{i:03d}|" * 3 for i in range(300) if i % 100 == 99]
-    seen_train = b"".join(bytes([t for t in s.tolist() if t < 256]) for s in tl.packed_sequences(
+    seen_train = b"".join(bytes([t for t in s.tolist() if t < 256]) for s in c4_data.TokenStream(
         data.train_files, tok, 8, keep=lambda i: i % 100 != 99, epochs=1))
     seen_val = batch_bytes(data.val_batches(1, 1000))
     for h in held:
@@ -2320,10 +2321,10 @@ def test_train_and_validation_are_disjoint(tmp_path):
 
 def test_ddp_ranks_get_disjoint_slices(tmp_path):
     write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", [{"text": f"<{i}>" * 20} for i in range(40)])
-    tok = tl.ByteTokenizer()
-    files, _ = tl.find_shards(str(tmp_path))
+    tok = c4_data.ByteTokenizer()
+    files, _ = c4_data.find_shards(str(tmp_path))
     per_rank = [b"".join(bytes([t for t in s.tolist() if t < 256])
-                         for s in tl.packed_sequences(files, tok, 8, rank=r, world=2, epochs=1)) for r in range(2)]
+                         for s in c4_data.TokenStream(files, tok, 8, rank=r, world=2, epochs=1)) for r in range(2)]
     for i in range(40):
         owners = [f"<{i}><{i}><{i}>".encode() in seen for seen in per_rank]
         assert owners.count(True) <= 1
@@ -2340,9 +2341,9 @@ def bad_data_folder(path):
 
 def test_bad_data_is_skipped_and_counted(tmp_path, capsys):
     bad_data_folder(tmp_path)
-    files, _ = tl.find_shards(str(tmp_path))
-    stats = tl.DataStats()
-    texts = list(tl.read_documents(files, stats))
+    files, _ = c4_data.find_shards(str(tmp_path))
+    stats = c4_data.DataStats()
+    texts = list(c4_data.read_documents(files, stats))
     assert stats.bad_lines == 2 and stats.no_text == 2 and stats.bad_shards == 1
     assert texts[:5] == [d["text"] for d in docs("ok", 5)] and texts[-1] == "plain json file"
     assert "skipping the rest" in capsys.readouterr().err
@@ -2352,7 +2353,7 @@ def test_bad_data_is_counted_and_warned_about_once_however_often_it_repeats(tmp_
     """Issue 13 #8: 2 bad lines once became 'skipped 28' and 13 identical warnings."""
     bad_data_folder(tmp_path)
     write_shard(tmp_path / "c4-train.00003-of-00003.json.gz", docs("more", 150))
-    data = tl.C4Data(str(tmp_path), tl.ByteTokenizer(), 16)
+    data = c4_data.C4Data(str(tmp_path), c4_data.ByteTokenizer(), 16)
     data.val_batches(2, 4)  # the held-out pass reads every shard too
     batches = data.train_batches(2, seed=0, shuffle_buffer=0)
     for _ in range(300):  # many epochs of this small data set
@@ -2365,17 +2366,17 @@ def test_bad_data_is_counted_and_warned_about_once_however_often_it_repeats(tmp_
 def test_an_empty_held_out_set_is_named_as_the_problem(tmp_path):
     """Issue 13 #9: fewer than 100 documents and no validation shard."""
     write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", docs("few", 60))
-    with pytest.raises(tl.DataError, match="held-out validation set is empty.*60 documents"):
-        tl.C4Data(str(tmp_path), tl.ByteTokenizer(), 16).val_batches(2, 4)
+    with pytest.raises(c4_data.DataError, match="held-out validation set is empty.*60 documents"):
+        c4_data.C4Data(str(tmp_path), c4_data.ByteTokenizer(), 16).val_batches(2, 4)
     with pytest.raises(SystemExit, match="held-out validation set is empty"):
         tl.main(["--data", str(tmp_path), "--out-dir", str(tmp_path / "out")])
 
 
 def test_missing_or_empty_data_path_errors_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or directory"):
-        tl.find_shards(str(tmp_path / "nope"))
+        c4_data.find_shards(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="no C4 shards"):
-        tl.find_shards(str(tmp_path))
+        c4_data.find_shards(str(tmp_path))
     with pytest.raises(SystemExit, match="nope: no such file"):
         tl.main(["--data", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "out")])
 
@@ -2391,27 +2392,27 @@ def test_lr_schedule():
 def xdg_cache(tmp_path_factory):
     """An XDG_CACHE_HOME holding the embedded corpus, where --cache-dir looks by default."""
     xdg = tmp_path_factory.mktemp("xdg")
-    tl.build_embedded_corpus(xdg / "lowrank_adam")
+    c4_data.build_embedded_corpus(xdg / "lowrank_adam")
     return xdg
 
 
 @pytest.fixture(scope="session")
 def corpus(xdg_cache):
-    return str(tl.build_embedded_corpus(xdg_cache / "lowrank_adam"))
+    return str(c4_data.build_embedded_corpus(xdg_cache / "lowrank_adam"))
 
 
 def test_a_late_resume_reads_at_most_one_shard_and_continues_exactly(corpus, tmp_path):
-    tok = tl.ByteTokenizer()
-    data = tl.C4Data(corpus, tok, 64)
+    tok = c4_data.ByteTokenizer()
+    data = c4_data.C4Data(corpus, tok, 64)
     batches = data.train_batches(4, seed=0, shuffle_buffer=50)
     while batches.stream.pos["file"] < 2 or batches.stream.pos["epoch"] < 1:  # late: the 2nd epoch, 3rd shard
         next(batches)
-    torch.save(tl.saveable(batches.state_dict()), tmp_path / "data.pt")
+    torch.save(c4_data.saveable(batches.state_dict()), tmp_path / "data.pt")
     saved = dict(batches.stream.pos)
     expected = [next(batches) for _ in range(60)]  # enough to read on from the saved line
-    fresh = tl.C4Data(corpus, tok, 64)
+    fresh = c4_data.C4Data(corpus, tok, 64)
     resumed = fresh.train_batches(4, seed=0, shuffle_buffer=50)
-    tl.restore_data(resumed, {"data": torch.load(tmp_path / "data.pt", weights_only=True)}, tl.Dist(False, 0, 1, "cpu"))
+    resumed.load_state_dict(torch.load(tmp_path / "data.pt", weights_only=True))
     got = []
     while fresh.stats.lines_read == 0:  # up to the first line the resumed stream reads
         got.append(next(resumed))
@@ -2423,9 +2424,9 @@ def test_a_late_resume_reads_at_most_one_shard_and_continues_exactly(corpus, tmp
 
 
 def test_prefetch_gives_the_same_batches_and_the_state_of_the_last_taken(corpus):
-    tok = tl.ByteTokenizer()
-    plain = tl.C4Data(corpus, tok, 32).train_batches(2, seed=1, shuffle_buffer=10)
-    ahead = tl.Prefetch(tl.C4Data(corpus, tok, 32).train_batches(2, seed=1, shuffle_buffer=10), depth=4)
+    tok = c4_data.ByteTokenizer()
+    plain = c4_data.C4Data(corpus, tok, 32).train_batches(2, seed=1, shuffle_buffer=10)
+    ahead = c4_data.Prefetch(c4_data.C4Data(corpus, tok, 32).train_batches(2, seed=1, shuffle_buffer=10), depth=4)
     for _ in range(6):
         a, b = next(plain), next(ahead)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -2435,7 +2436,7 @@ def test_prefetch_gives_the_same_batches_and_the_state_of_the_last_taken(corpus)
 
 
 def test_embedded_corpus_is_c4_format(corpus):
-    train, val = tl.find_shards(corpus)
+    train, val = c4_data.find_shards(corpus)
     assert len(train) == 4 and len(val) == 1
     assert all(f.name.startswith("c4-train.") and f.name.endswith("-of-00004.json.gz") for f in train)
     with gzip.open(val[0], "rt") as fh:
@@ -2531,11 +2532,10 @@ def test_corrupt_checkpoints_error_clearly(corpus, tmp_path):
 
 
 BAD_FLAGS = [  # Issue 13 #4, and the rest of the flags: one clear line each
-    (["--lr", "galore=-1e-3", "--optimizer", "galore"], "--lr galore=-1e-3: a learning rate must be a number > 0"),
-    (["--lr", "galore=-1e-3"], "a learning rate must be a number > 0"),  # checked even when this run is adamw
-    (["--lr", "galore=1e-2x"], "--lr galore=1e-2x: '1e-2x' is not a number"),
-    (["--lr", "abc"], "--lr abc: 'abc' is not a number"),
-    (["--lr", "sgd=1e-2"], "unknown optimizer 'sgd'"),
+    (["--lr", "-0.001", "--optimizer", "galore"], "--lr -0.001: must be a number > 0"),
+    (["--lr", "0"], "--lr 0.0: must be a number > 0"),
+    (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+    (["--lr", "galore=1e-2"], "argument --lr: invalid float value: 'galore=1e-2'"),  # NAME=LR is bench.py compare's
     (["--rank", "0"], "--rank 0: must be an integer >= 1"),
     (["--max-steps", "0"], "--max-steps 0: must be an integer >= 1"),
     (["--beta1", "1.0"], "--beta1 1.0: must be in [0, 1)"),
@@ -2555,8 +2555,8 @@ BAD_FLAGS = [  # Issue 13 #4, and the rest of the flags: one clear line each
 
 @pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
 def test_bad_flags_fail_before_anything_is_read_with_one_line(argv, message, tmp_path, monkeypatch):
-    for name in ("build_embedded_corpus", "C4Data", "load_tokenizer"):
-        monkeypatch.setattr(tl, name, lambda *a, **k: pytest.fail("read data before checking the flags"))
+    for module, name in ((c4_data, "build_embedded_corpus"), (c4_data, "C4Data"), (tl, "load_tokenizer")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("read data before checking the flags"))
     with pytest.raises(SystemExit) as e:
         tl.main(argv + ["--out-dir", str(tmp_path / "out")])
     text = str(e.value.code)
@@ -2571,7 +2571,7 @@ def test_cuda_on_a_cpu_only_torch_fails_up_front(tmp_path):
 
 
 def test_unwritable_out_dir_and_bad_tokenizer_fail_up_front(tmp_path, monkeypatch):
-    monkeypatch.setattr(tl, "build_embedded_corpus", lambda *a: pytest.fail("read data before checking the flags"))
+    monkeypatch.setattr(c4_data, "build_embedded_corpus", lambda *a: pytest.fail("read data before checking the flags"))
     (tmp_path / "file").write_text("")
     # (a read-only folder is no test as root, so: a folder that cannot be created, under a file)
     with pytest.raises(SystemExit, match="--out-dir .*file/out: cannot write there"):
@@ -2596,6 +2596,8 @@ def test_compare_checks_every_run_before_training_any(corpus, tmp_path, capsys):
     """Issue 13 #4: `--lr galore=1e-2x` crashed only after the AdamW run had finished."""
     out = tmp_path / "cmp"
     for argv, message in [(["--lr", "galore=1e-2x"], "'1e-2x' is not a number"),
+                          (["--lr", "galore=-1e-3"], "--lr galore=-1e-3: a learning rate must be a number > 0"),
+                          (["--lr", "adamw=1e-3,sgd=1e-2"], "unknown optimizer 'sgd'"),
                           (["--lr-sweep", "1,x"], "--lr-sweep 1,x: not a comma list"),
                           (["--optimizer", "adamw,galore:gap"], "galore has no variant :gap")]:
         with pytest.raises(SystemExit, match=re.escape(message)):
@@ -2697,7 +2699,7 @@ FLAG_EFFECTS = [  # (flags, what the optimizer's last param group holds then; No
     (["--optimizer", "ldadam", "--rho", "0.5", "--no-error-feedback", "--ldadam-betas", "0.8", "0.9"],
      dict(rho=0.5, error_feedback=False, betas=(0.8, 0.9))),
     (["--optimizer", "adapprox", "--k-max-frac", "0.5", "--err-tol", "0.2", "--rank-init", "2", "--clip-threshold",
-      "0", "--cosine-guidance", "--beta2", "0.95", "--weight-decay", "0.1", "--lr", "adapprox=1e-4"],
+      "0", "--cosine-guidance", "--beta2", "0.95", "--weight-decay", "0.1", "--lr", "1e-4"],
      dict(k_max_frac=0.5, err_tol=0.2, rank_init=2, clip_threshold=None, cosine_guidance=True, betas=(0.9, 0.95),
           weight_decay=0.1, lr=1e-4)),
     (["--optimizer", "adamw", "--beta1", "0.8", "--update-proj-gap", "7"], dict(betas=(0.8, 0.999), lr=3e-3)),
@@ -3100,7 +3102,7 @@ def test_every_readme_command_runs(corpus, xdg_cache, tmp_path, monkeypatch, cap
     """Each command of README.md, in order, in a scratch folder, shrunk as README_APPEND says.
     Without matplotlib, a command that plots must fail with the install hint before training,
     and then runs without --plot."""
-    for name in ("lowrank_adam.py", "train_tiny_llama.py", "bench.py", "requirements.txt"):
+    for name in ("lowrank_adam.py", "c4_data.py", "train_tiny_llama.py", "bench.py", "requirements.txt"):
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(xdg_cache))  # the embedded corpus, built once per session

@@ -1,7 +1,8 @@
 """Pretrain a small LLaMA on C4 with the optimizers of lowrank_adam: one training run.
 
-Read it top to bottom: configuration, model, tokenizers, data, optimizers, the
-training steps, checkpoints, the loop, DDP and main. bench.py imports it to
+Read it top to bottom: configuration, model, optimizers, the training step,
+checkpoints, the loop, DDP and main. The data (C4 shards to shuffled batches,
+with a resumable position) is c4_data.py; bench.py imports this file to
 compare runs (side by side, seeds, lr sweeps, step() timings, memory, plots).
 
 examples:
@@ -21,32 +22,16 @@ there is continued with --resume, never overwritten.
 
 from __future__ import annotations
 
-import argparse
-import ast
-import contextlib
-import glob
-import gzip
-import inspect
-import json
-import math
-import os
-import queue
-import random
-import re
-import signal
-import sys
-import sysconfig
-import threading
-import time
-import zlib
+import argparse, contextlib, inspect, json, math, os, random, re, signal, sys, threading, time  # noqa: E401
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import c4_data
 import lowrank_adam as la
 
 # ----------------------------------------------------------------------------- configuration
@@ -63,7 +48,7 @@ def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's 20-line usage block
+    def error(self, message):  # one line, not argparse's usage block
         fail(f"{message} (see --help)")
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -93,21 +78,21 @@ def data_and_model_flags(p: argparse.ArgumentParser) -> None:
 def optimizer_flags(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("optimizer")
     o.add_argument("--optimizer", default="adamw", help="; ".join(r.describe(n) for n, r in OPTIMIZERS.items()))
-    o.add_argument("--lr", help="peak learning rate: a number, or NAME=LR,... (this run takes its optimizer's); "
-                   "unset: " + ", ".join(f"{n} {r.lr:g}" for n, r in OPTIMIZERS.items()))
+    o.add_argument("--lr", type=float, help="peak learning rate; unset: " + ", ".join(f"{n} {r.lr:g}"
+                                                                                      for n, r in OPTIMIZERS.items()))
     o.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
     o.add_argument("--beta1", type=float, default=0.9, help="Adam β1")
     o.add_argument("--beta2", type=float, default=0.999, help="Adam β2")
     o.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     o.add_argument("--rank", type=int, help="rank of the attn/mlp matrices (adaptive: the average); unset: hidden/4")
-    # The flags below are passed to the optimizers that take a keyword argument of
-    # the same name; unset, the optimizer's own default applies.
+    # The flags below reach the optimizers that take a keyword argument of the
+    # same name; unset, the optimizer's own default applies.
     G, A = la.GaLoreAdamW, la.Adapprox
     unset = lambda cls, name: f"; unset: {inspect.signature(cls).parameters[name].default}"
     g = p.add_argument_group("galore and adaptive")
     g.add_argument("--update-proj-gap", type=int, help="steps between subspace refreshes" + unset(G, "update_proj_gap"))
     g.add_argument("--scale", type=float, help="scale α of the low-rank update" + unset(G, "scale"))
-    g.add_argument("--rank-metric", choices=sorted(la.RANK_METRICS), help="adaptive's rank-allocation metric; unset: "
+    g.add_argument("--rank-metric", choices=sorted(la.RANK_METRICS), help="adaptive's allocation metric; unset: "
                    "explained_variance")
     g.add_argument("--residual", action=argparse.BooleanOptionalAction,
                    help="the Fira-style out-of-subspace residual; unset: off for galore, on for adaptive")
@@ -133,8 +118,7 @@ def run_flags(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("output and checkpoints")
     c.add_argument("--out-dir", default="out", help="this run's folder: ckpt.pt and metrics.jsonl")
     c.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
-    c.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N steps of this invocation; "
-                   "unset: run to --max-steps")
+    c.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N steps; unset: at --max-steps")
     c.add_argument("--save-interval", type=int, default=0, help="also checkpoint every N steps (0 = only at the end)")
     c.add_argument("--eval-interval", type=int, default=100, help="steps between validation evaluations")
     c.add_argument("--log-interval", type=int, default=10, help="steps between train-loss lines")
@@ -147,7 +131,7 @@ def run_flags(p: argparse.ArgumentParser) -> None:
                    "set_threads), else one per core")
     y.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 bf16 dense)")
     y.add_argument("--layerwise", action="store_true", help="update each parameter inside the backward pass, as soon "
-                   "as its gradient is ready, and free that gradient: the whole model's gradients never coexist. "
+                   "as its gradient is ready, and free that gradient: the model's gradients never coexist. "
                    "One process, --grad-clip 0, --grad-accum 1; not adaptive or adafactor")
     y.add_argument("--zero", action="store_true", help="under torchrun: shard the optimizer state across the "
                    "processes (ZeRO-1, torch's ZeroRedundancyOptimizer); each rank steps its own parameters")
@@ -166,10 +150,10 @@ RULES = [(("seq_len", "batch_size", "grad_accum", "val_batches", "max_steps", "e
          (("shuffle_buffer", "warmup_steps", "save_interval", "threads"), lambda v: v >= 0, "an integer >= 0"),
          (("weight_decay", "grad_clip", "norm_growth_limit", "err_tol", "clip_threshold", "peak_tflops"),
           lambda v: 0 <= v < math.inf, "a number >= 0"),
+         (("lr", "scale"), lambda v: 0 < v < math.inf, "a number > 0"),
          (("beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
          (("rho", "min_lr_ratio"), lambda v: 0 <= v <= 1, "in [0, 1]"),
-         (("k_max_frac",), lambda v: 0 < v <= 1, "in (0, 1]"),
-         (("scale",), lambda v: 0 < v < math.inf, "a number > 0")]
+         (("k_max_frac",), lambda v: 0 < v <= 1, "in (0, 1]")]
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The flags, each checked, with --lr and --rank resolved to this run's numbers.
@@ -185,11 +169,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.eos_token and not args.tokenizer:
         fail("--eos-token names a token of --tokenizer, which is not given")
     try:
-        args.lr = peak_lr(args.optimizer, args.lr)
+        args.lr = args.lr or OPTIMIZERS[parse_optimizer(args.optimizer)[0]].lr
         args.rank = args.rank or MODEL_SHAPES[args.model][0] // 4
         build_optimizer(args, build_model(args, vocab_size=64, device="meta"))  # its own checks, allocating nothing
         if args.data is not None:
-            find_shards(args.data)
+            c4_data.find_shards(args.data)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     check_device(args.device)
@@ -202,8 +186,6 @@ def check_memory_modes(args) -> None:
     if args.zero and (not torchrun or args.layerwise):
         fail("--zero shards the optimizer state across torchrun's processes: start the run with torchrun, "
              "without --layerwise")
-    if not args.layerwise:
-        return
     refusals = [
         (args.grad_clip > 0, "no global gradient norm ever exists to clip: add --grad-clip 0"),
         (args.grad_accum > 1, "a parameter is updated at every backward, so micro-batches cannot accumulate: "
@@ -215,9 +197,8 @@ def check_memory_modes(args) -> None:
         (cls is la.AdaptiveAdamW, "adaptive allocates its rank budget from the spectra of all matrices at once: use "
                                   "galore"),
         (cls is torch.optim.Adafactor, "torch's Adafactor cannot step one parameter at a time")]
-    for refused, why in refusals:
-        if refused:
-            fail(f"--layerwise: {why}")
+    for why in [why for refused, why in refusals if refused and args.layerwise][:1]:
+        fail(f"--layerwise: {why}")
 
 def check_device(spec: str) -> None:
     try:
@@ -261,18 +242,12 @@ class LlamaConfig:
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         # x / sqrt(mean(x²) + eps) · w, in float32
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
-def rotary_cache(seq_len: int, head_dim: int, theta: float, device=None):
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)  # (T, hs/2)
-    return angles.cos(), angles.sin()
 
 def apply_rotary(x, cos, sin):
     # rotate the two halves of each head: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos)
@@ -322,9 +297,11 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(c) for _ in range(c.layers))
         self.norm = RMSNorm(c.hidden, c.norm_eps)
         self.lm_head = nn.Linear(c.hidden, c.vocab_size, bias=False)  # untied
-        cos, sin = rotary_cache(c.max_seq_len, c.hidden // c.heads, c.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        head_dim = c.hidden // c.heads  # rotary angles: position t, frequency theta^(-2i/hs)
+        inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        angles = torch.outer(torch.arange(c.max_seq_len).float(), inv_freq)  # (T, hs/2)
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
@@ -351,357 +328,6 @@ def build_model(args, vocab_size: int, device="cpu") -> Llama:
     with torch.device(device):
         return Llama(LlamaConfig(vocab_size=64 * math.ceil(vocab_size / 64), hidden=hidden, intermediate=inter,
                                  heads=heads, layers=layers, max_seq_len=max(args.seq_len, 64)))
-
-# ----------------------------------------------------------------------------- tokenizers
-
-class ByteTokenizer:
-    """UTF-8 bytes 0..255 plus an end-of-document token 256. Needs no files."""
-    vocab_size, eos_id, name = 257, 256, "bytes"
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8", errors="replace"))
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
-
-class FileTokenizer:
-    """A local ``tokenizer.json`` through the ``tokenizers`` package; checked as it loads."""
-    def __init__(self, path: str, eos_token: Optional[str]):
-        try:
-            json.loads(Path(path).read_bytes())
-        except OSError as e:
-            fail(f"--tokenizer {path}: {e.strerror or e}")
-        except ValueError as e:
-            fail(f"--tokenizer {path}: not a tokenizer.json (not JSON: {e})")
-        try:
-            from tokenizers import Tokenizer
-            self.tok, self.name = Tokenizer.from_file(path), path
-        except ImportError:
-            fail("--tokenizer needs the 'tokenizers' package: pip install tokenizers")
-        except Exception as e:  # the package's own parse error
-            fail(f"--tokenizer {path}: not a tokenizer.json that 'tokenizers' can load ({e})")
-        self.vocab_size = self.tok.get_vocab_size()
-        candidates = [eos_token] if eos_token else ["</s>", "<|endoftext|>", "<eos>", "[SEP]"]
-        ids = [self.tok.token_to_id(t) for t in candidates if self.tok.token_to_id(t) is not None]
-        if not ids:
-            fail(f"--tokenizer {path}: none of {candidates} is in its vocabulary; name one with --eos-token")
-        self.eos_id = ids[0]
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:  # in Rust, on every core, without the GIL
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
-
-def load_tokenizer(args):
-    return FileTokenizer(args.tokenizer, args.eos_token) if args.tokenizer else ByteTokenizer()
-
-# ----------------------------------------------------------------------------- data
-# C4 shards -> documents -> packed token sequences -> shuffled batches.
-
-SHARD_PATTERNS = ("*.json.gz", "*.jsonl.gz", "*.json", "*.jsonl")
-HOLDOUT_EVERY = 100  # without validation shards, every 100th document is held out
-
-class DataError(ValueError):
-    """The data cannot give what the run needs."""
-
-@dataclass
-class DataStats:
-    """What the shards held. A line counts once, however often the data repeats."""
-    documents: int = 0
-    bad_lines: int = 0  # undecodable bytes or invalid JSON
-    no_text: int = 0  # a JSON record without a string "text"
-    bad_shards: int = 0  # unreadable / truncated files
-    lines_seen: dict = field(default_factory=dict)  # shard -> lines counted so far
-    lines_read: int = 0  # every line decompressed, also those a resume skips
-    warned: set = field(default_factory=set)  # shards already reported unreadable
-
-def find_shards(spec: str) -> tuple[list[Path], list[Path]]:
-    """(train shards, validation shards) from a directory, glob or file."""
-    path = Path(spec)
-    if any(ch in spec for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(spec))
-    elif path.is_dir():
-        files = sorted({f for pattern in SHARD_PATTERNS for f in path.rglob(pattern)})
-    elif path.is_file():
-        files = [path]
-    else:
-        raise FileNotFoundError(f"--data {spec}: no such file or directory")
-    files = [f for f in files if f.is_file()]
-    if not files:
-        raise FileNotFoundError(f"--data {spec}: no C4 shards ({', '.join(SHARD_PATTERNS)}) found there")
-    val = [f for f in files if "validation" in f.name]
-    return [f for f in files if f not in val], val
-
-def read_documents(files: list[Path], stats: DataStats, pos: Optional[dict] = None) -> Iterator[str]:
-    """Stream the ``text`` of each JSON line, from position ``pos`` ({"file": i,
-    "line": j}: shard i, line j), which it keeps at the line after the last
-    text yielded. Lines before the start are skipped unparsed. Bad lines and
-    shards are skipped, and counted (and warned about) the first time they are read."""
-    pos = pos if pos is not None else {"file": 0, "line": 0}
-    while pos["file"] < len(files):
-        f, i = files[pos["file"]], -1
-        try:
-            with (gzip.open if f.suffix == ".gz" else open)(f, "rb") as fh:
-                for i, raw in enumerate(fh):
-                    stats.lines_read += 1
-                    if i < pos["line"]:  # a resume: this line was used before the checkpoint
-                        continue
-                    pos["line"] = i + 1
-                    new = i >= stats.lines_seen.get(f, 0)
-                    stats.lines_seen[f] = max(stats.lines_seen.get(f, 0), i + 1)
-                    if not raw.strip():
-                        continue
-                    try:
-                        record = json.loads(raw)
-                    except ValueError:  # JSONDecodeError and UnicodeDecodeError
-                        stats.bad_lines += new
-                        continue
-                    text = record.get("text") if isinstance(record, dict) else None
-                    if not isinstance(text, str):
-                        stats.no_text += new
-                        continue
-                    stats.documents += new
-                    yield text
-        except (OSError, EOFError, zlib.error) as e:
-            if f not in stats.warned:
-                stats.warned.add(f)
-                stats.bad_shards += 1
-                print(f"warning: skipping the rest of {f} after line {i + 1}: {e}", file=sys.stderr)
-        pos["file"], pos["line"] = pos["file"] + 1, 0
-
-class TokenStream:
-    """Documents -> tokens + end-of-document -> chunks of seq_len + 1 tokens.
-
-    Chunks do not overlap and nothing is padded: concatenated, they are the
-    token stream itself. Document i is used if ``keep(i)``; of those, rank r
-    of ``world`` takes every world-th. ``epochs=None`` repeats forever. The
-    position (epoch, shard, line, document counters) and the packing
-    remainder are its state, so a resume continues from a checkpoint at once.
-    """
-    def __init__(self, files, tokenizer, seq_len: int, *, keep=lambda i: True, rank: int = 0, world: int = 1,
-                 stats: Optional[DataStats] = None, epochs: Optional[int] = None):
-        self.files, self.tokenizer, self.seq_len, self.keep = files, tokenizer, seq_len, keep
-        self.rank, self.world, self.epochs = rank, world, epochs
-        self.stats = stats if stats is not None else DataStats()
-        self.pos = dict(epoch=0, file=0, line=0, doc=0, used=0, emitted=0)
-        self.tokens, self.start = [], 0  # tokens[start:]: read but not yet emitted
-        self.encode_every = 64  # documents tokenized together
-
-    def state_dict(self) -> dict:
-        return {**self.pos, "tokens": self.tokens[self.start:]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.pos = {k: int(state[k]) for k in self.pos}
-        self.tokens, self.start = [int(t) for t in state["tokens"]], 0
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        p, n = self.pos, self.seq_len + 1
-        while self.epochs is None or p["epoch"] < self.epochs:
-            yield from self._chunks()  # what a resumed state still holds
-            texts = []
-            for text in read_documents(self.files, self.stats, p):
-                p["doc"] += 1
-                if not self.keep(p["doc"] - 1):
-                    continue
-                p["used"] += 1
-                if (p["used"] - 1) % self.world != self.rank:
-                    continue
-                texts.append(text)
-                if len(texts) == self.encode_every or sum(map(len, texts)) > 2**20:
-                    yield from self._encode(texts)
-                    texts = []
-            yield from self._encode(texts)
-            if p["emitted"] == 0 and self.epochs is None:  # repeating nothing would loop forever
-                raise DataError(f"the training data yields no sequence of {n} tokens for rank {self.rank} "
-                                f"({self.stats.documents} documents): use more data or a shorter --seq-len")
-            p.update(epoch=p["epoch"] + 1, file=0, line=0, doc=0, used=0, emitted=0)
-            self.tokens, self.start = [], 0  # an epoch's remainder is dropped
-
-    def _encode(self, texts: list[str]) -> Iterator[torch.Tensor]:
-        """Tokenize documents together (a BPE tokenizer does that on every core
-        at once); a document read is in ``tokens`` until it is emitted."""
-        for ids in self.tokenizer.encode_batch(texts) if texts else []:
-            self.tokens += ids + [self.tokenizer.eos_id]
-        yield from self._chunks()
-
-    def _chunks(self) -> Iterator[torch.Tensor]:
-        n = self.seq_len + 1
-        while len(self.tokens) - self.start >= n:
-            chunk, self.start = self.tokens[self.start:self.start + n], self.start + n
-            self.pos["emitted"] += 1
-            yield torch.tensor(chunk, dtype=torch.long)
-        del self.tokens[:self.start]  # tokens[start:] are the ones not yet emitted
-        self.start = 0
-
-def packed_sequences(files, tokenizer, seq_len: int, **options) -> Iterator[torch.Tensor]:
-    """The chunks of a fresh ``TokenStream`` (see there for the options)."""
-    return iter(TokenStream(files, tokenizer, seq_len, **options))
-
-def batched(seqs: Iterator[torch.Tensor], batch_size: int, partial: bool = False):
-    """(inputs, next-token targets) batches; a short last batch only if ``partial``."""
-    while True:
-        chunk = [s for _, s in zip(range(batch_size), seqs)]
-        if not chunk or (len(chunk) < batch_size and not partial):
-            return
-        b = torch.stack(chunk)  # (B, T+1)
-        yield b[:, :-1], b[:, 1:]
-
-class TrainBatches:
-    """The training batches of one rank: the token stream through a seeded
-    shuffle buffer of ``size`` sequences (0 = none), then (inputs, targets).
-    Its state (the stream's, the buffer, the shuffle's RNG) is saved in every
-    checkpoint: a resume at any step reads at most the rest of one shard."""
-    def __init__(self, stream: TokenStream, batch_size: int, seed: int, size: int):
-        self.stream, self.batch_size, self.size = stream, batch_size, size
-        self.rng, self.buffer = random.Random(seed), []
-        self.sequences = iter(stream)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        b = torch.stack([self.next_sequence() for _ in range(self.batch_size)])  # (B, T+1)
-        return b[:, :-1], b[:, 1:]
-
-    def next_sequence(self) -> torch.Tensor:
-        item = next(self.sequences)
-        if self.size == 0:
-            return item
-        while len(self.buffer) < self.size:  # fill the buffer first
-            self.buffer.append(item)
-            item = next(self.sequences)
-        i = self.rng.randrange(self.size)  # then take a random one out, put the new one in
-        out, self.buffer[i] = self.buffer[i], item
-        return out
-
-    def state_dict(self) -> dict:
-        """A snapshot (cheap: the buffer's tensors are shared, never changed)."""
-        return {"stream": self.stream.state_dict(), "buffer": list(self.buffer), "rng": self.rng.getstate()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state["stream"])
-        self.buffer = list(state["buffer"])
-        self.rng.setstate(state["rng"])
-        self.sequences = iter(self.stream)
-
-def saveable(state: dict) -> dict:
-    """A ``TrainBatches`` snapshot as tensors and numbers (torch.load(weights_only=True))."""
-    stream = {**state["stream"], "tokens": torch.tensor(state["stream"]["tokens"], dtype=torch.long)}
-    buffer = torch.stack(state["buffer"]) if state["buffer"] else torch.zeros(0, dtype=torch.long)
-    return {"stream": stream, "buffer": buffer, "rng": state["rng"]}
-
-class Prefetch:
-    """Batches made by a background thread, ``depth`` ahead, each with the
-    loader state after it: tokenizing never holds up the training step, and a
-    checkpoint saves the state of the last batch the loop took. ``wait`` is
-    the time the loop spent waiting for data."""
-    def __init__(self, batches: TrainBatches, depth: int = 8):
-        self.queue, self.wait, self.state = queue.Queue(maxsize=depth), 0.0, batches.state_dict()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.work, args=(batches,), daemon=True)
-        self.thread.start()
-
-    def work(self, batches: TrainBatches) -> None:
-        try:
-            while not self.stop.is_set():
-                item = (next(batches), batches.state_dict())
-                while not self.stop.is_set():
-                    try:
-                        self.queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as e:  # the loop re-raises it (DataError: the data ran dry)
-            self.queue.put((None, e))
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        t0 = time.perf_counter()
-        batch, self.state = self.queue.get()
-        self.wait += time.perf_counter() - t0
-        if batch is None:
-            raise self.state
-        return batch
-
-    def close(self) -> None:
-        """Stop the worker and wait for it: a thread still inside torch when the
-        interpreter exits can abort the process."""
-        self.stop.set()
-        self.thread.join()
-
-class C4Data:
-    """Train and validation streams of one data source, disjoint by construction."""
-    def __init__(self, spec: str, tokenizer, seq_len: int, rank: int = 0, world: int = 1):
-        self.train_files, self.val_files = find_shards(spec)
-        self.tokenizer, self.seq_len, self.rank, self.world = tokenizer, seq_len, rank, world
-        self.holdout = not self.val_files  # no validation shards: hold out every 100th train document
-        if not self.train_files:
-            self.train_files, self.holdout = self.val_files, True  # only validation shards were given
-            self.val_files = []
-        self.stats = DataStats()
-
-    def train_batches(self, batch_size: int, seed: int, shuffle_buffer: int) -> TrainBatches:
-        keep = (lambda i: i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1) if self.holdout else (lambda i: True)
-        stream = TokenStream(self.train_files, self.tokenizer, self.seq_len, keep=keep, rank=self.rank,
-                             world=self.world, stats=self.stats)
-        return TrainBatches(stream, batch_size, seed, shuffle_buffer)
-
-    def val_batches(self, batch_size: int, count: int) -> list:
-        keep = (lambda i: i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1) if self.holdout else (lambda i: True)
-        seqs = packed_sequences(self.train_files if self.holdout else self.val_files, self.tokenizer, self.seq_len,
-                                keep=keep, stats=self.stats, epochs=1)
-        out = [b for _, b in zip(range(count), batched(seqs, batch_size, partial=True))]
-        if not out:
-            raise DataError(f"the held-out validation set is empty: with no c4-validation.* shard every {HOLDOUT_EVERY}"
-                            f"th document is held out, and {self.stats.documents} documents give no held-out sequence "
-                            f"of {self.seq_len + 1} tokens; add a validation shard or more documents" if self.holdout
-                            else f"the validation shards give no sequence of {self.seq_len + 1} tokens: use a "
-                            "shorter --seq-len")
-        return out
-
-def python_docs() -> Iterator[tuple[str, str]]:
-    """(url, text) of documentation every CPython ships: pydoc topics and the
-    standard library's docstrings (read with ``ast``: nothing is imported)."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:
-        topics = {}
-    for key in sorted(topics):
-        yield f"python://pydoc/topics/{key}", topics[key]
-    root = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(root.rglob("*.py")):
-        parts = path.relative_to(root).parts
-        if parts[0] == "site-packages" or {"test", "tests", "idle_test"} & set(parts):
-            continue
-        try:
-            tree = ast.parse(path.read_bytes())
-        except (SyntaxError, ValueError, OSError):
-            continue
-        docs = [ast.get_docstring(n) for n in ast.walk(tree)
-                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-        text = "\n\n".join(d for d in docs if d)
-        if len(text) > 100:
-            yield "python://stdlib/" + "/".join(parts), text
-
-def build_embedded_corpus(cache_dir: Path, train_shards: int = 4) -> Path:
-    """Write the Python documentation corpus as C4-format shards, once."""
-    out = cache_dir / f"pydoc-c4-py{sys.version_info.major}{sys.version_info.minor}"
-    if (out / "DONE").exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    docs = list(python_docs())
-    val = docs[9::20]  # every 20th document is validation
-    train = [d for i, d in enumerate(docs) if i % 20 != 9]
-    shards = [("c4-validation.00000-of-00001.json.gz", val)]
-    shards += [(f"c4-train.{i:05d}-of-{train_shards:05d}.json.gz", train[i::train_shards]) for i in range(train_shards)]
-    for name, items in shards:
-        tmp = out / (name + ".tmp")
-        with gzip.open(tmp, "wt", encoding="utf-8") as fh:
-            for url, text in items:
-                fh.write(json.dumps({"text": text, "timestamp": "2019-04-25T00:00:00Z", "url": url}) + "\n")
-        os.replace(tmp, out / name)
-    (out / "DONE").write_text(f"{len(docs)} documents\n")
-    return out
 
 # ----------------------------------------------------------------------------- optimizers
 # By name: --optimizer NAME[:KIND][+SWITCH]..., e.g. adaptive:gap+noresidual.
@@ -745,23 +371,6 @@ def parse_optimizer(spec: str) -> tuple[str, dict]:
                              (f"; it has {', '.join(known)}" if known else ""))
         options.update(known[v])
     return name, options
-
-def peak_lr(spec: str, flag: Optional[str]) -> float:
-    """--lr: a number, or NAME=LR pairs where the run's full spec wins over its
-    base name; unset, the optimizer's default. Every entry is checked."""
-    name = parse_optimizer(spec)[0]
-    if flag is None:
-        return OPTIMIZERS[name].lr
-    table = {spec: flag} if "=" not in flag else dict(item.partition("=")[::2] for item in flag.split(","))
-    for key, value in table.items():
-        parse_optimizer(key)  # an unknown name is an error, not silently unused
-        try:
-            table[key] = float(value)
-        except ValueError:
-            raise ValueError(f"--lr {flag}: {value!r} is not a number") from None
-        if not 0 < table[key] < math.inf:
-            raise ValueError(f"--lr {flag}: a learning rate must be a number > 0, not {value}")
-    return table.get(spec, table.get(name, OPTIMIZERS[name].lr))
 
 def optimizer_options(args) -> tuple[Recipe, dict]:
     """The recipe of --optimizer, and its keyword arguments: every set flag that
@@ -822,8 +431,9 @@ class Run:
         self.raw_model = build_model(args, vocab_size).to(self.device)  # what is evaluated and saved
         self.opt = build_optimizer(args, self.raw_model, zero=args.zero)
         self.local_opt = getattr(self.opt, "optim", self.opt)  # --zero: this rank's shard of the optimizer
-        if args.layerwise:
-            self.layerwise_hooks = la.layerwise_hooks(self.timed(self.opt))
+        if args.layerwise:  # each parameter stepped in backward; its time counts as optimizer time
+            step_parameter, self.layerwise_hooks = self.opt.step_parameter, la.layerwise_hooks(self.opt)
+            self.opt.step_parameter = lambda p: self.timed(step_parameter, p, sync=False)  # no sync per parameter
         self.model = torch.compile(self.raw_model) if args.compile else self.raw_model  # what trains
         if dist.ddp:
             self.model = nn.parallel.DistributedDataParallel(
@@ -831,7 +441,7 @@ class Run:
         amp = self.device.type == "cuda" and args.dtype != "float32"
         self.ctx = torch.autocast("cuda", dtype=getattr(torch, args.dtype)) if amp else contextlib.nullcontext()
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and args.dtype == "float16")
-        self.step, self.batches = 0, None  # optimizer steps; the data (a Prefetch of TrainBatches)
+        self.step, self.batches = 0, None  # optimizer steps; the data (a c4_data.Prefetch)
         self.seconds, self.step_seconds = 0.0, 0.0  # training time of earlier invocations; time in opt.step()
         self.started = self.last_log_time = time.perf_counter()
         self.last_log_step, self.train_loss, self.last_eval = 0, math.nan, (-1, math.nan)
@@ -840,16 +450,19 @@ class Run:
     def train_seconds(self) -> float:
         return self.seconds + time.perf_counter() - self.started
 
-    def timed(self, opt):
-        """--layerwise: count the time of every opt.step_parameter as optimizer time."""
-        step_parameter = opt.step_parameter
+    def timed(self, step, *args, sync: bool = True) -> None:
+        """Run an optimizer step and count its time (synced: the GPU's work, not the queueing of it)."""
+        if sync:
+            synchronize(self.device)
+        t0 = time.perf_counter()
+        step(*args)
+        if sync:
+            synchronize(self.device)
+        self.step_seconds += time.perf_counter() - t0
 
-        def timed_step(p):
-            t0 = time.perf_counter()
-            step_parameter(p)
-            self.step_seconds += time.perf_counter() - t0
-        opt.step_parameter = timed_step
-        return opt
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 def train_step(run: Run, batches) -> tuple[float, torch.Tensor]:
     """One optimizer step over --grad-accum micro-batches: (lr, summed loss)."""
@@ -874,18 +487,10 @@ def train_step(run: Run, batches) -> tuple[float, torch.Tensor]:
     if args.grad_clip > 0:
         run.scaler.unscale_(opt)
         nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-    synchronize(run.device)
-    t0 = time.perf_counter()
-    run.scaler.step(opt)
-    synchronize(run.device)
-    run.step_seconds += time.perf_counter() - t0
+    run.timed(run.scaler.step, opt)
     run.scaler.update()
     opt.zero_grad(set_to_none=True)
     return lr, loss_sum
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":  # so that a timer measures the GPU's work, not the queueing of it
-        torch.cuda.synchronize(device)
 
 @torch.no_grad()
 def evaluate(run: Run, val: list) -> float:
@@ -980,7 +585,7 @@ def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
     """Everything an exact resume needs (the data position of every rank too);
     ``result`` marks a complete run. Every rank calls it; rank 0 writes a
     temporary file, then renames it over the old checkpoint."""
-    data = saveable(run.batches.state)
+    data = c4_data.saveable(run.batches.state)
     if run.args.zero:  # every rank sends its shard of the optimizer state to rank 0
         run.opt.consolidate_state_dict(to=0)
     optimizer_state = run.opt.state_dict() if run.dist.master else None
@@ -998,7 +603,8 @@ def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
                path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
 
-def restore(run: Run, ckpt: dict) -> None:
+def restore(run: Run, ckpt: dict, batches: c4_data.TrainBatches) -> None:
+    """The run where the checkpoint left it, the data position of this rank too: no replay of the stream."""
     run.raw_model.load_state_dict(ckpt["model"])
     run.opt.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"]:
@@ -1007,12 +613,7 @@ def restore(run: Run, ckpt: dict) -> None:
     run.seconds, run.step_seconds = ckpt["timing"]["seconds"], ckpt["timing"]["step_seconds"]
     torch.set_rng_state(ckpt["rng"]["torch"])
     random.setstate(ckpt["rng"]["python"])
-
-def restore_data(batches: TrainBatches, ckpt: Optional[dict], dist: Dist) -> None:
-    """The data position of this rank in the checkpoint: no replay of the stream."""
-    if ckpt is not None:
-        state = ckpt["data"][dist.rank] if dist.ddp else ckpt["data"]
-        batches.load_state_dict({**state, "buffer": list(state["buffer"].unbind(0)) if len(state["buffer"]) else []})
+    batches.load_state_dict(ckpt["data"][run.dist.rank] if run.dist.ddp else ckpt["data"])
 
 # ----------------------------------------------------------------------------- the loop
 # train() steps to --max-steps (or --stop-after) and finish() ends the invocation.
@@ -1038,19 +639,18 @@ def stop_on_first_ctrl_c():
         if main_thread:
             signal.signal(signal.SIGINT, previous)
 
-def train(args, data: C4Data, val: list, dist: Dist, ckpt: Optional[dict] = None) -> dict:
+def train(args, data: c4_data.C4Data, val: list, dist: Dist, ckpt: Optional[dict] = None) -> dict:
     """One run in --out-dir: build or resume it, step to --max-steps (or
     --stop-after), evaluate, save. Returns the run's result."""
     run = Run(args, data.tokenizer.vocab_size, dist)
+    batches = data.train_batches(args.batch_size, args.seed, args.shuffle_buffer)
     if ckpt is not None:
-        restore(run, ckpt)
+        restore(run, ckpt, batches)
         if ckpt["result"] is not None:  # complete: nothing to train
             return ckpt["result"]
     elif args.resume and dist.master:
         print(f"--resume: no checkpoint in {args.out_dir} yet, so the run starts there")
-    batches = data.train_batches(args.batch_size, args.seed, args.shuffle_buffer)
-    restore_data(batches, ckpt, dist)
-    run.batches = Prefetch(batches)  # tokenized ahead, in a background thread
+    run.batches = c4_data.Prefetch(batches)  # tokenized ahead, in a background thread
     metrics = open_metrics(Path(args.out_dir) / "metrics.jsonl", run.step, dist.master)
     if run.step == 0:
         log(metrics, step=0, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
@@ -1126,7 +726,7 @@ def result_of(run: Run, val_loss: float) -> dict:
                   val_ppl=math.exp(min(val_loss, 50)), train_loss=run.train_loss,
                   tokens_per_s=run.step * run.tokens_per_step / max(seconds, 1e-9),
                   step_ms=1e3 * run.step_seconds / max(run.step, 1), state_mb=la.state_bytes(run.local_opt) / 2**20,
-                  data_wait_ms=1e3 * run.batches.wait / max(run.step, 1) if run.batches else None,
+                  data_wait_ms=1e3 * run.batches.wait / max(run.step, 1),
                   seconds=seconds, params=sum(p.numel() for p in run.raw_model.parameters()),
                   peak_cuda_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
     if device.type == "cuda" and args.peak_tflops:
@@ -1169,12 +769,20 @@ def set_threads(args, device: str) -> None:
     elif device == "cpu" and args.model == "tiny":
         torch.set_num_threads(1)
 
-def load_data(args, tokenizer, dist: Dist) -> tuple[C4Data, list]:
-    source = args.data or str(build_embedded_corpus(Path(args.cache_dir).expanduser()))
+def load_tokenizer(args):
+    """UTF-8 bytes, or --tokenizer's file (checked as it loads)."""
     try:
-        data = C4Data(source, tokenizer, args.seq_len, rank=dist.rank, world=dist.world)
+        return c4_data.FileTokenizer(args.tokenizer, args.eos_token) if args.tokenizer else c4_data.ByteTokenizer()
+    except c4_data.DataError as e:
+        fail(str(e))
+
+def load_data(args, tokenizer, dist: Dist) -> tuple[c4_data.C4Data, list]:
+    """--data (or the embedded corpus) and the validation batches, which every evaluation reuses."""
+    source = args.data or str(c4_data.build_embedded_corpus(Path(args.cache_dir).expanduser()))
+    try:
+        data = c4_data.C4Data(source, tokenizer, args.seq_len, rank=dist.rank, world=dist.world)
         val = data.val_batches(args.batch_size, args.val_batches)
-    except (FileNotFoundError, DataError) as e:
+    except (FileNotFoundError, c4_data.DataError) as e:
         fail(str(e))
     if dist.master:
         print(f"data: {source} ({len(data.train_files)} train / {len(data.val_files)} validation shards"
@@ -1184,11 +792,6 @@ def load_data(args, tokenizer, dist: Dist) -> tuple[C4Data, list]:
               f"lr {args.lr:g}; tokens per step: {args.batch_size * args.seq_len * args.grad_accum * dist.world:,}; "
               f"device: {dist.device}, CPU threads: {torch.get_num_threads()}")
     return data, val
-
-def report_data(stats: DataStats) -> None:
-    if stats.bad_lines or stats.no_text or stats.bad_shards:
-        print(f"data: skipped {stats.bad_lines} undecodable lines, {stats.no_text} records without text, "
-              f"{stats.bad_shards} unreadable shards")
 
 def main(argv=None) -> dict:
     args = parse_args(argv)  # every flag checked before anything is read
@@ -1205,11 +808,12 @@ def main(argv=None) -> dict:
         result = train(args, data, val, dist, ckpt)
         if dist.master:
             print(describe(result))
-            report_data(data.stats)
+            if data.stats.report():
+                print(data.stats.report())
         return result
     except KeyboardInterrupt:
         sys.exit(130)
-    except DataError as e:  # the training stream ran dry
+    except c4_data.DataError as e:  # the training stream ran dry
         fail(str(e))
     finally:
         if dist.ddp:
