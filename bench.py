@@ -53,7 +53,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import lowrank_adam as la
-import c4_data
+import llama_c4
 import train_tiny_llama as tl
 
 # ----------------------------------------------------------------------------- compare: runs side by side
@@ -128,7 +128,7 @@ def compare(argv: list[str]) -> list[dict]:
                 print(tl.describe(results[-1]) + saved)
     except KeyboardInterrupt:
         sys.exit(130)
-    except c4_data.DataError as e:
+    except llama_c4.DataError as e:
         tl.fail(str(e))
     if dist.master:
         if data.stats.report():
@@ -475,7 +475,7 @@ def train_bpe(corpus: str, vocab_size: int, path: Path) -> Path:
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(c4_data.read_documents(c4_data.find_shards(corpus)[0], c4_data.DataStats()), trainer)
+    tok.train_from_iterator(llama_c4.read_documents(llama_c4.find_shards(corpus)[0], llama_c4.DataStats()), trainer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return path
@@ -491,24 +491,24 @@ def loader(argv: list[str]) -> str:
     own, rest = p.parse_known_args(argv)
     args = tl.parse_args(["--threads", "1", *rest])
     torch.set_num_threads(1)
-    corpus = args.data or str(c4_data.build_embedded_corpus(Path(args.cache_dir).expanduser()))
-    tokenizers = {"bytes": c4_data.ByteTokenizer()}
+    corpus = args.data or str(llama_c4.build_embedded_corpus(Path(args.cache_dir).expanduser()))
+    tokenizers = {"bytes": llama_c4.ByteTokenizer()}
     if args.tokenizer:
         tokenizers[args.tokenizer] = tl.load_tokenizer(args)
     elif own.bpe:
         path = train_bpe(corpus, own.bpe, Path(args.cache_dir).expanduser() / f"bpe{own.bpe}" / "tokenizer.json")
-        tokenizers[f"BPE {own.bpe} (trained on the corpus)"] = c4_data.FileTokenizer(str(path), "</s>")
+        tokenizers[f"BPE {own.bpe} (trained on the corpus)"] = llama_c4.FileTokenizer(str(path), "</s>")
     cores = os.environ.get("RAYON_NUM_THREADS") or f"every core ({os.cpu_count()}; RAYON_NUM_THREADS=1 for one)"
     lines = [f"data loader, one thread; a tokenizers BPE encodes on {cores} ({corpus}, seq len {args.seq_len}, "
              f"batch {args.batch_size})", "",
              "| tokenizer | tokens/s | bytes of text per token |", "|---|---|---|"]
     for name, tok in tokenizers.items():
-        data = c4_data.C4Data(corpus, tok, args.seq_len)
+        data = llama_c4.C4Data(corpus, tok, args.seq_len)
         batches, tokens, t0 = data.train_batches(args.batch_size, 0, args.shuffle_buffer), 0, time.perf_counter()
         while time.perf_counter() - t0 < own.seconds:
             tokens += next(batches)[0].numel()
         rate = tokens / (time.perf_counter() - t0)
-        docs = list(c4_data.read_documents(data.train_files[:1], c4_data.DataStats()))
+        docs = list(llama_c4.read_documents(data.train_files[:1], llama_c4.DataStats()))
         per_token = sum(len(d.encode()) for d in docs) / sum(len(tok.encode(d)) for d in docs)
         lines.append(f"| {name} | {rate:,.0f} | {per_token:.2f} |")
     return "\n".join(lines)

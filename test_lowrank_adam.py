@@ -2226,20 +2226,20 @@ import time  # noqa: E402
 import sys  # noqa: E402
 
 import bench  # noqa: E402
-import c4_data  # noqa: E402
+import llama_c4  # noqa: E402
 import train_tiny_llama as tl  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def tiny_config(**over):
-    return tl.LlamaConfig(**{**dict(vocab_size=64, hidden=32, intermediate=48, heads=4, layers=2, max_seq_len=32),
+    return llama_c4.LlamaConfig(**{**dict(vocab_size=64, hidden=32, intermediate=48, heads=4, layers=2, max_seq_len=32),
                              **over})
 
 
 def test_llama_shapes_names_and_causality():
     torch.manual_seed(0)
-    model = tl.Llama(tiny_config())
+    model = llama_c4.Llama(tiny_config())
     idx = torch.randint(0, 64, (3, 16))
     logits, loss = model(idx, idx)
     assert logits.shape == (3, 16, 64) and loss.ndim == 0 and math.isfinite(loss.item())
@@ -2276,10 +2276,10 @@ def token_stream(texts, tok):
 def test_packing_loses_and_duplicates_no_token(tmp_path):
     write_shard(tmp_path / "c4-train.00000-of-00002.json.gz", docs("a", 30))
     write_shard(tmp_path / "c4-train.00001-of-00002.json.gz", docs("b", 25))
-    tok = c4_data.ByteTokenizer()
-    train, val = c4_data.find_shards(str(tmp_path))
+    tok = llama_c4.ByteTokenizer()
+    train, val = llama_c4.find_shards(str(tmp_path))
     assert len(train) == 2 and val == []
-    seqs = list(c4_data.TokenStream(train, tok, 16, epochs=1))
+    seqs = list(llama_c4.TokenStream(train, tok, 16, epochs=1))
     assert all(s.shape == (17,) for s in seqs)
     stream = token_stream([d["text"] for d in docs("a", 30) + docs("b", 25)], tok)
     flat = torch.cat(seqs).tolist()
@@ -2293,11 +2293,11 @@ def batch_bytes(batches):
 
 
 def test_train_and_validation_are_disjoint(tmp_path):
-    tok = c4_data.ByteTokenizer()
+    tok = llama_c4.ByteTokenizer()
     # with validation shards
     write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", docs("train", 40))
     write_shard(tmp_path / "c4-validation.00000-of-00001.json.gz", docs("valid", 20))
-    data = c4_data.C4Data(str(tmp_path), tok, 16)
+    data = llama_c4.C4Data(str(tmp_path), tok, 16)
     assert [f.name for f in data.val_files] == ["c4-validation.00000-of-00001.json.gz"]
     val_text = batch_bytes(data.val_batches(2, 100))
     assert b"valid" in val_text and b"train" not in val_text
@@ -2305,11 +2305,11 @@ def test_train_and_validation_are_disjoint(tmp_path):
     only = tmp_path / "only"
     only.mkdir()
     write_shard(only / "c4-train.00000-of-00001.json.gz", [{"text": f"doc{i:03d}|" * 3} for i in range(300)])
-    data = c4_data.C4Data(str(only), tok, 8)
+    data = llama_c4.C4Data(str(only), tok, 8)
     assert data.holdout
-    train_docs = {t for t in c4_data.read_documents(data.train_files, c4_data.DataStats())}
+    train_docs = {t for t in llama_c4.read_documents(data.train_files, llama_c4.DataStats())}
     held = [f"doc{i:03d}|" * 3 for i in range(300) if i % 100 == 99]
-    seen_train = b"".join(bytes([t for t in s.tolist() if t < 256]) for s in c4_data.TokenStream(
+    seen_train = b"".join(bytes([t for t in s.tolist() if t < 256]) for s in llama_c4.TokenStream(
         data.train_files, tok, 8, keep=lambda i: i % 100 != 99, epochs=1))
     seen_val = batch_bytes(data.val_batches(1, 1000))
     for h in held:
@@ -2321,10 +2321,10 @@ def test_train_and_validation_are_disjoint(tmp_path):
 
 def test_ddp_ranks_get_disjoint_slices(tmp_path):
     write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", [{"text": f"<{i}>" * 20} for i in range(40)])
-    tok = c4_data.ByteTokenizer()
-    files, _ = c4_data.find_shards(str(tmp_path))
+    tok = llama_c4.ByteTokenizer()
+    files, _ = llama_c4.find_shards(str(tmp_path))
     per_rank = [b"".join(bytes([t for t in s.tolist() if t < 256])
-                         for s in c4_data.TokenStream(files, tok, 8, rank=r, world=2, epochs=1)) for r in range(2)]
+                         for s in llama_c4.TokenStream(files, tok, 8, rank=r, world=2, epochs=1)) for r in range(2)]
     for i in range(40):
         owners = [f"<{i}><{i}><{i}>".encode() in seen for seen in per_rank]
         assert owners.count(True) <= 1
@@ -2341,9 +2341,9 @@ def bad_data_folder(path):
 
 def test_bad_data_is_skipped_and_counted(tmp_path, capsys):
     bad_data_folder(tmp_path)
-    files, _ = c4_data.find_shards(str(tmp_path))
-    stats = c4_data.DataStats()
-    texts = list(c4_data.read_documents(files, stats))
+    files, _ = llama_c4.find_shards(str(tmp_path))
+    stats = llama_c4.DataStats()
+    texts = list(llama_c4.read_documents(files, stats))
     assert stats.bad_lines == 2 and stats.no_text == 2 and stats.bad_shards == 1
     assert texts[:5] == [d["text"] for d in docs("ok", 5)] and texts[-1] == "plain json file"
     assert "skipping the rest" in capsys.readouterr().err
@@ -2353,7 +2353,7 @@ def test_bad_data_is_counted_and_warned_about_once_however_often_it_repeats(tmp_
     """Issue 13 #8: 2 bad lines once became 'skipped 28' and 13 identical warnings."""
     bad_data_folder(tmp_path)
     write_shard(tmp_path / "c4-train.00003-of-00003.json.gz", docs("more", 150))
-    data = c4_data.C4Data(str(tmp_path), c4_data.ByteTokenizer(), 16)
+    data = llama_c4.C4Data(str(tmp_path), llama_c4.ByteTokenizer(), 16)
     data.val_batches(2, 4)  # the held-out pass reads every shard too
     batches = data.train_batches(2, seed=0, shuffle_buffer=0)
     for _ in range(300):  # many epochs of this small data set
@@ -2366,17 +2366,17 @@ def test_bad_data_is_counted_and_warned_about_once_however_often_it_repeats(tmp_
 def test_an_empty_held_out_set_is_named_as_the_problem(tmp_path):
     """Issue 13 #9: fewer than 100 documents and no validation shard."""
     write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", docs("few", 60))
-    with pytest.raises(c4_data.DataError, match="held-out validation set is empty.*60 documents"):
-        c4_data.C4Data(str(tmp_path), c4_data.ByteTokenizer(), 16).val_batches(2, 4)
+    with pytest.raises(llama_c4.DataError, match="held-out validation set is empty.*60 documents"):
+        llama_c4.C4Data(str(tmp_path), llama_c4.ByteTokenizer(), 16).val_batches(2, 4)
     with pytest.raises(SystemExit, match="held-out validation set is empty"):
         tl.main(["--data", str(tmp_path), "--out-dir", str(tmp_path / "out")])
 
 
 def test_missing_or_empty_data_path_errors_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or directory"):
-        c4_data.find_shards(str(tmp_path / "nope"))
+        llama_c4.find_shards(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="no C4 shards"):
-        c4_data.find_shards(str(tmp_path))
+        llama_c4.find_shards(str(tmp_path))
     with pytest.raises(SystemExit, match="nope: no such file"):
         tl.main(["--data", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "out")])
 
@@ -2392,25 +2392,25 @@ def test_lr_schedule():
 def xdg_cache(tmp_path_factory):
     """An XDG_CACHE_HOME holding the embedded corpus, where --cache-dir looks by default."""
     xdg = tmp_path_factory.mktemp("xdg")
-    c4_data.build_embedded_corpus(xdg / "lowrank_adam")
+    llama_c4.build_embedded_corpus(xdg / "lowrank_adam")
     return xdg
 
 
 @pytest.fixture(scope="session")
 def corpus(xdg_cache):
-    return str(c4_data.build_embedded_corpus(xdg_cache / "lowrank_adam"))
+    return str(llama_c4.build_embedded_corpus(xdg_cache / "lowrank_adam"))
 
 
 def test_a_late_resume_reads_at_most_one_shard_and_continues_exactly(corpus, tmp_path):
-    tok = c4_data.ByteTokenizer()
-    data = c4_data.C4Data(corpus, tok, 64)
+    tok = llama_c4.ByteTokenizer()
+    data = llama_c4.C4Data(corpus, tok, 64)
     batches = data.train_batches(4, seed=0, shuffle_buffer=50)
     while batches.stream.pos["file"] < 2 or batches.stream.pos["epoch"] < 1:  # late: the 2nd epoch, 3rd shard
         next(batches)
-    torch.save(c4_data.saveable(batches.state_dict()), tmp_path / "data.pt")
+    torch.save(llama_c4.saveable(batches.state_dict()), tmp_path / "data.pt")
     saved = dict(batches.stream.pos)
     expected = [next(batches) for _ in range(60)]  # enough to read on from the saved line
-    fresh = c4_data.C4Data(corpus, tok, 64)
+    fresh = llama_c4.C4Data(corpus, tok, 64)
     resumed = fresh.train_batches(4, seed=0, shuffle_buffer=50)
     resumed.load_state_dict(torch.load(tmp_path / "data.pt", weights_only=True))
     got = []
@@ -2424,9 +2424,9 @@ def test_a_late_resume_reads_at_most_one_shard_and_continues_exactly(corpus, tmp
 
 
 def test_prefetch_gives_the_same_batches_and_the_state_of_the_last_taken(corpus):
-    tok = c4_data.ByteTokenizer()
-    plain = c4_data.C4Data(corpus, tok, 32).train_batches(2, seed=1, shuffle_buffer=10)
-    ahead = c4_data.Prefetch(c4_data.C4Data(corpus, tok, 32).train_batches(2, seed=1, shuffle_buffer=10), depth=4)
+    tok = llama_c4.ByteTokenizer()
+    plain = llama_c4.C4Data(corpus, tok, 32).train_batches(2, seed=1, shuffle_buffer=10)
+    ahead = llama_c4.Prefetch(llama_c4.C4Data(corpus, tok, 32).train_batches(2, seed=1, shuffle_buffer=10), depth=4)
     for _ in range(6):
         a, b = next(plain), next(ahead)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -2436,7 +2436,7 @@ def test_prefetch_gives_the_same_batches_and_the_state_of_the_last_taken(corpus)
 
 
 def test_embedded_corpus_is_c4_format(corpus):
-    train, val = c4_data.find_shards(corpus)
+    train, val = llama_c4.find_shards(corpus)
     assert len(train) == 4 and len(val) == 1
     assert all(f.name.startswith("c4-train.") and f.name.endswith("-of-00004.json.gz") for f in train)
     with gzip.open(val[0], "rt") as fh:
@@ -2555,7 +2555,7 @@ BAD_FLAGS = [  # Issue 13 #4, and the rest of the flags: one clear line each
 
 @pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
 def test_bad_flags_fail_before_anything_is_read_with_one_line(argv, message, tmp_path, monkeypatch):
-    for module, name in ((c4_data, "build_embedded_corpus"), (c4_data, "C4Data"), (tl, "load_tokenizer")):
+    for module, name in ((llama_c4, "build_embedded_corpus"), (llama_c4, "C4Data"), (tl, "load_tokenizer")):
         monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("read data before checking the flags"))
     with pytest.raises(SystemExit) as e:
         tl.main(argv + ["--out-dir", str(tmp_path / "out")])
@@ -2571,7 +2571,7 @@ def test_cuda_on_a_cpu_only_torch_fails_up_front(tmp_path):
 
 
 def test_unwritable_out_dir_and_bad_tokenizer_fail_up_front(tmp_path, monkeypatch):
-    monkeypatch.setattr(c4_data, "build_embedded_corpus", lambda *a: pytest.fail("read data before checking the flags"))
+    monkeypatch.setattr(llama_c4, "build_embedded_corpus", lambda *a: pytest.fail("read data before checking the flags"))
     (tmp_path / "file").write_text("")
     # (a read-only folder is no test as root, so: a folder that cannot be created, under a file)
     with pytest.raises(SystemExit, match="--out-dir .*file/out: cannot write there"):
@@ -2590,6 +2590,13 @@ def test_a_bad_flag_on_the_command_line_is_one_line_on_stderr(tmp_path):
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr == "error: --rank 0: must be an integer >= 1\n"
+
+
+def test_compare_lr_takes_a_number_or_a_table_where_the_full_spec_wins():
+    table = "galore=2e-2,galore+residual=3e-2,adamw=1e-3"
+    assert bench.peak_lr("galore+residual", table) == 3e-2 and bench.peak_lr("galore:random", table) == 2e-2
+    assert bench.peak_lr("adamw", table) == 1e-3 and bench.peak_lr("ldadam", table) == tl.OPTIMIZERS["ldadam"].lr
+    assert bench.peak_lr("adapprox", "5e-4") == 5e-4 and bench.peak_lr("adafactor", None) == 1e-2
 
 
 def test_compare_checks_every_run_before_training_any(corpus, tmp_path, capsys):
@@ -2850,8 +2857,8 @@ def test_layerwise_and_zero_refuse_what_they_cannot_do(flags, words):
                                     "adapprox-b0"])
 def test_memory_formula_equals_state_bytes_of_a_real_step(method):
     torch.manual_seed(0)
-    cfg = tl.LlamaConfig(vocab_size=96, hidden=32, intermediate=80, heads=4, layers=2, max_seq_len=16)
-    model = tl.Llama(cfg)
+    cfg = llama_c4.LlamaConfig(vocab_size=96, hidden=32, intermediate=80, heads=4, layers=2, max_seq_len=16)
+    model = llama_c4.Llama(cfg)
     rank = 5
     groups = la.lowrank_groups(model, rank)
     opt = {"adamw": lambda: torch.optim.AdamW(model.parameters()),
@@ -3102,7 +3109,7 @@ def test_every_readme_command_runs(corpus, xdg_cache, tmp_path, monkeypatch, cap
     """Each command of README.md, in order, in a scratch folder, shrunk as README_APPEND says.
     Without matplotlib, a command that plots must fail with the install hint before training,
     and then runs without --plot."""
-    for name in ("lowrank_adam.py", "c4_data.py", "train_tiny_llama.py", "bench.py", "requirements.txt"):
+    for name in ("lowrank_adam.py", "llama_c4.py", "train_tiny_llama.py", "bench.py", "requirements.txt"):
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(xdg_cache))  # the embedded corpus, built once per session

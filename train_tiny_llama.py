@@ -1,9 +1,9 @@
 """Pretrain a small LLaMA on C4 with the optimizers of lowrank_adam: one training run.
 
 Read it top to bottom: configuration, model, optimizers, the training step,
-checkpoints, the loop, DDP and main. The data (C4 shards to shuffled batches,
-with a resumable position) is c4_data.py; bench.py imports this file to
-compare runs (side by side, seeds, lr sweeps, step() timings, memory, plots).
+checkpoints, the loop, DDP and main. The LLaMA and the C4 loader (streamed,
+packed, shuffled, its position saved for an exact resume) are llama_c4.py;
+bench.py imports this file to compare runs (seeds, lr sweeps, timings, plots).
 
 examples:
   python train_tiny_llama.py                          # tiny LLaMA, AdamW, embedded corpus: ~25 s on 2 CPU cores
@@ -28,20 +28,15 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import c4_data
+import llama_c4
 import lowrank_adam as la
 
 # ----------------------------------------------------------------------------- configuration
 # Every setting is a flag; every flag is checked before anything is read or built.
 
-# hidden / intermediate / heads / layers: the published shapes of the GaLore and
-# LDAdam experiments, plus a CPU-sized default.
-MODEL_SHAPES = {"tiny": (64, 176, 4, 4), "9m": (128, 352, 4, 4), "20m": (256, 688, 4, 4), "35m": (384, 1024, 8, 6),
-                "60m": (512, 1376, 8, 8), "130m": (768, 2048, 12, 12), "350m": (1024, 2736, 16, 24),
-                "1b": (2048, 5461, 32, 24)}
+MODEL_SHAPES = llama_c4.MODEL_SHAPES  # name -> hidden / intermediate / heads / layers
 
 def fail(message: str):
     """Stop with one line on stderr (exit status 1)."""
@@ -52,8 +47,7 @@ class Parser(argparse.ArgumentParser):
         fail(f"{message} (see --help)")
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Examples keep their lines; a flag shows its default once (none for switches
-    and unset flags: their help says what unset means)."""
+    """Examples keep their lines; a flag shows its default once (switches and unset flags: none)."""
     def _get_help_string(self, action):
         unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
         return action.help if unset else action.help + " (default: %(default)s)"
@@ -127,12 +121,10 @@ def run_flags(p: argparse.ArgumentParser) -> None:
     y.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     y.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="autocast on CUDA")
     y.add_argument("--compile", action="store_true", help="torch.compile the model")
-    y.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = 1 for the tiny model on CPU (see "
-                   "set_threads), else one per core")
+    y.add_argument("--threads", type=int, default=0, help="CPU threads; 0: one for the tiny model on CPU, else one a core")
     y.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 bf16 dense)")
-    y.add_argument("--layerwise", action="store_true", help="update each parameter inside the backward pass, as soon "
-                   "as its gradient is ready, and free that gradient: the model's gradients never coexist. "
-                   "One process, --grad-clip 0, --grad-accum 1; not adaptive or adafactor")
+    y.add_argument("--layerwise", action="store_true", help="step each parameter inside backward and free its gradient "
+                   "(gradients never coexist); one process, --grad-clip 0, --grad-accum 1, not adaptive/adafactor")
     y.add_argument("--zero", action="store_true", help="under torchrun: shard the optimizer state across the "
                    "processes (ZeRO-1, torch's ZeroRedundancyOptimizer); each rank steps its own parameters")
 
@@ -173,7 +165,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.rank = args.rank or MODEL_SHAPES[args.model][0] // 4
         build_optimizer(args, build_model(args, vocab_size=64, device="meta"))  # its own checks, allocating nothing
         if args.data is not None:
-            c4_data.find_shards(args.data)
+            llama_c4.find_shards(args.data)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     check_device(args.device)
@@ -186,30 +178,24 @@ def check_memory_modes(args) -> None:
     if args.zero and (not torchrun or args.layerwise):
         fail("--zero shards the optimizer state across torchrun's processes: start the run with torchrun, "
              "without --layerwise")
-    refusals = [
-        (args.grad_clip > 0, "no global gradient norm ever exists to clip: add --grad-clip 0"),
-        (args.grad_accum > 1, "a parameter is updated at every backward, so micro-batches cannot accumulate: "
-                              "use --grad-accum 1"),
-        (torchrun, "the update would come before DDP averages the gradients across processes: run one process "
-                   "(under torchrun, --zero saves memory)"),
-        (args.dtype == "float16" and args.device != "cpu", "a GradScaler's inf check needs every gradient at once: "
-                                                           "use --dtype bfloat16"),
-        (cls is la.AdaptiveAdamW, "adaptive allocates its rank budget from the spectra of all matrices at once: use "
-                                  "galore"),
-        (cls is torch.optim.Adafactor, "torch's Adafactor cannot step one parameter at a time")]
+    refusals = [(args.grad_clip > 0, "no global gradient norm ever exists to clip: add --grad-clip 0"),
+                (args.grad_accum > 1, "a parameter is updated at every backward, so micro-batches cannot accumulate: "
+                                      "use --grad-accum 1"),
+                (torchrun, "the update would come before DDP averages the gradients: run one process (under "
+                           "torchrun, --zero saves memory)"),
+                (args.dtype == "float16" and args.device != "cpu", "a GradScaler's inf check needs every gradient "
+                                                                   "at once: use --dtype bfloat16"),
+                (cls is la.AdaptiveAdamW, "adaptive allocates its rank budget from all spectra at once: use galore"),
+                (cls is torch.optim.Adafactor, "torch's Adafactor cannot step one parameter at a time")]
     for why in [why for refused, why in refusals if refused and args.layerwise][:1]:
         fail(f"--layerwise: {why}")
 
 def check_device(spec: str) -> None:
-    try:
-        device = torch.device("cpu" if spec == "auto" else spec)
-    except RuntimeError:
-        fail(f"--device {spec}: not a device (auto, cpu, cuda, cuda:N)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec):
+        fail(f"--device {spec}: not a device this script runs on (auto, cpu, cuda, cuda:N)")
+    if spec.startswith("cuda") and int(spec[5:] or 0) >= torch.cuda.device_count():
         why = "a CPU-only build" if torch.version.cuda is None else f"{torch.cuda.device_count()} GPUs visible"
         fail(f"--device {spec}: no such CUDA device (torch {torch.__version__}, {why}); use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        fail(f"--device {spec}: this script runs on cpu or cuda")
 
 def check_out_dir(args) -> None:
     """A run already in --out-dir is only continued (--resume); the folder must be writable."""
@@ -226,117 +212,23 @@ def check_out_dir(args) -> None:
         fail(f"--out-dir {out}: cannot write there ({e.strerror or e})")
 
 # ----------------------------------------------------------------------------- model
-# LLaMA: RMSNorm, rotary embeddings, SwiGLU, untied head.
+# LLaMA (llama_c4.py): RMSNorm, rotary embeddings, SwiGLU, untied head.
 
-@dataclass
-class LlamaConfig:
-    vocab_size: int = 320
-    hidden: int = 64
-    intermediate: int = 176
-    heads: int = 4
-    layers: int = 4
-    max_seq_len: int = 1024
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        # x / sqrt(mean(x²) + eps) · w, in float32
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
-def apply_rotary(x, cos, sin):
-    # rotate the two halves of each head: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos)
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
-
-class Attention(nn.Module):
-    def __init__(self, c: LlamaConfig):
-        super().__init__()
-        self.heads, self.head_dim = c.heads, c.hidden // c.heads
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(c.hidden, c.hidden, bias=False)
-                                                              for _ in range(4))
-
-    def forward(self, x, cos, sin):
-        B, T, C = x.shape
-        q, k, v = (proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, T, hs)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
-
-class MLP(nn.Module):
-    def __init__(self, c: LlamaConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(c.hidden, c.intermediate, bias=False)
-        self.up_proj = nn.Linear(c.hidden, c.intermediate, bias=False)
-        self.down_proj = nn.Linear(c.intermediate, c.hidden, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
-
-class Block(nn.Module):
-    def __init__(self, c: LlamaConfig):
-        super().__init__()
-        self.attn_norm, self.attn = RMSNorm(c.hidden, c.norm_eps), Attention(c)
-        self.mlp_norm, self.mlp = RMSNorm(c.hidden, c.norm_eps), MLP(c)
-
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.mlp(self.mlp_norm(x))
-
-class Llama(nn.Module):
-    def __init__(self, c: LlamaConfig):
-        super().__init__()
-        self.config = c
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden)
-        self.layers = nn.ModuleList(Block(c) for _ in range(c.layers))
-        self.norm = RMSNorm(c.hidden, c.norm_eps)
-        self.lm_head = nn.Linear(c.hidden, c.vocab_size, bias=False)  # untied
-        head_dim = c.hidden // c.heads  # rotary angles: position t, frequency theta^(-2i/hs)
-        inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
-        angles = torch.outer(torch.arange(c.max_seq_len).float(), inv_freq)  # (T, hs/2)
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=0.02)
-
-    def forward(self, idx, targets=None):
-        T = idx.shape[1]
-        x = self.embed_tokens(idx)  # (B, T, C)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        for block in self.layers:
-            x = block(x, cos, sin)
-        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
-        loss = None if targets is None else F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """6N for the matmuls plus attention scores (nanoGPT's / PaLM's estimate)."""
-        c = self.config
-        n = sum(p.numel() for p in self.parameters()) - self.embed_tokens.weight.numel()
-        return 6 * n + 12 * c.layers * c.hidden * seq_len
-
-def build_model(args, vocab_size: int, device="cpu") -> Llama:
+def build_model(args, vocab_size: int, device="cpu") -> llama_c4.Llama:
     """--model's shape; the vocabulary padded to a multiple of 64 for fast matmuls."""
     hidden, inter, heads, layers = MODEL_SHAPES[args.model]
+    config = llama_c4.LlamaConfig(vocab_size=64 * math.ceil(vocab_size / 64), hidden=hidden, intermediate=inter,
+                                  heads=heads, layers=layers, max_seq_len=max(args.seq_len, 64))
     with torch.device(device):
-        return Llama(LlamaConfig(vocab_size=64 * math.ceil(vocab_size / 64), hidden=hidden, intermediate=inter,
-                                 heads=heads, layers=layers, max_seq_len=max(args.seq_len, 64)))
+        return llama_c4.Llama(config)
 
 # ----------------------------------------------------------------------------- optimizers
 # By name: --optimizer NAME[:KIND][+SWITCH]..., e.g. adaptive:gap+noresidual.
 
 @dataclass
 class Recipe:
-    """An --optimizer name: the class, its default lr, whether it takes lowrank_groups
-    (rank groups for the attn/mlp matrices) or all parameters alike, and the
-    options that each ``:KIND`` or ``+SWITCH`` of the name sets."""
+    """An --optimizer name: the class, its default lr, whether it takes lowrank_groups (rank groups
+    for the attn/mlp matrices) or all parameters alike, and the options each :KIND or +SWITCH sets."""
     cls: type
     lr: float  # default peak lr, tuned on the tiny config
     lowrank: bool = False
@@ -441,7 +333,7 @@ class Run:
         amp = self.device.type == "cuda" and args.dtype != "float32"
         self.ctx = torch.autocast("cuda", dtype=getattr(torch, args.dtype)) if amp else contextlib.nullcontext()
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and args.dtype == "float16")
-        self.step, self.batches = 0, None  # optimizer steps; the data (a c4_data.Prefetch)
+        self.step, self.batches = 0, None  # optimizer steps; the data (a llama_c4.Prefetch)
         self.seconds, self.step_seconds = 0.0, 0.0  # training time of earlier invocations; time in opt.step()
         self.started = self.last_log_time = time.perf_counter()
         self.last_log_step, self.train_loss, self.last_eval = 0, math.nan, (-1, math.nan)
@@ -585,7 +477,7 @@ def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
     """Everything an exact resume needs (the data position of every rank too);
     ``result`` marks a complete run. Every rank calls it; rank 0 writes a
     temporary file, then renames it over the old checkpoint."""
-    data = c4_data.saveable(run.batches.state)
+    data = llama_c4.saveable(run.batches.state)
     if run.args.zero:  # every rank sends its shard of the optimizer state to rank 0
         run.opt.consolidate_state_dict(to=0)
     optimizer_state = run.opt.state_dict() if run.dist.master else None
@@ -603,7 +495,7 @@ def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
                path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
 
-def restore(run: Run, ckpt: dict, batches: c4_data.TrainBatches) -> None:
+def restore(run: Run, ckpt: dict, batches: llama_c4.TrainBatches) -> None:
     """The run where the checkpoint left it, the data position of this rank too: no replay of the stream."""
     run.raw_model.load_state_dict(ckpt["model"])
     run.opt.load_state_dict(ckpt["optimizer"])
@@ -622,24 +514,21 @@ def restore(run: Run, ckpt: dict, batches: c4_data.TrainBatches) -> None:
 def stop_on_first_ctrl_c():
     """The first Ctrl-C finishes the current step and stops cleanly (with a
     checkpoint); a second one interrupts at once."""
-    flag = {"stop": False}
-    main_thread = threading.current_thread() is threading.main_thread()  # signals only work there
-    if main_thread:
-        previous = signal.getsignal(signal.SIGINT)
+    stop, main_thread = threading.Event(), threading.current_thread() is threading.main_thread()
 
-        def handler(signum, frame):
-            if flag["stop"]:
-                raise KeyboardInterrupt
-            flag["stop"] = True
-            print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
-        signal.signal(signal.SIGINT, handler)
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+    previous = signal.signal(signal.SIGINT, handler) if main_thread else None  # signals reach the main thread only
     try:
-        yield lambda: flag["stop"]
+        yield stop.is_set
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, previous)
 
-def train(args, data: c4_data.C4Data, val: list, dist: Dist, ckpt: Optional[dict] = None) -> dict:
+def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dict] = None) -> dict:
     """One run in --out-dir: build or resume it, step to --max-steps (or
     --stop-after), evaluate, save. Returns the run's result."""
     run = Run(args, data.tokenizer.vocab_size, dist)
@@ -650,7 +539,7 @@ def train(args, data: c4_data.C4Data, val: list, dist: Dist, ckpt: Optional[dict
             return ckpt["result"]
     elif args.resume and dist.master:
         print(f"--resume: no checkpoint in {args.out_dir} yet, so the run starts there")
-    run.batches = c4_data.Prefetch(batches)  # tokenized ahead, in a background thread
+    run.batches = llama_c4.Prefetch(batches)  # tokenized ahead, in a background thread
     metrics = open_metrics(Path(args.out_dir) / "metrics.jsonl", run.step, dist.master)
     if run.step == 0:
         log(metrics, step=0, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
@@ -772,17 +661,17 @@ def set_threads(args, device: str) -> None:
 def load_tokenizer(args):
     """UTF-8 bytes, or --tokenizer's file (checked as it loads)."""
     try:
-        return c4_data.FileTokenizer(args.tokenizer, args.eos_token) if args.tokenizer else c4_data.ByteTokenizer()
-    except c4_data.DataError as e:
+        return llama_c4.FileTokenizer(args.tokenizer, args.eos_token) if args.tokenizer else llama_c4.ByteTokenizer()
+    except llama_c4.DataError as e:
         fail(str(e))
 
-def load_data(args, tokenizer, dist: Dist) -> tuple[c4_data.C4Data, list]:
+def load_data(args, tokenizer, dist: Dist) -> tuple[llama_c4.C4Data, list]:
     """--data (or the embedded corpus) and the validation batches, which every evaluation reuses."""
-    source = args.data or str(c4_data.build_embedded_corpus(Path(args.cache_dir).expanduser()))
+    source = args.data or str(llama_c4.build_embedded_corpus(Path(args.cache_dir).expanduser()))
     try:
-        data = c4_data.C4Data(source, tokenizer, args.seq_len, rank=dist.rank, world=dist.world)
+        data = llama_c4.C4Data(source, tokenizer, args.seq_len, rank=dist.rank, world=dist.world)
         val = data.val_batches(args.batch_size, args.val_batches)
-    except (FileNotFoundError, c4_data.DataError) as e:
+    except (FileNotFoundError, llama_c4.DataError) as e:
         fail(str(e))
     if dist.master:
         print(f"data: {source} ({len(data.train_files)} train / {len(data.val_files)} validation shards"
@@ -813,7 +702,7 @@ def main(argv=None) -> dict:
         return result
     except KeyboardInterrupt:
         sys.exit(130)
-    except c4_data.DataError as e:  # the training stream ran dry
+    except llama_c4.DataError as e:  # the training stream ran dry
         fail(str(e))
     finally:
         if dist.ddp:

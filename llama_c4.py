@@ -1,15 +1,19 @@
-"""The data of train_tiny_llama.py: C4 shards -> documents -> packed token sequences -> shuffled batches.
+"""What train_tiny_llama.py trains, and on what: the LLaMA model and the C4 data.
 
+The model is LLaMA as in the GaLore and LDAdam experiments (RMSNorm, rotary
+embeddings, SwiGLU, untied head) in their published shapes.
+
+The data: C4 shards -> documents -> packed token sequences -> shuffled batches.
 Shards are streamed as distributed (gzip JSON lines, never a whole shard in
-memory), documents are tokenized, joined with an end-of-document token and cut
+memory); documents are tokenized, joined with an end-of-document token and cut
 into fixed-length sequences (no padding), which a seeded buffer shuffles. The
 validation stream is disjoint from the training stream, and each DDP rank reads
 its own slice. The loader's position is an explicit state (shard, line,
 document counters, packing remainder, shuffle buffer, RNG): a checkpoint holds
 it, and a resume continues at once instead of replaying the stream. Without C4,
 ``build_embedded_corpus`` writes the documentation every Python ships as
-C4-format shards. Errors are ``DataError`` (or ``FileNotFoundError``) with a
-message for the user.
+C4-format shards. Data errors are ``DataError`` (or ``FileNotFoundError``),
+with a message for the user.
 """
 
 from __future__ import annotations
@@ -20,6 +24,121 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ----------------------------------------------------------------------------- the model
+
+# hidden / intermediate / heads / layers: the published shapes of the GaLore and
+# LDAdam experiments, plus a CPU-sized default.
+MODEL_SHAPES = {"tiny": (64, 176, 4, 4), "9m": (128, 352, 4, 4), "20m": (256, 688, 4, 4), "35m": (384, 1024, 8, 6),
+                "60m": (512, 1376, 8, 8), "130m": (768, 2048, 12, 12), "350m": (1024, 2736, 16, 24),
+                "1b": (2048, 5461, 32, 24)}
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 320
+    hidden: int = 64
+    intermediate: int = 176
+    heads: int = 4
+    layers: int = 4
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # x / sqrt(mean(x²) + eps) · w, in float32
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def apply_rotary(x, cos, sin):
+    # rotate the two halves of each head: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos)
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.heads, self.head_dim = c.heads, c.hidden // c.heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(c.hidden, c.hidden, bias=False)
+                                                              for _ in range(4))
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        q, k, v = (proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, T, hs)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden, c.intermediate, bias=False)
+        self.up_proj = nn.Linear(c.hidden, c.intermediate, bias=False)
+        self.down_proj = nn.Linear(c.intermediate, c.hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(c.hidden, c.norm_eps), Attention(c)
+        self.mlp_norm, self.mlp = RMSNorm(c.hidden, c.norm_eps), MLP(c)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.layers))
+        self.norm = RMSNorm(c.hidden, c.norm_eps)
+        self.lm_head = nn.Linear(c.hidden, c.vocab_size, bias=False)  # untied
+        head_dim = c.hidden // c.heads  # rotary angles: position t, frequency theta^(-2i/hs)
+        inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        angles = torch.outer(torch.arange(c.max_seq_len).float(), inv_freq)  # (T, hs/2)
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None):
+        T = idx.shape[1]
+        x = self.embed_tokens(idx)  # (B, T, C)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        for block in self.layers:
+            x = block(x, cos, sin)
+        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
+        loss = None if targets is None else F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """6N for the matmuls plus attention scores (nanoGPT's / PaLM's estimate)."""
+        c = self.config
+        n = sum(p.numel() for p in self.parameters()) - self.embed_tokens.weight.numel()
+        return 6 * n + 12 * c.layers * c.hidden * seq_len
+
+
+# ----------------------------------------------------------------------------- the data: constants and errors
 
 SHARD_PATTERNS = ("*.json.gz", "*.jsonl.gz", "*.json", "*.jsonl")
 HOLDOUT_EVERY = 100  # without validation shards, every 100th document is held out
@@ -27,6 +146,7 @@ HOLDOUT_EVERY = 100  # without validation shards, every 100th document is held o
 
 class DataError(ValueError):
     """The data (or the tokenizer) cannot give what the run needs."""
+
 
 # ----------------------------------------------------------------------------- tokenizers
 
@@ -69,6 +189,7 @@ class FileTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:  # in Rust, on every core, without the GIL
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
 
 # ----------------------------------------------------------------------------- shards -> documents
 
@@ -141,6 +262,7 @@ def read_documents(files: list[Path], stats: DataStats, pos: Optional[dict] = No
                 stats.bad_shards += 1
                 print(f"warning: skipping the rest of {f} after line {i + 1}: {e}", file=sys.stderr)
         pos["file"], pos["line"] = pos["file"] + 1, 0
+
 
 # ----------------------------------------------------------------------------- documents -> sequences -> batches
 
@@ -290,6 +412,7 @@ class Prefetch:
         self.stop.set()
         self.thread.join()
 
+
 # ----------------------------------------------------------------------------- one data source
 
 class C4Data:
@@ -323,6 +446,7 @@ class C4Data:
             raise DataError(f"the validation shards give no sequence of {self.seq_len + 1} tokens: use a shorter "
                             "--seq-len")
         return out
+
 
 # ----------------------------------------------------------------------------- the embedded corpus
 
