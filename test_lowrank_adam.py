@@ -3023,9 +3023,10 @@ README_TRAIN = ["--max-steps", "4", "--eval-interval", "2", "--warmup-steps", "1
                 "--model", "tiny", "--quiet"]
 README_APPEND = {"train_tiny_llama.py": README_TRAIN,
                  "bench.py compare": README_TRAIN + ["--seeds", "1", "--lr-sweep", "1"],  # one run per spec
-                 "bench.py steps": ["--model", "tiny", "--rank", "8", "--steps", "1"],
+                 # one thread: commands that differ only in --threads run once
+                 "bench.py steps": ["--model", "tiny", "--rank", "8", "--steps", "1", "--threads", "1"],
                  "bench.py peak": ["--model", "tiny", "--rank", "8", "--max-steps", "1", "--seq-len", "16"],
-                 "bench.py refresh": ["--model", "tiny", "--rank", "8"],
+                 "bench.py refresh": ["--model", "tiny", "--rank", "8", "--threads", "1"],
                  "bench.py loader": ["--seconds", "0.2", "--bpe", "300"],
                  "bench.py sketch": README_TRAIN}
 
