@@ -13,16 +13,15 @@ examples:
       --model 60m --optimizer galore --rank 128 --seq-len 256 --batch-size 128 --device cuda
   torchrun --standalone --nproc_per_node 8 train_tiny_llama.py --data /data/c4/en --model 130m
 
-Without --data it writes the documentation every Python ships (pydoc topics and
-the standard library's docstrings) as C4-format shards into --cache-dir, once,
-and trains from them through the same loader a real C4 run uses. Nothing is
-downloaded. A run lives in --out-dir (ckpt.pt, metrics.jsonl); a run already
-there is continued with --resume, never overwritten.
+Without --data it writes the documentation every Python ships as C4-format
+shards into --cache-dir, once, and trains from them through the same loader a
+real C4 run uses; nothing is downloaded. A run lives in --out-dir (ckpt.pt,
+metrics.jsonl); a run already there is continued with --resume, never overwritten.
 """
 
 from __future__ import annotations
 
-import argparse, contextlib, inspect, json, math, os, random, re, signal, sys, threading, time  # noqa: E401
+import argparse, contextlib, inspect, json, math, os, random, re, signal, sys, tempfile, threading, time  # noqa: E401
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -79,8 +78,7 @@ def optimizer_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--beta2", type=float, default=0.999, help="Adam β2")
     o.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     o.add_argument("--rank", type=int, help="rank of the attn/mlp matrices (adaptive: the average); unset: hidden/4")
-    # The flags below reach the optimizers that take a keyword argument of the
-    # same name; unset, the optimizer's own default applies.
+    # The flags below reach the optimizers with a keyword argument of that name; unset, their own default applies.
     G, A = la.GaLoreAdamW, la.Adapprox
     unset = lambda cls, name: f"; unset: {inspect.signature(cls).parameters[name].default}"
     g = p.add_argument_group("galore and adaptive")
@@ -93,7 +91,6 @@ def optimizer_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--norm-growth-limit", type=float, help="limiter γ, 0 = off" + unset(G, "norm_growth_limit"))
     d = p.add_argument_group("ldadam")
     d.add_argument("--rho", type=float, help="weight of the previous subspace" + unset(la.LDAdam, "rho"))
-    d.add_argument("--ldadam-betas", type=float, nargs=2, metavar=("B1", "B2"), help="unset: --beta1 --beta2")
     d.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, help="unset: on")
     d.add_argument("--error-dtype", choices=["fp32", "bf16"], help="error-feedback buffer dtype; unset: fp32")
     x = p.add_argument_group("adapprox")
@@ -121,7 +118,7 @@ def run_flags(p: argparse.ArgumentParser) -> None:
     y.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     y.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="autocast on CUDA")
     y.add_argument("--compile", action="store_true", help="torch.compile the model")
-    y.add_argument("--threads", type=int, default=0, help="CPU threads; 0: one for the tiny model on CPU, else one a core")
+    y.add_argument("--threads", type=int, default=0, help="CPU threads; 0: 1 for the tiny model on CPU, else torch's")
     y.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator peak for MFU (H100 bf16 dense)")
     y.add_argument("--layerwise", action="store_true", help="step each parameter inside backward and free its gradient "
                    "(gradients never coexist); one process, --grad-clip 0, --grad-accum 1, not adaptive/adafactor")
@@ -156,8 +153,6 @@ def parse_args(argv=None) -> argparse.Namespace:
             value = getattr(args, name)
             if value is not None and not ok(value):  # `not ok` also catches NaN
                 fail(f"--{name.replace('_', '-')} {value}: must be {must}")
-    if args.ldadam_betas and not all(0 <= b < 1 for b in args.ldadam_betas):
-        fail(f"--ldadam-betas {' '.join(map(str, args.ldadam_betas))}: each must be in [0, 1)")
     if args.eos_token and not args.tokenizer:
         fail("--eos-token names a token of --tokenizer, which is not given")
     try:
@@ -199,15 +194,14 @@ def check_device(spec: str) -> None:
 
 def check_out_dir(args) -> None:
     """A run already in --out-dir is only continued (--resume); the folder must be writable."""
-    out, probe = Path(args.out_dir), Path(args.out_dir) / f".write-test-{os.getpid()}"
+    out = Path(args.out_dir)
     found = [name for name in ("ckpt.pt", "metrics.jsonl") if (out / name).exists()]
     if found and not args.resume:
         fail(f"--out-dir {out} already holds a run ({', '.join(found)}): add --resume to continue it, or choose "
              "another --out-dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        tempfile.TemporaryFile(dir=out).close()  # a file can be written there
     except OSError as e:
         fail(f"--out-dir {out}: cannot write there ({e.strerror or e})")
 
@@ -271,8 +265,6 @@ def optimizer_options(args) -> tuple[Recipe, dict]:
     recipe = OPTIMIZERS[name]
     flags = {**vars(args), "betas": (args.beta1, args.beta2), "error_dtype": {"fp32": torch.float32, "bf16":
              torch.bfloat16}.get(args.error_dtype)}
-    if args.ldadam_betas and recipe.cls is la.LDAdam:
-        flags["betas"] = tuple(args.ldadam_betas)
     takes = inspect.signature(recipe.cls).parameters
     kwargs = {k: None if v == 0 and k in ("norm_growth_limit", "clip_threshold") else v
               for k, v in flags.items() if k in takes and v is not None}
@@ -388,13 +380,12 @@ def train_step(run: Run, batches) -> tuple[float, torch.Tensor]:
 def evaluate(run: Run, val: list) -> float:
     """Mean loss per validation sequence."""
     run.model.eval()
-    total, count = 0.0, 0
+    total = 0.0
     for x, y in val:
         with run.ctx:
             total += run.raw_model(x.to(run.device), y.to(run.device))[1].item() * len(x)
-        count += len(x)
     run.model.train()
-    return total / count
+    return total / sum(len(x) for x, _ in val)
 
 def open_metrics(path: Path, step: int, master: bool):
     """metrics.jsonl, written by rank 0: a JSON object per line, each with its step.
