@@ -131,8 +131,8 @@ def compare(argv: list[str]) -> list[dict]:
     except llama_c4.DataError as e:
         tl.fail(str(e))
     if dist.master:
-        if data.stats.report():
-            print(data.stats.report())
+        if skipped := data.stats.report():
+            print(skipped)
         if len(results) > 1:
             print(summarize(results))
         (Path(own.out_dir) / "results.json").write_text(json.dumps(results, indent=1))
@@ -497,7 +497,10 @@ def loader(argv: list[str]) -> str:
         tokenizers[args.tokenizer] = tl.load_tokenizer(args)
     elif own.bpe:
         path = train_bpe(corpus, own.bpe, Path(args.cache_dir).expanduser() / f"bpe{own.bpe}" / "tokenizer.json")
-        tokenizers[f"BPE {own.bpe} (trained on the corpus)"] = llama_c4.FileTokenizer(str(path), "</s>")
+        try:
+            tokenizers[f"BPE {own.bpe} (trained on the corpus)"] = llama_c4.FileTokenizer(str(path), "</s>")
+        except llama_c4.DataError as e:
+            tl.fail(str(e))
     cores = os.environ.get("RAYON_NUM_THREADS") or f"every core ({os.cpu_count()}; RAYON_NUM_THREADS=1 for one)"
     lines = [f"data loader, one thread; a tokenizers BPE encodes on {cores} ({corpus}, seq len {args.seq_len}, "
              f"batch {args.batch_size})", "",

@@ -2677,7 +2677,7 @@ def test_help_is_grouped_with_examples_on_their_lines_and_one_default_per_flag(c
     with pytest.raises(SystemExit):
         tl.main(["--help"])
     text = capsys.readouterr().out
-    assert "\n  python train_tiny_llama.py                          # tiny LLaMA, AdamW, embedded corpus: ~25 s" in text
+    assert "\n  python train_tiny_llama.py                          # tiny LLaMA, AdamW, embedded corpus: 25-45 s" in text
     assert "2 min" not in text and "benchmark" not in text.lower()
     for group in ("data", "model", "optimizer", "galore and adaptive", "ldadam", "adapprox", "schedule",
                   "output and checkpoints", "system"):

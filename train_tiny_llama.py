@@ -6,7 +6,7 @@ packed, shuffled, its position saved for an exact resume) are llama_c4.py;
 bench.py imports this file to compare runs (seeds, lr sweeps, timings, plots).
 
 examples:
-  python train_tiny_llama.py                          # tiny LLaMA, AdamW, embedded corpus: ~25 s on 2 CPU cores
+  python train_tiny_llama.py                          # tiny LLaMA, AdamW, embedded corpus: 25-45 s, 2 CPU cores
   python train_tiny_llama.py --optimizer galore --rank 8 --out-dir out/galore
   python train_tiny_llama.py --resume                 # continue out/ after Ctrl-C or --stop-after
   python train_tiny_llama.py --data /data/c4/en --tokenizer /data/t5-base/tokenizer.json \\
@@ -182,13 +182,18 @@ def check_memory_modes(args) -> None:
                                                                    "at once: use --dtype bfloat16"),
                 (cls is la.AdaptiveAdamW, "adaptive allocates its rank budget from all spectra at once: use galore"),
                 (cls is torch.optim.Adafactor, "torch's Adafactor cannot step one parameter at a time")]
-    for why in [why for refused, why in refusals if refused and args.layerwise][:1]:
+    why = next((why for refused, why in refusals if refused), None)
+    if args.layerwise and why:
         fail(f"--layerwise: {why}")
 
 def check_device(spec: str) -> None:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec):
+    try:
+        device = torch.device("cpu" if spec == "auto" else spec)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         fail(f"--device {spec}: not a device this script runs on (auto, cpu, cuda, cuda:N)")
-    if spec.startswith("cuda") and int(spec[5:] or 0) >= torch.cuda.device_count():
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         why = "a CPU-only build" if torch.version.cuda is None else f"{torch.cuda.device_count()} GPUs visible"
         fail(f"--device {spec}: no such CUDA device (torch {torch.__version__}, {why}); use --device cpu")
 
@@ -335,7 +340,7 @@ class Run:
         return self.seconds + time.perf_counter() - self.started
 
     def timed(self, step, *args, sync: bool = True) -> None:
-        """Run an optimizer step and count its time (synced: the GPU's work, not the queueing of it)."""
+        """Run an optimizer step and count its time; ``sync``: the GPU's work, not the queueing of it."""
         if sync:
             synchronize(self.device)
         t0 = time.perf_counter()
@@ -516,8 +521,8 @@ def stop_on_first_ctrl_c():
     try:
         yield stop.is_set
     finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, previous)
+        if main_thread:  # (None: a handler not set from Python, such as an embedding program's)
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dict] = None) -> dict:
     """One run in --out-dir: build or resume it, step to --max-steps (or
@@ -688,8 +693,8 @@ def main(argv=None) -> dict:
         result = train(args, data, val, dist, ckpt)
         if dist.master:
             print(describe(result))
-            if data.stats.report():
-                print(data.stats.report())
+            if skipped := data.stats.report():
+                print(skipped)
         return result
     except KeyboardInterrupt:
         sys.exit(130)
