@@ -388,16 +388,20 @@ class Prefetch:
 
     def work(self, batches: TrainBatches) -> None:
         try:
-            while not self.stop.is_set():
-                item = (next(batches), batches.state_dict())
-                while not self.stop.is_set():  # wait for room, but not past close()
-                    try:
-                        self.queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
+            while self.put((next(batches), batches.state_dict())):
+                pass
         except BaseException as e:  # re-raised in the loop (DataError: the data ran dry)
-            self.queue.put((None, e))
+            self.put((None, e))
+
+    def put(self, item) -> bool:
+        """Queue ``item`` once there is room; False if close() came first (nobody reads any more)."""
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         t0 = time.perf_counter()

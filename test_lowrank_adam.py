@@ -2222,6 +2222,7 @@ import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import sys  # noqa: E402
 
@@ -2434,6 +2435,31 @@ def test_prefetch_gives_the_same_batches_and_the_state_of_the_last_taken(corpus)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     time.sleep(0.2)  # the worker is ahead now; the state must still be the one after the 6th batch
     assert ahead.state["stream"] == plain.state_dict()["stream"] and ahead.state["rng"] == plain.rng.getstate()
+    ahead.close()
+
+
+def test_prefetch_passes_on_the_end_of_the_data_and_closes_with_a_full_queue():
+    class RunsDry:  # one batch, then the data runs dry
+        taken = 0
+
+        def __next__(self):
+            self.taken += 1
+            if self.taken > 1:
+                raise llama_c4.DataError("dry")
+            return torch.zeros(1, 2), torch.ones(1, 2)
+
+        def state_dict(self):
+            return {"taken": self.taken}
+    ahead = llama_c4.Prefetch(RunsDry(), depth=1)
+    time.sleep(0.3)  # the queue holds the batch; the worker has the error and no room for it
+    closer = threading.Thread(target=ahead.close, daemon=True)
+    closer.start()
+    closer.join(5)
+    assert not closer.is_alive()  # close() came back: the worker gave up waiting for room
+    ahead = llama_c4.Prefetch(RunsDry(), depth=1)
+    assert torch.equal(next(ahead)[1], torch.ones(1, 2)) and ahead.state == {"taken": 1}
+    with pytest.raises(llama_c4.DataError, match="dry"):
+        next(ahead)
     ahead.close()
 
 
