@@ -102,7 +102,8 @@ def compare(argv: list[str]) -> list[dict]:
     p = tl.Parser(prog="bench.py compare", description="Runs side by side; any other flag (see train_tiny_llama.py "
                   "--help) goes to every run.", formatter_class=tl.HelpFormatter, allow_abbrev=False)
     p.add_argument("--optimizer", default="adamw", help="comma list of optimizer specs, e.g. adamw,galore+residual")
-    p.add_argument("--lr", help="a number, or NAME=LR pairs; unset: each optimizer's default")
+    p.add_argument("--lr", help="a number, or NAME=LR pairs such as galore=2e-2,adamw=6e-3 (a full spec like "
+                   "galore+residual=3e-2 wins over its name); unset: each optimizer's default")
     p.add_argument("--lr-sweep", default="1", help="comma list of factors on each optimizer's lr, e.g. 0.5,1,2")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
     p.add_argument("--seeds", type=int, default=1, help="run seeds --seed ... --seed + N - 1")
