@@ -2256,6 +2256,27 @@ def test_llama_shapes_names_and_causality():
     assert model.lm_head.weight is not model.embed_tokens.weight
 
 
+def test_rmsnorm_scales_by_the_root_mean_square_with_eps_and_weight():
+    x, norm = torch.randn(3, 8), llama_c4.RMSNorm(8, eps=1.0)
+    norm.weight.data.fill_(2.0)
+    torch.testing.assert_close(norm(x), 2 * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1.0))
+    assert torch.equal(llama_c4.RMSNorm(8, 1e-6)(torch.zeros(2, 8)), torch.zeros(2, 8))  # eps: no 0/0
+
+
+def test_rotary_rotates_each_pair_of_halves_as_a_complex_number():
+    x, angles = torch.randn(1, 2, 5, 8), torch.rand(5, 4) * 6  # (B, nh, T, hs), (T, hs/2)
+    z = torch.complex(*x.chunk(2, dim=-1)) * torch.polar(torch.ones_like(angles), angles)
+    torch.testing.assert_close(llama_c4.apply_rotary(x, angles.cos(), angles.sin()), torch.cat([z.real, z.imag], -1))
+
+
+def test_logits_come_through_the_final_norm():
+    torch.manual_seed(0)
+    model, idx = llama_c4.Llama(tiny_config()), torch.randint(0, 64, (2, 8))
+    logits, _ = model(idx)
+    model.norm.weight.data.mul_(2)  # the head is linear in the final norm's output
+    torch.testing.assert_close(model(idx)[0], 2 * logits)
+
+
 def write_shard(path, records, raw_lines=(), truncate=False):
     lines = [json.dumps(r).encode() for r in records] + list(raw_lines)
     data = gzip.compress(b"\n".join(lines) + b"\n")
@@ -2291,6 +2312,33 @@ def batch_bytes(batches):
     """The byte text of (inputs, targets) batches: each row is x plus the last target."""
     rows = [torch.cat([x, y[:, -1:]], dim=1) for x, y in batches]
     return b"".join(bytes([t for t in row.tolist() if t < 256]) for r in rows for row in r)
+
+
+def test_reading_resumes_after_the_last_text_yielded(tmp_path):
+    write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", docs("a", 10))
+    files, pos = llama_c4.find_shards(str(tmp_path))[0], {"file": 0, "line": 0}
+    reader = llama_c4.read_documents(files, llama_c4.DataStats(), pos)
+    first = [next(reader) for _ in range(3)]
+    rest = list(llama_c4.read_documents(files, llama_c4.DataStats(), dict(pos)))  # from the saved position
+    assert first + rest == [d["text"] for d in docs("a", 10)]
+
+
+def test_every_epoch_packs_the_same_sequences(tmp_path):
+    """An epoch's remainder is dropped, so epoch 2 starts where epoch 1 did."""
+    write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", docs("a", 30))
+    files = llama_c4.find_shards(str(tmp_path))[0]
+    seqs = [s.tolist() for s in llama_c4.TokenStream(files, llama_c4.ByteTokenizer(), 16, epochs=2)]
+    assert seqs[:len(seqs) // 2] == seqs[len(seqs) // 2:]
+
+
+def test_the_shuffle_buffer_is_a_permutation_drawing_from_every_slot(tmp_path):
+    write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", docs("a", 200))
+    files, tok = llama_c4.find_shards(str(tmp_path))[0], llama_c4.ByteTokenizer()
+    seqs = [s.tolist() for s in llama_c4.TokenStream(files, tok, 16, epochs=1)]
+    shuffled = llama_c4.TrainBatches(llama_c4.TokenStream(files, tok, 16, epochs=1), 1, seed=0, size=4)
+    out = [shuffled.next_sequence().tolist() for _ in range(len(seqs) - 4)]
+    assert sorted(out + [s.tolist() for s in shuffled.buffer]) == sorted(seqs)  # nothing lost or repeated
+    assert seqs[3] in out  # the last slot filled is drawn too
 
 
 def test_train_and_validation_are_disjoint(tmp_path):
@@ -2364,6 +2412,16 @@ def test_bad_data_is_counted_and_warned_about_once_however_often_it_repeats(tmp_
     assert capsys.readouterr().err.count("skipping the rest") == 1
     assert s.report() == "data: skipped 2 undecodable lines, 2 records without text, 1 unreadable shards"
     assert llama_c4.DataStats(documents=5).report() is None  # nothing skipped: nothing to say
+
+
+def test_documents_count_once_over_many_epochs(tmp_path):
+    write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", docs("a", 150))
+    data = llama_c4.C4Data(str(tmp_path), llama_c4.ByteTokenizer(), 16)
+    data.val_batches(1, 1)  # the held-out pass reads the same shard
+    batches = data.train_batches(2, seed=0, shuffle_buffer=0)
+    for _ in range(500):
+        next(batches)
+    assert batches.stream.pos["epoch"] >= 2 and data.stats.documents == 150
 
 
 def test_an_empty_held_out_set_is_named_as_the_problem(tmp_path):
@@ -2472,6 +2530,23 @@ def test_embedded_corpus_is_c4_format(corpus):
     assert set(rec) == {"text", "timestamp", "url"} and len(rec["text"]) > 100
 
 
+def test_embedded_validation_documents_are_not_trained_on(corpus):
+    train, val = llama_c4.find_shards(corpus)
+    urls = lambda files: [json.loads(line)["url"] for f in files for line in gzip.open(f, "rt")]
+    train_urls, val_urls = urls(train), urls(val)
+    assert not set(train_urls) & set(val_urls) and len(val_urls) > 0
+    assert len(train_urls) + len(val_urls) == int((Path(corpus) / "DONE").read_text().split()[0])  # every document
+
+
+def test_the_ctrl_c_handler_stops_once_and_is_restored():
+    before = signal.getsignal(signal.SIGINT)
+    with tl.stop_on_first_ctrl_c() as stop_requested:
+        assert not stop_requested()
+        signal.raise_signal(signal.SIGINT)  # the first Ctrl-C only asks the loop to stop
+        assert stop_requested()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 SMALL = ["--quiet", "--max-steps", "6", "--eval-interval", "3", "--batch-size", "2", "--seq-len", "32",
          "--val-batches", "2", "--update-proj-gap", "4", "--shuffle-buffer", "50", "--warmup-steps", "2"]
 
@@ -2577,6 +2652,7 @@ BAD_FLAGS = [  # Issue 13 #4, and the rest of the flags: one clear line each
     (["--optimizer", "adapprox", "--beta1", "0", "--cosine-guidance"], "Invalid cosine_guidance"),
     (["--eos-token", "</s>"], "--eos-token names a token of --tokenizer, which is not given"),
     (["--device", "tpu"], "--device tpu: not a device"),
+    (["--device", "mps"], "--device mps: not a device this script runs on"),
     (["--data", "/nonexistent/c4"], "--data /nonexistent/c4: no such file or directory"),
 ]
 
