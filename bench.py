@@ -52,8 +52,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import lowrank_adam as la
 import llama_c4
+import lowrank_adam as la
 import train_tiny_llama as tl
 
 # ----------------------------------------------------------------------------- compare: runs side by side

@@ -2675,7 +2675,8 @@ def test_cuda_on_a_cpu_only_torch_fails_up_front(tmp_path):
 
 
 def test_unwritable_out_dir_and_bad_tokenizer_fail_up_front(tmp_path, monkeypatch):
-    monkeypatch.setattr(llama_c4, "build_embedded_corpus", lambda *a: pytest.fail("read data before checking the flags"))
+    monkeypatch.setattr(llama_c4, "build_embedded_corpus",
+                        lambda *a: pytest.fail("read data before checking the flags"))
     (tmp_path / "file").write_text("")
     # (a read-only folder is no test as root, so: a folder that cannot be created, under a file)
     with pytest.raises(SystemExit, match="--out-dir .*file/out: cannot write there"):
