@@ -539,7 +539,7 @@ def predicted_state_bytes(model: torch.nn.Module, method: str, rank: int, *, bet
         elif method == "adapprox" and la.Adapprox.is_factored(p):
             m, n = p.shape
             k = max(1, int(k_max_frac * min(m, n)))
-            total += f * (k * (m + n) + (m * n if beta1 > 0 else 0))
+            total += f * (k * (m + n) + 1 + (m * n if beta1 > 0 else 0))  # Q, U, U's scale exponent, M
         elif method == "adapprox":
             total += f * p.numel() * (2 if beta1 > 0 else 1)
         elif id(p) not in lowrank:

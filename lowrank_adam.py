@@ -186,7 +186,9 @@ def orthonormalize_signed(x: Tensor) -> Tensor:
     is Gaussian (Mezzadri 2007)."""
     q, r = torch.linalg.qr(x.to(linalg_dtype(x.dtype)), mode="reduced")
     sign = torch.sign(torch.diagonal(r))
-    return q * torch.where(sign == 0, torch.ones_like(sign), sign)
+    # contiguous: LAPACK's Q is column-major, and a basis kept in the state must
+    # have the layout a loaded checkpoint gives it, or matmuls round differently
+    return (q * torch.where(sign == 0, torch.ones_like(sign), sign)).contiguous()
 
 
 def adamw_foreach_(
@@ -278,13 +280,20 @@ def back_project(P: Tensor, y: Tensor, transposed: bool, out: Optional[Tensor] =
     return torch.mm(a, b) if out is None else out.addmm_(a, b, alpha=alpha)
 
 
-def apply_update_(param: Tensor, update: Tensor, lr: float, weight_decay: float, alpha: float = 1.0) -> None:
-    """W <- W (1 - lr·wd) - lr·α·D, with D in the parameter's layout."""
+def apply_update_(param: Tensor, update: Tensor, lr: float, weight_decay: float) -> None:
+    """W <- W (1 - lr·wd) - lr·D, with D in the parameter's layout.
+
+    D is a temporary of the step and is consumed: it is scaled in place by
+    -lr (in its own dtype, float32 or better) and then added. Never written
+    as ``param.add_(D, alpha=-lr)``: when D comes from a matrix product,
+    torch.compile (inductor, torch 2.13) fuses ``add(W, mm(a, b), alpha)``
+    into one kernel that drops ``alpha``, and the compiled step came out
+    about 100 times too large. A multiply and a plain add compile correctly.
+    """
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
-    if update.dtype != param.dtype:
-        update = update.to(param.dtype)
-    param.add_(update, alpha=-lr * alpha)
+    update = update.mul_(-lr)
+    param.add_(update if update.dtype == param.dtype else update.to(param.dtype))
 
 
 # =============================================================================
@@ -299,6 +308,21 @@ class NonFiniteGradientError(RuntimeError):
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _refuse_flattened(p: Tensor) -> None:
+    """Refuse a parameter that FSDP1 (``FullyShardedDataParallel``) manages.
+
+    FSDP1 flattens parameters into 1-D shards (``use_orig_params=True`` keeps
+    the parameter objects but makes them 1-D views): a weight matrix is then
+    no matrix, and a low-rank method would silently run as AdamW. FSDP1 marks
+    every parameter it flattens with ``_fsdp_flattened``.
+    """
+    if getattr(p, "_fsdp_flattened", False):
+        raise ValueError(
+            f"a parameter (now of shape {tuple(p.shape)}) is managed by FullyShardedDataParallel (FSDP1), which "
+            "flattens weight matrices into 1-D shards: the low-rank optimizers of lowrank_adam need each matrix "
+            "whole. Use DistributedDataParallel, or ZeroRedundancyOptimizer (ZeRO-1) to shard the optimizer state")
 
 
 def _validate_adam(group: dict) -> None:
@@ -352,6 +376,7 @@ class _Base(Optimizer):
         for p in tensors:
             if isinstance(p, Tensor):
                 _check(not torch.is_complex(p), f"Complex parameters are not supported (shape {tuple(p.shape)})")
+                _refuse_flattened(p)
         self._refuse_foreign_options(param_group)
         # Validate the group as it will be (defaults filled in) before torch
         # registers it, so a bad group never half-joins the optimizer.
@@ -426,6 +451,7 @@ class _Base(Optimizer):
         per tensor)."""
         checked = []
         for p, group, _ in items:
+            _refuse_flattened(p)  # wrapped by FSDP1 after the optimizer was built
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                    f"(parameter of shape {tuple(p.shape)})")
@@ -472,7 +498,8 @@ class _Base(Optimizer):
         for i, p in zip(saved_ids, params):
             for name, value in state_dict["state"].get(i, {}).items():
                 if isinstance(value, Tensor) and value.is_floating_point():
-                    self.state[p][name] = value.to(device=p.device)
+                    # contiguous, as the step keeps it: a column-major copy would round differently
+                    self.state[p][name] = value.to(device=p.device).contiguous()
 
     def ranks(self) -> list[int]:
         """Current rank of each low-rank parameter, in param-group order."""
@@ -708,12 +735,14 @@ class GaLoreAdamW(_Base):
                 P_new = top_r_basis(x, state["rank"])
             if group["subspace"] != "svd" and "exp_avg" in state:
                 # C = P_newᵀ P_old ;  m ← C m ;  v ← (C∘C) v   (GHA: P_old = P at the last refresh)
-                state["exp_avg"], state["exp_avg_sq"] = transform_moments(
-                    P_new, state["P_ref" if group["subspace"] == "gha" else "P"], state["exp_avg"],
-                    state["exp_avg_sq"])
+                P_old = state.get("P_ref", state["P"]) if group["subspace"] == "gha" else state["P"]
+                state["exp_avg"], state["exp_avg_sq"] = transform_moments(P_new, P_old, state["exp_avg"],
+                                                                          state["exp_avg_sq"])
             state["P"] = P_new
             if group["subspace"] == "gha":
                 state["P_ref"] = P_new  # the basis the moments are expressed in
+            else:
+                state.pop("P_ref", None)  # left over if the group's subspace was "gha" until now
 
     def _projected_step(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
@@ -722,8 +751,9 @@ class GaLoreAdamW(_Base):
         if "exp_avg" not in state:
             state["exp_avg"] = x.new_zeros(P.shape[1], x.shape[1])  # m: (r, l)
             state["exp_avg_sq"] = x.new_zeros(P.shape[1], x.shape[1])  # v: (r, l)
-            if group["residual"] or self.limit_normalized_update:
-                state["rms"] = x.new_zeros(())  # RMS of the last limited update (0 = no history)
+        if (group["residual"] or self.limit_normalized_update) and "rms" not in state:
+            state["rms"] = x.new_zeros(())  # RMS of the last limited update (0 = no history: also when
+            #                                  ``residual`` was switched on between steps)
         t = state.get("step", 0) + 1
         beta1, beta2 = group["betas"]
         gamma = group["norm_growth_limit"]
@@ -736,14 +766,14 @@ class GaLoreAdamW(_Base):
             s = orthogonal_residual(x, P, r, n, transposed)
             if gamma is not None:
                 state["rms"] = norm_growth_limit_(s, state["rms"], gamma)
-            update, alpha = back_project(P, n, transposed, out=s, alpha=group["scale"]), 1.0
+            update = back_project(P, n, transposed, out=s, alpha=group["scale"])
         else:
             # (AdaptiveAdamW) N ← N · min(1, γ·RMS_{t-1}/RMS(N)) ;  D ← α P N
             if self.limit_normalized_update and gamma is not None:
                 state["rms"] = norm_growth_limit_(n, state["rms"], gamma)
-            update, alpha = back_project(P, n, transposed), group["scale"]
+            update = back_project(P, n.mul_(group["scale"]), transposed)
         # W ← W (1 - lr·wd) - lr · D
-        apply_update_(p, update, group["lr"], group["weight_decay"], alpha=alpha)
+        apply_update_(p, update, group["lr"], group["weight_decay"])
         state["step"] = t
         if group.get("subspace") == "gha":
             # P ← orth(P + η (C P - P triu(Pᵀ C P))), C = X Xᵀ/‖X‖²   (for the next step)
@@ -1053,7 +1083,13 @@ class LDAdam(_Base):
     eps=1e-8, weight_decay=0, rho=0.908, error_feedback=True``; ``rank`` per
     group (the GaLore convention), other groups plain AdamW. Options:
     ``proj_method`` (``"power"``, or ``"svd"`` for the top-r of T),
-    ``error_dtype`` (torch.float32, or torch.bfloat16 to halve the buffer).
+    ``error_dtype`` (None: the precision of the step's linear algebra, i.e.
+    float32, or float64 for a float64 parameter; torch.bfloat16 halves the
+    buffer).
+
+    Orientation as the official code: the rows are projected when m <= n
+    (P is m×r; square matrices included) and the columns when m > n. (GaLore's
+    rule transposes square matrices; for LDAdam we follow its own code.)
 
     Deliberate change from the official code: the error buffer is an explicit
     optimizer-state tensor ``error`` rather than living in ``p.grad``, so
@@ -1072,8 +1108,8 @@ class LDAdam(_Base):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.908, 0.99), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, rho: float = 0.908, error_feedback: bool = True,
-                 proj_method: str = "power", error_dtype: torch.dtype = torch.float32, check_finite: bool = True):
-        if error_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                 proj_method: str = "power", error_dtype: Optional[torch.dtype] = None, check_finite: bool = True):
+        if error_dtype not in (None, torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(f"Invalid error_dtype: {error_dtype}")
         self.error_dtype = error_dtype
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rho=rho,
@@ -1093,14 +1129,16 @@ class LDAdam(_Base):
 
     def _ldadam_step(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
-        transposed = is_transposed(p.shape)
+        transposed = p.shape[0] > p.shape[1]  # the official rule: rows projected when m <= n
         x = orient(p.grad, transposed).to(linalg_dtype(p.dtype))  # X: (s, l)
         ef = group["error_feedback"]
         if len(state) == 0:
             state["step"] = 0
             state["rank"] = self._clamped_rank(p, group)
-            if ef:
-                state["error"] = torch.zeros_like(x, dtype=self.error_dtype)  # E: (s, l)
+        if ef and "error" not in state:  # also when error_feedback was off until now: E starts at 0
+            state["error"] = x.new_zeros(x.shape, dtype=self.error_dtype or x.dtype)  # E: (s, l), contiguous
+        elif not ef:
+            state.pop("error", None)  # switched off: free the buffer (m·n floats)
         t, rank = state["step"], state["rank"]
         beta1, beta2 = group["betas"]
         # A ← X + E  (in E's own buffer when the dtypes allow: E's old value is not needed again)
@@ -1145,7 +1183,8 @@ class LDAdam(_Base):
         n = adam_normalized_(M, V, R, t + 1, beta1, beta2, group["eps"])
         # W ← W (1 - lr·wd) - lr · P N
         apply_update_(p, back_project(P, n, transposed), group["lr"], group["weight_decay"])
-        state.update(step=t + 1, P=P, exp_avg=M, exp_avg_sq=V)
+        # P contiguous: QR gives it column-major, and a loaded checkpoint holds it row-major
+        state.update(step=t + 1, P=P.contiguous(), exp_avg=M, exp_avg_sq=V)
 
 
 # =============================================================================
@@ -1154,7 +1193,8 @@ class LDAdam(_Base):
 
 
 def srsi(V: Tensor, rank: int, oversample: int = 5, power_iters: int = 1,
-         generator: Optional[torch.Generator] = None, init: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+         generator: Optional[torch.Generator] = None, init: Optional[Tensor] = None,
+         omega: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Streamlined randomized subspace iteration: ``V ≈ Q Uᵀ`` of rank ``rank``.
 
     ``Q`` (m×k) has orthonormal columns and ``U = Vᵀ Q`` (n×k), so ``Q Uᵀ``
@@ -1172,12 +1212,15 @@ def srsi(V: Tensor, rank: int, oversample: int = 5, power_iters: int = 1,
     A warm start is ours (SPEC §4): the second moment changes by only
     (1-β2)·G² per step, so last step's Q already spans most of this step's
     top subspace, and one power iteration does what five do from scratch.
+    ``omega`` may be drawn beforehand (``sketch_columns`` says how many
+    columns); ``generator`` is then unused.
     """
     m, n = V.shape
     V = V.to(linalg_dtype(V.dtype))
-    width = min(rank + oversample, m, n)  # k + p columns
-    warm = init[:, :min(rank, width)] if init is not None else V.new_zeros(m, 0)
-    omega = torch.randn(n, width - warm.shape[1], generator=generator, device=V.device, dtype=V.dtype)
+    warm = init[:, :min(rank, m, n)] if init is not None else V.new_zeros(m, 0)
+    if omega is None:
+        omega = torch.randn(n, sketch_columns(V.shape, rank, oversample, init), generator=generator,
+                            device=V.device, dtype=V.dtype)
     # Every product keeps V on the right (Xᵀ V, Xᵀ Vᵀ, then transposed views):
     # on a CPU, BLAS runs these skinny products about 4× faster than V X.
     Q = orthonormalize(torch.cat([warm.to(V.dtype), (omega.T @ V.T).T], dim=1))  # orth([Q₀, V Ω]): (m, k+p)
@@ -1185,8 +1228,15 @@ def srsi(V: Tensor, rank: int, oversample: int = 5, power_iters: int = 1,
         Y = orthonormalize((Q.T @ V).T)  # orth(Vᵀ Q): (n, k+p)
         Q = orthonormalize((Y.T @ V.T).T)  # orth(V Y): (m, k+p)
     u_b, sigma, w_bh = torch.linalg.svd(Q.T @ V, full_matrices=False)  # B: (k+p, n)
-    k = min(rank, width)
-    return Q @ u_b[:, :k], w_bh[:k].T * sigma[:k]
+    k = min(rank, m, n)
+    return Q @ u_b[:, :k], (w_bh[:k].T * sigma[:k]).contiguous()  # contiguous: saved and loaded as it is
+
+
+def sketch_columns(shape: Sequence[int], rank: int, oversample: int, init: Optional[Tensor] = None) -> int:
+    """Columns of the Gaussian sketch Ω that ``srsi`` needs: k + p in all
+    (at most min(m, n)), less those a warm start ``init`` already provides."""
+    width = min(rank + oversample, *shape)
+    return width - (0 if init is None else min(init.shape[1], rank, width))
 
 
 def srsi_relative_error(V: Tensor, U: Tensor) -> Tensor:
@@ -1360,11 +1410,12 @@ class Adapprox(_Base):
 
     # -- the step ----------------------------------------------------------
     def _step_items(self, items: list[tuple[Tensor, dict, int]]) -> None:
-        factored, errors = [], []
-        for p, group, index in items:  # index: the parameter's position, which (with the seed) seeds its sketches
+        factored = [(p, group) for p, group, _ in items if self.is_factored(p)]
+        sketches = iter(self._draw_sketches([item for item in items if self.is_factored(item[0])]))
+        errors = []
+        for p, group, _ in items:
             if self.is_factored(p):
-                errors.append(self._factored_step(p, group, index))
-                factored.append((p, group))
+                errors.append(self._factored_step(p, group, next(sketches)))
             else:
                 self._dense_adapprox_step(p, group)
         if factored:
@@ -1377,50 +1428,72 @@ class Adapprox(_Base):
                 state["rank"] = next_rank(state["rank"], state["err_ema"], group["err_tol"], k_min, k_max,
                                           group["rank_step"])
 
-    def _factored_step(self, p: Tensor, group: dict, index: int) -> Tensor:
+    @torch.compiler.disable
+    def _draw_sketches(self, items: list[tuple[Tensor, dict, int]]) -> list[Tensor]:
+        """Ω of this step for each factored matrix, drawn before any of them is
+        updated. The draws use seeded generators, which torch.compile cannot
+        trace; drawing them all here, in one uncompiled call, keeps the
+        per-matrix arithmetic free of graph breaks (a break inside it made the
+        compiler mix up the shapes of different parameters)."""
+        omegas = []
+        for p, group, index in items:  # index: the parameter's position, which (with the seed) seeds its sketches
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = 0
+                state["rank"] = self._initial_rank(p, group)
+                state["err_ema"] = 0.0
+            state.setdefault("seed", stream_seed(group["seed"], index))  # Ω at step t: stream_seed(this, t)
+            warm = state.get("Q") if group["warm_start"] else None
+            columns = sketch_columns(p.shape, state["rank"], group["oversample"], warm)
+            rng = self._generator(p.device, stream_seed(state["seed"], state["step"] + 1))
+            omegas.append(torch.randn(p.shape[1], columns, generator=rng, device=p.device,
+                                      dtype=linalg_dtype(p.dtype)))
+        return omegas
+
+    def _factored_step(self, p: Tensor, group: dict, omega: Tensor) -> Tensor:
         state = self.state[p]
         beta1, beta2 = group["betas"]
         g = p.grad.to(linalg_dtype(p.dtype))  # G: (m, n)
-        if len(state) == 0:
-            state["step"] = 0
-            state["rank"] = self._initial_rank(p, group)
-            state["err_ema"] = 0.0
-            if beta1 > 0:
-                state["exp_avg"] = torch.zeros_like(g)  # M: (m, n)
-        state.setdefault("seed", stream_seed(group["seed"], index))  # Ω at step t: stream_seed(this, t)
+        if beta1 > 0 and "exp_avg" not in state:  # also when betas[0] was 0 until now: M starts at 0
+            state["exp_avg"] = torch.zeros_like(g)  # M: (m, n)
+        elif beta1 == 0:
+            state.pop("exp_avg", None)  # betas[0] set to 0: no first moment any more
         t = state["step"] + 1
-        # c = 2^-⌊log2 max(max|G|², max|U|)⌋ (Q Uᵀ is about as large as U): V is
-        # sketched as c·V, whose entries are then about 1 at most. A power of two scales
-        # exactly, and S-RSI is scale-equivariant, but the float32 sums of
-        # squares in ξ and in the QRs are not: for |G| ~ 1e-11 the squares of
-        # V's entries underflowed and ξ read 0 (our guard).
+        # Everything below runs at the scale 4^-h, where
+        #     h = ⌊log2 max(max|G|, sqrt(max|V_{t-1}|))⌋,
+        # so that G·2^-h and the sketched V/4^h have entries of at most about 1.
+        # Powers of two scale exactly and S-RSI is scale-equivariant, but float32
+        # squares and sums of squares are not: G² overflows for |G| > 2^64 and
+        # underflows for |G| < 2^-75 (ξ then read 0 or NaN), and V itself can lie
+        # outside float32's range. So U is *stored* at scale too, with its
+        # exponent (state "u_exp" = e: V_{t-1} ≈ 4^e · Q Uᵀ), and G is scaled
+        # before it is squared (our guard).
         lo, hi = torch.aminmax(g)
-        size = 2 * torch.log2(torch.maximum(hi, -lo))
+        size = torch.log2(torch.maximum(hi, -lo))
         if t > 1:
-            size = torch.maximum(size, torch.log2(state["U"].abs().amax()))  # U: n×k, small
-        c = torch.exp2(-torch.floor(size).clamp(-126, 126))  # finite, even in float32 (all-zero V: any c)
-        # c·V ← β2 · Q (c·U)ᵀ + (1-β2) · c·G²   (the one m×n temporary of this step)
-        v = torch.square(g).mul_(c * (1 - beta2))
+            e = state["u_exp"]
+            size = torch.maximum(size, e + 0.5 * torch.log2(state["U"].abs().amax()))  # U: n×k, small
+        h = torch.floor(size).clamp(-126, 126)  # an integer; all-zero G and V: any h will do
+        # V/4^h ← (1-β2) · (G·2^-h)² + β2 · Q (U · 4^(e-h))ᵀ   (the one m×n temporary of this step)
+        v = torch.mul(g, torch.exp2(-h)).square_().mul_(1 - beta2)
         if t > 1:
-            v.addmm_(state["Q"], (state["U"] * c).T, alpha=beta2)
-        # Q, c·U ← S-RSI(c·V, k, p, l), warm-started from the previous Q
+            v.addmm_(state["Q"], (state["U"] * torch.exp2(2 * (e - h).clamp(-63, 63))).T, alpha=beta2)
+        # Q, U ← S-RSI(V/4^h, k, p, l), warm-started from the previous Q
         warm = state.get("Q") if group["warm_start"] else None
-        Q, U = srsi(v, state["rank"], group["oversample"], group["power_iters"],
-                    self._generator(p.device, stream_seed(state["seed"], t)), init=warm)
-        # ξ = sqrt(max(‖V‖² - ‖U‖², 0)) / ‖V‖   (scale-free: computed at scale c)
+        Q, U = srsi(v, state["rank"], group["oversample"], group["power_iters"], init=warm, omega=omega)
+        # ξ = sqrt(max(‖V‖² - ‖U‖², 0)) / ‖V‖   (scale-free: computed at scale 4^-h)
         xi = srsi_relative_error(v, U)
-        U = U.div_(c)
-        # V̂ ← nonneg(Q Uᵀ)   (written into V's buffer; see ``nonneg``)
-        v_hat = torch.mm(Q, U.T, out=v)
+        # V̂/4^h ← nonneg(Q Uᵀ)   (written into V's buffer, whose values beta=0 ignores; see ``nonneg``)
+        v_hat = v.addmm_(Q, U.T, beta=0)
         if group["nonneg"] == "abs":
             v_hat.abs_()
         elif group["nonneg"] == "clamp":
             v_hat.clamp_min_(0)
         else:  # "floor": the EMA is at least its newest term, V >= (1-β2)·G²
-            torch.maximum(v_hat, torch.square(g).mul_(1 - beta2), out=v_hat)
-        state.update(step=t, Q=Q, U=U)
-        # denom ← sqrt(V̂ / (1-β2ᵗ)) + ε   (in place)
-        denom = v_hat.sqrt_().div_((1 - beta2**t) ** 0.5).add_(group["eps"])
+            v_hat.clamp_min_(torch.mul(g, torch.exp2(-h)).square_().mul_(1 - beta2))
+        state.update(step=t, Q=Q, U=U, u_exp=h)
+        # denom ← sqrt(V̂ / (1-β2ᵗ)) + ε = sqrt(V̂/4^h) · 2^h / sqrt(1-β2ᵗ) + ε   (in place)
+        denom = v_hat.sqrt_().mul_(torch.exp2(h)).div_((1 - beta2**t) ** 0.5).add_(group["eps"])
         self._apply_direction(p, g, denom, state, group, t)
         return xi
 
@@ -1431,8 +1504,10 @@ class Adapprox(_Base):
         if len(state) == 0:
             state["step"] = 0
             state["exp_avg_sq"] = torch.zeros_like(g)  # exact V for tensors that are not factored
-            if beta1 > 0:
-                state["exp_avg"] = torch.zeros_like(g)
+        if beta1 > 0 and "exp_avg" not in state:  # also when betas[0] was 0 until now: M starts at 0
+            state["exp_avg"] = torch.zeros_like(g)
+        elif beta1 == 0:
+            state.pop("exp_avg", None)  # betas[0] set to 0: no first moment any more
         t = state["step"] = state["step"] + 1
         # V ← β2 V + (1-β2) G²
         state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -1447,7 +1522,7 @@ class Adapprox(_Base):
         if beta1 > 0:
             # M ← β1 M + (1-β1) G ;  D ← (M / denom) / (1-β1ᵗ)
             m = state["exp_avg"].lerp_(g, 1 - beta1)
-            d = torch.div(m, denom, out=denom).div_(1 - beta1**t)
+            d = denom.reciprocal_().mul_(m).div_(1 - beta1**t)
         else:
             # D ← G / denom
             m = None
@@ -1496,6 +1571,8 @@ def lowrank_groups(model: nn.Module, rank: int, *, targets: Sequence[str] = ("at
     """
     if isinstance(targets, str):
         targets = (targets,)
+    for p in model.parameters():
+        _refuse_flattened(p)  # an FSDP1-wrapped model: its weights are 1-D shards, no matrix would be found
     lowrank, seen, linear_names = [], set(), []
     matched = dict.fromkeys(targets, False)
     for name, module in model.named_modules():

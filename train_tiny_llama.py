@@ -92,7 +92,8 @@ def optimizer_flags(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("ldadam")
     d.add_argument("--rho", type=float, help="weight of the previous subspace" + unset(la.LDAdam, "rho"))
     d.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, help="unset: on")
-    d.add_argument("--error-dtype", choices=["fp32", "bf16"], help="error-feedback buffer dtype; unset: fp32")
+    d.add_argument("--error-dtype", choices=["fp32", "bf16"], help="error-feedback buffer dtype; unset: float32 "
+                   "(float64 for a float64 model)")
     x = p.add_argument_group("adapprox")
     x.add_argument("--k-max-frac", type=float, help="largest rank / min(m, n)" + unset(A, "k_max_frac"))
     x.add_argument("--err-tol", type=float, help="relative error target of the rank rule" + unset(A, "err_tol"))
