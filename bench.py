@@ -523,7 +523,7 @@ PUBLISHED_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}
 
 def predicted_state_bytes(model: torch.nn.Module, method: str, rank: int, *, beta1: float = 0.9,
                           error_bytes: int = 4, k_max_frac: float = 0.25) -> int:
-    """Optimizer state in bytes from SPEC §5's per-matrix formulas, float32 state.
+    """Optimizer state in bytes from the per-matrix formulas, float32 state.
 
     Equal to ``state_bytes`` after a real step (tested on small configs).
     AdaptiveAdamW is counted at uniform ranks (its total moves with the

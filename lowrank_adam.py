@@ -43,18 +43,25 @@ Memory per m×n matrix (s = min(m, n), l = max(m, n); numbers of floats)
     GaLoreAdamW           2·r·l + s·r          (moments r×l, basis s×r)
     AdaptiveAdamW         2·r·l + s·r          (r varies per matrix)
     LDAdam                2·r·l + s·r + m·n    (+ error buffer; m·n/2 in bf16)
-    Adapprox              k·(m + n) [+ m·n with a first moment]
+    Adapprox              k·(m + n) + 1 [+ m·n with a first moment]   (+1: U's scale exponent)
 
-Conventions (see SPEC §0)
--------------------------
+Conventions
+-----------
 * Orientation: the *short* side of a matrix is compressed. When m >= n we
   work with Gᵀ, so every projected algorithm below is written once for an
   "oriented" gradient X of shape (s, l), basis P of shape (s, r) and
   low-rank tensors of shape (r, l): ``project(X) = Pᵀ X``, ``back(Y) = P Y``.
+  A square matrix is transposed by GaLore's rule (GaLoreAdamW,
+  AdaptiveAdamW) and not by LDAdam's official code, which LDAdam follows.
 * All linear algebra (SVD, QR, power iteration, S-RSI) runs in float32 or
-  better, whatever the parameter dtype; optimizer state is float32 for
-  bf16/fp16 parameters, and ``load_state_dict`` restores it with its saved
-  values (torch's own would round it to the parameter's dtype).
+  better, whatever the parameter dtype (float64 for float64 parameters);
+  optimizer state is float32 for bf16/fp16 parameters, and
+  ``load_state_dict`` restores it with its saved values (torch's own would
+  round it to the parameter's dtype). State tensors are kept contiguous
+  (and made so when loaded), so a resumed run rounds as the uninterrupted one.
+* Where they run: eager or ``torch.compile`` (compiled steps equal eager
+  ones to float32 rounding), one process, DDP, ZeRO-1. FSDP1 parameters
+  (flattened to 1-D) are refused rather than silently trained as AdamW.
 * Param-group dicts are copied, never mutated; a group option that belongs
   to another optimizer of this module is refused, not ignored.
 * Parameters outside a low-rank group (biases, norms, embeddings, the LM
@@ -584,7 +591,7 @@ def orthogonal_residual(x: Tensor, P: Tensor, r: Tensor, n: Tensor, transposed: 
 
     ``φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + 1e-8)`` per column j, and
     ``S = (X - P R) · diag(φ)``. (Fira subtracts ``α·P R``; we take the exact
-    orthogonal residual, so ``Pᵀ S = 0``. Our choice, see SPEC §2.6.)
+    orthogonal residual, so ``Pᵀ S = 0``: our choice.)
     Returned in the parameter's layout (``Sᵀ`` when ``transposed``).
     """
     phi = torch.linalg.vector_norm(n, dim=0) / (torch.linalg.vector_norm(r, dim=0) + 1e-8)  # (l,)
@@ -647,7 +654,7 @@ class GaLoreAdamW(_Base):
 
     ``subspace`` chooses how P is found (the AdaptiveAdamW repository's
     baselines ``rsadamw`` and ``gha``, whose code is not public: these are
-    our readings of their names, SPEC §1)::
+    our readings of their names)::
 
         "svd"     GaLore: the SVD above at every refresh, moments untouched
         "random"  at every refresh a fresh uniformly random P (``random_basis``,
@@ -793,7 +800,7 @@ def _ratio(a: float, b: float) -> float:
 # Score of giving a matrix rank r+1, from its singular values s (descending,
 # 0-indexed: s[r] is the (r+1)-th value), at its current rank r >= 1, where
 # E = Σ sᵢ² is the gradient's energy. The greedy allocator gives the next unit
-# of budget to the highest score. (SPEC §2, table of metrics.)
+# of budget to the highest score.
 RANK_METRICS: dict[str, Callable[[list[float], int, float], float]] = {
     # s_{r+1}² / E: the share of the gradient's energy the next direction explains
     "explained_variance": lambda s, r, E: _ratio(s[r] ** 2, E),
@@ -1209,7 +1216,7 @@ def srsi(V: Tensor, rank: int, oversample: int = 5, power_iters: int = 1,
         B ← Qᵀ V = Ũ Σ W̃ᵀ                     (small SVD)
         Q ← Q Ũ[:, :k] ;  U ← W̃[:, :k] Σ_k
 
-    A warm start is ours (SPEC §4): the second moment changes by only
+    A warm start is ours: the second moment changes by only
     (1-β2)·G² per step, so last step's Q already spans most of this step's
     top subspace, and one power iteration does what five do from scratch.
     ``omega`` may be drawn beforehand (``sketch_columns`` says how many
@@ -1335,9 +1342,11 @@ class Adapprox(_Base):
     p + (k_new - k_old) missing columns; with ``err_tol=0`` any error grows
     the rank, so every rank rises to k_max (from ``rank_init`` if given, by
     ``rank_step`` per step) and stays there. V is sketched at a power-of-two
-    scale that brings its largest part (G² or the previous Q Uᵀ) to about 1
-    (exact, and undone on U), so that ξ's float32 sums of squares neither
-    underflow for tiny gradients nor overflow for huge ones.
+    scale 4^-h that brings its largest part (G² or the previous Q Uᵀ) to
+    about 1: G is multiplied by 2^-h before it is squared, and U is kept at
+    that scale with its exponent h (state ``u_exp``, one number), so that
+    neither G², nor ξ's float32 sums of squares, nor V itself leave
+    float32's range for any finite gradient (2^-72 to 2^62 tested).
 
     Not for: tiny models, where the S-RSI cost outweighs the memory saved.
     The sketch Ω of parameter i at step t is drawn from a generator seeded
@@ -1386,6 +1395,14 @@ class Adapprox(_Base):
                "Invalid cosine_guidance: it needs a first moment (betas[0] > 0)")
         _check(isinstance(g["seed"], int) and not isinstance(g["seed"], bool), f"Invalid seed: {g['seed']!r}")
         _check(g["nonneg"] in NONNEG_RULES, f"Invalid nonneg: {g['nonneg']!r} (expected one of {NONNEG_RULES})")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As every optimizer here, plus: a state dict written before U was
+        kept at scale (no ``u_exp``) holds U itself, i.e. U at scale 4^0."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if "U" in state and "u_exp" not in state:
+                state["u_exp"] = state["U"].new_zeros(())
 
     # -- ranks -------------------------------------------------------------
     @staticmethod

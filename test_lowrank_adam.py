@@ -258,8 +258,8 @@ def signed_qr(x):
 def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale, proj_type="std", residual=False,
                      gamma=None, subspace="svd", gha_lr=0.1, seed=0):
     """GaLore's algorithm box, written independently in float64, plus the
-    Fira-style residual with its norm-growth limiter (SPEC §2.6) and the
-    random / GHA subspaces (SPEC §1). The random bases are drawn from
+    Fira-style residual with its norm-growth limiter and the
+    random / GHA subspaces. The random bases are drawn from
     generators seeded with stream_seed(stream_seed(seed, 0), t): an input,
     like the gradients."""
     W = W0.clone()
@@ -2103,7 +2103,7 @@ def test_srsi_relative_error_of_zero_matrix_is_zero():
 
 def adapprox_reference(W0, grads, *, lr, betas, eps, wd, k_init, k_max, err_tol, err_beta, oversample,
                        power_iters, warm_start, nonneg, clip, guidance, seed, index=0):
-    """Adapprox (SPEC §4 and our labelled choices) in float64, step by step.
+    """Adapprox (the paper's method with our labelled choices) in float64, step by step.
 
     The random sketch is an input like the gradients: Ω at step t is drawn
     from a generator seeded with stream_seed(stream_seed(seed, index), t).
@@ -2216,6 +2216,30 @@ def test_adapprox_rank_rule_is_blind_to_the_gradient_scale():
         p.grad = torch.randn(16, 24) * scale
         opt.step()
         assert torch.isfinite(p).all() and math.isfinite(opt.state[p]["err_ema"])
+
+
+def test_adapprox_state_without_the_scale_exponent_loads_and_continues_exactly():
+    # an older state dict holds U itself (V ≈ Q Uᵀ) and no u_exp; read as
+    # exponent 0, it continues exactly as the run that wrote it (powers of two)
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(10, 14, generator=g))
+    opt = la.Adapprox([p], lr=1e-2)
+    grads = [torch.randn(10, 14, generator=g) * 1e-3 for _ in range(6)]
+    for gr in grads[:3]:
+        p.grad = gr.clone()
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    st_ = sd["state"][0]
+    assert st_["u_exp"].item() < 0  # small gradients: U is kept scaled up
+    st_["U"] = st_["U"] * 4.0 ** st_.pop("u_exp")
+    q = nn.Parameter(p.detach().clone())
+    opt2 = la.Adapprox([q], lr=1e-2)
+    opt2.load_state_dict(sd)
+    for gr in grads[3:]:
+        p.grad, q.grad = gr.clone(), gr.clone()
+        opt.step()
+        opt2.step()
+    assert torch.equal(p, q) and opt.state[p]["err_ema"] == opt2.state[q]["err_ema"]
 
 
 @pytest.mark.parametrize("beta1", [0.0, 0.5, 0.9])
