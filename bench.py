@@ -438,14 +438,14 @@ def sketch(argv: list[str]) -> str:
     args = tl.parse_args([*argv, "--optimizer", "adapprox", "--quiet"])
     srsi, errors = la.srsi, {name: [] for name in ["optimal", *SKETCHES]}
 
-    def paired(V, rank, oversample=5, power_iters=1, generator=None, init=None):
+    def paired(V, rank, oversample=5, power_iters=1, generator=None, init=None, omega=None):
         g = torch.Generator(device=V.device).manual_seed(len(errors["optimal"]))
         for name, how in SKETCHES.items():
             U = srsi(V, rank, oversample, how["power_iters"], g, init if how["warm"] else None)[1]
             errors[name].append(la.srsi_relative_error(V, U).item())
         s = torch.linalg.svdvals(V.double())
         errors["optimal"].append((s[rank:].square().sum() / s.square().sum().clamp_min(1e-300)).sqrt().item())
-        return srsi(V, rank, oversample, power_iters, generator, init)  # what the optimizer uses, unchanged
+        return srsi(V, rank, oversample, power_iters, generator, init, omega)  # what the optimizer uses, unchanged
 
     la.srsi = paired
     try:

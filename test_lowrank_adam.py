@@ -1090,6 +1090,103 @@ def test_one_full_size_temporary_per_matrix_and_step(cls, shape):
             assert len(counter.ops) == 1, counter.ops
 
 
+def test_rms_of_an_empty_tensor_is_zero_not_nan():
+    # the max(numel, 1) guard: an empty tensor has RMS 0 (a NaN would be stored
+    # as a limiter's history, or divide an Adapprox update)
+    for x in (torch.zeros(0), torch.zeros(0, 5)):
+        r = la.rms(x)
+        assert r.dim() == 0 and r.item() == 0.0
+    # seen through an optimizer: the residual limiter's history of an empty matrix
+    p = nn.Parameter(torch.zeros(0, 5))
+    opt = la.GaLoreAdamW([{"params": [p], "rank": 1, "residual": True}], lr=1e-2)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert opt.state[p]["rms"].item() == 0.0
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_a_zero_learning_rate_is_accepted_like_torch_adamw(cls):
+    # torch.optim.AdamW accepts lr=0 (a warmup that starts at 0, a frozen phase);
+    # only a negative lr is invalid
+    torch.optim.AdamW(mlp().parameters(), lr=0.0)
+    model = mlp()
+    opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls, lr=0.0))
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_beta2_of_one_is_refused(cls):
+    # beta2 = 1 makes the bias correction 1 - beta2^t zero: every update NaN
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 1"):
+        cls(mlp_groups(mlp(), cls=cls), **kwargs_for(cls, betas=(0.9, 1.0)))
+
+
+@pytest.mark.parametrize("cls", [c for c in OPTIMIZERS if c.__name__ != "Adapprox"], ids=ids)
+def test_a_bool_rank_is_refused(cls):
+    # True is an int in Python; a rank of True would silently mean rank 1
+    groups = mlp_groups(mlp(), cls=cls)
+    groups[1]["rank"] = True
+    with pytest.raises(ValueError, match="Invalid rank"):
+        cls(groups, **kwargs_for(cls))
+
+
+@pytest.mark.parametrize("cls", [c for c in OPTIMIZERS if c.__name__ != "Adapprox"], ids=ids)
+def test_a_rank_equal_to_the_short_side_does_not_warn(cls):
+    # only a rank that exceeds min(m, n) is clamped (and warned about, once)
+    model = mlp()  # hidden weights 16×8 and 12×16: min sides 8 and 12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = cls(mlp_groups(model, rank=8, cls=cls), **kwargs_for(cls))
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    model = mlp()
+    opt = cls(mlp_groups(model, rank=9, cls=cls), **kwargs_for(cls))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    with pytest.warns(UserWarning, match="rank 9 exceeds min"):
+        opt.step()
+
+
+def test_lowrank_groups_lists_a_tied_weight_once():
+    # a weight shared by two matched nn.Linear modules (weight tying) is one
+    # parameter: listed twice, torch would see a duplicate in the group
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Linear(6, 6, bias=False)
+            self.mlp = nn.Linear(6, 6, bias=False)
+            self.mlp.weight = self.attn.weight
+            self.norm = nn.LayerNorm(6)
+
+    model = Tied()
+    groups = la.lowrank_groups(model, rank=2)
+    lowrank = [g for g in groups if "rank" in g]
+    assert len(lowrank) == 1 and len(lowrank[0]["params"]) == 1
+    assert lowrank[0]["params"][0] is model.attn.weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        la.GaLoreAdamW(groups, lr=1e-2)
+
+
+def test_step_parameter_follows_a_group_replaced_by_add_param_group():
+    # add_param_group invalidates step_parameter's lookup table even when the
+    # parameter count comes out unchanged (a group removed, another added)
+    a, b, c = (nn.Parameter(torch.randn(5, 7)) for _ in range(3))
+    opt = la.GaLoreAdamW([{"params": [a]}, {"params": [b], "rank": 2}], lr=1e-2)
+    b.grad = torch.randn(5, 7)
+    opt.step_parameter(b)  # builds the lookup table
+    opt.param_groups.pop()
+    opt.add_param_group({"params": [c], "rank": 2})
+    c.grad = torch.randn(5, 7)
+    opt.step_parameter(c)
+    assert opt.state[c]["step"] == 1
+
+
 # =============================================================================
 # Wherever it is pasted: torch.compile, FSDP1, options changed between steps,
 # the layout of loaded state
@@ -1175,6 +1272,7 @@ model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
 opt = la.GaLoreAdamW(la.lowrank_groups(model, 2, targets=("0", "2")), lr=1e-2)  # built before wrapping
 model = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
 shapes = sorted(tuple(p.shape) for p in model.parameters())
+out = open(os.path.join(sys.argv[2], f"rank{dist.get_rank()}.txt"), "w")  # one file per rank: no interleaving
 for build in ("after", "before"):
     try:
         if build == "after":
@@ -1182,9 +1280,9 @@ for build in ("after", "before"):
         else:
             model(torch.randn(3, 8)).sum().backward()
             opt.step()
-        print(build, "not refused", shapes, flush=True)
+        print(build, "not refused", shapes, flush=True, file=out)
     except ValueError as e:
-        print(build, "refused:", "FullyShardedDataParallel" in str(e), flush=True)
+        print(build, "refused:", "FullyShardedDataParallel" in str(e), flush=True, file=out)
 dist.destroy_process_group()
 """
 
@@ -1194,10 +1292,11 @@ def test_fsdp1_is_refused_under_torchrun(tmp_path):
     script = tmp_path / "fsdp1.py"
     script.write_text(FSDP1_SCRIPT)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(ROOT)], capture_output=True, text=True, timeout=300)
+                          str(script), str(ROOT), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = [line for line in out.stdout.splitlines() if line.startswith(("after", "before"))]
-    assert sorted(lines) == ["after refused: True"] * 2 + ["before refused: True"] * 2, out.stdout
+    for rank in (0, 1):
+        lines = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
+        assert lines == ["after refused: True", "before refused: True"], lines
 
 
 def switch_then_step(cls, option, old, new, steps=3, **kw):
@@ -1812,6 +1911,39 @@ def test_residual_limiter_bounds_growth_and_round_trips(cls, tmp_path):
     assert torch.equal(p, q)
 
 
+def test_adaptive_refresh_keep_rounds_a_fractional_bound_up(monkeypatch):
+    # ⌈refresh_keep × rank⌉ vectors are held: 1.5 × 3 = 4.5 -> 5 (not 4), which is
+    # all that B - L + 1 = 5 allows, so the matrix allocated 5 needs no second SVD
+    a, b = nn.Parameter(torch.randn(8, 20)), nn.Parameter(torch.randn(8, 20))
+    opt = la.AdaptiveAdamW([{"params": [a, b], "rank": 3}], lr=1e-2, refresh_keep=1.5)
+    held, recomputed = [], []
+    spectrum = la.gradient_spectrum
+    monkeypatch.setattr(la, "gradient_spectrum", lambda *args: held.append((u := spectrum(*args))[0].shape[1]) or u)
+    monkeypatch.setattr(la, "top_r_basis", lambda *args: recomputed.append(args[1]) or spectrum(*args)[0])
+    g = torch.Generator().manual_seed(0)
+    a.grad = torch.randn(8, 20, generator=g)
+    b.grad = torch.outer(torch.randn(8, generator=g), torch.randn(20, generator=g))  # rank 1: a gets the rest
+    opt.step()
+    assert opt.ranks() == [5, 1]
+    assert held == [5, 5] and recomputed == []
+
+
+@pytest.mark.parametrize("cls", [la.GaLoreAdamW, la.AdaptiveAdamW], ids=ids)
+def test_norm_growth_limit_of_one_is_allowed_and_never_lets_the_residual_grow(cls):
+    # γ = 1 is the documented lower end ("use >= 1"): the limited residual's RMS never increases
+    p = nn.Parameter(torch.zeros(6, 12))
+    opt = cls([{"params": [p], "rank": 2, "residual": True}], lr=1.0, norm_growth_limit=1.0)
+    with pytest.raises(ValueError, match="Invalid norm_growth_limit"):
+        cls([{"params": [p], "rank": 2, "residual": True}], norm_growth_limit=0.999)
+    g = torch.Generator().manual_seed(0)
+    sizes = []
+    for i in range(6):
+        p.grad = torch.randn(6, 12, generator=g) * (1 + i)
+        opt.step()
+        sizes.append(opt.state[p]["rms"].item())
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(sizes, sizes[1:]))
+
+
 # =============================================================================
 # LDAdam
 # =============================================================================
@@ -2216,6 +2348,46 @@ def test_adapprox_rank_rule_is_blind_to_the_gradient_scale():
         p.grad = torch.randn(16, 24) * scale
         opt.step()
         assert torch.isfinite(p).all() and math.isfinite(opt.state[p]["err_ema"])
+
+
+def test_adapprox_rank_rule_is_blind_to_gradient_scales_beyond_2_to_the_63():
+    # h = floor(log2 max|G|) must follow G down to 2^-100 (it is clamped only at
+    # ±126): at a scale clamped at 2^-63 the squares of G·2^-h (~2^-84) square
+    # again in ξ's sums to below float32's range, ξ reads 0 and the rank falls.
+    runs = []
+    for scale in (1.0, 2.0 ** -100, 2.0 ** 100):
+        g = torch.Generator().manual_seed(0)
+        p = nn.Parameter(torch.randn(16, 24, generator=g))
+        opt = la.Adapprox([p], lr=1e-3, err_tol=0.2)
+        trace = []
+        for _ in range(6):
+            p.grad = torch.randn(16, 24, generator=g) * scale
+            opt.step()
+            trace.append((opt.ranks()[0], opt.state[p]["err_ema"]))
+        runs.append(trace)
+    assert runs[0][0][1] > 0.1 and all(run == runs[0] for run in runs)
+
+
+def test_adapprox_history_survives_a_gradient_jump_of_40_octaves():
+    # Step 1: G = 1 at (0, 0) only. Step 2: G = 2^40 at (1, 1) only. V is
+    # diagonal, so a rank-2 factorization is exact, and V at (0, 0) is only the
+    # decayed history β2(1-β2), which lies 4^40 below the new G² term: U must be
+    # rescaled by 4^(e-h) = 4^-40 exactly (the exponent clamp is at ±63).
+    b1, b2, lr, eps = 0.9, 0.99, 0.1, 1e-8
+    p = nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))
+    opt = la.Adapprox([p], lr=lr, betas=(b1, b2), eps=eps, k_max_frac=1.0, err_tol=0.0,
+                      clip_threshold=None)
+    g1 = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    g2 = torch.tensor([[0.0, 0.0], [0.0, 2.0 ** 40]], dtype=torch.float64)
+    for g in (g1, g2):
+        p.grad = g.clone()
+        opt.step()
+    d1 = 1.0 / (1.0 + eps)  # step 1 at (0, 0): M̂ = 1, V̂ = 1
+    m_hat = b1 * (1 - b1) / (1 - b1**2)  # step 2 at (0, 0): G = 0
+    v_hat = b2 * (1 - b2) / (1 - b2**2)
+    d2 = m_hat / (v_hat**0.5 + eps)
+    torch.testing.assert_close(p.detach()[0, 0], torch.tensor(-lr * (d1 + d2), dtype=torch.float64),
+                               rtol=1e-6, atol=0)
 
 
 def test_adapprox_state_without_the_scale_exponent_loads_and_continues_exactly():
