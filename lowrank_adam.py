@@ -362,9 +362,12 @@ class _Base(Optimizer):
     optimizer refused, and state restored exactly by ``load_state_dict``."""
 
     # Group options this optimizer honours besides its ``defaults`` (GaLore's
-    # ``rank`` for the projected methods). Any option of another optimizer in
-    # this module found in a group is refused rather than silently ignored.
+    # ``rank`` for the projected methods). Any other key in a group is refused
+    # rather than silently ignored (a misspelt ``rnk``, another optimizer's
+    # option), except torch's bookkeeping: ``params``, ``param_names`` (named
+    # parameters) and ``initial_lr`` (written by LR schedulers).
     group_keys: tuple[str, ...] = ()
+    _bookkeeping_keys = ("params", "param_names", "initial_lr")
     _refused_hints: dict[str, str] = {}
 
     def add_param_group(self, param_group: dict) -> None:
@@ -384,21 +387,24 @@ class _Base(Optimizer):
             if isinstance(p, Tensor):
                 _check(not torch.is_complex(p), f"Complex parameters are not supported (shape {tuple(p.shape)})")
                 _refuse_flattened(p)
-        self._refuse_foreign_options(param_group)
+        self._refuse_unknown_options(param_group)
         # Validate the group as it will be (defaults filled in) before torch
         # registers it, so a bad group never half-joins the optimizer.
         self._validate_group({**self.defaults, **param_group, "params": tensors})
         super().add_param_group(param_group)
         self.__dict__.pop("_where", None)  # step_parameter's lookup table is stale
 
-    def _refuse_foreign_options(self, group: dict) -> None:
-        mine = set(self.defaults) | set(self.group_keys)
+    def _options(self) -> set[str]:
+        return set(self.defaults) | set(self.group_keys)
+
+    def _refuse_unknown_options(self, group: dict) -> None:
         for key in group:
-            if key in _ALL_OPTIONS and key not in mine:
-                owners = ", ".join(sorted(_ALL_OPTIONS[key]))
+            if key not in self._options() and key not in self._bookkeeping_keys:
+                owners = _optimizers_with_option(key)
                 hint = self._refused_hints.get(key, "remove it from the group")
-                raise ValueError(f"{type(self).__name__} has no group option {key!r} (an option of {owners}): "
-                                 f"{hint}")
+                raise ValueError(f"{type(self).__name__} has no group option {key!r} "
+                                 f"({'an option of ' + ', '.join(owners) if owners else 'unknown'}): {hint}. "
+                                 f"Its group options: {', '.join(sorted(self._options()))}")
 
     def _validate_group(self, group: dict) -> None:  # overridden per optimizer
         _validate_adam(group)
@@ -499,7 +505,20 @@ class _Base(Optimizer):
             warnings.warn(f"{type(self).__name__}.load_state_dict: this state dict has the generator states of an "
                           "older version, which are ignored: the random sketches continue from counter-based "
                           "seeds, so the run does not continue bit-exactly", stacklevel=2)
+        # Refuse the state dict of another optimizer now, not with a KeyError
+        # inside a later step: its param groups hold options this one lacks.
+        saved_keys = {k for g in state_dict["param_groups"] for k in g}
+        foreign = saved_keys - self._options() - set(self._bookkeeping_keys)
+        if foreign:
+            writers = [name for name, options in _optimizer_options().items() if foreign <= options]
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: this state dict was written by "
+                f"{' or '.join(writers) if writers else 'another optimizer'} (its param groups hold "
+                f"{', '.join(sorted(foreign))}, which {type(self).__name__} does not have); nothing was loaded")
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # an option added since the state dict was written: its default
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(saved_ids, params):
@@ -1556,13 +1575,20 @@ class Adapprox(_Base):
         apply_update_(p, d, group["lr"], group["weight_decay"])
 
 
-# Every group option of every optimizer above, with the classes that honour
-# it: an option of one optimizer in another's group is refused, not ignored.
-_ALL_OPTIONS: dict[str, set[str]] = {}
-for _cls in (GaLoreAdamW, AdaptiveAdamW, LDAdam, Adapprox):
-    for _key in [*inspect.signature(_cls.__init__).parameters, *_cls.group_keys]:
-        if _key not in ("self", "params"):
-            _ALL_OPTIONS.setdefault(_key, set()).add(_cls.__name__)
+def _optimizer_options() -> dict[str, set[str]]:
+    """The group options of every optimizer class defined (looked up when
+    needed, so that a class copied out alone still works): name -> options."""
+    out, todo = {}, list(_Base.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        out[cls.__name__] = {k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "params")}
+        out[cls.__name__] |= set(cls.group_keys)
+    return out
+
+
+def _optimizers_with_option(key: str) -> list[str]:
+    return sorted(name for name, options in _optimizer_options().items() if key in options)
 
 
 # =============================================================================

@@ -679,8 +679,63 @@ def test_options_of_another_optimizer_are_refused_not_ignored(cls, key, value, w
     groups = mlp_groups(mlp(), cls=cls)
     with pytest.raises(ValueError, match=f"{cls.__name__} has no group option '{key}'.*{words}"):
         cls([groups[0], {**groups[1], key: value}])
-    # keys that are no optimizer's option stay allowed, as in torch
-    assert cls([groups[0], {**groups[1], "custom_tag": "kept"}]).param_groups[1]["custom_tag"] == "kept"
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_a_misspelt_group_option_is_refused_naming_the_known_ones(cls):
+    # a key no optimizer knows would otherwise be ignored in silence (rnk=3 for rank=3)
+    groups = mlp_groups(mlp(), cls=cls)
+    with pytest.raises(ValueError, match=rf"{cls.__name__} has no group option 'rnk' \(unknown\).*"
+                                         r"Its group options: .*\bbetas, check_finite, .*\beps, .*\blr\b"):
+        cls([groups[0], {**groups[1], "rnk": 3}])
+    with pytest.raises(ValueError, match="amsgrad"):  # torch AdamW's options are not ours either
+        cls([{**groups[0], "amsgrad": True}, groups[1]])
+    # torch's bookkeeping keys pass: named parameters and a scheduler's initial_lr
+    model = mlp()
+    opt = cls([{"params": list(model.named_parameters()), "initial_lr": 0.5}], **kwargs_for(cls))
+    assert opt.param_groups[0]["initial_lr"] == 0.5
+
+
+WRITERS = {**{c.__name__: c for c in OPTIMIZERS}, "AdamW": torch.optim.AdamW}
+
+
+@pytest.mark.parametrize("reader", OPTIMIZERS, ids=ids)
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_another_optimizers_state_dict_is_refused_at_load_naming_the_writer(reader, writer):
+    model = mlp()
+    cls = WRITERS[writer]
+    if cls is torch.optim.AdamW:
+        opt = cls(model.parameters(), lr=1e-2)
+    else:
+        opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
+    train(model, opt, 2, regression_data())
+    sd = copy.deepcopy(opt.state_dict())
+    target = reader(mlp_groups(model, cls=reader) if cls is not torch.optim.AdamW else model.parameters(),
+                    **kwargs_for(reader))
+    if cls is reader:
+        target.load_state_dict(sd)  # its own: loads
+        return
+    with pytest.raises(ValueError, match=f"written by {writer if writer != 'AdamW' else 'another optimizer'}"
+                                         ".*nothing was loaded"):
+        target.load_state_dict(sd)
+    assert len(target.state) == 0
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_a_state_dict_without_a_newer_option_loads_with_its_default(cls):
+    model = mlp()
+    opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
+    data = regression_data()
+    train(model, opt, 3, data)
+    sd = copy.deepcopy(opt.state_dict())
+    for group in sd["param_groups"]:
+        del group["check_finite"]  # as if written before the option existed
+    model2 = mlp(seed=5)
+    model2.load_state_dict(model.state_dict())
+    opt2 = cls(mlp_groups(model2, cls=cls), **kwargs_for(cls))
+    opt2.load_state_dict(sd)
+    assert all(g["check_finite"] is True for g in opt2.param_groups)
+    assert train(model, opt, 2, data) == train(model2, opt2, 2, data)
 
 
 
