@@ -3144,7 +3144,21 @@ BAD_FLAGS = [  # Issue 13 #4, and the rest of the flags: one clear line each
     (["--device", "tpu"], "--device tpu: not a device"),
     (["--device", "mps"], "--device mps: not a device this script runs on"),
     (["--data", "/nonexistent/c4"], "--data /nonexistent/c4: no such file or directory"),
+    (["--optimizer", "galore", "--rank", "1000"], "--rank 1000: larger than 64, the short side of the tiny model's "
+                                                  "attn/mlp matrices; use at most 64"),
+    (["--optimizer", "ldadam", "--rank", "65"], "--rank 65: larger than 64"),
+    (["--warmup-steps", "500", "--max-steps", "20"], "--warmup-steps 500 with --max-steps 20: the lr would never "
+                                                      "reach its peak"),
+    (["--warmup-steps", "20", "--max-steps", "20"], "--warmup-steps 20 with --max-steps 20"),
 ]
+
+
+def test_the_default_warmup_fits_a_short_run_and_a_rank_at_the_short_side_is_allowed():
+    assert tl.parse_args(["--max-steps", "20"]).warmup_steps == 2  # a tenth of a short run
+    assert tl.parse_args([]).warmup_steps == 30
+    assert tl.parse_args(["--max-steps", "20", "--warmup-steps", "19"]).warmup_steps == 19
+    assert tl.parse_args(["--optimizer", "galore", "--rank", "64"]).rank == 64
+    assert tl.parse_args(["--rank", "1000"]).rank == 1000  # AdamW has no rank: nothing to check
 
 
 @pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])

@@ -104,7 +104,8 @@ def optimizer_flags(p: argparse.ArgumentParser) -> None:
 def run_flags(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("schedule")
     s.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
-    s.add_argument("--warmup-steps", type=int, default=30, help="linear warmup steps")
+    s.add_argument("--warmup-steps", type=int, help="linear warmup steps, fewer than --max-steps; unset: 30, "
+                   "or a tenth of --max-steps when that is fewer")
     s.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of the peak lr")
     s.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and optimizer randomness")
     c = p.add_argument_group("output and checkpoints")
@@ -156,10 +157,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                 fail(f"--{name.replace('_', '-')} {value}: must be {must}")
     if args.eos_token and not args.tokenizer:
         fail("--eos-token names a token of --tokenizer, which is not given")
+    if args.warmup_steps is None:
+        args.warmup_steps = min(30, args.max_steps // 10)
+    elif args.warmup_steps >= args.max_steps:
+        fail(f"--warmup-steps {args.warmup_steps} with --max-steps {args.max_steps}: the lr would never reach its "
+             "peak; use fewer warmup steps than --max-steps")
     try:
         args.lr = args.lr or OPTIMIZERS[parse_optimizer(args.optimizer)[0]].lr
         args.rank = args.rank or MODEL_SHAPES[args.model][0] // 4
-        build_optimizer(args, build_model(args, vocab_size=64, device="meta"))  # its own checks, allocating nothing
+        model = build_model(args, vocab_size=64, device="meta")
+        check_rank(args, model)
+        build_optimizer(args, model)  # its own checks, allocating nothing
         if args.data is not None:
             llama_c4.find_shards(args.data)
     except (ValueError, FileNotFoundError) as e:
@@ -167,6 +175,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_device(args.device)
     check_memory_modes(args)
     return args
+
+def check_rank(args, model: nn.Module) -> None:
+    """--rank must fit every matrix it projects: a larger one would be cut to the matrix's short side,
+    where the projected state is larger than AdamW's."""
+    if not OPTIMIZERS[parse_optimizer(args.optimizer)[0]].lowrank:
+        return
+    side = min(min(p.shape) for g in la.lowrank_groups(model, args.rank) if "rank" in g for p in g["params"])
+    if args.rank > side:
+        fail(f"--rank {args.rank}: larger than {side}, the short side of the {args.model} model's attn/mlp "
+             f"matrices; use at most {side}")
 
 def check_memory_modes(args) -> None:
     """--layerwise and --zero: refuse what they cannot do, naming the way out."""
