@@ -474,8 +474,8 @@ def train_bpe(corpus: str, vocab_size: int, path: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["</s>"], show_progress=False,  # no blank
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())         # lines in a log
     tok.train_from_iterator(llama_c4.read_documents(llama_c4.find_shards(corpus)[0], llama_c4.DataStats()), trainer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))

@@ -3553,6 +3553,23 @@ def test_adaptive_refresh_holds_at_most_refresh_keep_times_the_bases():
     assert peaks[2.0] < peaks[None] / 2
 
 
+def test_training_a_bpe_tokenizer_prints_nothing(corpus, tmp_path, capfd):
+    # the tokenizers trainer's progress display wrote blank lines ahead of bench.py loader's table
+    bench.train_bpe(str(corpus), 300, tmp_path / "tokenizer.json")
+    assert capfd.readouterr() == ("", "")
+
+
+def test_help_wraps_between_words_only(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        tl.parse_args(["--help"])
+    words = set(capsys.readouterr().out.split())
+    flat = " ".join(words)
+    for name in ["adaptive[:combined|", "conditioning|explained_variance|gap|singular_value|", "explained_variance"]:
+        assert name in flat, name
+    assert not {"adapt", "ive", "sing", "ular_value"} & words
+
+
 def test_bench_loader_with_a_bpe_tokenizer_trained_on_the_corpus(capsys, corpus, tmp_path):
     pytest.importorskip("tokenizers")
     bench.main(["loader", "--data", corpus, "--bpe", "400", "--seconds", "0.2", "--cache-dir", str(tmp_path)])

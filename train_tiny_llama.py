@@ -21,7 +21,7 @@ metrics.jsonl); a run already there is continued with --resume, never overwritte
 
 from __future__ import annotations
 
-import argparse, contextlib, inspect, json, math, os, random, re, signal, sys, tempfile, threading, time  # noqa: E401
+import argparse, contextlib, inspect, json, math, os, random, re, signal, sys, tempfile, textwrap, threading, time  # noqa: E401,E501
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -45,8 +45,15 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         fail(f"{message} (see --help)")
 
+class HelpWrapper(textwrap.TextWrapper):
+    """Wraps at spaces and after the '|' of NAME[:a|b|c], never inside a word."""
+    wordsep_simple_re = re.compile(r"(\s+|(?<=\|)(?=\S))")
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Examples keep their lines; a flag shows its default once (switches and unset flags: none)."""
+    def _split_lines(self, text, width):
+        return HelpWrapper(width, break_long_words=False, break_on_hyphens=False).wrap(" ".join(text.split()))
+
     def _get_help_string(self, action):
         unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
         return action.help if unset else action.help + " (default: %(default)s)"
