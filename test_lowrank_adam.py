@@ -3097,6 +3097,25 @@ def test_an_existing_run_is_never_overwritten(corpus, tmp_path):
         tl.main(common)
 
 
+def test_a_run_that_fails_before_its_first_step_leaves_nothing_behind(corpus, tmp_path):
+    # an empty train shard: the run fails at its first batch, after metrics.jsonl was opened
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    write_shard(bad / "c4-train.00000-of-00001.json.gz", [])
+    write_shard(bad / "c4-validation.00000-of-00001.json.gz", docs("val", 64))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="no sequence"):
+        tl.main(SMALL + ["--data", str(bad), "--out-dir", str(out)])
+    assert not out.exists()  # created by the run, so removed with it
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="no sequence"):
+        tl.main(SMALL + ["--data", str(bad), "--out-dir", str(out)])
+    assert [f.name for f in out.iterdir()] == ["notes.txt"]  # a folder of the user's: only the run's file goes
+    tl.main(SMALL + ["--data", corpus, "--out-dir", str(out), "--max-steps", "3"])  # the same folder, no --resume
+    assert (out / "ckpt.pt").exists()
+
+
 def test_a_resume_with_other_settings_is_refused_naming_them(corpus, tmp_path):
     """Issue 13 #3: a rank-16 checkpoint resumed with --rank 8 trained on at rank 16."""
     common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "galore"]

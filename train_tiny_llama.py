@@ -707,6 +707,7 @@ def load_data(args, tokenizer, dist: Dist) -> tuple[llama_c4.C4Data, list]:
 def main(argv=None) -> dict:
     args = parse_args(argv)  # every flag checked before anything is read
     tokenizer = load_tokenizer(args)
+    out_existed = Path(args.out_dir).exists()
     check_out_dir(args)
     ckpt = resume_checkpoint(args)
     if ckpt is not None and ckpt["result"] is not None:  # a complete run: nothing to train
@@ -723,12 +724,29 @@ def main(argv=None) -> dict:
                 print(skipped)
         return result
     except KeyboardInterrupt:
+        remove_untrained_run(args, out_existed, dist)
         sys.exit(130)
     except llama_c4.DataError as e:  # the training stream ran dry
+        remove_untrained_run(args, out_existed, dist)
         fail(str(e))
+    except BaseException:
+        remove_untrained_run(args, out_existed, dist)
+        raise
     finally:
         if dist.ddp:
             torch.distributed.destroy_process_group()
+
+def remove_untrained_run(args, out_existed: bool, dist: Dist) -> None:
+    """A run that failed before its first step leaves nothing behind: its metrics.jsonl
+    (which holds only the step-0 row) goes, and --out-dir too if this run created it
+    and it is empty, so that the same command works again once the cause is fixed."""
+    out, metrics = Path(args.out_dir), Path(args.out_dir) / "metrics.jsonl"
+    if not dist.master or (out / "ckpt.pt").exists():
+        return
+    if metrics.exists() and all(json.loads(r)["step"] == 0 for r in metrics.read_text().splitlines() if r.strip()):
+        metrics.unlink()
+    if not out_existed and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 if __name__ == "__main__":
     main()
