@@ -71,6 +71,8 @@ Conventions
   weights_only=True)`` reads a checkpoint back and resuming is exact.
   Randomness is counter-based (``stream_seed``): the same on every DDP rank.
 
+Requires torch >= 2.5 (tested with 2.13.0).
+
 Public API::
 
     from lowrank_adam import (GaLoreAdamW, AdaptiveAdamW, LDAdam, Adapprox,

@@ -3389,6 +3389,21 @@ def test_requirements_list_numpy_so_torch_imports_without_a_warning():
     assert plain.returncode == 0 and plain.stderr == ""
 
 
+def test_requirements_state_a_torch_range_and_ci_installs_the_tested_version():
+    # installing the project must not replace a user's torch; CI stays reproducible through constraints.txt
+    lines = [line.strip() for line in open(os.path.join(ROOT, "requirements.txt"))
+             if line.strip() and not line.startswith("#")]
+    torch_req = next(line for line in lines if re.split(r"[<>=!~ ]", line)[0] == "torch")
+    assert torch_req.startswith("torch>=") and "==" not in torch_req
+    minimum = torch_req.split(">=")[1]
+    pins = [line.strip() for line in open(os.path.join(ROOT, "constraints.txt")) if line.startswith("torch==")]
+    assert pins == ["torch==2.13.0"]
+    assert "-r requirements.txt -c constraints.txt" in open(os.path.join(ROOT, ".ci", "run")).read()
+    assert f"torch >= {minimum}" in open(os.path.join(ROOT, "lowrank_adam.py")).read()
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert f"torch {minimum} or newer" in readme and "CPU-only" in readme
+
+
 def test_compare_tabulates_and_a_resumed_compare_reports_finished_runs(corpus, tmp_path, capsys):
     args = ["compare", *SMALL, "--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adamw,galore",
             "--seeds", "2"]
