@@ -286,6 +286,21 @@ class TokenStream:
     def state_dict(self) -> dict:
         return {**self.pos, "tokens": self.tokens[self.start:]}
 
+    def skipped(self) -> tuple[int, int, int]:
+        return self.stats.bad_lines, self.stats.no_text, self.stats.bad_shards
+
+    def why_empty(self, documents: int, mine: int, skipped: list[int]) -> str:
+        """What the training shards held, and why it gives no sequence."""
+        names = ", ".join(f.name for f in self.files[:3]) + (", ..." if len(self.files) > 3 else "")
+        found = f"the training shards ({len(self.files)}: {names}) hold {documents} usable documents"
+        if any(skipped):
+            found += (f" (skipped: {skipped[0]} undecodable or non-JSON lines, {skipped[1]} records without a "
+                      f"\"text\" string, {skipped[2]} unreadable shards)")
+        if documents == 0:
+            return found + ": add training documents (JSON lines with a \"text\" field)"
+        return (found + f"; the {mine} of them for rank {self.rank} give no sequence of {self.n} tokens: use more "
+                "data or a shorter --seq-len")
+
     def load_state_dict(self, state: dict) -> None:
         self.pos = {k: int(state[k]) for k in self.pos}
         self.tokens, self.start = [int(t) for t in state["tokens"]], 0
@@ -294,7 +309,7 @@ class TokenStream:
         p = self.pos
         while self.epochs is None or p["epoch"] < self.epochs:
             yield from self.chunks()  # what a resumed state still holds
-            texts = []
+            texts, mine, skipped_before = [], 0, self.skipped()
             for text in read_documents(self.files, self.stats, p):
                 p["doc"] += 1
                 if not self.keep(p["doc"] - 1):
@@ -302,14 +317,15 @@ class TokenStream:
                 p["used"] += 1
                 if (p["used"] - 1) % self.world != self.rank:
                     continue
+                mine += 1
                 texts.append(text)
                 if len(texts) == 64 or sum(map(len, texts)) > 2**20:  # tokenized together (a BPE: on every core)
                     yield from self.chunks(texts)
                     texts = []
             yield from self.chunks(texts)
             if p["emitted"] == 0 and self.epochs is None:  # repeating nothing would loop forever
-                raise DataError(f"the training data yields no sequence of {self.n} tokens for rank {self.rank} "
-                                f"({self.stats.documents} documents): use more data or a shorter --seq-len")
+                raise DataError(self.why_empty(p["doc"], mine, [b - a for a, b in zip(skipped_before,
+                                                                                       self.skipped())]))
             p.update(epoch=p["epoch"] + 1, file=0, line=0, doc=0, used=0, emitted=0)
             self.tokens, self.start = [], 0  # an epoch's remainder is dropped
 

@@ -3104,16 +3104,34 @@ def test_a_run_that_fails_before_its_first_step_leaves_nothing_behind(corpus, tm
     write_shard(bad / "c4-train.00000-of-00001.json.gz", [])
     write_shard(bad / "c4-validation.00000-of-00001.json.gz", docs("val", 64))
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match="no sequence"):
+    with pytest.raises(SystemExit, match="hold 0 usable documents"):
         tl.main(SMALL + ["--data", str(bad), "--out-dir", str(out)])
     assert not out.exists()  # created by the run, so removed with it
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="no sequence"):
+    with pytest.raises(SystemExit, match="hold 0 usable documents"):
         tl.main(SMALL + ["--data", str(bad), "--out-dir", str(out)])
     assert [f.name for f in out.iterdir()] == ["notes.txt"]  # a folder of the user's: only the run's file goes
     tl.main(SMALL + ["--data", corpus, "--out-dir", str(out), "--max-steps", "3"])  # the same folder, no --resume
     assert (out / "ckpt.pt").exists()
+
+
+def test_unusable_training_data_is_described_per_split_with_what_was_skipped(tmp_path):
+    # the validation split's documents are not counted as training documents, and the
+    # skipped lines of the training shards are named
+    write_shard(tmp_path / "c4-validation.00000-of-00001.json.gz", docs("val", 64))
+    train = tmp_path / "c4-train.00000-of-00001.json.gz"
+    write_shard(train, [{"url": "no text"}], raw_lines=[b"{not json"])
+    with pytest.raises(SystemExit) as e:
+        tl.main(SMALL + ["--data", str(tmp_path), "--out-dir", str(tmp_path / "out")])
+    assert str(e.value.code) == (
+        "error: the training shards (1: c4-train.00000-of-00001.json.gz) hold 0 usable documents (skipped: 1 "
+        'undecodable or non-JSON lines, 1 records without a "text" string, 0 unreadable shards): add training '
+        'documents (JSON lines with a "text" field)')
+    write_shard(train, docs("short", 2))  # documents, but too few tokens for one sequence
+    with pytest.raises(SystemExit, match=r"hold 2 usable documents; the 2 of them for rank 0 give no sequence of "
+                                         r"513 tokens: use more data or a shorter --seq-len"):
+        tl.main(SMALL + ["--data", str(tmp_path), "--out-dir", str(tmp_path / "out"), "--seq-len", "512"])
 
 
 def test_a_resume_with_other_settings_is_refused_naming_them(corpus, tmp_path):
