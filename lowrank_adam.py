@@ -367,9 +367,10 @@ class _Base(Optimizer):
     # ``rank`` for the projected methods). Any other key in a group is refused
     # rather than silently ignored (a misspelt ``rnk``, another optimizer's
     # option), except torch's bookkeeping: ``params``, ``param_names`` (named
-    # parameters) and ``initial_lr`` (written by LR schedulers).
+    # parameters), ``initial_lr`` (written by LR schedulers) and ``differentiable``
+    # (which torch's own load_state_dict adds to the defaults).
     group_keys: tuple[str, ...] = ()
-    _bookkeeping_keys = ("params", "param_names", "initial_lr")
+    _bookkeeping_keys = ("params", "param_names", "initial_lr", "differentiable")
     _refused_hints: dict[str, str] = {}
 
     def add_param_group(self, param_group: dict) -> None:
@@ -520,7 +521,8 @@ class _Base(Optimizer):
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # an option added since the state dict was written: its default
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                if key not in self._bookkeeping_keys:
+                    group.setdefault(key, value)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(saved_ids, params):

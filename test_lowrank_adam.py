@@ -3055,8 +3055,8 @@ def test_script_trains_and_resumes_exactly(opt, corpus, tmp_path, capsys):
     assert math.isfinite(full["val_loss"]) and full["steps"] == 6 and full["state_mb"] > 0
     part = tl.main(common + ["--out-dir", str(b), "--stop-after", "4"])
     assert part["steps"] == 4
-    assert f"stopped at step 4 of 6 (--stop-after 4): checkpoint saved to {b / 'ckpt.pt'}; rerun with --resume" \
-        in capsys.readouterr().out
+    assert (f"stopped at step 4 of 6 (--stop-after 4): checkpoint saved to {b / 'ckpt.pt'}; continue with: "
+            f"python train_tiny_llama.py --resume --out-dir {b}") in capsys.readouterr().out
     shutil.copy(b / "ckpt.pt", tmp_path / "step4.pt")
     resumed = tl.main(common + ["--out-dir", str(b), "--resume"])
     assert resumed["steps"] == 6 and resumed["val_loss"] == full["val_loss"]
@@ -3309,11 +3309,49 @@ def test_first_ctrl_c_saves_a_checkpoint_and_resume_continues(corpus, tmp_path):
             break
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    step = int(re.search(r"interrupted at step (\d+) of 100000: checkpoint saved to .*ckpt.pt; rerun with --resume",
+    step = int(re.search(r"interrupted at step (\d+) of 100000: checkpoint saved to .*ckpt.pt; continue with: "
+                         rf"python train_tiny_llama.py --resume --out-dir {re.escape(str(tmp_path))}\n",
                          out).group(1))
     assert step >= 3 and "Ctrl-C: finishing this step" in err
-    resumed = tl.main(cmd[2:] + ["--resume", "--stop-after", "2"])
+    resumed = tl.main(["--resume", "--out-dir", str(tmp_path), "--stop-after", "2"])  # the settings: the checkpoint's
     assert resumed["steps"] == step + 2
+
+
+def test_resume_needs_only_the_out_dir_and_refuses_only_explicit_changes(corpus, tmp_path, capsys):
+    common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adaptive", "--rank", "4"]
+    tl.main(common + ["--stop-after", "2"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=r"other settings: --rank 4 \(now 8\)\. A resume"):
+        tl.main(["--resume", "--out-dir", str(tmp_path), "--rank", "8"])  # explicit and different: refused
+    done = tl.main(["--resume", "--out-dir", str(tmp_path), "--stop-after", "2", "--quiet"])
+    assert "resumed from step 2 of 6" in capsys.readouterr().out
+    assert done["steps"] == 4 and done["optimizer"].startswith("adaptive")
+    uninterrupted = tl.main(common + ["--out-dir", str(tmp_path / "whole")])
+    finished = tl.main(["--resume", "--out-dir", str(tmp_path), "--rank", "4"])  # explicit but equal: fine
+    assert finished["val_loss"] == uninterrupted["val_loss"]
+
+
+def test_a_second_ctrl_c_says_what_was_kept(corpus, tmp_path, monkeypatch, capsys):
+    # the second Ctrl-C raises KeyboardInterrupt inside a step (simulated here at step 4,
+    # after the checkpoint of step 2); a run without any checkpoint keeps nothing
+    step = tl.train_step
+
+    def interrupted(run, batches):
+        if run.step == 3:
+            raise KeyboardInterrupt
+        return step(run, batches)
+
+    monkeypatch.setattr(tl, "train_step", interrupted)
+    with pytest.raises(SystemExit) as e:
+        tl.main(SMALL + ["--data", corpus, "--out-dir", str(tmp_path / "a"), "--save-interval", "2"])
+    assert e.value.code == 130
+    assert (f"stopped at once: {tmp_path / 'a' / 'ckpt.pt'} holds the last checkpoint saved (by --save-interval or "
+            f"an earlier run); continue with: python train_tiny_llama.py --resume --out-dir {tmp_path / 'a'}"
+            in capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        tl.main(SMALL + ["--data", corpus, "--out-dir", str(tmp_path / "b"), "--save-interval", "0"])
+    assert "no checkpoint was saved, so nothing of this run was kept" in capsys.readouterr().err
+    assert (tmp_path / "b" / "metrics.jsonl").exists()  # it trained 3 steps: their log stays
 
 
 def test_help_is_grouped_with_examples_on_their_lines_and_one_default_per_flag(capsys):

@@ -117,7 +117,8 @@ def run_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and optimizer randomness")
     c = p.add_argument_group("output and checkpoints")
     c.add_argument("--out-dir", default="out", help="this run's folder: ckpt.pt and metrics.jsonl")
-    c.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint")
+    c.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint, "
+                   "with the settings saved there (a flag given with another value is refused)")
     c.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N steps; unset: at --max-steps")
     c.add_argument("--save-interval", type=int, default=0, help="also checkpoint every N steps (0 = only at the end)")
     c.add_argument("--eval-interval", type=int, default=100, help="steps between validation evaluations")
@@ -153,10 +154,15 @@ RULES = [(("seq_len", "batch_size", "grad_accum", "val_batches", "max_steps", "e
          (("rho", "min_lr_ratio"), lambda v: 0 <= v <= 1, "in [0, 1]"),
          (("k_max_frac",), lambda v: 0 < v <= 1, "in (0, 1]")]
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, saved: Optional[dict] = None) -> argparse.Namespace:
     """The flags, each checked, with --lr and --rank resolved to this run's numbers.
-    Reads and writes no file (check_out_dir does, for a run)."""
-    args = build_parser().parse_args(argv)
+    ``saved``: the settings of the run being resumed, which are the defaults of every
+    flag a resume may not change. Reads and writes no file (check_out_dir does, for a run)."""
+    parser = build_parser()
+    if saved:
+        dests = {a.dest for a in parser._actions}
+        parser.set_defaults(**{k: v for k, v in saved.items() if k in dests and k not in RESUME_MAY_CHANGE})
+    args = parser.parse_args(argv)
     for names, ok, must in RULES:
         for name in names:
             value = getattr(args, name)
@@ -473,11 +479,15 @@ def run_settings(args) -> dict:
     """How the run was made: every flag, and the number of processes."""
     return {**vars(args), "processes": int(os.environ.get("WORLD_SIZE", 1))}
 
-def resume_checkpoint(args) -> Optional[dict]:
-    """With --resume, the checkpoint in --out-dir (None if there is none yet),
-    refused if it was made with other settings."""
-    path = Path(args.out_dir) / "ckpt.pt"
-    if not args.resume or not path.exists():
+def read_checkpoint(argv) -> Optional[dict]:
+    """With --resume, the checkpoint in --out-dir (None if there is none yet): its
+    settings become the defaults of the flags, so `--resume --out-dir X` alone continues X."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--resume", action="store_true")
+    pre.add_argument("--out-dir", default="out")
+    known, _ = pre.parse_known_args(argv)
+    path = Path(known.out_dir) / "ckpt.pt"
+    if not known.resume or not path.exists():
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -486,6 +496,13 @@ def resume_checkpoint(args) -> Optional[dict]:
              "delete it or choose another --out-dir")
     if not isinstance(ckpt, dict) or "settings" not in ckpt:
         fail(f"checkpoint {path} is not a checkpoint of this script")
+    return ckpt
+
+def check_resume(args, ckpt: Optional[dict]) -> None:
+    """A resume continues the run as it was made: a flag given now that differs is refused."""
+    if ckpt is None:
+        return
+    path = Path(args.out_dir) / "ckpt.pt"
     saved, now = ckpt["settings"], run_settings(args)
     flag = lambda k: "processes" if k == "processes" else "--" + k.replace("_", "-")
     changed = [f"{flag(k)} {saved[k]} (now {now[k]})" for k in saved
@@ -493,7 +510,20 @@ def resume_checkpoint(args) -> Optional[dict]:
     if changed:
         fail(f"--resume: {path} was made with other settings: {', '.join(changed)}. A resume may only change "
              f"{', '.join(flag(k) for k in RESUME_MAY_CHANGE[2:])}; start anything else in a new --out-dir")
+
+def resume_checkpoint(args) -> Optional[dict]:
+    """read_checkpoint and check_resume for flags already parsed (bench.py compare's runs)."""
+    ckpt = read_checkpoint(["--resume", "--out-dir", args.out_dir] if args.resume else [])
+    check_resume(args, ckpt)
     return ckpt
+
+def continue_command(args) -> str:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    start = f"torchrun --standalone --nproc_per_node {world} " if world > 1 else "python "
+    return f"{start}train_tiny_llama.py --resume --out-dir {args.out_dir}"
+
+class Stopped(KeyboardInterrupt):
+    """The first Ctrl-C: the run stopped cleanly at a step, with a checkpoint."""
 
 def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
     """Everything an exact resume needs (the data position of every rank too);
@@ -559,6 +589,8 @@ def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dic
         restore(run, ckpt, batches)
         if ckpt["result"] is not None:  # complete: nothing to train
             return ckpt["result"]
+        if dist.master:
+            print(f"resumed from step {run.step} of {args.max_steps}")
     elif args.resume and dist.master:
         print(f"--resume: no checkpoint in {args.out_dir} yet, so the run starts there")
     run.batches = llama_c4.Prefetch(batches)  # tokenized ahead, in a background thread
@@ -595,12 +627,12 @@ def agree(stop: bool, dist: Dist) -> bool:
 def finish(run: Run, val: list, metrics, interrupted: bool) -> dict:
     """The end of this invocation: a checkpoint, with the result once the run is complete."""
     args, path = run.args, Path(run.args.out_dir) / "ckpt.pt"
-    rerun = f"checkpoint saved to {path}; rerun with --resume to continue"
+    rerun = f"checkpoint saved to {path}; continue with: {continue_command(args)}"
     if interrupted:
         save_checkpoint(run)
         if run.dist.master:
             print(f"interrupted at step {run.step} of {args.max_steps}: {rerun}")
-        raise KeyboardInterrupt
+        raise Stopped
     check_replicas(run)
     val_loss = run.last_eval[1] if run.last_eval[0] == run.step else evaluate(run, val)
     result, complete = result_of(run, val_loss), run.step == args.max_steps
@@ -705,11 +737,13 @@ def load_data(args, tokenizer, dist: Dist) -> tuple[llama_c4.C4Data, list]:
     return data, val
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)  # every flag checked before anything is read
+    argv = sys.argv[1:] if argv is None else argv
+    ckpt = read_checkpoint(argv)  # with --resume: the run's own settings are the defaults
+    args = parse_args(argv, ckpt["settings"] if ckpt else None)  # every flag checked before data is read
+    check_resume(args, ckpt)
     tokenizer = load_tokenizer(args)
     out_existed = Path(args.out_dir).exists()
     check_out_dir(args)
-    ckpt = resume_checkpoint(args)
     if ckpt is not None and ckpt["result"] is not None:  # a complete run: nothing to train
         if os.environ.get("RANK", "0") == "0":
             print(f"{args.out_dir} is complete ({ckpt['step']} steps); its saved result:\n{describe(ckpt['result'])}")
@@ -723,8 +757,15 @@ def main(argv=None) -> dict:
             if skipped := data.stats.report():
                 print(skipped)
         return result
-    except KeyboardInterrupt:
+    except Stopped:  # the first Ctrl-C: a checkpoint was saved and the way to continue printed
+        sys.exit(130)
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before the loop): stop at once
         remove_untrained_run(args, out_existed, dist)
+        if dist.master:
+            kept = Path(args.out_dir) / "ckpt.pt"
+            print(f"stopped at once: {kept} holds the last checkpoint saved (by --save-interval or an earlier run); "
+                  f"continue with: {continue_command(args)}" if kept.exists() else
+                  "stopped at once: no checkpoint was saved, so nothing of this run was kept", file=sys.stderr)
         sys.exit(130)
     except llama_c4.DataError as e:  # the training stream ran dry
         remove_untrained_run(args, out_existed, dist)
