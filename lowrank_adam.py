@@ -62,8 +62,9 @@ Conventions
 * Where they run: eager or ``torch.compile`` (compiled steps equal eager
   ones to float32 rounding), one process, DDP, ZeRO-1. FSDP1 parameters
   (flattened to 1-D) are refused rather than silently trained as AdamW.
-* Param-group dicts are copied, never mutated; a group option that belongs
-  to another optimizer of this module is refused, not ignored.
+* Param-group dicts are copied, never mutated; a group key the optimizer
+  does not honour (a misspelling, another optimizer's option) is refused,
+  not ignored, and so is another optimizer's state dict.
 * Parameters outside a low-rank group (biases, norms, embeddings, the LM
   head) get exactly ``torch.optim.AdamW``'s update.
 * State holds only tensors and plain numbers, all of it per parameter (so

@@ -2379,14 +2379,14 @@ def test_adapprox_matches_reference_across_rank_changes(shape, case):
 
 
 def test_adapprox_rank_rule_is_blind_to_the_gradient_scale():
-    # ξ is scale-free, so gradients scaled by 2^-40 (|g| ~ 1e-12, whose V has
-    # entries ~ 1e-24 that square to below float32's range) must give the same
-    # errors and ranks; unguarded, ξ read 0 and every rank fell to k_min
-    # The guard holds over float32's whole range: at 2^62 the squares of G
-    # overflow unless G is scaled before it is squared, and at 2^-72 V lies below
-    # float32's range, so U is kept at scale with its exponent.
+    # ξ is scale-free, so scaled gradients must give the same errors and ranks,
+    # over float32's whole range: at 2^-40 V's squares underflow unless V is
+    # sketched at scale (ξ read 0 and every rank fell to k_min); at 2^62 G²
+    # overflows unless G is scaled before it is squared; at 2^-72 V itself lies
+    # below float32's range, so U is kept at scale with its exponent; at 2^±100
+    # the scale exponent must not be clamped early (its clamp is at ±126).
     runs = []
-    for scale in (1.0, 2.0 ** -40, 2.0 ** 40, 2.0 ** -72, 2.0 ** 62):
+    for scale in (1.0, 2.0 ** -40, 2.0 ** 40, 2.0 ** -72, 2.0 ** 62, 2.0 ** -100, 2.0 ** 100):
         g = torch.Generator().manual_seed(0)
         p = nn.Parameter(torch.randn(16, 24, generator=g))
         opt = la.Adapprox([p], lr=1e-3, err_tol=0.2)
@@ -2399,28 +2399,10 @@ def test_adapprox_rank_rule_is_blind_to_the_gradient_scale():
     assert runs[0][0][1] > 0.1 and all(run == runs[0] for run in runs)
     p = nn.Parameter(torch.randn(16, 24))
     opt = la.Adapprox([p], lr=1e-3)
-    for scale in (2.0 ** -100, 2.0 ** 60, 0.0):  # beyond the scale's clamp: still finite
+    for scale in (2.0 ** -140, 2.0 ** 60, 0.0):  # subnormal (beyond the clamp), huge, zero: still finite
         p.grad = torch.randn(16, 24) * scale
         opt.step()
         assert torch.isfinite(p).all() and math.isfinite(opt.state[p]["err_ema"])
-
-
-def test_adapprox_rank_rule_is_blind_to_gradient_scales_beyond_2_to_the_63():
-    # h = floor(log2 max|G|) must follow G down to 2^-100 (it is clamped only at
-    # ±126): at a scale clamped at 2^-63 the squares of G·2^-h (~2^-84) square
-    # again in ξ's sums to below float32's range, ξ reads 0 and the rank falls.
-    runs = []
-    for scale in (1.0, 2.0 ** -100, 2.0 ** 100):
-        g = torch.Generator().manual_seed(0)
-        p = nn.Parameter(torch.randn(16, 24, generator=g))
-        opt = la.Adapprox([p], lr=1e-3, err_tol=0.2)
-        trace = []
-        for _ in range(6):
-            p.grad = torch.randn(16, 24, generator=g) * scale
-            opt.step()
-            trace.append((opt.ranks()[0], opt.state[p]["err_ema"]))
-        runs.append(trace)
-    assert runs[0][0][1] > 0.1 and all(run == runs[0] for run in runs)
 
 
 def test_adapprox_history_survives_a_gradient_jump_of_40_octaves():
