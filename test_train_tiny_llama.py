@@ -1,0 +1,1192 @@
+"""Tests for the training script, its model and data, bench.py and the README.
+
+Run with the optimizer tests: ``pytest -q``. Sections, in order:
+
+1. The model (llama_c4.Llama): shapes, causality, RMSNorm, rotary embedding.
+2. The data: C4 shards, packing, shuffling, splits, resuming a stream, bad data.
+3. The script end to end (train_tiny_llama.main): training, resuming, Ctrl-C,
+   checkpoints, flags and their errors, --help.
+4. Requirements and distributed runs (torchrun on CPU: DDP, ZeRO-1, layer-wise).
+5. bench.py: every subcommand on tiny settings.
+6. README.md: every command it shows, run in order in a scratch folder.
+
+Tests that start a process say so in their name or docstring; the rest call
+``main()`` directly. The optimizers themselves are tested in
+test_lowrank_adam.py.
+"""
+
+import builtins
+import gzip
+import inspect
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import bench
+import llama_c4
+import lowrank_adam as la
+import train_tiny_llama as tl
+
+torch.set_num_threads(min(torch.get_num_threads(), 2))
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny_config(**over):
+    return llama_c4.LlamaConfig(**{**dict(vocab_size=64, hidden=32, intermediate=48, heads=4, layers=2, max_seq_len=32),
+                             **over})
+
+
+def test_llama_shapes_names_and_causality():
+    torch.manual_seed(0)
+    model = llama_c4.Llama(tiny_config())
+    idx = torch.randint(0, 64, (3, 16))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 16, 64) and loss.ndim == 0 and math.isfinite(loss.item())
+    # changing a future token never changes earlier logits
+    idx2 = idx.clone()
+    idx2[:, 10] = (idx2[:, 10] + 1) % 64
+    logits2, _ = model(idx2)
+    torch.testing.assert_close(logits2[:, :10], logits[:, :10])
+    assert not torch.allclose(logits2[:, 10:], logits[:, 10:])
+    # lowrank_groups finds exactly the 7 attention/MLP matrices per layer
+    groups = la.lowrank_groups(model, 4)
+    assert len(groups[1]["params"]) == 7 * 2
+    assert model.lm_head.weight is not model.embed_tokens.weight
+
+
+def test_rmsnorm_scales_by_the_root_mean_square_with_eps_and_weight():
+    x, norm = torch.randn(3, 8), llama_c4.RMSNorm(8, eps=1.0)
+    norm.weight.data.fill_(2.0)
+    torch.testing.assert_close(norm(x), 2 * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1.0))
+    assert torch.equal(llama_c4.RMSNorm(8, 1e-6)(torch.zeros(2, 8)), torch.zeros(2, 8))  # eps: no 0/0
+
+
+def test_rotary_rotates_each_pair_of_halves_as_a_complex_number():
+    x, angles = torch.randn(1, 2, 5, 8), torch.rand(5, 4) * 6  # (B, nh, T, hs), (T, hs/2)
+    z = torch.complex(*x.chunk(2, dim=-1)) * torch.polar(torch.ones_like(angles), angles)
+    torch.testing.assert_close(llama_c4.apply_rotary(x, angles.cos(), angles.sin()), torch.cat([z.real, z.imag], -1))
+
+
+def test_logits_come_through_the_final_norm():
+    torch.manual_seed(0)
+    model, idx = llama_c4.Llama(tiny_config()), torch.randint(0, 64, (2, 8))
+    logits, _ = model(idx)
+    model.norm.weight.data.mul_(2)  # the head is linear in the final norm's output
+    torch.testing.assert_close(model(idx)[0], 2 * logits)
+
+
+def write_shard(path, records, raw_lines=(), truncate=False):
+    lines = [json.dumps(r).encode() for r in records] + list(raw_lines)
+    data = gzip.compress(b"\n".join(lines) + b"\n")
+    path.write_bytes(data[: len(data) // 2] if truncate else data)
+
+
+def docs(prefix, n):
+    return [{"text": f"{prefix} document {i} " + "abc " * (i % 7), "timestamp": "2019", "url": f"u{i}"}
+            for i in range(n)]
+
+
+def token_stream(texts, tok):
+    out = []
+    for t in texts:
+        out += tok.encode(t) + [tok.eos_id]
+    return out
+
+
+def test_packing_loses_and_duplicates_no_token(tmp_path):
+    write_shard(tmp_path / "c4-train.00000-of-00002.json.gz", docs("a", 30))
+    write_shard(tmp_path / "c4-train.00001-of-00002.json.gz", docs("b", 25))
+    tok = llama_c4.ByteTokenizer()
+    train, val = llama_c4.find_shards(str(tmp_path))
+    assert len(train) == 2 and val == []
+    seqs = list(llama_c4.TokenStream(train, tok, 16, epochs=1))
+    assert all(s.shape == (17,) for s in seqs)
+    stream = token_stream([d["text"] for d in docs("a", 30) + docs("b", 25)], tok)
+    flat = torch.cat(seqs).tolist()
+    assert flat == stream[: len(flat)] and len(stream) - len(flat) < 17
+
+
+def batch_bytes(batches):
+    """The byte text of (inputs, targets) batches: each row is x plus the last target."""
+    rows = [torch.cat([x, y[:, -1:]], dim=1) for x, y in batches]
+    return b"".join(bytes([t for t in row.tolist() if t < 256]) for r in rows for row in r)
+
+
+def test_reading_resumes_after_the_last_text_yielded(tmp_path):
+    write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", docs("a", 10))
+    files, pos = llama_c4.find_shards(str(tmp_path))[0], {"file": 0, "line": 0}
+    reader = llama_c4.read_documents(files, llama_c4.DataStats(), pos)
+    first = [next(reader) for _ in range(3)]
+    rest = list(llama_c4.read_documents(files, llama_c4.DataStats(), dict(pos)))  # from the saved position
+    assert first + rest == [d["text"] for d in docs("a", 10)]
+
+
+def test_every_epoch_packs_the_same_sequences(tmp_path):
+    """An epoch's remainder is dropped, so epoch 2 starts where epoch 1 did."""
+    write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", docs("a", 30))
+    files = llama_c4.find_shards(str(tmp_path))[0]
+    seqs = [s.tolist() for s in llama_c4.TokenStream(files, llama_c4.ByteTokenizer(), 16, epochs=2)]
+    assert seqs[:len(seqs) // 2] == seqs[len(seqs) // 2:]
+
+
+def test_the_shuffle_buffer_is_a_permutation_drawing_from_every_slot(tmp_path):
+    write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", docs("a", 200))
+    files, tok = llama_c4.find_shards(str(tmp_path))[0], llama_c4.ByteTokenizer()
+    seqs = [s.tolist() for s in llama_c4.TokenStream(files, tok, 16, epochs=1)]
+    shuffled = llama_c4.TrainBatches(llama_c4.TokenStream(files, tok, 16, epochs=1), 1, seed=0, size=4)
+    out = [shuffled.next_sequence().tolist() for _ in range(len(seqs) - 4)]
+    assert sorted(out + [s.tolist() for s in shuffled.buffer]) == sorted(seqs)  # nothing lost or repeated
+    assert seqs[3] in out  # the last slot filled is drawn too
+
+
+def test_train_and_validation_are_disjoint(tmp_path):
+    tok = llama_c4.ByteTokenizer()
+    # with validation shards
+    write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", docs("train", 40))
+    write_shard(tmp_path / "c4-validation.00000-of-00001.json.gz", docs("valid", 20))
+    data = llama_c4.C4Data(str(tmp_path), tok, 16)
+    assert [f.name for f in data.val_files] == ["c4-validation.00000-of-00001.json.gz"]
+    val_text = batch_bytes(data.val_batches(2, 100))
+    assert b"valid" in val_text and b"train" not in val_text
+    # without: every 100th document is held out
+    only = tmp_path / "only"
+    only.mkdir()
+    write_shard(only / "c4-train.00000-of-00001.json.gz", [{"text": f"doc{i:03d}|" * 3} for i in range(300)])
+    data = llama_c4.C4Data(str(only), tok, 8)
+    assert data.holdout
+    train_docs = {t for t in llama_c4.read_documents(data.train_files, llama_c4.DataStats())}
+    held = [f"doc{i:03d}|" * 3 for i in range(300) if i % 100 == 99]
+    seen_train = b"".join(bytes([t for t in s.tolist() if t < 256]) for s in llama_c4.TokenStream(
+        data.train_files, tok, 8, keep=lambda i: i % 100 != 99, epochs=1))
+    seen_val = batch_bytes(data.val_batches(1, 1000))
+    for h in held:
+        assert h.encode() not in seen_train
+    for h in held[:-1]:  # the last one may end in the unpacked remainder
+        assert h.encode() in seen_val
+    assert len(train_docs) == 300
+
+
+def test_ddp_ranks_get_disjoint_slices(tmp_path):
+    write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", [{"text": f"<{i}>" * 20} for i in range(40)])
+    tok = llama_c4.ByteTokenizer()
+    files, _ = llama_c4.find_shards(str(tmp_path))
+    per_rank = [b"".join(bytes([t for t in s.tolist() if t < 256])
+                         for s in llama_c4.TokenStream(files, tok, 8, rank=r, world=2, epochs=1)) for r in range(2)]
+    for i in range(40):
+        owners = [f"<{i}><{i}><{i}>".encode() in seen for seen in per_rank]
+        assert owners.count(True) <= 1
+    assert b"<0>" in per_rank[0] and b"<1>" in per_rank[1] and b"<1><1>" not in per_rank[0]
+
+
+def bad_data_folder(path):
+    """5 good documents with 2 undecodable lines and 2 without text, a truncated shard, a plain JSON file."""
+    write_shard(path / "c4-train.00000-of-00003.json.gz", docs("ok", 5),
+                raw_lines=[b"{not json", b'{"text": "\xff\xfe bad utf8"}', b'{"url": "no text here"}', b"[1, 2]"])
+    write_shard(path / "c4-train.00001-of-00003.json.gz", docs("cut", 200), truncate=True)
+    (path / "c4-train.00002-of-00003.json").write_text(json.dumps({"text": "plain json file"}) + "\n")
+
+
+def test_bad_data_is_skipped_and_counted(tmp_path, capsys):
+    bad_data_folder(tmp_path)
+    files, _ = llama_c4.find_shards(str(tmp_path))
+    stats = llama_c4.DataStats()
+    texts = list(llama_c4.read_documents(files, stats))
+    assert stats.bad_lines == 2 and stats.no_text == 2 and stats.bad_shards == 1
+    assert texts[:5] == [d["text"] for d in docs("ok", 5)] and texts[-1] == "plain json file"
+    assert "skipping the rest" in capsys.readouterr().err
+
+
+def test_bad_data_is_counted_and_warned_about_once_however_often_it_repeats(tmp_path, capsys):
+    """Issue 13 #8: 2 bad lines once became 'skipped 28' and 13 identical warnings."""
+    bad_data_folder(tmp_path)
+    write_shard(tmp_path / "c4-train.00003-of-00003.json.gz", docs("more", 150))
+    data = llama_c4.C4Data(str(tmp_path), llama_c4.ByteTokenizer(), 16)
+    data.val_batches(2, 4)  # the held-out pass reads every shard too
+    batches = data.train_batches(2, seed=0, shuffle_buffer=0)
+    for _ in range(300):  # many epochs of this small data set
+        next(batches)
+    s = data.stats
+    assert (s.bad_lines, s.no_text, s.bad_shards) == (2, 2, 1)
+    assert capsys.readouterr().err.count("skipping the rest") == 1
+    assert s.report() == "data: skipped 2 undecodable lines, 2 records without text, 1 unreadable shards"
+    assert llama_c4.DataStats(documents=5).report() is None  # nothing skipped: nothing to say
+
+
+def test_documents_count_once_over_many_epochs(tmp_path):
+    write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", docs("a", 150))
+    data = llama_c4.C4Data(str(tmp_path), llama_c4.ByteTokenizer(), 16)
+    data.val_batches(1, 1)  # the held-out pass reads the same shard
+    batches = data.train_batches(2, seed=0, shuffle_buffer=0)
+    for _ in range(500):
+        next(batches)
+    assert batches.stream.pos["epoch"] >= 2 and data.stats.documents == 150
+
+
+def test_an_empty_held_out_set_is_named_as_the_problem(tmp_path):
+    """Issue 13 #9: fewer than 100 documents and no validation shard."""
+    write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", docs("few", 60))
+    with pytest.raises(llama_c4.DataError, match="held-out validation set is empty.*60 documents"):
+        llama_c4.C4Data(str(tmp_path), llama_c4.ByteTokenizer(), 16).val_batches(2, 4)
+    with pytest.raises(SystemExit, match="held-out validation set is empty"):
+        tl.main(["--data", str(tmp_path), "--out-dir", str(tmp_path / "out")])
+
+
+def test_missing_or_empty_data_path_errors_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        llama_c4.find_shards(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="no C4 shards"):
+        llama_c4.find_shards(str(tmp_path))
+    with pytest.raises(SystemExit, match="nope: no such file"):
+        tl.main(["--data", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "out")])
+
+
+def test_lr_schedule():
+    lr = lambda it: tl.get_lr(it, 1.0, 10, 100, 0.1)
+    assert lr(0) < lr(5) < lr(9) <= 1.0  # warmup
+    assert lr(10) == pytest.approx(1.0) and lr(55) == pytest.approx(0.55)  # cosine midpoint
+    assert lr(100) == lr(500) == pytest.approx(0.1)  # floor
+
+
+@pytest.fixture(scope="session")
+def xdg_cache(tmp_path_factory):
+    """An XDG_CACHE_HOME holding the embedded corpus, where --cache-dir looks by default."""
+    xdg = tmp_path_factory.mktemp("xdg")
+    llama_c4.build_embedded_corpus(xdg / "lowrank_adam")
+    return xdg
+
+
+@pytest.fixture(scope="session")
+def corpus(xdg_cache):
+    return str(llama_c4.build_embedded_corpus(xdg_cache / "lowrank_adam"))
+
+
+def test_a_late_resume_reads_at_most_one_shard_and_continues_exactly(corpus, tmp_path):
+    tok = llama_c4.ByteTokenizer()
+    data = llama_c4.C4Data(corpus, tok, 64)
+    batches = data.train_batches(4, seed=0, shuffle_buffer=50)
+    while batches.stream.pos["file"] < 2 or batches.stream.pos["epoch"] < 1:  # late: the 2nd epoch, 3rd shard
+        next(batches)
+    torch.save(llama_c4.saveable(batches.state_dict()), tmp_path / "data.pt")
+    saved = dict(batches.stream.pos)
+    expected = [next(batches) for _ in range(60)]  # enough to read on from the saved line
+    fresh = llama_c4.C4Data(corpus, tok, 64)
+    resumed = fresh.train_batches(4, seed=0, shuffle_buffer=50)
+    resumed.load_state_dict(torch.load(tmp_path / "data.pt", weights_only=True))
+    got = []
+    while fresh.stats.lines_read == 0:  # up to the first line the resumed stream reads
+        got.append(next(resumed))
+    # getting back to the saved position read (unparsed) only the lines before it in its own shard;
+    # every other line read is a document it went on to use
+    assert fresh.stats.lines_read - fresh.stats.documents == saved["line"]
+    got += [next(resumed) for _ in range(60 - len(got))]
+    assert all(torch.equal(a, b) for x, y in zip(expected, got) for a, b in zip(x, y))
+
+
+def test_prefetch_gives_the_same_batches_and_the_state_of_the_last_taken(corpus):
+    tok = llama_c4.ByteTokenizer()
+    plain = llama_c4.C4Data(corpus, tok, 32).train_batches(2, seed=1, shuffle_buffer=10)
+    ahead = llama_c4.Prefetch(llama_c4.C4Data(corpus, tok, 32).train_batches(2, seed=1, shuffle_buffer=10), depth=4)
+    for _ in range(6):
+        a, b = next(plain), next(ahead)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    time.sleep(0.2)  # the worker is ahead now; the state must still be the one after the 6th batch
+    assert ahead.state["stream"] == plain.state_dict()["stream"] and ahead.state["rng"] == plain.rng.getstate()
+    ahead.close()
+
+
+def test_prefetch_passes_on_the_end_of_the_data_and_closes_with_a_full_queue():
+    class RunsDry:  # one batch, then the data runs dry
+        taken = 0
+
+        def __next__(self):
+            self.taken += 1
+            if self.taken > 1:
+                raise llama_c4.DataError("dry")
+            return torch.zeros(1, 2), torch.ones(1, 2)
+
+        def state_dict(self):
+            return {"taken": self.taken}
+    ahead = llama_c4.Prefetch(RunsDry(), depth=1)
+    time.sleep(0.3)  # the queue holds the batch; the worker has the error and no room for it
+    closer = threading.Thread(target=ahead.close, daemon=True)
+    closer.start()
+    closer.join(5)
+    assert not closer.is_alive()  # close() came back: the worker gave up waiting for room
+    ahead = llama_c4.Prefetch(RunsDry(), depth=1)
+    assert torch.equal(next(ahead)[1], torch.ones(1, 2)) and ahead.state == {"taken": 1}
+    with pytest.raises(llama_c4.DataError, match="dry"):
+        next(ahead)
+    ahead.close()
+
+
+def test_embedded_corpus_is_c4_format(corpus):
+    train, val = llama_c4.find_shards(corpus)
+    assert len(train) == 4 and len(val) == 1
+    assert all(f.name.startswith("c4-train.") and f.name.endswith("-of-00004.json.gz") for f in train)
+    with gzip.open(val[0], "rt") as fh:
+        rec = json.loads(fh.readline())
+    assert set(rec) == {"text", "timestamp", "url"} and len(rec["text"]) > 100
+
+
+def test_embedded_validation_documents_are_not_trained_on(corpus):
+    train, val = llama_c4.find_shards(corpus)
+    urls = lambda files: [json.loads(line)["url"] for f in files for line in gzip.open(f, "rt")]
+    train_urls, val_urls = urls(train), urls(val)
+    assert not set(train_urls) & set(val_urls) and len(val_urls) > 0
+    assert len(train_urls) + len(val_urls) == int((Path(corpus) / "DONE").read_text().split()[0])  # every document
+
+
+def test_the_ctrl_c_handler_stops_once_and_is_restored():
+    before = signal.getsignal(signal.SIGINT)
+    with tl.stop_on_first_ctrl_c() as stop_requested:
+        assert not stop_requested()
+        signal.raise_signal(signal.SIGINT)  # the first Ctrl-C only asks the loop to stop
+        assert stop_requested()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+SMALL = ["--quiet", "--max-steps", "6", "--eval-interval", "3", "--batch-size", "2", "--seq-len", "32",
+         "--val-batches", "2", "--update-proj-gap", "4", "--shuffle-buffer", "50", "--warmup-steps", "2"]
+
+
+def history(out_dir):
+    """metrics.jsonl without its timings: what must be identical between two runs."""
+    rows = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "final")} for r in rows]
+
+
+@pytest.mark.parametrize("opt", list(tl.OPTIMIZERS))
+def test_script_trains_and_resumes_exactly(opt, corpus, tmp_path, capsys):
+    common = SMALL + ["--data", corpus, "--optimizer", opt]
+    a, b = tmp_path / "a", tmp_path / "b"
+    full = tl.main(common + ["--out-dir", str(a)])
+    assert math.isfinite(full["val_loss"]) and full["steps"] == 6 and full["state_mb"] > 0
+    part = tl.main(common + ["--out-dir", str(b), "--stop-after", "4"])
+    assert part["steps"] == 4
+    assert (f"stopped at step 4 of 6 (--stop-after 4): checkpoint saved to {b / 'ckpt.pt'}; continue with: "
+            f"python train_tiny_llama.py --resume --out-dir {b}") in capsys.readouterr().out
+    shutil.copy(b / "ckpt.pt", tmp_path / "step4.pt")
+    resumed = tl.main(common + ["--out-dir", str(b), "--resume"])
+    assert resumed["steps"] == 6 and resumed["val_loss"] == full["val_loss"]
+    ckpt_a, ckpt_b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (a, b))
+    assert all(torch.equal(ckpt_a["model"][k], ckpt_b["model"][k]) for k in ckpt_a["model"])
+    assert history(b) == history(a) and "final" in json.loads(open(a / "metrics.jsonl").readlines()[-1])
+    # a crash after step 6 but before the final save: resuming the step-4 checkpoint drops the
+    # rows after step 4 before it logs them again, so every step appears once
+    shutil.copy(tmp_path / "step4.pt", b / "ckpt.pt")
+    assert tl.main(common + ["--out-dir", str(b), "--resume"])["val_loss"] == full["val_loss"]
+    assert history(b) == history(a)
+
+
+def test_a_resumed_run_reports_whole_run_timings_and_a_complete_run_its_saved_result(corpus, tmp_path, capsys):
+    common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path)]
+    tl.main(common + ["--stop-after", "3"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["timing"] = {"seconds": 1000.0, "step_seconds": 3.0}  # as if the first 3 steps had taken that long
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    resumed = tl.main(common + ["--resume"])
+    assert resumed["steps"] == 6 and 1000 < resumed["seconds"] < 1100 and resumed["step_ms"] > 3000 / 6
+    assert resumed["tokens_per_s"] == pytest.approx(6 * 2 * 32 / resumed["seconds"])
+    again = tl.main(common + ["--resume"])
+    assert again == resumed
+    assert "is complete (6 steps); its saved result" in capsys.readouterr().out
+
+
+def test_an_existing_run_is_never_overwritten(corpus, tmp_path):
+    """Issue 13 #2: a second run into the same --out-dir used to overwrite ckpt.pt and append to metrics.jsonl."""
+    common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path)]
+    tl.main(common + ["--stop-after", "2"])
+    before = (tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit, match="already holds a run .ckpt.pt, metrics.jsonl.: add --resume"):
+        tl.main(common)
+    assert ((tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "metrics.jsonl").read_text()) == before
+    (tmp_path / "ckpt.pt").unlink()  # a run that died before its first checkpoint: still refused
+    with pytest.raises(SystemExit, match="already holds a run .metrics.jsonl."):
+        tl.main(common)
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_nothing_behind(corpus, tmp_path):
+    # an empty train shard: the run fails at its first batch, after metrics.jsonl was opened
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    write_shard(bad / "c4-train.00000-of-00001.json.gz", [])
+    write_shard(bad / "c4-validation.00000-of-00001.json.gz", docs("val", 64))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="hold 0 usable documents"):
+        tl.main(SMALL + ["--data", str(bad), "--out-dir", str(out)])
+    assert not out.exists()  # created by the run, so removed with it
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="hold 0 usable documents"):
+        tl.main(SMALL + ["--data", str(bad), "--out-dir", str(out)])
+    assert [f.name for f in out.iterdir()] == ["notes.txt"]  # a folder of the user's: only the run's file goes
+    tl.main(SMALL + ["--data", corpus, "--out-dir", str(out), "--max-steps", "3"])  # the same folder, no --resume
+    assert (out / "ckpt.pt").exists()
+
+
+def test_unusable_training_data_is_described_per_split_with_what_was_skipped(tmp_path):
+    # the validation split's documents are not counted as training documents, and the
+    # skipped lines of the training shards are named
+    write_shard(tmp_path / "c4-validation.00000-of-00001.json.gz", docs("val", 64))
+    train = tmp_path / "c4-train.00000-of-00001.json.gz"
+    write_shard(train, [{"url": "no text"}], raw_lines=[b"{not json"])
+    with pytest.raises(SystemExit) as e:
+        tl.main(SMALL + ["--data", str(tmp_path), "--out-dir", str(tmp_path / "out")])
+    assert str(e.value.code) == (
+        "error: the training shards (1: c4-train.00000-of-00001.json.gz) hold 0 usable documents (skipped: 1 "
+        'undecodable or non-JSON lines, 1 records without a "text" string, 0 unreadable shards): add training '
+        'documents (JSON lines with a "text" field)')
+    write_shard(train, docs("short", 2))  # documents, but too few tokens for one sequence
+    with pytest.raises(SystemExit, match=r"hold 2 usable documents; the 2 of them for rank 0 give no sequence of "
+                                         r"513 tokens: use more data or a shorter --seq-len"):
+        tl.main(SMALL + ["--data", str(tmp_path), "--out-dir", str(tmp_path / "out"), "--seq-len", "512"])
+
+
+def test_a_resume_with_other_settings_is_refused_naming_them(corpus, tmp_path):
+    """Issue 13 #3: a rank-16 checkpoint resumed with --rank 8 trained on at rank 16."""
+    common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "galore"]
+    tl.main(common + ["--rank", "16", "--stop-after", "2"])
+    with pytest.raises(SystemExit, match=r"other settings: --rank 16 \(now 8\), --max-steps 6 \(now 9\)\. A "
+                                         r"resume may only change --stop-after, --save-interval"):
+        tl.main(common + ["--rank", "8", "--max-steps", "9", "--resume"])
+    with pytest.raises(SystemExit, match=r"--optimizer galore \(now adamw\)"):
+        tl.main(common + ["--rank", "16", "--optimizer", "adamw", "--resume"])
+    # what may change: reporting, checkpoint cadence, device, threads...
+    done = tl.main(common + ["--rank", "16", "--resume", "--eval-interval", "2", "--log-interval", "1",
+                             "--threads", "1", "--save-interval", "1"])
+    assert done["steps"] == 6
+
+
+def test_corrupt_checkpoints_error_clearly(corpus, tmp_path):
+    common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path)]
+    tl.main(common + ["--stop-after", "2"])
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(SystemExit, match="corrupt"):
+        tl.main(common + ["--resume"])
+    torch.save({"model": {}}, ckpt)
+    with pytest.raises(SystemExit, match="not a checkpoint of this script"):
+        tl.main(common + ["--resume"])
+
+
+BAD_FLAGS = [  # Issue 13 #4, and the rest of the flags: one clear line each
+    (["--lr", "-0.001", "--optimizer", "galore"], "--lr -0.001: must be a number > 0"),
+    (["--lr", "0"], "--lr 0.0: must be a number > 0"),
+    (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+    (["--lr", "galore=1e-2"], "argument --lr: invalid float value: 'galore=1e-2'"),  # NAME=LR is bench.py compare's
+    (["--rank", "0"], "--rank 0: must be an integer >= 1"),
+    (["--max-steps", "0"], "--max-steps 0: must be an integer >= 1"),
+    (["--beta1", "1.0"], "--beta1 1.0: must be in [0, 1)"),
+    (["--weight-decay", "nan"], "--weight-decay nan: must be a number >= 0"),
+    (["--seq-len", "x"], "argument --seq-len: invalid int value: 'x'"),
+    (["--model", "2b"], "argument --model: invalid choice: '2b'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--optimizer", "galore:gap"], "galore has no variant :gap; it has :svd, :random, :gha, +residual, +noresidual"),
+    (["--optimizer", "adaptive:nope"], "adaptive has no variant :nope"),
+    (["--optimizer", "galore", "--norm-growth-limit", "0.5"], "Invalid norm_growth_limit: 0.5"),
+    (["--optimizer", "adapprox", "--beta1", "0", "--cosine-guidance"], "Invalid cosine_guidance"),
+    (["--eos-token", "</s>"], "--eos-token names a token of --tokenizer, which is not given"),
+    (["--device", "tpu"], "--device tpu: not a device"),
+    (["--device", "mps"], "--device mps: not a device this script runs on"),
+    (["--data", "/nonexistent/c4"], "--data /nonexistent/c4: no such file or directory"),
+    (["--optimizer", "galore", "--rank", "1000"], "--rank 1000: larger than 64, the short side of the tiny model's "
+                                                  "attn/mlp matrices; use at most 64"),
+    (["--optimizer", "ldadam", "--rank", "65"], "--rank 65: larger than 64"),
+    (["--warmup-steps", "500", "--max-steps", "20"], "--warmup-steps 500 with --max-steps 20: the lr would never "
+                                                      "reach its peak"),
+    (["--warmup-steps", "20", "--max-steps", "20"], "--warmup-steps 20 with --max-steps 20"),
+]
+
+
+def test_the_default_warmup_fits_a_short_run_and_a_rank_at_the_short_side_is_allowed():
+    assert tl.parse_args(["--max-steps", "20"]).warmup_steps == 2  # a tenth of a short run
+    assert tl.parse_args([]).warmup_steps == 30
+    assert tl.parse_args(["--max-steps", "20", "--warmup-steps", "19"]).warmup_steps == 19
+    assert tl.parse_args(["--optimizer", "galore", "--rank", "64"]).rank == 64
+    assert tl.parse_args(["--rank", "1000"]).rank == 1000  # AdamW has no rank: nothing to check
+
+
+@pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flags_fail_before_anything_is_read_with_one_line(argv, message, tmp_path, monkeypatch):
+    for module, name in ((llama_c4, "build_embedded_corpus"), (llama_c4, "C4Data"), (tl, "load_tokenizer")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("read data before checking the flags"))
+    with pytest.raises(SystemExit) as e:
+        tl.main(argv + ["--out-dir", str(tmp_path / "out")])
+    text = str(e.value.code)
+    assert text.startswith("error: ") and message in text and "\n" not in text
+    assert not (tmp_path / "out").exists()  # nothing written either
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+def test_cuda_on_a_cpu_only_torch_fails_up_front(tmp_path):
+    with pytest.raises(SystemExit, match="--device cuda: no such CUDA device .*use --device cpu"):
+        tl.main(["--device", "cuda", "--out-dir", str(tmp_path)])
+
+
+def test_unwritable_out_dir_and_bad_tokenizer_fail_up_front(tmp_path, monkeypatch):
+    monkeypatch.setattr(llama_c4, "build_embedded_corpus",
+                        lambda *a: pytest.fail("read data before checking the flags"))
+    (tmp_path / "file").write_text("")
+    # (a read-only folder is no test as root, so: a folder that cannot be created, under a file)
+    with pytest.raises(SystemExit, match="--out-dir .*file/out: cannot write there"):
+        tl.main(["--out-dir", str(tmp_path / "file" / "out")])
+    (tmp_path / "tok.json").write_text("this is not JSON")
+    with pytest.raises(SystemExit, match="--tokenizer .*tok.json: not a tokenizer.json .not JSON"):
+        tl.main(["--tokenizer", str(tmp_path / "tok.json"), "--out-dir", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="missing.json: No such file"):
+        tl.main(["--tokenizer", str(tmp_path / "missing.json"), "--out-dir", str(tmp_path / "b")])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_bad_flag_on_the_command_line_is_one_line_on_stderr(tmp_path):
+    """Runs the script as a process: exit status 1, one line, no traceback."""
+    out = subprocess.run([sys.executable, "train_tiny_llama.py", "--rank", "0", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == "error: --rank 0: must be an integer >= 1\n"
+
+
+def test_compare_lr_takes_a_number_or_a_table_where_the_full_spec_wins():
+    table = "galore=2e-2,galore+residual=3e-2,adamw=1e-3"
+    assert bench.peak_lr("galore+residual", table) == 3e-2 and bench.peak_lr("galore:random", table) == 2e-2
+    assert bench.peak_lr("adamw", table) == 1e-3 and bench.peak_lr("ldadam", table) == tl.OPTIMIZERS["ldadam"].lr
+    assert bench.peak_lr("adapprox", "5e-4") == 5e-4 and bench.peak_lr("adafactor", None) == 1e-2
+
+
+def test_compare_checks_every_run_before_training_any(corpus, tmp_path, capsys):
+    """Issue 13 #4: `--lr galore=1e-2x` crashed only after the AdamW run had finished."""
+    out = tmp_path / "cmp"
+    for argv, message in [(["--lr", "galore=1e-2x"], "'1e-2x' is not a number"),
+                          (["--lr", "galore=-1e-3"], "--lr galore=-1e-3: a learning rate must be a number > 0"),
+                          (["--lr", "adamw=1e-3,sgd=1e-2"], "unknown optimizer 'sgd'"),
+                          (["--lr-sweep", "1,x"], "--lr-sweep 1,x: not a comma list"),
+                          (["--optimizer", "adamw,galore:gap"], "galore has no variant :gap")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            bench.main(["compare", "--optimizer", "adamw,galore", *argv, "--data", corpus, "--out-dir", str(out)])
+        assert not list(out.glob("*/metrics.jsonl"))
+    bench.main(["compare", "--optimizer", "adamw", *SMALL, "--data", corpus, "--out-dir", str(out),
+                "--stop-after", "2"])
+    with pytest.raises(SystemExit, match="adamw-seed0 already holds a run"):  # checked before galore trains
+        bench.main(["compare", "--optimizer", "galore,adamw", *SMALL, "--data", corpus, "--out-dir", str(out)])
+    assert not (out / "galore-seed0" / "metrics.jsonl").exists()
+
+
+def block_matplotlib(monkeypatch):
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def test_plot_without_matplotlib_fails_before_training(corpus, tmp_path, monkeypatch):
+    """Issue 13 #5: --plot trained everything first, then exited with status 1."""
+    block_matplotlib(monkeypatch)
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        bench.main(["compare", "--optimizer", "adamw,galore", *SMALL, "--data", corpus, "--out-dir", str(tmp_path),
+                    "--plot"])
+    assert not list(tmp_path.glob("*/metrics.jsonl"))
+
+
+def test_output_is_plain_lines_and_quiet_keeps_evaluations(corpus, tmp_path, capsys):
+    """Issue 13 #6: no \\r-joined progress bar; --quiet hid the evaluation lines too."""
+    common = [a for a in SMALL if a != "--quiet"] + ["--data", corpus, "--log-interval", "2"]
+    tl.main(common + ["--out-dir", str(tmp_path / "a")])
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and err == ""
+    assert [line for line in out.splitlines() if line.startswith("step ")] == [
+        line for line in out.splitlines() if re.fullmatch(r"step (\d/6: train loss [\d.]+, lr [\d.e-]+, [\d,]+ "
+                                                          r"tokens/s|\d: val loss [\d.]+, val ppl [\d.]+)", line)]
+    assert out.count("/6: train loss") == 3 and out.count(": val loss") == 2
+    tl.main(common + ["--out-dir", str(tmp_path / "b"), "--quiet"])
+    out = capsys.readouterr().out
+    assert "train loss" not in out and out.count(": val loss") == 2 and "adamw (lr 0.003) seed 0:" in out
+
+
+def test_first_ctrl_c_saves_a_checkpoint_and_resume_continues(corpus, tmp_path):
+    """Runs the script as a process and sends it SIGINT once it has logged step 3."""
+    cmd = [sys.executable, "train_tiny_llama.py", *SMALL, "--max-steps", "100000", "--log-interval", "1",
+           "--data", corpus, "--out-dir", str(tmp_path)]
+    cmd.remove("--quiet")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    step = int(re.search(r"interrupted at step (\d+) of 100000: checkpoint saved to .*ckpt.pt; continue with: "
+                         rf"python train_tiny_llama.py --resume --out-dir {re.escape(str(tmp_path))}\n",
+                         out).group(1))
+    assert step >= 3 and "Ctrl-C: finishing this step" in err
+    resumed = tl.main(["--resume", "--out-dir", str(tmp_path), "--stop-after", "2"])  # the settings: the checkpoint's
+    assert resumed["steps"] == step + 2
+
+
+def test_resume_needs_only_the_out_dir_and_refuses_only_explicit_changes(corpus, tmp_path, capsys):
+    common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adaptive", "--rank", "4"]
+    tl.main(common + ["--stop-after", "2"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=r"other settings: --rank 4 \(now 8\)\. A resume"):
+        tl.main(["--resume", "--out-dir", str(tmp_path), "--rank", "8"])  # explicit and different: refused
+    done = tl.main(["--resume", "--out-dir", str(tmp_path), "--stop-after", "2", "--quiet"])
+    assert "resumed from step 2 of 6" in capsys.readouterr().out
+    assert done["steps"] == 4 and done["optimizer"].startswith("adaptive")
+    uninterrupted = tl.main(common + ["--out-dir", str(tmp_path / "whole")])
+    finished = tl.main(["--resume", "--out-dir", str(tmp_path), "--rank", "4"])  # explicit but equal: fine
+    assert finished["val_loss"] == uninterrupted["val_loss"]
+
+
+def test_a_second_ctrl_c_says_what_was_kept(corpus, tmp_path, monkeypatch, capsys):
+    # the second Ctrl-C raises KeyboardInterrupt inside a step (simulated here at step 4,
+    # after the checkpoint of step 2); a run without any checkpoint keeps nothing
+    step = tl.train_step
+
+    def interrupted(run, batches):
+        if run.step == 3:
+            raise KeyboardInterrupt
+        return step(run, batches)
+
+    monkeypatch.setattr(tl, "train_step", interrupted)
+    with pytest.raises(SystemExit) as e:
+        tl.main(SMALL + ["--data", corpus, "--out-dir", str(tmp_path / "a"), "--save-interval", "2"])
+    assert e.value.code == 130
+    assert (f"stopped at once: {tmp_path / 'a' / 'ckpt.pt'} holds the last checkpoint saved (by --save-interval or "
+            f"an earlier run); continue with: python train_tiny_llama.py --resume --out-dir {tmp_path / 'a'}"
+            in capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        tl.main(SMALL + ["--data", corpus, "--out-dir", str(tmp_path / "b"), "--save-interval", "0"])
+    assert "no checkpoint was saved, so nothing of this run was kept" in capsys.readouterr().err
+    assert (tmp_path / "b" / "metrics.jsonl").exists()  # it trained 3 steps: their log stays
+
+
+def test_help_is_grouped_with_examples_on_their_lines_and_one_default_per_flag(capsys):
+    """Issue 13 #10."""
+    with pytest.raises(SystemExit):
+        tl.main(["--help"])
+    text = capsys.readouterr().out
+    assert "\n  python train_tiny_llama.py                          # tiny LLaMA, AdamW, embedded corpus: 25-45 s" in text
+    assert "2 min" not in text and "benchmark" not in text.lower()
+    for group in ("data", "model", "optimizer", "galore and adaptive", "ldadam", "adapprox", "schedule",
+                  "output and checkpoints", "system"):
+        assert f"\n{group}:\n" in text
+    entries = re.split(r"\n  (?=-)", text.split("options:", 1)[1])
+    assert len(entries) > 40
+    for entry in entries:
+        assert len(re.findall(r"default|unset", entry)) <= 1, entry
+    assert "--residual, --no-residual" in text and "(default: 300)" in text
+    assert "decoupled weight decay (default: 0.0)" in text and "(default: False)" not in text
+
+
+def test_every_optimizer_flag_names_an_argument_of_an_optimizer():
+    """The optimizer flags reach the optimizers by name, so a renamed argument must fail here, not silently."""
+    takes = set().union(*(inspect.signature(r.cls).parameters for r in tl.OPTIMIZERS.values()))
+    groups = ("galore and adaptive", "ldadam", "adapprox")
+    flags = [a.dest for g in tl.build_parser()._action_groups if g.title in groups for a in g._group_actions]
+    assert len(flags) == 13 and set(flags) <= takes
+
+
+FLAG_EFFECTS = [  # (flags, what the optimizer's last param group holds then; None = off)
+    (["--optimizer", "galore", "--update-proj-gap", "7", "--scale", "0.5", "--norm-growth-limit", "0", "--residual"],
+     dict(update_proj_gap=7, scale=0.5, norm_growth_limit=None, residual=True, rank=16)),
+    (["--optimizer", "adaptive", "--rank-metric", "gap", "--no-residual", "--rank", "3", "--norm-growth-limit", "2"],
+     dict(rank_metric="gap", residual=False, rank=3, norm_growth_limit=2.0)),
+    (["--optimizer", "adaptive:conditioning+noresidual", "--rank-metric", "gap", "--residual"],  # the spec wins
+     dict(rank_metric="conditioning", residual=False)),
+    (["--optimizer", "ldadam", "--rho", "0.5", "--no-error-feedback", "--beta1", "0.8", "--beta2", "0.9"],
+     dict(rho=0.5, error_feedback=False, betas=(0.8, 0.9))),
+    (["--optimizer", "adapprox", "--k-max-frac", "0.5", "--err-tol", "0.2", "--rank-init", "2", "--clip-threshold",
+      "0", "--cosine-guidance", "--beta2", "0.95", "--weight-decay", "0.1", "--lr", "1e-4"],
+     dict(k_max_frac=0.5, err_tol=0.2, rank_init=2, clip_threshold=None, cosine_guidance=True, betas=(0.9, 0.95),
+          weight_decay=0.1, lr=1e-4)),
+    (["--optimizer", "adamw", "--beta1", "0.8", "--update-proj-gap", "7"], dict(betas=(0.8, 0.999), lr=3e-3)),
+]
+
+
+@pytest.mark.parametrize("argv, expected", FLAG_EFFECTS, ids=[a[1] for a, _ in FLAG_EFFECTS])
+def test_flags_reach_the_optimizer(argv, expected):
+    args = tl.parse_args(argv + ["--seed", "3"])
+    opt = tl.build_optimizer(args, tl.build_model(args, vocab_size=64, device="meta"))
+    group = opt.param_groups[-1]
+    assert {k: group[k] for k in expected} == expected
+    if isinstance(opt, la.LDAdam):
+        assert opt.error_dtype is None  # the step's precision: float32 here
+        args.error_dtype = "bf16"
+        assert tl.build_optimizer(args, tl.build_model(args, 64, device="meta")).error_dtype == torch.bfloat16
+    if isinstance(opt, (la.Adapprox, la.GaLoreAdamW)) and not isinstance(opt, la.AdaptiveAdamW):
+        assert group["seed"] == 3  # seeds Adapprox's sketches and GaLore's random subspaces
+
+
+def test_a_new_optimizer_is_one_recipe(corpus, tmp_path, monkeypatch):
+    """How Adafactor or a GaLore subspace variant will join: one entry, its options from the flags by name."""
+    monkeypatch.setitem(tl.OPTIMIZERS, "sgd", tl.Recipe(torch.optim.SGD, 0.05, variants={
+        "+nesterov": {"momentum": 0.9, "nesterov": True}}))
+    result = tl.main(SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "sgd+nesterov"])
+    assert result["optimizer"] == "sgd+nesterov" and result["lr"] == 0.05 and result["state_mb"] > 0
+    assert tl.parse_optimizer("adaptive:gap+noresidual") == ("adaptive", {"rank_metric": "gap", "residual": False})
+
+
+def test_small_models_on_cpu_default_to_one_thread():
+    """Issue 13 #11. conftest.py pins the suite itself to 1 thread."""
+    assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    try:
+        for model, threads, expect in [("tiny", 0, 1), ("9m", 0, 2), ("tiny", 2, 2), ("60m", 0, 2), ("9m", 1, 1)]:
+            torch.set_num_threads(2)
+            tl.set_threads(tl.parse_args(["--model", model, "--threads", str(threads)]), "cpu")
+            assert torch.get_num_threads() == expect
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_requirements_list_numpy_so_torch_imports_without_a_warning():
+    """Issue 13 #7. Starts two processes: without numpy torch warns (so the check can fail), with it not."""
+    names = [re.split(r"[<>=!~ ]", line)[0] for line in open(os.path.join(ROOT, "requirements.txt"))
+             if line.strip() and not line.startswith("#")]
+    assert "numpy" in names and "torch" in names
+    hidden = subprocess.run([sys.executable, "-c", "import sys; sys.modules['numpy'] = None; import torch"],
+                            capture_output=True, text=True)
+    assert "Failed to initialize NumPy" in hidden.stderr
+    plain = subprocess.run([sys.executable, "-W", "always", "-c", "import torch, train_tiny_llama"],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert plain.returncode == 0 and plain.stderr == ""
+
+
+def test_requirements_state_a_torch_range_and_ci_installs_the_tested_version():
+    # installing the project must not replace a user's torch; CI stays reproducible through constraints.txt
+    lines = [line.strip() for line in open(os.path.join(ROOT, "requirements.txt"))
+             if line.strip() and not line.startswith("#")]
+    torch_req = next(line for line in lines if re.split(r"[<>=!~ ]", line)[0] == "torch")
+    assert torch_req.startswith("torch>=") and "==" not in torch_req
+    minimum = torch_req.split(">=")[1]
+    pins = [line.strip() for line in open(os.path.join(ROOT, "constraints.txt")) if line.startswith("torch==")]
+    assert pins == ["torch==2.13.0"]
+    assert "-r requirements.txt -c constraints.txt" in open(os.path.join(ROOT, ".ci", "run")).read()
+    assert f"torch >= {minimum}" in open(os.path.join(ROOT, "lowrank_adam.py")).read()
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert f"torch {minimum} or newer" in readme and "CPU-only" in readme
+
+
+def test_compare_tabulates_and_a_resumed_compare_reports_finished_runs(corpus, tmp_path, capsys):
+    args = ["compare", *SMALL, "--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adamw,galore",
+            "--seeds", "2"]
+    results = bench.main(args)
+    assert [(r["optimizer"], r["seed"]) for r in results] == [("adamw", 0), ("galore", 0), ("adamw", 1),
+                                                               ("galore", 1)]
+    out = capsys.readouterr().out
+    assert "| adamw | 0.003 | 2 |" in out and "| galore |" in out and "% of AdamW" in out
+    assert json.load(open(tmp_path / "results.json"))[0]["optimizer"] == "adamw"
+    again = bench.main(args + ["--resume"])  # issue 13 #10: finished runs were "0 tokens/s, step() nan ms"
+    assert again == results and capsys.readouterr().out.count("(complete before: the saved result)") == 4
+
+
+def test_compare_lr_sweep_names_runs_and_keeps_each_best_lr(corpus, tmp_path, capsys):
+    bench.main(["compare", *SMALL, "--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adamw",
+                "--lr-sweep", "0.5,1"])
+    assert {p.name for p in tmp_path.iterdir() if p.is_dir()} == {"adamw-lr0.0015-seed0", "adamw-seed0"}
+    assert "each optimizer at its best lr" in capsys.readouterr().out
+
+
+def torchrun(*flags, cwd=ROOT):
+    """train_tiny_llama.py under torchrun with 2 gloo processes: (exit code, stdout, stderr)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "train_tiny_llama.py", *SMALL, "--threads", "1", *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def final_weights(out_dir):
+    return torch.load(Path(out_dir) / "ckpt.pt", weights_only=True)["model"]
+
+
+def test_torchrun_two_process_cpu_smoke(corpus, tmp_path):
+    """Starts torchrun with 2 gloo processes."""
+    stdout = torchrun("--data", corpus, "--optimizer", "ldadam", "--out-dir", str(tmp_path))
+    assert stdout.count("ldadam (lr 0.003) seed 0:") == 1  # only rank 0 reports
+    assert "replicas: the weights are identical on all 2 ranks" in stdout
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["settings"]["processes"] == 2
+
+
+def test_torchrun_zero_adapprox_replicas_stay_identical_and_resume_exactly(corpus, tmp_path):
+    # ZeRO-1: each rank steps and keeps the state of its shard of the parameters and
+    # broadcasts them; the checkpoint holds the consolidated state and every rank's
+    # data position, so an interrupted run continues exactly as the uninterrupted one.
+    common = ("--data", corpus, "--optimizer", "adapprox", "--zero")
+    whole = torchrun(*common, "--out-dir", str(tmp_path / "whole"))
+    part = torchrun(*common, "--out-dir", str(tmp_path / "part"), "--stop-after", "3")
+    resumed = torchrun(*common, "--out-dir", str(tmp_path / "part"), "--resume")
+    for stdout in (whole, part, resumed):
+        assert "replicas: the weights are identical on all 2 ranks" in stdout
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)["data"]) == 2  # a position per rank
+
+
+def test_torchrun_zero_galore_equals_plain_ddp(corpus, tmp_path):
+    # GaLore's update of a matrix depends on nothing random: a rank stepping its shard
+    # computes exactly what every rank computes without ZeRO
+    common = ("--data", corpus, "--optimizer", "galore", "--update-proj-gap", "4")
+    torchrun(*common, "--out-dir", str(tmp_path / "ddp"))
+    torchrun(*common, "--zero", "--out-dir", str(tmp_path / "zero"))
+    a, b = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "zero")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("opt", ["adamw", "galore", "ldadam", "adapprox"])
+def test_layerwise_run_equals_the_ordinary_loop_and_resumes_exactly(opt, corpus, tmp_path):
+    common = SMALL + ["--data", corpus, "--optimizer", opt, "--grad-clip", "0"]
+    ordinary = tl.main(common + ["--out-dir", str(tmp_path / "a")])
+    layerwise = tl.main(common + ["--out-dir", str(tmp_path / "b"), "--layerwise"])
+    assert layerwise["val_loss"] == ordinary["val_loss"]
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    tl.main(common + ["--out-dir", str(tmp_path / "c"), "--layerwise", "--stop-after", "4"])
+    tl.main(common + ["--out-dir", str(tmp_path / "c"), "--layerwise", "--resume"])
+    c = final_weights(tmp_path / "c")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--layerwise"], "no global gradient norm ever exists to clip: add --grad-clip 0"),
+    (["--layerwise", "--grad-clip", "0", "--grad-accum", "2"], "use --grad-accum 1"),
+    (["--layerwise", "--grad-clip", "0", "--optimizer", "adaptive"], "use galore"),
+    (["--layerwise", "--grad-clip", "0", "--optimizer", "adafactor"], "cannot step one parameter"),
+    (["--zero"], "start the run with torchrun"),
+])
+def test_layerwise_and_zero_refuse_what_they_cannot_do(flags, words):
+    with pytest.raises(SystemExit, match=words):
+        tl.parse_args(flags)
+
+
+@pytest.mark.parametrize("method", ["adamw", "galore", "adaptive", "ldadam", "ldadam-bf16", "adapprox",
+                                    "adapprox-b0"])
+def test_memory_formula_equals_state_bytes_of_a_real_step(method):
+    torch.manual_seed(0)
+    cfg = llama_c4.LlamaConfig(vocab_size=96, hidden=32, intermediate=80, heads=4, layers=2, max_seq_len=16)
+    model = llama_c4.Llama(cfg)
+    rank = 5
+    groups = la.lowrank_groups(model, rank)
+    opt = {"adamw": lambda: torch.optim.AdamW(model.parameters()),
+           "galore": lambda: la.GaLoreAdamW(groups),
+           "adaptive": lambda: la.AdaptiveAdamW(groups, allocate=False),
+           "ldadam": lambda: la.LDAdam(groups),
+           "ldadam-bf16": lambda: la.LDAdam(groups, error_dtype=torch.bfloat16),
+           "adapprox": lambda: la.Adapprox(model.parameters(), err_tol=0.0),
+           "adapprox-b0": lambda: la.Adapprox(model.parameters(), betas=(0.0, 0.999), err_tol=0.0)}[method]()
+    idx = torch.randint(0, 96, (2, 16))
+    model(idx, idx)[1].backward()
+    opt.step()
+    kw = {"ldadam-bf16": dict(error_bytes=2), "adapprox-b0": dict(beta1=0.0)}.get(method, {})
+    predicted = bench.predicted_state_bytes(model, method.split("-")[0], rank, **kw)
+    assert la.state_bytes(opt) == predicted
+
+
+def test_bench_steps_and_memory_tables(capsys):
+    bench.main(["steps", "--model", "tiny", "--optimizer", "adamw,galore,ldadam", "--steps", "1"])
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert rows["adamw"][2] == rows["ldadam"][2] == "–" and rows["adamw"][5] == "–"  # no refresh step
+    assert float(rows["galore"][2]) > 0 and float(rows["adamw"][4]) == 1.0
+    bench.main(["memory"])
+    out = capsys.readouterr().out
+    assert "| 1b | 512 |" in out and "| 60m | 4 |" in out
+    with pytest.raises(SystemExit, match="unknown command 'bench'"):
+        bench.main(["bench"])
+
+
+def table_rows(out):
+    return [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+
+
+def test_bench_peak_measures_each_optimizer_in_a_fresh_process(capsys, xdg_cache):
+    # (the README test runs the README's peak command, with every optimizer, too)
+    bench.main(["peak", "--model", "tiny", "--optimizer", "galore,adaptive", "--max-steps", "1",
+                "--batch-size", "1", "--seq-len", "16"])
+    rows = {(r[0][2:], r[1]): r for r in table_rows(capsys.readouterr().out)}
+    assert set(rows) == {("galore", "plain"), ("galore", "layerwise"), ("adaptive", "plain")}  # adaptive: no layer-wise
+    assert rows[("galore", "layerwise")][3] == "0" and rows[("galore", "plain")][3] == rows[("galore", "plain")][2]
+    assert all(float(r[5].replace(",", "")) > 0 for r in rows.values())
+
+
+def test_bench_refresh_and_steps_over_all_params(capsys):
+    bench.main(["refresh", "--model", "tiny", "--rank", "8"])
+    rows = table_rows(capsys.readouterr().out)
+    assert [r[0][2:] for r in rows] == ["GaLoreAdamW", "AdaptiveAdamW, refresh_keep=None (every vector kept)",
+                                        "AdaptiveAdamW, refresh_keep=2 (default)"]
+    assert rows[0][2] == "1.00" and all(float(r[1]) > 0 for r in rows)
+    bench.main(["steps", "--model", "tiny", "--optimizer", "adamw,galore", "--steps", "1", "--all-params"])
+    assert "step() on all 39 tensors of tiny" in capsys.readouterr().out  # 4 × (7 matrices + 2 norms) + 3
+
+
+def test_adaptive_refresh_holds_at_most_refresh_keep_times_the_bases():
+    # The README's bound: with refresh_keep=2 a refresh holds about twice the
+    # bases' bytes (kept vectors, plus one SVD at a time); keeping every vector
+    # holds L full s×s bases. Counted by bench.LiveTensorBytes, whose own
+    # counting is checked first on tensors of known size.
+    with bench.LiveTensorBytes() as live:
+        a = torch.zeros(1000)  # 4,000 bytes
+        b = torch.zeros(500) + 1  # 2,000 more (zeros, then add: 2 allocations, one dropped)
+        del a
+        c = b.view(5, 100)  # a view: no new storage
+    assert live.peak == 6000 + 2000 and live.now == 2000 and c.shape == (5, 100)
+    s, l, rank, L = 64, 64, 8, 16  # keeping every vector: min(s, budget - L + 1) = s of them
+    peaks = {}
+    for keep in (None, 2.0):
+        g = torch.Generator().manual_seed(0)
+        params = [nn.Parameter(torch.randn(s, l, generator=g)) for _ in range(L)]
+        opt = la.AdaptiveAdamW([{"params": params, "rank": rank, "update_proj_gap": 1}], lr=1e-3, refresh_keep=keep)
+        for step in range(2):
+            for p in params:  # a decaying spectrum, as real gradients have
+                p.grad = (torch.randn(s, s, generator=g) / torch.arange(1.0, s + 1)) @ torch.randn(s, l, generator=g)
+            state = [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+            with bench.LiveTensorBytes(state) as live:
+                del state
+                opt.step()  # step 2 is a refresh with the state already there
+        peaks[keep] = live.peak
+    bases, one_svd = 4 * L * s * rank, 4 * (s * s + s * l + s + s * l)  # P; U, Vᵀ, S and the oriented copy
+    assert peaks[None] >= 4 * L * s * s  # every matrix's full basis at once
+    assert 2 * bases <= peaks[2.0] <= 2 * bases + 2 * one_svd
+    assert peaks[2.0] < peaks[None] / 2
+
+
+def test_training_a_bpe_tokenizer_prints_nothing(corpus, tmp_path, capfd):
+    # the tokenizers trainer's progress display wrote blank lines ahead of bench.py loader's table
+    bench.train_bpe(str(corpus), 300, tmp_path / "tokenizer.json")
+    assert capfd.readouterr() == ("", "")
+
+
+def test_help_wraps_between_words_only(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        tl.parse_args(["--help"])
+    words = set(capsys.readouterr().out.split())
+    flat = " ".join(words)
+    for name in ["adaptive[:combined|", "conditioning|explained_variance|gap|singular_value|", "explained_variance"]:
+        assert name in flat, name
+    assert not {"adapt", "ive", "sing", "ular_value"} & words
+
+
+def test_bench_loader_with_a_bpe_tokenizer_trained_on_the_corpus(capsys, corpus, tmp_path):
+    pytest.importorskip("tokenizers")
+    bench.main(["loader", "--data", corpus, "--bpe", "400", "--seconds", "0.2", "--cache-dir", str(tmp_path)])
+    rows = {r[0][2:]: r for r in table_rows(capsys.readouterr().out)}
+    assert float(rows["bytes"][2].strip(" |")) == 1.0
+    assert float(rows["BPE 400 (trained on the corpus)"][2].strip(" |")) > 1.5  # merges: more than a byte per token
+    assert all(float(r[1].replace(",", "")) > 0 for r in rows.values())
+
+
+def test_bench_sketch_compares_srsi_variants_on_the_same_matrices(capsys, corpus, tmp_path):
+    bench.main(["sketch", *SMALL, "--data", corpus, "--out-dir", str(tmp_path), "--k-max-frac", "0.25",
+                "--err-tol", "0"])
+    rows = {r[0][2:]: [float(x.strip(" |%")) for x in r[1:]] for r in table_rows(capsys.readouterr().out)}
+    assert set(rows) == {"optimal", *bench.SKETCHES}
+    for name in bench.SKETCHES:  # no sketch beats the truncated SVD (up to float32's ξ resolution)
+        assert rows[name][0] >= rows["optimal"][0] - 1e-3
+    assert rows["cold, 5 iterations (paper)"][3] == 100.0
+
+
+def test_a_bpe_run_resumes_exactly(corpus, tmp_path):
+    # the batched BPE encoding in the prefetch thread, and the loader state with it
+    pytest.importorskip("tokenizers")
+    tok = str(bench.train_bpe(corpus, 400, tmp_path / "bpe" / "tokenizer.json"))
+    common = SMALL + ["--data", corpus, "--tokenizer", tok, "--optimizer", "galore"]
+    whole = tl.main(common + ["--out-dir", str(tmp_path / "a")])
+    tl.main(common + ["--out-dir", str(tmp_path / "b"), "--stop-after", "3"])
+    resumed = tl.main(common + ["--out-dir", str(tmp_path / "b"), "--resume"])
+    assert resumed["val_loss"] == whole["val_loss"]
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_plots_or_a_clear_message(corpus, tmp_path, monkeypatch):
+    bench.main(["compare", *SMALL, "--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adaptive,adapprox",
+                "--log-interval", "1"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="pip install matplotlib"):
+            bench.main(["plot", "--out-dir", str(tmp_path)])
+        return
+    written = bench.main(["plot", "--out-dir", str(tmp_path)])
+    assert {p.name for p in written} == {"loss_curves.png", "ranks_adaptive-seed0.png", "ranks_adapprox-seed0.png"}
+    assert all(p.stat().st_size > 1000 for p in written)
+    assert {p.name for p in bench.main(["plot", "--out-dir", str(tmp_path / "adaptive-seed0")])} == {
+        "loss_curves.png", "ranks_adaptive-seed0.png"}  # one run's folder works too
+    block_matplotlib(monkeypatch)
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        bench.main(["plot", "--out-dir", str(tmp_path)])
+
+
+def test_adaptive_defaults_to_the_residual_and_galore_does_not():
+    p = nn.Parameter(torch.randn(4, 6))
+    assert la.AdaptiveAdamW([{"params": [p], "rank": 2}]).param_groups[0]["residual"] is True
+    assert la.GaLoreAdamW([{"params": [p], "rank": 2}]).param_groups[0]["residual"] is False
+    name, over = tl.parse_optimizer("adaptive:gap+noresidual")
+    assert name == "adaptive" and over == {"rank_metric": "gap", "residual": False}
+
+
+# README.md: every command it shows is run, in order, in a scratch folder, as written
+# except for the appendices below, which shrink it to a few steps of a tiny model:
+# argparse keeps the last value of a repeated flag, so appending overrides.
+README_TRAIN = ["--max-steps", "4", "--eval-interval", "2", "--warmup-steps", "1", "--batch-size", "2",
+                "--seq-len", "32", "--val-batches", "1", "--shuffle-buffer", "8", "--update-proj-gap", "2",
+                "--model", "tiny", "--quiet"]
+README_APPEND = {"train_tiny_llama.py": README_TRAIN,
+                 "bench.py compare": README_TRAIN + ["--seeds", "1", "--lr-sweep", "1"],  # one run per spec
+                 # one thread: commands that differ only in --threads run once
+                 "bench.py steps": ["--model", "tiny", "--rank", "8", "--steps", "1", "--threads", "1"],
+                 "bench.py peak": ["--model", "tiny", "--rank", "8", "--max-steps", "1", "--seq-len", "16"],
+                 "bench.py refresh": ["--model", "tiny", "--rank", "8", "--threads", "1"],
+                 "bench.py loader": ["--seconds", "0.2", "--bpe", "300"],
+                 "bench.py sketch": README_TRAIN}
+
+
+def readme_commands():
+    """Shell commands of README.md: its ```bash blocks (joining continued lines) and
+    its inline `python ...` / `torchrun ...` spans."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                commands.append(" ".join(line.split()))
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    commands += [" ".join(c.split()) for c in re.findall(r"`((?:python|torchrun) [^`]+)`", prose)]  # may wrap
+    return commands
+
+
+def shrink(command, corpus, tokenizer):
+    """The command as run by the test (see README_APPEND), or None for pip and pytest,
+    which .ci/run runs exactly as the README shows them."""
+    if command.startswith("python -m pytest"):
+        return None
+    command = command.replace("pip install -r requirements.txt && ", "")
+    command = command.replace("/data/c4/en", corpus)  # the embedded corpus is C4-format shards
+    if tokenizer:
+        command = command.replace("/data/t5-base/tokenizer.json", tokenizer)
+    else:  # without the tokenizers package: byte-level, tokenizer-free
+        command = re.sub(r" --tokenizer \S+", "", command)
+    command = re.sub(r"--nproc_per_node \d+", "--nproc_per_node 2", command)
+    # the tiny model's matrices have 64 as their short side: a larger --rank is refused there
+    command = re.sub(r"--rank (\d+)", lambda m: f"--rank {min(int(m[1]), 64)}", command)
+    # a loop runs its first and last value: the others repeat the same command
+    def first_and_last(m):
+        values = m[2].split()
+        return f"for {m[1]} in {' '.join(dict.fromkeys([values[0], values[-1]]))};"
+    command = re.sub(r"^for (\w+) in ([^;]+);", first_and_last, command)
+    command = command.replace("torchrun ", f"{sys.executable} -m torch.distributed.run ")
+
+    def append(m):
+        key = next((k for k in README_APPEND if m.group(0).startswith(("python " + k, k)) or
+                    f"run --standalone --nproc_per_node 2 {k}" in m.group(0)), None)
+        if key is None:
+            return m.group(0)
+        extra, shown = README_APPEND[key], m.group(0)
+        for flag, value in zip(extra, extra[1:]):  # a value appended makes the one shown moot: drop it, so
+            if flag.startswith("--") and not value.startswith("--"):  # that commands differing only there run once
+                shown = re.sub(rf" {re.escape(flag)} [^\s$]+(?=\s|$)", "", shown)
+        return shown + " " + " ".join(extra)
+    return re.sub(r"(python|torch\.distributed\.run) [^;&|\n]*?(?=\s*(;|&&|\|\||$))", append, command)
+
+
+def test_readme_commands_are_shown_in_full():
+    commands = readme_commands()
+    assert any(c.startswith("pip install -r requirements.txt && python train_tiny_llama.py") for c in commands)
+    assert sum(c.startswith("python bench.py compare") for c in commands) >= 3
+    assert any(c.startswith("torchrun") for c in commands) and "python -m pytest -q" in commands
+    for c in commands:
+        assert "..." not in c and "DIR" not in c, c
+
+
+def run_command(command, capsys):
+    """(exit status, output) of a command run in the current folder. A plain
+    `python train_tiny_llama.py|bench.py ARGS` runs in this process through the
+    script's main(ARGS), which is all its `__main__` does, and so does each pass
+    of a `for` loop over such a command (the README's `$(python -c "print(K/N)")`
+    computed as bash would); anything else with shell syntax (&&), or torchrun,
+    runs through bash."""
+    loop = re.fullmatch(r"for (\w+) in ([^;]+); do (python (?:train_tiny_llama|bench)\.py [^;&|]*); done", command)
+    if loop:
+        var, values, body = loop.groups()
+        outs = []
+        for value in values.split():
+            line = re.sub(r'\$\(python -c "print\((\d+)/(\d+)\)"\)', lambda m: str(int(m[1]) / int(m[2])),
+                          body.replace(f"${var}", value))
+            assert "$" not in line, line  # nothing else for bash to expand
+            status, out = run_command(line, capsys)
+            outs.append(out)
+            if status:
+                break
+        return status, "".join(outs)
+    argv = shlex.split(command)
+    if re.search(r"[;&|]", command) or argv[:2] not in (["python", "train_tiny_llama.py"], ["python", "bench.py"]):
+        out = subprocess.run(["bash", "-c", f"set -e; {command}"], capture_output=True, text=True, timeout=600)
+        return out.returncode, out.stdout + out.stderr
+    try:
+        (tl.main if argv[1] == "train_tiny_llama.py" else bench.main)(argv[2:])
+        status = 0
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+        print(e.code, file=sys.stderr)
+    out = capsys.readouterr()
+    return status, out.out + out.err
+
+
+@pytest.mark.filterwarnings("ignore:.*exceeds (min|the sum):UserWarning")  # rank 128 on the tiny model
+def test_every_readme_command_runs(corpus, xdg_cache, tmp_path, monkeypatch, capsys):
+    """Each command of README.md, in order, in a scratch folder, shrunk as README_APPEND says.
+    Without matplotlib, a command that plots must fail with the install hint before training,
+    and then runs without --plot."""
+    for name in ("lowrank_adam.py", "llama_c4.py", "train_tiny_llama.py", "bench.py", "requirements.txt"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg_cache))  # the embedded corpus, built once per session
+    tokenizer = None
+    try:
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+        tok.train_from_iterator(["a tokenizer for the README test"] * 10, trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tokenizer = str(tmp_path / "tokenizer.json")
+        tok.save(tokenizer)
+    except ImportError:
+        pass
+    try:
+        import matplotlib  # noqa: F401
+        plots = True
+    except ImportError:
+        plots = False
+    ran, seen = 0, set()
+    for command in readme_commands():
+        run = shrink(command, corpus, tokenizer)
+        if run is None or run in seen:  # pip, pytest; a command shown twice runs once
+            continue
+        seen.add(run)
+        if not plots and ("--plot" in run or "bench.py plot" in run):
+            status, out = run_command(run, capsys)
+            assert status == 1 and "pip install matplotlib" in out, f"{command}\n{out[-3000:]}"
+            if "--plot" not in run:
+                continue
+            run = run.replace(" --plot", "")
+        status, out = run_command(run, capsys)
+        assert status == 0, f"README command failed: {command}\nran: {run}\n{out[-5000:]}"
+        ran += 1
+    assert ran >= 12
+    assert (tmp_path / "out" / "ckpt.pt").exists() and (tmp_path / "out" / "c4-130m" / "ckpt.pt").exists()
