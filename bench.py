@@ -531,7 +531,7 @@ def predicted_state_bytes(model: torch.nn.Module, method: str, rank: int, *, bet
     largest rank k_max (the rank rule can only lower it).
     """
     f = 4
-    lowrank = {id(p) for g in la.lowrank_groups(model, rank) if "rank" in g for p in g["params"]}
+    lowrank = {id(p) for g in la.lowrank_groups(model, rank) if g["rank"] is not None for p in g["params"]}
     total = 0
     for p in model.parameters():
         if method == "adamw":

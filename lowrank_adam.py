@@ -1302,8 +1302,10 @@ NONNEG_RULES = ("abs", "floor", "clamp")
 class Adapprox(_Base):
     r"""Adapprox (Zhao et al. 2024): Adam with a randomized low-rank second moment.
 
-    Every 2-D parameter with min(m, n) >= 2 (embeddings and LM head too)
-    keeps ``V ≈ Q Uᵀ`` of rank k instead of a dense m×n second moment::
+    Every 2-D parameter with min(m, n) >= 2 (embeddings and LM head too,
+    unless its group says ``rank=None``; see ``group_keys`` below and
+    ``lowrank_groups``) keeps ``V ≈ Q Uᵀ`` of rank k instead of a dense m×n
+    second moment::
 
         V ← β2 · Q Uᵀ + (1-β2) · G²            (a temporary; step 1: (1-β2)·G²)
         Q, U ← S-RSI(V, k, p, l)               (see ``srsi``; warm-started from Q)
@@ -1384,8 +1386,13 @@ class Adapprox(_Base):
         opt = Adapprox(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
     """
 
-    _refused_hints = {"rank": "Adapprox picks each matrix's rank itself (k_max_frac, rank_init, err_tol) and "
-                              "factors every 2-D parameter; pass plain parameter groups"}
+    # ``rank`` in a group, the key ``lowrank_groups`` writes: an integer caps
+    # the adaptive rank of that group's matrices (k_max = min(rank, min(m, n)),
+    # in place of k_max_frac); None keeps AdamW's dense V for the whole group.
+    # So ``Adapprox(lowrank_groups(model, 64))`` factors exactly the matrices
+    # the other optimizers would project, and a group without the key factors
+    # every matrix, as in the paper.
+    group_keys = ("rank",)
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, k_max_frac: float = 0.25, k_min: int = 1,
@@ -1419,6 +1426,9 @@ class Adapprox(_Base):
                "Invalid cosine_guidance: it needs a first moment (betas[0] > 0)")
         _check(isinstance(g["seed"], int) and not isinstance(g["seed"], bool), f"Invalid seed: {g['seed']!r}")
         _check(g["nonneg"] in NONNEG_RULES, f"Invalid nonneg: {g['nonneg']!r} (expected one of {NONNEG_RULES})")
+        if g.get("rank") is not None:
+            _check(isinstance(g["rank"], int) and not isinstance(g["rank"], bool) and g["rank"] >= 1,
+                   f"Invalid rank: {g['rank']!r} (an integer >= 1, or None for a dense second moment)")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As every optimizer here, plus: a state dict written before U was
@@ -1430,14 +1440,20 @@ class Adapprox(_Base):
 
     # -- ranks -------------------------------------------------------------
     @staticmethod
-    def is_factored(p: Tensor) -> bool:
-        """Adapprox factors every 2-D tensor with min(m, n) >= 2."""
-        return p.dim() == 2 and min(p.shape) >= 2
+    def is_factored(p: Tensor, group: Optional[dict] = None) -> bool:
+        """Adapprox factors every 2-D tensor with min(m, n) >= 2, except in a
+        group whose ``rank`` is None (there V stays dense, as in AdamW)."""
+        return p.dim() == 2 and min(p.shape) >= 2 and (group is None or "rank" not in group
+                                                       or group["rank"] is not None)
 
     @staticmethod
     def rank_bounds(p: Tensor, group: dict) -> tuple[int, int]:
-        """[k_min, k_max] with k_max = max(1, ⌊k_max_frac · min(m, n)⌋)."""
-        k_max = max(1, int(group["k_max_frac"] * min(p.shape)))
+        """[k_min, k_max] with k_max = max(1, ⌊k_max_frac · min(m, n)⌋), or
+        k_max = min(rank, min(m, n)) in a group with an integer ``rank``."""
+        if group.get("rank") is not None:
+            k_max = min(group["rank"], min(p.shape))
+        else:
+            k_max = max(1, int(group["k_max_frac"] * min(p.shape)))
         return min(group["k_min"], k_max), k_max
 
     def _initial_rank(self, p: Tensor, group: dict) -> int:
@@ -1447,15 +1463,15 @@ class Adapprox(_Base):
     def ranks(self) -> list[int]:
         """Current rank k of each factored parameter, in param-group order."""
         return [self.state[p]["rank"] if "rank" in self.state.get(p, {}) else self._initial_rank(p, g)
-                for g in self.param_groups for p in g["params"] if self.is_factored(p)]
+                for g in self.param_groups for p in g["params"] if self.is_factored(p, g)]
 
     # -- the step ----------------------------------------------------------
     def _step_items(self, items: list[tuple[Tensor, dict, int]]) -> None:
-        factored = [(p, group) for p, group, _ in items if self.is_factored(p)]
-        sketches = iter(self._draw_sketches([item for item in items if self.is_factored(item[0])]))
+        factored = [(p, group) for p, group, _ in items if self.is_factored(p, group)]
+        sketches = iter(self._draw_sketches([item for item in items if self.is_factored(item[0], item[1])]))
         errors = []
         for p, group, _ in items:
-            if self.is_factored(p):
+            if self.is_factored(p, group):
                 errors.append(self._factored_step(p, group, next(sketches)))
             else:
                 self._dense_adapprox_step(p, group)
@@ -1602,50 +1618,77 @@ def _optimizers_with_option(key: str) -> list[str]:
 
 
 def lowrank_groups(model: nn.Module, rank: int, *, targets: Sequence[str] = ("attn", "mlp"),
-                   **group_options) -> list[dict]:
-    """Param groups in the GaLore / LDAdam convention.
+                   embeddings: bool = False, verbose: bool = False, **group_options) -> list[dict]:
+    """Param groups in the GaLore / LDAdam convention, for any of the four optimizers.
 
-    The 2-D weights of ``nn.Linear`` modules whose qualified name contains one
-    of ``targets`` go into a group ``{"params": ..., "rank": rank,
-    **group_options}``; every other parameter (embeddings, norms, LM head,
-    biases) into a plain group. Empty groups are left out.
+    Every 2-D parameter whose qualified name (``model.named_parameters()``)
+    contains one of ``targets`` goes into a group ``{"params": ..., "rank":
+    rank, **group_options}``; every other parameter (embeddings, norms, LM
+    head, biases) into a group ``{"params": ..., "rank": None}``, which each
+    optimizer here updates densely (AdamW; Adapprox with a dense V). Empty
+    groups are left out.
 
-    Choosing ``targets``: the substrings of the names (``model.named_modules()``)
-    of the big linear layers inside the blocks. The default fits LLaMA/GPT
-    code that names them ``...attn...`` and ``...mlp...``; for other models
-    name yours, e.g. ``targets=("fc1", "fc2", "qkv", "proj")``. A pattern
-    that matches no ``nn.Linear`` warns (with the names it could have
-    matched), since otherwise every matrix would silently get plain AdamW.
+    The selection is by name and shape, not by module type, so it finds
+    ``nn.Linear`` weights, Hugging Face GPT-2's ``Conv1D`` weights (stored
+    transposed, in×out: the optimizers see the stored matrix, and a low-rank
+    subspace of Gᵀ is that of G with its sides swapped) and packed
+    projections such as ``nn.MultiheadAttention``'s ``in_proj_weight``
+    (Q, K and V stacked: one 3d×d matrix, one subspace). The weight of an
+    ``nn.Embedding`` (and an LM head tied to it) is left out unless
+    ``embeddings=True``: its gradient touches only the rows of the tokens
+    in the batch.
+
+    Choosing ``targets``: substrings of the names of the big matrices inside
+    the blocks. The default fits LLaMA and GPT-2 code that names them
+    ``...attn...`` and ``...mlp...``; for other models name yours, e.g.
+    ``targets=("self_attn", "linear1", "linear2")`` for
+    ``nn.TransformerEncoderLayer``. A pattern that matches no 2-D parameter
+    warns (with the names it could have matched), since otherwise every
+    matrix would silently get plain AdamW. ``verbose=True`` prints what was
+    selected, one line per group.
+
+    Adapprox reads a group's ``rank`` as the cap of its adaptive rank and
+    ``rank=None`` as "dense", so the same list serves all four optimizers.
     """
     if isinstance(targets, str):
         targets = (targets,)
     for p in model.parameters():
         _refuse_flattened(p)  # an FSDP1-wrapped model: its weights are 1-D shards, no matrix would be found
-    lowrank, seen, linear_names = [], set(), []
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    names: dict[int, list[str]] = {}  # every name of each tensor (a tied weight has several)
+    tensors = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+        tensors[id(p)] = p
+    lowrank, rest, matrix_names = [], [], []
     matched = dict.fromkeys(targets, False)
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        linear_names.append(name)
-        hits = [t for t in targets if t in name]
+    for key, p in tensors.items():
+        hits = [t for t in targets if any(t in name for name in names[key])] if p.dim() == 2 else []
+        if p.dim() == 2:
+            matrix_names += names[key]
         for t in hits:
             matched[t] = True
-        w = module.weight
-        if hits and w.dim() == 2 and id(w) not in seen:
-            seen.add(id(w))
-            lowrank.append(w)
+        if hits and (embeddings or key not in embedding_weights):
+            lowrank.append((names[key][0], p))
+        else:
+            rest.append((names[key][0], p))
     missing = [t for t, hit in matched.items() if not hit]
     if missing:
-        shown = ", ".join(linear_names[:8]) + (", ..." if len(linear_names) > 8 else "")
-        warnings.warn(f"lowrank_groups: target(s) {missing} match no nn.Linear module of this model "
-                      f"({'its nn.Linear modules: ' + shown if linear_names else 'it has no nn.Linear'}); "
+        shown = ", ".join(matrix_names[:8]) + (", ..." if len(matrix_names) > 8 else "")
+        warnings.warn(f"lowrank_groups: target(s) {missing} match no 2-D parameter of this model "
+                      f"({'its 2-D parameters: ' + shown if matrix_names else 'it has none'}); "
                       "pass targets=(...) with substrings of their names", stacklevel=2)
-    rest = [p for p in model.parameters() if id(p) not in seen]
+    if verbose:
+        def listing(named, shown=6):
+            items = [f"{n} {'×'.join(map(str, p.shape))}" for n, p in named[:shown]]
+            return ", ".join(items + ([f"... ({len(named) - shown} more)"] if len(named) > shown else []))
+        print(f"lowrank_groups: {len(lowrank)} matrices at rank {rank}: {listing(lowrank) or 'none'}")
+        print(f"lowrank_groups: {len(rest)} dense parameters: {listing(rest) or 'none'}")
     groups = []
     if rest:
-        groups.append({"params": rest})
+        groups.append({"params": [p for _, p in rest], "rank": None})
     if lowrank:
-        groups.append({"params": lowrank, "rank": rank, **group_options})
+        groups.append({"params": [p for _, p in lowrank], "rank": rank, **group_options})
     return groups
 
 

@@ -75,12 +75,12 @@ def mlp(seed=0, dtype=torch.float32, device="cpu"):
 def mlp_groups(model, rank=3, cls=None):
     """Hidden weights low-rank, everything else dense (the galore-torch convention).
 
-    For an optimizer without ``rank`` groups (Adapprox, which factors every
-    matrix itself) the same two groups without the ``rank`` key.
+    For Adapprox, which picks each matrix's rank itself, the same two groups
+    without the ``rank`` key (a ``rank`` would cap its adaptive rank).
     """
     lowrank = [model[0].weight, model[2].weight]
     rest = [p for p in model.parameters() if all(p is not q for q in lowrank)]
-    if cls is not None and "rank" not in cls.group_keys:
+    if cls is la.Adapprox:
         return [{"params": rest}, {"params": lowrank}]
     return [{"params": rest}, {"params": lowrank, "rank": rank}]
 
@@ -798,7 +798,6 @@ def test_unknown_constructor_options_raise_type_error(cls):
     (la.LDAdam, "update_proj_gap", 200, "every step"),
     (la.LDAdam, "residual", True, "an option of AdaptiveAdamW, GaLoreAdamW"),
     (la.LDAdam, "error_dtype", torch.bfloat16, "constructor argument"),
-    (la.Adapprox, "rank", 4, "picks each matrix's rank itself"),
     (la.Adapprox, "update_proj_gap", 10, "remove it from the group"),
     (la.GaLoreAdamW, "rank_metric", "gap", "an option of AdaptiveAdamW"),
     (la.GaLoreAdamW, "rho", 0.9, "an option of LDAdam"),
@@ -1218,9 +1217,9 @@ def test_lowrank_groups_warns_when_a_target_matches_nothing():
     model = nn.Sequential()
     model.add_module("fc1", nn.Linear(4, 8))
     model.add_module("fc2", nn.Linear(8, 4))
-    with pytest.warns(UserWarning, match=r"\['attn', 'mlp'\] match no nn.Linear.*fc1, fc2"):
+    with pytest.warns(UserWarning, match=r"\['attn', 'mlp'\] match no 2-D parameter.*fc1.weight, fc2.weight"):
         groups = la.lowrank_groups(model, 2)
-    assert all("rank" not in g for g in groups)  # nothing would be low-rank: hence the warning
+    assert all(g["rank"] is None for g in groups)  # nothing would be low-rank: hence the warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         groups = la.lowrank_groups(model, 2, targets=("fc1", "fc2"))
@@ -1349,7 +1348,7 @@ def test_lowrank_groups_lists_a_tied_weight_once():
 
     model = Tied()
     groups = la.lowrank_groups(model, rank=2)
-    lowrank = [g for g in groups if "rank" in g]
+    lowrank = [g for g in groups if g["rank"] is not None]
     assert len(lowrank) == 1 and len(lowrank[0]["params"]) == 1
     assert lowrank[0]["params"][0] is model.attn.weight
     with warnings.catch_warnings():
@@ -1390,7 +1389,7 @@ def compile_toy_run(cls, compiled, steps=4):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 20, bias=False), nn.Tanh(), nn.Linear(20, 12))
     opts = COMPILE_CASES[cls.__name__]
-    if "rank" in cls.group_keys:
+    if cls is not la.Adapprox:  # Adapprox: every matrix factored, its ranks its own
         gap = {} if cls is la.LDAdam else {"update_proj_gap": 2}
         opt = cls(la.lowrank_groups(model, 3, targets=("0", "2"), **gap), lr=1e-2, **opts)
     else:
@@ -1481,6 +1480,115 @@ def test_fsdp1_is_refused_under_torchrun(tmp_path):
     for rank in (0, 1):
         lines = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
         assert lines == ["after refused: True", "before refused: True"], lines
+
+
+# -- any 2-D weight can be targeted: Hugging Face GPT-2, packed projections --
+
+def tiny_gpt2(seed=0):
+    """A real Hugging Face GPT-2 from a tiny config: nothing is downloaded.
+    Its attention and MLP weights are ``Conv1D`` modules, stored in×out."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
+                        eos_token_id=0, loss_type="ForCausalLM",
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: runs are repeatable
+    return GPT2LMHeadModel(config)
+
+
+def test_lowrank_groups_selects_hugging_face_gpt2_conv1d_weights_and_not_its_embeddings(capsys):
+    model = tiny_gpt2()
+    groups = la.lowrank_groups(model, 4, verbose=True)
+    dense, lowrank = groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in lowrank["params"]) == sorted(
+        f"transformer.h.{i}.{part}.weight" for i in (0, 1) for part in ("attn.c_attn", "attn.c_proj",
+                                                                        "mlp.c_fc", "mlp.c_proj"))
+    assert model.transformer.h[0].attn.c_attn.weight.shape == (16, 48)  # Conv1D: in×out
+    assert lowrank["rank"] == 4 and dense["rank"] is None
+    assert len(dense["params"]) + len(lowrank["params"]) == len(list(model.parameters()))
+    # the embeddings (and the LM head tied to wte) stay dense unless asked for
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert id(model.transformer.wte.weight) in {id(p) for p in dense["params"]}
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("lowrank_groups: 8 matrices at rank 4: transformer.h.0.attn.c_attn.weight 16×48")
+    assert out[0].endswith("... (2 more)") and out[1].startswith("lowrank_groups: 20 dense parameters: ")
+    named = la.lowrank_groups(model, 4, targets=("h.", "wte"))[1]["params"]  # named, but not asked for
+    assert len(named) == 8 and all(p is not model.transformer.wte.weight for p in named)
+    asked = la.lowrank_groups(model, 4, targets=("h.", "wte"), embeddings=True)[1]["params"]
+    assert any(p is model.transformer.wte.weight for p in asked) and len(asked) == 9
+
+
+def test_lowrank_groups_selects_packed_projections():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+    dense, lowrank = la.lowrank_groups(layer, 2, targets=("self_attn", "linear"))
+    assert [p.shape for p in lowrank["params"]] == [(24, 8), (8, 8), (16, 8), (8, 16)]
+    assert lowrank["params"][0] is layer.self_attn.in_proj_weight  # Q, K, V stacked: one matrix
+    assert all(p.dim() == 1 for p in dense["params"])
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_hugging_face_gpt2_trains_and_resumes_exactly(cls, tmp_path):
+    opts = {"GaLoreAdamW": dict(update_proj_gap=2), "AdaptiveAdamW": dict(update_proj_gap=2),
+            "LDAdam": {}, "Adapprox": {}}[cls.__name__]
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 64, (4, 16), generator=g) for _ in range(2)] * 3  # two batches to learn
+
+    def run(model, opt, steps):
+        losses = []
+        for x in steps:
+            opt.zero_grad(set_to_none=True)
+            loss = model(x, labels=x).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    model = tiny_gpt2()
+    opt = cls(la.lowrank_groups(model, 4, **opts), lr=1e-2)
+    losses = run(model, opt, batches)
+    assert losses[-1] < losses[0] - 0.05  # it learns
+    # the selected Conv1D weights carry the low-rank state, the rest a dense one
+    c_attn = model.transformer.h[0].attn.c_attn.weight
+    low = {"GaLoreAdamW": "P", "AdaptiveAdamW": "P", "LDAdam": "P", "Adapprox": "Q"}[cls.__name__]
+    assert low in opt.state[c_attn] and low not in opt.state[model.transformer.wte.weight]
+    if cls is la.Adapprox:
+        assert opt.state[c_attn]["rank"] <= 4  # the group's rank caps the adaptive rank
+    # interrupted after 3 steps, saved, loaded into a fresh model and optimizer
+    model = tiny_gpt2()
+    opt = cls(la.lowrank_groups(model, 4, **opts), lr=1e-2)
+    run(model, opt, batches[:3])
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model = tiny_gpt2(seed=5)
+    model.load_state_dict(saved["model"])
+    opt = cls(la.lowrank_groups(model, 4, **opts), lr=1e-2)
+    opt.load_state_dict(saved["opt"])
+    assert run(model, opt, batches[3:]) == losses[3:]
+
+
+def test_adapprox_takes_the_same_selection_rank_caps_and_none_is_dense():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"mlp": nn.Linear(12, 20), "head": nn.Linear(20, 16)})
+    groups = la.lowrank_groups(model, 5, targets=("mlp",))
+    opt = la.Adapprox(groups, lr=1e-2, err_tol=0.0, clip_threshold=None)
+    head = model["head"].weight.detach().clone().requires_grad_()
+    ref = torch.optim.AdamW([head], lr=1e-2, weight_decay=0.0)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape)
+        head.grad = model["head"].weight.grad.clone()
+        opt.step()
+        ref.step()
+    assert opt.ranks() == [5]  # only the selected matrix is factored, at most at the group's rank
+    assert set(opt.state[model["mlp"].weight]) >= {"Q", "U"}
+    assert "Q" not in opt.state[model["head"].weight]  # rank None: AdamW's dense V, and AdamW's update
+    torch.testing.assert_close(model["head"].weight, head, rtol=0, atol=1e-6)
+    # a group without "rank" factors every matrix, as in the paper (k_max = ⌊k_max_frac · min side⌋)
+    assert la.Adapprox(model.parameters(), k_max_frac=0.5).ranks() == [6, 8]
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="Invalid rank"):
+            la.Adapprox([{"params": [model["mlp"].weight], "rank": bad}])
 
 
 def switch_then_step(cls, option, old, new, steps=3, **kw):

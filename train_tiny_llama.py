@@ -194,7 +194,7 @@ def check_rank(args, model: nn.Module) -> None:
     where the projected state is larger than AdamW's."""
     if not OPTIMIZERS[parse_optimizer(args.optimizer)[0]].lowrank:
         return
-    side = min(min(p.shape) for g in la.lowrank_groups(model, args.rank) if "rank" in g for p in g["params"])
+    side = min(min(p.shape) for g in la.lowrank_groups(model, args.rank) if g["rank"] is not None for p in g["params"])
     if args.rank > side:
         fail(f"--rank {args.rank}: larger than {side}, the short side of the {args.model} model's attn/mlp "
              f"matrices; use at most {side}")
