@@ -74,10 +74,22 @@ Conventions
 
 Requires torch >= 2.5 (tested with 2.13.0).
 
+How this file is laid out (and how to copy one optimizer out of it)
+--------------------------------------------------------------------
+Sections 1 and 2 are the shared core: pure math used by every optimizer,
+then input checks and the ``_Base`` optimizer (param groups, the NaN check,
+exact ``load_state_dict``, plain AdamW for the dense parameters). Each of
+sections 3-6 holds one optimizer with the math only it uses, and needs
+nothing but the core. To use one optimizer in your own code, copy the
+imports, sections 1-2 and that optimizer's section; section 7's helpers
+(``lowrank_groups``, ``layerwise_hooks``, ``state_bytes``) also need only
+the core. Each class has one step method that follows its algorithm box
+line by line, with the box's letters as variable names.
+
 Public API::
 
     from lowrank_adam import (GaLoreAdamW, AdaptiveAdamW, LDAdam, Adapprox,
-                              lowrank_groups, state_bytes)
+                              lowrank_groups, layerwise_hooks, state_bytes)
 """
 
 from __future__ import annotations
@@ -91,18 +103,6 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-
-__all__ = [
-    "GaLoreAdamW",
-    "AdaptiveAdamW",
-    "LDAdam",
-    "Adapprox",
-    "lowrank_groups",
-    "layerwise_hooks",
-    "state_bytes",
-    "NonFiniteGradientError",
-]
-
 
 # =============================================================================
 # 1. Pure math shared by every optimizer
@@ -125,9 +125,17 @@ def is_transposed(shape: Sequence[int], proj_type: str = "std") -> bool:
     return {"std": m >= n, "reverse_std": m < n, "left": False, "right": True}[proj_type]
 
 
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+
+
 def orient(x: Tensor, transposed: bool) -> Tensor:
     """(m, n) -> oriented (s, l) view; the same function undoes itself."""
     return x.T if transposed else x
+
+
+def oriented_grad(p: Tensor, transposed: bool) -> Tensor:
+    """X: the gradient of ``p`` in oriented form (s, l), in float32 or better."""
+    return orient(p.grad, transposed).to(linalg_dtype(p.dtype))
 
 
 def gradient_spectrum(x: Tensor, max_rank: Optional[int] = None) -> tuple[Tensor, Tensor]:
@@ -288,6 +296,31 @@ def back_project(P: Tensor, y: Tensor, transposed: bool, out: Optional[Tensor] =
     computes ``out + α · back(Y)`` in place."""
     a, b = (y.T, P.T) if transposed else (P, y)
     return torch.mm(a, b) if out is None else out.addmm_(a, b, alpha=alpha)
+
+
+def orthogonal_residual(x: Tensor, P: Tensor, r: Tensor, n: Tensor, transposed: bool = False) -> Tensor:
+    """Fira-style residual: what the subspace drops, scaled like the Adam update.
+
+    ``φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + 1e-8)`` per column j, and
+    ``S = (X - P R) · diag(φ)``. (Fira subtracts ``α·P R``; we take the exact
+    orthogonal residual, so ``Pᵀ S = 0``: our choice.)
+    Returned in the parameter's layout (``Sᵀ`` when ``transposed``).
+    """
+    phi = torch.linalg.vector_norm(n, dim=0) / (torch.linalg.vector_norm(r, dim=0) + 1e-8)  # (l,)
+    if transposed:
+        return torch.addmm(x.T, r.T, P.T, alpha=-1).mul_(phi[:, None])  # Sᵀ: (l, s)
+    return torch.addmm(x, P, r, alpha=-1).mul_(phi)  # S: (s, l)
+
+
+def transform_moments(P_new: Tensor, P_old: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> tuple[Tensor, Tensor]:
+    """Carry Adam's moments from basis P_old (s×r_old) into P_new (s×r_new).
+
+    ``C = P_newᵀ P_old`` (r_new×r_old); ``m ← C m``; ``v ← (C∘C) v``. The
+    second rule (elementwise square, then a product) is our reading: it is
+    the one that fits the shapes when the ranks differ and keeps ``v >= 0``.
+    """
+    C = P_new.T @ P_old
+    return C @ exp_avg, (C * C) @ exp_avg_sq
 
 
 def apply_update_(param: Tensor, update: Tensor, lr: float, weight_decay: float) -> None:
@@ -585,16 +618,16 @@ class _Base(Optimizer):
                            [st["exp_avg_sq"] for st in states], [st["step"] for st in states], lr=group["lr"],
                            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
-    def _update_each(self, items: list[tuple[Tensor, dict, int]], lowrank_step: Callable[[Tensor, dict], None]
-                     ) -> None:
+    def _update_each(self, items: list[tuple[Tensor, dict, int]],
+                     lowrank_step: Callable[[Tensor, dict, int], None]) -> None:
         """Plain AdamW for groups without ``rank`` (one multi-tensor call per
-        group), ``lowrank_step`` for the others."""
+        group), ``lowrank_step(p, group, index)`` for the others."""
         dense: dict[int, tuple[dict, list[Tensor]]] = {}
-        for p, group, _ in items:
+        for p, group, index in items:
             if group.get("rank") is None:
                 dense.setdefault(id(group), (group, []))[1].append(p)
             else:
-                lowrank_step(p, group)
+                lowrank_step(p, group, index)
         for group, params in dense.values():
             self._dense_step(params, group)
 
@@ -605,23 +638,25 @@ class _Base(Optimizer):
             return closure()
 
 
+def _optimizer_options() -> dict[str, set[str]]:
+    """The group options of every optimizer class defined (looked up when
+    needed, so that a class copied out alone still works): name -> options."""
+    out, todo = {}, list(_Base.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        out[cls.__name__] = {k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "params")}
+        out[cls.__name__] |= set(cls.group_keys)
+    return out
+
+
+def _optimizers_with_option(key: str) -> list[str]:
+    return sorted(name for name, options in _optimizer_options().items() if key in options)
+
+
 # =============================================================================
 # 3. GaLoreAdamW: uniform-rank gradient projection (the baseline)
 # =============================================================================
-
-
-def orthogonal_residual(x: Tensor, P: Tensor, r: Tensor, n: Tensor, transposed: bool = False) -> Tensor:
-    """Fira-style residual: what the subspace drops, scaled like the Adam update.
-
-    ``φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + 1e-8)`` per column j, and
-    ``S = (X - P R) · diag(φ)``. (Fira subtracts ``α·P R``; we take the exact
-    orthogonal residual, so ``Pᵀ S = 0``: our choice.)
-    Returned in the parameter's layout (``Sᵀ`` when ``transposed``).
-    """
-    phi = torch.linalg.vector_norm(n, dim=0) / (torch.linalg.vector_norm(r, dim=0) + 1e-8)  # (l,)
-    if transposed:
-        return torch.addmm(x.T, r.T, P.T, alpha=-1).mul_(phi[:, None])  # Sᵀ: (l, s)
-    return torch.addmm(x, P, r, alpha=-1).mul_(phi)  # S: (s, l)
 
 
 SUBSPACES = ("svd", "random", "gha")
@@ -693,20 +728,17 @@ class GaLoreAdamW(_Base):
                   was at the previous refresh (``P_ref``, as above). No SVD
                   after step 1; one more s·l·r product per step than GaLore.
 
-    GHA choices, by measurement (README, "Where GaLore's benefit comes
-    from"): without a QR every step the basis drifted 0.28 (‖PᵀP - I‖) from
-    orthonormal within 50 steps on the tiny LLaMA and training diverged;
-    moments that follow P only at the refreshes ended 0.03-0.04 lower in
-    loss than moments that follow it every step (3 seeds, gha_lr 0.5 / 1);
-    ``gha_lr`` 0.5 and 1 tie, 0.1 is worse.
+    GHA choices, made by measurement (figures in docs/RESULTS.md): Sanger's
+    rule alone lets the basis drift away from orthonormal until training
+    diverges, hence the QR every step; moments that follow P only at the
+    refreshes trained better than moments that follow it every step; and
+    ``gha_lr`` 0.5 is as good as 1 and better than 0.1.
 
     Not for: 1-D tensors, embeddings or small matrices (they gain nothing).
     Memory per low-rank matrix: ``2·r·l + s·r`` floats instead of ``2·m·n``
     (``gha``: ``2·r·l + 2·s·r``, for ``P_ref``).
     """
 
-    proj_types = ("std", "reverse_std", "left", "right")
-    limit_normalized_update = False  # AdaptiveAdamW limits N itself
     group_keys = ("rank",)
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -721,94 +753,80 @@ class GaLoreAdamW(_Base):
     def _validate_group(self, group: dict) -> None:
         _validate_adam(group)
         if group.get("rank") is not None:
-            _validate_rank(group, self.proj_types)
+            _validate_rank(group, PROJ_TYPES)
             _check(group["scale"] > 0, f"Invalid scale: {group['scale']}")
             gamma = group["norm_growth_limit"]
             _check(gamma is None or gamma >= 1.0, f"Invalid norm_growth_limit: {gamma} (use >= 1, or None for off)")
-        subspace = group.get("subspace", "svd")  # AdaptiveAdamW has no such option: always "svd"
-        _check(subspace in SUBSPACES, f"Invalid subspace: {subspace!r} (expected one of {SUBSPACES})")
-        if subspace == "gha":
+        _check(group["subspace"] in SUBSPACES, f"Invalid subspace: {group['subspace']!r} (expected one of {SUBSPACES})")
+        if group["subspace"] == "gha":
             _check(0.0 < group["gha_lr"] <= 1.0, f"Invalid gha_lr: {group['gha_lr']} (use 0 < gha_lr <= 1)")
-        if "seed" in group:
-            _check(isinstance(group["seed"], int) and not isinstance(group["seed"], bool),
-                   f"Invalid seed: {group['seed']!r}")
+        _check(isinstance(group["seed"], int) and not isinstance(group["seed"], bool), f"Invalid seed: {group['seed']!r}")
 
     def _step_items(self, items: list[tuple[Tensor, dict, int]]) -> None:
-        # P ← new bases for the matrices whose step is 1, T+1, 2T+1, ...
-        due = [(p, g, i) for p, g, i in items
-               if g.get("rank") is not None and self.state[p].get("step", 0) % g["update_proj_gap"] == 0]
-        if due:
-            self._refresh_subspaces(due)
-        self._update_each(items, self._projected_step)
+        self._update_each(items, self._galore_step)
 
-    @staticmethod
-    def _oriented_grad(p: Tensor, group: dict) -> tuple[Tensor, bool]:
+    def _galore_step(self, p: Tensor, group: dict, index: int) -> None:
+        """One GaLore step of one matrix: the algorithm box above, line by line."""
+        state = self.state[p]
         transposed = is_transposed(p.shape, group["proj_type"])
-        return orient(p.grad, transposed).to(linalg_dtype(p.dtype)), transposed  # X: (s, l)
+        X = oriented_grad(p, transposed)  # X: (s, l)
+        t = state.get("step", 0) + 1
+        beta1, beta2 = group["betas"]
+        subspace, gamma = group["subspace"], group["norm_growth_limit"]
+        if "rank" not in state:
+            state["rank"] = self._clamped_rank(p, group)  # r: the group's rank, at most min(m, n)
 
-    def _refresh_subspaces(self, due: list[tuple[Tensor, dict, int]]) -> None:
-        """P ← a new basis (s×r) at steps 1, T+1, ...; the rank is fixed per group."""
-        for p, group, index in due:
-            state = self.state[p]
-            if "rank" not in state:
-                state["rank"] = self._clamped_rank(p, group)
-            x = self._oriented_grad(p, group)[0]
-            if group["subspace"] == "random":
+        # -- at t = 1, T+1, 2T+1, ...: a new basis P (s×r) ------------------
+        if (t - 1) % group["update_proj_gap"] == 0:
+            if subspace == "random":
                 # P ← orth(Ω), Ω ~ N(0, 1) of shape s×r, drawn from stream_seed(seed of this parameter, t)
                 state.setdefault("seed", stream_seed(group["seed"], index))
-                rng = self._generator(p.device, stream_seed(state["seed"], state.get("step", 0) + 1))
-                P_new = random_basis(x.shape[0], state["rank"], rng, x.dtype)
-            elif group["subspace"] == "gha" and "P" in state:
+                rng = self._generator(p.device, stream_seed(state["seed"], t))
+                P_new = random_basis(X.shape[0], state["rank"], rng, X.dtype)
+            elif subspace == "gha" and "P" in state:
                 # P: where Sanger's rule has taken it since the last refresh
                 P_new = state["P"]
             else:
-                # P ← top-r left singular vectors of X (GaLore; GHA's start)
-                P_new = top_r_basis(x, state["rank"])
-            if group["subspace"] != "svd" and "exp_avg" in state:
-                # C = P_newᵀ P_old ;  m ← C m ;  v ← (C∘C) v   (GHA: P_old = P at the last refresh)
-                P_old = state.get("P_ref", state["P"]) if group["subspace"] == "gha" else state["P"]
+                # P ← top-r left singular vectors of X   (GaLore; GHA's start)
+                P_new = top_r_basis(X, state["rank"])
+            if subspace != "svd" and "exp_avg" in state:
+                # the moments follow the basis: C = P_newᵀ P_old ;  M ← C M ;  V ← (C∘C) V
+                # (GHA: P_old is P at the last refresh, the basis the moments are in)
+                P_old = state.get("P_ref", state["P"]) if subspace == "gha" else state["P"]
                 state["exp_avg"], state["exp_avg_sq"] = transform_moments(P_new, P_old, state["exp_avg"],
                                                                           state["exp_avg_sq"])
             state["P"] = P_new
-            if group["subspace"] == "gha":
-                state["P_ref"] = P_new  # the basis the moments are expressed in
+            if subspace == "gha":
+                state["P_ref"] = P_new
             else:
                 state.pop("P_ref", None)  # left over if the group's subspace was "gha" until now
 
-    def _projected_step(self, p: Tensor, group: dict) -> None:
-        state = self.state[p]
-        x, transposed = self._oriented_grad(p, group)
+        # -- every step: Adam in the subspace, projected back ----------------
         P = state["P"]
         if "exp_avg" not in state:
-            state["exp_avg"] = x.new_zeros(P.shape[1], x.shape[1])  # m: (r, l)
-            state["exp_avg_sq"] = x.new_zeros(P.shape[1], x.shape[1])  # v: (r, l)
-        if (group["residual"] or self.limit_normalized_update) and "rms" not in state:
-            state["rms"] = x.new_zeros(())  # RMS of the last limited update (0 = no history: also when
-            #                                  ``residual`` was switched on between steps)
-        t = state.get("step", 0) + 1
-        beta1, beta2 = group["betas"]
-        gamma = group["norm_growth_limit"]
+            state["exp_avg"] = X.new_zeros(P.shape[1], X.shape[1])  # M: (r, l)
+            state["exp_avg_sq"] = X.new_zeros(P.shape[1], X.shape[1])  # V: (r, l)
         # R ← Pᵀ X
-        r = P.T @ x
-        # m, v ← Adam moments of R ;  N ← m̂ / (sqrt(v̂) + ε)
-        n = adam_normalized_(state["exp_avg"], state["exp_avg_sq"], r, t, beta1, beta2, group["eps"])
+        R = P.T @ X
+        # M, V ← Adam moments of R ;  N ← M̂ / (sqrt(V̂) + ε)
+        N = adam_normalized_(state["exp_avg"], state["exp_avg_sq"], R, t, beta1, beta2, group["eps"])
         if group["residual"]:
-            # S ← (X - P R) diag(φ), its RMS growth capped at γ per step ;  D ← α P N + S
-            s = orthogonal_residual(x, P, r, n, transposed)
+            # (Fira) S ← (X - P R) diag(φ), its RMS growth capped at γ per step ;  D ← α P N + S
+            if "rms" not in state:  # RMS of the last S (0 = no history, also when switched on between steps)
+                state["rms"] = X.new_zeros(())
+            S = orthogonal_residual(X, P, R, N, transposed)
             if gamma is not None:
-                state["rms"] = norm_growth_limit_(s, state["rms"], gamma)
-            update = back_project(P, n, transposed, out=s, alpha=group["scale"])
+                state["rms"] = norm_growth_limit_(S, state["rms"], gamma)
+            D = back_project(P, N, transposed, out=S, alpha=group["scale"])
         else:
-            # (AdaptiveAdamW) N ← N · min(1, γ·RMS_{t-1}/RMS(N)) ;  D ← α P N
-            if self.limit_normalized_update and gamma is not None:
-                state["rms"] = norm_growth_limit_(n, state["rms"], gamma)
-            update = back_project(P, n.mul_(group["scale"]), transposed)
+            # D ← α P N
+            D = back_project(P, N.mul_(group["scale"]), transposed)
         # W ← W (1 - lr·wd) - lr · D
-        apply_update_(p, update, group["lr"], group["weight_decay"])
+        apply_update_(p, D, group["lr"], group["weight_decay"])
         state["step"] = t
-        if group.get("subspace") == "gha":
+        if subspace == "gha":
             # P ← orth(P + η (C P - P triu(Pᵀ C P))), C = X Xᵀ/‖X‖²   (for the next step)
-            state["P"] = orthonormalize_signed(gha_step(P, x, r, group["gha_lr"]))
+            state["P"] = orthonormalize_signed(gha_step(P, X, R, group["gha_lr"]))
 
 
 # =============================================================================
@@ -872,18 +890,7 @@ def allocate_ranks(spectra: Sequence[Sequence[float]], budget: int, caps: Option
     return ranks
 
 
-def transform_moments(P_new: Tensor, P_old: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> tuple[Tensor, Tensor]:
-    """Carry Adam's moments from basis P_old (s×r_old) into P_new (s×r_new).
-
-    ``C = P_newᵀ P_old`` (r_new×r_old); ``m ← C m``; ``v ← (C∘C) v``. The
-    second rule (elementwise square, then a product) is our reading: it is
-    the one that fits the shapes when the ranks differ and keeps ``v >= 0``.
-    """
-    C = P_new.T @ P_old
-    return C @ exp_avg, (C * C) @ exp_avg_sq
-
-
-class AdaptiveAdamW(GaLoreAdamW):
+class AdaptiveAdamW(_Base):
     r"""GaLore with a global rank budget allocated from gradient spectra.
 
     The ``rank`` of each low-rank group is the *average* rank per matrix; the
@@ -909,12 +916,10 @@ class AdaptiveAdamW(GaLoreAdamW):
     RMS = ‖·‖_F / sqrt(numel), so a rank change alone does not trip the
     limiter. The source says only that the limiter caps "relative increases
     in normalized gradient norm"; Fira (Chen et al. 2024, arXiv:2410.01623)
-    applies it to S. We measured both readings (README, "Residual or not",
-    tiny LLaMA, 3 seeds, lr swept per method): with the residual the
-    validation loss is 0.47 lower at rank 4 (1.855 vs 2.329) and 0.41
-    lower at rank 8 (1.791 vs 2.197), and beats AdamW (2.101); so the
-    residual is the default. It costs one full-size temporary per matrix
-    and no extra state.
+    applies it to S. We measured both readings, with the learning rate
+    swept for each (docs/RESULTS.md): with the residual the loss is clearly
+    lower at every rank tried, and below AdamW's, so the residual is the
+    default. It costs one full-size temporary per matrix and no extra state.
 
     Group options as GaLoreAdamW (but no ``subspace``: the allocation needs
     the SVD) plus ``rank_metric`` (one of ``RANK_METRICS``, default
@@ -935,7 +940,7 @@ class AdaptiveAdamW(GaLoreAdamW):
         opt = AdaptiveAdamW(lowrank_groups(model, rank=8, update_proj_gap=200), lr=1e-2)
     """
 
-    limit_normalized_update = True
+    group_keys = ("rank",)
     _refused_hints = {"subspace": "AdaptiveAdamW's allocation needs the spectra of the SVD, so its subspace is "
                                   "always the SVD's (use GaLoreAdamW for 'random' or 'gha')"}
 
@@ -948,13 +953,15 @@ class AdaptiveAdamW(GaLoreAdamW):
                         scale=scale, proj_type=proj_type, residual=residual, norm_growth_limit=norm_growth_limit,
                         check_finite=check_finite, rank_metric=rank_metric, allocate=allocate,
                         transform_momentum=transform_momentum, refresh_keep=refresh_keep)
-        # GaLoreAdamW.__init__ takes exactly GaLore's options (an unknown one is a
-        # TypeError), so the richer defaults go straight to the base class.
-        _Base.__init__(self, params, defaults)
+        super().__init__(params, defaults)
 
     def _validate_group(self, group: dict) -> None:
-        super()._validate_group(group)
+        _validate_adam(group)
         if group.get("rank") is not None:
+            _validate_rank(group, PROJ_TYPES)
+            _check(group["scale"] > 0, f"Invalid scale: {group['scale']}")
+            gamma = group["norm_growth_limit"]
+            _check(gamma is None or gamma >= 1.0, f"Invalid norm_growth_limit: {gamma} (use >= 1, or None for off)")
             _check(group["rank_metric"] in RANK_METRICS,
                    f"Invalid rank_metric: {group['rank_metric']!r} (expected one of {sorted(RANK_METRICS)})")
             keep = group["refresh_keep"]
@@ -967,12 +974,21 @@ class AdaptiveAdamW(GaLoreAdamW):
                    "every group that allocates shares one budget and must use the same rank_metric "
                    "(or set allocate=False in one of them)")
 
-    def _refresh_subspaces(self, due: list[tuple[Tensor, dict, int]]) -> None:
+    def _step_items(self, items: list[tuple[Tensor, dict, int]]) -> None:
+        # At t = 1, T+1, 2T+1, ...: new ranks and bases for the matrices due, together
+        due = [(p, g) for p, g, _ in items
+               if g.get("rank") is not None and self.state[p].get("step", 0) % g["update_proj_gap"] == 0]
+        if due:
+            self._allocate_and_refresh(due)
+        # Every step: projected Adam with the residual (or the limiter on N)
+        self._update_each(items, self._adaptive_step)
+
+    def _allocate_and_refresh(self, due: list[tuple[Tensor, dict]]) -> None:
+        """The refresh half of the algorithm box, for all matrices due at once."""
         # Ranks before this refresh: the allocation so far, or the group's rank
         # (clamped to min(m, n)) at the first refresh. The matrices of groups
         # with ``allocate=True`` share their sum as the budget B; the others
         # keep their rank.
-        due = [(p, g) for p, g, _ in due]
         ranks = [self.state[p]["rank"] if "rank" in self.state[p] else self._clamped_rank(p, g) for p, g in due]
         pool = [i for i, (_, g) in enumerate(due) if g["allocate"]]
         budget = sum(ranks[i] for i in pool)
@@ -988,7 +1004,8 @@ class AdaptiveAdamW(GaLoreAdamW):
                 keep.append(budget - len(pool) + 1)
             else:  # refresh_keep × the group's rank, and at least the current rank
                 keep.append(min(budget - len(pool) + 1, max(ranks[i], math.ceil(g["refresh_keep"] * g["rank"]))))
-        svds = [gradient_spectrum(self._oriented_grad(p, g)[0], k) for (p, g), k in zip(due, keep)]
+        svds = [gradient_spectrum(oriented_grad(p, is_transposed(p.shape, g["proj_type"])), k)
+                for (p, g), k in zip(due, keep)]
         # 2. Greedy allocation: rank 1 each, then the best next singular value
         if pool:
             spectra = self._to_host([svds[i][1] for i in pool])  # one host sync per device
@@ -999,8 +1016,10 @@ class AdaptiveAdamW(GaLoreAdamW):
             state = self.state[p]
             # 3. P_new ← top-r_new left singular vectors (a matrix allocated more
             #    than was kept: its SVD again, which gives the same vectors)
-            P_new = u[:, :rank].contiguous() if rank <= u.shape[1] else top_r_basis(self._oriented_grad(p, group)[0],
-                                                                                    rank)
+            if rank <= u.shape[1]:
+                P_new = u[:, :rank].contiguous()
+            else:
+                P_new = top_r_basis(oriented_grad(p, is_transposed(p.shape, group["proj_type"])), rank)
             if "P" in state and "exp_avg" in state:
                 if group["transform_momentum"]:
                     # 4. C = P_newᵀ P_old ;  m ← C m ;  v ← (C∘C) v
@@ -1011,6 +1030,39 @@ class AdaptiveAdamW(GaLoreAdamW):
                     state["exp_avg"] = _resize_rows(state["exp_avg"], rank)
                     state["exp_avg_sq"] = _resize_rows(state["exp_avg_sq"], rank)
             state["P"], state["rank"] = P_new, rank
+
+    def _adaptive_step(self, p: Tensor, group: dict, index: int) -> None:
+        """The every-step half of the algorithm box, for one matrix."""
+        state = self.state[p]
+        transposed = is_transposed(p.shape, group["proj_type"])
+        X = oriented_grad(p, transposed)  # X: (s, l)
+        P = state["P"]  # (s, r), r this matrix's allocated rank
+        t = state.get("step", 0) + 1
+        beta1, beta2 = group["betas"]
+        gamma = group["norm_growth_limit"]
+        if "exp_avg" not in state:
+            state["exp_avg"] = X.new_zeros(P.shape[1], X.shape[1])  # M: (r, l)
+            state["exp_avg_sq"] = X.new_zeros(P.shape[1], X.shape[1])  # V: (r, l)
+        if "rms" not in state:
+            state["rms"] = X.new_zeros(())  # RMS of the last limited update (0 = no history)
+        # R ← Pᵀ X
+        R = P.T @ X
+        # M, V ← Adam moments of R ;  N ← M̂ / (sqrt(V̂) + ε)
+        N = adam_normalized_(state["exp_avg"], state["exp_avg_sq"], R, t, beta1, beta2, group["eps"])
+        if group["residual"]:
+            # S ← (X - P R) diag(φ) ;  S ← S · min(1, γ·RMS_{t-1}/RMS(S)) ;  D ← α P N + S
+            S = orthogonal_residual(X, P, R, N, transposed)
+            if gamma is not None:
+                state["rms"] = norm_growth_limit_(S, state["rms"], gamma)
+            D = back_project(P, N, transposed, out=S, alpha=group["scale"])
+        else:
+            # N ← N · min(1, γ·RMS_{t-1}/RMS(N)) ;  D ← α P N
+            if gamma is not None:
+                state["rms"] = norm_growth_limit_(N, state["rms"], gamma)
+            D = back_project(P, N.mul_(group["scale"]), transposed)
+        # W ← W (1 - lr·wd) - lr · D
+        apply_update_(p, D, group["lr"], group["weight_decay"])
+        state["step"] = t
 
     def _check_layerwise(self, group: dict) -> None:
         if group.get("rank") is not None and group["allocate"]:
@@ -1158,62 +1210,63 @@ class LDAdam(_Base):
     def _step_items(self, items: list[tuple[Tensor, dict, int]]) -> None:
         self._update_each(items, self._ldadam_step)
 
-    def _ldadam_step(self, p: Tensor, group: dict) -> None:
+    def _ldadam_step(self, p: Tensor, group: dict, index: int) -> None:
+        """One LDAdam step of one matrix: the algorithm box above, line by line."""
         state = self.state[p]
         transposed = p.shape[0] > p.shape[1]  # the official rule: rows projected when m <= n
-        x = orient(p.grad, transposed).to(linalg_dtype(p.dtype))  # X: (s, l)
+        X = oriented_grad(p, transposed)  # X: (s, l)
         ef = group["error_feedback"]
         if len(state) == 0:
             state["step"] = 0
             state["rank"] = self._clamped_rank(p, group)
         if ef and "error" not in state:  # also when error_feedback was off until now: E starts at 0
-            state["error"] = x.new_zeros(x.shape, dtype=self.error_dtype or x.dtype)  # E: (s, l), contiguous
+            state["error"] = X.new_zeros(X.shape, dtype=self.error_dtype or X.dtype)  # E: (s, l), contiguous
         elif not ef:
             state.pop("error", None)  # switched off: free the buffer (m·n floats)
         t, rank = state["step"], state["rank"]
         beta1, beta2 = group["betas"]
         # A ← X + E  (in E's own buffer when the dtypes allow: E's old value is not needed again)
         if not ef:
-            a = x
-        elif state["error"].dtype == x.dtype:
-            a = state["error"].add_(x)
+            A = X
+        elif state["error"].dtype == X.dtype:
+            A = state["error"].add_(X)
         else:
-            a = state["error"].to(x.dtype).add_(x)
+            A = state["error"].to(X.dtype).add_(X)
         if t == 0:
             # P ← top-r left singular vectors of A ;  M, V ← 0
-            P = top_r_basis(a, rank)
-            R = P.T @ a
-            M = x.new_zeros(rank, x.shape[1])  # first moment: (r, l)
-            V = x.new_zeros(rank, x.shape[1])  # second moment: (r, l)
+            P = top_r_basis(A, rank)
+            R = P.T @ A
+            M = X.new_zeros(rank, X.shape[1])  # first moment: (r, l)
+            V = X.new_zeros(rank, X.shape[1])  # second moment: (r, l)
             if ef:
-                a.addmm_(P, R, alpha=-1)  # E ← A - P R  (M = 0: no momentum term)
+                A.addmm_(P, R, alpha=-1)  # E ← A - P R  (M = 0: no momentum term)
         else:
             P_prev, M, V = state["P"], state["exp_avg"], state["exp_avg_sq"]
             c1 = 1 - beta1**t
             rho = group["rho"]
             if group["proj_method"] == "power":
                 # P ← orth(T (Tᵀ P_prev)),  T = ρ · P_prev M / c1 + (1-ρ) · A
-                P = power_iteration_basis(a, P_prev, M, rho / c1, 1 - rho)
+                P = power_iteration_basis(A, P_prev, M, rho / c1, 1 - rho)
             else:
                 # P ← top-r left singular vectors of T
-                P = top_r_basis(torch.addmm(a, P_prev, M, beta=1 - rho, alpha=rho / c1), rank)
+                P = top_r_basis(torch.addmm(A, P_prev, M, beta=1 - rho, alpha=rho / c1), rank)
             # R ← Pᵀ A
-            R = P.T @ a
+            R = P.T @ A
             # C ← Pᵀ P_prev ;  M̃ ← C M
             C = P.T @ P_prev
             M_new = C @ M
             if ef:
                 # E ← (A - P R) + β1/(1-β1) · (P_prev M - P M̃)
-                generalized_error_feedback_(a, P, R, P_prev, M, M_new, beta1)
+                generalized_error_feedback_(A, P, R, P_prev, M, M_new, beta1)
             # V ← c2 · |(C∘C)(V/c2 - M²/c1²) + M̃²/c1²| ;  M ← M̃
             V = transport_second_moment(V, M, M_new, C, t, beta1, beta2)
             M = M_new
-        if ef and a is not state["error"]:
-            state["error"].copy_(a)
+        if ef and A is not state["error"]:
+            state["error"].copy_(A)
         # M, V ← Adam moments of R ;  N ← M̂ / (sqrt(V̂) + ε)
-        n = adam_normalized_(M, V, R, t + 1, beta1, beta2, group["eps"])
+        N = adam_normalized_(M, V, R, t + 1, beta1, beta2, group["eps"])
         # W ← W (1 - lr·wd) - lr · P N
-        apply_update_(p, back_project(P, n, transposed), group["lr"], group["weight_decay"])
+        apply_update_(p, back_project(P, N, transposed), group["lr"], group["weight_decay"])
         # P contiguous: QR gives it column-major, and a loaded checkpoint holds it row-major
         state.update(step=t + 1, P=P.contiguous(), exp_avg=M, exp_avg_sq=V)
 
@@ -1332,30 +1385,26 @@ class Adapprox(_Base):
     at k_max); the first moment is Adam's; clipping follows Adafactor;
     guidance scales by ``1 + cos``.
 
-    Non-negativity (``nonneg``), chosen by measurement. A rank-k
-    reconstruction of the non-negative V has negative entries wherever it
-    undershoots. ``"clamp"`` (max(QUᵀ, 0), our first version) makes sqrt(V̂) = 0
+    Non-negativity (``nonneg``), chosen by measurement (docs/RESULTS.md).
+    A rank-k reconstruction of the non-negative V has negative entries
+    wherever it undershoots. ``"clamp"`` (max(QUᵀ, 0)) makes sqrt(V̂) = 0
     there, so D = M/ε explodes and the update clipping then shrinks every
-    other coordinate: on the tiny LLaMA (seed 0, lr 3e-3, where AdamW ends
-    at val loss 2.07) a rank held at 4 or 16 ended at 4.58 / 4.84.
-    ``"floor"`` (max(QUᵀ, (1-β2)·G²), a true lower bound of the EMA) gave
-    2.14 / 2.23 and ``"abs"`` 2.05 / 2.04: the floor is about
+    other coordinate: it trains far worse than AdamW. ``"floor"``
+    (max(QUᵀ, (1-β2)·G²), a true lower bound of the EMA) is about
     1/(1-β2) = 1000× below a settled V, so the same coordinates still get
-    updates 30× too large. ``"abs"`` (|QUᵀ|, the default, as LDAdam treats its
-    transported second moment) keeps the magnitude of the approximation
-    error there, which is of the order of V itself, and trains at least as
-    well as AdamW at every rank (README, "Adapprox: a better approximation must never
-    train worse"). The exact rank-1 reconstruction of a non-negative matrix
-    is non-negative (Perron-Frobenius), which is why the old default only
-    trained because its ranks fell to 1.
+    updates about 30× too large. ``"abs"`` (|QUᵀ|, the default, as LDAdam
+    treats its transported second moment) keeps the magnitude of the
+    approximation error there, which is of the order of V itself, and
+    trains at least as well as AdamW at every rank we held. (The exact
+    rank-1 reconstruction of a non-negative matrix is non-negative, by
+    Perron-Frobenius, so "clamp" only trains well when the ranks fall to 1.)
 
-    ``err_tol`` default 0.01, chosen by measurement (tiny LLaMA, 300 steps,
-    3 seeds, lr 3e-3; README, "Adapprox: choosing err_tol"): from 0.01 to
-    0.2 the loss stays within the seed spread, and below AdamW's, while the
-    mean rank falls from about 9 to 1. With the loss flat, we take the
-    tolerance that keeps the approximation faithful (ξ̄ ≤ 1 %) rather than
-    the one that shrinks every matrix to rank 1 (Adafactor-like): it costs
-    about 59 % of AdamW's state instead of 51 %.
+    ``err_tol`` default 0.01, chosen by measurement (docs/RESULTS.md): over
+    a wide range of tolerances the loss stays within the seed spread while
+    the mean rank falls towards 1. With the loss flat, we take the tolerance
+    that keeps the approximation faithful (ξ̄ ≤ 1 %) rather than the one
+    that shrinks every matrix to rank 1 (Adafactor-like), at a modest cost
+    in state.
 
     Cost per factored matrix and step: one m×n temporary for a float32
     parameter (V, overwritten by V̂, then the update; ``"floor"`` adds one,
@@ -1596,22 +1645,6 @@ class Adapprox(_Base):
         apply_update_(p, d, group["lr"], group["weight_decay"])
 
 
-def _optimizer_options() -> dict[str, set[str]]:
-    """The group options of every optimizer class defined (looked up when
-    needed, so that a class copied out alone still works): name -> options."""
-    out, todo = {}, list(_Base.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
-        out[cls.__name__] = {k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "params")}
-        out[cls.__name__] |= set(cls.group_keys)
-    return out
-
-
-def _optimizers_with_option(key: str) -> list[str]:
-    return sorted(name for name, options in _optimizer_options().items() if key in options)
-
-
 # =============================================================================
 # 7. Helpers for users: param groups and state memory
 # =============================================================================
@@ -1742,3 +1775,15 @@ def state_bytes(optimizer: Optimizer, by_key: bool = False):
             if isinstance(v, Tensor):
                 totals[name] = totals.get(name, 0) + v.numel() * v.element_size()
     return totals if by_key else sum(totals.values())
+
+
+__all__ = [
+    "GaLoreAdamW",
+    "AdaptiveAdamW",
+    "LDAdam",
+    "Adapprox",
+    "lowrank_groups",
+    "layerwise_hooks",
+    "state_bytes",
+    "NonFiniteGradientError",
+]

@@ -26,6 +26,7 @@ import copy
 import io
 import inspect
 import math
+import re
 import subprocess
 import sys
 import warnings
@@ -1480,6 +1481,67 @@ def test_fsdp1_is_refused_under_torchrun(tmp_path):
     for rank in (0, 1):
         lines = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
         assert lines == ["after refused: True", "before refused: True"], lines
+
+
+# -- one class copied out alone: the shared core plus its section ------------
+
+BANNER = re.compile(r"^# =+\n# (\d)\. [^\n]*\n# =+\n", re.M)
+
+
+def copy_out_source(cls_name):
+    """The file a user gets by copying the module's shared core (everything
+    before section 3) and the one section that defines ``cls_name``."""
+    source = Path(la.__file__).read_text()
+    marks = list(BANNER.finditer(source))
+    starts = {int(m.group(1)): m.start() for m in marks}
+    ends = {int(m.group(1)): (marks[i + 1].start() if i + 1 < len(marks) else len(source)) for i, m in enumerate(marks)}
+    section = next(k for k in starts if f"\nclass {cls_name}(" in source[starts[k]:ends[k]])
+    return source[:starts[3]] + source[starts[section]:ends[section]]
+
+
+COPY_OUT_SCRIPT = """
+import sys, torch
+from torch import nn
+sys.path.insert(0, sys.argv[1])
+from one_class import {cls} as Optimizer
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 1))
+hidden = [model[0].weight, model[2].weight]
+rest = [p for p in model.parameters() if all(p is not q for q in hidden)]
+opt = Optimizer([{{"params": rest, "rank": None}}, {{"params": hidden, "rank": 3}}], **{kwargs})
+g = torch.Generator().manual_seed(1)
+x = torch.randn(64, 8, generator=g)
+y = torch.sin(x[:, :1] * 2) + x[:, 1:2] * x[:, 2:3]
+for _ in range(6):
+    opt.zero_grad(set_to_none=True)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+torch.save([p.detach() for p in model.parameters()], sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_one_class_copied_out_with_the_core_alone_trains_as_the_module_does(cls, tmp_path):
+    code = copy_out_source(cls.__name__)
+    others = [c.__name__ for c in OPTIMIZERS if c is not cls]
+    assert not any(f"class {name}(" in code for name in others)
+    (tmp_path / "one_class.py").write_text(code)
+    kwargs = dict(lr=1e-2, **({"update_proj_gap": 2} if "update_proj_gap" in inspect.signature(cls).parameters else {}))
+    script = tmp_path / "run.py"
+    script.write_text(COPY_OUT_SCRIPT.format(cls=cls.__name__, kwargs=kwargs))
+    out = subprocess.run([sys.executable, str(script), str(tmp_path), str(tmp_path / "weights.pt")],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)  # lowrank_adam not importable
+    assert out.returncode == 0, out.stderr[-3000:]
+    # the same run with the whole module
+    torch.manual_seed(0)
+    model = mlp()
+    hidden = [model[0].weight, model[2].weight]
+    rest = [p for p in model.parameters() if all(p is not q for q in hidden)]
+    opt = cls([{"params": rest, "rank": None}, {"params": hidden, "rank": 3}], **kwargs)
+    train(model, opt, 6, regression_data())
+    copied = torch.load(tmp_path / "weights.pt", weights_only=True)
+    for a, b in zip(model.parameters(), copied):
+        assert torch.equal(a.detach(), b)
 
 
 # -- any 2-D weight can be targeted: Hugging Face GPT-2, packed projections --
