@@ -157,6 +157,52 @@ def gradient_spectrum(x: Tensor, max_rank: Optional[int] = None) -> tuple[Tensor
     return (u if max_rank is None else u[:, :max_rank].contiguous()), s
 
 
+REFRESH_OVERSAMPLE = 8  # extra sketch columns of GaLoreAdamW's and AdaptiveAdamW's refresh="randomized"
+
+
+def randomized_spectrum(x: Tensor, width: int, warm: Optional[Tensor], generator: torch.Generator,
+                        power_iters: int = 1) -> tuple[Tensor, Tensor]:
+    """Leading left singular vectors and values of an oriented matrix, from a
+    warm-started randomized range finder (Halko, Martinsson and Tropp 2011)::
+
+        Q ← orth([P_prev, Ω])          s×k: the previous basis, topped up with
+                                       Gaussian columns Ω to k = width
+        Q ← orth(X (Xᵀ Q))             ``power_iters`` times (subspace iteration)
+        B ← Qᵀ X = U_B diag(S) V_Bᵀ     a small k×l SVD (through the QR of Bᵀ)
+        U ← Q U_B                      s×k, orthonormal; S: k values, descending
+
+    Costs about 2·(power_iters + 1)·s·l·k multiply-adds and a k×l SVD, where
+    the exact SVD costs O(s²·l). The values are those of X restricted to the
+    span of Q, so they never exceed X's; the basis is exact when X has rank
+    at most k (with power_iters >= 1). ``warm`` may be None or have any
+    number of columns; only its first ``width`` are used, and the leading
+    columns of U are signed to agree with them (our choice, see below).
+    """
+    x = x.to(linalg_dtype(x.dtype))
+    k = min(width, x.shape[0])
+    columns = [] if warm is None else [warm[:, :k].to(x.dtype)]
+    missing = k - (0 if warm is None else columns[0].shape[1])
+    if missing > 0:
+        columns.append(torch.randn(x.shape[0], missing, generator=generator, device=generator.device, dtype=x.dtype))
+    q = orthonormalize(torch.cat(columns, dim=1))
+    for _ in range(power_iters):
+        y = x.T @ q  # l×k; rescaled so that X Y cannot overflow where X Xᵀ would (|X| > 2^64 in float32)
+        q = orthonormalize(x @ y.div_(y.abs().amax().clamp_min(torch.finfo(y.dtype).tiny)))
+    # B = Qᵀ X, k×l; its SVD through the QR of Bᵀ = Q_B R, since B = Rᵀ Q_Bᵀ has
+    # the left vectors and values of the k×k matrix Rᵀ (about 4× faster on CPU)
+    r = torch.linalg.qr((q.T @ x).T, mode="r").R
+    u_b, s, _ = torch.linalg.svd(r.T)
+    u = q @ u_b
+    if warm is not None:
+        # A singular vector's sign is arbitrary: take the one that agrees with the
+        # previous basis, column by column, so that moments left in place (GaLore
+        # keeps them across a refresh) keep their direction where P barely moved.
+        j = min(warm.shape[1], k)
+        agree = (u[:, :j] * warm[:, :j].to(u.dtype)).sum(dim=0)
+        u[:, :j] *= torch.where(agree < 0, -1.0, 1.0).to(u.dtype)
+    return u.contiguous(), s
+
+
 def top_r_basis(x: Tensor, rank: int) -> Tensor:
     """P = top-r left singular vectors of x, shape (s, r), orthonormal columns."""
     return gradient_spectrum(x, rank)[0]
@@ -390,6 +436,15 @@ def _validate_rank(group: dict, proj_types: Iterable[str] = ("std",)) -> None:
     for p in group["params"]:
         _check(p.dim() == 2, f"Invalid parameter in a 'rank' group: shape {tuple(p.shape)} is not 2-D "
                               "(put 1-D and other tensors in a group without 'rank')")
+
+
+def _validate_refresh(group: dict) -> None:
+    """Checks of the refresh options of GaLoreAdamW and AdaptiveAdamW."""
+    _check(group["refresh"] in ("svd", "randomized"),
+           f"Invalid refresh: {group['refresh']!r} (expected 'svd' or 'randomized')")
+    iters = group["refresh_iters"]
+    _check(isinstance(iters, int) and not isinstance(iters, bool) and iters >= 1,
+           f"Invalid refresh_iters: {iters!r} (an integer >= 1)")
 
 
 class _Base(Optimizer):
@@ -744,10 +799,12 @@ class GaLoreAdamW(_Base):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, update_proj_gap: int = 200, scale: float = 0.25,
                  proj_type: str = "std", residual: bool = False, norm_growth_limit: Optional[float] = 1.01,
-                 subspace: str = "svd", gha_lr: float = 0.5, seed: int = 0, check_finite: bool = True):
+                 subspace: str = "svd", refresh: str = "svd", refresh_iters: int = 1, gha_lr: float = 0.5,
+                 seed: int = 0, check_finite: bool = True):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_proj_gap=update_proj_gap,
                         scale=scale, proj_type=proj_type, residual=residual, norm_growth_limit=norm_growth_limit,
-                        subspace=subspace, gha_lr=gha_lr, seed=seed, check_finite=check_finite)
+                        subspace=subspace, refresh=refresh, refresh_iters=refresh_iters, gha_lr=gha_lr, seed=seed,
+                        check_finite=check_finite)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict) -> None:
@@ -758,6 +815,7 @@ class GaLoreAdamW(_Base):
             gamma = group["norm_growth_limit"]
             _check(gamma is None or gamma >= 1.0, f"Invalid norm_growth_limit: {gamma} (use >= 1, or None for off)")
         _check(group["subspace"] in SUBSPACES, f"Invalid subspace: {group['subspace']!r} (expected one of {SUBSPACES})")
+        _validate_refresh(group)
         if group["subspace"] == "gha":
             _check(0.0 < group["gha_lr"] <= 1.0, f"Invalid gha_lr: {group['gha_lr']} (use 0 < gha_lr <= 1)")
         _check(isinstance(group["seed"], int) and not isinstance(group["seed"], bool), f"Invalid seed: {group['seed']!r}")
@@ -786,6 +844,13 @@ class GaLoreAdamW(_Base):
             elif subspace == "gha" and "P" in state:
                 # P: where Sanger's rule has taken it since the last refresh
                 P_new = state["P"]
+            elif group["refresh"] == "randomized" and "P" in state:
+                # P ← top-r of a randomized range finder warm-started from P_prev (``randomized_spectrum``)
+                state.setdefault("seed", stream_seed(group["seed"], index))
+                rng = self._generator(p.device, stream_seed(state["seed"], t))
+                U, _ = randomized_spectrum(X, state["rank"] + REFRESH_OVERSAMPLE, state["P"], rng,
+                                           group["refresh_iters"])
+                P_new = U[:, :state["rank"]].contiguous()
             else:
                 # P ← top-r left singular vectors of X   (GaLore; GHA's start)
                 P_new = top_r_basis(X, state["rank"])
@@ -860,7 +925,7 @@ RANK_METRICS: dict[str, Callable[[list[float], int, float], float]] = {
 
 
 def allocate_ranks(spectra: Sequence[Sequence[float]], budget: int, caps: Optional[Sequence[int]] = None,
-                   metric: str = "explained_variance") -> list[int]:
+                   metric: str = "explained_variance", energies: Optional[Sequence[float]] = None) -> list[int]:
     """Greedy rank allocation: spectra + budget + caps -> one rank per matrix.
 
     Every matrix starts at rank 1; while budget is left, the matrix whose next
@@ -876,7 +941,8 @@ def allocate_ranks(spectra: Sequence[Sequence[float]], budget: int, caps: Option
     caps = [len(s) for s in spectra] if caps is None else [min(int(c), len(s)) for c, s in zip(caps, spectra)]
     if any(c < 1 for c in caps):
         raise ValueError("every matrix needs at least one singular value")
-    energy = [sum(v * v for v in s) for s in spectra]
+    # E = Σ sᵢ² = ‖X‖²_F; pass it when the spectra are truncated (a randomized refresh)
+    energy = [sum(v * v for v in s) for s in spectra] if energies is None else [float(e) for e in energies]
     ranks = [1] * len(spectra)
     budget = min(budget, sum(caps))
     # heap of (-score of the next rank, matrix index): pops the best, lower index on ties
@@ -948,11 +1014,13 @@ class AdaptiveAdamW(_Base):
                  weight_decay: float = 0.0, *, update_proj_gap: int = 200, scale: float = 0.25,
                  proj_type: str = "std", rank_metric: str = "explained_variance", allocate: bool = True,
                  transform_momentum: bool = True, norm_growth_limit: Optional[float] = 1.01,
-                 residual: bool = True, refresh_keep: Optional[float] = 2.0, check_finite: bool = True):
+                 residual: bool = True, refresh_keep: Optional[float] = 2.0, refresh: str = "svd",
+                 refresh_iters: int = 1, seed: int = 0, check_finite: bool = True):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_proj_gap=update_proj_gap,
                         scale=scale, proj_type=proj_type, residual=residual, norm_growth_limit=norm_growth_limit,
                         check_finite=check_finite, rank_metric=rank_metric, allocate=allocate,
-                        transform_momentum=transform_momentum, refresh_keep=refresh_keep)
+                        transform_momentum=transform_momentum, refresh_keep=refresh_keep, refresh=refresh,
+                        refresh_iters=refresh_iters, seed=seed)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict) -> None:
@@ -962,6 +1030,9 @@ class AdaptiveAdamW(_Base):
             _check(group["scale"] > 0, f"Invalid scale: {group['scale']}")
             gamma = group["norm_growth_limit"]
             _check(gamma is None or gamma >= 1.0, f"Invalid norm_growth_limit: {gamma} (use >= 1, or None for off)")
+            _validate_refresh(group)
+            _check(isinstance(group["seed"], int) and not isinstance(group["seed"], bool),
+                   f"Invalid seed: {group['seed']!r}")
             _check(group["rank_metric"] in RANK_METRICS,
                    f"Invalid rank_metric: {group['rank_metric']!r} (expected one of {sorted(RANK_METRICS)})")
             keep = group["refresh_keep"]
@@ -976,43 +1047,57 @@ class AdaptiveAdamW(_Base):
 
     def _step_items(self, items: list[tuple[Tensor, dict, int]]) -> None:
         # At t = 1, T+1, 2T+1, ...: new ranks and bases for the matrices due, together
-        due = [(p, g) for p, g, _ in items
+        due = [(p, g, i) for p, g, i in items
                if g.get("rank") is not None and self.state[p].get("step", 0) % g["update_proj_gap"] == 0]
         if due:
             self._allocate_and_refresh(due)
         # Every step: projected Adam with the residual (or the limiter on N)
         self._update_each(items, self._adaptive_step)
 
-    def _allocate_and_refresh(self, due: list[tuple[Tensor, dict]]) -> None:
+    def _allocate_and_refresh(self, due: list[tuple[Tensor, dict, int]]) -> None:
         """The refresh half of the algorithm box, for all matrices due at once."""
         # Ranks before this refresh: the allocation so far, or the group's rank
         # (clamped to min(m, n)) at the first refresh. The matrices of groups
         # with ``allocate=True`` share their sum as the budget B; the others
         # keep their rank.
-        ranks = [self.state[p]["rank"] if "rank" in self.state[p] else self._clamped_rank(p, g) for p, g in due]
-        pool = [i for i, (_, g) in enumerate(due) if g["allocate"]]
+        ranks = [self.state[p]["rank"] if "rank" in self.state[p] else self._clamped_rank(p, g) for p, g, _ in due]
+        pool = [i for i, (_, g, _) in enumerate(due) if g["allocate"]]
         budget = sum(ranks[i] for i in pool)
         # 1. Spectra: X = U diag(s) Vᵀ, one thin SVD per matrix. Of U, keep only
         #    the columns an allocation is likely to use: at most B - (L - 1),
         #    and at most refresh_keep × the group's rank (so the refresh never
         #    holds every matrix's full s×s basis at once; our bound).
+        #    refresh="randomized": only the leading keep + oversample vectors
+        #    and values, from a range finder warm-started from P_prev (the first
+        #    refresh, without a P_prev, is an exact SVD).
         keep = []
-        for i, (_, g) in enumerate(due):
+        for i, (_, g, _) in enumerate(due):
             if i not in pool:  # a fixed rank
                 keep.append(ranks[i])
             elif g["refresh_keep"] is None:  # every vector an allocation could use
                 keep.append(budget - len(pool) + 1)
             else:  # refresh_keep × the group's rank, and at least the current rank
                 keep.append(min(budget - len(pool) + 1, max(ranks[i], math.ceil(g["refresh_keep"] * g["rank"]))))
-        svds = [gradient_spectrum(oriented_grad(p, is_transposed(p.shape, g["proj_type"])), k)
-                for (p, g), k in zip(due, keep)]
+        svds, energies = [], []
+        for (p, g, index), k in zip(due, keep):
+            X = oriented_grad(p, is_transposed(p.shape, g["proj_type"]))
+            state = self.state[p]
+            if g["refresh"] == "randomized" and "P" in state:
+                state.setdefault("seed", stream_seed(g["seed"], index))
+                rng = self._generator(p.device, stream_seed(state["seed"], state["step"] + 1))
+                svds.append(randomized_spectrum(X, k + REFRESH_OVERSAMPLE, state["P"], rng, g["refresh_iters"]))
+            else:
+                svds.append(gradient_spectrum(X, k))
+            energies.append(torch.linalg.vector_norm(X).square().reshape(1))  # E = ‖X‖²_F, exact either way
         # 2. Greedy allocation: rank 1 each, then the best next singular value
         if pool:
-            spectra = self._to_host([svds[i][1] for i in pool])  # one host sync per device
+            host = self._to_host([svds[i][1] for i in pool] + [energies[i] for i in pool])  # one sync per device
+            spectra, energy = host[:len(pool)], [e[0] for e in host[len(pool):]]
             caps = [min(due[i][0].shape) for i in pool]
-            for i, rank in zip(pool, allocate_ranks(spectra, budget, caps, due[pool[0]][1]["rank_metric"])):
+            metric = due[pool[0]][1]["rank_metric"]
+            for i, rank in zip(pool, allocate_ranks(spectra, budget, caps, metric, energy)):
                 ranks[i] = rank
-        for (p, group), (u, _), rank in zip(due, svds, ranks):
+        for (p, group, _), (u, _), rank in zip(due, svds, ranks):
             state = self.state[p]
             # 3. P_new ← top-r_new left singular vectors (a matrix allocated more
             #    than was kept: its SVD again, which gives the same vectors)

@@ -288,11 +288,29 @@ def signed_qr(x):
     return q * torch.sign(torch.diagonal(r))
 
 
+def range_finder(X, P_prev, width, seed, t, iters, index=0):
+    """The randomized refresh in float64: Q spans [P_prev, Ω] (Ω Gaussian, drawn
+    from stream_seed(stream_seed(seed, index), t), topping P_prev up to ``width``
+    columns), ``iters`` rounds of Q ← orth(X Xᵀ Q), then the SVD of Qᵀ X.
+    Returns (U, S) with U's leading columns signed to agree with P_prev's."""
+    k = min(width, X.shape[0])
+    gen = torch.Generator().manual_seed(la.stream_seed(la.stream_seed(seed, index), t))
+    Omega = torch.randn(X.shape[0], k - P_prev[:, :k].shape[1], generator=gen, dtype=X.dtype)
+    Q = torch.linalg.qr(torch.cat([P_prev[:, :k], Omega], dim=1)).Q
+    for _ in range(iters):
+        Q = torch.linalg.qr(X @ (X.T @ Q)).Q
+    UB, S, _ = torch.linalg.svd(Q.T @ X, full_matrices=False)
+    U = Q @ UB
+    j = min(P_prev.shape[1], k)
+    U[:, :j] *= torch.where((U[:, :j] * P_prev[:, :j]).sum(0) < 0, -1.0, 1.0)
+    return U, S
+
+
 def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale, proj_type="std", residual=False,
-                     gamma=None, subspace="svd", gha_lr=0.1, seed=0):
+                     gamma=None, subspace="svd", gha_lr=0.1, seed=0, refresh="svd", refresh_iters=1):
     """GaLore's algorithm box, written independently in float64, plus the
-    Fira-style residual with its norm-growth limiter and the
-    random / GHA subspaces. The random bases are drawn from
+    Fira-style residual with its norm-growth limiter, the random / GHA
+    subspaces and the randomized refresh. The random numbers are drawn from
     generators seeded with stream_seed(stream_seed(seed, 0), t): an input,
     like the gradients."""
     W = W0.clone()
@@ -308,6 +326,8 @@ def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale, proj_type=
                 P_new = signed_qr(torch.randn(X.shape[0], r, generator=gen, dtype=W.dtype))
             elif subspace == "gha" and P is not None:  # the basis GHA has tracked
                 P_new = P
+            elif refresh == "randomized" and P is not None:  # warm-started range finder (step 1: the SVD)
+                P_new = range_finder(X, P, r + 8, seed, t, refresh_iters)[0][:, :r]
             else:  # the top-r left singular vectors
                 P_new = left_singular_vectors(X)[:, :r]
             if subspace != "svd" and M is not None:  # the moments follow the basis
@@ -365,6 +385,52 @@ def test_galore_matches_reference(shape, proj_type, residual):
     torch.testing.assert_close(p.detach(), expected, atol=1e-10, rtol=1e-10)
     side = PROJECTION_SIDE[proj_type](*shape)
     assert opt.state[p]["P"].shape == (shape[0] if side == "left" else shape[1], 2)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()) + [(30, 12)], ids=list(SHAPES) + ["tall-sketched"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("iters", [1, 2])
+def test_galore_randomized_refresh_matches_reference(shape, residual, iters):
+    # (30, 12) at rank 2: the sketch (2 + 8 columns) is narrower than the short side
+    torch.manual_seed(0)
+    W0 = torch.randn(shape, dtype=torch.float64)
+    grads = gapped_grads(shape, 8)
+    kw = dict(rank=2, gap=3, lr=0.05, betas=(0.9, 0.99), eps=1e-8, wd=0.1, scale=0.5)
+    expected = galore_reference(W0, grads, **kw, residual=residual, gamma=1.01 if residual else None,
+                                refresh="randomized", refresh_iters=iters, seed=3)
+    p = nn.Parameter(W0.clone())
+    opt = la.GaLoreAdamW([{"params": [p], "rank": 2, "update_proj_gap": 3, "scale": 0.5, "residual": residual}],
+                         lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, refresh="randomized",
+                         refresh_iters=iters, seed=3)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    torch.testing.assert_close(p.detach(), expected, atol=1e-10, rtol=1e-10)
+    if shape == (30, 12):  # the exact SVD's run differs: the refreshes at steps 4 and 7 were sketched
+        exact = galore_reference(W0, grads, **kw, residual=residual, gamma=1.01 if residual else None)
+        assert not torch.allclose(exact, expected, atol=1e-10, rtol=1e-10)
+
+
+def test_randomized_spectrum_is_orthonormal_exact_on_low_rank_and_signed_like_its_start():
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(40, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 90, generator=g, dtype=torch.float64)
+    U_svd, S_svd, _ = torch.linalg.svd(low, full_matrices=False)
+    warm = -U_svd[:, :3]  # a start with the "wrong" signs
+    U, S = la.randomized_spectrum(low, 8, warm, torch.Generator().manual_seed(1))
+    assert U.shape == (40, 8) and S.shape == (8,)
+    torch.testing.assert_close(U.T @ U, torch.eye(8, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(S[:5], S_svd[:5], atol=1e-9, rtol=1e-12)  # rank 5 <= 8 columns: exact
+    assert S[5:].abs().max() < 1e-9
+    torch.testing.assert_close(U[:, :5] @ U[:, :5].T, U_svd[:, :5] @ U_svd[:, :5].T, atol=1e-10, rtol=0)
+    assert ((U[:, :3] * warm).sum(0) > 0.99).all()  # signed like the start, column by column
+    # a full-rank gradient: the values are those of X on a subspace, so never above X's
+    x = torch.randn(30, 70, generator=g)
+    U, S = la.randomized_spectrum(x, 6, None, torch.Generator().manual_seed(2))
+    assert (S <= torch.linalg.svdvals(x)[:6] * (1 + 1e-5)).all()
+    # zero and float32-range-extreme gradients stay finite
+    for scale in (0.0, 1e-30, 1e30):
+        U, S = la.randomized_spectrum(x * scale, 6, U, torch.Generator().manual_seed(3))
+        assert torch.isfinite(U).all() and torch.isfinite(S).all()
 
 
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
@@ -1965,11 +2031,14 @@ def test_adaptive_reallocates_and_keeps_state_consistent(shape):
 
 
 def adaptive_reference(W0s, grads, rank, gap, lr, betas, eps, wd, scale, residual=True, gamma=1.01,
-                       transform=True):
+                       transform=True, refresh="svd", seed=0):
     """AdaptiveAdamW in float64, step by step, with the default
     ``explained_variance`` metric; every matrix in one group, one budget.
     ``transform=False``: no momentum transformation, the moments keep their
     first min(r_old, r_new) rows (zero rows added when the rank grows).
+    ``refresh="randomized"``: after step 1, each spectrum is the range
+    finder's leading keep + 8 values (keep = min(B - L + 1, max(r, 2·rank))),
+    scored against the exact energy ‖X‖²_F.
 
     Returns the final weights and the rank history (one list per step)."""
     Ws = [W.clone() for W in W0s]
@@ -1982,10 +2051,15 @@ def adaptive_reference(W0s, grads, rank, gap, lr, betas, eps, wd, scale, residua
             budget, L = sum(ranks), len(Ws)
             # U from the same orientation as the optimizer's SVD: without the
             # transformation the moments see the arbitrary signs of its columns
-            svds = [(left_singular_vectors(X), torch.linalg.svdvals(X), None) for X in Xs]
+            if refresh == "randomized" and state[0]["P"] is not None:
+                keep = [min(budget - L + 1, max(r, 2 * rank)) for r in ranks]
+                svds = [(*range_finder(X, st_["P"], k + 8, seed, t, 1, index=i), (X * X).sum())
+                        for i, (X, st_, k) in enumerate(zip(Xs, state, keep))]
+            else:
+                svds = [(left_singular_vectors(X), S, (S ** 2).sum()) for X in Xs for S in [torch.linalg.svdvals(X)]]
             # greedy explained variance = rank 1 each, then the budget - L best
-            # scores s_k² / Σ s² (k >= 2) over all matrices (they fall with k)
-            scores = sorted(((S[k] ** 2 / (S ** 2).sum()).item(), i) for i, (_, S, _) in enumerate(svds)
+            # scores s_k² / ‖X‖² (k >= 2) over all matrices (they fall with k)
+            scores = sorted(((S[k] ** 2 / E).item(), i) for i, (_, S, E) in enumerate(svds)
                             for k in range(1, len(S)))[::-1][: budget - L]
             ranks = [1 + sum(1 for _, j in scores if j == i) for i in range(L)]
             for st_, (U, _, _), r in zip(state, svds, ranks):
@@ -2040,6 +2114,35 @@ def test_adaptive_matches_reference_across_rank_changes(residual, transform):
     opt = la.AdaptiveAdamW([{"params": params, "rank": 2, "update_proj_gap": 3, "scale": 0.5}], lr=0.05,
                            betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, residual=residual,
                            transform_momentum=transform)
+    for gs, ranks in zip(grads, history):
+        for p, gr in zip(params, gs):
+            p.grad = gr.clone()
+        opt.step()
+        assert opt.ranks() == ranks
+    for p, w in zip(params, expected):
+        torch.testing.assert_close(p.detach(), w, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "limit-N"])
+def test_adaptive_randomized_refresh_matches_reference_across_rank_changes(residual):
+    # tall, wide, square and a (40, 20) matrix whose sketch is narrower than its
+    # short side; the sketched spectra decide the allocation
+    shapes_ = list(SHAPES.values()) + [(40, 20)]
+    g = torch.Generator().manual_seed(0)
+    W0s = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes_]
+    per_matrix = [gapped_grads(s, 10, seed=i) for i, s in enumerate(shapes_)]
+    grads = [[per_matrix[i][t] * (0.05 if i == t // 3 % 4 else 1.0)
+              + (torch.randn(s, generator=g, dtype=torch.float64) if i != t // 3 % 4 else 0.0)
+              for i, s in enumerate(shapes_)] for t in range(10)]
+    kw = dict(rank=2, gap=3, lr=0.05, betas=(0.9, 0.99), eps=1e-8, wd=0.1, scale=0.5, residual=residual)
+    expected, history = adaptive_reference(W0s, grads, **kw, refresh="randomized", seed=4)
+    assert len({tuple(h) for h in history}) >= 3  # the ranks really change
+    exact, exact_history = adaptive_reference(W0s, grads, **kw)
+    assert not all(torch.allclose(a, b, atol=1e-9, rtol=1e-9) for a, b in zip(exact, expected))
+    params = [nn.Parameter(W.clone()) for W in W0s]
+    opt = la.AdaptiveAdamW([{"params": params, "rank": 2, "update_proj_gap": 3, "scale": 0.5}], lr=0.05,
+                           betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, residual=residual, refresh="randomized",
+                           seed=4)
     for gs, ranks in zip(grads, history):
         for p, gr in zip(params, gs):
             p.grad = gr.clone()
