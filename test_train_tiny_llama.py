@@ -916,7 +916,7 @@ def table_rows(out):
 
 
 def test_bench_peak_measures_each_optimizer_in_a_fresh_process(capsys, xdg_cache):
-    # (the README test runs the README's peak command, with every optimizer, too)
+    # (the docs test runs docs/RESULTS.md's peak commands, with every optimizer, too)
     bench.main(["peak", "--model", "tiny", "--optimizer", "galore,adaptive", "--max-steps", "1",
                 "--batch-size", "1", "--seq-len", "16"])
     rows = {(r[0][2:], r[1]): r for r in table_rows(capsys.readouterr().out)}
@@ -936,7 +936,7 @@ def test_bench_refresh_and_steps_over_all_params(capsys):
 
 
 def test_adaptive_refresh_holds_at_most_refresh_keep_times_the_bases():
-    # The README's bound: with refresh_keep=2 a refresh holds about twice the
+    # docs/RESULTS.md's bound: with refresh_keep=2 a refresh holds about twice the
     # bases' bytes (kept vectors, plus one SVD at a time); keeping every vector
     # holds L full s×s bases. Counted by bench.LiveTensorBytes, whose own
     # counting is checked first on tensors of known size.
