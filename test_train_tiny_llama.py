@@ -1089,9 +1089,11 @@ def shrink(command, corpus, tokenizer):
     # the tiny model's matrices have 64 as their short side: a larger --rank is refused there
     command = re.sub(r"--rank (\d+)", lambda m: f"--rank {min(int(m[1]), 64)}", command)
     # a loop runs its first and last value: the others repeat the same command
+    # (a torchrun loop only its last: each pass starts processes, seconds each)
     def first_and_last(m):
         values = m[2].split()
-        return f"for {m[1]} in {' '.join(dict.fromkeys([values[0], values[-1]]))};"
+        kept = [values[-1]] if " torchrun " in command else [values[0], values[-1]]
+        return f"for {m[1]} in {' '.join(dict.fromkeys(kept))};"
     command = re.sub(r"^for (\w+) in ([^;]+);", first_and_last, command)
     command = command.replace("torchrun ", f"{sys.executable} -m torch.distributed.run ")
 
