@@ -19,7 +19,7 @@ square matrices. Sections, in order:
 8. LDAdam: its float64 reference and the official code's conventions.
 9. Adapprox: S-RSI, rank adaptation, clipping, cosine guidance, reference.
 
-The training script, bench.py and the README are tested in test_train_tiny_llama.py.
+The training script, bench.py and the documentation are tested in test_train_tiny_llama.py.
 """
 
 import copy
@@ -990,7 +990,7 @@ def test_a_state_dict_with_old_generator_states_warns_and_still_loads(cls):
 
 
 def test_documented_defaults_are_the_constructors():
-    # the defaults chosen by measurement and stated in the docstrings / README
+    # the defaults chosen by measurement and stated in the docstrings / docs/RESULTS.md
     documented = {
         la.GaLoreAdamW: dict(update_proj_gap=200, scale=0.25, proj_type="std", residual=False, subspace="svd",
                              gha_lr=0.5, norm_growth_limit=1.01),

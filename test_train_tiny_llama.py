@@ -1,4 +1,4 @@
-"""Tests for the training script, its model and data, bench.py and the README.
+"""Tests for the training script, its model and data, bench.py and the documentation.
 
 Run with the optimizer tests: ``pytest -q``. Sections, in order:
 
@@ -8,7 +8,8 @@ Run with the optimizer tests: ``pytest -q``. Sections, in order:
    checkpoints, flags and their errors, --help.
 4. Requirements and distributed runs (torchrun on CPU: DDP, ZeRO-1, layer-wise).
 5. bench.py: every subcommand on tiny settings.
-6. README.md: every command it shows, run in order in a scratch folder.
+6. The documentation: every command README.md and docs/RESULTS.md show, run in order
+   in a scratch folder; their links resolve.
 
 Tests that start a process say so in their name or docstring; the rest call
 ``main()`` directly. The optimizers themselves are tested in
@@ -915,7 +916,7 @@ def table_rows(out):
 
 
 def test_bench_peak_measures_each_optimizer_in_a_fresh_process(capsys, xdg_cache):
-    # (the README test runs the README's peak command, with every optimizer, too)
+    # (the docs test runs docs/RESULTS.md's peak commands, with every optimizer, too)
     bench.main(["peak", "--model", "tiny", "--optimizer", "galore,adaptive", "--max-steps", "1",
                 "--batch-size", "1", "--seq-len", "16"])
     rows = {(r[0][2:], r[1]): r for r in table_rows(capsys.readouterr().out)}
@@ -935,7 +936,7 @@ def test_bench_refresh_and_steps_over_all_params(capsys):
 
 
 def test_adaptive_refresh_holds_at_most_refresh_keep_times_the_bases():
-    # The README's bound: with refresh_keep=2 a refresh holds about twice the
+    # docs/RESULTS.md's bound: with refresh_keep=2 a refresh holds about twice the
     # bases' bytes (kept vectors, plus one SVD at a time); keeping every vector
     # holds L full s×s bases. Counted by bench.LiveTensorBytes, whose own
     # counting is checked first on tensors of known size.
@@ -1041,12 +1042,14 @@ def test_adaptive_defaults_to_the_residual_and_galore_does_not():
     assert name == "adaptive" and over == {"rank_metric": "gap", "residual": False}
 
 
-# README.md: every command it shows is run, in order, in a scratch folder, as written
-# except for the appendices below, which shrink it to a few steps of a tiny model:
-# argparse keeps the last value of a repeated flag, so appending overrides.
+# README.md and docs/RESULTS.md: every command each shows is run, in order, in a scratch
+# folder, as written except for the appendices below, which shrink it to a few steps of
+# a tiny model: argparse keeps the last value of a repeated flag, so appending overrides.
+# (--threads 1: a command run in this process must not change the suite's thread count.)
+DOCS = ["README.md", "docs/RESULTS.md"]
 README_TRAIN = ["--max-steps", "4", "--eval-interval", "2", "--warmup-steps", "1", "--batch-size", "2",
                 "--seq-len", "32", "--val-batches", "1", "--shuffle-buffer", "8", "--update-proj-gap", "2",
-                "--model", "tiny", "--quiet"]
+                "--model", "tiny", "--quiet", "--threads", "1"]
 README_APPEND = {"train_tiny_llama.py": README_TRAIN,
                  "bench.py compare": README_TRAIN + ["--seeds", "1", "--lr-sweep", "1"],  # one run per spec
                  # one thread: commands that differ only in --threads run once
@@ -1057,10 +1060,10 @@ README_APPEND = {"train_tiny_llama.py": README_TRAIN,
                  "bench.py sketch": README_TRAIN}
 
 
-def readme_commands():
-    """Shell commands of README.md: its ```bash blocks (joining continued lines) and
-    its inline `python ...` / `torchrun ...` spans."""
-    text = open(os.path.join(ROOT, "README.md")).read()
+def readme_commands(doc="README.md"):
+    """Shell commands of README.md (or another of DOCS): its ```bash blocks (joining
+    continued lines) and its inline `python ...` / `torchrun ...` spans."""
+    text = open(os.path.join(ROOT, doc)).read()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -1086,9 +1089,11 @@ def shrink(command, corpus, tokenizer):
     # the tiny model's matrices have 64 as their short side: a larger --rank is refused there
     command = re.sub(r"--rank (\d+)", lambda m: f"--rank {min(int(m[1]), 64)}", command)
     # a loop runs its first and last value: the others repeat the same command
+    # (a torchrun loop only its last: each pass starts processes, seconds each)
     def first_and_last(m):
         values = m[2].split()
-        return f"for {m[1]} in {' '.join(dict.fromkeys([values[0], values[-1]]))};"
+        kept = [values[-1]] if " torchrun " in command else [values[0], values[-1]]
+        return f"for {m[1]} in {' '.join(dict.fromkeys(kept))};"
     command = re.sub(r"^for (\w+) in ([^;]+);", first_and_last, command)
     command = command.replace("torchrun ", f"{sys.executable} -m torch.distributed.run ")
 
@@ -1108,10 +1113,46 @@ def shrink(command, corpus, tokenizer):
 def test_readme_commands_are_shown_in_full():
     commands = readme_commands()
     assert any(c.startswith("pip install -r requirements.txt && python train_tiny_llama.py") for c in commands)
-    assert sum(c.startswith("python bench.py compare") for c in commands) >= 3
+    assert any(c.startswith("python bench.py compare") for c in commands)
     assert any(c.startswith("torchrun") for c in commands) and "python -m pytest -q" in commands
-    for c in commands:
+    results = readme_commands("docs/RESULTS.md")
+    assert sum("python bench.py compare" in c for c in results) >= 10
+    for command in ("python bench.py steps", "python bench.py peak", "python bench.py refresh",
+                    "python bench.py sketch", "python bench.py loader", "python bench.py memory", "torchrun"):
+        assert any(command in c for c in results), command
+    for c in commands + results:
         assert "..." not in c and "DIR" not in c, c
+
+
+def markdown_links(doc):
+    """(target, anchor, line) of every relative link and image of a markdown file."""
+    text = open(os.path.join(ROOT, doc)).read()
+    return [(m[1] or doc.rsplit("/", 1)[-1], m[2], text[:m.start()].count("\n") + 1)
+            for m in re.finditer(r"\]\(([^)#\s]*)(?:#([^)]*))?\)", text) if not re.match(r"[a-z]+://", m[1])]
+
+
+def markdown_anchors(path):
+    """GitHub's anchors of a markdown file's headings: lower case, punctuation dropped, spaces -> hyphens."""
+    text = re.sub(r"```.*?```", "", open(path).read(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+@pytest.mark.parametrize("doc", DOCS + ["docs/DESIGN.md"])
+def test_docs_links_resolve_and_stay_inside_the_repository(doc):
+    # every link and image points at a file of the repository; no text points outside it
+    links = markdown_links(doc)
+    for target, anchor, line in links:
+        path = os.path.normpath(os.path.join(ROOT, os.path.dirname(doc), target))
+        assert path.startswith(ROOT + os.sep) and os.path.exists(path), f"{doc}:{line}: {target}"
+        assert not anchor or anchor in markdown_anchors(path), f"{doc}:{line}: {target}#{anchor}"
+    text = open(os.path.join(ROOT, doc)).read()
+    assert not re.search(r"\bSPEC\b", text), f"{doc} mentions SPEC"
+    for word in ("issues?", "commits?", "sessions?", "one-off", "steering", "honestly", "back then"):
+        assert not re.search(rf"\b{word}\b", text, re.I), f"{doc} mentions {word!r}"
+    assert not re.search(r"\b[0-9a-f]{7}\b", text), f"{doc}: a commit hash"
+    if doc == "docs/RESULTS.md":
+        images = {t for t, _, _ in links if t.endswith(".png")}
+        assert images == {p.name for p in Path(ROOT, "docs").glob("*.png")}  # every figure shown
 
 
 def run_command(command, capsys):
@@ -1149,10 +1190,11 @@ def run_command(command, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:.*exceeds (min|the sum):UserWarning")  # rank 128 on the tiny model
-def test_every_readme_command_runs(corpus, xdg_cache, tmp_path, monkeypatch, capsys):
-    """Each command of README.md, in order, in a scratch folder, shrunk as README_APPEND says.
-    Without matplotlib, a command that plots must fail with the install hint before training,
-    and then runs without --plot."""
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_readme_command_runs(doc, corpus, xdg_cache, tmp_path, monkeypatch, capsys):
+    """Each command of README.md, and of docs/RESULTS.md, in order, in a scratch folder
+    (one per file), shrunk as README_APPEND says. Without matplotlib, a command that plots
+    must fail with the install hint before training, and then runs without --plot."""
     for name in ("lowrank_adam.py", "llama_c4.py", "train_tiny_llama.py", "bench.py", "requirements.txt"):
         shutil.copy(os.path.join(ROOT, name), tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -1174,7 +1216,7 @@ def test_every_readme_command_runs(corpus, xdg_cache, tmp_path, monkeypatch, cap
     except ImportError:
         plots = False
     ran, seen = 0, set()
-    for command in readme_commands():
+    for command in readme_commands(doc):
         run = shrink(command, corpus, tokenizer)
         if run is None or run in seen:  # pip, pytest; a command shown twice runs once
             continue
@@ -1186,7 +1228,12 @@ def test_every_readme_command_runs(corpus, xdg_cache, tmp_path, monkeypatch, cap
                 continue
             run = run.replace(" --plot", "")
         status, out = run_command(run, capsys)
-        assert status == 0, f"README command failed: {command}\nran: {run}\n{out[-5000:]}"
+        assert status == 0, f"{doc} command failed: {command}\nran: {run}\n{out[-5000:]}"
         ran += 1
-    assert ran >= 12
-    assert (tmp_path / "out" / "ckpt.pt").exists() and (tmp_path / "out" / "c4-130m" / "ckpt.pt").exists()
+    if doc == "README.md":
+        assert ran >= 12
+        assert (tmp_path / "out" / "ckpt.pt").exists() and (tmp_path / "out" / "c4-130m" / "ckpt.pt").exists()
+    else:
+        assert ran >= 25
+        assert (tmp_path / "out" / "default" / "ckpt.pt").exists() and (tmp_path / "out" / "zero-adapprox" /
+                                                                        "ckpt.pt").exists()
