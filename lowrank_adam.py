@@ -766,6 +766,18 @@ class GaLoreAdamW(_Base):
     ``norm_growth_limit`` γ (1.01) per step; the update is then
     ``α·P N + S``. GaLore itself has no limiter: γ only acts on ``S``.
 
+    ``refresh`` chooses how the SVD subspace is computed at steps T+1,
+    2T+1, ...: ``"svd"``, the exact thin SVD (GaLore), or ``"randomized"``,
+    a range finder warm-started from the previous P plus
+    ``REFRESH_OVERSAMPLE`` Gaussian columns, ``refresh_iters`` (1) subspace
+    iterations and a small SVD (``randomized_spectrum``). The previous basis
+    is an excellent start, since the gradient's leading subspace drifts
+    slowly, so one iteration captures nearly all the energy the exact SVD
+    would, at a fraction of the cost: no refresh spike. The new columns take
+    the signs of the old ones, so the moments GaLore leaves in place keep
+    their direction. Step 1 has no previous basis: it is an exact SVD.
+    The random columns come from ``stream_seed(seed, i, t)``, as below.
+
     ``subspace`` chooses how P is found (the AdaptiveAdamW repository's
     baselines ``rsadamw`` and ``gha``, whose code is not public: these are
     our readings of their names)::
@@ -988,7 +1000,7 @@ class AdaptiveAdamW(_Base):
     default. It costs one full-size temporary per matrix and no extra state.
 
     Group options as GaLoreAdamW (but no ``subspace``: the allocation needs
-    the SVD) plus ``rank_metric`` (one of ``RANK_METRICS``, default
+    singular values), including ``refresh``, plus ``rank_metric`` (one of ``RANK_METRICS``, default
     ``explained_variance``; the same in every group that allocates),
     ``transform_momentum`` (True) and ``norm_growth_limit`` γ (1.01, None =
     off). ``allocate=False`` keeps the matrices of a group at its rank, out
@@ -998,7 +1010,12 @@ class AdaptiveAdamW(_Base):
     the group's rank⌉ (and at least the matrix's current rank) are held
     until the allocation is known (a matrix allocated more gets its SVD
     recomputed, which gives the same vectors); None keeps them all.
-    Spectra are of the gradient handed to ``step``, i.e. already summed over
+    With ``refresh="randomized"`` (after step 1) a matrix's spectrum is
+    approximated: only its leading ⌈refresh_keep × rank⌉ + oversample values
+    are known (each a lower bound of the true value, from the range finder
+    warm-started at its current basis), so no matrix can be allocated more;
+    the scores divide by the exact energy ‖X‖²_F, not by the sum of the
+    known values. Spectra are of the gradient handed to ``step``, i.e. already summed over
     the micro-batches of gradient accumulation (our reading of the source's
     "accumulated gradients"). ``ranks()`` gives the current allocation,
     which is part of the state dict, so a resumed run keeps it::
