@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 import llama_c4
 import lowrank_adam as la
@@ -40,6 +41,17 @@ MODEL_SHAPES = llama_c4.MODEL_SHAPES  # name -> hidden / intermediate / heads / 
 def fail(message: str):
     """Stop with one line on stderr (exit status 1)."""
     raise SystemExit(f"error: {message}")
+
+def interactive() -> bool:
+    """How progress is shown, here and in bench.py: a tqdm bar (with elapsed time and ETA) when stdout
+    and stderr are both a terminal; otherwise (a pipe, a log file, pytest's capture) plain lines, with
+    no carriage return. The one place this rule is decided. (A terminal of width 0, which some
+    containers report, counts as none: tqdm would draw nothing there.)"""
+    try:
+        return (sys.stdout.isatty() and sys.stderr.isatty()
+                and os.get_terminal_size(sys.stderr.fileno()).columns > 0)
+    except (AttributeError, ValueError, OSError):  # no stream (pythonw), a closed one, one without a file
+        return False
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
@@ -363,6 +375,7 @@ class Run:
         self.ctx = torch.autocast("cuda", dtype=getattr(torch, args.dtype)) if amp else contextlib.nullcontext()
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and args.dtype == "float16")
         self.step, self.batches = 0, None  # optimizer steps; the data (a llama_c4.Prefetch)
+        self.bar = None  # the progress bar while train() steps on a terminal (see progress_bar)
         self.seconds, self.step_seconds = 0.0, 0.0  # training time of earlier invocations; time in opt.step()
         self.started = self.last_log_time = time.perf_counter()
         self.last_log_step, self.train_loss, self.last_eval = 0, math.nan, (-1, math.nan)
@@ -447,7 +460,9 @@ def log_train(run: Run, lr: float, loss: torch.Tensor, metrics) -> None:
     if hasattr(run.opt, "ranks"):  # (not under --zero: each rank holds only its shard)
         row["ranks"] = run.opt.ranks()
     log(metrics, **row)
-    if run.dist.master and not run.args.quiet:
+    if run.bar is not None:  # a terminal: the bar's postfix instead of a line
+        run.bar.set_postfix_str(f"loss={run.train_loss:.4f}, lr={lr:.2e}, {tokens_per_s:,.0f} tokens/s")
+    elif run.dist.master and not run.args.quiet:
         print(f"step {run.step}/{run.args.max_steps}: train loss {run.train_loss:.4f}, lr {lr:.2e}, "
               f"{tokens_per_s:,.0f} tokens/s", flush=True)
 
@@ -455,7 +470,23 @@ def log_eval(run: Run, val_loss: float, metrics) -> None:
     run.last_eval = (run.step, val_loss)
     log(metrics, step=run.step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
     if run.dist.master:
-        print(f"step {run.step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f}", flush=True)
+        say(run, f"step {run.step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f}")
+
+def say(run: Run, message: str) -> None:
+    """A line on stdout; while the progress bar is shown, above it (tqdm.write clears and redraws it)."""
+    if run.bar is not None:
+        run.bar.write(message, file=sys.stdout)
+    else:
+        print(message, flush=True)
+
+def progress_bar(run: Run) -> Optional[tqdm]:
+    """On a terminal (see interactive), without --quiet, on rank 0: a bar over the steps, to --max-steps,
+    with elapsed time and ETA; log_train puts the loss, lr and tokens/s in its postfix. Otherwise None:
+    plain lines. Kept when it ends, unless nested under another bar (bench.py compare's runs)."""
+    if not (run.dist.master and not run.args.quiet and interactive()):
+        return None
+    return tqdm(total=run.args.max_steps, initial=run.step, unit="step", desc="train", dynamic_ncols=True,
+                leave=None, file=sys.stderr)
 
 def ranked_parameter_names(run: Run) -> list[str]:
     """Names of the parameters whose ranks ``opt.ranks()`` lists, in its order."""
@@ -563,16 +594,18 @@ def restore(run: Run, ckpt: dict, batches: llama_c4.TrainBatches) -> None:
 # train() steps to --max-steps (or --stop-after) and finish() ends the invocation.
 
 @contextlib.contextmanager
-def stop_on_first_ctrl_c():
+def stop_on_first_ctrl_c(bar: Optional[tqdm] = None):
     """The first Ctrl-C finishes the current step and stops cleanly (with a
-    checkpoint); a second one interrupts at once."""
+    checkpoint); a second one interrupts at once. ``bar``: the progress bar its
+    message is written above."""
     stop, main_thread = threading.Event(), threading.current_thread() is threading.main_thread()
 
     def handler(signum, frame):
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+        (print if bar is None else bar.write)("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C "
+                                              "again to abort)", file=sys.stderr)
     previous = signal.signal(signal.SIGINT, handler) if main_thread else None  # signals reach the main thread only
     try:
         yield stop.is_set
@@ -601,10 +634,13 @@ def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dic
     stop_at = args.max_steps if args.stop_after is None else min(args.max_steps, run.step + args.stop_after)
     run.started = run.last_log_time = time.perf_counter()
     run.last_log_step = run.step
+    run.bar = progress_bar(run)
     try:
-        with stop_on_first_ctrl_c() as stop_requested:
+        with stop_on_first_ctrl_c(run.bar) as stop_requested:
             while run.step < stop_at and not agree(stop_requested(), dist):
                 lr, loss = train_step(run, run.batches)
+                if run.bar is not None:
+                    run.bar.update()
                 if run.step % args.log_interval == 0 or run.step == args.max_steps:
                     log_train(run, lr, loss, metrics)
                 if run.step % args.eval_interval == 0 or run.step == args.max_steps:
@@ -612,7 +648,10 @@ def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dic
                 if args.save_interval and run.step % args.save_interval == 0:
                     save_checkpoint(run)
             interrupted = agree(stop_requested(), dist)
-    finally:
+    finally:  # the bar ends here, also on an error or a second Ctrl-C: what follows prints as lines
+        if run.bar is not None:
+            run.bar.close()
+            run.bar = None
         run.batches.close()
     return finish(run, val, metrics, interrupted)
 
