@@ -760,7 +760,8 @@ def load_tokenizer(args):
 
 def load_data(args, tokenizer, dist: Dist) -> tuple[llama_c4.C4Data, list]:
     """--data (or the embedded corpus) and the validation batches, which every evaluation reuses."""
-    source = args.data or str(llama_c4.build_embedded_corpus(Path(args.cache_dir).expanduser()))
+    source = args.data or str(llama_c4.build_embedded_corpus(Path(args.cache_dir).expanduser(),
+                                                             announce=dist.master))
     try:
         data = llama_c4.C4Data(source, tokenizer, args.seq_len, rank=dist.rank, world=dist.world)
         val = data.val_batches(args.batch_size, args.val_batches)
