@@ -470,14 +470,15 @@ def log_eval(run: Run, val_loss: float, metrics) -> None:
     run.last_eval = (run.step, val_loss)
     log(metrics, step=run.step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
     if run.dist.master:
-        say(run, f"step {run.step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f}")
+        say(f"step {run.step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f}")
 
-def say(run: Run, message: str) -> None:
-    """A line on stdout; while the progress bar is shown, above it (tqdm.write clears and redraws it)."""
-    if run.bar is not None:
-        run.bar.write(message, file=sys.stdout)
+def say(message: str, file=None) -> None:
+    """A line on stdout (or ``file``). On a terminal through tqdm.write, which writes it above
+    every progress bar shown, this script's or bench.py's, and redraws them."""
+    if interactive():
+        tqdm.write(message, file=file or sys.stdout)
     else:
-        print(message, flush=True)
+        print(message, file=file or sys.stdout, flush=True)
 
 def progress_bar(run: Run) -> Optional[tqdm]:
     """On a terminal (see interactive), without --quiet, on rank 0: a bar over the steps, to --max-steps,
@@ -594,18 +595,16 @@ def restore(run: Run, ckpt: dict, batches: llama_c4.TrainBatches) -> None:
 # train() steps to --max-steps (or --stop-after) and finish() ends the invocation.
 
 @contextlib.contextmanager
-def stop_on_first_ctrl_c(bar: Optional[tqdm] = None):
+def stop_on_first_ctrl_c():
     """The first Ctrl-C finishes the current step and stops cleanly (with a
-    checkpoint); a second one interrupts at once. ``bar``: the progress bar its
-    message is written above."""
+    checkpoint); a second one interrupts at once."""
     stop, main_thread = threading.Event(), threading.current_thread() is threading.main_thread()
 
     def handler(signum, frame):
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        (print if bar is None else bar.write)("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C "
-                                              "again to abort)", file=sys.stderr)
+        say("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
     previous = signal.signal(signal.SIGINT, handler) if main_thread else None  # signals reach the main thread only
     try:
         yield stop.is_set
@@ -613,9 +612,11 @@ def stop_on_first_ctrl_c(bar: Optional[tqdm] = None):
         if main_thread:  # (None: a handler not set from Python, such as an embedding program's)
             signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
-def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dict] = None) -> dict:
+def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dict] = None,
+          on_step=None) -> dict:
     """One run in --out-dir: build or resume it, step to --max-steps (or
-    --stop-after), evaluate, save. Returns the run's result."""
+    --stop-after), evaluate, save. Returns the run's result. ``on_step``: called
+    with the run after each step (bench.py sketch's progress)."""
     run = Run(args, data.tokenizer.vocab_size, dist)
     batches = data.train_batches(args.batch_size, args.seed, args.shuffle_buffer)
     if ckpt is not None:
@@ -623,9 +624,9 @@ def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dic
         if ckpt["result"] is not None:  # complete: nothing to train
             return ckpt["result"]
         if dist.master:
-            print(f"resumed from step {run.step} of {args.max_steps}")
+            say(f"resumed from step {run.step} of {args.max_steps}")
     elif args.resume and dist.master:
-        print(f"--resume: no checkpoint in {args.out_dir} yet, so the run starts there")
+        say(f"--resume: no checkpoint in {args.out_dir} yet, so the run starts there")
     run.batches = llama_c4.Prefetch(batches)  # tokenized ahead, in a background thread
     metrics = open_metrics(Path(args.out_dir) / "metrics.jsonl", run.step, dist.master)
     if run.step == 0:
@@ -636,7 +637,7 @@ def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dic
     run.last_log_step = run.step
     run.bar = progress_bar(run)
     try:
-        with stop_on_first_ctrl_c(run.bar) as stop_requested:
+        with stop_on_first_ctrl_c() as stop_requested:
             while run.step < stop_at and not agree(stop_requested(), dist):
                 lr, loss = train_step(run, run.batches)
                 if run.bar is not None:
@@ -647,6 +648,8 @@ def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dic
                     log_eval(run, evaluate(run, val), metrics)
                 if args.save_interval and run.step % args.save_interval == 0:
                     save_checkpoint(run)
+                if on_step is not None:
+                    on_step(run)
             interrupted = agree(stop_requested(), dist)
     finally:  # the bar ends here, also on an error or a second Ctrl-C: what follows prints as lines
         if run.bar is not None:
@@ -670,7 +673,7 @@ def finish(run: Run, val: list, metrics, interrupted: bool) -> dict:
     if interrupted:
         save_checkpoint(run)
         if run.dist.master:
-            print(f"interrupted at step {run.step} of {args.max_steps}: {rerun}")
+            say(f"interrupted at step {run.step} of {args.max_steps}: {rerun}")
         raise Stopped
     check_replicas(run)
     val_loss = run.last_eval[1] if run.last_eval[0] == run.step else evaluate(run, val)
@@ -680,7 +683,7 @@ def finish(run: Run, val: list, metrics, interrupted: bool) -> dict:
         if complete:
             log(metrics, step=run.step, final=result)
         else:
-            print(f"stopped at step {run.step} of {args.max_steps} (--stop-after {args.stop_after}): {rerun}")
+            say(f"stopped at step {run.step} of {args.max_steps} (--stop-after {args.stop_after}): {rerun}")
         metrics.close()
     return result
 
@@ -699,7 +702,7 @@ def check_replicas(run: Run) -> None:
         if len(differ):
             raise RuntimeError(f"DDP replicas differ: rank {rank}'s {params[differ[0, 0]][0]} is not rank 0's")
     if run.dist.master:
-        print(f"replicas: the weights are identical on all {run.dist.world} ranks")
+        say(f"replicas: the weights are identical on all {run.dist.world} ranks")
 
 def result_of(run: Run, val_loss: float) -> dict:
     """The numbers that describe a run (bench.py tabulates them); times cover every invocation."""
