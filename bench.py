@@ -1,6 +1,9 @@
 """Compare runs of train_tiny_llama.py: optimizers side by side, step() timings,
 optimizer-state memory, plots. Each subcommand prints a markdown table (or
-writes PNGs); `python bench.py COMMAND --help` lists its flags.
+writes PNGs); `python bench.py COMMAND --help` lists its flags. While it runs,
+it says which run or measurement of how many is under way, with an ETA: a
+progress bar on a terminal, else lines such as `run 3/10: galore seed 1 lr
+0.01 (...)` on stderr, so that stdout holds the results alone.
 
 commands:
   compare   train several runs from the same initial weights and data order and

@@ -17,6 +17,8 @@ Without --data it writes the documentation every Python ships as C4-format
 shards into --cache-dir, once, and trains from them through the same loader a
 real C4 run uses; nothing is downloaded. A run lives in --out-dir (ckpt.pt,
 metrics.jsonl); a run already there is continued with --resume, never overwritten.
+On a terminal the steps show as a progress bar (loss, elapsed time, ETA); piped or
+in a log file, as plain lines.
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def run_flags(p: argparse.ArgumentParser) -> None:
     c.add_argument("--save-interval", type=int, default=0, help="also checkpoint every N steps (0 = only at the end)")
     c.add_argument("--eval-interval", type=int, default=100, help="steps between validation evaluations")
     c.add_argument("--log-interval", type=int, default=10, help="steps between train-loss lines")
-    c.add_argument("--quiet", action="store_true", help="no train-loss lines (evaluations and messages still print)")
+    c.add_argument("--quiet", action="store_true", help="no train-loss lines, nor a progress bar on a terminal "
+                   "(evaluations and messages still print)")
     y = p.add_argument_group("system")
     y.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     y.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="autocast on CUDA")
