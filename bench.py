@@ -1,6 +1,9 @@
 """Compare runs of train_tiny_llama.py: optimizers side by side, step() timings,
 optimizer-state memory, plots. Each subcommand prints a markdown table (or
-writes PNGs); `python bench.py COMMAND --help` lists its flags.
+writes PNGs); `python bench.py COMMAND --help` lists its flags. While it runs,
+it says which run or measurement of how many is under way, with an ETA: a
+progress bar on a terminal, else lines such as `run 3/10: galore seed 1 lr
+0.01 (...)` on stderr, so that stdout holds the results alone.
 
 commands:
   compare   train several runs from the same initial weights and data order and
@@ -51,10 +54,53 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from tqdm import tqdm
 
 import llama_c4
 import lowrank_adam as la
 import train_tiny_llama as tl
+
+# ----------------------------------------------------------------------------- progress
+
+class Progress:
+    """Which of ``total`` runs or measurements is under way, and an ETA. On a
+    terminal (tl.interactive) a tqdm bar on stderr; otherwise a plain line on
+    stderr as each one starts, such as ``run 3/10: galore seed 1 lr 0.01 (01:40
+    elapsed, about 04:10 left)``; ``every``: only every Nth one (and the last).
+    ``shown`` False (a DDP rank other than 0): nothing. A context manager: the bar
+    ends with the block, however it ends."""
+    def __init__(self, total: int, unit: str, desc: str, every: int = 1, shown: bool = True):
+        self.total, self.unit, self.every, self.shown, self.i = total, unit, every, shown, 0
+        self.started = time.perf_counter()
+        self.bar = tqdm(total=total, unit=unit.split()[-1], desc=desc, dynamic_ncols=True, file=sys.stderr) if (
+            shown and tl.interactive()) else None
+
+    def start(self, what: str) -> None:
+        """The next one begins (and the one before is done)."""
+        if self.bar is not None:
+            if self.i:
+                self.bar.update()
+            self.bar.set_postfix_str(what)
+        elif self.shown and (self.i % self.every == 0 or self.i + 1 == self.total):
+            done, elapsed = self.i, time.perf_counter() - self.started
+            eta = (f" ({tqdm.format_interval(elapsed)} elapsed, about "
+                   f"{tqdm.format_interval(elapsed / done * (self.total - done))} left)" if done else "")
+            sys.stdout.flush()  # what was printed before comes before, also in `2>&1`
+            print(f"{self.unit} {done + 1}/{self.total}: {what}{eta}", file=sys.stderr, flush=True)
+        self.i += 1
+
+    def write(self, message: str) -> None:
+        """A line on stdout (above the bar, if one is shown)."""
+        tl.say(message)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        if self.bar is not None:
+            if kind is None and self.i:
+                self.bar.update()  # the last one is done too
+            self.bar.close()
 
 # ----------------------------------------------------------------------------- compare: runs side by side
 
@@ -121,12 +167,14 @@ def compare(argv: list[str]) -> list[dict]:
     data, val = tl.load_data(runs[0], tokenizer, dist)
     results = []
     try:
-        for args in runs:
-            ckpt = tl.resume_checkpoint(args)
-            results.append(tl.train(args, data, val, dist, ckpt))
-            if dist.master:
-                saved = " (complete before: the saved result)" if ckpt is not None and ckpt["result"] else ""
-                print(tl.describe(results[-1]) + saved)
+        with Progress(len(runs), "run", "compare", shown=dist.master) as progress:
+            for args in runs:
+                progress.start(f"{args.optimizer} seed {args.seed} lr {args.lr:g}")
+                ckpt = tl.resume_checkpoint(args)
+                results.append(tl.train(args, data, val, dist, ckpt))
+                if dist.master:
+                    saved = " (complete before: the saved result)" if ckpt is not None and ckpt["result"] else ""
+                    progress.write(tl.describe(results[-1]) + saved)
     except KeyboardInterrupt:
         sys.exit(130)
     except llama_c4.DataError as e:
@@ -207,27 +255,34 @@ def steps(argv: list[str]) -> str:
     device = torch.device("cuda" if runs[0].device == "auto" and torch.cuda.is_available() else
                           "cpu" if runs[0].device == "auto" else runs[0].device)
     tl.set_threads(runs[0], device.type)
-    torch.manual_seed(runs[0].seed)
-    model = tl.build_model(runs[0], 320, device)
-    groups = la.lowrank_groups(model, runs[0].rank)
-    params = [p for g in groups for p in g["params"]] if own.all_params else groups[-1]["params"]
-    grads = [torch.randn_like(p) * 1e-3 for p in params]
-    rows, gap = {}, None
-    for args in runs:
-        recipe, kwargs = tl.optimizer_options(args)
-        refreshes = "update_proj_gap" in inspect.signature(recipe.cls).parameters
-        gap = kwargs.get("update_proj_gap", inspect.signature(la.GaLoreAdamW).parameters["update_proj_gap"].default)
-        kwargs.update(lr=1e-5, **({"update_proj_gap": own.steps + 1} if refreshes else {}),
-                      **({"foreach": True} if recipe.cls is torch.optim.AdamW else {}))
-        lowrank = groups if own.all_params else [{"params": params, "rank": args.rank}]
-        opt = recipe.cls(lowrank if recipe.lowrank else params, **kwargs)
-        normal = time_steps(opt, params, grads, own.steps + 1, device)[1:]  # step 1 allocates state (and SVDs)
-        normal_ms = 1e3 * statistics.median(normal)
-        refresh_ms = 1e3 * time_steps(opt, params, grads, 1, device)[0] if refreshes else None  # step steps+2
-        amortized = (refresh_ms + (gap - 1) * normal_ms) / gap if refreshes else normal_ms
-        rows[args.optimizer] = (normal_ms, refresh_ms, amortized)
+    with Progress(1 + len(runs), "measurement", "steps") as progress:
+        progress.start(f"build the {runs[0].model} model and its random gradients")
+        torch.manual_seed(runs[0].seed)
+        model = tl.build_model(runs[0], 320, device)
+        groups = la.lowrank_groups(model, runs[0].rank)
+        params = [p for g in groups for p in g["params"]] if own.all_params else groups[-1]["params"]
+        grads = [torch.randn_like(p) * 1e-3 for p in params]
+        rows, gap = {}, None
+        for args in runs:
+            progress.start(f"{args.optimizer}: {own.steps + 2} step() calls")
+            rows[args.optimizer], gap = time_optimizer(args, own, groups, params, grads, device)
     what = f"all {len(params)} tensors" if own.all_params else f"the {len(params)} attn/mlp matrices"
     return steps_table(rows, runs[0], what, device, own.steps, gap)
+
+def time_optimizer(args, own, groups, params, grads, device) -> tuple[tuple, int]:
+    """steps' measurement of one optimizer: (normal, refresh, amortized ms), and its refresh gap."""
+    recipe, kwargs = tl.optimizer_options(args)
+    refreshes = "update_proj_gap" in inspect.signature(recipe.cls).parameters
+    gap = kwargs.get("update_proj_gap", inspect.signature(la.GaLoreAdamW).parameters["update_proj_gap"].default)
+    kwargs.update(lr=1e-5, **({"update_proj_gap": own.steps + 1} if refreshes else {}),
+                  **({"foreach": True} if recipe.cls is torch.optim.AdamW else {}))
+    lowrank = groups if own.all_params else [{"params": params, "rank": args.rank}]
+    opt = recipe.cls(lowrank if recipe.lowrank else params, **kwargs)
+    normal = time_steps(opt, params, grads, own.steps + 1, device)[1:]  # step 1 allocates state (and SVDs)
+    normal_ms = 1e3 * statistics.median(normal)
+    refresh_ms = 1e3 * time_steps(opt, params, grads, 1, device)[0] if refreshes else None  # step steps+2
+    amortized = (refresh_ms + (gap - 1) * normal_ms) / gap if refreshes else normal_ms
+    return (normal_ms, refresh_ms, amortized), gap
 
 def steps_table(rows: dict, args, what: str, device, count: int, gap: int) -> str:
     fmt = lambda x: "–" if x is None else f"{x:.2f}"
@@ -292,7 +347,7 @@ def peak(argv: list[str]) -> str:
     p.add_argument("--modes", default="plain,layerwise", help="plain (optimizer.step() after backward), layerwise")
     own, rest = p.parse_known_args(argv)
     rest = ["--grad-clip", "0", "--max-steps", "3", *rest]  # clipping is not part of what is measured
-    rows = []
+    plan = []
     for spec in own.optimizer.split(","):
         for mode in own.modes.split(","):
             flags = [*rest, "--optimizer", spec] + (["--layerwise"] if mode == "layerwise" else [])
@@ -301,6 +356,11 @@ def peak(argv: list[str]) -> str:
                     tl.check_memory_modes(tl.parse_args(flags))
                 except SystemExit:  # e.g. adaptive: no layer-wise mode
                     continue
+            plan.append((f"{spec} {mode}", flags))
+    rows = []
+    with Progress(len(plan), "run", "peak") as progress:
+        for what, flags in plan:
+            progress.start(what)
             out = subprocess.run([sys.executable, __file__, "peak-one", *flags], capture_output=True, text=True)
             if out.returncode:
                 tl.fail(f"peak-one {' '.join(flags)} failed:\n{out.stderr[-2000:]}")
@@ -403,12 +463,15 @@ def refresh(argv: list[str]) -> str:
                   "temporaries). Other flags: --model, --rank, --threads.", formatter_class=tl.HelpFormatter,
                   allow_abbrev=False)
     own, rest = p.parse_known_args(argv)
-    rows = []
-    for name in ("galore", "adaptive-keep-all", "adaptive"):
-        out = subprocess.run([sys.executable, __file__, "refresh-one", name, *rest], capture_output=True, text=True)
-        if out.returncode:
-            tl.fail(f"refresh-one {name} failed:\n{out.stderr[-2000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows, names = [], ("galore", "adaptive-keep-all", "adaptive")
+    with Progress(len(names), "run", "refresh") as progress:
+        for name in names:
+            progress.start(name)
+            out = subprocess.run([sys.executable, __file__, "refresh-one", name, *rest], capture_output=True,
+                                 text=True)
+            if out.returncode:
+                tl.fail(f"refresh-one {name} failed:\n{out.stderr[-2000:]}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     args = tl.parse_args(rest)
     lines = [f"refresh (SVD) steps on the {rows[0]['matrices']} attn/mlp matrices of {args.model}, rank "
              f"{args.rank}, CPU, {torch.get_num_threads()} threads", "",
@@ -451,7 +514,14 @@ def sketch(argv: list[str]) -> str:
     try:
         tl.check_out_dir(args)
         dist = tl.setup_distributed(args)
-        result = tl.train(args, *tl.load_data(args, tl.load_tokenizer(args), dist), dist)
+        data, val = tl.load_data(args, tl.load_tokenizer(args), dist)
+        with Progress(args.max_steps, "training step", "sketch", every=max(1, args.max_steps // 10),
+                      shown=dist.master) as progress:  # (--quiet: the run shows no progress of its own)
+            def next_step(run=None):  # before the first step, and after each but the last
+                if run is None or run.step < args.max_steps:
+                    progress.start(f"{len(errors['optimal'])} sketches so far")
+            next_step()
+            result = tl.train(args, data, val, dist, on_step=next_step)
     finally:
         la.srsi = srsi
     lines = [f"relative error ξ = ||V - Q Uᵀ|| / ||V|| of every Adapprox sketch of one run ({args.model}, "
@@ -493,29 +563,37 @@ def loader(argv: list[str]) -> str:
     args = tl.parse_args(["--threads", "1", *rest])
     torch.set_num_threads(1)
     corpus = args.data or str(llama_c4.build_embedded_corpus(Path(args.cache_dir).expanduser()))
-    tokenizers = {"bytes": llama_c4.ByteTokenizer()}
-    if args.tokenizer:
-        tokenizers[args.tokenizer] = tl.load_tokenizer(args)
-    elif own.bpe:
-        path = train_bpe(corpus, own.bpe, Path(args.cache_dir).expanduser() / f"bpe{own.bpe}" / "tokenizer.json")
-        try:
-            tokenizers[f"BPE {own.bpe} (trained on the corpus)"] = llama_c4.FileTokenizer(str(path), "</s>")
-        except llama_c4.DataError as e:
-            tl.fail(str(e))
-    cores = os.environ.get("RAYON_NUM_THREADS") or f"every core ({os.cpu_count()}; RAYON_NUM_THREADS=1 for one)"
-    lines = [f"data loader, one thread; a tokenizers BPE encodes on {cores} ({corpus}, seq len {args.seq_len}, "
-             f"batch {args.batch_size})", "",
-             "| tokenizer | tokens/s | bytes of text per token |", "|---|---|---|"]
-    for name, tok in tokenizers.items():
-        data = llama_c4.C4Data(corpus, tok, args.seq_len)
-        batches, tokens, t0 = data.train_batches(args.batch_size, 0, args.shuffle_buffer), 0, time.perf_counter()
-        while time.perf_counter() - t0 < own.seconds:
-            tokens += next(batches)[0].numel()
-        rate = tokens / (time.perf_counter() - t0)
-        docs = list(llama_c4.read_documents(data.train_files[:1], llama_c4.DataStats()))
-        per_token = sum(len(d.encode()) for d in docs) / sum(len(tok.encode(d)) for d in docs)
-        lines.append(f"| {name} | {rate:,.0f} | {per_token:.2f} |")
+    trains = bool(own.bpe) and not args.tokenizer  # a BPE tokenizer trained on the corpus first
+    with Progress(1 + bool(args.tokenizer or own.bpe) + trains, "measurement", "loader") as progress:
+        tokenizers = {"bytes": llama_c4.ByteTokenizer()}
+        if args.tokenizer:
+            tokenizers[args.tokenizer] = tl.load_tokenizer(args)
+        elif own.bpe:
+            progress.start(f"train a BPE tokenizer of {own.bpe} tokens on the corpus")
+            path = train_bpe(corpus, own.bpe, Path(args.cache_dir).expanduser() / f"bpe{own.bpe}" / "tokenizer.json")
+            try:
+                tokenizers[f"BPE {own.bpe} (trained on the corpus)"] = llama_c4.FileTokenizer(str(path), "</s>")
+            except llama_c4.DataError as e:
+                tl.fail(str(e))
+        cores = os.environ.get("RAYON_NUM_THREADS") or f"every core ({os.cpu_count()}; RAYON_NUM_THREADS=1 for one)"
+        lines = [f"data loader, one thread; a tokenizers BPE encodes on {cores} ({corpus}, seq len {args.seq_len}, "
+                 f"batch {args.batch_size})", "",
+                 "| tokenizer | tokens/s | bytes of text per token |", "|---|---|---|"]
+        for name, tok in tokenizers.items():
+            progress.start(f"{name}: {own.seconds:g} s of batches")
+            lines.append(loader_row(name, tok, corpus, args, own.seconds))
     return "\n".join(lines)
+
+def loader_row(name: str, tok, corpus: str, args, seconds: float) -> str:
+    """loader's table row of one tokenizer: tokens/s over ``seconds``, and bytes of text per token."""
+    data = llama_c4.C4Data(corpus, tok, args.seq_len)
+    batches, tokens, t0 = data.train_batches(args.batch_size, 0, args.shuffle_buffer), 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        tokens += next(batches)[0].numel()
+    rate = tokens / (time.perf_counter() - t0)
+    docs = list(llama_c4.read_documents(data.train_files[:1], llama_c4.DataStats()))
+    per_token = sum(len(d.encode()) for d in docs) / sum(len(tok.encode(d)) for d in docs)
+    return f"| {name} | {rate:,.0f} | {per_token:.2f} |"
 
 # ----------------------------------------------------------------------------- memory: optimizer state per method
 
@@ -556,18 +634,26 @@ def memory_table(configs=("60m", "130m", "350m", "1b"), ranks=(None, 4, 8)) -> s
     """Markdown: optimizer state per method (GB and % of AdamW) at several ranks."""
     rows = ["| model | rank | AdamW GB | GaLore / AdaptiveAdamW | LDAdam (fp32 EF) | LDAdam (bf16 EF) | "
             "Adapprox β1=0.9 | Adapprox β1=0 |", "|---|---|---|---|---|---|---|---|"]
-    for name in configs:
-        model = tl.build_model(argparse.Namespace(model=name, seq_len=64), 32000, device="meta")
-        adamw = predicted_state_bytes(model, "adamw", 1)
-        cell = lambda b: f"{b / 1e9:.3f} ({100 * b / adamw:.1f} %)"
-        for rank in ranks:
-            r = PUBLISHED_RANKS.get(name, 128) if rank is None else rank
-            rows.append(f"| {name} | {r} | {adamw / 1e9:.3f} | {cell(predicted_state_bytes(model, 'galore', r))} | "
-                        f"{cell(predicted_state_bytes(model, 'ldadam', r))} | "
-                        f"{cell(predicted_state_bytes(model, 'ldadam', r, error_bytes=2))} | "
-                        f"{cell(predicted_state_bytes(model, 'adapprox', r))} | "
-                        f"{cell(predicted_state_bytes(model, 'adapprox', r, beta1=0.0))} |")
+    with Progress(len(configs), "measurement", "memory") as progress:
+        for name in configs:
+            progress.start(f"the {name} shape")
+            rows += memory_rows(name, ranks)
     return "\n".join(rows)
+
+def memory_rows(name: str, ranks) -> list[str]:
+    """memory_table's rows of one model shape."""
+    rows = []
+    model = tl.build_model(argparse.Namespace(model=name, seq_len=64), 32000, device="meta")
+    adamw = predicted_state_bytes(model, "adamw", 1)
+    cell = lambda b: f"{b / 1e9:.3f} ({100 * b / adamw:.1f} %)"
+    for rank in ranks:
+        r = PUBLISHED_RANKS.get(name, 128) if rank is None else rank
+        rows.append(f"| {name} | {r} | {adamw / 1e9:.3f} | {cell(predicted_state_bytes(model, 'galore', r))} | "
+                    f"{cell(predicted_state_bytes(model, 'ldadam', r))} | "
+                    f"{cell(predicted_state_bytes(model, 'ldadam', r, error_bytes=2))} | "
+                    f"{cell(predicted_state_bytes(model, 'adapprox', r))} | "
+                    f"{cell(predicted_state_bytes(model, 'adapprox', r, beta1=0.0))} |")
+    return rows
 
 def memory(argv: list[str]) -> str:
     tl.Parser(prog="bench.py memory", description="Optimizer state of every method for the 60m-1b shapes at their "

@@ -18,7 +18,7 @@ with a message for the user.
 
 from __future__ import annotations
 
-import ast, glob, gzip, json, os, queue, random, sys, sysconfig, threading, time, zlib  # noqa: E401
+import ast, glob, gzip, json, os, queue, random, shutil, sys, sysconfig, threading, time, zlib  # noqa: E401
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -496,21 +496,40 @@ def python_docs() -> Iterator[tuple[str, str]]:
             yield "python://stdlib/" + "/".join(parts), text
 
 
-def build_embedded_corpus(cache_dir: Path, train_shards: int = 4) -> Path:
+def build_embedded_corpus(cache_dir: Path, train_shards: int = 4, announce: bool = True) -> Path:
     """Write the Python documentation as C4-format shards into ``cache_dir``, once
-    (every 20th document is validation)."""
+    (every 20th document is validation); ``announce``: first say so, and where, in a
+    line on stderr (it takes some seconds). The shards are written into a temporary
+    folder beside the corpus, which is renamed into place once complete: an
+    interrupted run leaves no partial corpus, and concurrent writers (torchrun's
+    ranks) never mix their files."""
     out = cache_dir / f"pydoc-c4-py{sys.version_info.major}{sys.version_info.minor}"
     if (out / "DONE").exists():
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    docs = list(python_docs())
-    train = [d for i, d in enumerate(docs) if i % 20 != 9]
-    shards = [("c4-validation.00000-of-00001.json.gz", docs[9::20])]
-    shards += [(f"c4-train.{i:05d}-of-{train_shards:05d}.json.gz", train[i::train_shards]) for i in range(train_shards)]
-    for name, items in shards:
-        with gzip.open(out / (name + ".tmp"), "wt", encoding="utf-8") as fh:
-            for url, text in items:
-                fh.write(json.dumps({"text": text, "timestamp": "2019-04-25T00:00:00Z", "url": url}) + "\n")
-        os.replace(out / (name + ".tmp"), out / name)
-    (out / "DONE").write_text(f"{len(docs)} documents\n")
+    if announce:
+        print(f"writing the embedded corpus to {out} (once: this Python's documentation as C4 shards, about 10 s)",
+              file=sys.stderr, flush=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = cache_dir / f".{out.name}.partial-{os.getpid()}-{os.urandom(4).hex()}"
+    partial.mkdir()
+    try:
+        docs = list(python_docs())
+        train = [d for i, d in enumerate(docs) if i % 20 != 9]
+        shards = [("c4-validation.00000-of-00001.json.gz", docs[9::20])]
+        shards += [(f"c4-train.{i:05d}-of-{train_shards:05d}.json.gz", train[i::train_shards])
+                   for i in range(train_shards)]
+        for name, items in shards:
+            with gzip.open(partial / name, "wt", encoding="utf-8") as fh:
+                for url, text in items:
+                    fh.write(json.dumps({"text": text, "timestamp": "2019-04-25T00:00:00Z", "url": url}) + "\n")
+        (partial / "DONE").write_text(f"{len(docs)} documents\n")
+        if out.exists() and not (out / "DONE").exists():  # left by a version that wrote the shards in place
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            os.rename(partial, out)
+        except OSError:  # another process renamed its complete copy into place first
+            if not (out / "DONE").exists():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # (gone once renamed)
     return out

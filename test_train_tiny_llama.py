@@ -620,6 +620,163 @@ def test_output_is_plain_lines_and_quiet_keeps_evaluations(corpus, tmp_path, cap
     assert "train loss" not in out and out.count(": val loss") == 2 and "adamw (lr 0.003) seed 0:" in out
 
 
+# Progress output: a tqdm bar on a terminal, plain lines (no \r) anywhere else, as
+# train_tiny_llama.interactive() decides for the script and bench.py alike.
+
+def run_in_terminal(cmd, timeout=180):
+    """(exit status, output) of ``cmd`` with stdout and stderr on a pseudo-terminal 120
+    columns wide, as in an interactive shell. (The terminal turns each \n into \r\n.)"""
+    pytest.importorskip("termios")  # a Unix pseudo-terminal
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 columns wide
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                try:
+                    data = os.read(master, 1 << 16)
+                except OSError:  # EIO: the process and its children closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+    finally:
+        os.close(master)
+        if proc.poll() is None and time.monotonic() >= deadline:
+            proc.kill()
+    return proc.wait(timeout=60), b"".join(chunks).decode(errors="replace")
+
+
+def four_steps(corpus, out_dir):
+    return [sys.executable, "train_tiny_llama.py", *[a for a in SMALL if a != "--quiet"], "--max-steps", "4",
+            "--eval-interval", "2", "--log-interval", "1", "--data", corpus, "--out-dir", str(out_dir)]
+
+
+def test_progress_on_a_terminal_is_a_bar_with_eta_and_evaluations_stay_lines(corpus, tmp_path):
+    """Starts the script on a pseudo-terminal."""
+    status, out = run_in_terminal(four_steps(corpus, tmp_path))
+    assert status == 0, out[-3000:]
+    assert "\rtrain: " in out and "step/s" in out and "loss=" in out and "tokens/s]" in out  # bar and postfix
+    assert re.search(r" 4/4 \[\d\d:\d\d<\d\d:\d\d, ", out)  # tqdm's elapsed<ETA
+    assert "train loss" not in out  # the bar replaces the train-loss lines...
+    for step in (2, 4):  # ...evaluations stay whole lines, written above the bar
+        assert re.search(rf"\rstep {step}: val loss [\d.]+, val ppl [\d.]+\r\n", out), out[-3000:]
+    assert re.search(r"\]\r\nadamw \(lr 0\.003\) seed 0: ", out)  # the bar ended (closed) before the result
+
+
+def test_progress_piped_is_the_plain_lines_without_carriage_returns(corpus, tmp_path):
+    """Starts the script with its output piped."""
+    out = subprocess.run(four_steps(corpus, tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert "\r" not in out.stdout and "loss=" not in out.stdout
+    steps = [line for line in out.stdout.splitlines() if line.startswith("step ")]
+    train, val = r": train loss [\d.]+, lr [\d.e-]+, [\d,]+ tokens/s", r": val loss [\d.]+, val ppl [\d.]+"
+    expected = ["step 1/4" + train, "step 2/4" + train, "step 2" + val, "step 3/4" + train, "step 4/4" + train,
+                "step 4" + val]  # the lines as before the progress bar existed
+    assert len(steps) == len(expected) and all(re.fullmatch(e, line) for e, line in zip(expected, steps)), steps
+
+
+def test_a_second_ctrl_c_on_a_terminal_ends_the_bar_before_its_message(corpus, tmp_path, monkeypatch, capsys):
+    # a terminal simulated in this process: interactive() says so, and the bar goes to the captured stderr
+    monkeypatch.setattr(tl, "interactive", lambda: True)
+    step = tl.train_step
+
+    def interrupted(run, batches):
+        if run.step == 3:
+            raise KeyboardInterrupt
+        return step(run, batches)
+
+    monkeypatch.setattr(tl, "train_step", interrupted)
+    with pytest.raises(SystemExit) as e:
+        tl.main([a for a in SMALL if a != "--quiet"] + ["--data", corpus, "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "\rtrain: " in err and " 3/6 " in err
+    assert "\nstopped at once: no checkpoint was saved" in err  # on a line of its own, not after the bar
+
+
+def test_bench_compare_piped_says_which_run_of_how_many_with_an_eta(corpus, tmp_path):
+    """Starts bench.py compare with its output piped (stderr into stdout, to see the order)."""
+    cmd = [sys.executable, "bench.py", "compare", *SMALL, "--optimizer", "adamw", "--lr-sweep", "0.5,1", "--seeds",
+           "2", "--data", corpus, "--out-dir", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "\r" not in out.stdout
+    runs = [line for line in out.stdout.splitlines() if line.startswith("run ")]
+    eta = r" \(\d\d:\d\d elapsed, about \d\d:\d\d left\)"
+    assert runs[0] == "run 1/4: adamw seed 0 lr 0.0015"
+    for line, expected in zip(runs[1:], ["run 2/4: adamw seed 0 lr 0.003", "run 3/4: adamw seed 1 lr 0.0015",
+                                         "run 4/4: adamw seed 1 lr 0.003"]):
+        assert re.fullmatch(re.escape(expected) + eta, line), line
+    assert len(runs) == 4
+    # each run is announced before its result, after the one before
+    order = [line.split(":")[0] for line in out.stdout.splitlines() if line.startswith(("run ", "adamw (lr"))]
+    assert order == ["run 1/4", "adamw (lr 0.0015) seed 0", "run 2/4", "adamw (lr 0.003) seed 0",
+                     "run 3/4", "adamw (lr 0.0015) seed 1", "run 4/4", "adamw (lr 0.003) seed 1"]
+
+
+def test_bench_steps_shows_progress_while_it_builds_and_measures(xdg_cache):
+    """Starts bench.py steps twice: on a pseudo-terminal, and piped."""
+    cmd = [sys.executable, "bench.py", "steps", "--model", "tiny", "--optimizer", "adamw,galore", "--steps", "1"]
+    status, out = run_in_terminal(cmd)
+    assert status == 0 and "\rsteps: " in out and " 3/3 [" in out and "galore: 3 step() calls" in out, out[-3000:]
+    piped = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert piped.returncode == 0 and "\r" not in piped.stdout + piped.stderr
+    assert [line.split(" (")[0] for line in piped.stderr.splitlines()] == [
+        "measurement 1/3: build the tiny model and its random gradients", "measurement 2/3: adamw: 3 step() calls",
+        "measurement 3/3: galore: 3 step() calls"]
+    assert "measurement" not in piped.stdout  # the table alone on stdout
+
+
+def small_python_docs():
+    """60 documents in place of the Python documentation: a corpus written in a moment."""
+    for i in range(60):
+        yield f"python://fake/{i}", f"document {i}: " + "some documentation text. " * 20
+
+
+def test_the_first_run_says_it_writes_the_corpus_and_where_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(llama_c4, "python_docs", small_python_docs)
+    common = SMALL + ["--cache-dir", str(tmp_path / "cache")]
+    corpus_dir = tmp_path / "cache" / f"pydoc-c4-py{sys.version_info.major}{sys.version_info.minor}"
+    tl.main(common + ["--out-dir", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert err.count("writing the embedded corpus") == 1
+    assert f"writing the embedded corpus to {corpus_dir} (" in err
+    assert (corpus_dir / "DONE").read_text() == "60 documents\n"
+    tl.main(common + ["--out-dir", str(tmp_path / "b")])
+    assert "writing the embedded corpus" not in capsys.readouterr().err  # written once
+
+
+def test_an_interrupted_corpus_write_leaves_no_partial_corpus(tmp_path, monkeypatch):
+    monkeypatch.setattr(llama_c4, "python_docs", small_python_docs)
+
+    class InterruptedAtTheThirdShard:
+        opened = 0
+
+        @classmethod
+        def open(cls, *args, **kwargs):
+            cls.opened += 1
+            if cls.opened == 3:
+                raise KeyboardInterrupt  # Ctrl-C with two shards written
+            return gzip.open(*args, **kwargs)
+
+    monkeypatch.setattr(llama_c4, "gzip", InterruptedAtTheThirdShard)
+    with pytest.raises(KeyboardInterrupt):
+        llama_c4.build_embedded_corpus(tmp_path / "cache", announce=False)
+    assert InterruptedAtTheThirdShard.opened == 3 and list((tmp_path / "cache").rglob("*")) == []
+    monkeypatch.undo()
+    monkeypatch.setattr(llama_c4, "python_docs", small_python_docs)
+    corpus = llama_c4.build_embedded_corpus(tmp_path / "cache", announce=False)  # the next run writes it all
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [corpus.name]
+    assert len(llama_c4.find_shards(str(corpus))[0]) == 4 and (corpus / "DONE").exists()
+
+
 def test_first_ctrl_c_saves_a_checkpoint_and_resume_continues(corpus, tmp_path):
     """Runs the script as a process and sends it SIGINT once it has logged step 3."""
     cmd = [sys.executable, "train_tiny_llama.py", *SMALL, "--max-steps", "100000", "--log-interval", "1",

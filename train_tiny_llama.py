@@ -17,6 +17,8 @@ Without --data it writes the documentation every Python ships as C4-format
 shards into --cache-dir, once, and trains from them through the same loader a
 real C4 run uses; nothing is downloaded. A run lives in --out-dir (ckpt.pt,
 metrics.jsonl); a run already there is continued with --resume, never overwritten.
+On a terminal the steps show as a progress bar (loss, elapsed time, ETA); piped or
+in a log file, as plain lines.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 import llama_c4
 import lowrank_adam as la
@@ -40,6 +43,17 @@ MODEL_SHAPES = llama_c4.MODEL_SHAPES  # name -> hidden / intermediate / heads / 
 def fail(message: str):
     """Stop with one line on stderr (exit status 1)."""
     raise SystemExit(f"error: {message}")
+
+def interactive() -> bool:
+    """How progress is shown, here and in bench.py: a tqdm bar (with elapsed time and ETA) when stdout
+    and stderr are both a terminal; otherwise (a pipe, a log file, pytest's capture) plain lines, with
+    no carriage return. The one place this rule is decided. (A terminal of width 0, which some
+    containers report, counts as none: tqdm would draw nothing there.)"""
+    try:
+        return (sys.stdout.isatty() and sys.stderr.isatty()
+                and os.get_terminal_size(sys.stderr.fileno()).columns > 0)
+    except (AttributeError, ValueError, OSError):  # no stream (pythonw), a closed one, one without a file
+        return False
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
@@ -123,7 +137,8 @@ def run_flags(p: argparse.ArgumentParser) -> None:
     c.add_argument("--save-interval", type=int, default=0, help="also checkpoint every N steps (0 = only at the end)")
     c.add_argument("--eval-interval", type=int, default=100, help="steps between validation evaluations")
     c.add_argument("--log-interval", type=int, default=10, help="steps between train-loss lines")
-    c.add_argument("--quiet", action="store_true", help="no train-loss lines (evaluations and messages still print)")
+    c.add_argument("--quiet", action="store_true", help="no train-loss lines, nor a progress bar on a terminal "
+                   "(evaluations and messages still print)")
     y = p.add_argument_group("system")
     y.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     y.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], help="autocast on CUDA")
@@ -363,6 +378,7 @@ class Run:
         self.ctx = torch.autocast("cuda", dtype=getattr(torch, args.dtype)) if amp else contextlib.nullcontext()
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and args.dtype == "float16")
         self.step, self.batches = 0, None  # optimizer steps; the data (a llama_c4.Prefetch)
+        self.bar = None  # the progress bar while train() steps on a terminal (see progress_bar)
         self.seconds, self.step_seconds = 0.0, 0.0  # training time of earlier invocations; time in opt.step()
         self.started = self.last_log_time = time.perf_counter()
         self.last_log_step, self.train_loss, self.last_eval = 0, math.nan, (-1, math.nan)
@@ -447,7 +463,9 @@ def log_train(run: Run, lr: float, loss: torch.Tensor, metrics) -> None:
     if hasattr(run.opt, "ranks"):  # (not under --zero: each rank holds only its shard)
         row["ranks"] = run.opt.ranks()
     log(metrics, **row)
-    if run.dist.master and not run.args.quiet:
+    if run.bar is not None:  # a terminal: the bar's postfix instead of a line
+        run.bar.set_postfix_str(f"loss={run.train_loss:.4f}, lr={lr:.2e}, {tokens_per_s:,.0f} tokens/s")
+    elif run.dist.master and not run.args.quiet:
         print(f"step {run.step}/{run.args.max_steps}: train loss {run.train_loss:.4f}, lr {lr:.2e}, "
               f"{tokens_per_s:,.0f} tokens/s", flush=True)
 
@@ -455,7 +473,24 @@ def log_eval(run: Run, val_loss: float, metrics) -> None:
     run.last_eval = (run.step, val_loss)
     log(metrics, step=run.step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
     if run.dist.master:
-        print(f"step {run.step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f}", flush=True)
+        say(f"step {run.step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f}")
+
+def say(message: str, file=None) -> None:
+    """A line on stdout (or ``file``). On a terminal through tqdm.write, which writes it above
+    every progress bar shown, this script's or bench.py's, and redraws them."""
+    if interactive():
+        tqdm.write(message, file=file or sys.stdout)
+    else:
+        print(message, file=file or sys.stdout, flush=True)
+
+def progress_bar(run: Run) -> Optional[tqdm]:
+    """On a terminal (see interactive), without --quiet, on rank 0: a bar over the steps, to --max-steps,
+    with elapsed time and ETA; log_train puts the loss, lr and tokens/s in its postfix. Otherwise None:
+    plain lines. Kept when it ends, unless nested under another bar (bench.py compare's runs)."""
+    if not (run.dist.master and not run.args.quiet and interactive()):
+        return None
+    return tqdm(total=run.args.max_steps, initial=run.step, unit="step", desc="train", dynamic_ncols=True,
+                leave=None, file=sys.stderr)
 
 def ranked_parameter_names(run: Run) -> list[str]:
     """Names of the parameters whose ranks ``opt.ranks()`` lists, in its order."""
@@ -572,7 +607,7 @@ def stop_on_first_ctrl_c():
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+        say("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
     previous = signal.signal(signal.SIGINT, handler) if main_thread else None  # signals reach the main thread only
     try:
         yield stop.is_set
@@ -580,9 +615,11 @@ def stop_on_first_ctrl_c():
         if main_thread:  # (None: a handler not set from Python, such as an embedding program's)
             signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
-def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dict] = None) -> dict:
+def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dict] = None,
+          on_step=None) -> dict:
     """One run in --out-dir: build or resume it, step to --max-steps (or
-    --stop-after), evaluate, save. Returns the run's result."""
+    --stop-after), evaluate, save. Returns the run's result. ``on_step``: called
+    with the run after each step (bench.py sketch's progress)."""
     run = Run(args, data.tokenizer.vocab_size, dist)
     batches = data.train_batches(args.batch_size, args.seed, args.shuffle_buffer)
     if ckpt is not None:
@@ -590,9 +627,9 @@ def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dic
         if ckpt["result"] is not None:  # complete: nothing to train
             return ckpt["result"]
         if dist.master:
-            print(f"resumed from step {run.step} of {args.max_steps}")
+            say(f"resumed from step {run.step} of {args.max_steps}")
     elif args.resume and dist.master:
-        print(f"--resume: no checkpoint in {args.out_dir} yet, so the run starts there")
+        say(f"--resume: no checkpoint in {args.out_dir} yet, so the run starts there")
     run.batches = llama_c4.Prefetch(batches)  # tokenized ahead, in a background thread
     metrics = open_metrics(Path(args.out_dir) / "metrics.jsonl", run.step, dist.master)
     if run.step == 0:
@@ -601,18 +638,26 @@ def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dic
     stop_at = args.max_steps if args.stop_after is None else min(args.max_steps, run.step + args.stop_after)
     run.started = run.last_log_time = time.perf_counter()
     run.last_log_step = run.step
+    run.bar = progress_bar(run)
     try:
         with stop_on_first_ctrl_c() as stop_requested:
             while run.step < stop_at and not agree(stop_requested(), dist):
                 lr, loss = train_step(run, run.batches)
+                if run.bar is not None:
+                    run.bar.update()
                 if run.step % args.log_interval == 0 or run.step == args.max_steps:
                     log_train(run, lr, loss, metrics)
                 if run.step % args.eval_interval == 0 or run.step == args.max_steps:
                     log_eval(run, evaluate(run, val), metrics)
                 if args.save_interval and run.step % args.save_interval == 0:
                     save_checkpoint(run)
+                if on_step is not None:
+                    on_step(run)
             interrupted = agree(stop_requested(), dist)
-    finally:
+    finally:  # the bar ends here, also on an error or a second Ctrl-C: what follows prints as lines
+        if run.bar is not None:
+            run.bar.close()
+            run.bar = None
         run.batches.close()
     return finish(run, val, metrics, interrupted)
 
@@ -631,7 +676,7 @@ def finish(run: Run, val: list, metrics, interrupted: bool) -> dict:
     if interrupted:
         save_checkpoint(run)
         if run.dist.master:
-            print(f"interrupted at step {run.step} of {args.max_steps}: {rerun}")
+            say(f"interrupted at step {run.step} of {args.max_steps}: {rerun}")
         raise Stopped
     check_replicas(run)
     val_loss = run.last_eval[1] if run.last_eval[0] == run.step else evaluate(run, val)
@@ -641,7 +686,7 @@ def finish(run: Run, val: list, metrics, interrupted: bool) -> dict:
         if complete:
             log(metrics, step=run.step, final=result)
         else:
-            print(f"stopped at step {run.step} of {args.max_steps} (--stop-after {args.stop_after}): {rerun}")
+            say(f"stopped at step {run.step} of {args.max_steps} (--stop-after {args.stop_after}): {rerun}")
         metrics.close()
     return result
 
@@ -660,7 +705,7 @@ def check_replicas(run: Run) -> None:
         if len(differ):
             raise RuntimeError(f"DDP replicas differ: rank {rank}'s {params[differ[0, 0]][0]} is not rank 0's")
     if run.dist.master:
-        print(f"replicas: the weights are identical on all {run.dist.world} ranks")
+        say(f"replicas: the weights are identical on all {run.dist.world} ranks")
 
 def result_of(run: Run, val_loss: float) -> dict:
     """The numbers that describe a run (bench.py tabulates them); times cover every invocation."""
@@ -721,7 +766,8 @@ def load_tokenizer(args):
 
 def load_data(args, tokenizer, dist: Dist) -> tuple[llama_c4.C4Data, list]:
     """--data (or the embedded corpus) and the validation batches, which every evaluation reuses."""
-    source = args.data or str(llama_c4.build_embedded_corpus(Path(args.cache_dir).expanduser()))
+    source = args.data or str(llama_c4.build_embedded_corpus(Path(args.cache_dir).expanduser(),
+                                                             announce=dist.master))
     try:
         data = llama_c4.C4Data(source, tokenizer, args.seq_len, rank=dist.rank, world=dist.world)
         val = data.val_batches(args.batch_size, args.val_batches)
