@@ -12,7 +12,8 @@ commands:
             seeds, reported as the median over seeds ± half the range, with
             each optimizer at its best lr. Every other flag goes to each run.
   steps     time optimizer.step() alone on --model's attn/mlp matrices with
-            random gradients: normal, refresh (SVD) and amortized, against AdamW
+            random gradients: normal, first (state and exact SVD), refresh and
+            amortized, against AdamW
   memory    optimizer state of every method for the 60m-1b shapes, from the
             per-matrix formulas (tested equal to state_bytes after a real step)
   peak      peak memory of whole training steps, each optimizer in a fresh
@@ -22,6 +23,9 @@ commands:
             memory it adds (refresh_keep bounds it)
   sketch    Adapprox's S-RSI variants (warm/cold start, power iterations) on the
             very matrices one training run sketches: relative errors, paired
+  subspaces GaLoreAdamW's or AdaptiveAdamW's refresh="randomized" against the exact
+            SVD on the very gradients one run refreshes on: energy captured,
+            time, and the allocation each spectrum gives
   loader    tokens per second of the data loader on one core, byte tokenizer
             and a BPE tokenizer trained on the corpus (needs tokenizers)
   plot      loss curves, AdaptiveAdamW's rank heatmap and Adapprox's ranks of
@@ -34,6 +38,7 @@ examples:
   python bench.py memory
   python bench.py peak --model 60m --rank 128 --batch-size 1 --seq-len 256
   python bench.py refresh --model 350m --rank 256
+  python bench.py subspaces --optimizer adaptive --rank 8 --update-proj-gap 20
   python bench.py plot --out-dir out/compare
 """
 
@@ -270,7 +275,9 @@ def steps(argv: list[str]) -> str:
     return steps_table(rows, runs[0], what, device, own.steps, gap)
 
 def time_optimizer(args, own, groups, params, grads, device) -> tuple[tuple, int]:
-    """steps' measurement of one optimizer: (normal, refresh, amortized ms), and its refresh gap."""
+    """steps' measurement of one optimizer: (normal, first, refresh, amortized ms), and its refresh gap.
+    The first step allocates the state (and computes the first bases by exact SVD); the refresh
+    is the step after the normal ones (step T+1), which has a previous basis to start from."""
     recipe, kwargs = tl.optimizer_options(args)
     refreshes = "update_proj_gap" in inspect.signature(recipe.cls).parameters
     gap = kwargs.get("update_proj_gap", inspect.signature(la.GaLoreAdamW).parameters["update_proj_gap"].default)
@@ -278,24 +285,24 @@ def time_optimizer(args, own, groups, params, grads, device) -> tuple[tuple, int
                   **({"foreach": True} if recipe.cls is torch.optim.AdamW else {}))
     lowrank = groups if own.all_params else [{"params": params, "rank": args.rank}]
     opt = recipe.cls(lowrank if recipe.lowrank else params, **kwargs)
-    normal = time_steps(opt, params, grads, own.steps + 1, device)[1:]  # step 1 allocates state (and SVDs)
+    first, *normal = time_steps(opt, params, grads, own.steps + 1, device)
     normal_ms = 1e3 * statistics.median(normal)
     refresh_ms = 1e3 * time_steps(opt, params, grads, 1, device)[0] if refreshes else None  # step steps+2
     amortized = (refresh_ms + (gap - 1) * normal_ms) / gap if refreshes else normal_ms
-    return (normal_ms, refresh_ms, amortized), gap
+    return (normal_ms, 1e3 * first, refresh_ms, amortized), gap
 
 def steps_table(rows: dict, args, what: str, device, count: int, gap: int) -> str:
     fmt = lambda x: "–" if x is None else f"{x:.2f}"
     adamw = rows.get("adamw")
-    base = (adamw[0], adamw[0], adamw[2]) if adamw else None  # AdamW has no refresh: its normal step is the base
     lines = [f"step() on {what} of {args.model} (rank {args.rank}, {device}, torch "
-             f"{torch.__version__}, {torch.get_num_threads()} threads); median of {count} normal steps; refresh = the "
-             f"SVD step, amortized over T = {gap}", "",
-             "| optimizer | normal ms | refresh ms | amortized ms | normal / AdamW | refresh / AdamW | "
-             "amortized / AdamW |", "|---|---|---|---|---|---|---|"]
-    for name, times in rows.items():
-        ratios = [None if t is None or base is None else t / b for t, b in zip(times, base or times)]
-        lines.append(f"| {name} | " + " | ".join(map(fmt, times)) + " | " + " | ".join(map(fmt, ratios)) + " |")
+             f"{torch.__version__}, {torch.get_num_threads()} threads); median of {count} normal steps; first = step "
+             f"1 (state allocated, bases by exact SVD); refresh = a later refresh step, amortized over T = {gap}", "",
+             "| optimizer | normal ms | first ms | refresh ms | amortized ms | refresh / normal | normal / AdamW | "
+             "amortized / AdamW |", "|---|---|---|---|---|---|---|---|"]
+    for name, (normal, first, refresh, amortized) in rows.items():
+        ratios = [None if refresh is None else refresh / normal,
+                  None if adamw is None else normal / adamw[0], None if adamw is None else amortized / adamw[3]]
+        lines.append(f"| {name} | " + " | ".join(map(fmt, (normal, first, refresh, amortized, *ratios))) + " |")
     return "\n".join(lines)
 
 # ----------------------------------------------------------------------------- peak: memory of whole training steps
@@ -536,6 +543,75 @@ def sketch(argv: list[str]) -> str:
                      f"{100 * share:.1f} % |")
     return "\n".join(lines)
 
+# ----------------------------------------------------------------------------- subspaces: randomized vs exact refresh
+
+def subspaces(argv: list[str]) -> str:
+    """Train one GaLoreAdamW or AdaptiveAdamW run with refresh="randomized";
+    at every refresh after the first, also compute the exact SVD of the very
+    gradient the optimizer refreshes on, and compare: the share of the
+    gradient's energy the new basis captures against the exact top-r basis's,
+    the time of each, and (AdaptiveAdamW) the allocation each spectrum gives."""
+    p = tl.Parser(prog="bench.py subspaces", description=subspaces.__doc__.split("\n\n")[0] + " Other flags as "
+                  "train_tiny_llama.py (--model, --rank, --update-proj-gap, --max-steps, ...).",
+                  formatter_class=tl.HelpFormatter, allow_abbrev=False)
+    p.add_argument("--optimizer", default="adaptive", choices=["galore", "adaptive"],
+                   help="whose refresh to measure (with refresh=\"randomized\")")
+    own, rest = p.parse_known_args(argv)
+    args = tl.parse_args([*rest, "--optimizer", f"{own.optimizer}+randomized", "--quiet"])
+    energy, times, calls, allocations = [], {"randomized": [], "svd": []}, [], []
+    randomized = la.randomized_spectrum
+
+    def paired(x, width, warm, generator, power_iters=1):
+        start = time.perf_counter()
+        U, S = randomized(x, width, warm, generator, power_iters)
+        times["randomized"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        U_exact, S_exact = la.gradient_spectrum(x)
+        times["svd"].append(time.perf_counter() - start)
+        r = warm.shape[1]
+        captured = lambda B: torch.linalg.vector_norm(B.T @ x).square().item()
+        energy.append(captured(U[:, :r]) / max(captured(U_exact[:, :r]), 1e-300))
+        calls.append((S.tolist(), S_exact.tolist(), torch.linalg.vector_norm(x).square().item(), min(x.shape)))
+        return U, S
+
+    refresh = la.AdaptiveAdamW._allocate_and_refresh
+
+    def compared(self, due):
+        calls.clear()
+        refresh(self, due)
+        if len(calls) == len(due) and all(g["allocate"] for _, g, _ in due):
+            budget = sum(self.state[p]["rank"] for p, _, _ in due)
+            metric = due[0][1]["rank_metric"]
+            caps = [c for *_, c in calls]
+            sketched = la.allocate_ranks([s for s, *_ in calls], budget, caps, metric, [e for *_, e, _ in calls])
+            exact = la.allocate_ranks([s for _, s, *_ in calls], budget, caps, metric)
+            allocations.append((sketched, exact))
+
+    la.randomized_spectrum, la.AdaptiveAdamW._allocate_and_refresh = paired, compared
+    try:
+        tl.check_out_dir(args)
+        dist = tl.setup_distributed(args)
+        result = tl.train(args, *tl.load_data(args, tl.load_tokenizer(args), dist), dist)
+    finally:
+        la.randomized_spectrum, la.AdaptiveAdamW._allocate_and_refresh = randomized, refresh
+    if not energy:
+        tl.fail("no refresh after the first one happened: use --max-steps > --update-proj-gap")
+    pct = lambda xs, q: statistics.quantiles(xs, n=100)[q - 1] if len(xs) > 1 else xs[0]
+    lines = [f"refresh=\"randomized\" against the exact SVD on the same gradients: {own.optimizer}, {args.model}, "
+             f"rank {args.rank}, {args.max_steps} steps, T = {tl.optimizer_options(args)[1].get('update_proj_gap', 200)}, val loss "
+             f"{result['val_loss']:.4f}; {len(energy)} refreshes of one matrix", "",
+             "| measure | median | 5th percentile | worst |", "|---|---|---|---|",
+             f"| energy captured / the exact top-r basis's | {statistics.median(energy):.5f} | "
+             f"{pct(energy, 5):.5f} | {min(energy):.5f} |",
+             f"| time, randomized / exact SVD | "
+             f"{statistics.median(a / b for a, b in zip(times['randomized'], times['svd'])):.3f} | – | – |"]
+    if allocations:
+        same = sum(a == b for a, b in allocations)
+        moved = [sum(abs(x - y) for x, y in zip(a, b)) / 2 / sum(b) for a, b in allocations]
+        lines += ["", f"allocations: {same} of {len(allocations)} equal to the exact SVD's; rank moved to another "
+                  f"matrix: median {100 * statistics.median(moved):.1f} %, worst {100 * max(moved):.1f} % of the budget"]
+    return "\n".join(lines)
+
 # ----------------------------------------------------------------------------- loader: tokens per second
 
 def train_bpe(corpus: str, vocab_size: int, path: Path) -> Path:
@@ -765,7 +841,8 @@ def main(argv=None):
     commands = {"compare": compare, "steps": lambda a: print(steps(a)), "memory": memory, "plot": plot,
                 "peak": lambda a: print(peak(a)), "peak-one": peak_one,
                 "refresh": lambda a: print(refresh(a)), "refresh-one": refresh_one,
-                "loader": lambda a: print(loader(a)), "sketch": lambda a: print(sketch(a))}
+                "loader": lambda a: print(loader(a)), "sketch": lambda a: print(sketch(a)),
+                "subspaces": lambda a: print(subspaces(a))}
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return None

@@ -874,6 +874,8 @@ FLAG_EFFECTS = [  # (flags, what the optimizer's last param group holds then; No
      dict(k_max_frac=0.5, err_tol=0.2, rank_init=2, clip_threshold=None, cosine_guidance=True, betas=(0.9, 0.95),
           weight_decay=0.1, lr=1e-4)),
     (["--optimizer", "adamw", "--beta1", "0.8", "--update-proj-gap", "7"], dict(betas=(0.8, 0.999), lr=3e-3)),
+    (["--optimizer", "galore+randomized"], dict(refresh="randomized", subspace="svd")),
+    (["--optimizer", "adaptive:gap+randomized"], dict(refresh="randomized", rank_metric="gap")),
 ]
 
 
@@ -1025,7 +1027,9 @@ def test_layerwise_run_equals_the_ordinary_loop_and_resumes_exactly(opt, corpus,
     (["--layerwise", "--grad-clip", "0", "--grad-accum", "2"], "use --grad-accum 1"),
     (["--layerwise", "--grad-clip", "0", "--optimizer", "adaptive"], "use galore"),
     (["--layerwise", "--grad-clip", "0", "--optimizer", "adafactor"], "cannot step one parameter"),
+    (["--layerwise", "--grad-clip", "0", "--optimizer", "muon"], "torch's Muon cannot step one parameter"),
     (["--zero"], "start the run with torchrun"),
+    (["--zero", "--optimizer", "muon"], "ZeroRedundancyOptimizer cannot shard"),
 ])
 def test_layerwise_and_zero_refuse_what_they_cannot_do(flags, words):
     with pytest.raises(SystemExit, match=words):
@@ -1059,8 +1063,9 @@ def test_bench_steps_and_memory_tables(capsys):
     bench.main(["steps", "--model", "tiny", "--optimizer", "adamw,galore,ldadam", "--steps", "1"])
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and "---" not in line}
-    assert rows["adamw"][2] == rows["ldadam"][2] == "–" and rows["adamw"][5] == "–"  # no refresh step
-    assert float(rows["galore"][2]) > 0 and float(rows["adamw"][4]) == 1.0
+    # | optimizer | normal | first | refresh | amortized | refresh / normal | normal / AdamW | amortized / AdamW |
+    assert rows["adamw"][3] == rows["ldadam"][3] == "–" and rows["adamw"][5] == "–"  # no refresh step
+    assert float(rows["galore"][3]) > 0 and float(rows["galore"][2]) > 0 and float(rows["adamw"][6]) == 1.0
     bench.main(["memory"])
     out = capsys.readouterr().out
     assert "| 1b | 512 |" in out and "| 60m | 4 |" in out
@@ -1157,6 +1162,44 @@ def test_bench_sketch_compares_srsi_variants_on_the_same_matrices(capsys, corpus
     for name in bench.SKETCHES:  # no sketch beats the truncated SVD (up to float32's ξ resolution)
         assert rows[name][0] >= rows["optimal"][0] - 1e-3
     assert rows["cold, 5 iterations (paper)"][3] == 100.0
+
+
+@pytest.mark.parametrize("opt", ["galore", "adaptive"])
+def test_bench_subspaces_compares_the_randomized_refresh_with_the_svd(opt, capsys, corpus, tmp_path):
+    bench.main(["subspaces", "--optimizer", opt, *SMALL, "--update-proj-gap", "2", "--rank", "4", "--data", corpus,
+                "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    energy = next(line for line in out.splitlines() if line.startswith("| energy captured"))
+    median, p5, worst = (float(x.strip(" |")) for x in energy.split(" | ")[1:4])
+    # the exact top-r basis captures the most energy of any r-dimensional basis (Eckart-Young)
+    assert 0.5 < worst <= p5 <= median <= 1 + 1e-5
+    assert ("allocations:" in out) == (opt == "adaptive")
+
+
+def test_muon_updates_matrices_by_torch_muon_and_the_rest_by_adamw():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"attn": nn.Linear(6, 8), "norm": nn.LayerNorm(8)})
+    twin = nn.ModuleDict({"attn": nn.Linear(6, 8), "norm": nn.LayerNorm(8)})
+    twin.load_state_dict(model.state_dict())
+    opt = tl.MuonWithAdamW(la.lowrank_groups(model, 2, targets=("attn",)), lr=1e-2, weight_decay=0.1)
+    matrix = [twin["attn"].weight]
+    rest = [p for p in twin.parameters() if p is not twin["attn"].weight]
+    muon = torch.optim.Muon(matrix, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW(rest, lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        x = torch.randn(4, 6)
+        for m in (model, twin):
+            m["norm"](m["attn"](x)).square().sum().backward()
+        if step == 1:  # the schedule sets the groups' lr: both inner optimizers follow
+            for group in opt.param_groups + muon.param_groups + adamw.param_groups:
+                group["lr"] = 5e-3
+        opt.step(), muon.step(), adamw.step()
+        for o in (opt, muon, adamw):
+            o.zero_grad(set_to_none=True)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    state = opt.state_dict()["state"]  # one state dict holds both halves
+    assert set(state) == {0, 1, 2, 3} and set(state[3]) == {"momentum_buffer"}  # (the dense group first)
 
 
 def test_a_bpe_run_resumes_exactly(corpus, tmp_path):

@@ -217,6 +217,9 @@ def check_rank(args, model: nn.Module) -> None:
 def check_memory_modes(args) -> None:
     """--layerwise and --zero: refuse what they cannot do, naming the way out."""
     torchrun, cls = "RANK" in os.environ, OPTIMIZERS[parse_optimizer(args.optimizer)[0]].cls
+    if args.zero and cls is MuonWithAdamW:
+        fail("--zero: muon is two torch optimizers in one, which ZeroRedundancyOptimizer cannot shard; "
+             "run it without --zero (plain DDP)")
     if args.zero and (not torchrun or args.layerwise):
         fail("--zero shards the optimizer state across torchrun's processes: start the run with torchrun, "
              "without --layerwise")
@@ -228,7 +231,8 @@ def check_memory_modes(args) -> None:
                 (args.dtype == "float16" and args.device != "cpu", "a GradScaler's inf check needs every gradient "
                                                                    "at once: use --dtype bfloat16"),
                 (cls is la.AdaptiveAdamW, "adaptive allocates its rank budget from all spectra at once: use galore"),
-                (cls is torch.optim.Adafactor, "torch's Adafactor cannot step one parameter at a time")]
+                (cls is torch.optim.Adafactor, "torch's Adafactor cannot step one parameter at a time"),
+                (cls is MuonWithAdamW, "torch's Muon cannot step one parameter at a time")]
     why = next((why for refused, why in refusals if refused), None)
     if args.layerwise and why:
         fail(f"--layerwise: {why}")
@@ -284,18 +288,64 @@ class Recipe:
         kinds = "|".join(v[1:] for v in self.variants if v[0] == ":")
         return name + (f"[:{kinds}]" if kinds else "") + "".join(f"[{v}]" for v in self.variants if v[0] == "+")
 
+class MuonWithAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon (Newton-Schulz orthogonalized momentum, one buffer per
+    matrix) for the matrices of the groups with a ``rank`` (lowrank_groups'
+    attn/mlp selection; the rank itself is not used), torch.optim.AdamW for the
+    rest, as Muon is meant to be used: one optimizer to the script, its
+    schedulers and checkpoints. Both inner optimizers work on this one's
+    param-group dicts and state, so the script's schedule reaches both and
+    ``state_dict()`` is the ordinary one. One ``lr`` serves both: Muon scales
+    its step per matrix to AdamW's update RMS (``adjust_lr_fn=
+    "match_rms_adamw"``, as in Moonlight), which is what makes that work."""
+
+    def __init__(self, params, lr: float = 3e-3, weight_decay: float = 0.0, momentum: float = 0.95,
+                 betas: tuple[float, float] = (0.9, 0.999)):
+        groups = [{**g, "muon": g.get("rank") is not None} for g in params]
+        for g in groups:
+            g.pop("rank", None)
+        super().__init__(groups, dict(lr=lr, weight_decay=weight_decay))
+        self.muon = torch.optim.Muon([g for g in self.param_groups if g["muon"]] or [{"params": []}], lr=lr,
+                                     weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW([g for g in self.param_groups if not g["muon"]] or [{"params": []}],
+                                       lr=lr, weight_decay=weight_decay, betas=betas)
+        self._link()
+
+    def _link(self) -> None:  # the inner optimizers use this one's groups and state
+        for inner, muon in ((self.muon, True), (self.adamw, False)):
+            inner.param_groups = [g for g in self.param_groups if g["muon"] == muon]
+            inner.state = self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # replaces the group dicts and the state
+        self._link()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
 RESIDUAL = {"+residual": {"residual": True}, "+noresidual": {"residual": False}}
+REFRESH = {"+randomized": {"refresh": "randomized"}}
 OPTIMIZERS = {
     "adamw": Recipe(torch.optim.AdamW, 3e-3),
     "galore": Recipe(la.GaLoreAdamW, 1e-2, lowrank=True,
-                     variants={**{f":{k}": {"subspace": k} for k in la.SUBSPACES}, **RESIDUAL}),
+                     variants={**{f":{k}": {"subspace": k} for k in la.SUBSPACES}, **RESIDUAL, **REFRESH}),
     "adaptive": Recipe(la.AdaptiveAdamW, 1e-2, lowrank=True,
-                       variants={**{f":{m}": {"rank_metric": m} for m in sorted(la.RANK_METRICS)}, **RESIDUAL}),
+                       variants={**{f":{m}": {"rank_metric": m} for m in sorted(la.RANK_METRICS)}, **RESIDUAL,
+                                 **REFRESH}),
     "ldadam": Recipe(la.LDAdam, 3e-3, lowrank=True, variants={"+noef": {"error_feedback": False}}),
     "adapprox": Recipe(la.Adapprox, 3e-3, variants={"+nomoment": {"betas": (0.0, 0.999)},  # no first moment
                                                     "+cold": {"warm_start": False, "power_iters": 5}}),
     "adafactor": Recipe(torch.optim.Adafactor, 1e-2),  # torch's; its lr is relative to the weights' RMS
 }
+if hasattr(torch.optim, "Muon"):  # torch >= 2.9
+    OPTIMIZERS["muon"] = Recipe(MuonWithAdamW, 3e-3, lowrank=True)
 
 def parse_optimizer(spec: str) -> tuple[str, dict]:
     """``NAME[:KIND][+SWITCH]...`` -> (NAME, the options its variants set)."""
