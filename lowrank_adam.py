@@ -1381,9 +1381,13 @@ class Adapprox(_Base):
     power_iters=5`` is the paper-style cold start); ``k_max = max(1,
     ⌊k_max_frac·min(m, n)⌋)`` with ``k_max_frac = 0.25`` (which reproduces the
     paper's 34.5-49.9 % memory saving range); the rank starts at ``k_max``
-    (``rank_init``) and follows ``next_rank`` on an EMA (``err_beta``) of ξ
-    with hysteresis ``[err_tol/2, err_tol]`` (``err_tol=0`` holds every rank
-    at k_max); the first moment is Adam's; clipping follows Adafactor;
+    (``rank_init``), first halves (by at least ``rank_step``) each step while
+    ξ is below ``err_tol/2``, with the EMA reseeded at each new rank, so it
+    reaches its working level in about log2(k_max) steps instead of k_max;
+    the first step it does not, the rank has settled and from then on
+    follows ``next_rank`` (± ``rank_step``) on an EMA (``err_beta``) of ξ
+    with hysteresis ``[err_tol/2, err_tol]``: the halving never resumes, so
+    it cannot flap (``err_tol=0`` holds every rank at k_max); the first moment is Adam's; clipping follows Adafactor;
     guidance scales by ``1 + cos``.
 
     Non-negativity (``nonneg``), chosen by measurement (docs/RESULTS.md).
@@ -1551,10 +1555,17 @@ class Adapprox(_Base):
             for (p, group), xi in zip(factored, torch.stack([e.to(errors[0].device) for e in errors]).tolist()):
                 state = self.state[p]
                 b = group["err_beta"]
-                state["err_ema"] = xi if state["step"] == 1 else b * state["err_ema"] + (1 - b) * xi
+                descending = state.get("descending", state["step"] == 1)
+                state["err_ema"] = xi if descending else b * state["err_ema"] + (1 - b) * xi
                 k_min, k_max = self.rank_bounds(p, group)
-                state["rank"] = next_rank(state["rank"], state["err_ema"], group["err_tol"], k_min, k_max,
-                                          group["rank_step"])
+                if descending and state["err_ema"] < group["err_tol"] / 2 and state["rank"] > k_min:
+                    # initial descent: k ← max(k_min, min(k - rank_step, ⌊k/2⌋)), ξ̄ reseeded at the new rank
+                    state["rank"] = max(k_min, min(state["rank"] - group["rank_step"], state["rank"] // 2))
+                    state["descending"] = True
+                else:
+                    state["descending"] = False  # settled: from now on next_rank's steps
+                    state["rank"] = next_rank(state["rank"], state["err_ema"], group["err_tol"], k_min, k_max,
+                                              group["rank_step"])
 
     @torch.compiler.disable
     def _draw_sketches(self, items: list[tuple[Tensor, dict, int]]) -> list[Tensor]:

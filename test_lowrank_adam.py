@@ -2508,7 +2508,7 @@ def adapprox_reference(W0, grads, *, lr, betas, eps, wd, k_init, k_max, err_tol,
     m_, n_ = W.shape
     M = torch.zeros_like(W)
     Q = U = None
-    k, err_ema, ranks, emas = k_init, 0.0, [], []
+    k, err_ema, ranks, emas, descending = k_init, 0.0, [], [], True
     for t, G in enumerate(grads, start=1):
         ranks.append(k)
         V = (1 - b2) * G * G + (b2 * Q @ U.T if t > 1 else 0.0)  # the EMA, from the factors
@@ -2525,9 +2525,13 @@ def adapprox_reference(W0, grads, *, lr, betas, eps, wd, k_init, k_max, err_tol,
         norm_v, residual = torch.linalg.norm(V).item(), torch.linalg.norm(V - Q @ U.T).item()
         xi = residual / norm_v if norm_v > 0 else 0.0  # a zero V is exact
         delta = residual / math.sqrt(m_ * n_)  # the RMS error: V̂'s floor
-        err_ema = xi if t == 1 else err_beta * err_ema + (1 - err_beta) * xi
+        err_ema = xi if descending else err_beta * err_ema + (1 - err_beta) * xi  # reseeded while descending
         emas.append(err_ema)
-        k = min(k + 1, k_max) if err_ema > err_tol else (max(k - 1, 1) if err_ema < err_tol / 2 else k)
+        if descending and err_ema < err_tol / 2 and k > 1:
+            k = max(1, min(k - 1, k // 2))  # initial descent: halve
+        else:
+            descending = False
+            k = min(k + 1, k_max) if err_ema > err_tol else (max(k - 1, 1) if err_ema < err_tol / 2 else k)
         R = Q @ U.T
         V_hat = {"abs": R.abs(), "clamp": R.clamp_min(0), "floor": torch.maximum(R, (1 - b2) * G * G)}[nonneg]
         V_hat = V_hat.clamp_min(delta)
@@ -2705,7 +2709,8 @@ def test_adapprox_rank_adapts_within_bounds(tol, direction):
         opt.step()
         history.append(opt.ranks()[0])
     assert all(1 <= k <= 8 for k in history)
-    assert all(abs(b - a) <= 2 for a, b in zip(history, history[1:]))
+    # growth by rank_step; the initial descent halves (at least rank_step) until ξ̄ reaches err_tol/2
+    assert all(b - a <= 2 and b >= min(a - 2, a // 2) for a, b in zip(history, history[1:]))
     if direction == "grow":
         assert history[-1] == 8 and history == sorted(history)
     else:
@@ -2908,3 +2913,28 @@ def test_adapprox_floors_entries_below_the_factorization_error():
     bound = G[0].abs() / math.sqrt(delta / (1 - 0.999))
     assert (moved[0] <= bound * (1 + 1e-9)).all() and moved[0].max() < 1e-3
     assert moved[1:].mean() > 0.3  # the resolved rows take Adam-sized steps
+
+
+def test_adapprox_rank_settles_geometrically_then_steps():
+    # V of rank 1: from k_max = 32 the rank halves each step (32, 16, 8, 4, 2, 1) instead of
+    # falling by rank_step, so it reaches its working level in log2(k_max) steps, not k_max.
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(64, 96, generator=g))
+    u, v = torch.rand(64, 1, generator=g) + 0.5, torch.rand(1, 96, generator=g) + 0.5
+    opt = la.Adapprox([p], lr=1e-3, k_max_frac=0.5)
+    history = [opt.ranks()[0]]
+    for _ in range(8):
+        p.grad = u @ v * (1 + 0.1 * torch.rand(1, generator=g).item())
+        opt.step()
+        history.append(opt.ranks()[0])
+    assert history == [32, 16, 8, 4, 2, 1, 1, 1, 1]
+    # once settled (ξ̄ >= err_tol/2 once), it moves by rank_step only: no halving/doubling flaps
+    p2 = nn.Parameter(torch.randn(16, 24, generator=g))
+    opt2 = la.Adapprox([p2], lr=1e-3, k_max_frac=0.5, err_tol=0.3)
+    ranks = [opt2.ranks()[0]]
+    for _ in range(20):
+        p2.grad = torch.randn(16, 24, generator=g)
+        opt2.step()
+        ranks.append(opt2.ranks()[0])
+    settled = next(i for i, s in enumerate(ranks) if i > 0 and s >= ranks[i - 1])
+    assert all(abs(b - a) <= 1 for a, b in zip(ranks[settled:], ranks[settled + 1:]))
