@@ -26,6 +26,9 @@ commands:
   subspaces GaLoreAdamW's or AdaptiveAdamW's refresh="randomized" against the exact
             SVD on the very gradients one run refreshes on: energy captured,
             time, and the allocation each spectrum gives
+  sensitivity  how much AdamW, torch Adafactor and Adapprox (default, held ranks,
+            full rank) amplify 1e-7 gradient noise at one step; full-rank Adapprox's
+            distance from AdamW's trajectory
   loader    tokens per second of the data loader on one core, byte tokenizer
             and a BPE tokenizer trained on the corpus (needs tokenizers)
   plot      loss curves, AdaptiveAdamW's rank heatmap and Adapprox's ranks of
@@ -40,11 +43,13 @@ examples:
   python bench.py refresh --model 350m --rank 256
   python bench.py subspaces --optimizer adaptive --rank 8 --update-proj-gap 20
   python bench.py plot --out-dir out/compare
+  python bench.py sensitivity --ranks 1,4,16
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import math
@@ -610,6 +615,91 @@ def subspaces(argv: list[str]) -> str:
         moved = [sum(abs(x - y) for x, y in zip(a, b)) / 2 / sum(b) for a, b in allocations]
         lines += ["", f"allocations: {same} of {len(allocations)} equal to the exact SVD's; rank moved to another "
                   f"matrix: median {100 * statistics.median(moved):.1f} %, worst {100 * max(moved):.1f} % of the budget"]
+# ----------------------------------------------------------------------------- sensitivity: noise amplification
+
+def sensitivity_optimizers(ranks: list[int], hidden: int) -> dict:
+    """The optimizers `bench.py sensitivity` compares: name -> (model -> optimizer, lr).
+    Adapprox's ranks are held with err_tol=0 (the rank rises to k_max at once and stays)
+    and k_max_frac = rank / hidden; "full" is the exact factorization."""
+    A = la.Adapprox
+    out = {"AdamW": (lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0), 3e-3),
+           "torch Adafactor": (lambda m, lr: torch.optim.Adafactor(m.parameters(), lr=lr), 1e-2),
+           "Adapprox (default)": (lambda m, lr: A(m.parameters(), lr=lr), 3e-3)}
+    for r in ranks:
+        out[f"Adapprox rank {r} held"] = (lambda m, lr, r=r: A(m.parameters(), lr=lr, err_tol=0.0,
+                                                                k_max_frac=r / hidden), 3e-3)
+    out["Adapprox full rank, clipping off"] = (lambda m, lr: A(m.parameters(), lr=lr, err_tol=0.0, k_max_frac=1.0,
+                                                                clip_threshold=None), 3e-3)
+    return out
+
+def sensitivity_run(model, make_opt, lr: float, batches: list, perturb: tuple[int, float] | None = None) -> list:
+    """Train ``model`` in place on ``batches`` (constant lr, no gradient clipping); ``perturb``
+    = (step, size): at that step (1-based) every gradient entry is multiplied by 1 + size·z,
+    z ~ N(0, 1) seeded (relative noise: a zero entry, such as an absent token's embedding
+    row, stays zero). Returns the final weights."""
+    opt = make_opt(model, lr)
+    noise = torch.Generator().manual_seed(1234)
+    for step, (x, y) in enumerate(batches, 1):
+        model(x, y)[1].backward()
+        if perturb is not None and step == perturb[0]:
+            for p in model.parameters():
+                p.grad.mul_(1 + perturb[1] * torch.randn(p.grad.shape, generator=noise, dtype=p.grad.dtype))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return [p.detach().clone() for p in model.parameters()]
+
+def distance(a: list, b: list) -> float:
+    return math.sqrt(sum((x.double() - y.double()).square().sum().item() for x, y in zip(a, b)))
+
+def sensitivity(argv: list[str]) -> str:
+    p = tl.Parser(prog="bench.py sensitivity", description="How much each optimizer amplifies a tiny gradient "
+                  "perturbation: sensitivity = ||W_perturbed - W|| / ||W - W_0|| after --steps steps, where "
+                  "W_perturbed had --noise relative noise added to every gradient at step --perturb-step "
+                  "(AdamW, torch Adafactor, Adapprox at its default and at held ranks). Also the distance of "
+                  "full-rank Adapprox without clipping from AdamW's trajectory (the same in exact arithmetic). "
+                  "Constant lr, no gradient clipping, float32, one CPU thread. Other flags: --model, --seq-len, "
+                  "--batch-size, --seed.", formatter_class=tl.HelpFormatter, allow_abbrev=False)
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps of each run")
+    p.add_argument("--perturb-step", type=int, default=6, help="the step whose gradients get the noise")
+    p.add_argument("--noise", type=float, default=1e-7, help="relative noise: each gradient entry times 1 + noise·N(0, 1)")
+    p.add_argument("--ranks", default="1,4,16", help="comma list of Adapprox ranks to hold (err_tol=0)")
+    p.add_argument("--only", help="comma list of substrings: run only the optimizers whose names contain one")
+    own, rest = p.parse_known_args(argv)
+    args = tl.parse_args(["--model", "9m", "--batch-size", "8", "--seq-len", "64", *rest])
+    if not 1 <= own.perturb_step <= own.steps:
+        tl.fail(f"--perturb-step {own.perturb_step}: must be in [1, --steps]")
+    torch.set_num_threads(args.threads or 1)
+    corpus = args.data or str(llama_c4.build_embedded_corpus(Path(args.cache_dir).expanduser()))
+    tokenizer = tl.load_tokenizer(args)
+    stream = llama_c4.C4Data(corpus, tokenizer, args.seq_len).train_batches(args.batch_size, args.seed,
+                                                                            args.shuffle_buffer)
+    batches = [next(stream) for _ in range(own.steps)]
+    torch.manual_seed(args.seed)
+    model = tl.build_model(args, tokenizer.vocab_size)
+    w0 = copy.deepcopy(model.state_dict())
+    start = [p.detach().clone() for p in model.parameters()]
+    hidden = tl.MODEL_SHAPES[args.model][0]
+    ranks = [int(r) for r in own.ranks.split(",") if r]
+    lines = [f"sensitivity to {own.noise:g} relative gradient noise at step {own.perturb_step} of {own.steps} "
+             f"({args.model}, batch {args.batch_size}×{args.seq_len}, seed {args.seed}, float32, constant lr)", "",
+             "| optimizer | lr | sensitivity | ‖W - W_0‖ | seconds |", "|---|---|---|---|---|"]
+    finals = {}
+    for name, (make, lr) in sensitivity_optimizers(ranks, hidden).items():
+        if own.only and not any(s in name for s in own.only.split(",")):
+            continue
+        t0 = time.perf_counter()
+        model.load_state_dict(w0)
+        w = finals[name] = sensitivity_run(model, make, lr, batches)
+        model.load_state_dict(w0)
+        wp = sensitivity_run(model, make, lr, batches, (own.perturb_step, own.noise))
+        moved = distance(w, start)
+        lines.append(f"| {name} | {lr:g} | {distance(wp, w) / moved:.2e} | {moved:.3f} | "
+                     f"{time.perf_counter() - t0:.1f} |")
+    full = "Adapprox full rank, clipping off"
+    if full in finals and "AdamW" in finals:
+        lines += ["", f"{full} vs AdamW (same lr, betas, eps, no weight decay), after {own.steps} steps: "
+                  f"||W_adapprox - W_adamw|| / ||W_adamw - W_0|| = "
+                  f"{distance(finals[full], finals['AdamW']) / distance(finals['AdamW'], start):.2e}"]
     return "\n".join(lines)
 
 # ----------------------------------------------------------------------------- loader: tokens per second
@@ -842,7 +932,7 @@ def main(argv=None):
                 "peak": lambda a: print(peak(a)), "peak-one": peak_one,
                 "refresh": lambda a: print(refresh(a)), "refresh-one": refresh_one,
                 "loader": lambda a: print(loader(a)), "sketch": lambda a: print(sketch(a)),
-                "subspaces": lambda a: print(subspaces(a))}
+                "subspaces": lambda a: print(subspaces(a)), "sensitivity": lambda a: print(sensitivity(a))}
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return None

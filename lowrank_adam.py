@@ -1465,7 +1465,8 @@ class Adapprox(_Base):
         V ← β2 · Q Uᵀ + (1-β2) · G²            (a temporary; step 1: (1-β2)·G²)
         Q, U ← S-RSI(V, k, p, l)               (see ``srsi``; warm-started from Q)
         ξ ← ‖V - Q Uᵀ‖ / ‖V‖ ;  ξ̄ ← EMA of ξ ;  k ← next_rank(k, ξ̄)   (for the next step)
-        V̂ ← |Q Uᵀ| / (1-β2ᵗ)                    (``nonneg``: see below)
+        δ ← ‖V - Q Uᵀ‖ / sqrt(m·n)              (the RMS error of the factorization)
+        V̂ ← max(|Q Uᵀ|, δ) / (1-β2ᵗ)           (``nonneg``: see below; the floor δ: "Resolution")
         M ← β1 M + (1-β1) G ;  D ← (M/(1-β1ᵗ)) / (sqrt(V̂) + ε)    (β1 = 0: D ← G/(sqrt(V̂)+ε), no M)
         D ← D / max(1, RMS(D)/d)               (update clipping; d = clip_threshold)
         D ← D · (1 + cos(M, G))                (cosine guidance, optional)
@@ -1482,9 +1483,13 @@ class Adapprox(_Base):
     power_iters=5`` is the paper-style cold start); ``k_max = max(1,
     ⌊k_max_frac·min(m, n)⌋)`` with ``k_max_frac = 0.25`` (which reproduces the
     paper's 34.5-49.9 % memory saving range); the rank starts at ``k_max``
-    (``rank_init``) and follows ``next_rank`` on an EMA (``err_beta``) of ξ
-    with hysteresis ``[err_tol/2, err_tol]`` (``err_tol=0`` holds every rank
-    at k_max); the first moment is Adam's; clipping follows Adafactor;
+    (``rank_init``), first halves (by at least ``rank_step``) each step while
+    ξ is below ``err_tol/2``, with the EMA reseeded at each new rank, so it
+    reaches its working level in about log2(k_max) steps instead of k_max;
+    the first step it does not, the rank has settled and from then on
+    follows ``next_rank`` (± ``rank_step``) on an EMA (``err_beta``) of ξ
+    with hysteresis ``[err_tol/2, err_tol]``: the halving never resumes, so
+    it cannot flap (``err_tol=0`` holds every rank at k_max); the first moment is Adam's; clipping follows Adafactor;
     guidance scales by ``1 + cos``.
 
     Non-negativity (``nonneg``), chosen by measurement (docs/RESULTS.md).
@@ -1501,6 +1506,27 @@ class Adapprox(_Base):
     rank-1 reconstruction of a non-negative matrix is non-negative, by
     Perron-Frobenius, so "clamp" only trains well when the ranks fall to 1.)
 
+    Resolution (the floor δ, ours). A factorization is accurate in the
+    Frobenius norm: its error ``V - Q Uᵀ`` is spread over the entries at an
+    absolute level of about δ, its RMS, whatever the entry. Adam, however,
+    divides by sqrt(V̂) entry by entry, so an entry of V far below δ carries
+    no information: there V̂ is the factorization's error (truncation, and in
+    float32 the rounding of S-RSI, about 1e-7·‖V‖ even at full rank), and the
+    update of that coordinate is M divided by noise. Rounding noise is not a
+    smooth function of the gradients, so a perturbation of the gradients at
+    the level of float32 rounding redraws it, and those coordinates (and,
+    through update clipping's RMS, all the others) move differently: the
+    trajectory amplified 1e-7 gradient noise about 10⁵ times more than
+    AdamW's. Flooring V̂ at δ says "below this level we do not know V":
+    such coordinates get the small update M/sqrt(δ) instead of a noise-driven
+    one, the ``abs``/``clamp`` kink at zero is never reached, and δ itself is
+    a norm of the whole residual, which rounding hardly moves. δ is formed
+    exactly (``‖V - Q Uᵀ‖`` in V's buffer, one extra skinny product), not
+    from ``‖V‖² - ‖U‖²``, whose float32 cancellation would read about
+    2e-4·‖V‖ at full rank and floor far more than the rounding level; so
+    ξ, the rank rule's input, is now exact too. At exact rank δ = 0 and
+    Adapprox is AdamW.
+
     ``err_tol`` default 0.01, chosen by measurement (docs/RESULTS.md): over
     a wide range of tolerances the loss stays within the seed spread while
     the mean rank falls towards 1. With the loss flat, we take the tolerance
@@ -1509,9 +1535,9 @@ class Adapprox(_Base):
     in state.
 
     Cost per factored matrix and step: one m×n temporary for a float32
-    parameter (V, overwritten by V̂, then the update; ``"floor"`` adds one,
-    a bf16 parameter its float32 gradient), about five skinny m·n·(k+p)
-    products, and per step one host sync for all matrices together (the
+    parameter (V, overwritten by the residual, then V̂, then the update;
+    ``"floor"`` adds one, a bf16 parameter its float32 gradient), about six
+    skinny m·n·(k+p) products, and per step one host sync for all matrices together (the
     ranks of the next step) besides the NaN/Inf check's.
 
     Further choices of ours: step 1 has no Q to start from, so it is a cold
@@ -1631,10 +1657,17 @@ class Adapprox(_Base):
             for (p, group), xi in zip(factored, torch.stack([e.to(errors[0].device) for e in errors]).tolist()):
                 state = self.state[p]
                 b = group["err_beta"]
-                state["err_ema"] = xi if state["step"] == 1 else b * state["err_ema"] + (1 - b) * xi
+                descending = state.get("descending", state["step"] == 1)
+                state["err_ema"] = xi if descending else b * state["err_ema"] + (1 - b) * xi
                 k_min, k_max = self.rank_bounds(p, group)
-                state["rank"] = next_rank(state["rank"], state["err_ema"], group["err_tol"], k_min, k_max,
-                                          group["rank_step"])
+                if descending and state["err_ema"] < group["err_tol"] / 2 and state["rank"] > k_min:
+                    # initial descent: k ← max(k_min, min(k - rank_step, ⌊k/2⌋)), ξ̄ reseeded at the new rank
+                    state["rank"] = max(k_min, min(state["rank"] - group["rank_step"], state["rank"] // 2))
+                    state["descending"] = True
+                else:
+                    state["descending"] = False  # settled: from now on next_rank's steps
+                    state["rank"] = next_rank(state["rank"], state["err_ema"], group["err_tol"], k_min, k_max,
+                                              group["rank_step"])
 
     @torch.compiler.disable
     def _draw_sketches(self, items: list[tuple[Tensor, dict, int]]) -> list[Tensor]:
@@ -1689,9 +1722,13 @@ class Adapprox(_Base):
         # Q, U ← S-RSI(V/4^h, k, p, l), warm-started from the previous Q
         warm = state.get("Q") if group["warm_start"] else None
         Q, U = srsi(v, state["rank"], group["oversample"], group["power_iters"], init=warm, omega=omega)
-        # ξ = sqrt(max(‖V‖² - ‖U‖², 0)) / ‖V‖   (scale-free: computed at scale 4^-h)
-        xi = srsi_relative_error(v, U)
-        # V̂/4^h ← nonneg(Q Uᵀ)   (written into V's buffer, whose values beta=0 ignores; see ``nonneg``)
+        # δ ← ‖V - Q Uᵀ‖ / sqrt(m·n) ;  ξ ← ‖V - Q Uᵀ‖ / ‖V‖   (the residual formed in V's buffer, exactly:
+        # the cheap ‖V‖² - ‖U‖² cancels in float32 below ξ ≈ 1e-3, and δ must resolve the rounding level)
+        norm_v = torch.linalg.vector_norm(v)
+        residual = torch.linalg.vector_norm(v.addmm_(Q, U.T, alpha=-1))
+        xi = torch.where(norm_v > 0, residual / norm_v.clamp_min(1e-30), torch.zeros_like(norm_v))
+        delta = residual / math.sqrt(v.numel())
+        # V̂/4^h ← max(nonneg(Q Uᵀ), δ)   (written into V's buffer, whose values beta=0 ignores; see ``nonneg``)
         v_hat = v.addmm_(Q, U.T, beta=0)
         if group["nonneg"] == "abs":
             v_hat.abs_()
@@ -1699,6 +1736,7 @@ class Adapprox(_Base):
             v_hat.clamp_min_(0)
         else:  # "floor": the EMA is at least its newest term, V >= (1-β2)·G²
             v_hat.clamp_min_(torch.mul(g, torch.exp2(-h)).square_().mul_(1 - beta2))
+        v_hat.clamp_min_(delta)  # no entry below the factorization's error level (see "Resolution" above)
         state.update(step=t, Q=Q, U=U, u_exp=h)
         # denom ← sqrt(V̂ / (1-β2ᵗ)) + ε = sqrt(V̂/4^h) · 2^h / sqrt(1-β2ᵗ) + ε   (in place)
         denom = v_hat.sqrt_().mul_(torch.exp2(h)).div_((1 - beta2**t) ** 0.5).add_(group["eps"])

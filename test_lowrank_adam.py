@@ -2611,7 +2611,7 @@ def adapprox_reference(W0, grads, *, lr, betas, eps, wd, k_init, k_max, err_tol,
     m_, n_ = W.shape
     M = torch.zeros_like(W)
     Q = U = None
-    k, err_ema, ranks, emas = k_init, 0.0, [], []
+    k, err_ema, ranks, emas, descending = k_init, 0.0, [], [], True
     for t, G in enumerate(grads, start=1):
         ranks.append(k)
         V = (1 - b2) * G * G + (b2 * Q @ U.T if t > 1 else 0.0)  # the EMA, from the factors
@@ -2625,13 +2625,19 @@ def adapprox_reference(W0, grads, *, lr, betas, eps, wd, k_init, k_max, err_tol,
         Ub, S, Wh = torch.linalg.svd(Qs.T @ V, full_matrices=False)
         kk = min(k, width)
         Q, U = Qs @ Ub[:, :kk], Wh[:kk].T * S[:kk]  # V ≈ Q Uᵀ
-        norm_v = torch.linalg.norm(V).item()
-        xi = (torch.linalg.norm(V - Q @ U.T) / norm_v).item() if norm_v > 0 else 0.0  # a zero V is exact
-        err_ema = xi if t == 1 else err_beta * err_ema + (1 - err_beta) * xi
+        norm_v, residual = torch.linalg.norm(V).item(), torch.linalg.norm(V - Q @ U.T).item()
+        xi = residual / norm_v if norm_v > 0 else 0.0  # a zero V is exact
+        delta = residual / math.sqrt(m_ * n_)  # the RMS error: V̂'s floor
+        err_ema = xi if descending else err_beta * err_ema + (1 - err_beta) * xi  # reseeded while descending
         emas.append(err_ema)
-        k = min(k + 1, k_max) if err_ema > err_tol else (max(k - 1, 1) if err_ema < err_tol / 2 else k)
+        if descending and err_ema < err_tol / 2 and k > 1:
+            k = max(1, min(k - 1, k // 2))  # initial descent: halve
+        else:
+            descending = False
+            k = min(k + 1, k_max) if err_ema > err_tol else (max(k - 1, 1) if err_ema < err_tol / 2 else k)
         R = Q @ U.T
         V_hat = {"abs": R.abs(), "clamp": R.clamp_min(0), "floor": torch.maximum(R, (1 - b2) * G * G)}[nonneg]
+        V_hat = V_hat.clamp_min(delta)
         denom = (V_hat / (1 - b2 ** t)).sqrt() + eps
         if b1 > 0:
             M = b1 * M + (1 - b1) * G
@@ -2806,7 +2812,8 @@ def test_adapprox_rank_adapts_within_bounds(tol, direction):
         opt.step()
         history.append(opt.ranks()[0])
     assert all(1 <= k <= 8 for k in history)
-    assert all(abs(b - a) <= 2 for a, b in zip(history, history[1:]))
+    # growth by rank_step; the initial descent halves (at least rank_step) until ξ̄ reaches err_tol/2
+    assert all(b - a <= 2 and b >= min(a - 2, a // 2) for a, b in zip(history, history[1:]))
     if direction == "grow":
         assert history[-1] == 8 and history == sorted(history)
     else:
@@ -2986,3 +2993,51 @@ def test_adapprox_cuda_checkpoint_continues_on_cpu():
             opt2.step()
         results.append(q.detach())
     assert torch.isfinite(results[0]).all() and torch.equal(results[0], results[1])
+
+
+def test_adapprox_floors_entries_below_the_factorization_error():
+    # Rows 1..5 carry gradients of order 1, row 0 of order 1e-6: its V is ~1e-12, far below the
+    # rank-1 factorization's RMS error δ. There V̂ says nothing about V, so V̂ is floored at δ
+    # and that row moves by at most lr·|G|/sqrt(δ/(1-β2)) (first step: M̂ = G), not by a full
+    # Adam step of size lr driven by the factorization's error.
+    g = torch.Generator().manual_seed(0)
+    G = torch.rand(6, 8, generator=g, dtype=torch.float64) + 0.5
+    G[0] *= 1e-6
+    W0 = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    p = nn.Parameter(W0.clone())
+    opt = la.Adapprox([p], lr=1.0, betas=(0.9, 0.999), k_max_frac=1 / 6, err_tol=0.0, clip_threshold=None)
+    p.grad = G.clone()
+    opt.step()
+    V = (1 - 0.999) * G * G
+    Q, U = opt.state[p]["Q"], opt.state[p]["U"] * 4.0 ** opt.state[p]["u_exp"]
+    delta = (torch.linalg.norm(V - Q @ U.T) / math.sqrt(V.numel())).item()
+    assert delta > 1e-9  # far above row 0's V (~1e-15): rank 1 cannot resolve it
+    moved = (W0 - p.detach()).abs()
+    bound = G[0].abs() / math.sqrt(delta / (1 - 0.999))
+    assert (moved[0] <= bound * (1 + 1e-9)).all() and moved[0].max() < 1e-3
+    assert moved[1:].mean() > 0.3  # the resolved rows take Adam-sized steps
+
+
+def test_adapprox_rank_settles_geometrically_then_steps():
+    # V of rank 1: from k_max = 32 the rank halves each step (32, 16, 8, 4, 2, 1) instead of
+    # falling by rank_step, so it reaches its working level in log2(k_max) steps, not k_max.
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(64, 96, generator=g))
+    u, v = torch.rand(64, 1, generator=g) + 0.5, torch.rand(1, 96, generator=g) + 0.5
+    opt = la.Adapprox([p], lr=1e-3, k_max_frac=0.5)
+    history = [opt.ranks()[0]]
+    for _ in range(8):
+        p.grad = u @ v * (1 + 0.1 * torch.rand(1, generator=g).item())
+        opt.step()
+        history.append(opt.ranks()[0])
+    assert history == [32, 16, 8, 4, 2, 1, 1, 1, 1]
+    # once settled (ξ̄ >= err_tol/2 once), it moves by rank_step only: no halving/doubling flaps
+    p2 = nn.Parameter(torch.randn(16, 24, generator=g))
+    opt2 = la.Adapprox([p2], lr=1e-3, k_max_frac=0.5, err_tol=0.3)
+    ranks = [opt2.ranks()[0]]
+    for _ in range(20):
+        p2.grad = torch.randn(16, 24, generator=g)
+        opt2.step()
+        ranks.append(opt2.ranks()[0])
+    settled = next(i for i, s in enumerate(ranks) if i > 0 and s >= ranks[i - 1])
+    assert all(abs(b - a) <= 1 for a, b in zip(ranks[settled:], ranks[settled + 1:]))
