@@ -1202,6 +1202,19 @@ def test_muon_updates_matrices_by_torch_muon_and_the_rest_by_adamw():
     assert set(state) == {0, 1, 2, 3} and set(state[3]) == {"momentum_buffer"}  # (the dense group first)
 
 
+def test_bench_sensitivity_tabulates_noise_amplification_and_the_full_rank_distance(capsys, corpus):
+    bench.main(["sensitivity", "--model", "tiny", "--steps", "6", "--perturb-step", "2", "--ranks", "2",
+                "--batch-size", "2", "--seq-len", "32", "--data", corpus])
+    out = capsys.readouterr().out
+    rows = {r[0][2:]: r for r in table_rows(out)}
+    assert {"AdamW", "Adapprox full rank, clipping off"} <= set(rows) and len(rows) >= 5
+    adamw = float(rows["AdamW"][2])
+    assert 0 < adamw < 1e-3  # 1e-7 noise moves AdamW's weights by about that much, relative to their movement
+    assert all(float(r[3]) > 0 for r in rows.values())  # every run moved its weights
+    distance = float(out.rsplit("= ", 1)[1])
+    assert 0 <= distance < 0.5
+
+
 def test_a_bpe_run_resumes_exactly(corpus, tmp_path):
     # the batched BPE encoding in the prefetch thread, and the loader state with it
     pytest.importorskip("tokenizers")
