@@ -22,13 +22,16 @@ square matrices. Sections, in order:
 The training script, bench.py and the documentation are tested in test_train_tiny_llama.py.
 """
 
+import builtins
 import copy
+import dis
 import io
 import inspect
 import math
 import re
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -453,6 +456,28 @@ def test_galore_subspaces_match_reference(shape, subspace, residual):
     torch.testing.assert_close(p.detach(), expected, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("subspace", ["random", "gha"])
+def test_galore_subspaces_with_a_rank_above_the_short_side_match_reference(subspace):
+    # rank 6 on a 9×4 matrix is rank 4 (clamped): the random basis is drawn as a
+    # 4×4 Gaussian, not 4×6, and the moments have 4 rows
+    shape = SHAPES["tall"]
+    torch.manual_seed(0)
+    W0 = torch.randn(shape, dtype=torch.float64)
+    grads = gapped_grads(shape, 5)
+    kw = dict(rank=6, gap=2, lr=0.05, betas=(0.9, 0.99), eps=1e-8, wd=0.1, scale=0.5)
+    expected = galore_reference(W0, grads, **kw, subspace=subspace, gha_lr=0.3, seed=5)
+    p = nn.Parameter(W0.clone())
+    opt = la.GaLoreAdamW([{"params": [p], "rank": 6, "update_proj_gap": 2, "scale": 0.5, "subspace": subspace,
+                           "gha_lr": 0.3, "seed": 5}], lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the clamp warning
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+    torch.testing.assert_close(p.detach(), expected, atol=1e-10, rtol=1e-10)
+    assert opt.state[p]["P"].shape == (4, 4) and opt.state[p]["exp_avg"].shape == (4, 9)
+
+
 def test_random_subspace_stream_lives_in_the_parameter_state():
     # like Adapprox's: a resume with the groups in another order continues the same stream
     a, b = nn.Parameter(torch.randn(6, 9)), nn.Parameter(torch.randn(7, 5))
@@ -733,6 +758,31 @@ def test_dense_path_matches_torch_adamw(cls, shape, lr, b1, b2, eps, wd, seed):
         ref.step()
         opt.step()
     torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_each_dense_group_keeps_its_own_hyperparameters(cls):
+    # two groups without rank, each its own lr, betas, eps and weight decay: each
+    # must follow torch.optim.AdamW with its own, not the first dense group's
+    g = torch.Generator().manual_seed(0)
+    shape = (7,)
+    w0s = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2)]
+    hps = [dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0),
+           dict(lr=3e-1, betas=(0.5, 0.9), eps=1e-3, weight_decay=0.2)]
+    ours = [nn.Parameter(w.clone()) for w in w0s]
+    refs = [nn.Parameter(w.clone()) for w in w0s]
+    opt = cls([{"params": [p], "rank": None, **hp} for p, hp in zip(ours, hps)],
+              **ADAMW_EQUIVALENT.get(cls.__name__, {}))
+    torch_opts = [torch.optim.AdamW([p], foreach=False, **hp) for p, hp in zip(refs, hps)]
+    for _ in range(4):
+        for p, q in zip(ours, refs):
+            p.grad = torch.randn(shape, generator=g, dtype=torch.float64)
+            q.grad = p.grad.clone()
+        opt.step()
+        for o in torch_opts:
+            o.step()
+    for p, q in zip(ours, refs):
+        torch.testing.assert_close(p, q, atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
@@ -1423,6 +1473,62 @@ def test_lowrank_groups_lists_a_tied_weight_once():
         la.GaLoreAdamW(groups, lr=1e-2)
 
 
+def test_lowrank_groups_selects_a_tied_weight_by_any_of_its_names_and_lists_it_by_its_first(capsys):
+    # ``proj.weight`` is also registered as ``mlp.weight`` (tied): selected through
+    # its second name, listed once, and named as torch names it (its first name,
+    # the one named_parameters() and the state dict use); likewise a dense tied pair
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(6, 5, bias=False)
+            self.mlp = nn.Linear(6, 5, bias=False)
+            self.mlp.weight = self.proj.weight
+            self.head = nn.Linear(5, 3, bias=False)
+            self.out = nn.Linear(5, 3, bias=False)
+            self.out.weight = self.head.weight
+
+    model = Tied()
+    assert [n for n, _ in model.named_parameters()] == ["proj.weight", "head.weight"]
+    dense, lowrank = la.lowrank_groups(model, 2, targets=("mlp",), verbose=True)
+    assert lowrank["params"] == [model.proj.weight] and dense["params"] == [model.head.weight]
+    assert capsys.readouterr().out.splitlines() == [
+        "lowrank_groups: 1 matrices at rank 2: proj.weight 5×6",
+        "lowrank_groups: 1 dense parameters: head.weight 3×5"]
+    # a pattern that matches nothing warns with every name a 2-D parameter has, tied ones included
+    with pytest.warns(UserWarning, match=r"\['qkv'\] match no 2-D parameter of this model \(its 2-D parameters: "
+                                         r"proj.weight, mlp.weight, head.weight, out.weight\)"):
+        la.lowrank_groups(model, 2, targets=("qkv",))
+
+
+def test_lowrank_groups_takes_one_target_string_and_gives_the_dense_group_only_its_rank(capsys):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"attn": nn.Linear(4, 4), "mlp": nn.Linear(4, 8, bias=False), "lm": nn.Linear(4, 2)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "mlp" is one pattern, which matches, not the letters m, l and p
+        dense, lowrank = la.lowrank_groups(model, 2, targets="mlp", update_proj_gap=7, scale=0.5)
+    assert lowrank["params"] == [model["mlp"].weight] and lowrank["rank"] == 2
+    assert lowrank["update_proj_gap"] == 7 and lowrank["scale"] == 0.5
+    # the plain group holds its parameters and rank None, and none of the low-rank options
+    assert set(dense) == {"params", "rank"} and dense["rank"] is None
+    assert len(dense["params"]) == 4  # attn's weight and bias, lm's weight and bias
+    # every parameter selected: no dense group, and the listing says "none"
+    everything = nn.ModuleDict({"mlp": nn.Linear(4, 8, bias=False)})
+    assert la.lowrank_groups(everything, 2, targets="mlp", verbose=True) == [
+        {"params": [everything["mlp"].weight], "rank": 2}]
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "lowrank_groups: 0 dense parameters: none"
+
+
+def test_lowrank_groups_does_not_warn_for_a_target_that_names_an_embedding_left_dense():
+    # "a pattern that matches no 2-D parameter warns": "emb" matches the embedding's
+    # weight, a 2-D parameter, which stays dense because embeddings=False -- no warning
+    model = nn.ModuleDict({"emb": nn.Embedding(10, 4), "mlp": nn.Linear(4, 4)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dense, lowrank = la.lowrank_groups(model, 2, targets=("emb", "mlp"))
+    assert lowrank["params"] == [model["mlp"].weight] and model["emb"].weight in dense["params"]
+
+
 def test_step_parameter_follows_a_group_replaced_by_add_param_group():
     # add_param_group invalidates step_parameter's lookup table even when the
     # parameter count comes out unchanged (a group removed, another added)
@@ -1613,6 +1719,29 @@ def test_one_class_copied_out_with_the_core_alone_trains_as_the_module_does(cls,
         assert torch.equal(a.detach(), b)
 
 
+def global_names(code):
+    """Every global name a module's code (functions and methods included) reads."""
+    names = {ins.argval for ins in dis.get_instructions(code) if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= global_names(const)
+    return names
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_one_class_copied_out_defines_every_name_its_code_uses(cls):
+    # The training run above takes one path through the class (default options);
+    # a helper used only by another option (GaLore's random or GHA subspace,
+    # AdaptiveAdamW without the momentum transformation) and left in another
+    # section would fail only when that option is used. So: every global name
+    # the copied code reads is defined in it, or is a builtin.
+    code = compile(copy_out_source(cls.__name__), "one_class.py", "exec")
+    namespace = {"__name__": "one_class"}
+    exec(code, namespace)
+    undefined = sorted(n for n in global_names(code) if n not in namespace and not hasattr(builtins, n))
+    assert undefined == []
+
+
 # -- any 2-D weight can be targeted: Hugging Face GPT-2, packed projections --
 
 def tiny_gpt2(seed=0):
@@ -1785,6 +1914,25 @@ def test_gha_switched_on_between_steps_keeps_training():
     train(model, opt, 5, regression_data())  # a refresh at step 11 transforms from P_ref = P
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all("P_ref" in opt.state[p] for p in opt.state if "P" in opt.state[p])
+
+
+def test_gha_switched_on_continues_from_the_basis_it_has_without_an_svd():
+    # GHA computes an SVD only at its first step: switched on from "svd" between
+    # refreshes, it tracks the basis it has, and at its next refresh keeps the basis
+    # tracked so far, with the moments as they are (P_old = P_new: C = I)
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(6, 10, generator=g, dtype=torch.float64))
+    opt = la.GaLoreAdamW([{"params": [p], "rank": 2, "update_proj_gap": 3}], lr=1e-2, betas=(0.9, 0.99))
+    for t in range(1, 5):
+        if t == 2:
+            opt.param_groups[0]["subspace"] = "gha"
+        p.grad = torch.randn(6, 10, generator=g, dtype=torch.float64)
+        P_before, m_before = opt.state[p].get("P"), opt.state[p].get("exp_avg")
+        opt.step()
+    # step 4 was a refresh: the basis is the one GHA had tracked, the moment was not rotated
+    assert torch.equal(opt.state[p]["P_ref"], P_before)
+    torch.testing.assert_close(opt.state[p]["exp_avg"], 0.9 * m_before + 0.1 * (P_before.T @ p.grad),
+                               atol=1e-14, rtol=0)
 
 
 STATE_CASES = [(la.GaLoreAdamW, dict(subspace=s)) for s in la.SUBSPACES] + [
@@ -2254,6 +2402,25 @@ def test_adaptive_groups_that_allocate_must_share_the_metric():
     # a group that does not allocate may name any metric
     la.AdaptiveAdamW([{"params": ps[:1], "rank": 2, "rank_metric": "gap", "allocate": False},
                       {"params": ps[1:], "rank": 2}])
+
+
+@pytest.mark.parametrize("metric, expected", [("explained_variance", [1, 3]), ("singular_value", [2, 2])])
+def test_adaptive_allocates_by_the_groups_rank_metric(metric, expected):
+    # gradients with known singular values: a = [10, 1, 0.5, 0.1, ...], b = [1, 0.9, ..., 0.3];
+    # budget 2 + 2 = 4, so two ranks beyond rank 1 each go to the best next values.
+    # explained_variance (s²/E): b's 0.81/3.8 and 0.64/3.8 beat a's 1/101.3 -> [1, 3];
+    # singular_value (s²): a's 1, then b's 0.81 (a's next is only 0.25) -> [2, 2]
+    g = torch.Generator().manual_seed(0)
+    def with_spectrum(values):
+        U = torch.linalg.qr(torch.randn(8, 8, generator=g)).Q
+        V = torch.linalg.qr(torch.randn(20, 8, generator=g)).Q
+        return U @ torch.diag(torch.tensor(values)) @ V.T
+    a, b = nn.Parameter(torch.zeros(8, 20)), nn.Parameter(torch.zeros(8, 20))
+    opt = la.AdaptiveAdamW([{"params": [a, b], "rank": 2}], lr=1e-2, rank_metric=metric)
+    a.grad = with_spectrum([10.0, 1.0, 0.5, 0.1, 0.1, 0.1, 0.1, 0.1])
+    b.grad = with_spectrum([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
+    opt.step()
+    assert opt.ranks() == expected
 
 
 def test_adaptive_limiter_bounds_rms_growth():
@@ -2844,6 +3011,21 @@ def test_adapprox_ranks_follow_the_documented_bounds(shape, frac, k_min, rank_in
         assert opt.state[p]["Q"].shape[1] <= k_max
     # a huge tolerance shrinks the rank by one a step, a zero one grows it (ξ > 0 below full rank)
     assert opt.ranks()[0] == (max(lo, start - 3) if err_tol > 1 else min(k_max, start + 3))
+
+
+def test_adapprox_group_rank_above_the_short_side_is_capped_at_it():
+    # k_max = min(rank, min(m, n)): a group rank of 8 on a 5×12 matrix allows
+    # at most rank 5 (exact), and 3 on it caps at 3, whatever k_max_frac says
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(5, 12, generator=g))
+    assert la.Adapprox.rank_bounds(p, {"rank": 8, "k_min": 1, "k_max_frac": 0.25}) == (1, 5)
+    assert la.Adapprox.rank_bounds(p, {"rank": 3, "k_min": 4, "k_max_frac": 1.0}) == (3, 3)
+    opt = la.Adapprox([{"params": [p], "rank": 8}], lr=1e-2, err_tol=0.0)
+    assert opt.ranks() == [5]
+    for _ in range(3):
+        p.grad = torch.randn(5, 12, generator=g)
+        opt.step()
+        assert opt.ranks() == [5] and opt.state[p]["Q"].shape == (5, 5)
 
 
 @pytest.mark.parametrize("shape,factored", [((2, 9), True), ((9, 2), True), ((2, 2), True), ((1, 9), False),
