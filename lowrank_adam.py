@@ -165,9 +165,10 @@ def randomized_spectrum(x: Tensor, width: int, warm: Optional[Tensor], generator
     """Leading left singular vectors and values of an oriented matrix, from a
     warm-started randomized range finder (Halko, Martinsson and Tropp 2011)::
 
-        Q ← orth([P_prev, Ω])          s×k: the previous basis, topped up with
+        Q ← [P_prev, Ω]                s×k: the previous basis, topped up with
                                        Gaussian columns Ω to k = width
-        Q ← orth(X (Xᵀ Q))             ``power_iters`` times (subspace iteration)
+        Q ← orth(X (Xᵀ Q))             ``power_iters`` times (subspace iteration;
+                                       with none, Q ← orth(Q))
         B ← Qᵀ X = U_B diag(S) V_Bᵀ     a small k×l SVD (through the QR of Bᵀ)
         U ← Q U_B                      s×k, orthonormal; S: k values, descending
 
@@ -184,7 +185,8 @@ def randomized_spectrum(x: Tensor, width: int, warm: Optional[Tensor], generator
     missing = k - (0 if warm is None else columns[0].shape[1])
     if missing > 0:
         columns.append(torch.randn(x.shape[0], missing, generator=generator, device=generator.device, dtype=x.dtype))
-    q = orthonormalize(torch.cat(columns, dim=1))
+    # (with an iteration to come, its QR orthonormalizes; the start needs none)
+    q = torch.cat(columns, dim=1) if power_iters > 0 else orthonormalize(torch.cat(columns, dim=1))
     for _ in range(power_iters):
         y = x.T @ q  # l×k; rescaled so that X Y cannot overflow where X Xᵀ would (|X| > 2^64 in float32)
         q = orthonormalize(x @ y.div_(y.abs().amax().clamp_min(torch.finfo(y.dtype).tiny)))

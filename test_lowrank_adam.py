@@ -292,14 +292,14 @@ def signed_qr(x):
 
 
 def range_finder(X, P_prev, width, seed, t, iters, index=0):
-    """The randomized refresh in float64: Q spans [P_prev, Ω] (Ω Gaussian, drawn
+    """The randomized refresh in float64: Q = [P_prev, Ω] (Ω Gaussian, drawn
     from stream_seed(stream_seed(seed, index), t), topping P_prev up to ``width``
     columns), ``iters`` rounds of Q ← orth(X Xᵀ Q), then the SVD of Qᵀ X.
     Returns (U, S) with U's leading columns signed to agree with P_prev's."""
     k = min(width, X.shape[0])
     gen = torch.Generator().manual_seed(la.stream_seed(la.stream_seed(seed, index), t))
     Omega = torch.randn(X.shape[0], k - P_prev[:, :k].shape[1], generator=gen, dtype=X.dtype)
-    Q = torch.linalg.qr(torch.cat([P_prev[:, :k], Omega], dim=1)).Q
+    Q = torch.cat([P_prev[:, :k], Omega], dim=1)
     for _ in range(iters):
         Q = torch.linalg.qr(X @ (X.T @ Q)).Q
     UB, S, _ = torch.linalg.svd(Q.T @ X, full_matrices=False)
