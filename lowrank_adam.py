@@ -1513,21 +1513,22 @@ class Adapprox(_Base):
     absolute level of about δ, its RMS, whatever the entry. Adam, however,
     divides by sqrt(V̂) entry by entry, so an entry of V far below δ carries
     no information: there V̂ is the factorization's error (truncation, and in
-    float32 the rounding of S-RSI, about 1e-7·‖V‖ even at full rank), and the
-    update of that coordinate is M divided by noise. Rounding noise is not a
-    smooth function of the gradients, so a perturbation of the gradients at
-    the level of float32 rounding redraws it, and those coordinates (and,
+    float32 the rounding of S-RSI, even at full rank), and the update of
+    that coordinate is M divided by noise. Rounding noise is not a smooth
+    function of the gradients, so a perturbation of the gradients at the
+    level of float32 rounding redraws it, and those coordinates (and,
     through update clipping's RMS, all the others) move differently: the
-    trajectory amplified 1e-7 gradient noise about 10⁵ times more than
-    AdamW's. Flooring V̂ at δ says "below this level we do not know V":
-    such coordinates get the small update M/sqrt(δ) instead of a noise-driven
-    one, the ``abs``/``clamp`` kink at zero is never reached, and δ itself is
-    a norm of the whole residual, which rounding hardly moves. δ is formed
-    exactly (``‖V - Q Uᵀ‖`` in V's buffer, one extra skinny product), not
-    from ``‖V‖² - ‖U‖²``, whose float32 cancellation would read about
-    2e-4·‖V‖ at full rank and floor far more than the rounding level; so
-    ξ, the rank rule's input, is now exact too. At exact rank δ = 0 and
-    Adapprox is AdamW.
+    trajectory amplifies tiny gradient noise far more than AdamW's
+    (``bench.py sensitivity``; figures in docs/RESULTS.md). Flooring V̂ at δ
+    says "below this level we do not know V": such coordinates get the
+    small update M/sqrt(δ) instead of a noise-driven one, the
+    ``abs``/``clamp`` kink at zero is never reached, and δ itself is a norm
+    of the whole residual, which rounding hardly moves. δ is formed exactly
+    (``‖V - Q Uᵀ‖`` in V's buffer, one extra skinny product), not from
+    ``‖V‖² - ‖U‖²``, which cancels in float32 near full rank and would floor
+    far above the rounding level; so ξ, the rank rule's input, is exact
+    too. At exact rank δ = 0 and Adapprox is AdamW. The floor reduces the
+    amplification a great deal, but not to AdamW's level (docs/RESULTS.md).
 
     ``err_tol`` default 0.01, chosen by measurement (docs/RESULTS.md): over
     a wide range of tolerances the loss stays within the seed spread while
