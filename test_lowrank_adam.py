@@ -487,6 +487,51 @@ def test_random_subspace_stream_lives_in_the_parameter_state():
     assert opt.state[a]["seed"] == la.stream_seed(0, 0) and opt.state[b]["seed"] == la.stream_seed(0, 1)
 
 
+@pytest.mark.parametrize("cls", [la.GaLoreAdamW, la.AdaptiveAdamW], ids=ids)
+def test_randomized_refresh_is_independent_of_the_global_rng_and_resumes_bit_exactly(cls, tmp_path):
+    # every DDP rank builds its own optimizer: the sketches must not depend on
+    # anything but (seed, parameter index, step); a resume continues exactly
+    g = torch.Generator().manual_seed(0)
+    shapes = [(24, 10), (10, 24)]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(8)]
+    W0 = [torch.randn(s, generator=g) for s in shapes]
+
+    def run(steps, params=None, opt=None, global_seed=0):
+        torch.manual_seed(global_seed)  # the global RNG differs between "ranks"
+        if opt is None:
+            params = [nn.Parameter(w.clone()) for w in W0]
+            opt = cls([{"params": params, "rank": 3, "update_proj_gap": 2}], lr=1e-2, refresh="randomized", seed=7)
+        for gs in steps:
+            for p, gr in zip(params, gs):
+                p.grad = gr.clone()
+            opt.step()
+        return params, opt
+
+    full, opt_full = run(grads)
+    other, _ = run(grads, global_seed=123)
+    assert all(torch.equal(a, b) for a, b in zip(full, other))
+    half, opt = run(grads[:5])
+    torch.save({"opt": opt.state_dict(), "w": [p.detach() for p in half]}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    params = [nn.Parameter(w.clone()) for w in saved["w"]]
+    opt = cls([{"params": params, "rank": 3, "update_proj_gap": 2}], lr=1e-2, refresh="randomized", seed=7)
+    opt.load_state_dict(saved["opt"])
+    resumed, opt = run(grads[5:], params, opt, global_seed=99)
+    assert all(torch.equal(a, b) for a, b in zip(full, resumed))
+    assert_same_state(opt.state_dict(), opt_full.state_dict())
+    for p in resumed:  # the bases stay orthonormal
+        P = opt.state[p]["P"]
+        torch.testing.assert_close(P.T @ P, torch.eye(P.shape[1]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [la.GaLoreAdamW, la.AdaptiveAdamW], ids=ids)
+def test_refresh_options_are_checked(cls):
+    p = nn.Parameter(torch.randn(6, 4))
+    for bad in ({"refresh": "rsvd"}, {"refresh_iters": 0}, {"refresh_iters": 1.5}, {"refresh_iters": True}):
+        with pytest.raises(ValueError, match="Invalid refresh"):
+            cls([{"params": [p], "rank": 2, **bad}])
+
+
 def test_random_bases_are_orthonormal_reproducible_and_uniform():
     draws = [la.random_basis(6, 2, torch.Generator().manual_seed(i), torch.float64) for i in range(2000)]
     for P in draws[:5]:
