@@ -615,6 +615,8 @@ def subspaces(argv: list[str]) -> str:
         moved = [sum(abs(x - y) for x, y in zip(a, b)) / 2 / sum(b) for a, b in allocations]
         lines += ["", f"allocations: {same} of {len(allocations)} equal to the exact SVD's; rank moved to another "
                   f"matrix: median {100 * statistics.median(moved):.1f} %, worst {100 * max(moved):.1f} % of the budget"]
+    return "\n".join(lines)
+
 # ----------------------------------------------------------------------------- sensitivity: noise amplification
 
 def sensitivity_optimizers(ranks: list[int], hidden: int) -> dict:

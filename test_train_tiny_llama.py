@@ -1270,7 +1270,10 @@ README_APPEND = {"train_tiny_llama.py": README_TRAIN,
                  "bench.py peak": ["--model", "tiny", "--rank", "8", "--max-steps", "1", "--seq-len", "16"],
                  "bench.py refresh": ["--model", "tiny", "--rank", "8", "--threads", "1"],
                  "bench.py loader": ["--seconds", "0.2", "--bpe", "300"],
-                 "bench.py sketch": README_TRAIN}
+                 "bench.py sketch": README_TRAIN,
+                 "bench.py subspaces": README_TRAIN,
+                 "bench.py sensitivity": ["--model", "tiny", "--steps", "4", "--perturb-step", "2", "--ranks", "2",
+                                          "--batch-size", "2", "--seq-len", "16"]}
 
 
 def readme_commands(doc="README.md"):
