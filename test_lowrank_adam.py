@@ -1676,15 +1676,16 @@ CASES = [  # each optimizer with the options that change what a step computes
     ("AdaptiveAdamW", dict(residual=False, transform_momentum=False, rank_metric="gap")),
     ("LDAdam", {}), ("LDAdam", dict(proj_method="svd", error_dtype=torch.bfloat16)),
     ("Adapprox", {}), ("Adapprox", dict(cosine_guidance=True, nonneg="floor")),
+    ("GaLoreAdamW", dict(residual=True, dtype=torch.bfloat16)),  # bf16 weights, float32 state
 ]
 
-def model():  # odd row counts: uneven shards, and rank 1 holds an empty shard of the (1, 7) head
+def model(dtype=torch.float32):  # odd row counts: uneven shards, and rank 1 holds an empty shard of the (1, 7) head
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 11), nn.Tanh(), nn.Linear(11, 5), nn.Tanh(),
-                         nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1))
+                         nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).to(dtype)
 
-def sharded():
-    m = model()
+def sharded(dtype=torch.float32):
+    m = model(dtype)
     for layer in m:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
@@ -1711,7 +1712,7 @@ def train(m, opt, steps):
     calls = []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        nn.functional.mse_loss(m(x), y).backward()
+        nn.functional.mse_loss(m(x.to(m[0].weight.dtype)).float(), y).backward()
         Collectives.count = 0
         with Collectives():
             opt.step()
@@ -1720,16 +1721,19 @@ def train(m, opt, steps):
 
 out = {}
 for name, opts in CASES:
-    one = model()  # the same optimizer in one process: the expectation
+    key = f"{name} {sorted(opts.items())}"
+    opts = dict(opts)
+    dtype = opts.pop("dtype", torch.float32)
+    one = model(dtype)  # the same optimizer in one process: the expectation
     one_opt = optimizer(name, opts, one)
     train(one, one_opt, 10)
-    m = sharded()
+    m = sharded(dtype)
     opt = optimizer(name, opts, m)
     calls = train(m, opt, 10)
     tensors = lambda sd: {k: {n: v for n, v in st.items() if isinstance(v, torch.Tensor)} for k, st in sd["state"].items()}
     state = tensors(get_optimizer_state_dict(m, opt, options=StateDictOptions(full_state_dict=True)))
     # the same FSDP2 run, resumed at step 5 through torch.distributed.checkpoint's helpers (and bytes, as a file)
-    m2 = sharded()
+    m2 = sharded(dtype)
     opt2 = optimizer(name, opts, m2)
     train(m2, opt2, 5)
     buf = io.BytesIO()
@@ -1738,14 +1742,31 @@ for name, opts in CASES:
     buf.seek(0)
     set_optimizer_state_dict(m2, opt2, torch.load(buf, weights_only=False))
     train(m2, opt2, 5)
-    out[f"{name} {sorted(opts.items())}"] = dict(
-        start=[p.detach() for p in model().parameters()], one=[p.detach() for p in one.parameters()],
+    out[key] = dict(
+        start=[p.detach() for p in model(dtype).parameters()], one=[p.detach() for p in one.parameters()],
         fsdp2=[p.full_tensor().detach() for p in m.parameters()],
         resumed=[p.full_tensor().detach() for p in m2.parameters()],
         state=state, one_state=tensors(get_optimizer_state_dict(one, one_opt)),
         ranks={i: st["rank"] for i, p in enumerate(m.parameters()) if "rank" in (st := opt.state[p])},
         one_ranks=one_opt.ranks(), calls=calls, bytes=la.state_bytes(opt), one_bytes=la.state_bytes(one_opt),
         held=[i for i, p in enumerate(m.parameters()) if any(isinstance(v, torch.Tensor) for v in opt.state[p].values())])
+# a NaN in one rank's shard of one gradient: every rank raises, and nothing changes anywhere
+m = sharded()
+opt = optimizer("AdaptiveAdamW", {}, m)
+train(m, opt, 2)
+local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+snapshot = lambda: [local(p).clone() for p in m.parameters()] + [
+    local(v).clone() for p in m.parameters() for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
+before = snapshot()
+opt.zero_grad(set_to_none=True)
+nn.functional.mse_loss(m(x), y).backward()
+if dist.get_rank() == 1:
+    m[2].weight.grad.to_local()[0, 0] = float("nan")
+try:
+    opt.step()
+    out["nan"] = "not raised"
+except la.NonFiniteGradientError as e:
+    out["nan"] = all(torch.equal(a, b) for a, b in zip(before, snapshot())) and len(before) == len(snapshot())
 torch.save(out, os.path.join(sys.argv[2], f"rank{dist.get_rank()}.pt"))
 dist.destroy_process_group()
 """
@@ -1763,7 +1784,8 @@ def test_fsdp2_every_optimizer_equals_one_process_with_sharded_state_and_resumes
                           str(script), str(ROOT), str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    assert len(per_rank[0]) == 11
+    assert [r.pop("nan") for r in per_rank] == [True, True]  # raised on both ranks, nothing changed
+    assert len(per_rank[0]) == 12
     for case, r0 in per_rank[0].items():
         r1 = per_rank[1][case]
         for w0, one, fsdp2, resumed in zip(r0["start"], r0["one"], r0["fsdp2"], r0["resumed"]):
