@@ -60,8 +60,10 @@ Conventions
   round it to the parameter's dtype). State tensors are kept contiguous
   (and made so when loaded), so a resumed run rounds as the uninterrupted one.
 * Where they run: eager or ``torch.compile`` (compiled steps equal eager
-  ones to float32 rounding), one process, DDP, ZeRO-1. FSDP1 parameters
-  (flattened to 1-D) are refused rather than silently trained as AdamW.
+  ones to float32 rounding), one process, DDP, ZeRO-1, and FSDP2: each
+  matrix is then stepped whole on one owner rank, which alone holds its
+  state (``fsdp2_step``, section 7). FSDP1 parameters (flattened to 1-D)
+  are refused rather than silently trained as AdamW.
 * Param-group dicts are copied, never mutated; a group key the optimizer
   does not honour (a misspelling, another optimizer's option) is refused,
   not ignored, and so is another optimizer's state dict.
@@ -82,8 +84,8 @@ exact ``load_state_dict``, plain AdamW for the dense parameters). Each of
 sections 3-6 holds one optimizer with the math only it uses, and needs
 nothing but the core. To use one optimizer in your own code, copy the
 imports, sections 1-2 and that optimizer's section; section 7's helpers
-(``lowrank_groups``, ``layerwise_hooks``, ``state_bytes``) also need only
-the core. Each class has one step method that follows its algorithm box
+(``lowrank_groups``, ``layerwise_hooks``, ``state_bytes``, and FSDP2's
+owner-rank layer) also need only the core. Each class has one step method that follows its algorithm box
 line by line, with the box's letters as variable names.
 
 Public API::
@@ -2018,7 +2020,8 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
            tensors: its owned matrices whole, with their state, and its shard
            of every dense parameter (AdamW is elementwise, so exact on a
            shard; that state stays a DTensor, as torch's AdamW keeps it)
-        4. all-to-all: each owner sends every rank its rows of the new W
+        4. all-to-all: each owner sends every rank its rows of the new W (and
+           the matrix's rank, so that ``ranks()`` holds on every rank)
 
     So 3 collectives per step (2 with ``check_finite=False``), whatever the
     number of matrices; AdaptiveAdamW adds an all-reduce per step and, at a
@@ -2120,17 +2123,24 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
         for w in stand_ins:
             opt.state.pop(w, None)
 
-    # 4. each rank's rows of every new matrix, from its owner
+    # 4. each rank's rows of every new matrix, from its owner, and the matrix's
+    #    rank (-1: none), so that ``ranks()`` is right on every rank
     new = {i: w for w, _, i in step_items if i in rows}
-    got = _exchange([[new[i].narrow(0, sum(rows[i][:r]), rows[i][r]) for _, _, i in mine] for r in range(world)],
-                    [sum(rows[i][me] * width[i] for _, _, i in mats if owner[i] == r) for r in range(world)],
+    current = torch.tensor([opt.state[p].get("rank", -1) for p, _, _ in mine], dtype=dtype, device=device)
+    got = _exchange([[new[i].narrow(0, sum(rows[i][:r]), rows[i][r]) for _, _, i in mine] + [current]
+                     for r in range(world)],
+                    [sum(rows[i][me] * width[i] + 1 for _, _, i in mats if owner[i] == r) for r in range(world)],
                     group, dtype, device)
     for r, flat in enumerate(got):
-        for p, _, i in mats:
-            if owner[i] == r:
-                n = rows[i][me] * width[i]
-                local(p).copy_(flat[:n].view(local(p).shape))
-                flat = flat[n:]
+        theirs = [(p, i) for p, _, i in mats if owner[i] == r]
+        for p, i in theirs:
+            n = rows[i][me] * width[i]
+            local(p).copy_(flat[:n].view(local(p).shape))
+            flat = flat[n:]
+        if r != me:
+            for (p, _), k in zip(theirs, flat.tolist()):
+                if k >= 0:
+                    opt.state[p]["rank"] = int(k)
 
 
 _Base._fsdp2_step = fsdp2_step  # what _Base.step() calls for DTensor parameters

@@ -1748,7 +1748,7 @@ for name, opts in CASES:
         resumed=[p.full_tensor().detach() for p in m2.parameters()],
         state=state, one_state=tensors(get_optimizer_state_dict(one, one_opt)),
         ranks={i: st["rank"] for i, p in enumerate(m.parameters()) if "rank" in (st := opt.state[p])},
-        one_ranks=one_opt.ranks(), calls=calls, bytes=la.state_bytes(opt), one_bytes=la.state_bytes(one_opt),
+        one_ranks=one_opt.ranks(), every_ranks=opt.ranks(), calls=calls, bytes=la.state_bytes(opt), one_bytes=la.state_bytes(one_opt),
         held=[i for i, p in enumerate(m.parameters()) if any(isinstance(v, torch.Tensor) for v in opt.state[p].values())])
 # a NaN in one rank's shard of one gradient: every rank raises, and nothing changes anywhere
 m = sharded()
@@ -1803,6 +1803,7 @@ def test_fsdp2_every_optimizer_equals_one_process_with_sharded_state_and_resumes
         # every rank allocated (AdaptiveAdamW) or adapted (Adapprox) each rank as one process did
         assert [{**r0["ranks"], **r1["ranks"]}.get(i) for i in sorted({**r0["ranks"], **r1["ranks"]})] == \
             r0["one_ranks"], case
+        assert r0["every_ranks"] == r1["every_ranks"] == r0["one_ranks"], case  # ranks() on every rank, too
         # each matrix's low-rank state on one rank (its owner), dense shards' on both: together one process's bytes
         # (Adapprox: every parameter, as its clipping reads a whole tensor)
         whole = range(10) if case.startswith("Adapprox") else (0, 2, 4, 6)
