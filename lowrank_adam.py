@@ -2047,9 +2047,10 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
 
     every = [(i, p) for i, (p, g) in enumerate((p, g) for g in opt.param_groups for p in g["params"]) if whole(p, g)]
     owner = _owner_ranks({i: p.numel() for i, p in every}, world)
-    for p, g, _ in items:
+    for p, g, _ in items:  # whole matrices: split by rows as torch.chunk splits them (``_row_split``)
         if _is_dtensor(p) and (p.grad.placements != p.placements or (whole(p, g) and (
-                len(p.placements) != 1 or not p.placements[0].is_shard(0)))):
+                len(p.placements) != 1 or not p.placements[0].is_shard(0)
+                or p.to_local().shape[0] != _row_split(p.shape[0], world)[me]))):
             raise NotImplementedError(f"lowrank_adam under FSDP2: a parameter of shape {tuple(p.shape)} with "
                                       f"placements {p.placements} (gradient {p.grad.placements}); expected Shard(0)")
 

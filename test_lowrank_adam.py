@@ -1659,7 +1659,7 @@ def test_fsdp1_is_refused_under_torchrun(tmp_path):
 # -- FSDP2: every optimizer and option on 2 gloo processes ---------------------
 
 FSDP2_SCRIPT = """
-import io, os, sys, torch, torch.distributed as dist
+import io, os, sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
@@ -1742,10 +1742,24 @@ for name, opts in CASES:
     buf.seek(0)
     set_optimizer_state_dict(m2, opt2, torch.load(buf, weights_only=False))
     train(m2, opt2, 5)
+    m3 = None
+    if not opts and name in ("GaLoreAdamW", "LDAdam"):  # fixed ranks: also through files, dcp.save and dcp.load
+        m3 = sharded()
+        opt3 = optimizer(name, opts, m3)
+        train(m3, opt3, 5)
+        path = os.path.join(sys.argv[2], name)
+        dcp.save({"optim": get_optimizer_state_dict(m3, opt3)}, checkpoint_id=path)
+        opt3.zero_grad(set_to_none=True)  # else torch's helpers take the optimizer for initialized
+        opt3 = optimizer(name, opts, m3)
+        loaded = {"optim": get_optimizer_state_dict(m3, opt3)}  # the template (shapes) to load into
+        dcp.load(loaded, checkpoint_id=path)
+        set_optimizer_state_dict(m3, opt3, loaded["optim"])
+        train(m3, opt3, 5)
+        m3 = [p.full_tensor().detach() for p in m3.parameters()]
     out[key] = dict(
         start=[p.detach() for p in model(dtype).parameters()], one=[p.detach() for p in one.parameters()],
         fsdp2=[p.full_tensor().detach() for p in m.parameters()],
-        resumed=[p.full_tensor().detach() for p in m2.parameters()],
+        resumed=[p.full_tensor().detach() for p in m2.parameters()], dcp=m3,
         state=state, one_state=tensors(get_optimizer_state_dict(one, one_opt)),
         ranks={i: st["rank"] for i, p in enumerate(m.parameters()) if "rank" in (st := opt.state[p])},
         one_ranks=one_opt.ranks(), every_ranks=opt.ranks(), calls=calls, bytes=la.state_bytes(opt), one_bytes=la.state_bytes(one_opt),
@@ -1785,13 +1799,15 @@ def test_fsdp2_every_optimizer_equals_one_process_with_sharded_state_and_resumes
     assert out.returncode == 0, out.stderr[-3000:]
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [r.pop("nan") for r in per_rank] == [True, True]  # raised on both ranks, nothing changed
-    assert len(per_rank[0]) == 12
+    assert len(per_rank[0]) == 12 and sum(r["dcp"] is not None for r in per_rank[0].values()) == 2
     for case, r0 in per_rank[0].items():
         r1 = per_rank[1][case]
         for w0, one, fsdp2, resumed in zip(r0["start"], r0["one"], r0["fsdp2"], r0["resumed"]):
             assert not torch.equal(one, w0), case  # it trained
             assert (fsdp2 - one).abs().max() <= 1e-6 * one.abs().max(), case  # measured: equal bit for bit
             assert torch.equal(resumed, fsdp2), case  # the resumed run is the uninterrupted one
+        if r0["dcp"] is not None:
+            assert all(torch.equal(a, b) for a, b in zip(r0["dcp"], r0["fsdp2"])), case
         # the state, gathered (torch's full state dict: DTensor shards joined, each owner's matrices), is
         # one process's: dense moments kept as DTensors, sharded like their parameter
         for name, expected in r0["one_state"].items():
