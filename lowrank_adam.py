@@ -1134,8 +1134,8 @@ class AdaptiveAdamW(_Base):
             mine = [(due[i][2], host[k], host[len(pool) + k][0], min(due[i][0].shape), due[i][1]["rank_metric"])
                     for k, i in enumerate(pool)]
             every = peers.gather(mine) if peers else mine
-            index, spectra, energy, caps, metric = zip(*every)
-            allocated = dict(zip(index, allocate_ranks(spectra, budget, caps, metric[0], energy)))
+            indices, spectra, energy, caps, metric = zip(*every)
+            allocated = dict(zip(indices, allocate_ranks(spectra, budget, caps, metric[0], energy)))
             for i in pool:
                 ranks[i] = allocated[due[i][2]]
         for (p, group, _), (u, _), rank in zip(due, svds, ranks):
