@@ -60,8 +60,10 @@ Conventions
   round it to the parameter's dtype). State tensors are kept contiguous
   (and made so when loaded), so a resumed run rounds as the uninterrupted one.
 * Where they run: eager or ``torch.compile`` (compiled steps equal eager
-  ones to float32 rounding), one process, DDP, ZeRO-1. FSDP1 parameters
-  (flattened to 1-D) are refused rather than silently trained as AdamW.
+  ones to float32 rounding), one process, DDP, ZeRO-1, and FSDP2: each
+  matrix is then stepped whole on one owner rank, which alone holds its
+  state (``fsdp2_step``, section 7). FSDP1 parameters (flattened to 1-D)
+  are refused rather than silently trained as AdamW.
 * Param-group dicts are copied, never mutated; a group key the optimizer
   does not honour (a misspelling, another optimizer's option) is refused,
   not ignored, and so is another optimizer's state dict.
@@ -82,8 +84,8 @@ exact ``load_state_dict``, plain AdamW for the dense parameters). Each of
 sections 3-6 holds one optimizer with the math only it uses, and needs
 nothing but the core. To use one optimizer in your own code, copy the
 imports, sections 1-2 and that optimizer's section; section 7's helpers
-(``lowrank_groups``, ``layerwise_hooks``, ``state_bytes``) also need only
-the core. Each class has one step method that follows its algorithm box
+(``lowrank_groups``, ``layerwise_hooks``, ``state_bytes``, and FSDP2's
+owner-rank layer) also need only the core. Each class has one step method that follows its algorithm box
 line by line, with the box's letters as variable names.
 
 Public API::
@@ -401,6 +403,11 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _is_dtensor(p: Tensor) -> bool:
+    """Whether ``p`` is a DTensor: a weight sharded by FSDP2 (``fully_shard``)."""
+    return hasattr(p, "device_mesh") and hasattr(p, "placements")
+
+
 def _refuse_flattened(p: Tensor) -> None:
     """Refuse a parameter that FSDP1 (``FullyShardedDataParallel``) manages.
 
@@ -461,6 +468,7 @@ class _Base(Optimizer):
     # parameters), ``initial_lr`` (written by LR schedulers) and ``differentiable``
     # (which torch's own load_state_dict adds to the defaults).
     group_keys: tuple[str, ...] = ()
+    _fsdp2_step: Optional[Callable] = None  # step() of DTensor parameters; set by section 7 (``fsdp2_step``)
     _bookkeeping_keys = ("params", "param_names", "initial_lr", "differentiable")
     _refused_hints: dict[str, str] = {}
 
@@ -510,6 +518,10 @@ class _Base(Optimizer):
         loss = self._closure(closure)
         items = [(p, g, i) for i, (p, g) in enumerate((p, g) for g in self.param_groups for p in g["params"])
                  if p.grad is not None]
+        if any(_is_dtensor(p) for p, _, _ in items):  # FSDP2's sharded weights: section 7's owner-rank layer
+            _check(self._fsdp2_step is not None, "FSDP2 (DTensor) parameters need section 7 of lowrank_adam")
+            self._fsdp2_step(items)
+            return loss
         self._check_grads(items)
         if items:
             self._step_items(items)
@@ -537,6 +549,7 @@ class _Base(Optimizer):
                              "optimizer")
         gi, index = where[id(p)]
         group = self.param_groups[gi]
+        _check(not _is_dtensor(p), "step_parameter: FSDP2 (DTensor) parameters are stepped by step() only")
         self._opt_called = True  # what torch's step wrapper records: LR schedulers then know a step happened
         self._check_layerwise(group)
         if p.grad is None:
@@ -1068,7 +1081,7 @@ class AdaptiveAdamW(_Base):
         # At t = 1, T+1, 2T+1, ...: new ranks and bases for the matrices due, together
         due = [(p, g, i) for p, g, i in items
                if g.get("rank") is not None and self.state[p].get("step", 0) % g["update_proj_gap"] == 0]
-        if due:
+        if due or self.__dict__.get("_peers"):  # under FSDP2 every rank takes part in the allocation
             self._allocate_and_refresh(due)
         # Every step: projected Adam with the residual (or the limiter on N)
         self._update_each(items, self._adaptive_step)
@@ -1081,7 +1094,13 @@ class AdaptiveAdamW(_Base):
         # keep their rank.
         ranks = [self.state[p]["rank"] if "rank" in self.state[p] else self._clamped_rank(p, g) for p, g, _ in due]
         pool = [i for i, (_, g, _) in enumerate(due) if g["allocate"]]
-        budget = sum(ranks[i] for i in pool)
+        # Under FSDP2 this rank steps only the matrices it owns, and ``_peers``
+        # (section 7) sums B and L (and the matrices due) over every rank's.
+        peers = self.__dict__.get("_peers")
+        totals = [sum(ranks[i] for i in pool), len(pool), len(due)]
+        budget, pooled, due_anywhere = peers.sum(totals) if peers else totals
+        if not due_anywhere:
+            return
         # 1. Spectra: X = U diag(s) Vᵀ, one thin SVD per matrix. Of U, keep only
         #    the columns an allocation is likely to use: at most B - (L - 1),
         #    and at most refresh_keep × the group's rank (so the refresh never
@@ -1094,9 +1113,9 @@ class AdaptiveAdamW(_Base):
             if i not in pool:  # a fixed rank
                 keep.append(ranks[i])
             elif g["refresh_keep"] is None:  # every vector an allocation could use
-                keep.append(budget - len(pool) + 1)
+                keep.append(budget - pooled + 1)
             else:  # refresh_keep × the group's rank, and at least the current rank
-                keep.append(min(budget - len(pool) + 1, max(ranks[i], math.ceil(g["refresh_keep"] * g["rank"]))))
+                keep.append(min(budget - pooled + 1, max(ranks[i], math.ceil(g["refresh_keep"] * g["rank"]))))
         svds, energies = [], []
         for (p, g, index), k in zip(due, keep):
             X = oriented_grad(p, is_transposed(p.shape, g["proj_type"]))
@@ -1109,13 +1128,16 @@ class AdaptiveAdamW(_Base):
                 svds.append(gradient_spectrum(X, k))
             energies.append(torch.linalg.vector_norm(X).square().reshape(1))  # E = ‖X‖²_F, exact either way
         # 2. Greedy allocation: rank 1 each, then the best next singular value
-        if pool:
+        if pooled:
             host = self._to_host([svds[i][1] for i in pool] + [energies[i] for i in pool])  # one sync per device
-            spectra, energy = host[:len(pool)], [e[0] for e in host[len(pool):]]
-            caps = [min(due[i][0].shape) for i in pool]
-            metric = due[pool[0]][1]["rank_metric"]
-            for i, rank in zip(pool, allocate_ranks(spectra, budget, caps, metric, energy)):
-                ranks[i] = rank
+            # (parameter index, spectrum, E, cap, metric) of each matrix; under FSDP2 every rank's, by index
+            mine = [(due[i][2], host[k], host[len(pool) + k][0], min(due[i][0].shape), due[i][1]["rank_metric"])
+                    for k, i in enumerate(pool)]
+            every = peers.gather(mine) if peers else mine
+            indices, spectra, energy, caps, metric = zip(*every)
+            allocated = dict(zip(indices, allocate_ranks(spectra, budget, caps, metric[0], energy)))
+            for i in pool:
+                ranks[i] = allocated[due[i][2]]
         for (p, group, _), (u, _), rank in zip(due, svds, ranks):
             state = self.state[p]
             # 3. P_new ← top-r_new left singular vectors (a matrix allocated more
@@ -1573,6 +1595,7 @@ class Adapprox(_Base):
     # the other optimizers would project, and a group without the key factors
     # every matrix, as in the paper.
     group_keys = ("rank",)
+    _dense_elementwise = False  # clipping and guidance read the whole tensor: under FSDP2 it is stepped whole
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, k_max_frac: float = 0.25, k_min: int = 1,
@@ -1907,7 +1930,9 @@ def layerwise_hooks(optimizer: Optimizer) -> list:
 
 
 def state_bytes(optimizer: Optimizer, by_key: bool = False):
-    """Bytes held by the optimizer's state tensors.
+    """Bytes held by the optimizer's state tensors (on this rank: under FSDP2,
+    a DTensor counts its local shard, and a matrix's low-rank state is held
+    by its owner rank alone).
 
     With ``by_key=True`` returns ``{state name: bytes}`` (e.g. ``exp_avg``,
     ``P``, ``error``) so a memory table can show what each part costs.
@@ -1916,8 +1941,211 @@ def state_bytes(optimizer: Optimizer, by_key: bool = False):
     for st in optimizer.state.values():
         for name, v in st.items():
             if isinstance(v, Tensor):
+                v = v.to_local() if _is_dtensor(v) else v  # FSDP2: this rank's shard
                 totals[name] = totals.get(name, 0) + v.numel() * v.element_size()
     return totals if by_key else sum(totals.values())
+
+
+# -- FSDP2: each matrix stepped whole on one owner rank -------------------------
+
+
+def _row_split(rows: int, world: int) -> list[int]:
+    """Rows of each rank's dim-0 shard, as FSDP2 (``torch.chunk``) cuts them:
+    ⌈rows / world⌉ each, the last ones shorter or empty."""
+    step = -(-rows // world)
+    return [max(0, min(step, rows - r * step)) for r in range(world)]
+
+
+def _owner_ranks(sizes: dict[int, int], world: int) -> dict[int, int]:
+    """Owner rank of each matrix (parameter index -> its numel), balanced by
+    work: in parameter order, each to the rank with the least m·n so far
+    (not largest first: a param group added later then moves no matrix,
+    whose state is on its owner)."""
+    load, owner = [0] * world, {}
+    for i in sorted(sizes):
+        owner[i] = min(range(world), key=lambda r: (load[r], r))
+        load[owner[i]] += sizes[i]
+    return owner
+
+
+class _Peers:
+    """The collectives of AdaptiveAdamW's global allocation under FSDP2, set
+    as ``optimizer._peers`` while a sharded step runs."""
+
+    def __init__(self, group, device: torch.device):
+        self.group, self.device = group, device
+
+    def sum(self, counts: list[int]) -> list[int]:
+        total = torch.tensor(counts, dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(total, group=self.group)
+        return total.tolist()
+
+    def gather(self, records: list[tuple]) -> list[tuple]:
+        """Every rank's records, ordered by their first entry (the parameter index)."""
+        every: list = [None] * torch.distributed.get_world_size(self.group)
+        torch.distributed.all_gather_object(every, records, group=self.group)
+        return sorted((r for part in every for r in part), key=lambda r: r[0])
+
+
+def _exchange(send: list[list[Tensor]], recv_numels: list[int], group, dtype: torch.dtype,
+              device: torch.device) -> list[Tensor]:
+    """One all-to-all: the tensors ``send[r]`` (flattened, packed) go to rank
+    r; returns what each rank sent here, one flat tensor per rank."""
+    parts = [t.reshape(-1).to(dtype) for ts in send for t in ts]
+    inp = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
+    out = torch.empty(sum(recv_numels), dtype=dtype, device=device)
+    torch.distributed.all_to_all_single(out, inp, recv_numels, [sum(t.numel() for t in ts) for ts in send],
+                                        group=group)
+    return list(out.split(recv_numels))
+
+
+def _as_dtensor_like(v: Tensor, p: Tensor) -> Tensor:
+    """``v``, this rank's shard, as a DTensor sharded like the parameter ``p``."""
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+
+
+@torch.no_grad()
+def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> None:
+    """``step()`` when FSDP2 (``fully_shard``) has sharded the parameters:
+    DTensors on a 1-D mesh, split by rows (dim 0) across the ranks.
+
+    A low-rank step needs its whole matrix (an SVD, a projection), so each
+    such matrix has an owner rank (``_owner_ranks``: balanced by m·n, the
+    same on every rank), which alone holds its optimizer state::
+
+        1. NaN/Inf check of the local gradient shards, agreed by an all-reduce
+        2. all-to-all: each rank sends its rows of W and G of every matrix to
+           the matrix's owner, which assembles them whole
+        3. each rank runs the optimizer's own step (``_step_items``) on plain
+           tensors: its owned matrices whole, with their state, and its shard
+           of every dense parameter (AdamW is elementwise, so exact on a
+           shard; that state stays a DTensor, as torch's AdamW keeps it)
+        4. all-to-all: each owner sends every rank its rows of the new W (and
+           the matrix's rank, so that ``ranks()`` holds on every rank)
+
+    So 3 collectives per step (2 with ``check_finite=False``), whatever the
+    number of matrices; AdaptiveAdamW adds an all-reduce per step and, at a
+    refresh, an all-gather of the spectra, so that every rank allocates the
+    ranks as one process does (``_Peers``). Random draws are seeded by the
+    global parameter index, so they are one process's, and so is the step:
+    the same code on the same whole tensors. Adapprox (its clipping and
+    guidance read a whole tensor: ``_dense_elementwise``) steps every
+    parameter on an owner. Layer-wise updates are not supported.
+    """
+    opt = optimizer
+    mesh = next(p.device_mesh for p, _, _ in items if _is_dtensor(p))
+    if mesh.ndim != 1 or any(_is_dtensor(p) and p.device_mesh != mesh for p, _, _ in items):
+        raise NotImplementedError("lowrank_adam under FSDP2: parameters on one 1-D device mesh only (no HSDP)")
+    group, world, me = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+    device = next(p.device for p, _, _ in items if _is_dtensor(p))
+
+    def whole(p: Tensor, g: dict) -> bool:  # stepped whole on its owner, not shard by shard
+        return _is_dtensor(p) and (g.get("rank") is not None or not getattr(opt, "_dense_elementwise", True))
+
+    def local(t: Tensor) -> Tensor:
+        return t.to_local() if _is_dtensor(t) else t
+
+    every = [(i, p) for i, (p, g) in enumerate((p, g) for g in opt.param_groups for p in g["params"]) if whole(p, g)]
+    owner = _owner_ranks({i: p.numel() for i, p in every}, world)
+    for p, g, _ in items:  # whole matrices: split by rows as torch.chunk splits them (``_row_split``)
+        if _is_dtensor(p) and (p.grad.placements != p.placements or (whole(p, g) and (
+                len(p.placements) != 1 or not p.placements[0].is_shard(0)
+                or p.to_local().shape[0] != _row_split(p.shape[0], world)[me]))):
+            raise NotImplementedError(f"lowrank_adam under FSDP2: a parameter of shape {tuple(p.shape)} with "
+                                      f"placements {p.placements} (gradient {p.grad.placements}); expected Shard(0)")
+
+    # 1. NaN/Inf: Σ g of each local shard, agreed over the ranks (then exactly, to name the culprit)
+    checked = [p for p, g, _ in items if g["check_finite"]]
+    for exact in (False, True):
+        if not checked:
+            break
+        flags = torch.stack([~torch.isfinite(local(p.grad)).all() if exact else
+                             ~torch.isfinite(local(p.grad).sum(dtype=torch.float32)) for p in checked])
+        flags = flags.to(torch.int32)
+        torch.distributed.all_reduce(flags, group=group)
+        checked = [p for p, f in zip(checked, flags.tolist()) if f]
+        if exact and checked:
+            raise NonFiniteGradientError(
+                f"{type(opt).__name__}: non-finite gradient (NaN or Inf) for the parameter of shape "
+                f"{tuple(checked[0].shape)}; this call updated nothing. Lower the learning rate, clip "
+                "gradients, or use a GradScaler for fp16.")
+
+    # 2. W and G of each matrix, whole, on its owner
+    mats = [(p, g, i) for p, g, i in items if whole(p, g)]
+    mine = [(p, g, i) for p, g, i in mats if owner[i] == me]
+    rows = {i: _row_split(p.shape[0], world) for p, _, i in mats}
+    width = {i: math.prod(p.shape[1:]) for p, _, i in mats}  # numbers per row
+    dtype = torch.float32
+    for p, _, _ in mats:  # one dtype that holds every weight and gradient exactly
+        dtype = torch.promote_types(dtype, torch.promote_types(p.dtype, p.grad.dtype))
+    got = _exchange([[t for p, _, i in mats if owner[i] == r for t in (local(p), local(p.grad))] for r in range(world)],
+                    [sum(2 * rows[i][r] * width[i] for _, _, i in mine) for r in range(world)], group, dtype, device)
+    pieces: dict[int, tuple[list[Tensor], list[Tensor]]] = {i: ([], []) for _, _, i in mine}
+    for r, flat in enumerate(got):
+        for p, _, i in mine:
+            for part in pieces[i]:  # this rank's rows of W, then of G
+                n = rows[i][r] * width[i]
+                part.append(flat[:n].view(rows[i][r], *p.shape[1:]))
+                flat = flat[n:]
+
+    # 3. this rank's part of the step: the optimizer's own code, on plain tensors
+    step_items, stand_ins, shards = [], [], []
+    for p, g, i in items:
+        if whole(p, g):
+            state = opt.state[p]
+            if owner[i] != me:  # a marker, so that checkpoints hold every parameter (torch's helpers insist)
+                state.setdefault("owner", owner[i])
+                continue
+            if "owner" in state:
+                raise RuntimeError(f"lowrank_adam under FSDP2: the state of a parameter of shape {tuple(p.shape)} "
+                                   f"is on rank {state['owner']}, not on this rank, its owner now (a checkpoint "
+                                   "of another number of ranks? Resharding is not supported)")
+            w = torch.cat(pieces[i][0]).to(p.dtype)
+            w.grad = torch.cat(pieces[i][1]).to(p.grad.dtype)
+            opt.state[w] = state  # the same dict: the state is the parameter's
+        elif _is_dtensor(p):
+            w = p.to_local()  # a view of this rank's shard
+            w.grad = p.grad.to_local()
+            opt.state[w] = {k: local(v) for k, v in opt.state[p].items()}
+            shards.append((p, w))
+        else:
+            w = p
+        if w is not p:
+            stand_ins.append(w)
+        step_items.append((w, g, i))
+    opt._peers = _Peers(group, device)
+    try:
+        opt._step_items(step_items)
+    finally:
+        del opt._peers
+        for p, w in shards:  # the dense state, as DTensors like the parameter
+            opt.state[p] = {k: _as_dtensor_like(v, p) if isinstance(v, Tensor) and v.dim() > 0 else v
+                            for k, v in opt.state[w].items()}
+        for w in stand_ins:
+            opt.state.pop(w, None)
+
+    # 4. each rank's rows of every new matrix, from its owner, and the matrix's
+    #    rank (-1: none), so that ``ranks()`` is right on every rank
+    new = {i: w for w, _, i in step_items if i in rows}
+    current = torch.tensor([opt.state[p].get("rank", -1) for p, _, _ in mine], dtype=dtype, device=device)
+    got = _exchange([[new[i].narrow(0, sum(rows[i][:r]), rows[i][r]) for _, _, i in mine] + [current]
+                     for r in range(world)],
+                    [sum(rows[i][me] * width[i] + 1 for _, _, i in mats if owner[i] == r) for r in range(world)],
+                    group, dtype, device)
+    for r, flat in enumerate(got):
+        theirs = [(p, i) for p, _, i in mats if owner[i] == r]
+        for p, i in theirs:
+            n = rows[i][me] * width[i]
+            local(p).copy_(flat[:n].view(local(p).shape))
+            flat = flat[n:]
+        if r != me:
+            for (p, _), k in zip(theirs, flat.tolist()):
+                if k >= 0:
+                    opt.state[p]["rank"] = int(k)
+
+
+_Base._fsdp2_step = fsdp2_step  # what _Base.step() calls for DTensor parameters
 
 
 __all__ = [

@@ -12,7 +12,7 @@ square matrices. Sections, in order:
 4. Suite-wide tests, parametrized over every optimizer the module exports:
    drop-in behaviour, state dicts and resuming, layer-wise updates, DDP and
    ZeRO-1, edge-case gradients, memory.
-5. Wherever it is pasted: torch.compile, FSDP1, options changed between steps,
+5. Wherever it is pasted: torch.compile, FSDP1, FSDP2, options changed between steps,
    the layout of loaded state.
 6. CUDA (skipped without a GPU).
 7. AdaptiveAdamW: allocation, momentum transformation, limiter, reference.
@@ -1698,6 +1698,185 @@ def test_fsdp1_is_refused_under_torchrun(tmp_path):
     for rank in (0, 1):
         lines = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
         assert lines == ["after refused: True", "before refused: True"], lines
+
+
+
+# -- FSDP2: every optimizer and option on 2 gloo processes ---------------------
+
+FSDP2_SCRIPT = """
+import io, os, sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
+from torch.utils._python_dispatch import TorchDispatchMode
+sys.path.insert(0, sys.argv[1])
+import lowrank_adam as la
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+CASES = [  # each optimizer with the options that change what a step computes
+    ("GaLoreAdamW", {}), ("GaLoreAdamW", dict(subspace="random")),
+    ("GaLoreAdamW", dict(subspace="gha", residual=True)), ("GaLoreAdamW", dict(refresh="randomized", proj_type="left")),
+    ("AdaptiveAdamW", {}), ("AdaptiveAdamW", dict(refresh="randomized", refresh_keep=None)),
+    ("AdaptiveAdamW", dict(residual=False, transform_momentum=False, rank_metric="gap")),
+    ("LDAdam", {}), ("LDAdam", dict(proj_method="svd", error_dtype=torch.bfloat16)),
+    ("Adapprox", {}), ("Adapprox", dict(cosine_guidance=True, nonneg="floor")),
+    ("GaLoreAdamW", dict(residual=True, dtype=torch.bfloat16)),  # bf16 weights, float32 state
+]
+
+def model(dtype=torch.float32):  # odd row counts: uneven shards, and rank 1 holds an empty shard of the (1, 7) head
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 11), nn.Tanh(), nn.Linear(11, 5), nn.Tanh(),
+                         nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).to(dtype)
+
+def sharded(dtype=torch.float32):
+    m = model(dtype)
+    for layer in m:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(m)
+
+def optimizer(name, opts, m):
+    cls = getattr(la, name)
+    if name == "Adapprox":  # every matrix factored; a tolerance at which the ranks move
+        return cls(m.parameters(), lr=1e-2, weight_decay=0.1, err_tol=0.05, **opts)
+    gap = {} if name == "LDAdam" else {"update_proj_gap": 3}  # refreshes at steps 1, 4, 7, 10
+    return cls(la.lowrank_groups(m, 2, targets=("0", "2", "4", "6"), **gap), lr=1e-2, weight_decay=0.1, **opts)
+
+g = torch.Generator().manual_seed(1)
+x = torch.randn(16, 6, generator=g)
+y = torch.sin(x[:, :1] * 2) + x[:, 1:2] * x[:, 2:3]  # the same batch on each rank: the averaged gradient is exact
+
+class Collectives(TorchDispatchMode):  # every collective a step issues, DTensor's implicit ones included
+    count = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        Collectives.count += func.namespace in ("c10d", "_c10d_functional")
+        return func(*args, **(kwargs or {}))
+
+def train(m, opt, steps):
+    calls = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(m(x.to(m[0].weight.dtype)).float(), y).backward()
+        Collectives.count = 0
+        with Collectives():
+            opt.step()
+        calls.append(Collectives.count)
+    return calls
+
+out = {}
+for name, opts in CASES:
+    key = f"{name} {sorted(opts.items())}"
+    opts = dict(opts)
+    dtype = opts.pop("dtype", torch.float32)
+    one = model(dtype)  # the same optimizer in one process: the expectation
+    one_opt = optimizer(name, opts, one)
+    train(one, one_opt, 10)
+    m = sharded(dtype)
+    opt = optimizer(name, opts, m)
+    calls = train(m, opt, 10)
+    tensors = lambda sd: {k: {n: v for n, v in st.items() if isinstance(v, torch.Tensor)} for k, st in sd["state"].items()}
+    state = tensors(get_optimizer_state_dict(m, opt, options=StateDictOptions(full_state_dict=True)))
+    # the same FSDP2 run, resumed at step 5 through torch.distributed.checkpoint's helpers (and bytes, as a file)
+    m2 = sharded(dtype)
+    opt2 = optimizer(name, opts, m2)
+    train(m2, opt2, 5)
+    buf = io.BytesIO()
+    torch.save(get_optimizer_state_dict(m2, opt2), buf)
+    opt2 = optimizer(name, opts, m2)
+    buf.seek(0)
+    set_optimizer_state_dict(m2, opt2, torch.load(buf, weights_only=False))
+    train(m2, opt2, 5)
+    m3 = None
+    if not opts and name in ("GaLoreAdamW", "LDAdam"):  # fixed ranks: also through files, dcp.save and dcp.load
+        m3 = sharded()
+        opt3 = optimizer(name, opts, m3)
+        train(m3, opt3, 5)
+        path = os.path.join(sys.argv[2], name)
+        dcp.save({"optim": get_optimizer_state_dict(m3, opt3)}, checkpoint_id=path)
+        opt3.zero_grad(set_to_none=True)  # else torch's helpers take the optimizer for initialized
+        opt3 = optimizer(name, opts, m3)
+        loaded = {"optim": get_optimizer_state_dict(m3, opt3)}  # the template (shapes) to load into
+        dcp.load(loaded, checkpoint_id=path)
+        set_optimizer_state_dict(m3, opt3, loaded["optim"])
+        train(m3, opt3, 5)
+        m3 = [p.full_tensor().detach() for p in m3.parameters()]
+    out[key] = dict(
+        start=[p.detach() for p in model(dtype).parameters()], one=[p.detach() for p in one.parameters()],
+        fsdp2=[p.full_tensor().detach() for p in m.parameters()],
+        resumed=[p.full_tensor().detach() for p in m2.parameters()], dcp=m3,
+        state=state, one_state=tensors(get_optimizer_state_dict(one, one_opt)),
+        ranks={i: st["rank"] for i, p in enumerate(m.parameters()) if "rank" in (st := opt.state[p])},
+        one_ranks=one_opt.ranks(), every_ranks=opt.ranks(), calls=calls, bytes=la.state_bytes(opt), one_bytes=la.state_bytes(one_opt),
+        held=[i for i, p in enumerate(m.parameters()) if any(isinstance(v, torch.Tensor) for v in opt.state[p].values())])
+# a NaN in one rank's shard of one gradient: every rank raises, and nothing changes anywhere
+m = sharded()
+opt = optimizer("AdaptiveAdamW", {}, m)
+train(m, opt, 2)
+local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+snapshot = lambda: [local(p).clone() for p in m.parameters()] + [
+    local(v).clone() for p in m.parameters() for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
+before = snapshot()
+opt.zero_grad(set_to_none=True)
+nn.functional.mse_loss(m(x), y).backward()
+if dist.get_rank() == 1:
+    m[2].weight.grad.to_local()[0, 0] = float("nan")
+try:
+    opt.step()
+    out["nan"] = "not raised"
+except la.NonFiniteGradientError as e:
+    out["nan"] = all(torch.equal(a, b) for a, b in zip(before, snapshot())) and len(before) == len(snapshot())
+torch.save(out, os.path.join(sys.argv[2], f"rank{dist.get_rank()}.pt"))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_every_optimizer_equals_one_process_with_sharded_state_and_resumes_exactly(tmp_path):
+    # FSDP2 (fully_shard) on 2 gloo processes: weights are DTensors split by rows.
+    # Each low-rank matrix is stepped whole on one owner rank, which alone holds
+    # its state; the result must be the one-process run's (10 steps: refreshes,
+    # AdaptiveAdamW's allocation over every rank's matrices, Adapprox's rank
+    # changes, random subspaces and sketches seeded by the global parameter index).
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2_SCRIPT)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(ROOT), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [r.pop("nan") for r in per_rank] == [True, True]  # raised on both ranks, nothing changed
+    assert len(per_rank[0]) == 12 and sum(r["dcp"] is not None for r in per_rank[0].values()) == 2
+    for case, r0 in per_rank[0].items():
+        r1 = per_rank[1][case]
+        for w0, one, fsdp2, resumed in zip(r0["start"], r0["one"], r0["fsdp2"], r0["resumed"]):
+            assert not torch.equal(one, w0), case  # it trained
+            assert (fsdp2 - one).abs().max() <= 1e-6 * one.abs().max(), case  # measured: equal bit for bit
+            assert torch.equal(resumed, fsdp2), case  # the resumed run is the uninterrupted one
+        if r0["dcp"] is not None:
+            assert all(torch.equal(a, b) for a, b in zip(r0["dcp"], r0["fsdp2"])), case
+        # the state, gathered (torch's full state dict: DTensor shards joined, each owner's matrices), is
+        # one process's: dense moments kept as DTensors, sharded like their parameter
+        for name, expected in r0["one_state"].items():
+            for key, v in expected.items():
+                held = [r["state"][name][key] for r in (r0, r1) if key in r["state"][name]]
+                whole = case.startswith("Adapprox") or name in ("0.weight", "2.weight", "4.weight", "6.weight")
+                assert len(held) == (1 if whole else 2), (case, name, key)  # its owner's, or both halves
+                assert all((h - v).abs().max() <= 1e-6 * v.abs().max() for h in held), (case, name, key)
+        # every rank allocated (AdaptiveAdamW) or adapted (Adapprox) each rank as one process did
+        assert [{**r0["ranks"], **r1["ranks"]}.get(i) for i in sorted({**r0["ranks"], **r1["ranks"]})] == \
+            r0["one_ranks"], case
+        assert r0["every_ranks"] == r1["every_ranks"] == r0["one_ranks"], case  # ranks() on every rank, too
+        # each matrix's low-rank state on one rank (its owner), dense shards' on both: together one process's bytes
+        # (Adapprox: every parameter, as its clipping reads a whole tensor)
+        whole = range(10) if case.startswith("Adapprox") else (0, 2, 4, 6)
+        holders = [[i in r["held"] for r in (r0, r1)] for i in whole]
+        assert all(sum(h) == 1 for h in holders) and all(any(h[r] for h in holders) for r in (0, 1)), case
+        assert all(i in r["held"] for i in set(range(10)) - set(whole) for r in (r0, r1)), case
+        assert r0["bytes"] + r1["bytes"] == r0["one_bytes"] and max(r0["bytes"], r1["bytes"]) < r0["one_bytes"]
+        # collectives per step, whatever the number of matrices: NaN check, gather, scatter (AdaptiveAdamW: one
+        # more all-reduce, and at a refresh the spectra's all-gather, two collectives)
+        assert max(r0["calls"]) == (6 if case.startswith("AdaptiveAdamW") else 3), (case, r0["calls"])
+    adaptive = [r["one_ranks"] for c, r in per_rank[0].items() if c.startswith(("AdaptiveAdamW", "Adapprox"))]
+    assert all(len(set(ranks)) > 1 for ranks in adaptive)  # the ranks differ between matrices: allocation tested
 
 
 # -- one class copied out alone: the shared core plus its section ------------
