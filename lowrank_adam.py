@@ -1509,11 +1509,12 @@ class Adapprox(_Base):
     paper's 34.5-49.9 % memory saving range); the rank starts at ``k_max``
     (``rank_init``), first halves (by at least ``rank_step``) each step while
     ξ is below ``err_tol/2``, with the EMA reseeded at each new rank, so it
-    reaches its working level in about log2(k_max) steps instead of k_max;
-    the first step it does not, the rank has settled and from then on
-    follows ``next_rank`` (± ``rank_step``) on an EMA (``err_beta``) of ξ
-    with hysteresis ``[err_tol/2, err_tol]``: the halving never resumes, so
-    it cannot flap (``err_tol=0`` holds every rank at k_max); the first moment is Adam's; clipping follows Adafactor;
+    reaches its working level in about log2(k_max) steps instead of k_max.
+    After the first step on which it does not halve, the rank has settled:
+    from then on it follows ``next_rank`` (± ``rank_step``) on an EMA
+    (``err_beta``) of ξ with hysteresis ``[err_tol/2, err_tol]``, and the
+    halving never resumes, so it cannot flap (``err_tol=0`` holds every rank
+    at k_max). The first moment is Adam's; clipping follows Adafactor;
     guidance scales by ``1 + cos``.
 
     Non-negativity (``nonneg``), chosen by measurement (docs/RESULTS.md).
@@ -1574,7 +1575,7 @@ class Adapprox(_Base):
     about 1: G is multiplied by 2^-h before it is squared, and U is kept at
     that scale with its exponent h (state ``u_exp``, one number), so that
     neither G², nor ξ's float32 sums of squares, nor V itself leave
-    float32's range for any finite gradient (2^-72 to 2^62 tested).
+    float32's range for any finite gradient (2^-100 to 2^100 tested).
 
     Not for: tiny models, where the S-RSI cost outweighs the memory saved.
     The sketch Ω of parameter i at step t is drawn from a generator seeded

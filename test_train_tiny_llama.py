@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -1326,6 +1327,29 @@ def shrink(command, corpus, tokenizer):
                 shown = re.sub(rf" {re.escape(flag)} [^\s$]+(?=\s|$)", "", shown)
         return shown + " " + " ".join(extra)
     return re.sub(r"(python|torch\.distributed\.run) [^;&|\n]*?(?=\s*(;|&&|\|\||$))", append, command)
+
+
+def test_readme_python_snippets_run_on_the_models_they_name(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(), re.S)
+    assert len(blocks) == 2  # the API and the layer-wise snippets
+    api, layerwise = blocks
+    # the API snippet, on the Hugging Face GPT-2 its comment says works as is
+    named = re.search(r"# model = (transformers\.GPT2LMHeadModel\(.*?\)\)) works", api, re.S).group(1)
+    import transformers
+    torch.manual_seed(0)
+    model = eval(named.replace("\n#", ""), {"transformers": transformers})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a rank cut down to the short side
+        exec(api, {"model": model})
+    assert capsys.readouterr().out.strip() == "0 {}"  # state_bytes before the first step, as commented
+    # the layer-wise snippet, on the tiny LLaMA of the script: every parameter moves inside backward
+    torch.manual_seed(0)
+    model = llama_c4.Llama(tiny_config())
+    before = [p.detach().clone() for p in model.parameters()]
+    tokens = torch.randint(0, 64, (2, 17))
+    exec(layerwise, {"model": model, "batches": [(tokens[:, :-1], tokens[:, 1:])]})
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_readme_commands_are_shown_in_full():
