@@ -1639,6 +1639,32 @@ def test_compiled_step_equals_the_eager_step(cls):
         assert (a - b).abs().max() <= 1e-4 * moved
 
 
+@pytest.mark.parametrize("cls, options", [(la.GaLoreAdamW, {}), (la.GaLoreAdamW, {"subspace": "gha"}), (la.LDAdam, {})],
+                         ids=["GaLoreAdamW-svd", "GaLoreAdamW-gha", "LDAdam"])
+def test_fullgraph_compile_without_the_finite_check_equals_eager(cls, options):
+    # the README's promise: with check_finite=False these compile with fullgraph=True
+    # (no graph break at all), refreshes included, and equal the eager steps
+    def run(compiled):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 20, bias=False), nn.Tanh(), nn.Linear(20, 12))
+        gap = {} if cls is la.LDAdam else {"update_proj_gap": 2}
+        opt = cls(la.lowrank_groups(model, 3, targets=("0", "2"), **gap, **options), lr=1e-2, check_finite=False)
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        g = torch.Generator().manual_seed(1)
+        start = [p.detach().clone() for p in model.parameters()]
+        for _ in range(4):  # refreshes at steps 1 and 3
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g)
+            step()
+        return start, [p.detach().clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    start, eager = run(False)
+    _, compiled = run(True)
+    for w0, a, b in zip(start, eager, compiled):
+        assert (a - b).abs().max() <= 1e-4 * (a - w0).abs().max()
+
+
 def test_fsdp1_flattened_parameters_are_refused_before_anything_changes():
     # FSDP1 marks every parameter it flattens (into 1-D shards) with
     # _fsdp_flattened; a low-rank method would run on them as plain AdamW
