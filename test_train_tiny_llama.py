@@ -1115,6 +1115,17 @@ def test_memory_formula_equals_state_bytes_of_a_real_step(method):
     assert la.state_bytes(opt) == predicted
 
 
+def test_bench_shard_tabulates_each_ranks_state_under_ddp_and_fsdp(capsys):
+    """Starts torchrun with 2 gloo processes (bench.py shard-one)."""
+    table = bench.shard(["--model", "tiny", "--rank", "8", "--batch-size", "1", "--seq-len", "32",
+                         "--optimizer", "galore,adafactor", "--modes", "ddp,fsdp"])
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table.splitlines() if line.startswith("| ")}
+    assert rows["optimizer"] == ["DDP", "--fsdp (FSDP2) |"]
+    ddp, fsdp = ([float(x) for x in cell.strip(" |").split(" / ")] for cell in rows["galore"])
+    assert ddp[0] == ddp[1] and abs(sum(fsdp) - ddp[0]) < 0.02 and max(fsdp) < ddp[0]
+    assert rows["adafactor"][1] == "refused (1) |" and "(1) adafactor --fsdp (FSDP2): error: --fsdp: torch's" in table
+
+
 def test_bench_steps_and_memory_tables(capsys):
     bench.main(["steps", "--model", "tiny", "--optimizer", "adamw,galore,ldadam", "--steps", "1"])
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in capsys.readouterr().out.splitlines()
