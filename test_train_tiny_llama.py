@@ -1026,7 +1026,7 @@ def test_torchrun_fsdp_galore_equals_plain_ddp_and_reports_each_ranks_state(corp
     assert "replicas" in ddp and "replicas" not in fsdp  # sharded: no replicas to compare
 
 
-@pytest.mark.parametrize("opt", ["adaptive", "adamw"])
+@pytest.mark.parametrize("opt", ["adaptive", "adapprox", "adamw"])
 def test_torchrun_fsdp_interrupted_and_resumed_equals_the_uninterrupted_run(opt, corpus, tmp_path):
     # the checkpoint is one process's (a single ckpt.pt from rank 0, by parameter name): the dense
     # state gathered from its shards, each matrix's low-rank state from its owner rank

@@ -519,6 +519,8 @@ def evaluate(run: Run, val: list) -> float:
     for x, y in val:
         with run.ctx:
             total += run.raw_model(x.to(run.device), y.to(run.device))[1].item() * len(x)
+    if run.args.fsdp:  # FSDP2 keeps the root's weights gathered after a forward without backward: shard them again
+        run.raw_model.reshard()  # (else they stay whole in memory, and named_parameters lists those stand-ins)
     run.model.train()
     return total / sum(len(x) for x, _ in val)
 
