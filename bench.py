@@ -19,6 +19,9 @@ commands:
   peak      peak memory of whole training steps, each optimizer in a fresh
             process, with and without --layerwise (CUDA: max_memory_allocated;
             CPU: peak resident memory)
+  shard     optimizer state per rank under torchrun (--nproc processes, gloo on
+            CPU): plain DDP (every rank holds all of it), --zero (ZeRO-1) and
+            --fsdp (FSDP2), for each optimizer, after real steps on random tokens
   refresh   AdaptiveAdamW's refresh (SVD) step against GaLore's: time and the
             memory it adds (refresh_keep bounds it)
   sketch    Adapprox's S-RSI variants (warm/cold start, power iterations) on the
@@ -40,6 +43,7 @@ examples:
   python bench.py steps --model 60m --rank 128 --optimizer adamw,galore,adaptive,ldadam,adapprox
   python bench.py memory
   python bench.py peak --model 60m --rank 128 --batch-size 1 --seq-len 256
+  python bench.py shard --model 60m --rank 128 --batch-size 1 --seq-len 64
   python bench.py refresh --model 350m --rank 256
   python bench.py subspaces --optimizer adaptive --rank 8 --update-proj-gap 20
   python bench.py plot --out-dir out/compare
@@ -926,13 +930,105 @@ def plot(argv: list[str]) -> list[Path]:
         print(f"wrote {path}")
     return written
 
+# ----------------------------------------------------------------------------- shard: state per rank under torchrun
+
+SHARD_MODES = {"ddp": [], "zero": ["--zero"], "fsdp": ["--fsdp"]}
+
+def shard_one(argv: list[str]) -> None:
+    """Under torchrun: every optimizer of --optimizer in every mode of --modes, one after the other
+    in these processes: the model (vocab 32,000) wrapped as train_tiny_llama.py wraps it, --max-steps
+    steps on random tokens, then each rank's la.state_bytes. Rank 0 prints a JSON line per run
+    (``refused``: the script's one-line refusal of that combination)."""
+    own, rest = shard_parser().parse_known_args(argv)
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    for spec in own.optimizer.split(","):
+        for mode in own.modes.split(","):
+            try:
+                args = tl.parse_args([*rest, "--optimizer", spec, *SHARD_MODES[mode]])
+            except SystemExit as e:
+                if rank == 0:
+                    print(json.dumps(dict(optimizer=spec, mode=mode, refused=str(e.code))), flush=True)
+                continue
+            tl.set_threads(args, "cpu")
+            torch.manual_seed(args.seed)
+            model = tl.build_model(args, 32000)
+            if args.fsdp:
+                tl.shard_model(model)
+            opt = tl.build_optimizer(args, model, zero=args.zero)
+            trained = model if args.fsdp else torch.nn.parallel.DistributedDataParallel(model)
+            g = torch.Generator().manual_seed(args.seed + rank)  # each rank its own batch
+            for _ in range(args.max_steps):  # step 1 allocates the state
+                tokens = torch.randint(0, 32000, (args.batch_size, args.seq_len + 1), generator=g)
+                trained(tokens[:, :-1], tokens[:, 1:])[1].backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            every = [None] * world
+            torch.distributed.all_gather_object(every, la.state_bytes(getattr(opt, "optim", opt)))
+            if rank == 0:
+                print(json.dumps(dict(optimizer=spec, mode=mode, bytes=every,
+                                      params=sum(p.numel() for p in model.parameters()))), flush=True)
+            del trained, model, opt
+    torch.distributed.destroy_process_group()
+
+def shard_parser() -> tl.Parser:
+    p = tl.Parser(prog="bench.py shard", description="Optimizer state per rank under torchrun: plain DDP, --zero "
+                  "and --fsdp, for each optimizer, after --max-steps steps on random tokens (vocab 32,000); any "
+                  "other flag (see train_tiny_llama.py --help: --model, --rank, --batch-size, --seq-len) applies "
+                  "too.", formatter_class=tl.HelpFormatter, allow_abbrev=False)
+    p.add_argument("--optimizer", default="adamw,galore,adaptive,ldadam,adapprox,muon,adafactor",
+                   help="comma list of specs")
+    p.add_argument("--modes", default="ddp,zero,fsdp", help="comma list of ddp, zero, fsdp")
+    p.add_argument("--nproc", type=int, default=2, help="torchrun processes (gloo, on the CPU)")
+    return p
+
+def shard(argv: list[str]) -> str:
+    own, rest = shard_parser().parse_known_args(argv)
+    unknown = [m for m in own.modes.split(",") if m not in SHARD_MODES]
+    if unknown or own.nproc < 2:
+        tl.fail(f"--modes {own.modes} --nproc {own.nproc}: modes are {', '.join(SHARD_MODES)}; at least 2 processes")
+    rest = ["--grad-clip", "0", "--max-steps", "2", "--warmup-steps", "0", *rest]
+    for spec in own.optimizer.split(","):  # the flags, checked here first: one line, not a traceback per rank
+        tl.parse_args([*rest, "--optimizer", spec])
+    tl.say(f"shard: {own.nproc} processes under torchrun, {own.optimizer} x {own.modes}", file=sys.stderr)
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          str(own.nproc), __file__, "shard-one", "--optimizer", own.optimizer, "--modes", own.modes,
+                          *rest], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    if out.returncode:
+        tl.fail(f"bench.py shard-one failed:\n{out.stderr[-3000:]}")
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    args = tl.parse_args(rest)
+    modes = own.modes.split(",")
+    names = {"ddp": "DDP", "zero": "--zero (ZeRO-1)", "fsdp": "--fsdp (FSDP2)"}
+    params = next((r["params"] for r in rows if "params" in r), 0)
+    lines = [f"optimizer state per rank, MiB (rank 0 / rank 1 / ...), after {args.max_steps} steps: {args.model} "
+             f"({params / 1e6:.1f}M params, vocab 32,000), rank {args.rank}, batch {args.batch_size} x "
+             f"{args.seq_len}, {own.nproc} processes (torchrun, gloo, CPU), torch {torch.__version__}; "
+             f"{time.perf_counter() - t0:.0f} s", "",
+             "| optimizer | " + " | ".join(names[m] for m in modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    refusals = []
+    for spec in own.optimizer.split(","):
+        cells = []
+        for m in modes:
+            r = next(r for r in rows if r["optimizer"] == spec and r["mode"] == m)
+            if "refused" in r:
+                refusals.append(f"{spec} {names[m]}: {r['refused']}")
+                cells.append(f"refused ({len(refusals)})")
+            else:
+                cells.append(" / ".join(f"{b / 2**20:.2f}" for b in r["bytes"]))
+        lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"({i}) {why}" for i, why in enumerate(refusals, 1)]
+    return "\n".join(lines)
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     commands = {"compare": compare, "steps": lambda a: print(steps(a)), "memory": memory, "plot": plot,
                 "peak": lambda a: print(peak(a)), "peak-one": peak_one,
-                "refresh": lambda a: print(refresh(a)), "refresh-one": refresh_one,
+                "refresh": lambda a: print(refresh(a)),
+                "shard": lambda a: print(shard(a)), "shard-one": shard_one, "refresh-one": refresh_one,
                 "loader": lambda a: print(loader(a)), "sketch": lambda a: print(sketch(a)),
                 "subspaces": lambda a: print(subspaces(a)), "sensitivity": lambda a: print(sensitivity(a))}
     if not argv or argv[0] in ("-h", "--help"):

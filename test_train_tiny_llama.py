@@ -1009,6 +1009,46 @@ def test_torchrun_zero_galore_equals_plain_ddp(corpus, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_torchrun_fsdp_galore_equals_plain_ddp_and_reports_each_ranks_state(corpus, tmp_path):
+    # FSDP2: each matrix stepped whole on its owner rank, the same code on the same whole
+    # tensors, so the run is plain DDP's; the gradients are reduce-scattered instead of
+    # all-reduced, which sums them in the same order on 2 ranks. (--grad-clip 0: the norm of
+    # sharded gradients is summed shard by shard, a rounding apart, which GaLore's SVDs amplify.)
+    common = ("--data", corpus, "--optimizer", "galore", "--update-proj-gap", "4", "--grad-clip", "0")
+    ddp = torchrun(*common, "--out-dir", str(tmp_path / "ddp"))
+    fsdp = torchrun(*common, "--fsdp", "--out-dir", str(tmp_path / "fsdp"))
+    a, b = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "fsdp")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # measured: bit for bit
+    val = [torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["result"] for d in ("ddp", "fsdp")]
+    assert val[0]["val_loss"] == val[1]["val_loss"]
+    ddp_bytes, fsdp_bytes = val[0]["state_bytes_per_rank"], val[1]["state_bytes_per_rank"]
+    assert ddp_bytes[0] == ddp_bytes[1] and sum(fsdp_bytes) == ddp_bytes[0] and max(fsdp_bytes) < ddp_bytes[0]
+    assert f"state bytes per rank {fsdp_bytes[0]:,} / {fsdp_bytes[1]:,}" in fsdp
+    assert "replicas" in ddp and "replicas" not in fsdp  # sharded: no replicas to compare
+
+
+@pytest.mark.parametrize("opt", ["adaptive", "adapprox", "adamw"])
+def test_torchrun_fsdp_interrupted_and_resumed_equals_the_uninterrupted_run(opt, corpus, tmp_path):
+    # the checkpoint is one process's (a single ckpt.pt from rank 0, by parameter name): the dense
+    # state gathered from its shards, each matrix's low-rank state from its owner rank
+    common = ("--data", corpus, "--optimizer", opt, "--fsdp")
+    torchrun(*common, "--out-dir", str(tmp_path / "whole"))
+    torchrun(*common, "--out-dir", str(tmp_path / "part"), "--stop-after", "3")
+    assert "resumed from step 3 of 6" in torchrun(*common, "--out-dir", str(tmp_path / "part"), "--resume")
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)
+    assert ckpt["result"]["val_loss"] == torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)["result"][
+        "val_loss"]
+    assert set(ckpt["model"]) == set(tl.build_model(tl.parse_args([]), 257).state_dict())  # plain tensors
+    assert all(not hasattr(v, "to_local") for v in ckpt["model"].values())
+    if opt == "adaptive":  # every matrix's state in the file, once: its owner's, in place of the markers
+        owners = ckpt["optimizer"]["owners"]
+        assert sorted(set(owners.values())) == [0, 1]
+        assert all("owner" not in ckpt["optimizer"]["state"][n] and "exp_avg" in ckpt["optimizer"]["state"][n]
+                   for n in owners)
+
+
 @pytest.mark.parametrize("opt", ["adamw", "galore", "ldadam", "adapprox"])
 def test_layerwise_run_equals_the_ordinary_loop_and_resumes_exactly(opt, corpus, tmp_path):
     common = SMALL + ["--data", corpus, "--optimizer", opt, "--grad-clip", "0"]
@@ -1037,6 +1077,22 @@ def test_layerwise_and_zero_refuse_what_they_cannot_do(flags, words):
         tl.parse_args(flags)
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--zero"], "use --fsdp or --zero, not both"),
+    (["--layerwise", "--grad-clip", "0"], "drop --layerwise"),
+    (["--optimizer", "adafactor"], "torch's Adafactor fails on sharded weights.*run it without --fsdp"),
+])
+def test_fsdp_refuses_what_it_cannot_do(flags, words, monkeypatch):
+    with pytest.raises(SystemExit, match="--fsdp: it shards the model across torchrun's processes: start the run "
+                                         "with torchrun"):
+        tl.parse_args(["--fsdp"])  # one process
+    monkeypatch.setenv("RANK", "0")  # as under torchrun
+    with pytest.raises(SystemExit, match=f"^error: --fsdp: .*{words}"):
+        tl.parse_args(["--fsdp", *flags])
+    for ok in (["--optimizer", "muon"], ["--optimizer", "adapprox"], []):
+        tl.parse_args(["--fsdp", *ok])
+
+
 @pytest.mark.parametrize("method", ["adamw", "galore", "adaptive", "ldadam", "ldadam-bf16", "adapprox",
                                     "adapprox-b0"])
 def test_memory_formula_equals_state_bytes_of_a_real_step(method):
@@ -1058,6 +1114,17 @@ def test_memory_formula_equals_state_bytes_of_a_real_step(method):
     kw = {"ldadam-bf16": dict(error_bytes=2), "adapprox-b0": dict(beta1=0.0)}.get(method, {})
     predicted = bench.predicted_state_bytes(model, method.split("-")[0], rank, **kw)
     assert la.state_bytes(opt) == predicted
+
+
+def test_bench_shard_tabulates_each_ranks_state_under_ddp_and_fsdp(capsys):
+    """Starts torchrun with 2 gloo processes (bench.py shard-one)."""
+    table = bench.shard(["--model", "tiny", "--rank", "8", "--batch-size", "1", "--seq-len", "32",
+                         "--optimizer", "galore,adafactor", "--modes", "ddp,fsdp"])
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in table.splitlines() if line.startswith("| ")}
+    assert rows["optimizer"] == ["DDP", "--fsdp (FSDP2) |"]
+    ddp, fsdp = ([float(x) for x in cell.strip(" |").split(" / ")] for cell in rows["galore"])
+    assert ddp[0] == ddp[1] and abs(sum(fsdp) - ddp[0]) < 0.02 and max(fsdp) < ddp[0]
+    assert rows["adafactor"][1] == "refused (1) |" and "(1) adafactor --fsdp (FSDP2): error: --fsdp: torch's" in table
 
 
 def test_bench_steps_and_memory_tables(capsys):

@@ -149,6 +149,9 @@ def run_flags(p: argparse.ArgumentParser) -> None:
                    "(gradients never coexist); one process, --grad-clip 0, --grad-accum 1, not adaptive/adafactor")
     y.add_argument("--zero", action="store_true", help="under torchrun: shard the optimizer state across the "
                    "processes (ZeRO-1, torch's ZeroRedundancyOptimizer); each rank steps its own parameters")
+    y.add_argument("--fsdp", action="store_true", help="under torchrun: shard the weights, gradients and optimizer "
+                   "state across the processes (FSDP2, torch's fully_shard: each block, then the model); a low-rank "
+                   "matrix is stepped whole on one owner rank, which alone holds its state")
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="train_tiny_llama.py", usage="%(prog)s [--flag value ...]", description=__doc__,
@@ -215,8 +218,19 @@ def check_rank(args, model: nn.Module) -> None:
              f"matrices; use at most {side}")
 
 def check_memory_modes(args) -> None:
-    """--layerwise and --zero: refuse what they cannot do, naming the way out."""
+    """--layerwise, --zero and --fsdp: refuse what they cannot do, naming the way out."""
     torchrun, cls = "RANK" in os.environ, OPTIMIZERS[parse_optimizer(args.optimizer)[0]].cls
+    fsdp_refusals = [(not torchrun, "it shards the model across torchrun's processes: start the run with torchrun"),
+                     (args.zero, "FSDP2 already shards the optimizer state: use --fsdp or --zero, not both"),
+                     (args.layerwise, "lowrank_adam steps a sharded matrix whole on its owner rank, never one "
+                                      "parameter inside backward: drop --layerwise (--fsdp saves more memory)"),
+                     (args.dtype == "float16" and args.device != "cpu", "a GradScaler would find an inf on one "
+                      "rank's shard only and skip the step there alone: use --dtype bfloat16"),
+                     *((cls is c, f"{why}; run it without --fsdp (plain DDP or --zero), or use adamw, galore, "
+                       "adaptive, ldadam or adapprox") for c, why in FSDP_UNSUPPORTED.items())]
+    why = next((why for refused, why in fsdp_refusals if refused), None)
+    if args.fsdp and why:
+        fail(f"--fsdp: {why}")
     if args.zero and cls is MuonWithAdamW:
         fail("--zero: muon is two torch optimizers in one, which ZeroRedundancyOptimizer cannot shard; "
              "run it without --zero (plain DDP)")
@@ -346,6 +360,10 @@ OPTIMIZERS = {
 }
 if hasattr(torch.optim, "Muon"):  # torch >= 2.9
     OPTIMIZERS["muon"] = Recipe(MuonWithAdamW, 3e-3, lowrank=True)
+# The optimizers --fsdp refuses, and why: torch's own that fail on sharded (DTensor) weights (tried with
+# torch 2.13; AdamW and Muon step DTensors, Muon gathering each matrix for its Newton-Schulz iterations).
+FSDP_UNSUPPORTED = {torch.optim.Adafactor: "torch's Adafactor fails on sharded weights (its row norms are "
+                                           "partial DTensors, which it squares in place)"}
 
 def parse_optimizer(spec: str) -> tuple[str, dict]:
     """``NAME[:KIND][+SWITCH]...`` -> (NAME, the options its variants set)."""
@@ -415,13 +433,15 @@ class Run:
         self.args, self.dist, self.device = args, dist, torch.device(dist.device)
         torch.manual_seed(args.seed)  # the same initial weights for every optimizer at this seed
         self.raw_model = build_model(args, vocab_size).to(self.device)  # what is evaluated and saved
+        if args.fsdp:  # its parameters become DTensors, each rank holding its rows; the optimizer sees those
+            shard_model(self.raw_model)
         self.opt = build_optimizer(args, self.raw_model, zero=args.zero)
         self.local_opt = getattr(self.opt, "optim", self.opt)  # --zero: this rank's shard of the optimizer
         if args.layerwise:  # each parameter stepped in backward; its time counts as optimizer time
             step_parameter, self.layerwise_hooks = self.opt.step_parameter, la.layerwise_hooks(self.opt)
             self.opt.step_parameter = lambda p: self.timed(step_parameter, p, sync=False)  # no sync per parameter
         self.model = torch.compile(self.raw_model) if args.compile else self.raw_model  # what trains
-        if dist.ddp:
+        if dist.ddp and not args.fsdp:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         amp = self.device.type == "cuda" and args.dtype != "float32"
@@ -447,6 +467,16 @@ class Run:
             synchronize(self.device)
         self.step_seconds += time.perf_counter() - t0
 
+def shard_model(model: llama_c4.Llama) -> None:
+    """--fsdp: FSDP2 (torch's fully_shard) on each block, then on the root (the embedding, final norm and
+    head), as torchtitan does: a block's weights are gathered for its forward and backward only, and its
+    gradients reduce-scattered as soon as its backward ends. Every weight becomes a DTensor split by
+    rows; the names stay, so lowrank_groups still selects the attn/mlp matrices."""
+    from torch.distributed.fsdp import fully_shard
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -461,7 +491,9 @@ def train_step(run: Run, batches) -> tuple[float, torch.Tensor]:
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(args.grad_accum):
         x, y = next(batches)
-        if run.dist.ddp:  # all-reduce the gradients on the last micro-step only
+        if args.fsdp:  # reduce-scatter the gradients on the last micro-step only
+            run.raw_model.set_requires_gradient_sync(micro == args.grad_accum - 1)
+        elif run.dist.ddp:  # all-reduce the gradients on the last micro-step only
             run.model.require_backward_grad_sync = micro == args.grad_accum - 1
         with run.ctx:
             _, loss = run.model(x.to(run.device), y.to(run.device))
@@ -487,6 +519,8 @@ def evaluate(run: Run, val: list) -> float:
     for x, y in val:
         with run.ctx:
             total += run.raw_model(x.to(run.device), y.to(run.device))[1].item() * len(x)
+    if run.args.fsdp:  # FSDP2 keeps the root's weights gathered after a forward without backward: shard them again
+        run.raw_model.reshard()  # (else they stay whole in memory, and named_parameters lists those stand-ins)
     run.model.train()
     return total / sum(len(x) for x, _ in val)
 
@@ -615,9 +649,12 @@ def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
     ``result`` marks a complete run. Every rank calls it; rank 0 writes a
     temporary file, then renames it over the old checkpoint."""
     data = llama_c4.saveable(run.batches.state)
-    if run.args.zero:  # every rank sends its shard of the optimizer state to rank 0
-        run.opt.consolidate_state_dict(to=0)
-    optimizer_state = run.opt.state_dict() if run.dist.master else None
+    if run.args.fsdp:  # every rank sends its shards (and the matrices it owns) to rank 0
+        model_state, optimizer_state = fsdp_full_state(run)
+    else:
+        if run.args.zero:  # every rank sends its shard of the optimizer state to rank 0
+            run.opt.consolidate_state_dict(to=0)
+        model_state, optimizer_state = run.raw_model.state_dict(), run.opt.state_dict() if run.dist.master else None
     if run.dist.ddp:  # each rank reads its own slice of the data: keep every rank's position
         every = [None] * run.dist.world
         torch.distributed.all_gather_object(every, data)
@@ -625,17 +662,64 @@ def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
     if not run.dist.master:
         return
     path = Path(run.args.out_dir) / "ckpt.pt"
-    torch.save({"model": run.raw_model.state_dict(), "optimizer": optimizer_state,
+    torch.save({"model": model_state, "optimizer": optimizer_state,
                 "scaler": run.scaler.state_dict(), "settings": run_settings(run.args), "step": run.step,
                 "data": data, "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                 "timing": {"seconds": run.train_seconds(), "step_seconds": run.step_seconds}, "result": result},
                path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
 
+FULL = dict(full_state_dict=True)  # torch.distributed.checkpoint's StateDictOptions: whole tensors, no DTensors
+
+def fsdp_full_state(run: Run) -> tuple[Optional[dict], Optional[dict]]:
+    """--fsdp: the model's and the optimizer's state dicts as one process's, on rank 0 (None elsewhere),
+    keyed by parameter name (torch.distributed.checkpoint's full state dicts, on the CPU). Torch gathers
+    every DTensor (weights, dense moments); a low-rank matrix's state is a plain tensor on its owner rank
+    alone, marked ``{"owner": r}`` on the others, so each rank also sends the entries it owns to rank 0,
+    which puts them in place of the markers and keeps who owned what (``"owners"``) for the resume."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(**FULL, cpu_offload=True)  # rank 0 alone receives, on the CPU
+    model_state = get_model_state_dict(run.raw_model, options=options)
+    optimizer_state = get_optimizer_state_dict(run.raw_model, run.opt, options=options)
+    names = {id(p): n for n, p in run.raw_model.named_parameters()}
+    owned = {names[id(p)]: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+             for p, st in run.opt.state.items() if owned_here(st)}
+    every = [None] * run.dist.world
+    torch.distributed.all_gather_object(every, owned)
+    if not run.dist.master:
+        return None, None
+    owners = {name: r for r, entries in enumerate(every) for name in entries}
+    optimizer_state["state"].update({name: every[r][name] for name, r in owners.items()})
+    optimizer_state["owners"] = owners
+    return model_state, optimizer_state
+
+def owned_here(state: dict) -> bool:
+    """--fsdp: whether this optimizer state is a whole matrix's, held by this rank, its owner (plain
+    tensors); a sharded parameter's dense state is DTensors, and a marker ``{"owner": r}`` is another's."""
+    tensors = [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return "owner" not in state and bool(tensors) and not any(la._is_dtensor(v) for v in tensors)
+
+def load_fsdp_full_state(run: Run, model_state: dict, optimizer_state: dict) -> None:
+    """--fsdp: the inverse of fsdp_full_state, on every rank from the whole checkpoint: each rank keeps
+    its rows of every DTensor, the entries of the matrices it owned, and the markers of the others'."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    set_model_state_dict(run.raw_model, model_state, options=StateDictOptions(**FULL))
+    owners, rank = optimizer_state["owners"], run.dist.rank
+    state = {name: st if owners.get(name, rank) == rank else
+             {"owner": owners[name], **({"rank": st["rank"]} if "rank" in st else {})}
+             for name, st in optimizer_state["state"].items()}
+    local = {k: v for k, v in optimizer_state.items() if k != "owners"}
+    set_optimizer_state_dict(run.raw_model, run.opt, {**local, "state": state}, options=StateDictOptions(**FULL))
+
 def restore(run: Run, ckpt: dict, batches: llama_c4.TrainBatches) -> None:
     """The run where the checkpoint left it, the data position of this rank too: no replay of the stream."""
-    run.raw_model.load_state_dict(ckpt["model"])
-    run.opt.load_state_dict(ckpt["optimizer"])
+    if run.args.fsdp:
+        load_fsdp_full_state(run, ckpt["model"], ckpt["optimizer"])
+    else:
+        run.raw_model.load_state_dict(ckpt["model"])
+        run.opt.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
     run.step = ckpt["step"]
@@ -743,8 +827,9 @@ def finish(run: Run, val: list, metrics, interrupted: bool) -> dict:
 @torch.no_grad()
 def check_replicas(run: Run) -> None:
     """Under DDP every rank must hold the same weights: compare a checksum of
-    each parameter across ranks (an error names the first that differs)."""
-    if not run.dist.ddp:
+    each parameter across ranks (an error names the first that differs).
+    (--fsdp: no replicas, each rank holds its own rows of every weight.)"""
+    if not run.dist.ddp or run.args.fsdp:
         return
     params = list(run.raw_model.named_parameters())
     local = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for _, p in params])
@@ -771,12 +856,18 @@ def result_of(run: Run, val_loss: float) -> dict:
         result["mfu"] = result["tokens_per_s"] * run.raw_model.flops_per_token(args.seq_len) / (args.peak_tflops * 1e12)
     if names:
         result["ranks"] = dict(zip(names, run.opt.ranks()))
+    if run.dist.ddp:  # what each rank holds: the same under DDP, a shard under --zero and --fsdp
+        every = [None] * run.dist.world
+        torch.distributed.all_gather_object(every, la.state_bytes(run.local_opt))
+        result["state_bytes_per_rank"] = every
     return result
 
 def describe(r: dict) -> str:
     """A run's result in one line."""
     extra = f", peak CUDA {r['peak_cuda_gb']:.2f} GB" if r["peak_cuda_gb"] is not None else ""
     extra += f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
+    if "state_bytes_per_rank" in r:
+        extra += f", state bytes per rank {' / '.join(f'{b:,}' for b in r['state_bytes_per_rank'])}"
     return (f"{r['optimizer']} (lr {r['lr']:g}) seed {r['seed']}: {r['params'] / 1e6:.2f}M params, {r['steps']} steps, "
             f"val loss {r['val_loss']:.4f}, val ppl {r['val_ppl']:.2f}, {r['tokens_per_s']:,.0f} tokens/s, optimizer "
             f"state {r['state_mb']:.2f} MB, step() {r['step_ms']:.2f} ms, {r['seconds']:.0f} s{extra}")
