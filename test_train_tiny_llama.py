@@ -1342,6 +1342,8 @@ README_APPEND = {"train_tiny_llama.py": README_TRAIN,
                  "bench.py loader": ["--seconds", "0.2", "--bpe", "300"],
                  "bench.py sketch": README_TRAIN,
                  "bench.py subspaces": README_TRAIN,
+                 "bench.py shard": ["--model", "tiny", "--rank", "8", "--seq-len", "32", "--optimizer", "galore",
+                                    "--modes", "fsdp"],
                  "bench.py sensitivity": ["--model", "tiny", "--steps", "4", "--perturb-step", "2", "--ranks", "2",
                                           "--batch-size", "2", "--seq-len", "16"]}
 
