@@ -549,10 +549,13 @@ class _Base(Optimizer):
                              "optimizer")
         gi, index = where[id(p)]
         group = self.param_groups[gi]
-        _check(not _is_dtensor(p), "step_parameter: FSDP2 (DTensor) parameters are stepped by step() only")
         self._opt_called = True  # what torch's step wrapper records: LR schedulers then know a step happened
         self._check_layerwise(group)
         if p.grad is None:
+            return
+        if _is_dtensor(p):  # FSDP2: a collective step of this one parameter (section 7), called on every rank
+            _check(self._fsdp2_step is not None, "FSDP2 (DTensor) parameters need section 7 of lowrank_adam")
+            self._fsdp2_step([(p, group, index)])
             return
         self._check_grads([(p, group, index)])
         self._step_items([(p, group, index)])
@@ -1908,6 +1911,14 @@ def layerwise_hooks(optimizer: Optimizer) -> list:
     clipping, gradient accumulation over micro-batches (the first backward
     would already step), DDP (its gradient averaging runs after the hook),
     a GradScaler (its inf check is global), and AdaptiveAdamW's allocation.
+
+    Under FSDP2 (``fully_shard``) the hook fires after the parameter's
+    reduce-scatter (FSDP2 calls the post-accumulate-grad hooks of its sharded
+    DTensor parameters itself, one FSDP unit at a time, in the same order on
+    every rank), and ``step_parameter`` runs ``fsdp2_step`` on that one
+    parameter: its collectives (all-to-alls, and the NaN/Inf all-reduce)
+    are issued per parameter instead of per step, and every rank must run
+    the same backward (as FSDP2 itself requires).
     Returns the hook handles; ``handle.remove()`` on each undoes it::
 
         handles = layerwise_hooks(GaLoreAdamW(lowrank_groups(model, rank=128), lr=1e-2))
@@ -2032,7 +2043,9 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
     global parameter index, so they are one process's, and so is the step:
     the same code on the same whole tensors. Adapprox (its clipping and
     guidance read a whole tensor: ``_dense_elementwise``) steps every
-    parameter on an owner. Layer-wise updates are not supported.
+    parameter on an owner. Layer-wise updates (``layerwise_hooks``) call it
+    with one parameter at a time, from inside FSDP2's reduce-scatter of that
+    parameter's gradient: the same step, with these collectives per parameter.
     """
     opt = optimizer
     mesh = next(p.device_mesh for p, _, _ in items if _is_dtensor(p))

@@ -3481,3 +3481,56 @@ def test_adapprox_rank_settles_geometrically_then_steps():
         ranks.append(opt2.ranks()[0])
     settled = next(i for i, s in enumerate(ranks) if i > 0 and s >= ranks[i - 1])
     assert all(abs(b - a) <= 1 for a, b in zip(ranks[settled:], ranks[settled + 1:]))
+
+
+FSDP2_LAYERWISE_SCRIPT = FSDP2_SCRIPT[:FSDP2_SCRIPT.index("class Collectives")] + """
+# 1. FSDP2 calls a sharded parameter's post-accumulate-grad hook itself, after the reduce-scatter
+seen = {}
+m = sharded()
+for p in m.parameters():
+    p.register_post_accumulate_grad_hook(lambda p: seen.setdefault(id(p), (type(p.grad).__name__, p.grad.to_local().clone())))
+nn.functional.mse_loss(m(x), y).backward()
+out = {"hooks": [seen[id(p)][0] == "DTensor" and torch.equal(seen[id(p)][1], p.grad.to_local())
+                 for p in m.parameters()]}
+# 2. layer-wise updates (stepped inside backward, one parameter at a time) equal ordinary FSDP2 steps
+for name, opts in [("GaLoreAdamW", {}), ("GaLoreAdamW", dict(subspace="random", residual=True)), ("LDAdam", {}),
+                   ("Adapprox", {})]:
+    ordinary, layerwise = sharded(), sharded()
+    opt, opt_l = optimizer(name, opts, ordinary), optimizer(name, opts, layerwise)
+    handles = la.layerwise_hooks(opt_l)
+    freed = True
+    for _ in range(5):  # refreshes at steps 1 and 4
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(ordinary(x), y).backward()
+        opt.step()
+        nn.functional.mse_loss(layerwise(x), y).backward()
+        freed &= all(p.grad is None for p in layerwise.parameters())
+    out[f"{name} {sorted(opts.items())}"] = dict(
+        freed=freed, ordinary=[p.full_tensor() for p in ordinary.parameters()],
+        layerwise=[p.full_tensor() for p in layerwise.parameters()], ranks=(opt.ranks(), opt_l.ranks()),
+        state=(la.state_bytes(opt, by_key=True), la.state_bytes(opt_l, by_key=True)))
+torch.save(out, os.path.join(sys.argv[2], f"rank{dist.get_rank()}.pt"))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_layerwise_updates_equal_ordinary_fsdp2_steps(tmp_path):
+    # FSDP2 runs a sharded parameter's post-accumulate-grad hooks itself, right
+    # after its gradient's reduce-scatter, in the same order on every rank; so
+    # layerwise_hooks steps each parameter there (one collective fsdp2_step each)
+    script = tmp_path / "fsdp2_layerwise.py"
+    script.write_text(FSDP2_LAYERWISE_SCRIPT)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(ROOT), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for r in per_rank:
+        assert r.pop("hooks") == [True] * 10  # fired on every parameter, with its reduced DTensor gradient
+        assert len(r) == 4
+        for case, res in r.items():
+            assert res["freed"], case  # no gradient outlives its update
+            assert all(torch.equal(a, b) for a, b in zip(res["ordinary"], res["layerwise"])), case
+            assert res["ranks"][0] == res["ranks"][1] and res["state"][0] == res["state"][1], case
+    assert all(all(torch.equal(a, b) for a, b in zip(per_rank[0][c]["layerwise"], per_rank[1][c]["layerwise"]))
+               for c in per_rank[0])  # the same full weights on both ranks
