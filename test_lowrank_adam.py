@@ -12,8 +12,10 @@ square matrices. Sections, in order:
 4. Suite-wide tests, parametrized over every optimizer the module exports:
    drop-in behaviour, state dicts and resuming, layer-wise updates, DDP and
    ZeRO-1, edge-case gradients, memory.
-5. Wherever it is pasted: torch.compile, FSDP1, FSDP2, options changed between steps,
-   the layout of loaded state.
+5. Wherever it is pasted: torch.compile (also fullgraph), FSDP1 refused, FSDP2
+   (sharded, layer-wise, checkpoints), one class copied out alone, Hugging Face
+   GPT-2 and packed projections, options changed between steps, the layout of
+   loaded state.
 6. CUDA (skipped without a GPU).
 7. AdaptiveAdamW: allocation, momentum transformation, limiter, reference.
 8. LDAdam: its float64 reference and the official code's conventions.
@@ -1589,8 +1591,8 @@ def test_step_parameter_follows_a_group_replaced_by_add_param_group():
 
 
 # =============================================================================
-# Wherever it is pasted: torch.compile, FSDP1, options changed between steps,
-# the layout of loaded state
+# Wherever it is pasted: torch.compile, FSDP1, FSDP2, a class copied out alone,
+# Hugging Face GPT-2, options changed between steps, the layout of loaded state
 # =============================================================================
 
 # One case per optimizer, each with the options that reach the most code: a

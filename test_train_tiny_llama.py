@@ -6,7 +6,7 @@ Run with the optimizer tests: ``pytest -q``. Sections, in order:
 2. The data: C4 shards, packing, shuffling, splits, resuming a stream, bad data.
 3. The script end to end (train_tiny_llama.main): training, resuming, Ctrl-C,
    checkpoints, flags and their errors, --help.
-4. Requirements and distributed runs (torchrun on CPU: DDP, ZeRO-1, layer-wise).
+4. Requirements and distributed runs (torchrun on CPU: DDP, ZeRO-1, FSDP2, layer-wise).
 5. bench.py: every subcommand on tiny settings.
 6. The documentation: every command README.md and docs/RESULTS.md show, run in order
    in a scratch folder; their links resolve.
