@@ -49,6 +49,16 @@ import lowrank_adam as la
 
 ROOT = str(Path(__file__).resolve().parent)
 
+
+def run_on_two_processes(tmp_path, source, name):
+    """Runs ``source`` under torchrun with 2 gloo CPU processes (arguments: the
+    repository root and ``tmp_path``, where each rank writes its results)."""
+    script = tmp_path / name
+    script.write_text(source)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(ROOT), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
 torch.set_num_threads(min(torch.get_num_threads(), 2))
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -1719,11 +1729,7 @@ dist.destroy_process_group()
 
 def test_fsdp1_is_refused_under_torchrun(tmp_path):
     # the real engine on 2 gloo processes: weights become 1-D shards
-    script = tmp_path / "fsdp1.py"
-    script.write_text(FSDP1_SCRIPT)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(ROOT), str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    run_on_two_processes(tmp_path, FSDP1_SCRIPT, "fsdp1.py")
     for rank in (0, 1):
         lines = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
         assert lines == ["after refused: True", "before refused: True"], lines
@@ -1866,11 +1872,7 @@ def test_fsdp2_every_optimizer_equals_one_process_with_sharded_state_and_resumes
     # its state; the result must be the one-process run's (10 steps: refreshes,
     # AdaptiveAdamW's allocation over every rank's matrices, Adapprox's rank
     # changes, random subspaces and sketches seeded by the global parameter index).
-    script = tmp_path / "fsdp2.py"
-    script.write_text(FSDP2_SCRIPT)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(ROOT), str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_on_two_processes(tmp_path, FSDP2_SCRIPT, "fsdp2.py")
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [r.pop("nan") for r in per_rank] == [True, True]  # raised on both ranks, nothing changed
     assert len(per_rank[0]) == 12 and sum(r["dcp"] is not None for r in per_rank[0].values()) == 2
@@ -3521,11 +3523,7 @@ def test_fsdp2_layerwise_updates_equal_ordinary_fsdp2_steps(tmp_path):
     # FSDP2 runs a sharded parameter's post-accumulate-grad hooks itself, right
     # after its gradient's reduce-scatter, in the same order on every rank; so
     # layerwise_hooks steps each parameter there (one collective fsdp2_step each)
-    script = tmp_path / "fsdp2_layerwise.py"
-    script.write_text(FSDP2_LAYERWISE_SCRIPT)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(ROOT), str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_on_two_processes(tmp_path, FSDP2_LAYERWISE_SCRIPT, "fsdp2_layerwise.py")
     per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     for r in per_rank:
         assert r.pop("hooks") == [True] * 10  # fired on every parameter, with its reduced DTensor gradient
