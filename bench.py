@@ -626,16 +626,19 @@ def subspaces(argv: list[str]) -> str:
 def sensitivity_optimizers(ranks: list[int], hidden: int) -> dict:
     """The optimizers `bench.py sensitivity` compares: name -> (model -> optimizer, lr).
     Adapprox's ranks are held with err_tol=0 (the rank rises to k_max at once and stays)
-    and k_max_frac = rank / hidden; "full" is the exact factorization."""
+    and k_max_frac = rank / hidden; "full" is the exact factorization. Each Adapprox row
+    also runs without row/column scaling (V factored as it is)."""
     A = la.Adapprox
     out = {"AdamW": (lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0), 3e-3),
-           "torch Adafactor": (lambda m, lr: torch.optim.Adafactor(m.parameters(), lr=lr), 1e-2),
-           "Adapprox (default)": (lambda m, lr: A(m.parameters(), lr=lr), 3e-3)}
+           "torch Adafactor": (lambda m, lr: torch.optim.Adafactor(m.parameters(), lr=lr), 1e-2)}
+    adapprox = {"Adapprox (default)": {}}
     for r in ranks:
-        out[f"Adapprox rank {r} held"] = (lambda m, lr, r=r: A(m.parameters(), lr=lr, err_tol=0.0,
-                                                                k_max_frac=r / hidden), 3e-3)
-    out["Adapprox full rank, clipping off"] = (lambda m, lr: A(m.parameters(), lr=lr, err_tol=0.0, k_max_frac=1.0,
-                                                                clip_threshold=None), 3e-3)
+        adapprox[f"Adapprox rank {r} held"] = dict(err_tol=0.0, k_max_frac=r / hidden)
+    adapprox["Adapprox full rank, clipping off"] = dict(err_tol=0.0, k_max_frac=1.0, clip_threshold=None)
+    for name, options in adapprox.items():
+        out[name] = (lambda m, lr, o=options: A(m.parameters(), lr=lr, **o), 3e-3)
+        out[f"{name}, no row/column scaling"] = (lambda m, lr, o=options: A(m.parameters(), lr=lr,
+                                                                             row_col_scaling=False, **o), 3e-3)
     return out
 
 def sensitivity_run(model, make_opt, lr: float, batches: list, perturb: tuple[int, float] | None = None) -> list:
@@ -663,13 +666,15 @@ def sensitivity(argv: list[str]) -> str:
                   "W_perturbed had --noise relative noise added to every gradient at step --perturb-step "
                   "(AdamW, torch Adafactor, Adapprox at its default and at held ranks). Also the distance of "
                   "full-rank Adapprox without clipping from AdamW's trajectory (the same in exact arithmetic). "
-                  "Constant lr, no gradient clipping, float32, one CPU thread. Other flags: --model, --seq-len, "
+                  "Constant lr, no gradient clipping, float32 (or --float64), one CPU thread. Other flags: --model, --seq-len, "
                   "--batch-size, --seed.", formatter_class=tl.HelpFormatter, allow_abbrev=False)
     p.add_argument("--steps", type=int, default=40, help="optimizer steps of each run")
     p.add_argument("--perturb-step", type=int, default=6, help="the step whose gradients get the noise")
     p.add_argument("--noise", type=float, default=1e-7, help="relative noise: each gradient entry times 1 + noise·N(0, 1)")
     p.add_argument("--ranks", default="1,4,16", help="comma list of Adapprox ranks to hold (err_tol=0)")
     p.add_argument("--only", help="comma list of substrings: run only the optimizers whose names contain one")
+    p.add_argument("--float64", action="store_true", help="model, gradients and optimizers in float64: what "
+                   "remains is the algorithms' own amplification, without float32 rounding")
     own, rest = p.parse_known_args(argv)
     args = tl.parse_args(["--model", "9m", "--batch-size", "8", "--seq-len", "64", *rest])
     if not 1 <= own.perturb_step <= own.steps:
@@ -682,12 +687,15 @@ def sensitivity(argv: list[str]) -> str:
     batches = [next(stream) for _ in range(own.steps)]
     torch.manual_seed(args.seed)
     model = tl.build_model(args, tokenizer.vocab_size)
+    if own.float64:
+        model.double()
     w0 = copy.deepcopy(model.state_dict())
     start = [p.detach().clone() for p in model.parameters()]
     hidden = tl.MODEL_SHAPES[args.model][0]
     ranks = [int(r) for r in own.ranks.split(",") if r]
     lines = [f"sensitivity to {own.noise:g} relative gradient noise at step {own.perturb_step} of {own.steps} "
-             f"({args.model}, batch {args.batch_size}×{args.seq_len}, seed {args.seed}, float32, constant lr)", "",
+             f"({args.model}, batch {args.batch_size}×{args.seq_len}, seed {args.seed}, "
+             f"{'float64' if own.float64 else 'float32'}, constant lr)", "",
              "| optimizer | lr | sensitivity | ‖W - W_0‖ | seconds |", "|---|---|---|---|---|"]
     finals = {}
     for name, (make, lr) in sensitivity_optimizers(ranks, hidden).items():
@@ -701,11 +709,11 @@ def sensitivity(argv: list[str]) -> str:
         moved = distance(w, start)
         lines.append(f"| {name} | {lr:g} | {distance(wp, w) / moved:.2e} | {moved:.3f} | "
                      f"{time.perf_counter() - t0:.1f} |")
-    full = "Adapprox full rank, clipping off"
-    if full in finals and "AdamW" in finals:
-        lines += ["", f"{full} vs AdamW (same lr, betas, eps, no weight decay), after {own.steps} steps: "
-                  f"||W_adapprox - W_adamw|| / ||W_adamw - W_0|| = "
-                  f"{distance(finals[full], finals['AdamW']) / distance(finals['AdamW'], start):.2e}"]
+    for full in ("Adapprox full rank, clipping off", "Adapprox full rank, clipping off, no row/column scaling"):
+        if full in finals and "AdamW" in finals:
+            lines += ["", f"{full} vs AdamW (same lr, betas, eps, no weight decay), after {own.steps} steps: "
+                      f"||W_adapprox - W_adamw|| / ||W_adamw - W_0|| = "
+                      f"{distance(finals[full], finals['AdamW']) / distance(finals['AdamW'], start):.2e}"]
     return "\n".join(lines)
 
 # ----------------------------------------------------------------------------- loader: tokens per second
@@ -789,7 +797,7 @@ def predicted_state_bytes(model: torch.nn.Module, method: str, rank: int, *, bet
         elif method == "adapprox" and la.Adapprox.is_factored(p):
             m, n = p.shape
             k = max(1, int(k_max_frac * min(m, n)))
-            total += f * (k * (m + n) + 1 + (m * n if beta1 > 0 else 0))  # Q, U, U's scale exponent, M
+            total += f * (k * (m + n) + 1 + (m + n) + (m * n if beta1 > 0 else 0))  # Q, U, U's exponent, scales, M
         elif method == "adapprox":
             total += f * p.numel() * (2 if beta1 > 0 else 1)
         elif id(p) not in lowrank:

@@ -1104,7 +1104,7 @@ def test_documented_defaults_are_the_constructors():
         la.AdaptiveAdamW: dict(update_proj_gap=200, scale=0.25, residual=True, refresh_keep=2.0,
                                rank_metric="explained_variance", transform_momentum=True, norm_growth_limit=1.01),
         la.LDAdam: dict(lr=1e-3, betas=(0.908, 0.99), rho=0.908, error_feedback=True, proj_method="power"),
-        la.Adapprox: dict(k_max_frac=0.25, err_tol=0.01, nonneg="abs", warm_start=True, power_iters=1,
+        la.Adapprox: dict(k_max_frac=0.25, err_tol=0.5, row_col_scaling=True, nonneg="abs", warm_start=True, power_iters=1,
                           oversample=5, clip_threshold=1.0, cosine_guidance=False),
     }
     for cls, expected in documented.items():
@@ -3024,7 +3024,7 @@ def test_srsi_relative_error_of_zero_matrix_is_zero():
 
 
 def adapprox_reference(W0, grads, *, lr, betas, eps, wd, k_init, k_max, err_tol, err_beta, oversample,
-                       power_iters, warm_start, nonneg, clip, guidance, seed, index=0):
+                       power_iters, warm_start, nonneg, clip, guidance, seed, index=0, scaling=True):
     """Adapprox (the paper's method with our labelled choices) in float64, step by step.
 
     The random sketch is an input like the gradients: Ω at step t is drawn
@@ -3036,10 +3036,18 @@ def adapprox_reference(W0, grads, *, lr, betas, eps, wd, k_init, k_max, err_tol,
     m_, n_ = W.shape
     M = torch.zeros_like(W)
     Q = U = None
+    row, col = torch.ones(m_, dtype=W.dtype), torch.ones(n_, dtype=W.dtype)  # V_{t-1} = diag(row) Q Uᵀ diag(col)
     k, err_ema, ranks, emas, descending = k_init, 0.0, [], [], True
     for t, G in enumerate(grads, start=1):
         ranks.append(k)
-        V = (1 - b2) * G * G + (b2 * Q @ U.T if t > 1 else 0.0)  # the EMA, from the factors
+        V = (1 - b2) * G * G + (b2 * row[:, None] * (Q @ U.T) * col[None, :] if t > 1 else 0.0)  # the EMA
+        if scaling:  # divide out Adafactor's estimate: N = V / (row colᵀ), row summing to 1, col = V's column sums
+            V = V.clamp_min(0)
+            total = V.sum().item()
+            tiny = torch.finfo(W.dtype).tiny
+            row = (V.sum(1) / max(total, tiny)).clamp_min(2.0**-40)  # clamped from below, so N <= 2^40
+            col = V.sum(0).clamp_min(max(2.0**-40 * total, tiny))
+            V = V / row[:, None] / col[None, :]  # N, factored below in V's place
         width = min(k + oversample, m_, n_)
         warm = Q[:, :min(k, width)] if warm_start and Q is not None else torch.zeros(m_, 0, dtype=W.dtype)
         gen = torch.Generator().manual_seed(la.stream_seed(la.stream_seed(seed, index), t))
@@ -3061,8 +3069,11 @@ def adapprox_reference(W0, grads, *, lr, betas, eps, wd, k_init, k_max, err_tol,
             descending = False
             k = min(k + 1, k_max) if err_ema > err_tol else (max(k - 1, 1) if err_ema < err_tol / 2 else k)
         R = Q @ U.T
-        V_hat = {"abs": R.abs(), "clamp": R.clamp_min(0), "floor": torch.maximum(R, (1 - b2) * G * G)}[nonneg]
+        newest = (1 - b2) * G * G / (row[:, None] * col[None, :] if scaling else 1.0)  # in N's units
+        V_hat = {"abs": R.abs(), "clamp": R.clamp_min(0), "floor": torch.maximum(R, newest)}[nonneg]
         V_hat = V_hat.clamp_min(delta)
+        if scaling:
+            V_hat = row[:, None] * V_hat * col[None, :]
         denom = (V_hat / (1 - b2 ** t)).sqrt() + eps
         if b1 > 0:
             M = b1 * M + (1 - b1) * G
@@ -3082,6 +3093,7 @@ ADAPPROX_CASES = {  # name: options that differ from the defaults below
     "abs": {}, "clamp": dict(nonneg="clamp"), "floor": dict(nonneg="floor"),
     "cold-start": dict(warm_start=False, power_iters=3), "no-first-moment": dict(betas=(0.0, 0.99)),
     "guidance-no-clip": dict(cosine_guidance=True, clip_threshold=None),
+    "no-row-col-scaling": dict(row_col_scaling=False),
 }
 
 
@@ -3106,7 +3118,8 @@ def test_adapprox_matches_reference_across_rank_changes(shape, case):
         W0, grads, lr=opts["lr"], betas=opts["betas"], eps=opts["eps"], wd=opts["weight_decay"], k_init=2,
         k_max=min(shape), err_tol=opts["err_tol"], err_beta=opts["err_beta"], oversample=opts["oversample"],
         power_iters=opts["power_iters"], warm_start=opts["warm_start"], nonneg=opts["nonneg"],
-        clip=opts["clip_threshold"], guidance=opts["cosine_guidance"], seed=opts["seed"])
+        clip=opts["clip_threshold"], guidance=opts["cosine_guidance"], seed=opts["seed"],
+        scaling=opts.get("row_col_scaling", True))
     assert min(ranks) < 2 < max(ranks)  # it shrinks, then grows
     assert torch.isfinite(expected).all()
     p = nn.Parameter(W0.clone())
@@ -3340,19 +3353,21 @@ def test_adapprox_cosine_guidance_doubles_the_first_step():
         la.Adapprox([nn.Parameter(torch.randn(3, 3))], betas=(0.0, 0.999), cosine_guidance=True)
 
 
+@pytest.mark.parametrize("scaling", [True, False])
 @pytest.mark.parametrize("beta1", [0.0, 0.9])
-def test_adapprox_state_bytes_formula(beta1):
+def test_adapprox_state_bytes_formula(beta1, scaling):
     torch.manual_seed(0)
     ps = [nn.Parameter(torch.randn(s)) for s in [(16, 40), (40, 12), (7,), (1, 9)]]
-    opt = la.Adapprox(ps, betas=(beta1, 0.999), rank_init=2)
+    opt = la.Adapprox(ps, betas=(beta1, 0.999), rank_init=2, row_col_scaling=scaling)
     for _ in range(3):
         for p in ps:
             p.grad = torch.randn(p.shape)
         opt.step()
     k = opt.ranks()
     factored = [(16, 40), (40, 12)]
-    # Q, U and U's 0-d scale exponent per factored matrix
-    expected = sum(ki * (m + n) + 1 + (m * n if beta1 > 0 else 0) for ki, (m, n) in zip(k, factored))
+    # Q, U, U's 0-d scale exponent and (with row/column scaling) the m + n scales per factored matrix
+    expected = sum(ki * (m + n) + 1 + (m + n if scaling else 0) + (m * n if beta1 > 0 else 0)
+                   for ki, (m, n) in zip(k, factored))
     dense = 7 + 9  # the 1-D and 1×n tensors keep exact moments
     expected += dense * (2 if beta1 > 0 else 1)
     assert la.state_bytes(opt) == 4 * expected
@@ -3440,16 +3455,17 @@ def test_adapprox_cuda_checkpoint_continues_on_cpu():
 
 
 def test_adapprox_floors_entries_below_the_factorization_error():
-    # Rows 1..5 carry gradients of order 1, row 0 of order 1e-6: its V is ~1e-12, far below the
-    # rank-1 factorization's RMS error δ. There V̂ says nothing about V, so V̂ is floored at δ
-    # and that row moves by at most lr·|G|/sqrt(δ/(1-β2)) (first step: M̂ = G), not by a full
-    # Adam step of size lr driven by the factorization's error.
+    # Without row/column scaling: rows 1..5 carry gradients of order 1, row 0 of order 1e-6: its
+    # V is ~1e-12, far below the rank-1 factorization's RMS error δ. There V̂ says nothing about
+    # V, so V̂ is floored at δ and that row moves by at most lr·|G|/sqrt(δ/(1-β2)) (first step:
+    # M̂ = G), not by a full Adam step of size lr driven by the factorization's error.
     g = torch.Generator().manual_seed(0)
     G = torch.rand(6, 8, generator=g, dtype=torch.float64) + 0.5
     G[0] *= 1e-6
     W0 = torch.randn(6, 8, generator=g, dtype=torch.float64)
     p = nn.Parameter(W0.clone())
-    opt = la.Adapprox([p], lr=1.0, betas=(0.9, 0.999), k_max_frac=1 / 6, err_tol=0.0, clip_threshold=None)
+    opt = la.Adapprox([p], lr=1.0, betas=(0.9, 0.999), k_max_frac=1 / 6, err_tol=0.0, clip_threshold=None,
+                      row_col_scaling=False)
     p.grad = G.clone()
     opt.step()
     V = (1 - 0.999) * G * G
@@ -3460,6 +3476,26 @@ def test_adapprox_floors_entries_below_the_factorization_error():
     bound = G[0].abs() / math.sqrt(delta / (1 - 0.999))
     assert (moved[0] <= bound * (1 + 1e-9)).all() and moved[0].max() < 1e-3
     assert moved[1:].mean() > 0.3  # the resolved rows take Adam-sized steps
+
+
+def test_adapprox_row_col_scaling_resolves_a_row_a_million_times_smaller():
+    # The same gradients with row/column scaling (the default): V is divided by its rows' and
+    # columns' sums before it is factored, so row 0, 1e-6 below the others in G, is as well
+    # resolved as they are, and every row takes an Adam-sized first step (|D| = |G|/|G| = 1 where
+    # V̂ = V; the rank-1 factorization of the scaled V is close to exact here).
+    g = torch.Generator().manual_seed(0)
+    G = torch.rand(6, 8, generator=g, dtype=torch.float64) + 0.5
+    G[0] *= 1e-6
+    W0 = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    p = nn.Parameter(W0.clone())
+    opt = la.Adapprox([p], lr=1.0, betas=(0.9, 0.999), k_max_frac=1 / 6, err_tol=0.0, clip_threshold=None)
+    p.grad = G.clone()
+    opt.step()
+    moved = (W0 - p.detach()).abs()
+    assert 0.5 < moved[0].mean() < 2.0 and 0.5 < moved[1:].mean() < 2.0
+    state = opt.state[p]
+    assert state["row"].shape == (6,) and state["col"].shape == (8,)
+    assert state["row"].sum().item() == pytest.approx(1.0, rel=1e-6) and state["row"][0] < 1e-10
 
 
 def test_adapprox_rank_settles_geometrically_then_steps():

@@ -355,7 +355,8 @@ OPTIMIZERS = {
                                  **REFRESH}),
     "ldadam": Recipe(la.LDAdam, 3e-3, lowrank=True, variants={"+noef": {"error_feedback": False}}),
     "adapprox": Recipe(la.Adapprox, 3e-3, variants={"+nomoment": {"betas": (0.0, 0.999)},  # no first moment
-                                                    "+cold": {"warm_start": False, "power_iters": 5}}),
+                                                    "+cold": {"warm_start": False, "power_iters": 5},
+                                                    "+noscaling": {"row_col_scaling": False}}),  # V factored as is
     "adafactor": Recipe(torch.optim.Adafactor, 1e-2),  # torch's; its lr is relative to the weights' RMS
 }
 if hasattr(torch.optim, "Muon"):  # torch >= 2.9
