@@ -997,8 +997,10 @@ def shard_one(argv: list[str]) -> None:
     if dist.master:
         print(json.dumps(dict(ranks=every, params=sum(p.numel() for p in model.parameters()), device=dist.device,
                               backend=torch.distributed.get_backend())), flush=True)
-    # DDP's reducer released before the process group: released at exit instead, it could be the last
-    # holder of gloo's process group, whose teardown then deadlocks with a gloo thread waiting for the GIL
+    # Neither rank tears gloo down while the other still runs a collective (else SIGABRT), and DDP's
+    # reducer goes first: left to the exit, it can be the last holder of gloo's process group, whose
+    # teardown then deadlocks with a gloo thread that waits for the GIL.
+    torch.distributed.barrier()
     del trained, model, opt
     torch.distributed.destroy_process_group()
 
@@ -1053,7 +1055,7 @@ def shard_runs(argv: list[str]) -> tuple[list[dict], dict]:
                                  cwd=os.path.dirname(os.path.abspath(__file__)))
             lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
             if out.returncode or not lines:
-                tl.fail(f"bench.py shard-one {' '.join(flags)} failed:\n{out.stderr[-3000:]}")
+                tl.fail(f"bench.py shard-one {' '.join(flags)} failed:\n{out.stderr[-8000:]}")
             rows.append(dict(json.loads(lines[-1]), optimizer=spec, mode=mode))
     return rows, dict(args=tl.parse_args(rest), nproc=own.nproc, seconds=time.perf_counter() - t0)
 
