@@ -938,96 +938,161 @@ def plot(argv: list[str]) -> list[Path]:
         print(f"wrote {path}")
     return written
 
-# ----------------------------------------------------------------------------- shard: state per rank under torchrun
+# ----------------------------------------------------------------------------- shard: state and peak per rank under torchrun
 
 SHARD_MODES = {"ddp": [], "zero": ["--zero"], "fsdp": ["--fsdp"]}
+SHARD_NAMES = {"ddp": "DDP", "zero": "--zero (ZeRO-1)", "fsdp": "--fsdp (FSDP2)"}
+
+class ShardPeak:
+    """This process's peak memory from start() to peak(), measured as `bench.py peak` does: on CUDA
+    torch.cuda.max_memory_allocated (reset by start()); on the CPU the peak resident memory (VmHWM,
+    reset to VmRSS by start()) minus the resident memory when this object was made (the baseline)."""
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.baseline = 0 if device.type == "cuda" else resident_kb("VmRSS") * 1024
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM <- VmRSS
+
+    def peak(self) -> int:
+        tl.synchronize(self.device)
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return resident_kb("VmHWM") * 1024 - self.baseline
 
 def shard_one(argv: list[str]) -> None:
-    """Under torchrun: every optimizer of --optimizer in every mode of --modes, one after the other
-    in these processes: the model (vocab 32,000) wrapped as train_tiny_llama.py wraps it, --max-steps
-    steps on random tokens, then each rank's la.state_bytes. Rank 0 prints a JSON line per run
-    (``refused``: the script's one-line refusal of that combination)."""
-    own, rest = shard_parser().parse_known_args(argv)
-    torch.distributed.init_process_group("gloo")
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    for spec in own.optimizer.split(","):
-        for mode in own.modes.split(","):
-            try:
-                args = tl.parse_args([*rest, "--optimizer", spec, *SHARD_MODES[mode]])
-            except SystemExit as e:
-                if rank == 0:
-                    print(json.dumps(dict(optimizer=spec, mode=mode, refused=str(e.code))), flush=True)
-                continue
-            tl.set_threads(args, "cpu")
-            torch.manual_seed(args.seed)
-            model = tl.build_model(args, 32000)
-            if args.fsdp:
-                tl.shard_model(model)
-            opt = tl.build_optimizer(args, model, zero=args.zero)
-            trained = model if args.fsdp else torch.nn.parallel.DistributedDataParallel(model)
-            g = torch.Generator().manual_seed(args.seed + rank)  # each rank its own batch
-            for _ in range(args.max_steps):  # step 1 allocates the state
-                tokens = torch.randint(0, 32000, (args.batch_size, args.seq_len + 1), generator=g)
-                trained(tokens[:, :-1], tokens[:, 1:])[1].backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            every = [None] * world
-            torch.distributed.all_gather_object(every, la.state_bytes(getattr(opt, "optim", opt)))
-            if rank == 0:
-                print(json.dumps(dict(optimizer=spec, mode=mode, bytes=every,
-                                      params=sum(p.numel() for p in model.parameters()))), flush=True)
-            del trained, model, opt
+    """One run under torchrun, in fresh processes: train_tiny_llama.py's flags (--optimizer, --zero or
+    --fsdp, ...). Each rank sets up as the script does (NCCL on CUDA, else gloo), then takes its
+    baseline (ShardPeak), builds the model (vocab 32,000) wrapped as the script wraps it, and takes
+    --max-steps steps on random tokens of its own; the peak counts from the first step on. Rank 0
+    prints a JSON line with, per rank in rank order, its optimizer state (la.state_bytes), the bytes of
+    its parameters (under FSDP2 its shard) and its peak; or, for a combination the script refuses,
+    ``refused``: its one-line refusal."""
+    if "RANK" not in os.environ:
+        tl.fail("bench.py shard-one runs under torchrun: bench.py shard starts it")
+    try:
+        args = tl.parse_args(argv)
+    except SystemExit as e:
+        if os.environ["RANK"] == "0":
+            print(json.dumps(dict(refused=str(e.code))), flush=True)
+        return
+    dist = tl.setup_distributed(args)  # init_process_group (NCCL on CUDA, else gloo), the device, threads
+    device = torch.device(dist.device)
+    meter = ShardPeak(device)  # before the model exists
+    torch.manual_seed(args.seed)
+    model = tl.build_model(args, 32000, device)
+    if args.fsdp:
+        tl.shard_model(model)
+    opt = tl.build_optimizer(args, model, zero=args.zero)
+    trained = model if args.fsdp else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    g = torch.Generator().manual_seed(args.seed + dist.rank)  # each rank its own batch
+    meter.start()
+    for _ in range(args.max_steps):  # step 1 allocates the state
+        tokens = torch.randint(0, 32000, (args.batch_size, args.seq_len + 1), generator=g).to(device)
+        trained(tokens[:, :-1], tokens[:, 1:])[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peak = meter.peak()
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # FSDP2: this rank's rows
+    mine = dict(rank=dist.rank, state=la.state_bytes(getattr(opt, "optim", opt)), peak=peak,
+                params=sum(p.numel() * p.element_size() for p in local))
+    every = [None] * dist.world
+    torch.distributed.all_gather_object(every, mine)
+    if dist.master:
+        print(json.dumps(dict(ranks=every, params=sum(p.numel() for p in model.parameters()), device=dist.device,
+                              backend=torch.distributed.get_backend())), flush=True)
+    # Neither rank tears gloo down while the other still runs a collective (else SIGABRT), and DDP's
+    # reducer goes first: left to the exit, it can be the last holder of gloo's process group, whose
+    # teardown then deadlocks with a gloo thread that waits for the GIL.
+    torch.distributed.barrier()
+    del trained, model, opt
     torch.distributed.destroy_process_group()
 
 def shard_parser() -> tl.Parser:
-    p = tl.Parser(prog="bench.py shard", description="Optimizer state per rank under torchrun: plain DDP, --zero "
-                  "and --fsdp, for each optimizer, after --max-steps steps on random tokens (vocab 32,000); any "
-                  "other flag (see train_tiny_llama.py --help: --model, --rank, --batch-size, --seq-len) applies "
-                  "too.", formatter_class=tl.HelpFormatter, allow_abbrev=False)
+    p = tl.Parser(prog="bench.py shard", description="Optimizer state and peak memory per rank under torchrun: "
+                  "plain DDP, --zero and --fsdp, for each optimizer, over --max-steps steps on random tokens "
+                  "(vocab 32,000), each combination in fresh processes (peak: CUDA max_memory_allocated; CPU: peak "
+                  "resident memory minus that before the model existed); any other flag (see train_tiny_llama.py "
+                  "--help: --model, --rank, --batch-size, --seq-len, --device) applies too.",
+                  formatter_class=tl.HelpFormatter, allow_abbrev=False)
     p.add_argument("--optimizer", default="adamw,galore,adaptive,ldadam,adapprox,muon,adafactor",
                    help="comma list of specs")
     p.add_argument("--modes", default="ddp,zero,fsdp", help="comma list of ddp, zero, fsdp")
-    p.add_argument("--nproc", type=int, default=2, help="torchrun processes (gloo, on the CPU)")
+    p.add_argument("--nproc", type=int, default=2, help="torchrun processes (NCCL on GPUs, else gloo on the CPU)")
     return p
 
-def shard(argv: list[str]) -> str:
+def shard_refusal(flags: list[str]) -> str | None:
+    """The script's one-line refusal of these flags under torchrun (RANK set, as there), or None:
+    a combination it refuses starts no processes."""
+    from unittest import mock
+    with mock.patch.dict(os.environ, {"RANK": "0"}):
+        try:
+            tl.parse_args(flags)
+        except SystemExit as e:
+            return str(e.code)
+    return None
+
+def shard_runs(argv: list[str]) -> tuple[list[dict], dict]:
+    """bench.py shard's runs: one torchrun per optimizer and mode. A row per combination, in order:
+    shard_one's JSON (``ranks``: each rank's state, params and peak bytes) or ``refused``; and what
+    the table's heading says (the flags, the processes, the wall time)."""
     own, rest = shard_parser().parse_known_args(argv)
-    unknown = [m for m in own.modes.split(",") if m not in SHARD_MODES]
+    modes = own.modes.split(",")
+    unknown = [m for m in modes if m not in SHARD_MODES]
     if unknown or own.nproc < 2:
         tl.fail(f"--modes {own.modes} --nproc {own.nproc}: modes are {', '.join(SHARD_MODES)}; at least 2 processes")
     rest = ["--grad-clip", "0", "--max-steps", "2", "--warmup-steps", "0", *rest]
     for spec in own.optimizer.split(","):  # the flags, checked here first: one line, not a traceback per rank
         tl.parse_args([*rest, "--optimizer", spec])
-    tl.say(f"shard: {own.nproc} processes under torchrun, {own.optimizer} x {own.modes}", file=sys.stderr)
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                          str(own.nproc), __file__, "shard-one", "--optimizer", own.optimizer, "--modes", own.modes,
-                          *rest], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-    if out.returncode:
-        tl.fail(f"bench.py shard-one failed:\n{out.stderr[-3000:]}")
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    args = tl.parse_args(rest)
-    modes = own.modes.split(",")
-    names = {"ddp": "DDP", "zero": "--zero (ZeRO-1)", "fsdp": "--fsdp (FSDP2)"}
-    params = next((r["params"] for r in rows if "params" in r), 0)
-    lines = [f"optimizer state per rank, MiB (rank 0 / rank 1 / ...), after {args.max_steps} steps: {args.model} "
-             f"({params / 1e6:.1f}M params, vocab 32,000), rank {args.rank}, batch {args.batch_size} x "
-             f"{args.seq_len}, {own.nproc} processes (torchrun, gloo, CPU), torch {torch.__version__}; "
-             f"{time.perf_counter() - t0:.0f} s", "",
-             "| optimizer | " + " | ".join(names[m] for m in modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    plan = [(spec, mode) for spec in own.optimizer.split(",") for mode in modes]
+    rows, t0 = [], time.perf_counter()
+    with Progress(len(plan), "run", "shard") as progress:
+        for spec, mode in plan:
+            progress.start(f"{spec} {SHARD_NAMES[mode]}, {own.nproc} processes")
+            flags = [*rest, "--optimizer", spec, *SHARD_MODES[mode]]
+            why = shard_refusal(flags)
+            if why is not None:
+                rows.append(dict(optimizer=spec, mode=mode, refused=why))
+                continue
+            out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                  str(own.nproc), __file__, "shard-one", *flags], capture_output=True, text=True,
+                                 cwd=os.path.dirname(os.path.abspath(__file__)))
+            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+            if out.returncode or not lines:
+                tl.fail(f"bench.py shard-one {' '.join(flags)} failed:\n{out.stderr[-8000:]}")
+            rows.append(dict(json.loads(lines[-1]), optimizer=spec, mode=mode))
+    return rows, dict(args=tl.parse_args(rest), nproc=own.nproc, seconds=time.perf_counter() - t0)
+
+def shard_table(rows: list[dict], info: dict) -> str:
+    """shard_runs' rows as markdown: per optimizer and mode, each rank's state and peak, MiB."""
+    args, nproc = info["args"], info["nproc"]
+    done = [r for r in rows if "ranks" in r]
+    params = done[0]["params"] if done else 0
+    where = (f"torchrun, {done[0]['backend']}, {done[0]['device'].split(':')[0].upper()}" if done else "torchrun")
+    per_rank = " / ".join(f"rank {i}" for i in range(nproc))
+    lines = [f"optimizer state and peak memory per rank, MiB ({per_rank}), over {args.max_steps} steps: "
+             f"{args.model} ({params / 1e6:.1f}M params, vocab 32,000), rank {args.rank}, batch {args.batch_size} "
+             f"x {args.seq_len}, {nproc} processes ({where}), each run in fresh processes, torch "
+             f"{torch.__version__}; {info['seconds']:.0f} s", "",
+             "| optimizer | mode | state | peak |", "|---|---|---|---|"]
     refusals = []
-    for spec in own.optimizer.split(","):
-        cells = []
-        for m in modes:
-            r = next(r for r in rows if r["optimizer"] == spec and r["mode"] == m)
-            if "refused" in r:
-                refusals.append(f"{spec} {names[m]}: {r['refused']}")
-                cells.append(f"refused ({len(refusals)})")
-            else:
-                cells.append(" / ".join(f"{b / 2**20:.2f}" for b in r["bytes"]))
-        lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+    for r in rows:
+        if "refused" in r:
+            refusals.append(f"{r['optimizer']} {SHARD_NAMES[r['mode']]}: {r['refused']}")
+            cells = [f"refused ({len(refusals)})", ""]
+        else:
+            cells = [" / ".join(f"{x['state'] / 2**20:.2f}" for x in r["ranks"]),
+                     " / ".join(f"{x['peak'] / 2**20:,.0f}" for x in r["ranks"])]
+        lines.append(f"| {r['optimizer']} | {SHARD_NAMES[r['mode']]} | " + " | ".join(cells) + " |")
     lines += [""] + [f"({i}) {why}" for i, why in enumerate(refusals, 1)]
-    return "\n".join(lines)
+    return "\n".join(lines).rstrip("\n")
+
+def shard(argv: list[str]) -> str:
+    return shard_table(*shard_runs(argv))
 
 # ----------------------------------------------------------------------------- main
 
