@@ -98,7 +98,6 @@ from __future__ import annotations
 
 import heapq
 import inspect
-import itertools
 import math
 import warnings
 from typing import Callable, Iterable, Optional, Sequence
@@ -1478,12 +1477,14 @@ def next_rank(rank: int, err_ema: float, err_tol: float, k_min: int, k_max: int,
 
 
 def row_col_scales(v: Tensor) -> tuple[Tensor, Tensor]:
-    """Adafactor's rank-1 estimate ``row colᵀ`` of a non-negative V: the rows'
-    shares ``V 1 / 1ᵀ V 1`` and the column sums ``1ᵀ V``, clamped from below
-    at 2^-40 (of V's total, for columns). As V_ij is at most its row's and
-    its column's sum, V_ij / (row_i col_j) <= 2^40: squares and sums of
-    squares stay inside float32's range, and the clamped vectors multiply
-    back exactly what they divided."""
+    """Adafactor's rank-1 estimate ``row colᵀ`` of a non-negative V, as the two
+    vectors Adapprox divides V by: ``row = V 1 / 1ᵀ V 1`` (the rows' shares,
+    summing to 1) and ``col = 1ᵀ V`` (the column sums). Each is clamped from
+    below, rows at 2^-40, columns at 2^-40 of V's total (and at float's
+    smallest normal number, for an all-zero V): since V_ij is at most its row's
+    and its column's sum, every V_ij / (row_i col_j) is then at most 2^40, so
+    squares and sums of squares stay inside float32's range, and the clamped
+    vectors multiply back exactly what they divided."""
     total = v.sum()
     row = (v.sum(dim=1) / total.clamp_min(torch.finfo(v.dtype).tiny)).clamp_min(2.0**-40)
     col = torch.maximum(v.sum(dim=0), 2.0**-40 * total).clamp_min(torch.finfo(v.dtype).tiny)
@@ -1528,39 +1529,46 @@ class Adapprox(_Base):
     power_iters=5`` is the paper-style cold start); ``k_max = max(1,
     ⌊k_max_frac·min(m, n)⌋)`` with ``k_max_frac = 0.25`` (which reproduces the
     paper's 34.5-49.9 % memory saving range); the rank starts at ``k_max``
-    (``rank_init``) and follows an EMA ξ̄ (``err_beta``) of ξ with
-    hysteresis: above ``err_tol`` it grows by ``rank_step``; below
-    ``err_tol/2`` it falls straight to the smallest j whose error at this
-    step, ξ(j) = sqrt(‖N - Q Uᵀ‖² + Σ_{j<i<=k} σ_i²)/‖N‖ (σ_i = ‖U[:, i]‖,
-    free from the factors), is within ``err_tol``, and ξ̄ restarts there.
-    So a rank reaches its working level in one step, not one rank per step,
-    and lands inside the band, where it stays (``err_tol=0`` holds every
-    rank at k_max). The first moment is Adam's; clipping follows Adafactor;
+    (``rank_init``), first halves (by at least ``rank_step``) each step while
+    ξ is below ``err_tol/2``, with the EMA reseeded at each new rank, so it
+    reaches its working level in about log2(k_max) steps instead of k_max.
+    After the first step on which it does not halve, the rank has settled:
+    from then on it follows ``next_rank`` (± ``rank_step``) on an EMA
+    (``err_beta``) of ξ with hysteresis ``[err_tol/2, err_tol]``, and the
+    halving never resumes, so it cannot flap (``err_tol=0`` holds every rank
+    at k_max). The first moment is Adam's; clipping follows Adafactor;
     guidance scales by ``1 + cos``.
 
     Non-negativity (``nonneg``), chosen by measurement (docs/RESULTS.md).
-    A rank-k reconstruction of the non-negative V undershoots below zero in
-    places. ``"clamp"`` (max(QUᵀ, 0)) makes sqrt(V̂) = 0 there, so D = M/ε
-    explodes and clipping shrinks every other coordinate; ``"floor"``
-    (max(QUᵀ, (1-β2)·G²), a true lower bound of the EMA) is still about
-    1000× below a settled V. ``"abs"`` (|QUᵀ|, the default, as LDAdam
-    treats its transported second moment) keeps the error's magnitude, of
-    the order of V itself, and trains at least as well as AdamW.
+    A rank-k reconstruction of the non-negative V has negative entries
+    wherever it undershoots. ``"clamp"`` (max(QUᵀ, 0)) makes sqrt(V̂) = 0
+    there, so D = M/ε explodes and the update clipping then shrinks every
+    other coordinate: it trains far worse than AdamW. ``"floor"``
+    (max(QUᵀ, (1-β2)·G²), a true lower bound of the EMA) is about
+    1/(1-β2) = 1000× below a settled V, so the same coordinates still get
+    updates about 30× too large. ``"abs"`` (|QUᵀ|, the default, as LDAdam
+    treats its transported second moment) keeps the magnitude of the
+    approximation error there, which is of the order of V itself, and
+    trains at least as well as AdamW at every rank we held. (The exact
+    rank-1 reconstruction of a non-negative matrix is non-negative, by
+    Perron-Frobenius, so "clamp" only trains well when the ranks fall to 1.)
 
     Row/column scaling (ours, ``row_col_scaling``). Adam reads V entry by
-    entry, blind to each coordinate's scale, but a factorization's error
-    lies at one absolute level for all entries: rows and columns with small
-    gradients (a rare token's embedding row) drown in it, their V̂ is that
-    error, which the smallest change of the gradients redraws, and the
-    trajectory amplifies tiny gradient noise far beyond AdamW's (``bench.py
-    sensitivity``). So V is divided by Adafactor's rank-1 estimate r cᵀ (m
-    + n numbers kept with Q and U), the quotient N is factored, and V̂
-    multiplies the scales back: the error becomes relative to each entry's
-    row and column scale. Negative entries of the EMA (where the last
-    factorization undershot) are set to 0 first, which only brings V closer
-    to the true second moment. On our tiny model this cut the amplification
-    at rank 1 held from 2.7e-2 to 4e-7 (AdamW: 6e-7), at rank 4 from 2.2e-3
-    to 1e-4, at equal loss (docs/RESULTS.md).
+    entry and is blind to each coordinate's scale, but a factorization's
+    error lies at one absolute level for all entries: rows and columns with
+    small gradients (a rare token's embedding row, a quiet unit) drown in
+    it, their V̂ is the factorization's error, which the smallest change of
+    the gradients redraws, and the trajectory amplifies tiny gradient noise
+    far beyond AdamW's (``bench.py sensitivity``). So V is divided by
+    Adafactor's rank-1 estimate r cᵀ (r the rows' shares of V's total, c
+    the column sums: m + n numbers kept with Q and U), the quotient N is
+    factored, and V̂ multiplies the scales back: the error is relative to
+    each entry's row and column scale. Negative entries of the EMA (where
+    the last factorization undershot) are set to 0 first, which only brings
+    V closer to the true second moment; ``row_col_scales`` clamps r and c so
+    that N stays in float32's range. On our tiny model this cut the
+    amplification at rank 1 held from 2.7e-2 to 4e-7 (AdamW: 6e-7), at
+    rank 4 from 2.2e-3 to 1e-4, at equal loss (docs/RESULTS.md).
 
     Resolution (the floor δ, ours). Where an entry of N lies far below δ,
     the RMS of the factorization's error, N̂ would again be noise; flooring
@@ -1580,17 +1588,18 @@ class Adapprox(_Base):
 
     ``err_tol`` default 0.5 (ξ of the scaled N), chosen by measurement
     (docs/RESULTS.md): from 0.2 to 0.5 the loss is flat, below AdamW's and
-    no worse than the unscaled factorization's at a 1 % tolerance, and the
-    ranks fall to 1 once V has averaged a few gradients: the least time and
-    state, and the rank at which float32 is as insensitive as AdamW. A lower
-    ``err_tol`` makes V̂ follow V more closely, with more noise amplified.
+    no worse than the unscaled factorization at its old 1 % tolerance; the
+    ranks stay high while V is young and high-rank, then fall to 1, which
+    costs least time and state and is the rank at which a float32 trajectory
+    is as insensitive as AdamW's. A lower ``err_tol`` makes V̂ follow V more
+    closely, at the price of more noise amplification in float32.
 
     State per factored matrix: Q and U (k·(m+n) numbers), r and c (m + n),
-    the exponent h, and M (m·n) unless β1 = 0. Per step: one m×n temporary
-    for a float32 parameter (V, then N, the residual, V̂ and the update;
+    the exponent h, and M (m·n) unless β1 = 0. Cost per step: one m×n temporary for a float32
+    parameter (V, overwritten by the residual, then V̂, then the update;
     ``"floor"`` adds one, a bf16 parameter its float32 gradient), about six
-    skinny m·n·(k+p) products, and one host sync for all matrices together
-    (the next ranks) besides the NaN/Inf check's.
+    skinny m·n·(k+p) products, and per step one host sync for all matrices together (the
+    ranks of the next step) besides the NaN/Inf check's.
 
     Further choices of ours: step 1 has no Q to start from, so it is a cold
     start with ``power_iters`` iterations; when the rank grows, Ω' has the
@@ -1600,7 +1609,8 @@ class Adapprox(_Base):
     scale 4^-h that brings its largest part (G² or the previous Q Uᵀ) to
     about 1: G is multiplied by 2^-h before it is squared, and U (with
     row/column scaling: c) is kept at that scale with its exponent h (state
-    ``u_exp``), so that neither G², nor sums of squares, nor V itself leave
+    ``u_exp``, one number), so that
+    neither G², nor ξ's float32 sums of squares, nor V itself leave
     float32's range for any finite gradient (2^-100 to 2^100 tested).
 
     Not for: tiny models, where the S-RSI cost outweighs the memory saved.
@@ -1668,7 +1678,6 @@ class Adapprox(_Base):
         for state in self.state.values():
             if "U" in state and "u_exp" not in state:
                 state["u_exp"] = state["U"].new_zeros(())
-            state.pop("descending", None)  # the rank rule no longer has phases
 
     # -- ranks -------------------------------------------------------------
     @staticmethod
@@ -1708,24 +1717,20 @@ class Adapprox(_Base):
             else:
                 self._dense_adapprox_step(p, group)
         if factored:
-            # one host sync for all matrices: each one's ξ(j) for j = 1..k (see _factored_step)
-            sizes = [e.numel() for e in errors]
-            flat = torch.cat([e.to(errors[0].device) for e in errors]).tolist()
-            for (p, group), end, size in zip(factored, itertools.accumulate(sizes), sizes):
-                profile, state = flat[end - size:end], self.state[p]
-                tol, b = group["err_tol"], group["err_beta"]
-                # ξ̄ ← EMA of ξ (seeded with ξ at step 1)
-                xi = profile[-1]
-                state["err_ema"] = xi if state["step"] == 1 else b * state["err_ema"] + (1 - b) * xi
+            # ξ̄ ← EMA of ξ ;  k ← next_rank(k, ξ̄): one host sync for all matrices
+            for (p, group), xi in zip(factored, torch.stack([e.to(errors[0].device) for e in errors]).tolist()):
+                state = self.state[p]
+                b = group["err_beta"]
+                descending = state.get("descending", state["step"] == 1)
+                state["err_ema"] = xi if descending else b * state["err_ema"] + (1 - b) * xi
                 k_min, k_max = self.rank_bounds(p, group)
-                if state["err_ema"] < tol / 2 and state["rank"] > k_min:
-                    # k ← the smallest j whose error ξ(j) at this step is within err_tol (measured: no
-                    # walk down one rank at a time) ;  ξ̄ ← ξ(j), the EMA reseeded at the new rank
-                    j = max(k_min, next((i + 1 for i, e in enumerate(profile) if e <= tol), state["rank"]))
-                    if j < state["rank"]:
-                        state["rank"], state["err_ema"] = j, profile[j - 1]
-                else:  # k ← k + rank_step while ξ̄ > err_tol (within k_max)
-                    state["rank"] = next_rank(state["rank"], state["err_ema"], tol, k_min, k_max,
+                if descending and state["err_ema"] < group["err_tol"] / 2 and state["rank"] > k_min:
+                    # initial descent: k ← max(k_min, min(k - rank_step, ⌊k/2⌋)), ξ̄ reseeded at the new rank
+                    state["rank"] = max(k_min, min(state["rank"] - group["rank_step"], state["rank"] // 2))
+                    state["descending"] = True
+                else:
+                    state["descending"] = False  # settled: from now on next_rank's steps
+                    state["rank"] = next_rank(state["rank"], state["err_ema"], group["err_tol"], k_min, k_max,
                                               group["rank_step"])
 
     @torch.compiler.disable
@@ -1797,13 +1802,8 @@ class Adapprox(_Base):
         # the cheap ‖N‖² - ‖U‖² cancels in float32 below ξ ≈ 1e-3, and δ must resolve the rounding level)
         norm_v = torch.linalg.vector_norm(v)
         residual = torch.linalg.vector_norm(v.addmm_(Q, U.T, alpha=-1))
+        xi = torch.where(norm_v > 0, residual / norm_v.clamp_min(1e-30), torch.zeros_like(norm_v))
         delta = residual / math.sqrt(v.numel())
-        # ξ(j) ← sqrt(‖N - Q Uᵀ‖² + Σ_{j<i<=k} σ_i²) / ‖N‖ for every rank j <= k, the last one ξ itself
-        # (σ_i = ‖U[:, i]‖: the error of keeping the top j of the k directions; sums of positives, exact)
-        s2 = U.square().sum(dim=0)
-        tail = s2.flip(0).cumsum(0).flip(0) - s2
-        xi = torch.where(norm_v > 0, (residual.square() + tail).sqrt() / norm_v.clamp_min(1e-30),
-                         torch.zeros_like(s2))
         # N̂ ← max(nonneg(Q Uᵀ), δ)   (written into N's buffer, whose values beta=0 ignores; see ``nonneg``)
         v_hat = v.addmm_(Q, U.T, beta=0)
         if group["nonneg"] == "abs":
