@@ -1114,7 +1114,7 @@ def test_memory_formula_equals_state_bytes_of_a_real_step(method):
     assert la.state_bytes(opt) == predicted
 
 
-def test_bench_shard_tabulates_each_ranks_state_and_peak_under_ddp_and_fsdp(capsys):
+def test_bench_shard_tabulates_each_ranks_state_and_peak_under_ddp_and_fsdp():
     """Starts torchrun with 2 gloo processes (bench.py shard-one) per optimizer and mode."""
     rows, info = bench.shard_runs(["--model", "tiny", "--rank", "8", "--batch-size", "1", "--seq-len", "32",
                                    "--optimizer", "galore,adafactor", "--modes", "ddp,fsdp"])
@@ -1130,11 +1130,12 @@ def test_bench_shard_tabulates_each_ranks_state_and_peak_under_ddp_and_fsdp(caps
             assert 2 * x["params"] + x["state"] <= x["peak"] < 300 * mib, (r["optimizer"], r["mode"], x)
     ddp, fsdp = ([x["state"] for x in runs["galore", m]["ranks"]] for m in ("ddp", "fsdp"))
     assert ddp[0] == ddp[1] and sum(fsdp) == ddp[0] and max(fsdp) < ddp[0]
-    params = [x["params"] for x in runs["galore", "ddp"]["ranks"]] + [x["params"] for x in runs["galore", "fsdp"]["ranks"]]
-    assert params[0] == params[1] == runs["galore", "ddp"]["params"] * 4 and sum(params[2:]) == params[0]
+    ddp, fsdp = ([x["params"] for x in runs["galore", m]["ranks"]] for m in ("ddp", "fsdp"))  # bytes
+    assert ddp[0] == ddp[1] == runs["galore", "ddp"]["params"] * 4 and sum(fsdp) == ddp[0]
     # the table: each rank's numbers in rank order, the refusal named under it
     table = bench.shard_table(rows, info)
-    cells = {tuple(line.split(" | ")[:2]): line.split(" | ")[2:] for line in table.splitlines() if line.startswith("| ")}
+    cells = {tuple(line.split(" | ")[:2]): line.split(" | ")[2:] for line in table.splitlines()
+             if line.startswith("| ")}
     assert cells["| optimizer", "mode"] == ["state", "peak |"] and "(rank 0 / rank 1)" in table
     for (spec, mode), r in runs.items():
         shown = cells[f"| {spec}", bench.SHARD_NAMES[mode]]
