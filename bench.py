@@ -19,7 +19,7 @@ commands:
   peak      peak memory of whole training steps, each optimizer in a fresh
             process, with and without --layerwise (CUDA: max_memory_allocated;
             CPU: peak resident memory)
-  shard     optimizer state per rank under torchrun (--nproc processes, gloo on
+  shard     optimizer state and peak memory per rank under torchrun (--nproc processes, gloo on
             CPU): plain DDP (every rank holds all of it), --zero (ZeRO-1) and
             --fsdp (FSDP2), for each optimizer, after real steps on random tokens
   refresh   AdaptiveAdamW's refresh (SVD) step against GaLore's: time and the
