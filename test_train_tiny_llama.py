@@ -213,7 +213,7 @@ def test_bad_data_is_skipped_and_counted(tmp_path, capsys):
 
 
 def test_bad_data_is_counted_and_warned_about_once_however_often_it_repeats(tmp_path, capsys):
-    """Issue 13 #8: 2 bad lines once became 'skipped 28' and 13 identical warnings."""
+    """2 bad lines count as 2 skipped lines and give one warning, however often the data repeats."""
     bad_data_folder(tmp_path)
     write_shard(tmp_path / "c4-train.00003-of-00003.json.gz", docs("more", 150))
     data = llama_c4.C4Data(str(tmp_path), llama_c4.ByteTokenizer(), 16)
@@ -239,7 +239,7 @@ def test_documents_count_once_over_many_epochs(tmp_path):
 
 
 def test_an_empty_held_out_set_is_named_as_the_problem(tmp_path):
-    """Issue 13 #9: fewer than 100 documents and no validation shard."""
+    """fewer than 100 documents and no validation shard."""
     write_shard(tmp_path / "c4-train.00000-of-00001.json.gz", docs("few", 60))
     with pytest.raises(llama_c4.DataError, match="held-out validation set is empty.*60 documents"):
         llama_c4.C4Data(str(tmp_path), llama_c4.ByteTokenizer(), 16).val_batches(2, 4)
@@ -409,7 +409,7 @@ def test_a_resumed_run_reports_whole_run_timings_and_a_complete_run_its_saved_re
 
 
 def test_an_existing_run_is_never_overwritten(corpus, tmp_path):
-    """Issue 13 #2: a second run into the same --out-dir used to overwrite ckpt.pt and append to metrics.jsonl."""
+    """A second run into the same --out-dir must not overwrite ckpt.pt or append to metrics.jsonl."""
     common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path)]
     tl.main(common + ["--stop-after", "2"])
     before = (tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "metrics.jsonl").read_text()
@@ -459,7 +459,7 @@ def test_unusable_training_data_is_described_per_split_with_what_was_skipped(tmp
 
 
 def test_a_resume_with_other_settings_is_refused_naming_them(corpus, tmp_path):
-    """Issue 13 #3: a rank-16 checkpoint resumed with --rank 8 trained on at rank 16."""
+    """A rank-16 checkpoint resumed with --rank 8 must not silently train on at rank 16."""
     common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "galore"]
     tl.main(common + ["--rank", "16", "--stop-after", "2"])
     with pytest.raises(SystemExit, match=r"other settings: --rank 16 \(now 8\), --max-steps 6 \(now 9\)\. A "
@@ -485,7 +485,7 @@ def test_corrupt_checkpoints_error_clearly(corpus, tmp_path):
         tl.main(common + ["--resume"])
 
 
-BAD_FLAGS = [  # Issue 13 #4, and the rest of the flags: one clear line each
+BAD_FLAGS = [  # every flag's bad values: one clear line each
     (["--lr", "-0.001", "--optimizer", "galore"], "--lr -0.001: must be a number > 0"),
     (["--lr", "0"], "--lr 0.0: must be a number > 0"),
     (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
@@ -570,7 +570,7 @@ def test_compare_lr_takes_a_number_or_a_table_where_the_full_spec_wins():
 
 
 def test_compare_checks_every_run_before_training_any(corpus, tmp_path, capsys):
-    """Issue 13 #4: `--lr galore=1e-2x` crashed only after the AdamW run had finished."""
+    """`--lr galore=1e-2x` is refused before any run starts, not after the AdamW run."""
     out = tmp_path / "cmp"
     for argv, message in [(["--lr", "galore=1e-2x"], "'1e-2x' is not a number"),
                           (["--lr", "galore=-1e-3"], "--lr galore=-1e-3: a learning rate must be a number > 0"),
@@ -598,7 +598,7 @@ def block_matplotlib(monkeypatch):
 
 
 def test_plot_without_matplotlib_fails_before_training(corpus, tmp_path, monkeypatch):
-    """Issue 13 #5: --plot trained everything first, then exited with status 1."""
+    """--plot without matplotlib is refused before training, not after."""
     block_matplotlib(monkeypatch)
     with pytest.raises(SystemExit, match="pip install matplotlib"):
         bench.main(["compare", "--optimizer", "adamw,galore", *SMALL, "--data", corpus, "--out-dir", str(tmp_path),
@@ -607,7 +607,7 @@ def test_plot_without_matplotlib_fails_before_training(corpus, tmp_path, monkeyp
 
 
 def test_output_is_plain_lines_and_quiet_keeps_evaluations(corpus, tmp_path, capsys):
-    """Issue 13 #6: no \\r-joined progress bar; --quiet hid the evaluation lines too."""
+    """Piped output is plain lines (no \\r-joined progress bar), and --quiet keeps the evaluation lines."""
     common = [a for a in SMALL if a != "--quiet"] + ["--data", corpus, "--log-interval", "2"]
     tl.main(common + ["--out-dir", str(tmp_path / "a")])
     out, err = capsys.readouterr()
@@ -834,7 +834,7 @@ def test_a_second_ctrl_c_says_what_was_kept(corpus, tmp_path, monkeypatch, capsy
 
 
 def test_help_is_grouped_with_examples_on_their_lines_and_one_default_per_flag(capsys):
-    """Issue 13 #10."""
+    """--help: flags grouped, examples one per line, each default stated once."""
     with pytest.raises(SystemExit):
         tl.main(["--help"])
     text = capsys.readouterr().out
@@ -902,7 +902,7 @@ def test_a_new_optimizer_is_one_recipe(corpus, tmp_path, monkeypatch):
 
 
 def test_small_models_on_cpu_default_to_one_thread():
-    """Issue 13 #11. conftest.py pins the suite itself to 1 thread."""
+    """conftest.py pins the suite itself to 1 thread."""
     assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
     try:
         for model, threads, expect in [("tiny", 0, 1), ("9m", 0, 2), ("tiny", 2, 2), ("60m", 0, 2), ("9m", 1, 1)]:
@@ -914,7 +914,7 @@ def test_small_models_on_cpu_default_to_one_thread():
 
 
 def test_requirements_list_numpy_so_torch_imports_without_a_warning():
-    """Issue 13 #7. Starts two processes: without numpy torch warns (so the check can fail), with it not."""
+    """Starts two processes: without numpy torch warns (so the check can fail), with it not."""
     names = [re.split(r"[<>=!~ ]", line)[0] for line in open(os.path.join(ROOT, "requirements.txt"))
              if line.strip() and not line.startswith("#")]
     assert "numpy" in names and "torch" in names
@@ -950,7 +950,7 @@ def test_compare_tabulates_and_a_resumed_compare_reports_finished_runs(corpus, t
     out = capsys.readouterr().out
     assert "| adamw | 0.003 | 2 |" in out and "| galore |" in out and "% of AdamW" in out
     assert json.load(open(tmp_path / "results.json"))[0]["optimizer"] == "adamw"
-    again = bench.main(args + ["--resume"])  # issue 13 #10: finished runs were "0 tokens/s, step() nan ms"
+    again = bench.main(args + ["--resume"])  # a finished run must not report "0 tokens/s, step() nan ms"
     assert again == results and capsys.readouterr().out.count("(complete before: the saved result)") == 4
 
 
