@@ -1588,7 +1588,7 @@ class Adapprox(_Base):
 
     ``err_tol`` default 0.5 (ξ of the scaled N), chosen by measurement
     (docs/RESULTS.md): from 0.2 to 0.5 the loss is flat, below AdamW's and
-    no worse than the unscaled factorization at its old 1 % tolerance; the
+    no worse than the unscaled factorization at a 1 % tolerance; the
     ranks stay high while V is young and high-rank, then fall to 1, which
     costs least time and state and is the rank at which a float32 trajectory
     is as insensitive as AdamW's. A lower ``err_tol`` makes V̂ follow V more

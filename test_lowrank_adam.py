@@ -3454,25 +3454,31 @@ def test_adapprox_cuda_checkpoint_continues_on_cpu():
     assert torch.isfinite(results[0]).all() and torch.equal(results[0], results[1])
 
 
-def test_adapprox_floors_entries_below_the_factorization_error():
-    # Without row/column scaling: rows 1..5 carry gradients of order 1, row 0 of order 1e-6: its
-    # V is ~1e-12, far below the rank-1 factorization's RMS error δ. There V̂ says nothing about
-    # V, so V̂ is floored at δ and that row moves by at most lr·|G|/sqrt(δ/(1-β2)) (first step:
-    # M̂ = G), not by a full Adam step of size lr driven by the factorization's error.
+def first_step_with_a_small_row(**options):
+    """One rank-1 Adapprox step (lr 1, no clipping) on a 6×8 gradient of order 1 whose row 0 is
+    1e-6 times smaller. Returns the optimizer, the parameter, W0, G and |W0 - W1|."""
     g = torch.Generator().manual_seed(0)
     G = torch.rand(6, 8, generator=g, dtype=torch.float64) + 0.5
     G[0] *= 1e-6
     W0 = torch.randn(6, 8, generator=g, dtype=torch.float64)
     p = nn.Parameter(W0.clone())
     opt = la.Adapprox([p], lr=1.0, betas=(0.9, 0.999), k_max_frac=1 / 6, err_tol=0.0, clip_threshold=None,
-                      row_col_scaling=False)
+                      **options)
     p.grad = G.clone()
     opt.step()
+    return opt, p, G, (W0 - p.detach()).abs()
+
+
+def test_adapprox_floors_entries_below_the_factorization_error():
+    # Without row/column scaling: rows 1..5 carry gradients of order 1, row 0 of order 1e-6: its
+    # V is ~1e-12, far below the rank-1 factorization's RMS error δ. There V̂ says nothing about
+    # V, so V̂ is floored at δ and that row moves by at most lr·|G|/sqrt(δ/(1-β2)) (first step:
+    # M̂ = G), not by a full Adam step of size lr driven by the factorization's error.
+    opt, p, G, moved = first_step_with_a_small_row(row_col_scaling=False)
     V = (1 - 0.999) * G * G
     Q, U = opt.state[p]["Q"], opt.state[p]["U"] * 4.0 ** opt.state[p]["u_exp"]
     delta = (torch.linalg.norm(V - Q @ U.T) / math.sqrt(V.numel())).item()
     assert delta > 1e-9  # far above row 0's V (~1e-15): rank 1 cannot resolve it
-    moved = (W0 - p.detach()).abs()
     bound = G[0].abs() / math.sqrt(delta / (1 - 0.999))
     assert (moved[0] <= bound * (1 + 1e-9)).all() and moved[0].max() < 1e-3
     assert moved[1:].mean() > 0.3  # the resolved rows take Adam-sized steps
@@ -3483,15 +3489,7 @@ def test_adapprox_row_col_scaling_resolves_a_row_a_million_times_smaller():
     # columns' sums before it is factored, so row 0, 1e-6 below the others in G, is as well
     # resolved as they are, and every row takes an Adam-sized first step (|D| = |G|/|G| = 1 where
     # V̂ = V; the rank-1 factorization of the scaled V is close to exact here).
-    g = torch.Generator().manual_seed(0)
-    G = torch.rand(6, 8, generator=g, dtype=torch.float64) + 0.5
-    G[0] *= 1e-6
-    W0 = torch.randn(6, 8, generator=g, dtype=torch.float64)
-    p = nn.Parameter(W0.clone())
-    opt = la.Adapprox([p], lr=1.0, betas=(0.9, 0.999), k_max_frac=1 / 6, err_tol=0.0, clip_threshold=None)
-    p.grad = G.clone()
-    opt.step()
-    moved = (W0 - p.detach()).abs()
+    opt, p, _, moved = first_step_with_a_small_row()
     assert 0.5 < moved[0].mean() < 2.0 and 0.5 < moved[1:].mean() < 2.0
     state = opt.state[p]
     assert state["row"].shape == (6,) and state["col"].shape == (8,)
