@@ -626,19 +626,20 @@ def subspaces(argv: list[str]) -> str:
 def sensitivity_optimizers(ranks: list[int], hidden: int) -> dict:
     """The optimizers `bench.py sensitivity` compares: name -> (model -> optimizer, lr).
     Adapprox's ranks are held with err_tol=0 (the rank rises to k_max at once and stays)
-    and k_max_frac = rank / hidden; "full" is the exact factorization. Each Adapprox row
-    also runs without row/column scaling (V factored as it is)."""
+    and k_max_frac = rank / hidden; at full rank Adapprox keeps V dense (exact). Each
+    factored Adapprox row also runs without row/column scaling (V factored as it is)."""
     A = la.Adapprox
     out = {"AdamW": (lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0), 3e-3),
            "torch Adafactor": (lambda m, lr: torch.optim.Adafactor(m.parameters(), lr=lr), 1e-2)}
     adapprox = {"Adapprox (default)": {}}
     for r in ranks:
         adapprox[f"Adapprox rank {r} held"] = dict(err_tol=0.0, k_max_frac=r / hidden)
-    adapprox["Adapprox full rank, clipping off"] = dict(err_tol=0.0, k_max_frac=1.0, clip_threshold=None)
     for name, options in adapprox.items():
         out[name] = (lambda m, lr, o=options: A(m.parameters(), lr=lr, **o), 3e-3)
         out[f"{name}, no row/column scaling"] = (lambda m, lr, o=options: A(m.parameters(), lr=lr,
                                                                              row_col_scaling=False, **o), 3e-3)
+    full = dict(err_tol=0.0, k_max_frac=1.0, clip_threshold=None)  # a dense V: scaling plays no part
+    out["Adapprox full rank, clipping off"] = (lambda m, lr: A(m.parameters(), lr=lr, **full), 3e-3)
     return out
 
 def sensitivity_run(model, make_opt, lr: float, batches: list, perturb: tuple[int, float] | None = None) -> list:
@@ -709,7 +710,7 @@ def sensitivity(argv: list[str]) -> str:
         moved = distance(w, start)
         lines.append(f"| {name} | {lr:g} | {distance(wp, w) / moved:.2e} | {moved:.3f} | "
                      f"{time.perf_counter() - t0:.1f} |")
-    for full in ("Adapprox full rank, clipping off", "Adapprox full rank, clipping off, no row/column scaling"):
+    for full in ("Adapprox full rank, clipping off",):
         if full in finals and "AdamW" in finals:
             lines += ["", f"{full} vs AdamW (same lr, betas, eps, no weight decay), after {own.steps} steps: "
                       f"||W_adapprox - W_adamw|| / ||W_adamw - W_0|| = "

@@ -1518,109 +1518,85 @@ class Adapprox(_Base):
 
     With ``row_col_scaling=False`` r and c are 1: V itself is factored, as in
     the paper. Other parameters keep an exact dense V and the same rule (so
-    with clipping and guidance off they get exactly AdamW). With k = min(m, n)
-    the factorization is exact and Adapprox is AdamW (tested in float64; in
-    float32 see "Resolution").
+    with clipping and guidance off they get exactly AdamW).
 
-    The paper's full text was not available to us; the abstract's method is
-    made concrete here, and these choices are ours: S-RSI orthonormalizes
-    after every product and is warm-started from last step's Q with one
-    power iteration (``warm_start``, ``power_iters``; ``warm_start=False,
-    power_iters=5`` is the paper-style cold start); ``k_max = max(1,
-    ⌊k_max_frac·min(m, n)⌋)`` with ``k_max_frac = 0.25`` (which reproduces the
-    paper's 34.5-49.9 % memory saving range); the rank starts at ``k_max``
-    (``rank_init``), first halves (by at least ``rank_step``) each step while
-    ξ is below ``err_tol/2``, with the EMA reseeded at each new rank, so it
-    reaches its working level in about log2(k_max) steps instead of k_max.
-    After the first step on which it does not halve, the rank has settled:
-    from then on it follows ``next_rank`` (± ``rank_step``) on an EMA
-    (``err_beta``) of ξ with hysteresis ``[err_tol/2, err_tol]``, and the
-    halving never resumes, so it cannot flap (``err_tol=0`` holds every rank
-    at k_max). The first moment is Adam's; clipping follows Adafactor;
-    guidance scales by ``1 + cos``.
+    Full rank (ours). At k = min(m, n) the factorization would be exact and
+    Q, U hold k·(m+n) >= m·n numbers, more than V: so V is kept dense instead
+    (state ``V``), V̂ = V and ξ = 0, and with clipping and guidance off
+    Adapprox is AdamW, in float32 too. A float32 factorization at full rank
+    would not be: its rounding, about 1e-7 of V's largest singular value in
+    every entry, redraws V's smallest entries (docs/RESULTS.md).
 
-    Non-negativity (``nonneg``), chosen by measurement (docs/RESULTS.md).
-    A rank-k reconstruction of the non-negative V has negative entries
-    wherever it undershoots. ``"clamp"`` (max(QUᵀ, 0)) makes sqrt(V̂) = 0
-    there, so D = M/ε explodes and the update clipping then shrinks every
-    other coordinate: it trains far worse than AdamW. ``"floor"``
-    (max(QUᵀ, (1-β2)·G²), a true lower bound of the EMA) is about
-    1/(1-β2) = 1000× below a settled V, so the same coordinates still get
-    updates about 30× too large. ``"abs"`` (|QUᵀ|, the default, as LDAdam
-    treats its transported second moment) keeps the magnitude of the
-    approximation error there, which is of the order of V itself, and
-    trains at least as well as AdamW at every rank we held. (The exact
-    rank-1 reconstruction of a non-negative matrix is non-negative, by
-    Perron-Frobenius, so "clamp" only trains well when the ranks fall to 1.)
+    The paper's full text was not available to us; these choices are ours.
+    S-RSI orthonormalizes after every product and is warm-started from last
+    step's Q with one power iteration (``warm_start=False, power_iters=5``
+    is a paper-style cold start; step 1 is cold). ``k_max = max(1,
+    ⌊k_max_frac·min(m, n)⌋)``, ``k_max_frac = 0.25`` reproducing the paper's
+    34.5-49.9 % memory saving. The rank starts at ``k_max`` (or
+    ``rank_init``) and halves (by at least ``rank_step``) each step while ξ
+    is below ``err_tol/2``, the EMA reseeded at each new rank, so it reaches
+    its working level in about log2(k_max) steps. From the first step on
+    which it does not halve it has settled: it follows ``next_rank`` (±
+    ``rank_step``) on an EMA (``err_beta``) of ξ with hysteresis
+    ``[err_tol/2, err_tol]`` and never halves again, so it cannot flap;
+    ``err_tol=0`` grows every rank to k_max and holds it there. When the
+    rank grows, Ω has the p + (k_new - k_old) missing columns. Clipping
+    follows Adafactor; guidance scales by ``1 + cos``.
+
+    Non-negativity (``nonneg``). A rank-k reconstruction of the non-negative
+    V undershoots below 0 in places. ``"clamp"`` (max(QUᵀ, 0)) gives
+    sqrt(V̂) = 0 there, D = M/ε explodes and clipping shrinks every other
+    coordinate; ``"floor"`` (max(QUᵀ, (1-β2)·G²), a true lower bound) is
+    still about 1000× below a settled V; ``"abs"`` (|QUᵀ|, the default, as
+    LDAdam treats its transported second moment) keeps the error's
+    magnitude, of the order of V, and trains at least as well as AdamW.
 
     Row/column scaling (ours, ``row_col_scaling``). Adam reads V entry by
-    entry and is blind to each coordinate's scale, but a factorization's
-    error lies at one absolute level for all entries: rows and columns with
-    small gradients (a rare token's embedding row, a quiet unit) drown in
-    it, their V̂ is the factorization's error, which the smallest change of
-    the gradients redraws, and the trajectory amplifies tiny gradient noise
-    far beyond AdamW's (``bench.py sensitivity``). So V is divided by
-    Adafactor's rank-1 estimate r cᵀ (r the rows' shares of V's total, c
-    the column sums: m + n numbers kept with Q and U), the quotient N is
-    factored, and V̂ multiplies the scales back: the error is relative to
-    each entry's row and column scale. Negative entries of the EMA (where
-    the last factorization undershot) are set to 0 first, which only brings
-    V closer to the true second moment; ``row_col_scales`` clamps r and c so
-    that N stays in float32's range. On our tiny model this cut the
-    amplification at rank 1 held from 2.7e-2 to 4e-7 (AdamW: 6e-7), at
-    rank 4 from 2.2e-3 to 1e-4, at equal loss (docs/RESULTS.md).
+    entry, but a factorization's error lies at one absolute level for all
+    entries: rows and columns with small gradients (a rare token's embedding
+    row, a quiet unit) drown in it, their V̂ is the error, which the smallest
+    change of the gradients redraws, and the trajectory amplifies tiny
+    gradient noise far beyond AdamW's (``bench.py sensitivity``). So V is
+    divided by Adafactor's rank-1 estimate r cᵀ (m + n numbers, kept with Q
+    and U), the quotient N is factored, and V̂ multiplies the scales back:
+    the error becomes relative to each entry's row and column. Negative
+    entries of the EMA (a past undershoot) are set to 0 first;
+    ``row_col_scales`` clamps r and c so that N stays in float32's range.
 
-    Resolution (the floor δ, ours). Where an entry of N lies far below δ,
-    the RMS of the factorization's error, N̂ would again be noise; flooring
-    it at δ says "below this level we do not know V" and keeps the
-    ``abs``/``clamp`` kink at zero out of reach. δ is formed exactly
-    (``‖N - Q Uᵀ‖`` in N's buffer), not from ``‖N‖² - ‖U‖²``, which cancels
-    in float32 near full rank; so ξ, the rank rule's input, is exact too.
-
-    What remains is float32 itself (docs/RESULTS.md). A float32 matrix
-    carries rounding of about 1e-7 of its largest singular value in every
-    entry, which decides its weak singular directions, and a perturbation
-    of the gradients redraws it. Held at rank 4 or 16 the trajectory is
-    100-4,000× more sensitive than AdamW's, and at full rank it is a few
-    percent from AdamW's after 40 steps; with the optimizer's arithmetic in
-    float64 both are at AdamW's level. At rank 1, the leading direction,
-    float32 is accurate, and the default's ranks fall to 1.
+    Resolution (the floor δ, ours). An entry of N far below δ, the RMS of
+    the factorization's error, would again be noise: flooring at δ says
+    "below this level we do not know V" and keeps the ``abs``/``clamp`` kink
+    at 0 out of reach. δ is formed exactly from the residual in N's buffer
+    (``‖N‖² - ‖U‖²`` cancels in float32), and so is ξ.
 
     ``err_tol`` default 0.5 (ξ of the scaled N), chosen by measurement
-    (docs/RESULTS.md): from 0.2 to 0.5 the loss is flat, below AdamW's and
-    no worse than the unscaled factorization at a 1 % tolerance; the
-    ranks stay high while V is young and high-rank, then fall to 1, which
-    costs least time and state and is the rank at which a float32 trajectory
-    is as insensitive as AdamW's. A lower ``err_tol`` makes V̂ follow V more
-    closely, at the price of more noise amplification in float32.
+    (docs/RESULTS.md): from 0.2 to 0.5 the loss is flat and below AdamW's;
+    the ranks stay high while V is young, then fall to 1, which costs least
+    time and state. Held at ranks 4 or 16 a float32 trajectory amplifies
+    gradient noise far more than AdamW's: the rounding above decides V's
+    weak singular directions (in float64 it does not); at rank 1, the
+    leading direction, float32 is accurate.
 
     State per factored matrix: Q and U (k·(m+n) numbers), r and c (m + n),
-    the exponent h, and M (m·n) unless β1 = 0. Cost per step: one m×n temporary for a float32
-    parameter (V, overwritten by the residual, then V̂, then the update;
-    ``"floor"`` adds one, a bf16 parameter its float32 gradient), about six
-    skinny m·n·(k+p) products, and per step one host sync for all matrices together (the
-    ranks of the next step) besides the NaN/Inf check's.
-
-    Further choices of ours: step 1 has no Q to start from, so it is a cold
-    start with ``power_iters`` iterations; when the rank grows, Ω' has the
-    p + (k_new - k_old) missing columns; with ``err_tol=0`` any error grows
-    the rank, so every rank rises to k_max (from ``rank_init`` if given, by
-    ``rank_step`` per step) and stays there. V is sketched at a power-of-two
-    scale 4^-h that brings its largest part (G² or the previous Q Uᵀ) to
-    about 1: G is multiplied by 2^-h before it is squared, and U (with
-    row/column scaling: c) is kept at that scale with its exponent h (state
-    ``u_exp``, one number), so that
-    neither G², nor ξ's float32 sums of squares, nor V itself leave
-    float32's range for any finite gradient (2^-100 to 2^100 tested).
+    the exponent h, M (m·n) unless β1 = 0; at full rank V (m·n) in place of
+    Q, U, r and c. Cost per step: one m×n temporary for a float32 parameter
+    (V, then the residual, V̂ and the update; ``"floor"`` adds one, a bf16
+    parameter its float32 gradient), about six skinny m·n·(k+p) products,
+    and one host sync for all matrices (the next ranks) besides the NaN/Inf
+    check's. V is sketched at a power-of-two scale 4^-h that brings its
+    largest part (G² or the previous V) to about 1: G is scaled by 2^-h
+    before it is squared, and U (with scaling: c; at full rank: V) is kept
+    at that scale with its exponent (state ``u_exp``), so neither G², nor
+    ξ's sums of squares, nor V leave float32's range for any finite
+    gradient (2^-100 to 2^100 tested).
 
     Not for: tiny models, where the S-RSI cost outweighs the memory saved.
     The sketch Ω of parameter i at step t is drawn from a generator seeded
-    with ``stream_seed(state["seed"], t)``, where ``state["seed"] =
-    stream_seed(seed, i)`` is set at the parameter's first step
-    (counter-based): every DDP rank draws the same Ω, the state dict needs no
-    generator state, and a resumed run is bit-exact, also through
-    torch.distributed.checkpoint's helpers (on another device type the
-    generator, and so Ω, differs: CPU and CUDA draw different numbers)::
+    with ``stream_seed(state["seed"], t)``, ``state["seed"] = stream_seed(seed,
+    i)`` (counter-based): every DDP rank draws the same Ω, the state dict
+    needs no generator state, and a resumed run is bit-exact, also through
+    torch.distributed.checkpoint's helpers (CPU and CUDA draw different
+    numbers)::
 
         opt = Adapprox(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
     """
@@ -1748,6 +1724,9 @@ class Adapprox(_Base):
                 state["rank"] = self._initial_rank(p, group)
                 state["err_ema"] = 0.0
             state.setdefault("seed", stream_seed(group["seed"], index))  # Ω at step t: stream_seed(this, t)
+            if state["rank"] >= min(p.shape):  # full rank: V is kept dense, nothing is sketched
+                omegas.append(None)
+                continue
             warm = state.get("Q") if group["warm_start"] else None
             columns = sketch_columns(p.shape, state["rank"], group["oversample"], warm)
             rng = self._generator(p.device, stream_seed(state["seed"], state["step"] + 1))
@@ -1755,7 +1734,7 @@ class Adapprox(_Base):
                                       dtype=linalg_dtype(p.dtype)))
         return omegas
 
-    def _factored_step(self, p: Tensor, group: dict, omega: Tensor) -> Tensor:
+    def _factored_step(self, p: Tensor, group: dict, omega: Optional[Tensor]) -> Tensor:
         state = self.state[p]
         beta1, beta2 = group["betas"]
         g = p.grad.to(linalg_dtype(p.dtype))  # G: (m, n)
@@ -1764,31 +1743,51 @@ class Adapprox(_Base):
         elif beta1 == 0:
             state.pop("exp_avg", None)  # betas[0] set to 0: no first moment any more
         t = state["step"] + 1
-        # Everything below runs at the scale 4^-h, where
-        #     h = ⌊log2 max(max|G|, sqrt(max|V_{t-1}|))⌋,
-        # so that G·2^-h and the sketched V/4^h have entries of at most about 1.
-        # Powers of two scale exactly and S-RSI is scale-equivariant, but float32
-        # squares and sums of squares are not: G² overflows for |G| > 2^64 and
-        # underflows for |G| < 2^-75 (ξ then read 0 or NaN), and V itself can lie
-        # outside float32's range. So U is *stored* at scale too, with its
-        # exponent (state "u_exp" = e: V_{t-1} ≈ 4^e · Q Uᵀ), and G is scaled
-        # before it is squared (our guard).
+        full = state["rank"] >= min(p.shape)  # V kept dense: exact, and m·n <= k·(m+n) numbers ("Full rank")
+        # Everything below runs at the scale 4^-h, h = ⌊log2 max(max|G|, sqrt(max|V_{t-1}|))⌋, so G·2^-h
+        # and V/4^h have entries of at most about 1: powers of two scale exactly, float32 squares do not
+        # (G² overflows above 2^64, underflows below 2^-75). U (or V) is stored at scale, e = state["u_exp"].
         lo, hi = torch.aminmax(g)
         size = torch.log2(torch.maximum(hi, -lo))
-        scaled = group.get("row_col_scaling", False)  # False: a state dict from before the option
         if t > 1:
             e = state["u_exp"]
-            Q_prev, U_prev = state["Q"], state["U"]
-            if "row" in state:  # the previous V was stored as diag(row) · Q Uᵀ · diag(col)
-                Q_prev, U_prev = Q_prev * state["row"][:, None], U_prev * state["col"][:, None]  # skinny
-            top = U_prev.abs().amax() * (Q_prev.abs().amax() if "row" in state else 1.0)  # |Q Uᵀ| <= its bound
+            if "V" in state:  # the previous V is dense
+                top = state["V"].amax()
+            else:
+                Q_prev, U_prev = state["Q"], state["U"]
+                if "row" in state:  # the previous V was stored as diag(row) · Q Uᵀ · diag(col)
+                    Q_prev, U_prev = Q_prev * state["row"][:, None], U_prev * state["col"][:, None]  # skinny
+                top = U_prev.abs().amax() * (Q_prev.abs().amax() if "row" in state else 1.0)  # |Q Uᵀ| <= this
             size = torch.maximum(size, e + 0.5 * torch.log2(top))
         h = torch.floor(size).clamp(-126, 126)  # an integer; all-zero G and V: any h will do
         # V/4^h ← (1-β2) · (G·2^-h)² + β2 · Q (U · 4^(e-h))ᵀ   (the one m×n temporary of this step;
         # with row/column scaling Q and U above already carry diag(row) and diag(col))
         v = torch.mul(g, torch.exp2(-h)).square_().mul_(1 - beta2)
-        if t > 1:
+        if t > 1 and "V" in state:
+            v.addcmul_(state["V"], torch.exp2(2 * (e - h).clamp(-63, 63)), value=beta2)
+        elif t > 1:
             v.addmm_(Q_prev, (U_prev * torch.exp2(2 * (e - h).clamp(-63, 63))).T, alpha=beta2)
+        if full:  # V̂ ← max(V, 0), ξ = 0: no factorization (V kept at scale 4^-h in place of Q, U, row, col)
+            for key in ("Q", "U", "row", "col"):
+                state.pop(key, None)
+            v.clamp_min_(0)  # a negative entry is the error of a factorization before the rank grew
+            state["V"] = state["V"].copy_(v) if "V" in state else v.clone()
+            xi, v_hat = torch.zeros_like(h), v
+        else:
+            state.pop("V", None)
+            xi, v_hat = self._factor_second_moment(v, g, h, state, group, omega)
+        state.update(step=t, u_exp=h)
+        # denom ← sqrt(V̂ / (1-β2ᵗ)) + ε = sqrt(V̂/4^h) · 2^h / sqrt(1-β2ᵗ) + ε   (in place)
+        denom = v_hat.sqrt_().mul_(torch.exp2(h)).div_((1 - beta2**t) ** 0.5).add_(group["eps"])
+        self._apply_direction(p, g, denom, state, group, t)
+        return xi
+
+    def _factor_second_moment(self, v: Tensor, g: Tensor, h: Tensor, state: dict, group: dict,
+                              omega: Tensor) -> tuple[Tensor, Tensor]:
+        """From V/4^h (in ``v``) to the new Q, U (row, col) in ``state``; returns
+        ξ and V̂/4^h, written into ``v``'s buffer."""
+        beta2 = group["betas"][1]
+        scaled = group.get("row_col_scaling", False)  # False: a state dict from before the option
         if scaled:
             # V ← max(V, 0)   (V is a second moment; a negative entry is the factorization's error)
             # row ← V 1 / 1ᵀ V 1 ;  col ← 1ᵀ V ;  N ← V / (row colᵀ)   (Adafactor's rank-1 estimate divided out)
@@ -1821,11 +1820,8 @@ class Adapprox(_Base):
             state.update(row=row, col=col)
         else:
             state.pop("row", None), state.pop("col", None)
-        state.update(step=t, Q=Q, U=U, u_exp=h)
-        # denom ← sqrt(V̂ / (1-β2ᵗ)) + ε = sqrt(V̂/4^h) · 2^h / sqrt(1-β2ᵗ) + ε   (in place)
-        denom = v_hat.sqrt_().mul_(torch.exp2(h)).div_((1 - beta2**t) ** 0.5).add_(group["eps"])
-        self._apply_direction(p, g, denom, state, group, t)
-        return xi
+        state.update(Q=Q, U=U)
+        return xi, v_hat
 
     def _dense_adapprox_step(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
