@@ -627,7 +627,8 @@ def sensitivity_optimizers(ranks: list[int], hidden: int) -> dict:
     """The optimizers `bench.py sensitivity` compares: name -> (model -> optimizer, lr).
     Adapprox's ranks are held with err_tol=0 (the rank rises to k_max at once and stays)
     and k_max_frac = rank / hidden; at full rank Adapprox keeps V dense (exact). Each
-    factored Adapprox row also runs without row/column scaling (V factored as it is)."""
+    factored Adapprox row also runs without row/column scaling (V factored as it is) and
+    with factor_dtype="float32" (V formed, factored and kept in float32)."""
     A = la.Adapprox
     out = {"AdamW": (lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0), 3e-3),
            "torch Adafactor": (lambda m, lr: torch.optim.Adafactor(m.parameters(), lr=lr), 1e-2)}
@@ -638,6 +639,8 @@ def sensitivity_optimizers(ranks: list[int], hidden: int) -> dict:
         out[name] = (lambda m, lr, o=options: A(m.parameters(), lr=lr, **o), 3e-3)
         out[f"{name}, no row/column scaling"] = (lambda m, lr, o=options: A(m.parameters(), lr=lr,
                                                                              row_col_scaling=False, **o), 3e-3)
+        out[f"{name}, float32 factors"] = (lambda m, lr, o=options: A(m.parameters(), lr=lr,
+                                                                       factor_dtype="float32", **o), 3e-3)
     full = dict(err_tol=0.0, k_max_frac=1.0, clip_threshold=None)  # a dense V: scaling plays no part
     out["Adapprox full rank, clipping off"] = (lambda m, lr: A(m.parameters(), lr=lr, **full), 3e-3)
     return out
@@ -781,8 +784,9 @@ def loader_row(name: str, tok, corpus: str, args, seconds: float) -> str:
 PUBLISHED_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}
 
 def predicted_state_bytes(model: torch.nn.Module, method: str, rank: int, *, beta1: float = 0.9,
-                          error_bytes: int = 4, k_max_frac: float = 0.25) -> int:
-    """Optimizer state in bytes from the per-matrix formulas, float32 state.
+                          error_bytes: int = 4, k_max_frac: float = 0.25, factor_bytes: int = 8) -> int:
+    """Optimizer state in bytes from the per-matrix formulas, float32 state
+    (Adapprox's factors: ``factor_bytes``, 8 for its default float64).
 
     Equal to ``state_bytes`` after a real step (tested on small configs).
     AdaptiveAdamW is counted at uniform ranks (its total moves with the
@@ -798,7 +802,8 @@ def predicted_state_bytes(model: torch.nn.Module, method: str, rank: int, *, bet
         elif method == "adapprox" and la.Adapprox.is_factored(p):
             m, n = p.shape
             k = max(1, int(k_max_frac * min(m, n)))
-            total += f * (k * (m + n) + 1 + (m + n) + (m * n if beta1 > 0 else 0))  # Q, U, U's exponent, scales, M
+            factors = m * n if k == min(m, n) else k * (m + n) + m + n  # a dense V at full rank; Q, U, scales
+            total += factor_bytes * (factors + 1) + f * (m * n if beta1 > 0 else 0)  # ... and the exponent; M
         elif method == "adapprox":
             total += f * p.numel() * (2 if beta1 > 0 else 1)
         elif id(p) not in lowrank:

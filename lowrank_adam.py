@@ -43,7 +43,7 @@ Memory per m×n matrix (s = min(m, n), l = max(m, n); numbers of floats)
     GaLoreAdamW           2·r·l + s·r          (moments r×l, basis s×r)
     AdaptiveAdamW         2·r·l + s·r          (r varies per matrix)
     LDAdam                2·r·l + s·r + m·n    (+ error buffer; m·n/2 in bf16)
-    Adapprox              k·(m + n) + 1 [+ m·n with a first moment]   (+1: U's scale exponent)
+    Adapprox              (k+1)·(m + n) + 1 [+ m·n with a first moment]   (m·n + 1 at k = s)
 
 Conventions
 -----------
@@ -1516,16 +1516,11 @@ class Adapprox(_Base):
         D ← D · (1 + cos(M, G))                (cosine guidance, optional)
         W ← W (1 - lr·wd) - lr · D
 
-    With ``row_col_scaling=False`` r and c are 1: V itself is factored, as in
-    the paper. Other parameters keep an exact dense V and the same rule (so
-    with clipping and guidance off they get exactly AdamW).
-
-    Full rank (ours). At k = min(m, n) the factorization would be exact and
-    Q, U hold k·(m+n) >= m·n numbers, more than V: so V is kept dense instead
-    (state ``V``), V̂ = V and ξ = 0, and with clipping and guidance off
-    Adapprox is AdamW, in float32 too. A float32 factorization at full rank
-    would not be: its rounding, about 1e-7 of V's largest singular value in
-    every entry, redraws V's smallest entries (docs/RESULTS.md).
+    With ``row_col_scaling=False`` r and c are 1 (V itself is factored, as
+    in the paper). Other parameters keep an exact dense V and the same rule.
+    Full rank (ours): at k = min(m, n) Q and U would hold k·(m+n) >= m·n
+    numbers for an exact factorization, so V is kept dense instead (state
+    ``V``), V̂ = V, ξ = 0. With clipping and guidance off both are AdamW.
 
     The paper's full text was not available to us; these choices are ours.
     S-RSI orthonormalizes after every product and is warm-started from last
@@ -1539,17 +1534,15 @@ class Adapprox(_Base):
     which it does not halve it has settled: it follows ``next_rank`` (±
     ``rank_step``) on an EMA (``err_beta``) of ξ with hysteresis
     ``[err_tol/2, err_tol]`` and never halves again, so it cannot flap;
-    ``err_tol=0`` grows every rank to k_max and holds it there. When the
-    rank grows, Ω has the p + (k_new - k_old) missing columns. Clipping
+    ``err_tol=0`` grows every rank to k_max and holds it there. Clipping
     follows Adafactor; guidance scales by ``1 + cos``.
 
-    Non-negativity (``nonneg``). A rank-k reconstruction of the non-negative
-    V undershoots below 0 in places. ``"clamp"`` (max(QUᵀ, 0)) gives
-    sqrt(V̂) = 0 there, D = M/ε explodes and clipping shrinks every other
-    coordinate; ``"floor"`` (max(QUᵀ, (1-β2)·G²), a true lower bound) is
-    still about 1000× below a settled V; ``"abs"`` (|QUᵀ|, the default, as
-    LDAdam treats its transported second moment) keeps the error's
-    magnitude, of the order of V, and trains at least as well as AdamW.
+    Non-negativity (``nonneg``). A rank-k reconstruction of V undershoots
+    below 0 in places. ``"clamp"`` (max(QUᵀ, 0)) gives sqrt(V̂) = 0 there, D
+    = M/ε explodes and clipping shrinks every other coordinate; ``"floor"``
+    (max(QUᵀ, (1-β2)·G²), a true lower bound) is still ~1000× below a
+    settled V; ``"abs"`` (|QUᵀ|, the default, as LDAdam treats its moved
+    second moment) keeps the error's magnitude and trains as well as AdamW.
 
     Row/column scaling (ours, ``row_col_scaling``). Adam reads V entry by
     entry, but a factorization's error lies at one absolute level for all
@@ -1571,32 +1564,31 @@ class Adapprox(_Base):
 
     ``err_tol`` default 0.5 (ξ of the scaled N), chosen by measurement
     (docs/RESULTS.md): from 0.2 to 0.5 the loss is flat and below AdamW's;
-    the ranks stay high while V is young, then fall to 1, which costs least
-    time and state. Held at ranks 4 or 16 a float32 trajectory amplifies
-    gradient noise far more than AdamW's: the rounding above decides V's
-    weak singular directions (in float64 it does not); at rank 1, the
-    leading direction, float32 is accurate.
+    the ranks stay high while V is young, then fall to 1, the cheapest.
 
-    State per factored matrix: Q and U (k·(m+n) numbers), r and c (m + n),
-    the exponent h, M (m·n) unless β1 = 0; at full rank V (m·n) in place of
-    Q, U, r and c. Cost per step: one m×n temporary for a float32 parameter
-    (V, then the residual, V̂ and the update; ``"floor"`` adds one, a bf16
-    parameter its float32 gradient), about six skinny m·n·(k+p) products,
-    and one host sync for all matrices (the next ranks) besides the NaN/Inf
-    check's. V is sketched at a power-of-two scale 4^-h that brings its
-    largest part (G² or the previous V) to about 1: G is scaled by 2^-h
-    before it is squared, and U (with scaling: c; at full rank: V) is kept
-    at that scale with its exponent (state ``u_exp``), so neither G², nor
-    ξ's sums of squares, nor V leave float32's range for any finite
-    gradient (2^-100 to 2^100 tested).
+    Precision (``factor_dtype="float64"``, ours). V is formed, factored and
+    kept in float64; M and the update stay float32. In float32, V's rounding
+    (about 1e-7 of its largest singular value in each entry) decides its
+    weak singular directions, the smallest perturbation of the gradients
+    redraws them at every later step, and the trajectory amplified 1e-7
+    gradient noise up to 10,000× more than AdamW's. ``"float32"`` halves
+    the bytes of V's temporary and of Q, U, r and c.
 
-    Not for: tiny models, where the S-RSI cost outweighs the memory saved.
-    The sketch Ω of parameter i at step t is drawn from a generator seeded
-    with ``stream_seed(state["seed"], t)``, ``state["seed"] = stream_seed(seed,
-    i)`` (counter-based): every DDP rank draws the same Ω, the state dict
-    needs no generator state, and a resumed run is bit-exact, also through
-    torch.distributed.checkpoint's helpers (CPU and CUDA draw different
-    numbers)::
+    State per factored matrix: Q and U (k·(m+n) numbers), r and c (m + n), the
+    exponent h, M (m·n) unless β1 = 0; at full rank V (m·n) in place of Q, U,
+    r, c. Per step: an m×n temporary (V, the residual, V̂) and a float32
+    update (float32 factors: one buffer; ``"floor"`` adds one, a bf16
+    parameter its float32 gradient), six skinny m·n·(k+p) products, one host
+    sync for all matrices (the next ranks) besides the NaN/Inf check's. V is
+    formed at a power-of-two scale 4^-h that brings it to about 1; U (with
+    scaling: c; at full rank: V) is kept at that scale with its exponent
+    (``u_exp``), so no square leaves float32's range for any finite gradient
+    (2^-100 to 2^100 tested).
+
+    Ω of parameter i at step t is drawn from a generator seeded with
+    ``stream_seed(state["seed"], t)``, ``state["seed"] = stream_seed(seed, i)``
+    (counter-based): every DDP rank draws the same Ω, and a resumed run is
+    bit-exact (CPU and CUDA draw different numbers)::
 
         opt = Adapprox(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
     """
@@ -1615,12 +1607,13 @@ class Adapprox(_Base):
                  rank_init: Optional[int] = None, err_tol: float = 0.5, err_beta: float = 0.9, rank_step: int = 1,
                  oversample: int = 5, power_iters: int = 1, warm_start: bool = True, nonneg: str = "abs",
                  clip_threshold: Optional[float] = 1.0, cosine_guidance: bool = False, row_col_scaling: bool = True,
-                 seed: int = 0, check_finite: bool = True):
+                 factor_dtype: str = "float64", seed: int = 0, check_finite: bool = True):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, k_max_frac=k_max_frac, k_min=k_min,
                         rank_init=rank_init, err_tol=err_tol, err_beta=err_beta, rank_step=rank_step,
                         oversample=oversample, power_iters=power_iters, warm_start=warm_start, nonneg=nonneg,
                         clip_threshold=clip_threshold, cosine_guidance=cosine_guidance,
-                        row_col_scaling=row_col_scaling, seed=seed, check_finite=check_finite)
+                        row_col_scaling=row_col_scaling, factor_dtype=factor_dtype, seed=seed,
+                        check_finite=check_finite)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict) -> None:
@@ -1642,6 +1635,8 @@ class Adapprox(_Base):
                "Invalid cosine_guidance: it needs a first moment (betas[0] > 0)")
         _check(isinstance(g["seed"], int) and not isinstance(g["seed"], bool), f"Invalid seed: {g['seed']!r}")
         _check(isinstance(g["row_col_scaling"], bool), f"Invalid row_col_scaling: {g['row_col_scaling']!r}")
+        _check(g["factor_dtype"] in ("float32", "float64"),
+               f"Invalid factor_dtype: {g['factor_dtype']!r} (expected 'float32' or 'float64')")
         _check(g["nonneg"] in NONNEG_RULES, f"Invalid nonneg: {g['nonneg']!r} (expected one of {NONNEG_RULES})")
         if g.get("rank") is not None:
             _check(isinstance(g["rank"], int) and not isinstance(g["rank"], bool) and g["rank"] >= 1,
@@ -1672,6 +1667,12 @@ class Adapprox(_Base):
         else:
             k_max = max(1, int(group["k_max_frac"] * min(p.shape)))
         return min(group["k_min"], k_max), k_max
+
+    @staticmethod
+    def factor_dtype(p: Tensor, group: dict) -> torch.dtype:
+        """The dtype V is formed, factored and kept in: float64 if the group
+        asks for it (or the parameter is float64), else float32."""
+        return torch.float64 if group.get("factor_dtype") == "float64" else linalg_dtype(p.dtype)
 
     def _initial_rank(self, p: Tensor, group: dict) -> int:
         k_min, k_max = self.rank_bounds(p, group)
@@ -1731,7 +1732,7 @@ class Adapprox(_Base):
             columns = sketch_columns(p.shape, state["rank"], group["oversample"], warm)
             rng = self._generator(p.device, stream_seed(state["seed"], state["step"] + 1))
             omegas.append(torch.randn(p.shape[1], columns, generator=rng, device=p.device,
-                                      dtype=linalg_dtype(p.dtype)))
+                                      dtype=self.factor_dtype(p, group)))
         return omegas
 
     def _factored_step(self, p: Tensor, group: dict, omega: Optional[Tensor]) -> Tensor:
@@ -1743,12 +1744,15 @@ class Adapprox(_Base):
         elif beta1 == 0:
             state.pop("exp_avg", None)  # betas[0] set to 0: no first moment any more
         t = state["step"] + 1
+        fd = self.factor_dtype(p, group)  # V's dtype: float64 by default (see "Precision")
+        for key in [k for k in ("Q", "U", "row", "col", "V", "u_exp") if k in state]:  # a changed factor_dtype:
+            state[key] = state[key].to(fd)  # converted once (.to is a no-op on a tensor already in fd)
         full = state["rank"] >= min(p.shape)  # V kept dense: exact, and m·n <= k·(m+n) numbers ("Full rank")
         # Everything below runs at the scale 4^-h, h = ⌊log2 max(max|G|, sqrt(max|V_{t-1}|))⌋, so G·2^-h
         # and V/4^h have entries of at most about 1: powers of two scale exactly, float32 squares do not
         # (G² overflows above 2^64, underflows below 2^-75). U (or V) is stored at scale, e = state["u_exp"].
         lo, hi = torch.aminmax(g)
-        size = torch.log2(torch.maximum(hi, -lo))
+        size = torch.log2(torch.maximum(hi, -lo)).to(fd)
         if t > 1:
             e = state["u_exp"]
             if "V" in state:  # the previous V is dense
@@ -1762,7 +1766,7 @@ class Adapprox(_Base):
         h = torch.floor(size).clamp(-126, 126)  # an integer; all-zero G and V: any h will do
         # V/4^h ← (1-β2) · (G·2^-h)² + β2 · Q (U · 4^(e-h))ᵀ   (the one m×n temporary of this step;
         # with row/column scaling Q and U above already carry diag(row) and diag(col))
-        v = torch.mul(g, torch.exp2(-h)).square_().mul_(1 - beta2)
+        v = g.to(fd, copy=True).mul_(torch.exp2(-h)).square_().mul_(1 - beta2)
         if t > 1 and "V" in state:
             v.addcmul_(state["V"], torch.exp2(2 * (e - h).clamp(-63, 63)), value=beta2)
         elif t > 1:
@@ -1779,15 +1783,16 @@ class Adapprox(_Base):
         state.update(step=t, u_exp=h)
         # denom ← sqrt(V̂ / (1-β2ᵗ)) + ε = sqrt(V̂/4^h) · 2^h / sqrt(1-β2ᵗ) + ε   (in place)
         denom = v_hat.sqrt_().mul_(torch.exp2(h)).div_((1 - beta2**t) ** 0.5).add_(group["eps"])
+        del v, v_hat
+        denom = denom.to(g.dtype)  # float64 V: the update is float32 (a second m×n temporary; V's is freed)
         self._apply_direction(p, g, denom, state, group, t)
         return xi
 
     def _factor_second_moment(self, v: Tensor, g: Tensor, h: Tensor, state: dict, group: dict,
                               omega: Tensor) -> tuple[Tensor, Tensor]:
-        """From V/4^h (in ``v``) to the new Q, U (row, col) in ``state``; returns
-        ξ and V̂/4^h, written into ``v``'s buffer."""
+        """V/4^h in ``v`` → Q, U (row, col) in ``state``; returns ξ and V̂/4^h (in ``v``'s buffer)."""
         beta2 = group["betas"][1]
-        scaled = group.get("row_col_scaling", False)  # False: a state dict from before the option
+        scaled = group["row_col_scaling"]
         if scaled:
             # V ← max(V, 0)   (V is a second moment; a negative entry is the factorization's error)
             # row ← V 1 / 1ᵀ V 1 ;  col ← 1ᵀ V ;  N ← V / (row colᵀ)   (Adafactor's rank-1 estimate divided out)

@@ -1418,7 +1418,7 @@ class FullSizeAllocations(TorchDispatchMode):
 
     def __init__(self, numel):
         super().__init__()
-        self.numel, self.ops = numel, []
+        self.numel, self.ops, self.dtypes = numel, [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs or {}))[0]
@@ -1427,24 +1427,31 @@ class FullSizeAllocations(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.numel() >= self.numel and t.untyped_storage().data_ptr() not in inputs:
                 self.ops.append(func.__name__)
+                self.dtypes.append(t.dtype)
         return out
 
 
-@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+@pytest.mark.parametrize("cls", [*OPTIMIZERS, "Adapprox, float32 factors"],
+                         ids=[c.__name__ for c in OPTIMIZERS] + ["Adapprox-float32"])
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24)], ids=["wide", "tall"])
 def test_one_full_size_temporary_per_matrix_and_step(cls, shape):
     # Memory is the point: besides its state, a normal step allocates one m×n
-    # temporary per matrix (the back-projected update, or Adapprox's V).
+    # float32 temporary per matrix (the back-projected update, or Adapprox's V);
+    # Adapprox's default float64 V is one float64 temporary, then a float32 update.
+    f32 = cls == "Adapprox, float32 factors"
+    cls = la.Adapprox if f32 else cls
     p = nn.Parameter(torch.randn(shape))
-    no_refresh = {"Adapprox": dict(rank_init=4), "GaLoreAdamW": dict(update_proj_gap=100),
-                  "AdaptiveAdamW": dict(update_proj_gap=100)}.get(cls.__name__, {})
-    opt = cls([{"params": [p], "rank": 4}] if "rank" in cls.group_keys else [p], **kwargs_for(cls, **no_refresh))
+    no_refresh = {"Adapprox": dict(rank_init=4, factor_dtype="float32" if f32 else "float64"),
+                  "GaLoreAdamW": dict(update_proj_gap=100), "AdaptiveAdamW": dict(update_proj_gap=100)}
+    opt = cls([{"params": [p], "rank": 4}] if "rank" in cls.group_keys else [p],
+              **kwargs_for(cls, **no_refresh.get(cls.__name__, {})))
     for step in range(3):
         p.grad = torch.randn(shape)
         with FullSizeAllocations(p.numel()) as counter:
             opt.step()
         if step > 0:  # step 1 allocates the state (and GaLore's first SVD)
-            assert len(counter.ops) == 1, counter.ops
+            expected = [torch.float64, torch.float32] if cls is la.Adapprox and not f32 else [torch.float32]
+            assert counter.dtypes == expected, counter.ops
 
 
 def test_rms_of_an_empty_tensor_is_zero_not_nan():
@@ -3378,30 +3385,106 @@ def test_adapprox_cosine_guidance_doubles_the_first_step():
         la.Adapprox([nn.Parameter(torch.randn(3, 3))], betas=(0.0, 0.999), cosine_guidance=True)
 
 
+@pytest.mark.parametrize("factor_dtype", ["float32", "float64"])
 @pytest.mark.parametrize("scaling", [True, False])
 @pytest.mark.parametrize("beta1", [0.0, 0.9])
-def test_adapprox_state_bytes_formula(beta1, scaling):
+def test_adapprox_state_bytes_formula(beta1, scaling, factor_dtype):
     torch.manual_seed(0)
-    ps = [nn.Parameter(torch.randn(s)) for s in [(16, 40), (40, 12), (7,), (1, 9)]]
-    opt = la.Adapprox(ps, betas=(beta1, 0.999), rank_init=2, row_col_scaling=scaling)
+    ps = [nn.Parameter(torch.randn(s)) for s in [(16, 40), (40, 12), (7,), (1, 9), (3, 5)]]
+    groups = [{"params": ps[:4]}, {"params": ps[4:], "rank": 3, "rank_init": None, "err_tol": 0.0}]  # full: V dense
+    opt = la.Adapprox(groups, betas=(beta1, 0.999), rank_init=2, row_col_scaling=scaling, factor_dtype=factor_dtype)
     for _ in range(3):
         for p in ps:
             p.grad = torch.randn(p.shape)
         opt.step()
     k = opt.ranks()
+    assert k[2] == 3 and opt.state[ps[4]]["V"].shape == (3, 5) and "Q" not in opt.state[ps[4]]
     factored = [(16, 40), (40, 12)]
+    f = 8 if factor_dtype == "float64" else 4  # bytes of a number of V's factors (M stays float32)
     # Q, U, U's 0-d scale exponent and (with row/column scaling) the m + n scales per factored matrix
-    expected = sum(ki * (m + n) + 1 + (m + n if scaling else 0) + (m * n if beta1 > 0 else 0)
+    expected = sum(f * (ki * (m + n) + 1 + (m + n if scaling else 0)) + 4 * (m * n if beta1 > 0 else 0)
                    for ki, (m, n) in zip(k, factored))
+    expected += f * (3 * 5 + 1) + 4 * (3 * 5 if beta1 > 0 else 0)  # the dense V and its exponent
     dense = 7 + 9  # the 1-D and 1×n tensors keep exact moments
-    expected += dense * (2 if beta1 > 0 else 1)
-    assert la.state_bytes(opt) == 4 * expected
-    assert len(k) == 2
+    expected += 4 * dense * (2 if beta1 > 0 else 1)
+    assert la.state_bytes(opt) == expected
+    assert len(k) == 3
+
+
+def test_adapprox_rank_growing_to_full_clamps_the_undershoot_of_the_factors():
+    # Rank 4 of 5, then full rank (a dense V): the EMA then starts from the raw Q Uᵀ, which undershoots
+    # below 0 in places; with a zero gradient V is only that, and a negative V would give sqrt(V) = NaN.
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(6, 5, generator=g))
+    opt = la.Adapprox([p], lr=1e-2, k_max_frac=1.0, rank_init=4, err_tol=0.0)
+    p.grad = torch.randn(6, 5, generator=g) ** 3
+    opt.step()
+    st = opt.state[p]
+    assert opt.ranks() == [5] and (st["Q"] @ st["U"].T).min() < 0  # the undershoot this test is about
+    p.grad = torch.zeros(6, 5)
+    opt.step()
+    assert "Q" not in st and (st["V"] >= 0).all() and torch.isfinite(p).all()
+
+
+def test_adapprox_state_from_float32_factors_continues_in_float64():
+    # A state dict written with float32 factors (or by a version without the option) loads into a default
+    # optimizer and continues: Q, U, row, col are converted to float64 once, exactly as when a running
+    # optimizer's group is switched to factor_dtype="float64".
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(10, 14, generator=g) for _ in range(6)]
+    p = nn.Parameter(torch.randn(10, 14, generator=g))
+    opt = la.Adapprox([p], lr=1e-2, factor_dtype="float32", rank_init=3)
+    for gr in grads[:3]:
+        p.grad = gr.clone()
+        opt.step()
+    assert opt.state[p]["Q"].dtype == torch.float32
+    sd = copy.deepcopy(opt.state_dict())
+    for group in sd["param_groups"]:
+        del group["factor_dtype"]  # as a version without the option wrote it
+    q = nn.Parameter(p.detach().clone())
+    resumed = la.Adapprox([q], lr=1e-2)
+    resumed.load_state_dict(sd)
+    assert resumed.param_groups[0]["factor_dtype"] == "float64"
+    opt.param_groups[0]["factor_dtype"] = "float64"
+    for gr in grads[3:]:
+        p.grad, q.grad = gr.clone(), gr.clone()
+        opt.step()
+        resumed.step()
+    assert torch.equal(p, q) and resumed.state[q]["U"].dtype == torch.float64
+
+
+def test_adapprox_float64_factors_resolve_what_float32_rounds_away():
+    # A constant G whose square is of rank 2 (to G's rounding), with entries over 13 orders of magnitude,
+    # at rank 2 held: the factorization holds V exactly in principle, so every coordinate moves as AdamW's.
+    # Float32 rounds V's smallest entries away (about 1e-7 of its largest in each); float64 keeps them.
+    g = torch.Generator().manual_seed(0)
+    a = 10.0 ** (-10 * torch.rand(2, 12, 1, generator=g, dtype=torch.float64))
+    b = 10.0 ** (-10 * torch.rand(2, 1, 10, generator=g, dtype=torch.float64))
+    G = (a[0] @ b[0] + a[1] @ b[1]).sqrt().float()
+    w0 = torch.randn(12, 10, generator=g)
+    moved, opts = {}, {}
+    for name in ("adamw", "float32", "float64"):
+        p = nn.Parameter(w0.clone())
+        opts[name] = opt = (torch.optim.AdamW([p], lr=1e-2, weight_decay=0.0) if name == "adamw" else
+                            la.Adapprox([p], lr=1e-2, k_max_frac=0.2, err_tol=0.0, clip_threshold=None,
+                                        factor_dtype=name))
+        for _ in range(5):
+            p.grad = G.clone()
+            opt.step()
+        moved[name] = p.detach() - w0
+    deviation = {k: ((moved[k] - moved["adamw"]).abs() / moved["adamw"].abs()).max().item()
+                 for k in ("float32", "float64")}
+    assert deviation["float64"] < 1e-2 and deviation["float32"] > 0.1, deviation
+    state = next(iter(opts["float64"].state.values()))
+    assert opts["float64"].ranks() == [2] and state["Q"].shape == (12, 2)
+    assert all(state[k].dtype == torch.float64 for k in ("Q", "U", "row", "col"))
+    assert state["exp_avg"].dtype == torch.float32
 
 
 @pytest.mark.parametrize("key,value", [("k_max_frac", 0.0), ("k_max_frac", 1.5), ("k_min", 0), ("err_tol", -1.0),
                                        ("rank_step", 0), ("oversample", -1), ("power_iters", -1),
-                                       ("clip_threshold", 0.0), ("rank_init", 0), ("err_beta", 1.0)])
+                                       ("clip_threshold", 0.0), ("rank_init", 0), ("err_beta", 1.0),
+                                       ("factor_dtype", "bfloat16"), ("factor_dtype", torch.float64)])
 def test_adapprox_invalid_options(key, value):
     with pytest.raises(ValueError, match=f"Invalid {key}"):
         la.Adapprox([nn.Parameter(torch.randn(4, 4))], **{key: value})

@@ -1092,7 +1092,7 @@ def test_fsdp_refuses_what_it_cannot_do(flags, words, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["adamw", "galore", "adaptive", "ldadam", "ldadam-bf16", "adapprox",
-                                    "adapprox-b0"])
+                                    "adapprox-b0", "adapprox-f32", "adapprox-full"])
 def test_memory_formula_equals_state_bytes_of_a_real_step(method):
     torch.manual_seed(0)
     cfg = llama_c4.LlamaConfig(vocab_size=96, hidden=32, intermediate=80, heads=4, layers=2, max_seq_len=16)
@@ -1105,11 +1105,14 @@ def test_memory_formula_equals_state_bytes_of_a_real_step(method):
            "ldadam": lambda: la.LDAdam(groups),
            "ldadam-bf16": lambda: la.LDAdam(groups, error_dtype=torch.bfloat16),
            "adapprox": lambda: la.Adapprox(model.parameters(), err_tol=0.0),
-           "adapprox-b0": lambda: la.Adapprox(model.parameters(), betas=(0.0, 0.999), err_tol=0.0)}[method]()
+           "adapprox-b0": lambda: la.Adapprox(model.parameters(), betas=(0.0, 0.999), err_tol=0.0),
+           "adapprox-f32": lambda: la.Adapprox(model.parameters(), err_tol=0.0, factor_dtype="float32"),
+           "adapprox-full": lambda: la.Adapprox(model.parameters(), err_tol=0.0, k_max_frac=1.0)}[method]()
     idx = torch.randint(0, 96, (2, 16))
     model(idx, idx)[1].backward()
     opt.step()
-    kw = {"ldadam-bf16": dict(error_bytes=2), "adapprox-b0": dict(beta1=0.0)}.get(method, {})
+    kw = {"ldadam-bf16": dict(error_bytes=2), "adapprox-b0": dict(beta1=0.0), "adapprox-f32": dict(factor_bytes=4),
+          "adapprox-full": dict(k_max_frac=1.0)}.get(method, {})
     predicted = bench.predicted_state_bytes(model, method.split("-")[0], rank, **kw)
     assert la.state_bytes(opt) == predicted
 
@@ -1315,7 +1318,8 @@ def test_bench_sensitivity_tabulates_noise_amplification_and_the_full_rank_dista
         out = capsys.readouterr().out
         rows = {r[0][2:]: r for r in table_rows(out)}
         assert {"AdamW", "torch Adafactor", "Adapprox (default)", "Adapprox rank 2 held",
-                "Adapprox full rank, clipping off", "Adapprox (default), no row/column scaling"} <= set(rows)
+                "Adapprox full rank, clipping off", "Adapprox (default), no row/column scaling",
+                "Adapprox (default), float32 factors", "Adapprox rank 2 held, float32 factors"} <= set(rows)
         adamw = float(rows["AdamW"][2])
         assert 0 < adamw < 1e-3  # 1e-7 noise moves AdamW's weights by about that much, relative to their movement
         assert all(float(r[3]) > 0 for r in rows.values())  # every run moved its weights

@@ -356,7 +356,8 @@ OPTIMIZERS = {
     "ldadam": Recipe(la.LDAdam, 3e-3, lowrank=True, variants={"+noef": {"error_feedback": False}}),
     "adapprox": Recipe(la.Adapprox, 3e-3, variants={"+nomoment": {"betas": (0.0, 0.999)},  # no first moment
                                                     "+cold": {"warm_start": False, "power_iters": 5},
-                                                    "+noscaling": {"row_col_scaling": False}}),  # V factored as is
+                                                    "+noscaling": {"row_col_scaling": False},  # V factored as is
+                                                    "+float32": {"factor_dtype": "float32"}}),  # V in float32
     "adafactor": Recipe(torch.optim.Adafactor, 1e-2),  # torch's; its lr is relative to the weights' RMS
 }
 if hasattr(torch.optim, "Muon"):  # torch >= 2.9
