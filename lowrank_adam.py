@@ -54,7 +54,8 @@ Conventions
   A square matrix is transposed by GaLore's rule (GaLoreAdamW,
   AdaptiveAdamW) and not by LDAdam's official code, which LDAdam follows.
 * All linear algebra (SVD, QR, power iteration, S-RSI) runs in float32 or
-  better, whatever the parameter dtype (float64 for float64 parameters);
+  better, whatever the parameter dtype (float64 for float64 parameters and,
+  by default, for Adapprox's V);
   optimizer state is float32 for bf16/fp16 parameters, and
   ``load_state_dict`` restores it with its saved values (torch's own would
   round it to the parameter's dtype). State tensors are kept contiguous
