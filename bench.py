@@ -513,8 +513,11 @@ def sketch(argv: list[str]) -> str:
     """Train one Adapprox run; at every step, sketch the very V the optimizer
     sketches with each S-RSI variant too, and compare their relative errors ξ
     (paired: the same V, rank and oversampling) with the optimum of that rank
-    (the truncated SVD, Eckart-Young)."""
-    args = tl.parse_args([*argv, "--optimizer", "adapprox", "--quiet"])
+    (the truncated SVD, Eckart-Young). --optimizer may name an Adapprox variant
+    (e.g. adapprox+noscaling+float32); unset: adapprox."""
+    args = tl.parse_args(["--optimizer", "adapprox", *argv, "--quiet"])
+    if tl.parse_optimizer(args.optimizer)[0] != "adapprox":
+        tl.fail(f"bench.py sketch: --optimizer {args.optimizer}: sketches Adapprox's V; name adapprox or a variant")
     srsi, errors = la.srsi, {name: [] for name in ["optimal", *SKETCHES]}
 
     def paired(V, rank, oversample=5, power_iters=1, generator=None, init=None, omega=None):
@@ -625,10 +628,11 @@ def subspaces(argv: list[str]) -> str:
 
 def sensitivity_optimizers(ranks: list[int], hidden: int) -> dict:
     """The optimizers `bench.py sensitivity` compares: name -> (model -> optimizer, lr).
-    Adapprox's ranks are held with err_tol=0 (the rank rises to k_max at once and stays)
+    Adapprox's ranks are held with err_tol=0 (each rank starts at k_max and stays there)
     and k_max_frac = rank / hidden; at full rank Adapprox keeps V dense (exact). Each
     factored Adapprox row also runs without row/column scaling (V factored as it is) and
-    with factor_dtype="float32" (V formed, factored and kept in float32)."""
+    with factor_dtype="float32" (V formed, factored and kept in float32); full rank runs
+    with V in float64 (the default) and in float32."""
     A = la.Adapprox
     out = {"AdamW": (lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0), 3e-3),
            "torch Adafactor": (lambda m, lr: torch.optim.Adafactor(m.parameters(), lr=lr), 1e-2)}
@@ -643,6 +647,8 @@ def sensitivity_optimizers(ranks: list[int], hidden: int) -> dict:
                                                                        factor_dtype="float32", **o), 3e-3)
     full = dict(err_tol=0.0, k_max_frac=1.0, clip_threshold=None)  # a dense V: scaling plays no part
     out["Adapprox full rank, clipping off"] = (lambda m, lr: A(m.parameters(), lr=lr, **full), 3e-3)
+    out["Adapprox full rank, clipping off, float32 factors"] = (
+        lambda m, lr: A(m.parameters(), lr=lr, factor_dtype="float32", **full), 3e-3)
     return out
 
 def sensitivity_run(model, make_opt, lr: float, batches: list, perturb: tuple[int, float] | None = None) -> list:
@@ -668,8 +674,10 @@ def sensitivity(argv: list[str]) -> str:
     p = tl.Parser(prog="bench.py sensitivity", description="How much each optimizer amplifies a tiny gradient "
                   "perturbation: sensitivity = ||W_perturbed - W|| / ||W - W_0|| after --steps steps, where "
                   "W_perturbed had --noise relative noise added to every gradient at step --perturb-step "
-                  "(AdamW, torch Adafactor, Adapprox at its default and at held ranks). Also the distance of "
-                  "full-rank Adapprox without clipping from AdamW's trajectory (the same in exact arithmetic). "
+                  "(AdamW, torch Adafactor, and Adapprox at its default and at each --ranks rank held, each also without "
+                  "row/column scaling and with float32 factors). Also the distance of full-rank Adapprox "
+                  "without clipping, V in float64 and in float32, from AdamW's trajectory (the same in exact "
+                  "arithmetic). "
                   "Constant lr, no gradient clipping, float32 (or --float64), one CPU thread. Other flags: --model, --seq-len, "
                   "--batch-size, --seed.", formatter_class=tl.HelpFormatter, allow_abbrev=False)
     p.add_argument("--steps", type=int, default=40, help="optimizer steps of each run")
@@ -713,7 +721,7 @@ def sensitivity(argv: list[str]) -> str:
         moved = distance(w, start)
         lines.append(f"| {name} | {lr:g} | {distance(wp, w) / moved:.2e} | {moved:.3f} | "
                      f"{time.perf_counter() - t0:.1f} |")
-    for full in ("Adapprox full rank, clipping off",):
+    for full in ("Adapprox full rank, clipping off", "Adapprox full rank, clipping off, float32 factors"):
         if full in finals and "AdamW" in finals:
             lines += ["", f"{full} vs AdamW (same lr, betas, eps, no weight decay), after {own.steps} steps: "
                       f"||W_adapprox - W_adamw|| / ||W_adamw - W_0|| = "
@@ -843,7 +851,8 @@ def memory_rows(name: str, ranks) -> list[str]:
 
 def memory(argv: list[str]) -> str:
     tl.Parser(prog="bench.py memory", description="Optimizer state of every method for the 60m-1b shapes at their "
-              "published ranks and at ranks 4 and 8 (float32 state, 32k vocabulary).").parse_args(argv)
+              "published ranks and at ranks 4 and 8 (float32 state; Adapprox at k_max, its largest, with its "
+              "factors in float64 as by default; 32k vocabulary).").parse_args(argv)
     table = memory_table()
     print(table)
     return table

@@ -1572,7 +1572,7 @@ class Adapprox(_Base):
     (about 1e-7 of its largest singular value in each entry) decides its
     weak singular directions, the smallest perturbation of the gradients
     redraws them at every later step, and the trajectory amplified 1e-7
-    gradient noise up to 10,000× more than AdamW's. ``"float32"`` halves
+    gradient noise up to 25,000× more than AdamW's (one seed of five). ``"float32"`` halves
     the bytes of V's temporary and of Q, U, r and c.
 
     State per factored matrix: Q and U (k·(m+n) numbers), r and c (m + n), the
@@ -1765,7 +1765,7 @@ class Adapprox(_Base):
                 top = U_prev.abs().amax() * (Q_prev.abs().amax() if "row" in state else 1.0)  # |Q Uᵀ| <= this
             size = torch.maximum(size, e + 0.5 * torch.log2(top))
         h = torch.floor(size).clamp(-126, 126)  # an integer; all-zero G and V: any h will do
-        # V/4^h ← (1-β2) · (G·2^-h)² + β2 · Q (U · 4^(e-h))ᵀ   (the one m×n temporary of this step;
+        # V/4^h ← (1-β2) · (G·2^-h)² + β2 · Q (U · 4^(e-h))ᵀ   (the step's m×n temporary, in the factor dtype;
         # with row/column scaling Q and U above already carry diag(row) and diag(col))
         v = g.to(fd, copy=True).mul_(torch.exp2(-h)).square_().mul_(1 - beta2)
         if t > 1 and "V" in state:

@@ -1263,12 +1263,20 @@ def test_bench_loader_with_a_bpe_tokenizer_trained_on_the_corpus(capsys, corpus,
 
 def test_bench_sketch_compares_srsi_variants_on_the_same_matrices(capsys, corpus, tmp_path):
     bench.main(["sketch", *SMALL, "--data", corpus, "--out-dir", str(tmp_path), "--k-max-frac", "0.25",
-                "--err-tol", "0"])
-    rows = {r[0][2:]: [float(x.strip(" |%")) for x in r[1:]] for r in table_rows(capsys.readouterr().out)}
+                "--err-tol", "0", "--optimizer", "adapprox+noscaling+float32"])
+    out = capsys.readouterr().out
+    assert "'row_col_scaling': False" in out and "'factor_dtype': 'float32'" in out  # the variant named is run
+    rows = {r[0][2:]: [float(x.strip(" |%")) for x in r[1:]] for r in table_rows(out)}
     assert set(rows) == {"optimal", *bench.SKETCHES}
     for name in bench.SKETCHES:  # no sketch beats the truncated SVD (up to float32's ξ resolution)
         assert rows[name][0] >= rows["optimal"][0] - 1e-3
     assert rows["cold, 5 iterations (paper)"][3] == 100.0
+
+
+def test_bench_sketch_refuses_an_optimizer_other_than_adapprox(tmp_path):
+    with pytest.raises(SystemExit, match="sketches Adapprox's V"):
+        bench.main(["sketch", "--optimizer", "galore", "--out-dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # refused before any work
 
 
 @pytest.mark.parametrize("opt", ["galore", "adaptive"])
@@ -1318,16 +1326,17 @@ def test_bench_sensitivity_tabulates_noise_amplification_and_the_full_rank_dista
         out = capsys.readouterr().out
         rows = {r[0][2:]: r for r in table_rows(out)}
         assert {"AdamW", "torch Adafactor", "Adapprox (default)", "Adapprox rank 2 held",
-                "Adapprox full rank, clipping off", "Adapprox (default), no row/column scaling",
+                "Adapprox full rank, clipping off", "Adapprox full rank, clipping off, float32 factors",
+                "Adapprox (default), no row/column scaling",
                 "Adapprox (default), float32 factors", "Adapprox rank 2 held, float32 factors"} <= set(rows)
         adamw = float(rows["AdamW"][2])
         assert 0 < adamw < 1e-3  # 1e-7 noise moves AdamW's weights by about that much, relative to their movement
         assert all(float(r[3]) > 0 for r in rows.values())  # every run moved its weights
         assert ("float64" in out) == bool(flags)
         distances[bool(flags)] = [float(line.rsplit("= ", 1)[1]) for line in out.splitlines() if " vs AdamW " in line]
-    assert len(distances[False]) == len(distances[True]) == 1
-    # at full rank V is dense and Adapprox is AdamW: in float64 and in float32, to rounding
-    assert 0 <= distances[True][0] < 1e-9 and 0 <= distances[False][0] < 1e-5
+    assert len(distances[False]) == len(distances[True]) == 2  # V in float64, then in float32
+    # at full rank V is dense and Adapprox is AdamW, to rounding: a float64 model keeps V in float64 either way
+    assert all(0 <= d < 1e-9 for d in distances[True]) and all(0 <= d < 1e-5 for d in distances[False])
 
 
 def test_a_bpe_run_resumes_exactly(corpus, tmp_path):

@@ -98,7 +98,8 @@ def optimizer_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--beta1", type=float, default=0.9, help="Adam β1")
     o.add_argument("--beta2", type=float, default=0.999, help="Adam β2")
     o.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
-    o.add_argument("--rank", type=int, help="rank of the attn/mlp matrices (adaptive: the average); unset: hidden/4")
+    o.add_argument("--rank", type=int, help="rank of the attn/mlp matrices (adaptive: the average; adapprox: unused, see "
+                   "--k-max-frac); unset: hidden/4")
     # The flags below reach the optimizers with a keyword argument of that name; unset, their own default applies.
     G, A = la.GaLoreAdamW, la.Adapprox
     unset = lambda cls, name: f"; unset: {inspect.signature(cls).parameters[name].default}"
