@@ -1524,19 +1524,17 @@ class Adapprox(_Base):
     ``V``), V̂ = V, ξ = 0. With clipping and guidance off both are AdamW.
 
     The paper's full text was not available to us; these choices are ours.
-    S-RSI orthonormalizes after every product and is warm-started from last
-    step's Q with one power iteration (``warm_start=False, power_iters=5``
-    is a paper-style cold start; step 1 is cold). ``k_max = max(1,
-    ⌊k_max_frac·min(m, n)⌋)``, ``k_max_frac = 0.25`` reproducing the paper's
-    34.5-49.9 % memory saving. The rank starts at ``k_max`` (or
-    ``rank_init``) and halves (by at least ``rank_step``) each step while ξ
-    is below ``err_tol/2``, the EMA reseeded at each new rank, so it reaches
-    its working level in about log2(k_max) steps. From the first step on
-    which it does not halve it has settled: it follows ``next_rank`` (±
-    ``rank_step``) on an EMA (``err_beta``) of ξ with hysteresis
-    ``[err_tol/2, err_tol]`` and never halves again, so it cannot flap;
-    ``err_tol=0`` grows every rank to k_max and holds it there. Clipping
-    follows Adafactor; guidance scales by ``1 + cos``.
+    S-RSI orthonormalizes after every product, warm-started from last step's
+    Q with one power iteration (``warm_start=False, power_iters=5``: a cold
+    start as in the paper; step 1 is cold). ``k_max = max(1, ⌊k_max_frac ·
+    min(m, n)⌋)``; 0.25 reproduces the paper's 34.5-49.9 % memory saving.
+    The rank starts at ``k_max`` (or ``rank_init``) and, while ξ < err_tol/2,
+    halves each step (by at least ``rank_step``; the EMA reseeded at each
+    rank), reaching its working level in about log2(k_max) steps. After the
+    first step that does not halve it follows ``next_rank`` (± ``rank_step``,
+    hysteresis ``[err_tol/2, err_tol]`` on an EMA of ξ, ``err_beta``), never
+    halving again, so it cannot flap; ``err_tol=0`` grows every rank to k_max
+    and holds it. Clipping follows Adafactor; guidance scales by ``1 + cos``.
 
     Non-negativity (``nonneg``). A rank-k reconstruction of V undershoots
     below 0 in places. ``"clamp"`` (max(QUᵀ, 0)) gives sqrt(V̂) = 0 there, D
@@ -1572,8 +1570,9 @@ class Adapprox(_Base):
     (about 1e-7 of its largest singular value in each entry) decides its
     weak singular directions, the smallest perturbation of the gradients
     redraws them at every later step, and the trajectory amplified 1e-7
-    gradient noise up to 25,000× more than AdamW's (one seed of five). ``"float32"`` halves
-    the bytes of V's temporary and of Q, U, r and c.
+    gradient noise up to 25,000× more than AdamW's (one seed of five).
+    ``"float32"`` halves the bytes of V's temporary and of Q, U, r and c; it
+    is also what MPS gets, which has no float64.
 
     State per factored matrix: Q and U (k·(m+n) numbers), r and c (m + n), the
     exponent h, M (m·n) unless β1 = 0; at full rank V (m·n) in place of Q, U,
@@ -1671,9 +1670,10 @@ class Adapprox(_Base):
 
     @staticmethod
     def factor_dtype(p: Tensor, group: dict) -> torch.dtype:
-        """The dtype V is formed, factored and kept in: float64 if the group
-        asks for it (or the parameter is float64), else float32."""
-        return torch.float64 if group.get("factor_dtype") == "float64" else linalg_dtype(p.dtype)
+        """The dtype V is formed, factored and kept in: float64 if the group asks
+        for it (except on MPS, which has no float64) or the parameter is float64, else float32."""
+        wide = group.get("factor_dtype") == "float64" and p.device.type != "mps"
+        return torch.float64 if wide else linalg_dtype(p.dtype)
 
     def _initial_rank(self, p: Tensor, group: dict) -> int:
         k_min, k_max = self.rank_bounds(p, group)

@@ -3481,6 +3481,19 @@ def test_adapprox_float64_factors_resolve_what_float32_rounds_away():
     assert state["exp_avg"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_adapprox_factor_dtype_follows_the_option_the_parameter_and_the_device(dtype):
+    # float64 when asked (the default) or for a float64 parameter; on MPS, which has no float64, float32
+    # (a stand-in for an MPS parameter: the method reads only its dtype and device)
+    want = {name: torch.float64 if name == "float64" or dtype == torch.float64 else torch.float32
+            for name in ("float32", "float64")}
+    for name in ("float32", "float64"):
+        assert la.Adapprox.factor_dtype(torch.zeros(2, 2, dtype=dtype), {"factor_dtype": name}) == want[name]
+        mps = types.SimpleNamespace(dtype=dtype, device=torch.device("mps"))
+        assert la.Adapprox.factor_dtype(mps, {"factor_dtype": name}) == (
+            torch.float64 if dtype == torch.float64 else torch.float32)
+
+
 @pytest.mark.parametrize("key,value", [("k_max_frac", 0.0), ("k_max_frac", 1.5), ("k_min", 0), ("err_tol", -1.0),
                                        ("rank_step", 0), ("oversample", -1), ("power_iters", -1),
                                        ("clip_threshold", 0.0), ("rank_init", 0), ("err_beta", 1.0),
