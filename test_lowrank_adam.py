@@ -3481,6 +3481,320 @@ def test_adapprox_float64_factors_resolve_what_float32_rounds_away():
     assert state["exp_avg"].dtype == torch.float32
 
 
+# -- Adapprox: the dense V at full rank, factor_dtype, the scale exponent --
+
+ADAPPROX_BOOKKEEPING = {"step", "rank", "err_ema", "seed", "descending", "u_exp"}
+
+
+class RecordOps(TorchDispatchMode):
+    """Records the name of every aten op that runs inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_adapprox_full_rank_state_holds_only_the_dense_v_and_a_later_fall_starts_cold():
+    """A 6×5 matrix at rank 4, then 5 (full: V kept dense), then 4 again.
+
+    At full rank the state holds V and its exponent in place of Q, U, row and
+    col (none of them is left over from the factored steps), and the state's
+    bytes are those of V alone; when the rank falls below full again the
+    factorization starts from a fresh sketch (there is no Q to warm-start
+    from), so the weights equal the float64 reference's at every step."""
+    shape = (6, 5)
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(shape, generator=g, dtype=torch.float64)
+    grads = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(6)]
+    opts = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, k_max_frac=1.0, rank_init=4,
+                err_tol=0.05, err_beta=0.5, oversample=2, power_iters=1, warm_start=True, nonneg="abs",
+                clip_threshold=None, seed=7)
+    _, ranks, _ = adapprox_reference(
+        W0, grads, lr=opts["lr"], betas=opts["betas"], eps=opts["eps"], wd=0.0, k_init=4, k_max=5,
+        err_tol=opts["err_tol"], err_beta=opts["err_beta"], oversample=2, power_iters=1, warm_start=True,
+        nonneg="abs", clip=None, guidance=False, seed=7)
+    assert ranks == [4, 5, 5, 4, 4, 4]
+    p = nn.Parameter(W0.clone())
+    opt = la.Adapprox([p], **opts)
+    for t, (gr, k) in enumerate(zip(grads, ranks), start=1):
+        assert opt.ranks() == [k]
+        p.grad = gr.clone()
+        opt.step()
+        st = opt.state[p]
+        if k == 5:
+            assert set(st) == ADAPPROX_BOOKKEEPING | {"exp_avg", "V"}
+            assert la.state_bytes(opt) == 8 * (6 * 5 + 1) + 8 * 6 * 5  # V, u_exp (float64), exp_avg (float64 p)
+        else:
+            assert set(st) == ADAPPROX_BOOKKEEPING | {"exp_avg", "Q", "U", "row", "col"}
+        expected, _, _ = adapprox_reference(
+            W0, grads[:t], lr=opts["lr"], betas=opts["betas"], eps=opts["eps"], wd=0.0, k_init=4, k_max=5,
+            err_tol=opts["err_tol"], err_beta=opts["err_beta"], oversample=2, power_iters=1, warm_start=True,
+            nonneg="abs", clip=None, guidance=False, seed=7)
+        torch.testing.assert_close(p.detach(), expected, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (5, 8), (8, 5)], ids=["square", "wide", "tall"])
+def test_adapprox_a_full_rank_step_draws_no_random_numbers(shape):
+    """At full rank nothing is sketched: a step draws no Gaussian numbers (a
+    factored step of the same matrix does)."""
+    g = torch.Generator().manual_seed(0)
+    full = nn.Parameter(torch.randn(shape, generator=g))
+    factored = nn.Parameter(torch.randn(shape, generator=g))
+    opt_full = la.Adapprox([full], lr=1e-2, k_max_frac=1.0, err_tol=0.0)
+    opt_factored = la.Adapprox([factored], lr=1e-2, rank_init=2, err_tol=1e9)
+    for _ in range(3):
+        grad = torch.randn(shape, generator=g)
+        full.grad, factored.grad = grad.clone(), grad.clone()
+        with RecordOps() as rec_full:
+            opt_full.step()
+        with RecordOps() as rec_factored:
+            opt_factored.step()
+        assert opt_full.ranks() == [min(shape)] and "V" in opt_full.state[full]
+        assert not [op for op in rec_full.ops if "randn" in op or "normal" in op], rec_full.ops
+        assert any("randn" in op for op in rec_factored.ops)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("factor_dtype", ["float64", "float32"])
+def test_adapprox_the_update_is_computed_in_float32_from_the_float64_denominator(dtype, factor_dtype):
+    """V is formed in the factor dtype, but the update is float32 arithmetic:
+    with β1 = 0, no clipping and lr = 1 each step at full rank is exactly
+    W ← W + round(-(G / float32(sqrt(V̂/(1-β2ᵗ)) + ε))) with the quotient
+    taken in float32 and rounded to the parameter's dtype, where
+    sqrt(V̂/(1-β2ᵗ)) + ε is formed in the factor dtype from the dense V the
+    state holds (at scale 4^-u_exp)."""
+    b2, eps = 0.99, 1e-8
+    g = torch.Generator().manual_seed(0)
+    shape = (7, 9)
+    p = nn.Parameter(torch.randn(shape, generator=g).to(dtype))
+    opt = la.Adapprox([p], lr=1.0, betas=(0.0, b2), eps=eps, k_max_frac=1.0, err_tol=0.0, clip_threshold=None,
+                      factor_dtype=factor_dtype)
+    fd = torch.float64 if factor_dtype == "float64" else torch.float32
+    for t in (1, 2, 3):
+        grad = (torch.randn(shape, generator=g) * 10.0 ** -torch.randint(0, 4, shape, generator=g)).to(dtype)
+        before = p.detach().clone()
+        p.grad = grad.clone()
+        opt.step()
+        st = opt.state[p]
+        assert st["V"].dtype == fd and st["u_exp"].dtype == fd
+        denom = st["V"].sqrt().mul(torch.exp2(st["u_exp"])).div((1 - b2**t) ** 0.5).add(eps)
+        update = -(grad.float() / denom.float())
+        assert torch.equal(p.detach(), before.add(update.to(dtype))), t
+        # the check can tell float32 arithmetic apart: a quotient taken in float64 (float32 parameter) or
+        # by a denominator rounded to bf16 (bf16 parameter) rounds differently somewhere
+        other = -(grad.double() / denom) if dtype == torch.float32 else -(grad.float() / denom.to(dtype).float())
+        if t > 1 and (dtype, fd) != (torch.float32, torch.float32):
+            assert not torch.equal(before.add(update.to(dtype)), before.add(other.to(dtype))), t
+
+
+def test_adapprox_a_float64_parameter_keeps_float64_factors_under_factor_dtype_float32():
+    """A float64 parameter is factored in float64 even with
+    factor_dtype="float32": its state is float64 and the run equals the
+    float64 reference to 1e-9 (float32 factors would be off by ~1e-6)."""
+    shape = (9, 6)
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(shape, generator=g, dtype=torch.float64)
+    grads = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(5)]
+    opts = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, k_max_frac=1.0, rank_init=2,
+                err_tol=0.02, err_beta=0.7, oversample=2, power_iters=1, warm_start=True, nonneg="abs",
+                clip_threshold=0.5, seed=7)
+    expected, ranks, _ = adapprox_reference(
+        W0, grads, lr=opts["lr"], betas=opts["betas"], eps=opts["eps"], wd=opts["weight_decay"], k_init=2,
+        k_max=4, err_tol=opts["err_tol"], err_beta=opts["err_beta"], oversample=2, power_iters=1,
+        warm_start=True, nonneg="abs", clip=0.5, guidance=False, seed=7)
+    assert ranks == [2, 3, 4, 4, 4]  # factored throughout
+    p = nn.Parameter(W0.clone())
+    opt = la.Adapprox([{"params": [p], "rank": 4}], factor_dtype="float32", **opts)
+    for gr in grads:
+        p.grad = gr.clone()
+        opt.step()
+    st = opt.state[p]
+    assert all(st[k].dtype == torch.float64 for k in ("Q", "U", "row", "col", "u_exp", "exp_avg"))
+    torch.testing.assert_close(p.detach(), expected, atol=1e-9, rtol=1e-9)
+
+
+def _convert_by_hand(state: dict, dtype: torch.dtype) -> None:
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and key != "exp_avg":
+            state[key] = value.to(dtype)
+
+
+@pytest.mark.parametrize("start,switch", [("float32", "float64"), ("float64", "float32")],
+                         ids=["32to64", "64to32"])
+@pytest.mark.parametrize("case", ["factored", "factored-unscaled", "full"])
+def test_adapprox_switching_factor_dtype_mid_run_converts_every_factor(start, switch, case):
+    """factor_dtype switched in a running optimizer's param group: from the
+    next step on every state tensor but M is in the new dtype (M stays
+    float32), and the run continues exactly as one whose state was converted
+    by hand at the switch."""
+    shape = (10, 14)
+    options = {"factored": dict(rank_init=3, err_tol=0.5),
+               "factored-unscaled": dict(rank_init=3, err_tol=0.5, row_col_scaling=False),
+               "full": dict(k_max_frac=1.0, err_tol=0.0)}[case]
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(shape, generator=g)
+    grads = [torch.randn(shape, generator=g) * 10.0 ** -torch.randint(0, 3, shape, generator=g) for _ in range(6)]
+    p, q = nn.Parameter(W0.clone()), nn.Parameter(W0.clone())
+    a = la.Adapprox([p], lr=1e-2, factor_dtype=start, **options)
+    b = la.Adapprox([q], lr=1e-2, factor_dtype=start, **options)
+    new = torch.float64 if switch == "float64" else torch.float32
+    for t, gr in enumerate(grads):
+        if t == 3:
+            a.param_groups[0]["factor_dtype"] = b.param_groups[0]["factor_dtype"] = switch
+            _convert_by_hand(b.state[q], new)
+        p.grad, q.grad = gr.clone(), gr.clone()
+        a.step()
+        b.step()
+        sa, sb = a.state[p], b.state[q]
+        assert set(sa) == set(sb) and ("V" in sa) == (case == "full")
+        expected = new if t >= 3 else (torch.float64 if start == "float64" else torch.float32)
+        for key, value in sa.items():
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == (torch.float32 if key == "exp_avg" else expected), (t, key)
+                assert torch.equal(value, sb[key]), (t, key)
+        assert torch.equal(p, q), t
+
+
+def test_adapprox_the_scale_exponent_follows_the_dense_v_when_the_gradient_falls_80_octaves():
+    """At full rank Adapprox is AdamW; that holds when the gradient falls by
+    2^-80 after the first steps: the history in V must still be carried at
+    its own scale (a scale taken from the new gradient alone would put V's
+    history 4^80 away, beyond the exponent's clamp)."""
+    torch.manual_seed(0)
+    shape = (5, 7)
+    w0 = torch.randn(shape, dtype=torch.float64)
+    a, b = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    hp = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-30, weight_decay=0.0)
+    ref = torch.optim.AdamW([a], foreach=False, **hp)
+    opt = la.Adapprox([b], **hp, k_max_frac=1.0, err_tol=0.0, clip_threshold=None)
+    for scale in (1.0, 1.0, 2.0 ** -80, 2.0 ** -80, 2.0 ** -80):
+        grad = torch.randn(shape, dtype=torch.float64) * scale
+        a.grad, b.grad = grad.clone(), grad.clone()
+        ref.step()
+        opt.step()
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+    assert opt.ranks() == [5] and "V" in opt.state[b]
+
+
+@pytest.mark.parametrize("factor_dtype,expected", [("float64", [torch.float64, torch.float32]),
+                                                   ("float32", [torch.float32])])
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)], ids=["wide", "tall"])
+def test_adapprox_a_full_rank_step_updates_the_dense_v_in_place(shape, factor_dtype, expected):
+    """At full rank a step allocates one m×n temporary for V (in the factor
+    dtype) and, with float64 factors, the float32 update: the dense V of the
+    state is overwritten in place, not replaced by a fresh copy."""
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(shape, generator=g))
+    opt = la.Adapprox([p], lr=1e-2, k_max_frac=1.0, err_tol=0.0, factor_dtype=factor_dtype)
+    for step in range(3):
+        p.grad = torch.randn(shape, generator=g)
+        V = opt.state[p].get("V")
+        with FullSizeAllocations(p.numel()) as counter:
+            opt.step()
+        assert opt.ranks() == [min(shape)]
+        if step > 0:
+            assert counter.dtypes == expected, counter.ops
+            assert opt.state[p]["V"] is V  # the same tensor, overwritten
+
+
+def test_adapprox_switching_to_full_rank_clamps_the_undershoot_to_zero():
+    """Rank 4 of 5, then full rank with a zero gradient: the dense V is then
+    β2 times the previous factored V, diag(row) Q Uᵀ diag(col), with its
+    negative entries (the factorization's undershoot) set to 0, not to their
+    magnitude."""
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(6, 5, generator=g, dtype=torch.float64))
+    b2 = 0.99
+    opt = la.Adapprox([p], lr=1e-2, betas=(0.9, b2), k_max_frac=1.0, rank_init=4, err_tol=0.0)
+    p.grad = torch.randn(6, 5, generator=g, dtype=torch.float64) ** 3
+    opt.step()
+    st = opt.state[p]
+    assert opt.ranks() == [5] and "Q" in st
+    previous = st["row"][:, None] * (st["Q"] @ st["U"].T) * st["col"][None, :] * 4.0 ** st["u_exp"]
+    negative = previous < 0
+    assert negative.any() and (~negative).any()
+    p.grad = torch.zeros(6, 5, dtype=torch.float64)
+    opt.step()
+    V = st["V"] * 4.0 ** st["u_exp"]
+    assert "Q" not in st
+    assert (V[negative] == 0).all()
+    torch.testing.assert_close(V[~negative], b2 * previous[~negative], rtol=1e-12, atol=0)
+
+
+def test_adapprox_row_col_scales_floor_rows_and_columns_at_two_to_the_minus_40():
+    """row_col_scales clamps rows at 2^-40 (as shares) and columns at 2^-40
+    of V's total, exactly; rows and columns above the floors keep their
+    shares and sums; every V_ij / (row_i col_j) is at most 2^40."""
+    v = torch.ones(4, 5, dtype=torch.float64)
+    v[:, 0] *= 2.0 ** -60  # a column far below the floor
+    v[:, 1] *= 2.0 ** -36  # one just above it (its sum is 4·2^-36 of a total of about 16 = 2^-38 of it)
+    v[0] *= 2.0 ** -70  # a row far below its floor
+    total = v.sum()
+    row, col = la.row_col_scales(v)
+    assert col[0].item() == 2.0 ** -40 * total.item()
+    assert col[1].item() == v[:, 1].sum().item() and col[1] > 2.0 ** -40 * total
+    assert torch.equal(col[2:], v[:, 2:].sum(0))
+    assert row[0].item() == 2.0 ** -40
+    assert torch.equal(row[1:], v[1:].sum(1) / total)
+    assert (v / (row[:, None] * col[None, :])).max() <= 2.0 ** 40
+    # the column floor binds exactly at 2^-40 of the total: just below it, a column is raised to it
+    w = torch.ones(2, 2, dtype=torch.float64)
+    w[:, 0] = 2.0 ** -41  # column sum 2^-40, total 2 + 2^-40
+    _, c = la.row_col_scales(w)
+    assert c[0].item() == 2.0 ** -40 * w.sum().item() > w[:, 0].sum().item()
+
+
+@pytest.mark.parametrize("n", [2, 3], ids=["dense", "factored"])
+def test_adapprox_history_survives_a_gradient_jump_of_63_octaves(n):
+    """Step 1: G = 1 at (0, 0) only. Step 2: G = 2^63 at (1, 1) only. V is
+    diagonal, so it is held exactly both dense (2×2, full rank) and factored
+    at rank 2 (3×3, with row/column scaling); at (0, 0) V is only the decayed
+    history β2(1-β2), 4^63 below the new G² term, which the step must rescale
+    by exactly 4^-63 (the exponent's clamp is at ±63): the update there is
+    Adam's with G = 0."""
+    b1, b2, lr, eps = 0.9, 0.99, 0.1, 1e-8
+    p = nn.Parameter(torch.zeros(n, n, dtype=torch.float64))
+    opt = la.Adapprox([{"params": [p], "rank": 2}], lr=lr, betas=(b1, b2), eps=eps, err_tol=0.0,
+                      clip_threshold=None)
+    g1 = torch.zeros(n, n, dtype=torch.float64)
+    g1[0, 0] = 1.0
+    g2 = torch.zeros(n, n, dtype=torch.float64)
+    g2[1, 1] = 2.0 ** 63
+    for g in (g1, g2):
+        p.grad = g.clone()
+        opt.step()
+    assert ("V" in opt.state[p]) == (n == 2) and opt.ranks() == [2]
+    d1 = 1.0 / (1.0 + eps)  # step 1 at (0, 0): M̂ = 1, V̂ = 1
+    d2 = (b1 * (1 - b1) / (1 - b1**2)) / ((b2 * (1 - b2) / (1 - b2**2)) ** 0.5 + eps)  # step 2: G = 0 there
+    torch.testing.assert_close(p.detach()[0, 0], torch.tensor(-lr * (d1 + d2), dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("rank_init", [None, 2], ids=["full", "factored"])
+def test_adapprox_a_gradient_without_positive_entries_steps_as_its_mirror_image(rank_init):
+    """Adam is odd in G (V depends on G², M on G): from W0 = 0 a run on
+    gradients with no positive entry (all negative, or negative and zero)
+    ends exactly at minus the run on their mirror images, and is finite."""
+    g = torch.Generator().manual_seed(0)
+    shape = (6, 8)
+    grads = [-(torch.rand(shape, generator=g) + 0.5) for _ in range(3)]
+    grads[1][0] = 0.0  # no positive entry, the largest is 0
+    results = []
+    for sign in (1.0, -1.0):
+        p = nn.Parameter(torch.zeros(shape))
+        opt = la.Adapprox([p], lr=1e-2, k_max_frac=1.0, rank_init=rank_init, err_tol=0.0)
+        for gr in grads:
+            p.grad = sign * gr
+            opt.step()
+        results.append(p.detach().clone())
+    assert torch.isfinite(results[0]).all() and results[0].abs().max() > 0
+    assert torch.equal(results[0], -results[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_adapprox_factor_dtype_follows_the_option_the_parameter_and_the_device(dtype):
     # float64 when asked (the default) or for a float64 parameter; on MPS, which has no float64, float32
