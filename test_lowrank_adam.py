@@ -3112,7 +3112,18 @@ ADAPPROX_CASES = {  # name: options that differ from the defaults below
     "guidance-no-clip": dict(cosine_guidance=True, clip_threshold=None),
     "no-row-col-scaling": dict(row_col_scaling=False),
     "from-full-rank": dict(rank_init=None),  # dense V at step 1, then factored from it, then dense again
+    "float32-factors": dict(factor_dtype="float32"),  # asks for less than the float64 parameter: float64 still
 }
+
+
+def adapprox_reference_for(opts: dict, W0, grads, k_max: int):
+    """``adapprox_reference`` run with the options an ``Adapprox`` was built with."""
+    return adapprox_reference(
+        W0, grads, lr=opts["lr"], betas=opts["betas"], eps=opts["eps"], wd=opts["weight_decay"],
+        k_init=opts["rank_init"] or k_max, k_max=k_max, err_tol=opts["err_tol"], err_beta=opts["err_beta"],
+        oversample=opts["oversample"], power_iters=opts["power_iters"], warm_start=opts["warm_start"],
+        nonneg=opts["nonneg"], clip=opts["clip_threshold"], guidance=opts.get("cosine_guidance", False),
+        seed=opts["seed"], scaling=opts.get("row_col_scaling", True))
 
 
 @pytest.mark.parametrize("shape", [(9, 6), (6, 9), (7, 7)], ids=["tall", "wide", "square"])
@@ -3132,13 +3143,7 @@ def test_adapprox_matches_reference_across_rank_changes(shape, case):
              torch.randn(shape, generator=g, dtype=torch.float64) for t in range(12)]
     if zero_first:
         grads[0] = torch.zeros(shape, dtype=torch.float64)
-    expected, ranks, emas = adapprox_reference(
-        W0, grads, lr=opts["lr"], betas=opts["betas"], eps=opts["eps"], wd=opts["weight_decay"],
-        k_init=opts["rank_init"] or min(shape),
-        k_max=min(shape), err_tol=opts["err_tol"], err_beta=opts["err_beta"], oversample=opts["oversample"],
-        power_iters=opts["power_iters"], warm_start=opts["warm_start"], nonneg=opts["nonneg"],
-        clip=opts["clip_threshold"], guidance=opts["cosine_guidance"], seed=opts["seed"],
-        scaling=opts.get("row_col_scaling", True))
+    expected, ranks, emas = adapprox_reference_for(opts, W0, grads, min(shape))
     assert min(ranks) < 2 < max(ranks) == min(shape)  # it shrinks, then grows to full rank (a dense V)
     assert torch.isfinite(expected).all()
     p = nn.Parameter(W0.clone())
@@ -3148,6 +3153,8 @@ def test_adapprox_matches_reference_across_rank_changes(shape, case):
         p.grad = gr.clone()
         opt.step()
         assert opt.state[p]["err_ema"] == pytest.approx(ema, rel=1e-6, abs=1e-9)  # ξ̄, seeded with ξ at step 1
+        # a float64 parameter keeps float64 state, factors included, whatever factor_dtype says
+        assert all(v.dtype == torch.float64 for v in opt.state[p].values() if torch.is_tensor(v))
     torch.testing.assert_close(p.detach(), expected, atol=1e-9, rtol=1e-9)
 
 
@@ -3513,10 +3520,7 @@ def test_adapprox_full_rank_state_holds_only_the_dense_v_and_a_later_fall_starts
     opts = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, k_max_frac=1.0, rank_init=4,
                 err_tol=0.05, err_beta=0.5, oversample=2, power_iters=1, warm_start=True, nonneg="abs",
                 clip_threshold=None, seed=7)
-    _, ranks, _ = adapprox_reference(
-        W0, grads, lr=opts["lr"], betas=opts["betas"], eps=opts["eps"], wd=0.0, k_init=4, k_max=5,
-        err_tol=opts["err_tol"], err_beta=opts["err_beta"], oversample=2, power_iters=1, warm_start=True,
-        nonneg="abs", clip=None, guidance=False, seed=7)
+    _, ranks, _ = adapprox_reference_for(opts, W0, grads, 5)
     assert ranks == [4, 5, 5, 4, 4, 4]
     p = nn.Parameter(W0.clone())
     opt = la.Adapprox([p], **opts)
@@ -3530,10 +3534,7 @@ def test_adapprox_full_rank_state_holds_only_the_dense_v_and_a_later_fall_starts
             assert la.state_bytes(opt) == 8 * (6 * 5 + 1) + 8 * 6 * 5  # V, u_exp (float64), exp_avg (float64 p)
         else:
             assert set(st) == ADAPPROX_BOOKKEEPING | {"exp_avg", "Q", "U", "row", "col"}
-        expected, _, _ = adapprox_reference(
-            W0, grads[:t], lr=opts["lr"], betas=opts["betas"], eps=opts["eps"], wd=0.0, k_init=4, k_max=5,
-            err_tol=opts["err_tol"], err_beta=opts["err_beta"], oversample=2, power_iters=1, warm_start=True,
-            nonneg="abs", clip=None, guidance=False, seed=7)
+        expected = adapprox_reference_for(opts, W0, grads[:t], 5)[0]
         torch.testing.assert_close(p.detach(), expected, atol=1e-9, rtol=1e-9)
 
 
@@ -3589,32 +3590,6 @@ def test_adapprox_the_update_is_computed_in_float32_from_the_float64_denominator
         other = -(grad.double() / denom) if dtype == torch.float32 else -(grad.float() / denom.to(dtype).float())
         if t > 1 and (dtype, fd) != (torch.float32, torch.float32):
             assert not torch.equal(before.add(update.to(dtype)), before.add(other.to(dtype))), t
-
-
-def test_adapprox_a_float64_parameter_keeps_float64_factors_under_factor_dtype_float32():
-    """A float64 parameter is factored in float64 even with
-    factor_dtype="float32": its state is float64 and the run equals the
-    float64 reference to 1e-9 (float32 factors would be off by ~1e-6)."""
-    shape = (9, 6)
-    g = torch.Generator().manual_seed(3)
-    W0 = torch.randn(shape, generator=g, dtype=torch.float64)
-    grads = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(5)]
-    opts = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, k_max_frac=1.0, rank_init=2,
-                err_tol=0.02, err_beta=0.7, oversample=2, power_iters=1, warm_start=True, nonneg="abs",
-                clip_threshold=0.5, seed=7)
-    expected, ranks, _ = adapprox_reference(
-        W0, grads, lr=opts["lr"], betas=opts["betas"], eps=opts["eps"], wd=opts["weight_decay"], k_init=2,
-        k_max=4, err_tol=opts["err_tol"], err_beta=opts["err_beta"], oversample=2, power_iters=1,
-        warm_start=True, nonneg="abs", clip=0.5, guidance=False, seed=7)
-    assert ranks == [2, 3, 4, 4, 4]  # factored throughout
-    p = nn.Parameter(W0.clone())
-    opt = la.Adapprox([{"params": [p], "rank": 4}], factor_dtype="float32", **opts)
-    for gr in grads:
-        p.grad = gr.clone()
-        opt.step()
-    st = opt.state[p]
-    assert all(st[k].dtype == torch.float64 for k in ("Q", "U", "row", "col", "u_exp", "exp_avg"))
-    torch.testing.assert_close(p.detach(), expected, atol=1e-9, rtol=1e-9)
 
 
 def _convert_by_hand(state: dict, dtype: torch.dtype) -> None:
