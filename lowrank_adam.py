@@ -466,11 +466,14 @@ class _Base(Optimizer):
     # ``rank`` for the projected methods). Any other key in a group is refused
     # rather than silently ignored (a misspelt ``rnk``, another optimizer's
     # option), except torch's bookkeeping: ``params``, ``param_names`` (named
-    # parameters), ``initial_lr`` (written by LR schedulers) and ``differentiable``
-    # (which torch's own load_state_dict adds to the defaults).
+    # parameters), ``differentiable`` (which torch's own load_state_dict adds
+    # to the defaults) and the keys torch's LR schedulers write into every
+    # group (``initial_lr``; OneCycleLR and CyclicLR also ``max_lr``, ``min_lr``,
+    # ``max_momentum`` and ``base_momentum``).
     group_keys: tuple[str, ...] = ()
     _fsdp2_step: Optional[Callable] = None  # step() of DTensor parameters; set by section 7 (``fsdp2_step``)
-    _bookkeeping_keys = ("params", "param_names", "initial_lr", "differentiable")
+    _bookkeeping_keys = ("params", "param_names", "differentiable",
+                         "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum")
     _refused_hints: dict[str, str] = {}
 
     def add_param_group(self, param_group: dict) -> None:

@@ -932,6 +932,58 @@ def test_scheduler_closure_and_set_to_none(cls):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def schedulers_that_write_group_keys(opt):
+    """Every kind of torch LR scheduler that writes keys of its own into the
+    param groups (``initial_lr``, ``max_lr``, ``min_lr``, ``max_momentum``,
+    ``base_momentum``), alone and inside the chained and sequential ones."""
+    sch = torch.optim.lr_scheduler
+    return {
+        "OneCycleLR": lambda: sch.OneCycleLR(opt, max_lr=1e-2, total_steps=40),
+        "CyclicLR": lambda: sch.CyclicLR(opt, base_lr=1e-3, max_lr=1e-2, step_size_up=3),
+        "ChainedScheduler": lambda: sch.ChainedScheduler([sch.CyclicLR(opt, base_lr=1e-3, max_lr=1e-2, step_size_up=3),
+                                                          sch.ExponentialLR(opt, gamma=0.95)]),
+        "SequentialLR": lambda: sch.SequentialLR(opt, [sch.LinearLR(opt, start_factor=0.5, total_iters=4),
+                                                       sch.OneCycleLR(opt, max_lr=1e-2, total_steps=40)],
+                                                 milestones=[4]),
+    }
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+@pytest.mark.parametrize("kind", ["OneCycleLR", "CyclicLR", "ChainedScheduler", "SequentialLR"])
+def test_resume_with_a_scheduler_that_writes_group_keys_is_bit_exact(cls, kind, tmp_path):
+    """torch's schedulers add keys to every param group; the state dict that
+    holds them loads into a fresh optimizer, and the run continues bit for bit."""
+    data = regression_data()
+
+    def build(seed):
+        model = mlp(seed=seed)
+        opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SequentialLR's own deprecation notes
+            return model, opt, schedulers_that_write_group_keys(opt)[kind]()
+
+    model, opt, sched = build(0)
+    train(model, opt, 7, data, sched)  # crosses a subspace refresh for the periodic methods
+    assert {"initial_lr"} < set(opt.param_groups[0])  # the scheduler wrote keys of its own
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()},
+               tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    model2, opt2, sched2 = build(123)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    assert train(model, opt, 6, data, sched) == train(model2, opt2, 6, data, sched2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+    assert_same_state(opt.state_dict(), opt2.state_dict())
+    # a misspelt option is still refused, and nothing is loaded
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["max_lrr"] = 1e-2
+    fresh = cls(mlp_groups(mlp(), cls=cls), **kwargs_for(cls))
+    with pytest.raises(ValueError, match="max_lrr.*nothing was loaded"):
+        fresh.load_state_dict(sd)
+    assert len(fresh.state) == 0
+
+
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
 def test_param_groups_take_generators_and_named_parameters(cls):
     model = mlp()
