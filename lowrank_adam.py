@@ -199,18 +199,39 @@ def randomized_spectrum(x: Tensor, width: int, warm: Optional[Tensor], generator
     u_b, s, _ = torch.linalg.svd(r.T)
     u = q @ u_b
     if warm is not None:
-        # A singular vector's sign is arbitrary: take the one that agrees with the
-        # previous basis, column by column, so that moments left in place (GaLore
-        # keeps them across a refresh) keep their direction where P barely moved.
-        j = min(warm.shape[1], k)
-        agree = (u[:, :j] * warm[:, :j].to(u.dtype)).sum(dim=0)
-        u[:, :j] *= torch.where(agree < 0, -1.0, 1.0).to(u.dtype)
+        align_signs_(u, warm)
     return u.contiguous(), s
 
 
 def top_r_basis(x: Tensor, rank: int) -> Tensor:
     """P = top-r left singular vectors of x, shape (s, r), orthonormal columns."""
     return gradient_spectrum(x, rank)[0]
+
+
+def align_signs_(u: Tensor, prev: Tensor) -> Tensor:
+    """Flip columns of ``u`` in place so that each agrees in sign with the same
+    column of ``prev`` (``u_jᵀ prev_j >= 0``, over their common columns).
+
+    A singular vector's sign is arbitrary: LAPACK's choice depends on the
+    dtype, the device and the orientation. Moments that stay in place across
+    a refresh (GaLore keeps them) are coordinates in the basis, so a flipped
+    column would reverse that row of the first moment. Signed like the
+    previous basis, they keep their direction where P barely moved, and a
+    run no longer depends on the linear-algebra library (our choice).
+    """
+    j = min(u.shape[1], prev.shape[1])
+    agree = (u[:, :j] * prev[:, :j].to(u.dtype)).sum(dim=0)
+    u[:, :j] *= torch.where(agree < 0, -1.0, 1.0).to(u.dtype)
+    return u
+
+
+def resize_rows(x: Tensor, rows: int) -> Tensor:
+    """First ``rows`` rows of x, zero-padded when x has fewer (moments kept in
+    place when a matrix's rank changes)."""
+    out = x.new_zeros(rows, x.shape[1])
+    k = min(rows, x.shape[0])
+    out[:k] = x[:k]
+    return out
 
 
 def orthonormalize(x: Tensor) -> Tensor:
@@ -352,12 +373,20 @@ def back_project(P: Tensor, y: Tensor, transposed: bool, out: Optional[Tensor] =
 def orthogonal_residual(x: Tensor, P: Tensor, r: Tensor, n: Tensor, transposed: bool = False) -> Tensor:
     """Fira-style residual: what the subspace drops, scaled like the Adam update.
 
-    ``φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + 1e-8)`` per column j, and
+    ``φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + δ)`` per column j, and
     ``S = (X - P R) · diag(φ)``. (Fira subtracts ``α·P R``; we take the exact
     orthogonal residual, so ``Pᵀ S = 0``: our choice.)
     Returned in the parameter's layout (``Sᵀ`` when ``transposed``).
+
+    The guard δ only keeps φ finite where a column of R vanishes. Fira's is
+    the constant 1e-8, which makes S depend on the gradient's scale (at
+    gradients of 2^-40 it is most of the denominator). Ours is relative:
+    ``δ = 1e-8 · ‖X‖_F / sqrt(l)``, 1e-8 of X's RMS column norm, so scaling
+    X by c leaves S unchanged (N is scale-free, eps aside); φ = 0 when X = 0.
     """
-    phi = torch.linalg.vector_norm(n, dim=0) / (torch.linalg.vector_norm(r, dim=0) + 1e-8)  # (l,)
+    guard = torch.linalg.vector_norm(x) * (1e-8 / math.sqrt(max(x.shape[1], 1)))  # δ
+    denom = torch.linalg.vector_norm(r, dim=0) + guard  # (l,)
+    phi = torch.where(denom > 0, torch.linalg.vector_norm(n, dim=0) / denom, 0.0)  # (l,)
     if transposed:
         return torch.addmm(x.T, r.T, P.T, alpha=-1).mul_(phi[:, None])  # Sᵀ: (l, s)
     return torch.addmm(x, P, r, alpha=-1).mul_(phi)  # S: (s, l)
@@ -644,17 +673,15 @@ class _Base(Optimizer):
 
     def ranks(self) -> list[int]:
         """Current rank of each low-rank parameter, in param-group order."""
-        out = []
-        for group in self.param_groups:
-            if group.get("rank") is None:
-                continue
-            for p in group["params"]:
-                st = self.state.get(p, {})
-                out.append(st["rank"] if "rank" in st else self._initial_rank(p, group))
-        return out
+        return [self.ranks_of(p, g) for g in self.param_groups if g.get("rank") is not None for p in g["params"]]
 
     def _initial_rank(self, p: Tensor, group: dict) -> int:
         return min(group["rank"], min(p.shape))
+
+    def ranks_of(self, p: Tensor, group: dict) -> int:
+        """Current rank of the low-rank parameter ``p`` of ``group``."""
+        st = self.state.get(p, {})
+        return st["rank"] if "rank" in st else self._initial_rank(p, group)
 
     def _clamped_rank(self, p: Tensor, group: dict) -> int:
         """The group's rank, clamped to min(m, n) with one warning per optimizer."""
@@ -865,40 +892,26 @@ class GaLoreAdamW(_Base):
         t = state.get("step", 0) + 1
         beta1, beta2 = group["betas"]
         subspace, gamma = group["subspace"], group["norm_growth_limit"]
-        if "rank" not in state:
-            state["rank"] = self._clamped_rank(p, group)  # r: the group's rank, at most min(m, n)
 
         # -- at t = 1, T+1, 2T+1, ...: a new basis P (s×r) ------------------
-        if (t - 1) % group["update_proj_gap"] == 0:
-            if subspace == "random":
-                # P ← orth(Ω), Ω ~ N(0, 1) of shape s×r, drawn from stream_seed(seed of this parameter, t)
-                state.setdefault("seed", stream_seed(group["seed"], index))
-                rng = self._generator(p.device, stream_seed(state["seed"], t))
-                P_new = random_basis(X.shape[0], state["rank"], rng, X.dtype)
-            elif subspace == "gha" and "P" in state:
-                # P: where Sanger's rule has taken it since the last refresh
-                P_new = state["P"]
-            elif group["refresh"] == "randomized" and "P" in state:
-                # P ← top-r of a randomized range finder warm-started from P_prev (``randomized_spectrum``)
-                state.setdefault("seed", stream_seed(group["seed"], index))
-                rng = self._generator(p.device, stream_seed(state["seed"], t))
-                U, _ = randomized_spectrum(X, state["rank"] + REFRESH_OVERSAMPLE, state["P"], rng,
-                                           group["refresh_iters"])
-                P_new = U[:, :state["rank"]].contiguous()
-            else:
-                # P ← top-r left singular vectors of X   (GaLore; GHA's start)
-                P_new = top_r_basis(X, state["rank"])
-            if subspace != "svd" and "exp_avg" in state:
-                # the moments follow the basis: C = P_newᵀ P_old ;  M ← C M ;  V ← (C∘C) V
-                # (GHA: P_old is P at the last refresh, the basis the moments are in)
-                P_old = state.get("P_ref", state["P"]) if subspace == "gha" else state["P"]
-                state["exp_avg"], state["exp_avg_sq"] = transform_moments(P_new, P_old, state["exp_avg"],
-                                                                          state["exp_avg_sq"])
-            state["P"] = P_new
-            if subspace == "gha":
-                state["P_ref"] = P_new
-            else:
-                state.pop("P_ref", None)  # left over if the group's subspace was "gha" until now
+        if (t - 1) % group["update_proj_gap"] == 0 or "refresh_again" in state:
+            P_new = self._new_basis(p, X, state, group, index, t)
+            if P_new is not None:  # (None: an all-zero X, P kept until the next step)
+                if "exp_avg" in state and subspace != "svd":
+                    # the moments follow the basis: C = P_newᵀ P_old ;  M ← C M ;  V ← (C∘C) V
+                    # (GHA: P_old is P at the last refresh, the basis the moments are in)
+                    P_old = state.get("P_ref", state["P"]) if subspace == "gha" else state["P"]
+                    state["exp_avg"], state["exp_avg_sq"] = transform_moments(P_new, P_old, state["exp_avg"],
+                                                                              state["exp_avg_sq"])
+                elif "exp_avg" in state and P_new.shape[1] != state["exp_avg"].shape[0]:
+                    # the group's rank changed: the moments stay in place, their first min(r_old, r) rows kept
+                    state["exp_avg"] = resize_rows(state["exp_avg"], P_new.shape[1])
+                    state["exp_avg_sq"] = resize_rows(state["exp_avg_sq"], P_new.shape[1])
+                state["P"], state["rank"] = P_new, P_new.shape[1]
+                if subspace == "gha":
+                    state["P_ref"] = P_new
+                else:
+                    state.pop("P_ref", None)  # left over if the group's subspace was "gha" until now
 
         # -- every step: Adam in the subspace, projected back ----------------
         P = state["P"]
@@ -926,6 +939,38 @@ class GaLoreAdamW(_Base):
         if subspace == "gha":
             # P ← orth(P + η (C P - P triu(Pᵀ C P))), C = X Xᵀ/‖X‖²   (for the next step)
             state["P"] = orthonormalize_signed(gha_step(P, X, R, group["gha_lr"]))
+
+    def _new_basis(self, p: Tensor, X: Tensor, state: dict, group: dict, index: int, t: int) -> Optional[Tensor]:
+        """P_new (s×r) at a refresh, as the group's ``subspace`` and ``refresh``
+        say; r is the group's rank (clamped), so a changed rank takes effect
+        here. Returns None to keep P: an all-zero X has no subspace to give."""
+        subspace, r = group["subspace"], self._clamped_rank(p, group)
+        if subspace == "random":
+            # P ← orth(Ω), Ω ~ N(0, 1) of shape s×r, drawn from stream_seed(seed of this parameter, t)
+            state.setdefault("seed", stream_seed(group["seed"], index))
+            rng = self._generator(p.device, stream_seed(state["seed"], t))
+            return random_basis(X.shape[0], r, rng, X.dtype)
+        if subspace == "gha" and "P" in state and "refresh_again" not in state and state["P"].shape[1] == r:
+            # P: where Sanger's rule has taken it since the last refresh
+            return state["P"]
+        # The other bases are read off X. An all-zero X (torch's checkpoint helpers step once with zero
+        # gradients to create the state) has none: P is kept (coordinate axes if there is none yet) and
+        # the refresh is tried again at the next step, so a zero gradient never fixes P for T steps.
+        # One host sync per matrix and refresh, where the SVD synchronizes anyway (none with
+        # check_finite=False, which promises a step without host syncs).
+        if group["check_finite"] and not bool(X.any()):
+            state["refresh_again"] = 1
+            return None if "P" in state else torch.eye(X.shape[0], r, dtype=X.dtype, device=X.device)
+        state.pop("refresh_again", None)
+        if group["refresh"] == "randomized" and "P" in state:
+            # P ← top-r of a randomized range finder warm-started from P_prev (``randomized_spectrum``)
+            state.setdefault("seed", stream_seed(group["seed"], index))
+            rng = self._generator(p.device, stream_seed(state["seed"], t))
+            U, _ = randomized_spectrum(X, r + REFRESH_OVERSAMPLE, state["P"], rng, group["refresh_iters"])
+            return U[:, :r].contiguous()
+        # P ← top-r left singular vectors of X (GaLore; GHA's start), signed like P_prev (``align_signs_``)
+        P_new = top_r_basis(X, r)
+        return align_signs_(P_new, state["P"]) if "P" in state else P_new
 
 
 # =============================================================================
@@ -1007,7 +1052,7 @@ class AdaptiveAdamW(_Base):
     norm-growth limiter (``residual=True``, the default)::
 
         R ← Pᵀ X ;  m, v ← Adam moments of R ;  N ← m̂ / (sqrt(v̂) + ε)
-        S ← (X - P R) · diag(φ),  φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + 1e-8)
+        S ← (X - P R) · diag(φ),  φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + δ)      (δ: see orthogonal_residual)
         S ← S · min(1, γ·RMS_{t-1} / RMS(S))            (no limit at step 1)
         W ← W (1 - lr·wd) - lr · (α · P N + S)
 
@@ -1086,25 +1131,51 @@ class AdaptiveAdamW(_Base):
 
     def _step_items(self, items: list[tuple[Tensor, dict, int]]) -> None:
         # At t = 1, T+1, 2T+1, ...: new ranks and bases for the matrices due, together
-        due = [(p, g, i) for p, g, i in items
-               if g.get("rank") is not None and self.state[p].get("step", 0) % g["update_proj_gap"] == 0]
+        # (and again at the next step for a matrix whose gradient was all-zero at its refresh)
+        due = [(p, g, i) for p, g, i in items if g.get("rank") is not None and (
+            self.state[p].get("step", 0) % g["update_proj_gap"] == 0 or "refresh_again" in self.state[p])]
         if due or self.__dict__.get("_peers"):  # under FSDP2 every rank takes part in the allocation
-            self._allocate_and_refresh(due)
+            self._allocate_and_refresh(due, items)
         # Every step: projected Adam with the residual (or the limiter on N)
         self._update_each(items, self._adaptive_step)
 
-    def _allocate_and_refresh(self, due: list[tuple[Tensor, dict, int]]) -> None:
-        """The refresh half of the algorithm box, for all matrices due at once."""
+    def _allocate_and_refresh(self, due: list[tuple[Tensor, dict, int]], items: list[tuple[Tensor, dict, int]]
+                              ) -> None:
+        """The refresh half of the algorithm box, for all matrices due at once
+        (``items``: every parameter of this step)."""
+        # 0. E = ‖X‖²_F of each matrix (one host sync). An all-zero X (torch's checkpoint
+        #    helpers step once with zero gradients to create the state) has no spectrum: the
+        #    matrix keeps its P and rank (coordinate axes at first), stays out of the
+        #    allocation, and is refreshed again at the next step.
+        energies = [torch.linalg.vector_norm(p.grad, dtype=linalg_dtype(p.dtype)).square().reshape(1)
+                    for p, _, _ in due]
+        for (p, g, _), (e,) in zip(due, self._to_host(energies)):
+            state = self.state[p]
+            state.pop("refresh_again", None)
+            if e == 0:
+                state["refresh_again"] = 1
+                if "P" not in state:
+                    state["rank"] = self._clamped_rank(p, g)
+                    state["P"] = torch.eye(min(p.shape), state["rank"], dtype=linalg_dtype(p.dtype), device=p.device)
+        energies = [e for e, (p, _, _) in zip(energies, due) if "refresh_again" not in self.state[p]]
+        due = [(p, g, i) for p, g, i in due if "refresh_again" not in self.state[p]]
         # Ranks before this refresh: the allocation so far, or the group's rank
-        # (clamped to min(m, n)) at the first refresh. The matrices of groups
-        # with ``allocate=True`` share their sum as the budget B; the others
-        # keep their rank.
-        ranks = [self.state[p]["rank"] if "rank" in self.state[p] else self._clamped_rank(p, g) for p, g, _ in due]
+        # (clamped to min(m, n)) at the first refresh; a group with
+        # ``allocate=False`` keeps its rank. The matrices of groups with
+        # ``allocate=True`` hold B = Σ of their groups' ranks (each clamped to
+        # min(m, n)) together: those refreshed now share what the others do not
+        # hold (all of B when all refresh, as on the ordinary schedule), and a
+        # group's rank changed between steps takes effect here.
+        ranks = [self._clamped_rank(p, g) if "rank" not in self.state[p] or not g["allocate"]
+                 else self.state[p]["rank"] for p, g, _ in due]
         pool = [i for i, (_, g, _) in enumerate(due) if g["allocate"]]
+        refreshed = {id(due[i][0]) for i in pool}
+        held = [(p, g) for p, g, _ in items if g.get("rank") is not None and g["allocate"]]
+        budget = sum(self._clamped_rank(p, g) - (0 if id(p) in refreshed else self.ranks_of(p, g)) for p, g in held)
         # Under FSDP2 this rank steps only the matrices it owns, and ``_peers``
         # (section 7) sums B and L (and the matrices due) over every rank's.
         peers = self.__dict__.get("_peers")
-        totals = [sum(ranks[i] for i in pool), len(pool), len(due)]
+        totals = [budget, len(pool), len(due)]
         budget, pooled, due_anywhere = peers.sum(totals) if peers else totals
         if not due_anywhere:
             return
@@ -1123,7 +1194,7 @@ class AdaptiveAdamW(_Base):
                 keep.append(budget - pooled + 1)
             else:  # refresh_keep × the group's rank, and at least the current rank
                 keep.append(min(budget - pooled + 1, max(ranks[i], math.ceil(g["refresh_keep"] * g["rank"]))))
-        svds, energies = [], []
+        svds = []
         for (p, g, index), k in zip(due, keep):
             X = oriented_grad(p, is_transposed(p.shape, g["proj_type"]))
             state = self.state[p]
@@ -1133,7 +1204,6 @@ class AdaptiveAdamW(_Base):
                 svds.append(randomized_spectrum(X, k + REFRESH_OVERSAMPLE, state["P"], rng, g["refresh_iters"]))
             else:
                 svds.append(gradient_spectrum(X, k))
-            energies.append(torch.linalg.vector_norm(X).square().reshape(1))  # E = ‖X‖²_F, exact either way
         # 2. Greedy allocation: rank 1 each, then the best next singular value
         if pooled:
             host = self._to_host([svds[i][1] for i in pool] + [energies[i] for i in pool])  # one sync per device
@@ -1153,6 +1223,8 @@ class AdaptiveAdamW(_Base):
                 P_new = u[:, :rank].contiguous()
             else:
                 P_new = top_r_basis(oriented_grad(p, is_transposed(p.shape, group["proj_type"])), rank)
+            if "P" in state:
+                align_signs_(P_new, state["P"])  # each column signed like P_prev's (see ``align_signs_``)
             if "P" in state and "exp_avg" in state:
                 if group["transform_momentum"]:
                     # 4. C = P_newᵀ P_old ;  m ← C m ;  v ← (C∘C) v
@@ -1160,8 +1232,8 @@ class AdaptiveAdamW(_Base):
                         P_new, state["P"], state["exp_avg"], state["exp_avg_sq"])
                 elif rank != state["rank"]:
                     # no transformation: keep the first min(r_old, r_new) rows (GaLore-like)
-                    state["exp_avg"] = _resize_rows(state["exp_avg"], rank)
-                    state["exp_avg_sq"] = _resize_rows(state["exp_avg_sq"], rank)
+                    state["exp_avg"] = resize_rows(state["exp_avg"], rank)
+                    state["exp_avg_sq"] = resize_rows(state["exp_avg_sq"], rank)
             state["P"], state["rank"] = P_new, rank
 
     def _adaptive_step(self, p: Tensor, group: dict, index: int) -> None:
@@ -1214,14 +1286,6 @@ class AdaptiveAdamW(_Base):
             for i in idx:
                 out[i], flat = flat[: tensors[i].numel()], flat[tensors[i].numel():]
         return out
-
-
-def _resize_rows(x: Tensor, rows: int) -> Tensor:
-    """First ``rows`` rows of x, zero-padded when x has fewer."""
-    out = x.new_zeros(rows, x.shape[1])
-    k = min(rows, x.shape[0])
-    out[:k] = x[:k]
-    return out
 
 
 # =============================================================================

@@ -292,8 +292,11 @@ def limit_growth(x, prev, gamma):
 
 
 def fira_residual(X, P, R, N):
-    """S = (X - P R) diag(φ), φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + 1e-8): one φ per column."""
-    phi = torch.linalg.norm(N, dim=0) / (torch.linalg.norm(R, dim=0) + 1e-8)
+    """S = (X - P R) diag(φ), φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + 1e-8 · ‖X‖/√l): one φ per column,
+    the guard relative to the RMS column norm of X (l columns), and φ = 0 for X = 0."""
+    guard = 1e-8 * torch.linalg.norm(X) / X.shape[1] ** 0.5
+    denom = torch.linalg.norm(R, dim=0) + guard
+    phi = torch.where(denom > 0, torch.linalg.norm(N, dim=0) / denom, 0.0)
     return (X - P @ R) * phi[None, :]
 
 
@@ -332,23 +335,31 @@ def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale, proj_type=
     side = PROJECTION_SIDE[proj_type](*W.shape)
     M = V = P = P_ref = None
     prev_rms = 0.0
+    again = False  # the last refresh met an all-zero gradient: refresh at the next step too
     for t, G in enumerate(grads, start=1):
         X = G if side == "left" else G.T  # the rows of X are what P spans
         r = min(rank, X.shape[0])
-        if (t - 1) % gap == 0:
+        if (t - 1) % gap == 0 or again:
+            retry, again, P_new = again, False, None
             if subspace == "random":  # a fresh uniformly random basis
                 gen = torch.Generator().manual_seed(la.stream_seed(la.stream_seed(seed, 0), t))
                 P_new = signed_qr(torch.randn(X.shape[0], r, generator=gen, dtype=W.dtype))
-            elif subspace == "gha" and P is not None:  # the basis GHA has tracked
+            elif subspace == "gha" and P is not None and not retry:  # the basis GHA has tracked
                 P_new = P
+            elif not X.any():  # a zero gradient has no subspace: keep P (coordinate axes at first), try again
+                again = True
+                P_new = torch.eye(X.shape[0], r, dtype=X.dtype) if P is None else None
             elif refresh == "randomized" and P is not None:  # warm-started range finder (step 1: the SVD)
                 P_new = range_finder(X, P, r + 8, seed, t, refresh_iters)[0][:, :r]
-            else:  # the top-r left singular vectors
+            else:  # the top-r left singular vectors, each signed to agree with the previous basis
                 P_new = left_singular_vectors(X)[:, :r]
-            if subspace != "svd" and M is not None:  # the moments follow the basis
-                C = P_new.T @ (P_ref if subspace == "gha" else P)
-                M, V = C @ M, (C * C) @ V
-            P = P_ref = P_new
+                if P is not None:
+                    P_new = P_new * torch.where((P_new * P).sum(0) < 0, -1.0, 1.0)
+            if P_new is not None:
+                if subspace != "svd" and M is not None:  # the moments follow the basis
+                    C = P_new.T @ (P_ref if subspace == "gha" else P)
+                    M, V = C @ M, (C * C) @ V
+                P = P_ref = P_new
         R = P.T @ X
         if M is None:
             M, V = torch.zeros_like(R), torch.zeros_like(R)
@@ -360,7 +371,7 @@ def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale, proj_type=
             S, prev_rms = limit_growth(fira_residual(X, P, R, N), prev_rms, gamma)
             D = D + S
         W = W * (1 - lr * wd) - lr * (D if side == "left" else D.T)
-        if subspace == "gha":  # Sanger's rule on C = X Xᵀ / ‖X‖², then QR
+        if subspace == "gha" and X.any():  # Sanger's rule on C = X Xᵀ / ‖X‖², then QR (X = 0: P stays)
             Cov = X @ X.T / (X * X).sum()
             P = signed_qr(P + gha_lr * (Cov @ P - P @ torch.triu(P.T @ Cov @ P)))
     return W
@@ -680,6 +691,122 @@ def test_galore_keeps_moments_on_refresh():
     # the moment was updated with the new R, not rotated/reset: m = β1 m_before + (1-β1) R
     R = opt.state[p]["P"].T @ p.grad
     torch.testing.assert_close(opt.state[p]["exp_avg"], 0.9 * m_before + 0.1 * R)
+
+
+def energy_kept(P, X):
+    """Share of ‖X‖²_F that the basis P keeps: ‖Pᵀ X‖² / ‖X‖²."""
+    return ((P.T @ X).square().sum() / X.square().sum()).item()
+
+
+@pytest.mark.parametrize("cls", [la.GaLoreAdamW, la.AdaptiveAdamW], ids=ids)
+def test_a_state_dict_taken_before_the_first_step_does_not_pick_the_basis(cls):
+    """torch's ``get_optimizer_state_dict`` on a fresh optimizer steps once with
+    zero gradients and lr 0 to create the state: the first real step must still
+    find the basis and the ranks a run without that call finds."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    data = regression_data()
+
+    def run(state_dict_first):
+        model = mlp()
+        opt = cls(mlp_groups(model, rank=3), lr=1e-2, update_proj_gap=5)
+        if state_dict_first:
+            get_optimizer_state_dict(model, opt)
+        train(model, opt, 1, data)
+        return model, opt
+
+    (model, plain), (model2, early) = run(False), run(True)
+    assert early.ranks() == plain.ranks()
+    for p, q in [(model[0].weight, model2[0].weight), (model[2].weight, model2[2].weight)]:
+        X = la.orient(p.grad, la.is_transposed(p.shape))
+        assert energy_kept(early.state[q]["P"], X) == pytest.approx(energy_kept(plain.state[p]["P"], X), abs=1e-5)
+        assert energy_kept(early.state[q]["P"], X) > 0.5  # not the coordinate axes of the zero step
+        assert "refresh_again" not in early.state[q]
+
+
+@pytest.mark.parametrize("refresh, subspace", [("svd", "svd"), ("randomized", "svd"), ("svd", "gha")])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_an_all_zero_gradient_at_a_refresh_keeps_the_basis_and_refreshes_at_the_next_step(refresh, subspace, shape):
+    """Zero gradients at step 1 and at the refresh of step 4: no basis is read
+    off them, the refresh is done at the step after, as the reference does."""
+    torch.manual_seed(0)
+    W0 = torch.randn(shape, dtype=torch.float64)
+    grads = gapped_grads(shape, 9)
+    grads[0], grads[3] = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+    kw = dict(rank=2, gap=3, lr=0.05, betas=(0.9, 0.99), eps=1e-8, wd=0.1, scale=0.5)
+    expected = galore_reference(W0, grads, **kw, residual=True, gamma=1.01, subspace=subspace, gha_lr=0.3,
+                                refresh=refresh, seed=2)
+    p = nn.Parameter(W0.clone())
+    opt = la.GaLoreAdamW([{"params": [p], "rank": 2, "update_proj_gap": 3, "scale": 0.5, "residual": True,
+                           "subspace": subspace, "gha_lr": 0.3}], lr=0.05, betas=(0.9, 0.99), eps=1e-8,
+                         weight_decay=0.1, refresh=refresh, seed=2)
+    for t, g in enumerate(grads, start=1):
+        p.grad = g.clone()
+        opt.step()
+        assert ("refresh_again" in opt.state[p]) == (t in (1, 4) and not (subspace == "gha" and t == 4))
+    torch.testing.assert_close(p.detach(), expected, atol=1e-10, rtol=1e-10)
+
+
+def test_adaptive_matrix_with_a_zero_gradient_at_a_refresh_keeps_its_rank_and_the_budget_holds():
+    """One matrix's gradient is zero at a refresh: it keeps P and its rank, the
+    others share the rest of the budget, and it is refreshed at the next step."""
+    g = torch.Generator().manual_seed(0)
+    ps = [nn.Parameter(torch.randn(10, 12, generator=g)) for _ in range(3)]
+    opt = la.AdaptiveAdamW([{"params": ps, "rank": 4}], lr=1e-2, update_proj_gap=3)
+    for t in range(1, 6):
+        for i, p in enumerate(ps):  # matrix 0: one dominant direction; the others: full spectra
+            low = torch.outer(torch.randn(10, generator=g), torch.randn(12, generator=g)) * 5
+            p.grad = torch.randn(10, 12, generator=g) + (low if i == 0 else 0)
+        if t == 4:
+            ps[1].grad.zero_()
+            before = (opt.ranks()[1], opt.state[ps[1]]["P"].clone())
+        opt.step()
+        assert sum(opt.ranks()) == 12
+        if t == 4:
+            assert opt.ranks()[1] == before[0] and torch.equal(opt.state[ps[1]]["P"], before[1])
+            assert "refresh_again" in opt.state[ps[1]]
+    X = ps[1].grad  # step 5: matrix 1 (10×12: P spans its rows) refreshed alone, from its own gradient
+    assert "refresh_again" not in opt.state[ps[1]]
+    assert energy_kept(opt.state[ps[1]]["P"], X) == pytest.approx(
+        energy_kept(la.top_r_basis(X, opt.ranks()[1]), X), abs=1e-6)
+
+
+@pytest.mark.parametrize("cls", [la.GaLoreAdamW, la.AdaptiveAdamW], ids=ids)
+def test_the_same_run_in_float32_and_float64_agrees_across_refreshes(cls):
+    """The SVD's column signs depend on the dtype; each new column is signed like
+    the previous basis, so moments kept across a refresh keep their direction
+    and a float32 run follows the float64 one (without it they end far apart)."""
+    grads = gapped_grads((12, 7), 12, seed=3)
+    opts = dict(rank=3, update_proj_gap=3) if cls is la.GaLoreAdamW else dict(rank=3, update_proj_gap=3,
+                                                                              transform_momentum=False)
+    out = []
+    for dtype in (torch.float32, torch.float64):
+        p = nn.Parameter(torch.randn(12, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype))
+        opt = cls([{"params": [p], **opts}], lr=0.05)
+        for g in grads:
+            p.grad = g.to(dtype)
+            opt.step()
+        out.append(p.detach().double())
+    start = torch.randn(12, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert (out[0] - out[1]).abs().max() < 1e-4 * (out[1] - start).abs().max()
+
+
+@pytest.mark.parametrize("cls", [la.GaLoreAdamW, la.AdaptiveAdamW], ids=ids)
+@pytest.mark.parametrize("exponent", [-40, -20, 20, 40])
+def test_the_residual_is_free_of_the_gradients_scale(cls, exponent):
+    """With eps negligible (1e-30), gradients scaled by 2^k move the weights as
+    the unscaled ones do: the residual's guard scales with the gradient."""
+    grads = gapped_grads((9, 14), 7, seed=4)
+
+    def run(scale):
+        p = nn.Parameter(torch.randn(9, 14, generator=torch.Generator().manual_seed(0)))
+        opt = cls([{"params": [p], "rank": 2, "residual": True}], lr=1e-2, eps=1e-30, update_proj_gap=3)
+        for g in grads:
+            p.grad = (g * scale).float()
+            opt.step()
+        return p.detach()
+
+    ref = run(1.0)
+    assert (run(2.0 ** exponent) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_rank_larger_than_matrix_is_clamped_with_one_warning():
@@ -2515,9 +2642,7 @@ def adaptive_reference(W0s, grads, rank, gap, lr, betas, eps, wd, scale, residua
     for t, Gs in enumerate(grads, start=1):
         Xs = [G.T if G.shape[0] >= G.shape[1] else G for G in Gs]  # compress the short side
         if (t - 1) % gap == 0:
-            budget, L = sum(ranks), len(Ws)
-            # U from the same orientation as the optimizer's SVD: without the
-            # transformation the moments see the arbitrary signs of its columns
+            budget, L = sum(min(rank, min(W.shape)) for W in Ws), len(Ws)  # B = Σ the group's rank, clamped
             if refresh == "randomized" and state[0]["P"] is not None:
                 keep = [min(budget - L + 1, max(r, 2 * rank)) for r in ranks]
                 svds = [(*range_finder(X, st_["P"], k + 8, seed, t, 1, index=i), (X * X).sum())
@@ -2531,6 +2656,10 @@ def adaptive_reference(W0s, grads, rank, gap, lr, betas, eps, wd, scale, residua
             ranks = [1 + sum(1 for _, j in scores if j == i) for i in range(L)]
             for st_, (U, _, _), r in zip(state, svds, ranks):
                 P_new = U[:, :r]
+                if st_["P"] is not None:  # each column signed to agree with the previous basis
+                    j = min(r, st_["P"].shape[1])
+                    P_new = P_new.clone()
+                    P_new[:, :j] *= torch.where((P_new[:, :j] * st_["P"][:, :j]).sum(0) < 0, -1.0, 1.0)
                 if st_["P"] is not None and transform:  # momentum transformation, C = P_newᵀ P_old
                     C = P_new.T @ st_["P"]
                     st_["M"], st_["V"] = C @ st_["M"], (C * C) @ st_["V"]
