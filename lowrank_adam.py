@@ -341,6 +341,18 @@ def adam_normalized_(
     return (exp_avg / (1 - beta1**step)).div_(denom)
 
 
+@torch.compiler.disable  # a host sync: under torch.compile a quiet graph break, not a warning block
+def is_all_zero(x: Tensor) -> bool:
+    """Whether every entry of x is 0 (one host sync)."""
+    return not bool(x.any())
+
+
+@torch.compiler.disable  # as is_all_zero
+def all_finite(xs: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one host sync per tensor)."""
+    return all(bool(x.isfinite().all()) for x in xs)
+
+
 def rms(x: Tensor) -> Tensor:
     """Root mean square ‖x‖_F / sqrt(numel) as a 0-d tensor (no host sync)."""
     return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
@@ -596,6 +608,18 @@ class _Base(Optimizer):
     def _check_layerwise(self, group: dict) -> None:  # overridden where a step needs every parameter
         pass
 
+    def _check_state(self, p: Tensor, group: dict) -> None:
+        """Refuse a group whose ``rank`` went from an integer to None, or back,
+        after its parameters took steps: their state (a basis and projected
+        moments, or AdamW's full moments) is of the other kind."""
+        state = self.state.get(p, {})
+        if ("P" in state or "exp_avg" in state) and ("P" in state) != (group.get("rank") is not None):
+            was, now = ("an integer", "None") if "P" in state else ("None", group.get("rank"))
+            raise ValueError(f"{type(self).__name__}: the rank of the group of a parameter of shape "
+                             f"{tuple(p.shape)} changed from {was} to {now} after it took steps; its state cannot "
+                             "be carried over (nothing was changed). Set the rank back, or give the parameter to a "
+                             "new optimizer")
+
     def _step_items(self, items: list[tuple[Tensor, dict, int]]) -> None:
         """Update the given (parameter, group, index) triples (all with grads)."""
         raise NotImplementedError
@@ -608,6 +632,7 @@ class _Base(Optimizer):
         checked = []
         for p, group, _ in items:
             _refuse_flattened(p)  # wrapped by FSDP1 after the optimizer was built
+            self._check_state(p, group)
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                    f"(parameter of shape {tuple(p.shape)})")
@@ -623,7 +648,7 @@ class _Base(Optimizer):
         by_device: dict[torch.device, list[Tensor]] = {}
         for p in checked:
             by_device.setdefault(p.grad.device, []).append(p.grad.sum(dtype=torch.float32))
-        if all(bool(torch.stack(v).isfinite().all()) for v in by_device.values()):
+        if all_finite([torch.stack(v) for v in by_device.values()]):
             return
         for p in checked:  # slow path: name the culprit
             if not bool(torch.isfinite(p.grad).all()):
@@ -802,8 +827,15 @@ class GaLoreAdamW(_Base):
         N ← m̂ / (sqrt(v̂) + ε)                      (Adam in the subspace)
         W ← W (1 - lr·wd) - lr · α · P N           (project back, scale α)
 
-    Moments are left as they are when P changes (GaLore's behaviour). Every
-    other parameter gets plain AdamW. Param groups follow galore-torch::
+    Moments are left as they are when P changes (GaLore's behaviour), so each
+    new column of P takes the sign that agrees with the old basis
+    (``align_signs_``; galore-torch keeps LAPACK's signs, which differ
+    between dtypes and devices). A refresh that meets an all-zero gradient
+    keeps P and is done again at the next step. A group's ``rank`` changed
+    between steps takes effect at the next refresh (the moments keep their
+    first min(r_old, r) rows); a change between an integer and None is
+    refused. Every other parameter gets plain AdamW. Param groups follow
+    galore-torch::
 
         groups = lowrank_groups(model, rank=128, update_proj_gap=200, scale=0.25)
         opt = GaLoreAdamW(groups, lr=1e-2)      # GaLore uses a high lr
@@ -894,7 +926,7 @@ class GaLoreAdamW(_Base):
         subspace, gamma = group["subspace"], group["norm_growth_limit"]
 
         # -- at t = 1, T+1, 2T+1, ...: a new basis P (s×r) ------------------
-        if (t - 1) % group["update_proj_gap"] == 0 or "refresh_again" in state:
+        if (t - 1) % group["update_proj_gap"] == 0 or state.get("refresh_again"):
             P_new = self._new_basis(p, X, state, group, index, t)
             if P_new is not None:  # (None: an all-zero X, P kept until the next step)
                 if "exp_avg" in state and subspace != "svd":
@@ -945,12 +977,15 @@ class GaLoreAdamW(_Base):
         say; r is the group's rank (clamped), so a changed rank takes effect
         here. Returns None to keep P: an all-zero X has no subspace to give."""
         subspace, r = group["subspace"], self._clamped_rank(p, group)
+        # 1: the last refresh met an all-zero X, so this one is its retry (a number that every state holds,
+        # 0 or 1, so that a state created by torch's zero-gradient step has the keys of a trained one)
+        retry, state["refresh_again"] = state.get("refresh_again", 0), 0
         if subspace == "random":
             # P ← orth(Ω), Ω ~ N(0, 1) of shape s×r, drawn from stream_seed(seed of this parameter, t)
             state.setdefault("seed", stream_seed(group["seed"], index))
             rng = self._generator(p.device, stream_seed(state["seed"], t))
             return random_basis(X.shape[0], r, rng, X.dtype)
-        if subspace == "gha" and "P" in state and "refresh_again" not in state and state["P"].shape[1] == r:
+        if subspace == "gha" and "P" in state and not retry and state["P"].shape[1] == r:
             # P: where Sanger's rule has taken it since the last refresh
             return state["P"]
         # The other bases are read off X. An all-zero X (torch's checkpoint helpers step once with zero
@@ -958,10 +993,9 @@ class GaLoreAdamW(_Base):
         # the refresh is tried again at the next step, so a zero gradient never fixes P for T steps.
         # One host sync per matrix and refresh, where the SVD synchronizes anyway (none with
         # check_finite=False, which promises a step without host syncs).
-        if group["check_finite"] and not bool(X.any()):
+        if group["check_finite"] and is_all_zero(X):
             state["refresh_again"] = 1
             return None if "P" in state else torch.eye(X.shape[0], r, dtype=X.dtype, device=X.device)
-        state.pop("refresh_again", None)
         if group["refresh"] == "randomized" and "P" in state:
             # P ← top-r of a randomized range finder warm-started from P_prev (``randomized_spectrum``)
             state.setdefault("seed", stream_seed(group["seed"], index))
@@ -1003,6 +1037,7 @@ RANK_METRICS: dict[str, Callable[[list[float], int, float], float]] = {
 }
 
 
+@torch.compiler.disable  # plain Python on host numbers: nothing for torch.compile to trace
 def allocate_ranks(spectra: Sequence[Sequence[float]], budget: int, caps: Optional[Sequence[int]] = None,
                    metric: str = "explained_variance", energies: Optional[Sequence[float]] = None) -> list[int]:
     """Greedy rank allocation: spectra + budget + caps -> one rank per matrix.
@@ -1039,8 +1074,11 @@ class AdaptiveAdamW(_Base):
     r"""GaLore with a global rank budget allocated from gradient spectra.
 
     The ``rank`` of each low-rank group is the *average* rank per matrix; the
-    budget is ``B = Σ rank`` over all its matrices. On steps 1, T+1, 2T+1, …
-    (T = ``update_proj_gap``), for the matrices refreshed together::
+    budget is ``B = Σ rank`` over all its matrices (read at each refresh, so
+    a changed group rank takes effect there). On steps 1, T+1, 2T+1, …
+    (T = ``update_proj_gap``), for the matrices refreshed together (a matrix
+    whose gradient is all-zero then keeps P and its rank, and is refreshed at
+    the next step from the budget the others leave)::
 
         X_i = U_i diag(s_i) V_iᵀ           one thin SVD per matrix (float32)
         r_i ← allocate_ranks(s, B, caps)    greedy: rank 1 each, then the best
@@ -1133,7 +1171,7 @@ class AdaptiveAdamW(_Base):
         # At t = 1, T+1, 2T+1, ...: new ranks and bases for the matrices due, together
         # (and again at the next step for a matrix whose gradient was all-zero at its refresh)
         due = [(p, g, i) for p, g, i in items if g.get("rank") is not None and (
-            self.state[p].get("step", 0) % g["update_proj_gap"] == 0 or "refresh_again" in self.state[p])]
+            self.state[p].get("step", 0) % g["update_proj_gap"] == 0 or self.state[p].get("refresh_again"))]
         if due or self.__dict__.get("_peers"):  # under FSDP2 every rank takes part in the allocation
             self._allocate_and_refresh(due, items)
         # Every step: projected Adam with the residual (or the limiter on N)
@@ -1146,19 +1184,19 @@ class AdaptiveAdamW(_Base):
         # 0. E = ‖X‖²_F of each matrix (one host sync). An all-zero X (torch's checkpoint
         #    helpers step once with zero gradients to create the state) has no spectrum: the
         #    matrix keeps its P and rank (coordinate axes at first), stays out of the
-        #    allocation, and is refreshed again at the next step.
+        #    allocation, and is refreshed again at the next step (``refresh_again``: 0 or 1,
+        #    in every state, so that a state created by that step has a trained one's keys).
         energies = [torch.linalg.vector_norm(p.grad, dtype=linalg_dtype(p.dtype)).square().reshape(1)
                     for p, _, _ in due]
         for (p, g, _), (e,) in zip(due, self._to_host(energies)):
             state = self.state[p]
-            state.pop("refresh_again", None)
+            state["refresh_again"] = int(e == 0)
             if e == 0:
-                state["refresh_again"] = 1
                 if "P" not in state:
                     state["rank"] = self._clamped_rank(p, g)
                     state["P"] = torch.eye(min(p.shape), state["rank"], dtype=linalg_dtype(p.dtype), device=p.device)
-        energies = [e for e, (p, _, _) in zip(energies, due) if "refresh_again" not in self.state[p]]
-        due = [(p, g, i) for p, g, i in due if "refresh_again" not in self.state[p]]
+        energies = [e for e, (p, _, _) in zip(energies, due) if not self.state[p]["refresh_again"]]
+        due = [(p, g, i) for p, g, i in due if not self.state[p]["refresh_again"]]
         # Ranks before this refresh: the allocation so far, or the group's rank
         # (clamped to min(m, n)) at the first refresh; a group with
         # ``allocate=False`` keeps its rank. The matrices of groups with
@@ -1276,6 +1314,7 @@ class AdaptiveAdamW(_Base):
                                "allocate=False (fixed ranks) or GaLoreAdamW for layer-wise updates.")
 
     @staticmethod
+    @torch.compiler.disable  # a host sync: under torch.compile a quiet graph break, not a warning block
     def _to_host(tensors: list[Tensor]) -> list[list[float]]:
         by_device: dict[torch.device, list[int]] = {}
         for i, t in enumerate(tensors):
@@ -1406,6 +1445,15 @@ class LDAdam(_Base):
 
     def _step_items(self, items: list[tuple[Tensor, dict, int]]) -> None:
         self._update_each(items, self._ldadam_step)
+
+    def _check_state(self, p: Tensor, group: dict) -> None:
+        super()._check_state(p, group)
+        rank = self.state.get(p, {}).get("rank")
+        if rank is not None and group.get("rank") is not None and rank != min(group["rank"], min(p.shape)):
+            raise ValueError(f"LDAdam: the rank of the group of a parameter of shape {tuple(p.shape)} changed from "
+                             f"{rank} to {group['rank']} after it took steps; LDAdam's subspace is tracked from step "
+                             "to step at one rank (nothing was changed). Set the rank back, or give the parameter "
+                             "to a new optimizer")
 
     def _ldadam_step(self, p: Tensor, group: dict, index: int) -> None:
         """One LDAdam step of one matrix: the algorithm box above, line by line."""
@@ -1665,7 +1713,10 @@ class Adapprox(_Base):
     # in place of k_max_frac); None keeps AdamW's dense V for the whole group.
     # So ``Adapprox(lowrank_groups(model, 64))`` factors exactly the matrices
     # the other optimizers would project, and a group without the key factors
-    # every matrix, as in the paper.
+    # every matrix, as in the paper. A group's rank may change between steps:
+    # a lower cap holds from the next step, and between None and an integer V
+    # is carried over (``_convert_second_moment``). Only 2-D tensors may be in
+    # a group with an integer rank, as for the other optimizers.
     group_keys = ("rank",)
     _dense_elementwise = False  # clipping and guidance read the whole tensor: under FSDP2 it is stepped whole
 
@@ -1708,6 +1759,9 @@ class Adapprox(_Base):
         if g.get("rank") is not None:
             _check(isinstance(g["rank"], int) and not isinstance(g["rank"], bool) and g["rank"] >= 1,
                    f"Invalid rank: {g['rank']!r} (an integer >= 1, or None for a dense second moment)")
+            for p in g["params"]:
+                _check(p.dim() == 2, f"Invalid parameter in a 'rank' group: shape {tuple(p.shape)} is not 2-D "
+                                     "(put 1-D and other tensors in a group without 'rank')")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As every optimizer here, plus: a state dict written before U was
@@ -1752,7 +1806,35 @@ class Adapprox(_Base):
                 for g in self.param_groups for p in g["params"] if self.is_factored(p, g)]
 
     # -- the step ----------------------------------------------------------
+    def _check_state(self, p: Tensor, group: dict) -> None:
+        pass  # a group's rank may change between int and None: ``_convert_second_moment`` carries V over
+
+    def _convert_second_moment(self, p: Tensor, group: dict) -> None:
+        """Carry V over when the group's ``rank`` went from None to an integer
+        (dense V → factored from the next step, starting as a fresh one at
+        k_max) or back (factored → dense: V = diag(row) Q Uᵀ diag(col) · 4^e,
+        negative entries of the reconstruction set to 0)."""
+        state = self.state.get(p, {})
+        if self.is_factored(p, group) and "exp_avg_sq" in state:
+            V = state.pop("exp_avg_sq")
+            state.update(V=V.to(self.factor_dtype(p, group)), u_exp=V.new_zeros((), dtype=self.factor_dtype(p, group)),
+                         rank=self._initial_rank(p, group), err_ema=0.0, descending=True)
+        elif not self.is_factored(p, group) and "u_exp" in state:
+            scale = torch.exp2(2 * state["u_exp"])  # the factors are kept at the scale 4^-e
+            if "V" in state:
+                V = state["V"] * scale
+            else:
+                Q, U = state["Q"], state["U"]
+                if "row" in state:
+                    Q, U = Q * state["row"][:, None], U * state["col"][:, None]
+                V = (Q @ U.T).clamp_min_(0) * scale
+            for key in ("Q", "U", "row", "col", "V", "u_exp", "rank", "err_ema", "descending"):
+                state.pop(key, None)
+            state["exp_avg_sq"] = V.to(linalg_dtype(p.dtype))
+
     def _step_items(self, items: list[tuple[Tensor, dict, int]]) -> None:
+        for p, group, _ in items:
+            self._convert_second_moment(p, group)
         factored = [(p, group) for p, group, _ in items if self.is_factored(p, group)]
         sketches = iter(self._draw_sketches([item for item in items if self.is_factored(item[0], item[1])]))
         errors = []
@@ -1793,6 +1875,8 @@ class Adapprox(_Base):
                 state["rank"] = self._initial_rank(p, group)
                 state["err_ema"] = 0.0
             state.setdefault("seed", stream_seed(group["seed"], index))  # Ω at step t: stream_seed(this, t)
+            k_min, k_max = self.rank_bounds(p, group)
+            state["rank"] = max(k_min, min(k_max, state["rank"]))  # a group's rank lowered since: the cap holds now
             if state["rank"] >= min(p.shape):  # full rank: V is kept dense, nothing is sketched
                 omegas.append(None)
                 continue
@@ -1968,9 +2052,10 @@ def lowrank_groups(model: nn.Module, rank: int, *, targets: Sequence[str] = ("at
     the blocks. The default fits LLaMA and GPT-2 code that names them
     ``...attn...`` and ``...mlp...``; for other models name yours, e.g.
     ``targets=("self_attn", "linear1", "linear2")`` for
-    ``nn.TransformerEncoderLayer``. A pattern that matches no 2-D parameter
-    warns (with the names it could have matched), since otherwise every
-    matrix would silently get plain AdamW. ``verbose=True`` prints what was
+    ``nn.TransformerEncoderLayer``. When no pattern matches any 2-D parameter
+    it warns (with the names they could have matched), since otherwise every
+    matrix would silently get plain AdamW; a pattern that matches nothing
+    beside one that does is normal (a model without ``attn`` blocks). ``verbose=True`` prints what was
     selected, one line per group.
 
     Adapprox reads a group's ``rank`` as the cap of its adaptive rank and
@@ -1999,7 +2084,7 @@ def lowrank_groups(model: nn.Module, rank: int, *, targets: Sequence[str] = ("at
         else:
             rest.append((names[key][0], p))
     missing = [t for t, hit in matched.items() if not hit]
-    if missing:
+    if missing and not any(matched.values()):
         shown = ", ".join(matrix_names[:8]) + (", ..." if len(matrix_names) > 8 else "")
         warnings.warn(f"lowrank_groups: target(s) {missing} match no 2-D parameter of this model "
                       f"({'its 2-D parameters: ' + shown if matrix_names else 'it has none'}); "
