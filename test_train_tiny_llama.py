@@ -421,6 +421,21 @@ def test_an_existing_run_is_never_overwritten(corpus, tmp_path):
         tl.main(common)
 
 
+def test_resume_without_a_checkpoint_is_refused_and_touches_nothing(corpus, tmp_path, capsys):
+    """--resume into a mistyped --out-dir (or a run that saved no checkpoint) must not train a new run there."""
+    typo = tmp_path / "typo"
+    with pytest.raises(SystemExit, match=rf"--resume: no checkpoint in {re.escape(str(typo))}: nothing to "
+                                         r"continue; check --out-dir, or start a new run without --resume"):
+        tl.main(SMALL + ["--data", corpus, "--resume", "--out-dir", str(typo)])
+    assert not typo.exists() and capsys.readouterr().out == ""
+    typo.mkdir()
+    (typo / "metrics.jsonl").write_text('{"step": 0}\n')  # a run that died before its first checkpoint
+    with pytest.raises(SystemExit, match="--resume: no checkpoint in"):
+        tl.main(SMALL + ["--data", corpus, "--resume", "--out-dir", str(typo)])
+    assert [f.name for f in typo.iterdir()] == ["metrics.jsonl"]
+    assert (typo / "metrics.jsonl").read_text() == '{"step": 0}\n'
+
+
 def test_a_run_that_fails_before_its_first_step_leaves_nothing_behind(corpus, tmp_path):
     # an empty train shard: the run fails at its first batch, after metrics.jsonl was opened
     bad = tmp_path / "bad"

@@ -133,7 +133,8 @@ def run_flags(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("output and checkpoints")
     c.add_argument("--out-dir", default="out", help="this run's folder: ckpt.pt and metrics.jsonl")
     c.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint, "
-                   "with the settings saved there (a flag given with another value is refused)")
+                   "with the settings saved there (a flag given with another value is refused; a folder without "
+                   "a checkpoint too)")
     c.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N steps; unset: at --max-steps")
     c.add_argument("--save-interval", type=int, default=0, help="also checkpoint every N steps (0 = only at the end)")
     c.add_argument("--eval-interval", type=int, default=100, help="steps between validation evaluations")
@@ -602,7 +603,7 @@ def run_settings(args) -> dict:
     return {**vars(args), "processes": int(os.environ.get("WORLD_SIZE", 1))}
 
 def read_checkpoint(argv) -> Optional[dict]:
-    """With --resume, the checkpoint in --out-dir (None if there is none yet): its
+    """With --resume, the checkpoint in --out-dir (None if there is none, which main refuses): its
     settings become the defaults of the flags, so `--resume --out-dir X` alone continues X."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--resume", action="store_true")
@@ -632,6 +633,14 @@ def check_resume(args, ckpt: Optional[dict]) -> None:
     if changed:
         fail(f"--resume: {path} was made with other settings: {', '.join(changed)}. A resume may only change "
              f"{', '.join(flag(k) for k in RESUME_MAY_CHANGE[2:])}; start anything else in a new --out-dir")
+
+def nothing_to_resume(out: Path) -> str:
+    """Why --resume refuses a folder without a checkpoint (a mistyped --out-dir must not start a new run)."""
+    if (out / "metrics.jsonl").exists():
+        return (f"--resume: no checkpoint in {out}: nothing to continue (its metrics.jsonl is of a run that saved "
+                "none); delete that file or choose another --out-dir to start a new run")
+    return (f"--resume: no checkpoint in {out}: nothing to continue; check --out-dir, or start a new run without "
+            "--resume")
 
 def resume_checkpoint(args) -> Optional[dict]:
     """read_checkpoint and check_resume for flags already parsed (bench.py compare's runs)."""
@@ -765,7 +774,7 @@ def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dic
             return ckpt["result"]
         if dist.master:
             say(f"resumed from step {run.step} of {args.max_steps}")
-    elif args.resume and dist.master:
+    elif args.resume and dist.master:  # (bench.py compare --resume: a run not begun yet; main refuses this)
         say(f"--resume: no checkpoint in {args.out_dir} yet, so the run starts there")
     run.batches = llama_c4.Prefetch(batches)  # tokenized ahead, in a background thread
     metrics = open_metrics(Path(args.out_dir) / "metrics.jsonl", run.step, dist.master)
@@ -930,6 +939,8 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     ckpt = read_checkpoint(argv)  # with --resume: the run's own settings are the defaults
     args = parse_args(argv, ckpt["settings"] if ckpt else None)  # every flag checked before data is read
+    if args.resume and ckpt is None:
+        fail(nothing_to_resume(Path(args.out_dir)))
     check_resume(args, ckpt)
     tokenizer = load_tokenizer(args)
     out_existed = Path(args.out_dir).exists()
