@@ -473,6 +473,29 @@ def test_unusable_training_data_is_described_per_split_with_what_was_skipped(tmp
         tl.main(SMALL + ["--data", str(tmp_path), "--out-dir", str(tmp_path / "out"), "--seq-len", "512"])
 
 
+
+def test_shards_that_cannot_be_read_are_named_as_the_problem(tmp_path):
+    """Shards that are not gzip (or cannot be read at all) are named with their error, not given --seq-len advice."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for split in ("train", "validation"):
+        (bad / f"c4-{split}.00000-of-00001.json.gz").write_text('{"text": "plain text, not gzip"}\n')
+    message = (r"error: the {} shards cannot be read \(1: c4-{}\.00000-of-00001\.json\.gz: Not a gzipped file "
+               r"\(b'{{\"'\)\): a shard must be gzip-compressed JSON lines \(\.json\.gz, \.jsonl\.gz\) or plain JSON "
+               r"lines \(\.json, \.jsonl\), one document a line")
+    # every shard (the validation pass reads first), then the training shard alone (its held-out documents)
+    for data, split, name in [("*", "validation", "validation"), ("c4-train.*", "training", "train")]:
+        with pytest.raises(SystemExit) as e:
+            tl.main(SMALL + ["--data", str(bad / data), "--out-dir", str(tmp_path / "out")])
+        assert re.fullmatch(message.format(split, name), str(e.value.code)), e.value.code
+        assert not (tmp_path / "out").exists()
+    write_shard(bad / "c4-validation.00000-of-00001.json.gz", docs("val", 64))  # only the training shard is bad
+    with pytest.raises(SystemExit) as e:
+        tl.main(SMALL + ["--data", str(bad), "--out-dir", str(tmp_path / "out")])
+    assert re.fullmatch(message.format("training", "train"), str(e.value.code)), e.value.code
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_resume_with_other_settings_is_refused_naming_them(corpus, tmp_path):
     """A rank-16 checkpoint resumed with --rank 8 must not silently train on at rank 16."""
     common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "galore"]
