@@ -196,8 +196,7 @@ def compare(argv: list[str]) -> list[dict]:
     if dist.master:
         if skipped := data.stats.report():
             print(skipped)
-        if len(results) > 1:
-            print(summarize(results))
+        print(summarize(results))
         (Path(own.out_dir) / "results.json").write_text(json.dumps(results, indent=1))
         if own.plot:
             for path in make_plots(Path(own.out_dir)):

@@ -992,6 +992,12 @@ def test_compare_tabulates_and_a_resumed_compare_reports_finished_runs(corpus, t
     assert again == results and capsys.readouterr().out.count("(complete before: the saved result)") == 4
 
 
+def test_compare_of_a_single_run_prints_its_table(corpus, tmp_path, capsys):
+    bench.main(["compare", *SMALL, "--max-steps", "3", "--data", corpus, "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| optimizer | lr | seeds | val loss |" in out and "\n| adamw | 0.003 | 1 | " in out
+
+
 def test_compare_lr_sweep_names_runs_and_keeps_each_best_lr(corpus, tmp_path, capsys):
     bench.main(["compare", *SMALL, "--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adamw",
                 "--lr-sweep", "0.5,1"])
