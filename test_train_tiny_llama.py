@@ -546,6 +546,7 @@ BAD_FLAGS = [  # every flag's bad values: one clear line each
     (["--optimizer", "galore", "--rank", "1000"], "--rank 1000: larger than 64, the short side of the tiny model's "
                                                   "attn/mlp matrices; use at most 64"),
     (["--optimizer", "ldadam", "--rank", "65"], "--rank 65: larger than 64"),
+    (["--optimizer", "adapprox", "--rank", "65"], "--rank 65: larger than 64"),
     (["--warmup-steps", "500", "--max-steps", "20"], "--warmup-steps 500 with --max-steps 20: the lr would never "
                                                       "reach its peak"),
     (["--warmup-steps", "20", "--max-steps", "20"], "--warmup-steps 20 with --max-steps 20"),
@@ -928,6 +929,25 @@ def test_flags_reach_the_optimizer(argv, expected):
         assert tl.build_optimizer(args, tl.build_model(args, 64, device="meta")).error_dtype == torch.bfloat16
     if isinstance(opt, (la.Adapprox, la.GaLoreAdamW)) and not isinstance(opt, la.AdaptiveAdamW):
         assert group["seed"] == 3  # seeds Adapprox's sketches and GaLore's random subspaces
+
+
+def test_rank_caps_the_rank_of_every_adapprox_matrix_unless_k_max_frac_is_given(corpus, tmp_path):
+    """--rank reaches Adapprox as a group rank, the largest rank of every matrix it factors (the same matrices,
+    in the same order, as without --rank); --k-max-frac, Adapprox's own flag, wins over it."""
+    def largest_ranks(*flags):  # before the first step, ranks() gives each factored matrix's k_max
+        args = tl.parse_args(["--optimizer", "adapprox", *flags])
+        opt = tl.build_optimizer(args, tl.build_model(args, vocab_size=64, device="meta"))
+        return opt.ranks()
+    default = largest_ranks()
+    assert len(default) == 4 * 7 + 2 and set(default) == {16}  # attn/mlp, embedding and LM head: a quarter of 64
+    assert largest_ranks("--rank", "8") == [8] * len(default)
+    assert largest_ranks("--rank", "8", "--k-max-frac", "0.5") == [32] * len(default)
+    help_text = " ".join(tl.build_parser().format_help().split())
+    assert ("adapprox: the cap of every matrix's adaptive rank, unless --k-max-frac is given); unset: hidden/4 "
+            "(adapprox: --k-max-frac's cap)") in help_text
+    result = tl.main(SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adapprox", "--rank", "4",
+                              "--max-steps", "3"])
+    assert len(result["ranks"]) == len(default) and max(result["ranks"].values()) <= 4
 
 
 def test_a_new_optimizer_is_one_recipe(corpus, tmp_path, monkeypatch):

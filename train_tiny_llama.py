@@ -98,8 +98,9 @@ def optimizer_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--beta1", type=float, default=0.9, help="Adam β1")
     o.add_argument("--beta2", type=float, default=0.999, help="Adam β2")
     o.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
-    o.add_argument("--rank", type=int, help="rank of the attn/mlp matrices (adaptive: the average; adapprox: unused, see "
-                   "--k-max-frac); unset: hidden/4")
+    o.add_argument("--rank", type=int, help="rank of the attn/mlp matrices (adaptive: the average; adapprox: the "
+                   "cap of every matrix's adaptive rank, unless --k-max-frac is given); unset: hidden/4 (adapprox: "
+                   "--k-max-frac's cap)")
     # The flags below reach the optimizers with a keyword argument of that name; unset, their own default applies.
     G, A = la.GaLoreAdamW, la.Adapprox
     unset = lambda cls, name: f"; unset: {inspect.signature(cls).parameters[name].default}"
@@ -117,7 +118,8 @@ def optimizer_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--error-dtype", choices=["fp32", "bf16"], help="error-feedback buffer dtype; unset: float32 "
                    "(float64 for a float64 model)")
     x = p.add_argument_group("adapprox")
-    x.add_argument("--k-max-frac", type=float, help="largest rank / min(m, n)" + unset(A, "k_max_frac"))
+    x.add_argument("--k-max-frac", type=float, help="largest rank / min(m, n), in place of --rank" +
+                   unset(A, "k_max_frac"))
     x.add_argument("--err-tol", type=float, help="relative error target of the rank rule" + unset(A, "err_tol"))
     x.add_argument("--rank-init", type=int, help="initial rank; unset: the largest")
     x.add_argument("--clip-threshold", type=float, help="update clipping d, 0 = off" + unset(A, "clip_threshold"))
@@ -196,8 +198,10 @@ def parse_args(argv=None, saved: Optional[dict] = None) -> argparse.Namespace:
         fail(f"--warmup-steps {args.warmup_steps} with --max-steps {args.max_steps}: the lr would never reach its "
              "peak; use fewer warmup steps than --max-steps")
     try:
-        args.lr = args.lr or OPTIMIZERS[parse_optimizer(args.optimizer)[0]].lr
-        args.rank = args.rank or MODEL_SHAPES[args.model][0] // 4
+        recipe = OPTIMIZERS[parse_optimizer(args.optimizer)[0]]
+        args.lr = args.lr or recipe.lr
+        if args.rank is None and recipe.lowrank is not None:  # (adapprox: unset, its rank cap is --k-max-frac's)
+            args.rank = MODEL_SHAPES[args.model][0] // 4
         model = build_model(args, vocab_size=64, device="meta")
         check_rank(args, model)
         build_optimizer(args, model)  # its own checks, allocating nothing
@@ -210,9 +214,9 @@ def parse_args(argv=None, saved: Optional[dict] = None) -> argparse.Namespace:
     return args
 
 def check_rank(args, model: nn.Module) -> None:
-    """--rank must fit every matrix it projects: a larger one would be cut to the matrix's short side,
-    where the projected state is larger than AdamW's."""
-    if not OPTIMIZERS[parse_optimizer(args.optimizer)[0]].lowrank:
+    """--rank must fit every matrix it projects (or caps, in Adapprox): a larger one would be cut to the
+    matrix's short side, where the projected state is larger than AdamW's."""
+    if not OPTIMIZERS[parse_optimizer(args.optimizer)[0]].lowrank and rank_cap(args) is None:
         return
     side = min(min(p.shape) for g in la.lowrank_groups(model, args.rank) if g["rank"] is not None for p in g["params"])
     if args.rank > side:
@@ -294,10 +298,12 @@ def build_model(args, vocab_size: int, device="cpu") -> llama_c4.Llama:
 @dataclass
 class Recipe:
     """An --optimizer name: the class, its default lr, whether it takes lowrank_groups (rank groups
-    for the attn/mlp matrices) or all parameters alike, and the options each :KIND or +SWITCH sets."""
+    for the attn/mlp matrices) or all parameters alike, and the options each :KIND or +SWITCH sets.
+    ``lowrank=None`` (Adapprox): all parameters in one group whose ``rank`` is --rank, which caps every
+    matrix's rank in place of k_max_frac, if --rank is given and --k-max-frac (its own flag) is not."""
     cls: type
     lr: float  # default peak lr, tuned on the tiny config
-    lowrank: bool = False
+    lowrank: Optional[bool] = False
     variants: dict = field(default_factory=dict)  # ":kind" or "+switch" -> options
 
     def describe(self, name: str) -> str:  # e.g. adaptive[:gap|combined|...][+residual][+noresidual]
@@ -356,10 +362,11 @@ OPTIMIZERS = {
                        variants={**{f":{m}": {"rank_metric": m} for m in sorted(la.RANK_METRICS)}, **RESIDUAL,
                                  **REFRESH}),
     "ldadam": Recipe(la.LDAdam, 3e-3, lowrank=True, variants={"+noef": {"error_feedback": False}}),
-    "adapprox": Recipe(la.Adapprox, 3e-3, variants={"+nomoment": {"betas": (0.0, 0.999)},  # no first moment
-                                                    "+cold": {"warm_start": False, "power_iters": 5},
-                                                    "+noscaling": {"row_col_scaling": False},  # V factored as is
-                                                    "+float32": {"factor_dtype": "float32"}}),  # V in float32
+    "adapprox": Recipe(la.Adapprox, 3e-3, lowrank=None,  # --rank: one group, capping every matrix's rank
+                       variants={"+nomoment": {"betas": (0.0, 0.999)},  # no first moment
+                                 "+cold": {"warm_start": False, "power_iters": 5},
+                                 "+noscaling": {"row_col_scaling": False},  # V factored as is
+                                 "+float32": {"factor_dtype": "float32"}}),  # V in float32
     "adafactor": Recipe(torch.optim.Adafactor, 1e-2),  # torch's; its lr is relative to the weights' RMS
 }
 if hasattr(torch.optim, "Muon"):  # torch >= 2.9
@@ -397,7 +404,11 @@ def optimizer_options(args) -> tuple[Recipe, dict]:
 def build_optimizer(args, model: nn.Module, zero: bool = False) -> torch.optim.Optimizer:
     """--optimizer for ``model``; ``zero``: wrapped in ZeroRedundancyOptimizer (under torchrun)."""
     recipe, kwargs = optimizer_options(args)
-    cls, params = recipe.cls, la.lowrank_groups(model, args.rank) if recipe.lowrank else list(model.parameters())
+    cls, params = recipe.cls, list(model.parameters())
+    if recipe.lowrank:
+        params = la.lowrank_groups(model, args.rank)
+    elif rank_cap(args) is not None:  # Adapprox: the same matrices factored as without --rank, and in that order
+        params = [{"params": params, "rank": rank_cap(args)}]
     if args.layerwise and cls is torch.optim.AdamW:
         # torch's AdamW cannot step one parameter; GaLoreAdamW's groups without 'rank' get exactly its update
         cls = la.GaLoreAdamW
@@ -406,6 +417,12 @@ def build_optimizer(args, model: nn.Module, zero: bool = False) -> torch.optim.O
         from torch.distributed.optim import ZeroRedundancyOptimizer
         return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
     return cls(params, **kwargs)
+
+def rank_cap(args) -> Optional[int]:
+    """--rank where it caps the rank of every matrix (Adapprox, a recipe with lowrank=None): if it is
+    given and --k-max-frac is not (in a compare of several optimizers, --rank is for the others)."""
+    unset = args.rank is None or args.k_max_frac is not None
+    return None if unset or OPTIMIZERS[parse_optimizer(args.optimizer)[0]].lowrank is not None else args.rank
 
 def get_lr(it: int, base: float, warmup: int, max_steps: int, min_ratio: float) -> float:
     # 1) linear warmup
@@ -586,7 +603,7 @@ def ranked_parameter_names(run: Run) -> list[str]:
         return []
     names = {id(p): n for n, p in run.raw_model.named_parameters()}
     if isinstance(run.opt, la.Adapprox):
-        return [names[id(p)] for g in run.opt.param_groups for p in g["params"] if la.Adapprox.is_factored(p)]
+        return [names[id(p)] for g in run.opt.param_groups for p in g["params"] if la.Adapprox.is_factored(p, g)]
     return [names[id(p)] for g in run.opt.param_groups if g.get("rank") is not None for p in g["params"]]
 
 # ----------------------------------------------------------------------------- checkpoints
