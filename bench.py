@@ -179,13 +179,19 @@ def compare(argv: list[str]) -> list[dict]:
         tl.resume_checkpoint(args)  # refuses a mismatched resume now, not after hours of other runs
     dist = tl.setup_distributed(runs[0])
     data, val = tl.load_data(runs[0], tokenizer, dist)
-    results = []
+    results, diverged = [], []
     try:
         with Progress(len(runs), "run", "compare", shown=dist.master) as progress:
             for args in runs:
                 progress.start(f"{args.optimizer} seed {args.seed} lr {args.lr:g}")
                 ckpt = tl.resume_checkpoint(args)
-                results.append(tl.train(args, data, val, dist, ckpt))
+                try:
+                    results.append(tl.train(args, data, val, dist, ckpt))
+                except tl.Diverged as e:  # an lr too large (a sweep's largest, say): the other runs go on
+                    diverged.append(f"{args.optimizer} seed {args.seed} lr {args.lr:g} at step {e.step}")
+                    if dist.master:
+                        progress.write(f"{args.optimizer} seed {args.seed} lr {args.lr:g}: {e}")
+                    continue
                 if dist.master:
                     saved = " (complete before: the saved result)" if ckpt is not None and ckpt["result"] else ""
                     progress.write(tl.describe(results[-1]) + saved)
@@ -196,7 +202,12 @@ def compare(argv: list[str]) -> list[dict]:
     if dist.master:
         if skipped := data.stats.report():
             print(skipped)
-        print(summarize(results))
+        if results:
+            print(summarize(results))
+        if diverged:
+            print(f"diverged, so not in the table: {', '.join(diverged)}")
+        if not results:
+            tl.fail("every run diverged: lower --lr")
         (Path(own.out_dir) / "results.json").write_text(json.dumps(results, indent=1))
         if own.plot:
             for path in make_plots(Path(own.out_dir)):
@@ -1130,7 +1141,10 @@ def main(argv=None):
         return None
     if argv[0] not in commands:
         tl.fail(f"unknown command {argv[0]!r}: choose from {', '.join(commands)} (see python bench.py --help)")
-    return commands[argv[0]](argv[1:])
+    try:
+        return commands[argv[0]](argv[1:])
+    except tl.Diverged as e:  # a run of sketch or subspaces (compare goes on past one)
+        tl.fail(str(e))
 
 if __name__ == "__main__":
     main()

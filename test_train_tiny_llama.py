@@ -436,6 +436,28 @@ def test_resume_without_a_checkpoint_is_refused_and_touches_nothing(corpus, tmp_
     assert (typo / "metrics.jsonl").read_text() == '{"step": 0}\n'
 
 
+@pytest.mark.parametrize("flags", [["--optimizer", "adamw"], ["--optimizer", "galore"],
+                                   ["--optimizer", "galore", "--grad-clip", "0"]],  # no norm: galore's own check
+                         ids=["adamw", "galore", "galore-no-clipping"])
+def test_a_diverging_run_stops_at_once_and_the_same_command_with_a_lower_lr_starts_anew(flags, corpus, tmp_path):
+    """--lr 1e9 stops at the first non-finite loss or gradient with one line, saving nothing; its log is kept
+    aside, so the folder takes the same command with a lower --lr without --resume."""
+    common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--log-interval", "1", *flags]
+    with pytest.raises(SystemExit) as e:
+        tl.main(common + ["--lr", "1e9"])
+    step = int(re.fullmatch(rf"error: diverged at step (\d+) of 6 \(a non-finite loss or gradient\): lower --lr; "
+                            rf"this run's log is kept as {re.escape(str(tmp_path))}/metrics.diverged.jsonl, and the "
+                            rf"folder is free for a new run", str(e.value.code)).group(1))
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["metrics.diverged.jsonl"]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.diverged.jsonl")]
+    assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, step))  # the steps that were finite
+    assert all(math.isfinite(r["train_loss"]) for r in rows if "train_loss" in r) and rows[-1] == dict(
+        step=step, diverged=True)
+    with pytest.raises(SystemExit, match="no checkpoint in .*: the run there diverged .see its metrics.diverged"):
+        tl.main(["--resume", "--out-dir", str(tmp_path)])
+    assert tl.main(common + ["--lr", "1e-3"])["steps"] == 6  # the corrected command, in the same folder
+
+
 def test_a_run_that_fails_before_its_first_step_leaves_nothing_behind(corpus, tmp_path):
     # an empty train shard: the run fails at its first batch, after metrics.jsonl was opened
     bad = tmp_path / "bad"
@@ -1016,6 +1038,18 @@ def test_compare_of_a_single_run_prints_its_table(corpus, tmp_path, capsys):
     bench.main(["compare", *SMALL, "--max-steps", "3", "--data", corpus, "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| optimizer | lr | seeds | val loss |" in out and "\n| adamw | 0.003 | 1 | " in out
+
+
+def test_compare_goes_on_past_a_diverged_run_and_names_it_below_its_table(corpus, tmp_path, capsys):
+    """An lr sweep whose largest lr diverges still tabulates the others (no traceback, no NaN row)."""
+    results = bench.main(["compare", *SMALL, "--max-steps", "3", "--data", corpus, "--out-dir", str(tmp_path),
+                          "--lr-sweep", "1,1e11"])
+    assert [r["lr"] for r in results] == [3e-3]
+    out = capsys.readouterr().out
+    assert "adamw seed 0 lr 3e+08: diverged at step 2 of 3 (a non-finite loss or gradient)" in out  # as it happens
+    row, below = out.split("\n| adamw | 0.003 | 1 | ")[1].split("\n", 1)
+    assert "nan" not in out and below == "diverged, so not in the table: adamw seed 0 lr 3e+08 at step 2\n"
+    assert (tmp_path / "adamw-lr3e+08-seed0" / "metrics.diverged.jsonl").exists()
 
 
 def test_compare_lr_sweep_names_runs_and_keeps_each_best_lr(corpus, tmp_path, capsys):

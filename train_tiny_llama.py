@@ -17,6 +17,8 @@ Without --data it writes the documentation every Python ships as C4-format
 shards into --cache-dir, once, and trains from them through the same loader a
 real C4 run uses; nothing is downloaded. A run lives in --out-dir (ckpt.pt,
 metrics.jsonl); a run already there is continued with --resume, never overwritten.
+A run that diverges (a NaN or Inf loss or gradient) stops, saving nothing, and renames
+them *.diverged.*: the same command with a lower --lr then starts in that folder.
 On a terminal the steps show as a progress bar (loss, elapsed time, ETA); piped or
 in a log file, as plain lines.
 """
@@ -133,7 +135,8 @@ def run_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of the peak lr")
     s.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and optimizer randomness")
     c = p.add_argument_group("output and checkpoints")
-    c.add_argument("--out-dir", default="out", help="this run's folder: ckpt.pt and metrics.jsonl")
+    c.add_argument("--out-dir", default="out", help="this run's folder: ckpt.pt and metrics.jsonl (a run that "
+                   "diverges renames them ckpt.diverged.pt and metrics.diverged.jsonl)")
     c.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint, "
                    "with the settings saved there (a flag given with another value is refused; a folder without "
                    "a checkpoint too)")
@@ -521,16 +524,27 @@ def train_step(run: Run, batches) -> tuple[float, torch.Tensor]:
             loss = loss / args.grad_accum
         run.scaler.scale(loss).backward()  # --layerwise: every parameter is updated in here
         loss_sum += loss.detach()
-    run.step += 1
-    if args.layerwise:
-        return lr, loss_sum
-    if args.grad_clip > 0:
+    norm = None
+    if args.grad_clip > 0 and not args.layerwise:
         run.scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-    run.timed(run.scaler.step, opt)
-    run.scaler.update()
-    opt.zero_grad(set_to_none=True)
+        norm = nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    check_finite(run, loss_sum, norm)
+    if not args.layerwise:  # (--layerwise: every parameter was updated in backward)
+        run.timed(run.scaler.step, opt)
+        run.scaler.update()
+        opt.zero_grad(set_to_none=True)
+    run.step += 1
     return lr, loss_sum
+
+def check_finite(run: Run, loss: torch.Tensor, norm: Optional[torch.Tensor]) -> None:
+    """Stop a diverged run before the update: a NaN or Inf loss or gradient norm (the one --grad-clip
+    computes; without it the low-rank optimizers check every gradient themselves, and a non-finite
+    one in torch's shows in the next loss). One number is read per step; under a GradScaler (fp16)
+    an Inf gradient only skips the step, so the loss alone counts there."""
+    if norm is not None and not run.scaler.is_enabled():
+        loss = loss + (norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # --fsdp: a DTensor
+    if agree(not math.isfinite(loss.item()), run.dist):  # every rank stops at the same step
+        raise Diverged(run.step + 1)
 
 @torch.no_grad()
 def evaluate(run: Run, val: list) -> float:
@@ -656,6 +670,9 @@ def nothing_to_resume(out: Path) -> str:
     if (out / "metrics.jsonl").exists():
         return (f"--resume: no checkpoint in {out}: nothing to continue (its metrics.jsonl is of a run that saved "
                 "none); delete that file or choose another --out-dir to start a new run")
+    if (out / "metrics.diverged.jsonl").exists():
+        return (f"--resume: no checkpoint in {out}: the run there diverged (see its metrics.diverged.jsonl); start "
+                "a new run there without --resume, with a lower --lr")
     return (f"--resume: no checkpoint in {out}: nothing to continue; check --out-dir, or start a new run without "
             "--resume")
 
@@ -672,6 +689,26 @@ def continue_command(args) -> str:
 
 class Stopped(KeyboardInterrupt):
     """The first Ctrl-C: the run stopped cleanly at a step, with a checkpoint."""
+
+class Diverged(Exception):
+    """A non-finite loss or gradient at step ``step``: the run stopped there, saving nothing."""
+    def __init__(self, step: int, message: str = ""):
+        super().__init__(message or f"diverged at step {step}")
+        self.step = step
+
+def set_aside_diverged_run(args, step: int) -> str:
+    """A diverged run leaves no run in --out-dir: its metrics.jsonl, and a checkpoint saved before (which
+    would diverge again, and a resume may not lower --lr), are renamed *.diverged.*, replacing those of an
+    earlier divergence, so that the same command with a lower --lr starts there anew. Returns the message."""
+    out, kept = Path(args.out_dir), []
+    for name, aside in (("metrics.jsonl", "metrics.diverged.jsonl"), ("ckpt.pt", "ckpt.diverged.pt")):
+        if (out / name).exists():
+            os.replace(out / name, out / aside)
+            kept.append(str(out / aside))
+    what = ("this run's log is kept as " + kept[0] if len(kept) == 1 else
+            f"this run's log and last checkpoint are kept as {' and '.join(kept)}" if kept else "nothing was kept")
+    return (f"diverged at step {step} of {args.max_steps} (a non-finite loss or gradient): lower --lr; {what}, "
+            "and the folder is free for a new run")
 
 def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
     """Everything an exact resume needs (the data position of every rank too);
@@ -805,7 +842,10 @@ def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dic
     try:
         with stop_on_first_ctrl_c() as stop_requested:
             while run.step < stop_at and not agree(stop_requested(), dist):
-                lr, loss = train_step(run, run.batches)
+                try:
+                    lr, loss = train_step(run, run.batches)
+                except la.NonFiniteGradientError:  # the optimizer's own check (--grad-clip 0 leaves it the gradients)
+                    raise Diverged(run.step + 1) from None
                 if run.bar is not None:
                     run.bar.update()
                 if run.step % args.log_interval == 0 or run.step == args.max_steps:
@@ -817,6 +857,11 @@ def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dic
                 if on_step is not None:
                     on_step(run)
             interrupted = agree(stop_requested(), dist)
+    except Diverged as e:  # nothing is saved: the weights are not finite, or about to be
+        log(metrics, step=e.step, diverged=True)
+        if metrics is not None:
+            metrics.close()
+        raise Diverged(e.step, set_aside_diverged_run(args, e.step) if dist.master else "") from None
     finally:  # the bar ends here, also on an error or a second Ctrl-C: what follows prints as lines
         if run.bar is not None:
             run.bar.close()
@@ -988,6 +1033,10 @@ def main(argv=None) -> dict:
     except llama_c4.DataError as e:  # the training stream ran dry
         remove_untrained_run(args, out_existed, dist)
         fail(str(e))
+    except Diverged as e:  # rank 0 says what it set aside
+        if dist.master:
+            fail(str(e))
+        sys.exit(1)
     except BaseException:
         remove_untrained_run(args, out_existed, dist)
         raise
