@@ -179,13 +179,19 @@ def compare(argv: list[str]) -> list[dict]:
         tl.resume_checkpoint(args)  # refuses a mismatched resume now, not after hours of other runs
     dist = tl.setup_distributed(runs[0])
     data, val = tl.load_data(runs[0], tokenizer, dist)
-    results = []
+    results, diverged = [], []
     try:
         with Progress(len(runs), "run", "compare", shown=dist.master) as progress:
             for args in runs:
                 progress.start(f"{args.optimizer} seed {args.seed} lr {args.lr:g}")
                 ckpt = tl.resume_checkpoint(args)
-                results.append(tl.train(args, data, val, dist, ckpt))
+                try:
+                    results.append(tl.train(args, data, val, dist, ckpt))
+                except tl.Diverged as e:  # an lr too large (a sweep's largest, say): the other runs go on
+                    diverged.append(f"{args.optimizer} seed {args.seed} lr {args.lr:g} at step {e.step}")
+                    if dist.master:
+                        progress.write(f"{args.optimizer} seed {args.seed} lr {args.lr:g}: {e}")
+                    continue
                 if dist.master:
                     saved = " (complete before: the saved result)" if ckpt is not None and ckpt["result"] else ""
                     progress.write(tl.describe(results[-1]) + saved)
@@ -196,8 +202,12 @@ def compare(argv: list[str]) -> list[dict]:
     if dist.master:
         if skipped := data.stats.report():
             print(skipped)
-        if len(results) > 1:
+        if results:
             print(summarize(results))
+        if diverged:
+            print(f"diverged, so not in the table: {', '.join(diverged)}")
+        if not results:
+            tl.fail("every run diverged: lower --lr")
         (Path(own.out_dir) / "results.json").write_text(json.dumps(results, indent=1))
         if own.plot:
             for path in make_plots(Path(own.out_dir)):
@@ -266,14 +276,15 @@ def steps(argv: list[str]) -> str:
     if own.steps < 1:
         tl.fail(f"--steps {own.steps}: must be an integer >= 1")
     runs = [tl.parse_args([*rest, "--optimizer", spec]) for spec in own.optimizer.split(",")]
-    device = torch.device("cuda" if runs[0].device == "auto" and torch.cuda.is_available() else
-                          "cpu" if runs[0].device == "auto" else runs[0].device)
-    tl.set_threads(runs[0], device.type)
+    common = tl.parse_args(rest)  # the flags every run shares, --rank resolved (adapprox alone may leave it unset)
+    device = torch.device("cuda" if common.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if common.device == "auto" else common.device)
+    tl.set_threads(common, device.type)
     with Progress(1 + len(runs), "measurement", "steps") as progress:
-        progress.start(f"build the {runs[0].model} model and its random gradients")
-        torch.manual_seed(runs[0].seed)
-        model = tl.build_model(runs[0], 320, device)
-        groups = la.lowrank_groups(model, runs[0].rank)
+        progress.start(f"build the {common.model} model and its random gradients")
+        torch.manual_seed(common.seed)
+        model = tl.build_model(common, 320, device)
+        groups = la.lowrank_groups(model, common.rank)
         params = [p for g in groups for p in g["params"]] if own.all_params else groups[-1]["params"]
         grads = [torch.randn_like(p) * 1e-3 for p in params]
         rows, gap = {}, None
@@ -281,7 +292,7 @@ def steps(argv: list[str]) -> str:
             progress.start(f"{args.optimizer}: {own.steps + 2} step() calls")
             rows[args.optimizer], gap = time_optimizer(args, own, groups, params, grads, device)
     what = f"all {len(params)} tensors" if own.all_params else f"the {len(params)} attn/mlp matrices"
-    return steps_table(rows, runs[0], what, device, own.steps, gap)
+    return steps_table(rows, common, what, device, own.steps, gap)
 
 def time_optimizer(args, own, groups, params, grads, device) -> tuple[tuple, int]:
     """steps' measurement of one optimizer: (normal, first, refresh, amortized ms), and its refresh gap.
@@ -293,7 +304,8 @@ def time_optimizer(args, own, groups, params, grads, device) -> tuple[tuple, int
     kwargs.update(lr=1e-5, **({"update_proj_gap": own.steps + 1} if refreshes else {}),
                   **({"foreach": True} if recipe.cls is torch.optim.AdamW else {}))
     lowrank = groups if own.all_params else [{"params": params, "rank": args.rank}]
-    opt = recipe.cls(lowrank if recipe.lowrank else params, **kwargs)
+    capped = [{"params": params, "rank": tl.rank_cap(args)}] if tl.rank_cap(args) is not None else params  # adapprox
+    opt = recipe.cls(lowrank if recipe.lowrank else capped, **kwargs)
     first, *normal = time_steps(opt, params, grads, own.steps + 1, device)
     normal_ms = 1e3 * statistics.median(normal)
     refresh_ms = 1e3 * time_steps(opt, params, grads, 1, device)[0] if refreshes else None  # step steps+2
@@ -1129,7 +1141,10 @@ def main(argv=None):
         return None
     if argv[0] not in commands:
         tl.fail(f"unknown command {argv[0]!r}: choose from {', '.join(commands)} (see python bench.py --help)")
-    return commands[argv[0]](argv[1:])
+    try:
+        return commands[argv[0]](argv[1:])
+    except tl.Diverged as e:  # a run of sketch or subspaces (compare goes on past one)
+        tl.fail(str(e))
 
 if __name__ == "__main__":
     main()

@@ -203,7 +203,7 @@ class DataStats:
     bad_shards: int = 0  # unreadable / truncated files, each reported once
     lines_seen: dict = field(default_factory=dict)  # shard -> lines counted so far
     lines_read: int = 0  # every line decompressed, also those a resume skips
-    warned: set = field(default_factory=set)  # shards already reported unreadable
+    warned: dict = field(default_factory=dict)  # shard -> its read error, reported once
 
     def report(self) -> Optional[str]:
         if self.bad_lines or self.no_text or self.bad_shards:
@@ -227,6 +227,16 @@ def find_shards(spec: str) -> tuple[list[Path], list[Path]]:
         raise FileNotFoundError(f"--data {spec}: no C4 shards ({', '.join(SHARD_PATTERNS)}) found there")
     val = [f for f in files if "validation" in f.name]
     return [f for f in files if f not in val], val
+
+
+def unreadable(files: list[Path], stats: DataStats, split: str) -> Optional[str]:
+    """If not one of ``files`` (the ``split`` shards) gave a line, each failing as it was opened or decompressed
+    (a file that is not gzip, say), what to say: the files, their errors and what a shard must be. Else None."""
+    if not files or any(f not in stats.warned or stats.lines_seen.get(f, 0) for f in files):
+        return None
+    errors = "; ".join(f"{f.name}: {stats.warned[f]}" for f in files[:3]) + ("; ..." if len(files) > 3 else "")
+    return (f"the {split} shards cannot be read ({len(files)}: {errors}): a shard must be gzip-compressed JSON lines "
+            "(.json.gz, .jsonl.gz) or plain JSON lines (.json, .jsonl), one document a line")
 
 
 def read_documents(files: list[Path], stats: DataStats, pos: Optional[dict] = None) -> Iterator[str]:
@@ -259,7 +269,7 @@ def read_documents(files: list[Path], stats: DataStats, pos: Optional[dict] = No
                     yield text
         except (OSError, EOFError, zlib.error) as e:
             if f not in stats.warned:
-                stats.warned.add(f)
+                stats.warned[f] = getattr(e, "strerror", None) or str(e)
                 stats.bad_shards += 1
                 print(f"warning: skipping the rest of {f} after line {i + 1}: {e}", file=sys.stderr)
         pos["file"], pos["line"] = pos["file"] + 1, 0
@@ -291,6 +301,8 @@ class TokenStream:
 
     def why_empty(self, documents: int, mine: int, skipped: list[int]) -> str:
         """What the training shards held, and why it gives no sequence."""
+        if why := unreadable(self.files, self.stats, "training"):
+            return why
         names = ", ".join(f.name for f in self.files[:3]) + (", ..." if len(self.files) > 3 else "")
         found = f"the training shards ({len(self.files)}: {names}) hold {documents} usable documents"
         if any(skipped):
@@ -459,6 +471,8 @@ class C4Data:
         files, keep = (self.train_files, self.held_out) if self.holdout else (self.val_files, lambda i: True)
         seqs = TokenStream(files, self.tokenizer, self.seq_len, keep=keep, stats=self.stats, epochs=1)
         out = [b for _, b in zip(range(count), batched(iter(seqs), batch_size))]
+        if not out and (why := unreadable(files, self.stats, "training" if self.holdout else "validation")):
+            raise DataError(why)
         if not out and self.holdout:
             raise DataError(f"the held-out validation set is empty: with no c4-validation.* shard every "
                             f"{HOLDOUT_EVERY}th document is held out, and {self.stats.documents} documents give no "

@@ -421,6 +421,43 @@ def test_an_existing_run_is_never_overwritten(corpus, tmp_path):
         tl.main(common)
 
 
+def test_resume_without_a_checkpoint_is_refused_and_touches_nothing(corpus, tmp_path, capsys):
+    """--resume into a mistyped --out-dir (or a run that saved no checkpoint) must not train a new run there."""
+    typo = tmp_path / "typo"
+    with pytest.raises(SystemExit, match=rf"--resume: no checkpoint in {re.escape(str(typo))}: nothing to "
+                                         r"continue; check --out-dir, or start a new run without --resume"):
+        tl.main(SMALL + ["--data", corpus, "--resume", "--out-dir", str(typo)])
+    assert not typo.exists() and capsys.readouterr().out == ""
+    typo.mkdir()
+    (typo / "metrics.jsonl").write_text('{"step": 0}\n')  # a run that died before its first checkpoint
+    with pytest.raises(SystemExit, match="--resume: no checkpoint in"):
+        tl.main(SMALL + ["--data", corpus, "--resume", "--out-dir", str(typo)])
+    assert [f.name for f in typo.iterdir()] == ["metrics.jsonl"]
+    assert (typo / "metrics.jsonl").read_text() == '{"step": 0}\n'
+
+
+@pytest.mark.parametrize("flags", [["--optimizer", "adamw"], ["--optimizer", "galore"],
+                                   ["--optimizer", "galore", "--grad-clip", "0"]],  # no norm: galore's own check
+                         ids=["adamw", "galore", "galore-no-clipping"])
+def test_a_diverging_run_stops_at_once_and_the_same_command_with_a_lower_lr_starts_anew(flags, corpus, tmp_path):
+    """--lr 1e9 stops at the first non-finite loss or gradient with one line, saving nothing; its log is kept
+    aside, so the folder takes the same command with a lower --lr without --resume."""
+    common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--log-interval", "1", *flags]
+    with pytest.raises(SystemExit) as e:
+        tl.main(common + ["--lr", "1e9"])
+    step = int(re.fullmatch(rf"error: diverged at step (\d+) of 6 \(a non-finite loss or gradient\): lower --lr; "
+                            rf"this run's log is kept as {re.escape(str(tmp_path))}/metrics.diverged.jsonl, and the "
+                            rf"folder is free for a new run", str(e.value.code)).group(1))
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["metrics.diverged.jsonl"]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.diverged.jsonl")]
+    assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, step))  # the steps that were finite
+    assert all(math.isfinite(r["train_loss"]) for r in rows if "train_loss" in r) and rows[-1] == dict(
+        step=step, diverged=True)
+    with pytest.raises(SystemExit, match="no checkpoint in .*: the run there diverged .see its metrics.diverged"):
+        tl.main(["--resume", "--out-dir", str(tmp_path)])
+    assert tl.main(common + ["--lr", "1e-3"])["steps"] == 6  # the corrected command, in the same folder
+
+
 def test_a_run_that_fails_before_its_first_step_leaves_nothing_behind(corpus, tmp_path):
     # an empty train shard: the run fails at its first batch, after metrics.jsonl was opened
     bad = tmp_path / "bad"
@@ -456,6 +493,29 @@ def test_unusable_training_data_is_described_per_split_with_what_was_skipped(tmp
     with pytest.raises(SystemExit, match=r"hold 2 usable documents; the 2 of them for rank 0 give no sequence of "
                                          r"513 tokens: use more data or a shorter --seq-len"):
         tl.main(SMALL + ["--data", str(tmp_path), "--out-dir", str(tmp_path / "out"), "--seq-len", "512"])
+
+
+
+def test_shards_that_cannot_be_read_are_named_as_the_problem(tmp_path):
+    """Shards that are not gzip (or cannot be read at all) are named with their error, not given --seq-len advice."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for split in ("train", "validation"):
+        (bad / f"c4-{split}.00000-of-00001.json.gz").write_text('{"text": "plain text, not gzip"}\n')
+    message = (r"error: the {} shards cannot be read \(1: c4-{}\.00000-of-00001\.json\.gz: Not a gzipped file "
+               r"\(b'{{\"'\)\): a shard must be gzip-compressed JSON lines \(\.json\.gz, \.jsonl\.gz\) or plain JSON "
+               r"lines \(\.json, \.jsonl\), one document a line")
+    # every shard (the validation pass reads first), then the training shard alone (its held-out documents)
+    for data, split, name in [("*", "validation", "validation"), ("c4-train.*", "training", "train")]:
+        with pytest.raises(SystemExit) as e:
+            tl.main(SMALL + ["--data", str(bad / data), "--out-dir", str(tmp_path / "out")])
+        assert re.fullmatch(message.format(split, name), str(e.value.code)), e.value.code
+        assert not (tmp_path / "out").exists()
+    write_shard(bad / "c4-validation.00000-of-00001.json.gz", docs("val", 64))  # only the training shard is bad
+    with pytest.raises(SystemExit) as e:
+        tl.main(SMALL + ["--data", str(bad), "--out-dir", str(tmp_path / "out")])
+    assert re.fullmatch(message.format("training", "train"), str(e.value.code)), e.value.code
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_resume_with_other_settings_is_refused_naming_them(corpus, tmp_path):
@@ -508,6 +568,7 @@ BAD_FLAGS = [  # every flag's bad values: one clear line each
     (["--optimizer", "galore", "--rank", "1000"], "--rank 1000: larger than 64, the short side of the tiny model's "
                                                   "attn/mlp matrices; use at most 64"),
     (["--optimizer", "ldadam", "--rank", "65"], "--rank 65: larger than 64"),
+    (["--optimizer", "adapprox", "--rank", "65"], "--rank 65: larger than 64"),
     (["--warmup-steps", "500", "--max-steps", "20"], "--warmup-steps 500 with --max-steps 20: the lr would never "
                                                       "reach its peak"),
     (["--warmup-steps", "20", "--max-steps", "20"], "--warmup-steps 20 with --max-steps 20"),
@@ -892,6 +953,25 @@ def test_flags_reach_the_optimizer(argv, expected):
         assert group["seed"] == 3  # seeds Adapprox's sketches and GaLore's random subspaces
 
 
+def test_rank_caps_the_rank_of_every_adapprox_matrix_unless_k_max_frac_is_given(corpus, tmp_path):
+    """--rank reaches Adapprox as a group rank, the largest rank of every matrix it factors (the same matrices,
+    in the same order, as without --rank); --k-max-frac, Adapprox's own flag, wins over it."""
+    def largest_ranks(*flags):  # before the first step, ranks() gives each factored matrix's k_max
+        args = tl.parse_args(["--optimizer", "adapprox", *flags])
+        opt = tl.build_optimizer(args, tl.build_model(args, vocab_size=64, device="meta"))
+        return opt.ranks()
+    default = largest_ranks()
+    assert len(default) == 4 * 7 + 2 and set(default) == {16}  # attn/mlp, embedding and LM head: a quarter of 64
+    assert largest_ranks("--rank", "8") == [8] * len(default)
+    assert largest_ranks("--rank", "8", "--k-max-frac", "0.5") == [32] * len(default)
+    help_text = " ".join(tl.build_parser().format_help().split())
+    assert ("adapprox: the cap of every matrix's adaptive rank, unless --k-max-frac is given); unset: hidden/4 "
+            "(adapprox: --k-max-frac's cap)") in help_text
+    result = tl.main(SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adapprox", "--rank", "4",
+                              "--max-steps", "3"])
+    assert len(result["ranks"]) == len(default) and max(result["ranks"].values()) <= 4
+
+
 def test_a_new_optimizer_is_one_recipe(corpus, tmp_path, monkeypatch):
     """How Adafactor or a GaLore subspace variant will join: one entry, its options from the flags by name."""
     monkeypatch.setitem(tl.OPTIMIZERS, "sgd", tl.Recipe(torch.optim.SGD, 0.05, variants={
@@ -952,6 +1032,24 @@ def test_compare_tabulates_and_a_resumed_compare_reports_finished_runs(corpus, t
     assert json.load(open(tmp_path / "results.json"))[0]["optimizer"] == "adamw"
     again = bench.main(args + ["--resume"])  # a finished run must not report "0 tokens/s, step() nan ms"
     assert again == results and capsys.readouterr().out.count("(complete before: the saved result)") == 4
+
+
+def test_compare_of_a_single_run_prints_its_table(corpus, tmp_path, capsys):
+    bench.main(["compare", *SMALL, "--max-steps", "3", "--data", corpus, "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| optimizer | lr | seeds | val loss |" in out and "\n| adamw | 0.003 | 1 | " in out
+
+
+def test_compare_goes_on_past_a_diverged_run_and_names_it_below_its_table(corpus, tmp_path, capsys):
+    """An lr sweep whose largest lr diverges still tabulates the others (no traceback, no NaN row)."""
+    results = bench.main(["compare", *SMALL, "--max-steps", "3", "--data", corpus, "--out-dir", str(tmp_path),
+                          "--lr-sweep", "1,1e11"])
+    assert [r["lr"] for r in results] == [3e-3]
+    out = capsys.readouterr().out
+    assert "adamw seed 0 lr 3e+08: diverged at step 2 of 3 (a non-finite loss or gradient)" in out  # as it happens
+    row, below = out.split("\n| adamw | 0.003 | 1 | ")[1].split("\n", 1)
+    assert "nan" not in out and below == "diverged, so not in the table: adamw seed 0 lr 3e+08 at step 2\n"
+    assert (tmp_path / "adamw-lr3e+08-seed0" / "metrics.diverged.jsonl").exists()
 
 
 def test_compare_lr_sweep_names_runs_and_keeps_each_best_lr(corpus, tmp_path, capsys):

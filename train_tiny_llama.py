@@ -17,6 +17,8 @@ Without --data it writes the documentation every Python ships as C4-format
 shards into --cache-dir, once, and trains from them through the same loader a
 real C4 run uses; nothing is downloaded. A run lives in --out-dir (ckpt.pt,
 metrics.jsonl); a run already there is continued with --resume, never overwritten.
+A run that diverges (a NaN or Inf loss or gradient) stops, saving nothing, and renames
+them *.diverged.*: the same command with a lower --lr then starts in that folder.
 On a terminal the steps show as a progress bar (loss, elapsed time, ETA); piped or
 in a log file, as plain lines.
 """
@@ -98,8 +100,9 @@ def optimizer_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--beta1", type=float, default=0.9, help="Adam β1")
     o.add_argument("--beta2", type=float, default=0.999, help="Adam β2")
     o.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
-    o.add_argument("--rank", type=int, help="rank of the attn/mlp matrices (adaptive: the average; adapprox: unused, see "
-                   "--k-max-frac); unset: hidden/4")
+    o.add_argument("--rank", type=int, help="rank of the attn/mlp matrices (adaptive: the average; adapprox: the "
+                   "cap of every matrix's adaptive rank, unless --k-max-frac is given); unset: hidden/4 (adapprox: "
+                   "--k-max-frac's cap)")
     # The flags below reach the optimizers with a keyword argument of that name; unset, their own default applies.
     G, A = la.GaLoreAdamW, la.Adapprox
     unset = lambda cls, name: f"; unset: {inspect.signature(cls).parameters[name].default}"
@@ -117,7 +120,8 @@ def optimizer_flags(p: argparse.ArgumentParser) -> None:
     d.add_argument("--error-dtype", choices=["fp32", "bf16"], help="error-feedback buffer dtype; unset: float32 "
                    "(float64 for a float64 model)")
     x = p.add_argument_group("adapprox")
-    x.add_argument("--k-max-frac", type=float, help="largest rank / min(m, n)" + unset(A, "k_max_frac"))
+    x.add_argument("--k-max-frac", type=float, help="largest rank / min(m, n), in place of --rank" +
+                   unset(A, "k_max_frac"))
     x.add_argument("--err-tol", type=float, help="relative error target of the rank rule" + unset(A, "err_tol"))
     x.add_argument("--rank-init", type=int, help="initial rank; unset: the largest")
     x.add_argument("--clip-threshold", type=float, help="update clipping d, 0 = off" + unset(A, "clip_threshold"))
@@ -131,9 +135,11 @@ def run_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of the peak lr")
     s.add_argument("--seed", type=int, default=0, help="seed of the weights, the data order and optimizer randomness")
     c = p.add_argument_group("output and checkpoints")
-    c.add_argument("--out-dir", default="out", help="this run's folder: ckpt.pt and metrics.jsonl")
+    c.add_argument("--out-dir", default="out", help="this run's folder: ckpt.pt and metrics.jsonl (a run that "
+                   "diverges renames them ckpt.diverged.pt and metrics.diverged.jsonl)")
     c.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its checkpoint, "
-                   "with the settings saved there (a flag given with another value is refused)")
+                   "with the settings saved there (a flag given with another value is refused; a folder without "
+                   "a checkpoint too)")
     c.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N steps; unset: at --max-steps")
     c.add_argument("--save-interval", type=int, default=0, help="also checkpoint every N steps (0 = only at the end)")
     c.add_argument("--eval-interval", type=int, default=100, help="steps between validation evaluations")
@@ -195,8 +201,10 @@ def parse_args(argv=None, saved: Optional[dict] = None) -> argparse.Namespace:
         fail(f"--warmup-steps {args.warmup_steps} with --max-steps {args.max_steps}: the lr would never reach its "
              "peak; use fewer warmup steps than --max-steps")
     try:
-        args.lr = args.lr or OPTIMIZERS[parse_optimizer(args.optimizer)[0]].lr
-        args.rank = args.rank or MODEL_SHAPES[args.model][0] // 4
+        recipe = OPTIMIZERS[parse_optimizer(args.optimizer)[0]]
+        args.lr = args.lr or recipe.lr
+        if args.rank is None and recipe.lowrank is not None:  # (adapprox: unset, its rank cap is --k-max-frac's)
+            args.rank = MODEL_SHAPES[args.model][0] // 4
         model = build_model(args, vocab_size=64, device="meta")
         check_rank(args, model)
         build_optimizer(args, model)  # its own checks, allocating nothing
@@ -209,9 +217,9 @@ def parse_args(argv=None, saved: Optional[dict] = None) -> argparse.Namespace:
     return args
 
 def check_rank(args, model: nn.Module) -> None:
-    """--rank must fit every matrix it projects: a larger one would be cut to the matrix's short side,
-    where the projected state is larger than AdamW's."""
-    if not OPTIMIZERS[parse_optimizer(args.optimizer)[0]].lowrank:
+    """--rank must fit every matrix it projects (or caps, in Adapprox): a larger one would be cut to the
+    matrix's short side, where the projected state is larger than AdamW's."""
+    if not OPTIMIZERS[parse_optimizer(args.optimizer)[0]].lowrank and rank_cap(args) is None:
         return
     side = min(min(p.shape) for g in la.lowrank_groups(model, args.rank) if g["rank"] is not None for p in g["params"])
     if args.rank > side:
@@ -293,10 +301,12 @@ def build_model(args, vocab_size: int, device="cpu") -> llama_c4.Llama:
 @dataclass
 class Recipe:
     """An --optimizer name: the class, its default lr, whether it takes lowrank_groups (rank groups
-    for the attn/mlp matrices) or all parameters alike, and the options each :KIND or +SWITCH sets."""
+    for the attn/mlp matrices) or all parameters alike, and the options each :KIND or +SWITCH sets.
+    ``lowrank=None`` (Adapprox): all parameters in one group whose ``rank`` is --rank, which caps every
+    matrix's rank in place of k_max_frac, if --rank is given and --k-max-frac (its own flag) is not."""
     cls: type
     lr: float  # default peak lr, tuned on the tiny config
-    lowrank: bool = False
+    lowrank: Optional[bool] = False
     variants: dict = field(default_factory=dict)  # ":kind" or "+switch" -> options
 
     def describe(self, name: str) -> str:  # e.g. adaptive[:gap|combined|...][+residual][+noresidual]
@@ -355,10 +365,11 @@ OPTIMIZERS = {
                        variants={**{f":{m}": {"rank_metric": m} for m in sorted(la.RANK_METRICS)}, **RESIDUAL,
                                  **REFRESH}),
     "ldadam": Recipe(la.LDAdam, 3e-3, lowrank=True, variants={"+noef": {"error_feedback": False}}),
-    "adapprox": Recipe(la.Adapprox, 3e-3, variants={"+nomoment": {"betas": (0.0, 0.999)},  # no first moment
-                                                    "+cold": {"warm_start": False, "power_iters": 5},
-                                                    "+noscaling": {"row_col_scaling": False},  # V factored as is
-                                                    "+float32": {"factor_dtype": "float32"}}),  # V in float32
+    "adapprox": Recipe(la.Adapprox, 3e-3, lowrank=None,  # --rank: one group, capping every matrix's rank
+                       variants={"+nomoment": {"betas": (0.0, 0.999)},  # no first moment
+                                 "+cold": {"warm_start": False, "power_iters": 5},
+                                 "+noscaling": {"row_col_scaling": False},  # V factored as is
+                                 "+float32": {"factor_dtype": "float32"}}),  # V in float32
     "adafactor": Recipe(torch.optim.Adafactor, 1e-2),  # torch's; its lr is relative to the weights' RMS
 }
 if hasattr(torch.optim, "Muon"):  # torch >= 2.9
@@ -396,7 +407,11 @@ def optimizer_options(args) -> tuple[Recipe, dict]:
 def build_optimizer(args, model: nn.Module, zero: bool = False) -> torch.optim.Optimizer:
     """--optimizer for ``model``; ``zero``: wrapped in ZeroRedundancyOptimizer (under torchrun)."""
     recipe, kwargs = optimizer_options(args)
-    cls, params = recipe.cls, la.lowrank_groups(model, args.rank) if recipe.lowrank else list(model.parameters())
+    cls, params = recipe.cls, list(model.parameters())
+    if recipe.lowrank:
+        params = la.lowrank_groups(model, args.rank)
+    elif rank_cap(args) is not None:  # Adapprox: the same matrices factored as without --rank, and in that order
+        params = [{"params": params, "rank": rank_cap(args)}]
     if args.layerwise and cls is torch.optim.AdamW:
         # torch's AdamW cannot step one parameter; GaLoreAdamW's groups without 'rank' get exactly its update
         cls = la.GaLoreAdamW
@@ -405,6 +420,12 @@ def build_optimizer(args, model: nn.Module, zero: bool = False) -> torch.optim.O
         from torch.distributed.optim import ZeroRedundancyOptimizer
         return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
     return cls(params, **kwargs)
+
+def rank_cap(args) -> Optional[int]:
+    """--rank where it caps the rank of every matrix (Adapprox, a recipe with lowrank=None): if it is
+    given and --k-max-frac is not (in a compare of several optimizers, --rank is for the others)."""
+    unset = args.rank is None or args.k_max_frac is not None
+    return None if unset or OPTIMIZERS[parse_optimizer(args.optimizer)[0]].lowrank is not None else args.rank
 
 def get_lr(it: int, base: float, warmup: int, max_steps: int, min_ratio: float) -> float:
     # 1) linear warmup
@@ -503,16 +524,27 @@ def train_step(run: Run, batches) -> tuple[float, torch.Tensor]:
             loss = loss / args.grad_accum
         run.scaler.scale(loss).backward()  # --layerwise: every parameter is updated in here
         loss_sum += loss.detach()
-    run.step += 1
-    if args.layerwise:
-        return lr, loss_sum
-    if args.grad_clip > 0:
+    norm = None
+    if args.grad_clip > 0 and not args.layerwise:
         run.scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-    run.timed(run.scaler.step, opt)
-    run.scaler.update()
-    opt.zero_grad(set_to_none=True)
+        norm = nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    check_finite(run, loss_sum, norm)
+    if not args.layerwise:  # (--layerwise: every parameter was updated in backward)
+        run.timed(run.scaler.step, opt)
+        run.scaler.update()
+        opt.zero_grad(set_to_none=True)
+    run.step += 1
     return lr, loss_sum
+
+def check_finite(run: Run, loss: torch.Tensor, norm: Optional[torch.Tensor]) -> None:
+    """Stop a diverged run before the update: a NaN or Inf loss or gradient norm (the one --grad-clip
+    computes; without it the low-rank optimizers check every gradient themselves, and a non-finite
+    one in torch's shows in the next loss). One number is read per step; under a GradScaler (fp16)
+    an Inf gradient only skips the step, so the loss alone counts there."""
+    if norm is not None and not run.scaler.is_enabled():
+        loss = loss + (norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # --fsdp: a DTensor
+    if agree(not math.isfinite(loss.item()), run.dist):  # every rank stops at the same step
+        raise Diverged(run.step + 1)
 
 @torch.no_grad()
 def evaluate(run: Run, val: list) -> float:
@@ -585,7 +617,7 @@ def ranked_parameter_names(run: Run) -> list[str]:
         return []
     names = {id(p): n for n, p in run.raw_model.named_parameters()}
     if isinstance(run.opt, la.Adapprox):
-        return [names[id(p)] for g in run.opt.param_groups for p in g["params"] if la.Adapprox.is_factored(p)]
+        return [names[id(p)] for g in run.opt.param_groups for p in g["params"] if la.Adapprox.is_factored(p, g)]
     return [names[id(p)] for g in run.opt.param_groups if g.get("rank") is not None for p in g["params"]]
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -602,7 +634,7 @@ def run_settings(args) -> dict:
     return {**vars(args), "processes": int(os.environ.get("WORLD_SIZE", 1))}
 
 def read_checkpoint(argv) -> Optional[dict]:
-    """With --resume, the checkpoint in --out-dir (None if there is none yet): its
+    """With --resume, the checkpoint in --out-dir (None if there is none, which main refuses): its
     settings become the defaults of the flags, so `--resume --out-dir X` alone continues X."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--resume", action="store_true")
@@ -633,6 +665,17 @@ def check_resume(args, ckpt: Optional[dict]) -> None:
         fail(f"--resume: {path} was made with other settings: {', '.join(changed)}. A resume may only change "
              f"{', '.join(flag(k) for k in RESUME_MAY_CHANGE[2:])}; start anything else in a new --out-dir")
 
+def nothing_to_resume(out: Path) -> str:
+    """Why --resume refuses a folder without a checkpoint (a mistyped --out-dir must not start a new run)."""
+    if (out / "metrics.jsonl").exists():
+        return (f"--resume: no checkpoint in {out}: nothing to continue (its metrics.jsonl is of a run that saved "
+                "none); delete that file or choose another --out-dir to start a new run")
+    if (out / "metrics.diverged.jsonl").exists():
+        return (f"--resume: no checkpoint in {out}: the run there diverged (see its metrics.diverged.jsonl); start "
+                "a new run there without --resume, with a lower --lr")
+    return (f"--resume: no checkpoint in {out}: nothing to continue; check --out-dir, or start a new run without "
+            "--resume")
+
 def resume_checkpoint(args) -> Optional[dict]:
     """read_checkpoint and check_resume for flags already parsed (bench.py compare's runs)."""
     ckpt = read_checkpoint(["--resume", "--out-dir", args.out_dir] if args.resume else [])
@@ -646,6 +689,26 @@ def continue_command(args) -> str:
 
 class Stopped(KeyboardInterrupt):
     """The first Ctrl-C: the run stopped cleanly at a step, with a checkpoint."""
+
+class Diverged(Exception):
+    """A non-finite loss or gradient at step ``step``: the run stopped there, saving nothing."""
+    def __init__(self, step: int, message: str = ""):
+        super().__init__(message or f"diverged at step {step}")
+        self.step = step
+
+def set_aside_diverged_run(args, step: int) -> str:
+    """A diverged run leaves no run in --out-dir: its metrics.jsonl, and a checkpoint saved before (which
+    would diverge again, and a resume may not lower --lr), are renamed *.diverged.*, replacing those of an
+    earlier divergence, so that the same command with a lower --lr starts there anew. Returns the message."""
+    out, kept = Path(args.out_dir), []
+    for name, aside in (("metrics.jsonl", "metrics.diverged.jsonl"), ("ckpt.pt", "ckpt.diverged.pt")):
+        if (out / name).exists():
+            os.replace(out / name, out / aside)
+            kept.append(str(out / aside))
+    what = ("this run's log is kept as " + kept[0] if len(kept) == 1 else
+            f"this run's log and last checkpoint are kept as {' and '.join(kept)}" if kept else "nothing was kept")
+    return (f"diverged at step {step} of {args.max_steps} (a non-finite loss or gradient): lower --lr; {what}, "
+            "and the folder is free for a new run")
 
 def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
     """Everything an exact resume needs (the data position of every rank too);
@@ -765,7 +828,7 @@ def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dic
             return ckpt["result"]
         if dist.master:
             say(f"resumed from step {run.step} of {args.max_steps}")
-    elif args.resume and dist.master:
+    elif args.resume and dist.master:  # (bench.py compare --resume: a run not begun yet; main refuses this)
         say(f"--resume: no checkpoint in {args.out_dir} yet, so the run starts there")
     run.batches = llama_c4.Prefetch(batches)  # tokenized ahead, in a background thread
     metrics = open_metrics(Path(args.out_dir) / "metrics.jsonl", run.step, dist.master)
@@ -779,7 +842,10 @@ def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dic
     try:
         with stop_on_first_ctrl_c() as stop_requested:
             while run.step < stop_at and not agree(stop_requested(), dist):
-                lr, loss = train_step(run, run.batches)
+                try:
+                    lr, loss = train_step(run, run.batches)
+                except la.NonFiniteGradientError:  # the optimizer's own check (--grad-clip 0 leaves it the gradients)
+                    raise Diverged(run.step + 1) from None
                 if run.bar is not None:
                     run.bar.update()
                 if run.step % args.log_interval == 0 or run.step == args.max_steps:
@@ -791,6 +857,11 @@ def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dic
                 if on_step is not None:
                     on_step(run)
             interrupted = agree(stop_requested(), dist)
+    except Diverged as e:  # nothing is saved: the weights are not finite, or about to be
+        log(metrics, step=e.step, diverged=True)
+        if metrics is not None:
+            metrics.close()
+        raise Diverged(e.step, set_aside_diverged_run(args, e.step) if dist.master else "") from None
     finally:  # the bar ends here, also on an error or a second Ctrl-C: what follows prints as lines
         if run.bar is not None:
             run.bar.close()
@@ -930,6 +1001,8 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     ckpt = read_checkpoint(argv)  # with --resume: the run's own settings are the defaults
     args = parse_args(argv, ckpt["settings"] if ckpt else None)  # every flag checked before data is read
+    if args.resume and ckpt is None:
+        fail(nothing_to_resume(Path(args.out_dir)))
     check_resume(args, ckpt)
     tokenizer = load_tokenizer(args)
     out_existed = Path(args.out_dir).exists()
@@ -960,6 +1033,10 @@ def main(argv=None) -> dict:
     except llama_c4.DataError as e:  # the training stream ran dry
         remove_untrained_run(args, out_existed, dist)
         fail(str(e))
+    except Diverged as e:  # rank 0 says what it set aside
+        if dist.master:
+            fail(str(e))
+        sys.exit(1)
     except BaseException:
         remove_untrained_run(args, out_existed, dist)
         raise
