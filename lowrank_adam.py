@@ -2067,6 +2067,27 @@ def _exchange(send: list[list[Tensor]], recv_numels: list[int], group, dtype: to
     return list(out.split(recv_numels))
 
 
+def _mesh_of(sharded: list[Tensor]):
+    """The one 1-D device mesh of the DTensor parameters ``sharded``; a 2-D
+    mesh (HSDP) or several meshes are refused."""
+    mesh = sharded[0].device_mesh
+    if mesh.ndim != 1:
+        raise NotImplementedError(f"lowrank_adam under FSDP2: parameters on one 1-D device mesh only; a {mesh.ndim}-D "
+                                  "mesh (HSDP, or sharding combined with another parallelism) is not supported. "
+                                  "Shard with fully_shard on a 1-D mesh (its default). Nothing was changed.")
+    if any(p.device_mesh != mesh for p in sharded):
+        raise NotImplementedError("lowrank_adam under FSDP2: parameters on one 1-D device mesh only; these are on "
+                                  "several meshes. Nothing was changed.")
+    return mesh
+
+
+def _stepped_whole(optimizer: Optimizer, p: Tensor, group: dict) -> bool:
+    """Whether FSDP2 steps ``p`` (of ``group``) whole on its owner rank, not
+    shard by shard: a sharded low-rank matrix, or any sharded parameter of
+    an optimizer whose dense step is not elementwise (Adapprox)."""
+    return _is_dtensor(p) and (group.get("rank") is not None or not getattr(optimizer, "_dense_elementwise", True))
+
+
 def _as_dtensor_like(v: Tensor, p: Tensor) -> Tensor:
     """``v``, this rank's shard, as a DTensor sharded like the parameter ``p``."""
     from torch.distributed.tensor import DTensor
@@ -2104,14 +2125,12 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
     parameter's gradient: the same step, with these collectives per parameter.
     """
     opt = optimizer
-    mesh = next(p.device_mesh for p, _, _ in items if _is_dtensor(p))
-    if mesh.ndim != 1 or any(_is_dtensor(p) and p.device_mesh != mesh for p, _, _ in items):
-        raise NotImplementedError("lowrank_adam under FSDP2: parameters on one 1-D device mesh only (no HSDP)")
+    mesh = _mesh_of([p for p, _, _ in items if _is_dtensor(p)])
     group, world, me = mesh.get_group(), mesh.size(), mesh.get_local_rank()
     device = next(p.device for p, _, _ in items if _is_dtensor(p))
 
-    def whole(p: Tensor, g: dict) -> bool:  # stepped whole on its owner, not shard by shard
-        return _is_dtensor(p) and (g.get("rank") is not None or not getattr(opt, "_dense_elementwise", True))
+    def whole(p: Tensor, g: dict) -> bool:
+        return _stepped_whole(opt, p, g)
 
     def local(t: Tensor) -> Tensor:
         return t.to_local() if _is_dtensor(t) else t

@@ -2080,7 +2080,7 @@ def test_fsdp2_two_dimensional_mesh_is_refused_before_anything_changes(fsdp2_pat
     # before a weight or a state changes.
     for r in fsdp2_paths:
         message, unchanged, states = r["2-D"]
-        assert message.startswith("NotImplementedError") and "1-D device mesh" in message, message
+        assert message.startswith("NotImplementedError") and "1-D device mesh only; a 2-D mesh" in message, message
         assert unchanged and states == 0
 
 
