@@ -626,6 +626,9 @@ class _Base(Optimizer):
                 f"{type(self).__name__}.load_state_dict: this state dict was written by "
                 f"{' or '.join(writers) if writers else 'another optimizer'} (its param groups hold "
                 f"{', '.join(sorted(foreign))}, which {type(self).__name__} does not have); nothing was loaded")
+        check = getattr(self, "_check_owner_layout", None)  # set by section 7: FSDP2's owner-rank states
+        if check is not None:
+            check(state_dict)
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # an option added since the state dict was written: its default
             for key, value in self.defaults.items():
@@ -2234,7 +2237,84 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
                     opt.state[p]["rank"] = int(k)
 
 
+_RESUME_PATHS = ("Checkpoint with the default (sharded) get_optimizer_state_dict / set_optimizer_state_dict of "
+                 "torch.distributed.checkpoint.state_dict on every rank, or with dcp.save / dcp.load, and resume "
+                 "on the same number of ranks with the same param groups")
+
+
+def _check_owner_layout(optimizer: Optimizer, state_dict: dict) -> None:
+    """Refuse, before anything is loaded, a state dict whose low-rank states
+    are not where this run keeps them (``load_state_dict`` calls it).
+
+    Under FSDP2 a matrix's state is on its owner rank alone; every other rank
+    holds the marker ``{"owner": r}`` (and the matrix's ``rank``). So each
+    rank's state dict fits only that rank of a run with as many ranks and
+    the same param groups:
+
+    * one process (or DDP, ZeRO-1): a state dict with markers is refused;
+    * FSDP2: every rank reports what its state dict holds of each matrix
+      (one all-gather), and every rank refuses, with the same message, unless
+      each matrix's state is on its owner and the markers name the owner.
+    """
+    opt, name = optimizer, type(optimizer).__name__
+    saved_groups = state_dict["param_groups"]
+    same_groups = len(saved_groups) == len(opt.param_groups) and all(
+        len(g["params"]) == len(s["params"]) for g, s in zip(opt.param_groups, saved_groups))
+    entries = [(p, s, state_dict["state"].get(i)) for g, s in zip(opt.param_groups, saved_groups)
+               for p, i in zip(g["params"], s["params"])]  # (parameter, its saved group, its saved state)
+    sharded = [p for g in opt.param_groups for p in g["params"] if _is_dtensor(p)]
+    if not sharded:
+        for p, _, st in entries:
+            if isinstance(st, dict) and "owner" in st:
+                raise ValueError(
+                    f"{name}.load_state_dict: this state dict was written by one rank of an FSDP2 run: the state "
+                    f"of the parameter of shape {tuple(p.shape)} is on rank {st['owner']}, not in it (each FSDP2 "
+                    f"rank holds the states of the matrices it owns). Resharding to one process is not supported. "
+                    f"{_RESUME_PATHS}. Nothing was loaded.")
+        return
+    mesh = _mesh_of(sharded)
+    world = mesh.size()
+    owner = _owner_ranks({i: p.numel() for i, (p, s, _) in enumerate(entries) if _stepped_whole(opt, p, s)}, world)
+    held = {}  # what this rank's state dict holds of each parameter: "state", ("owner", r) or "mixed"
+    for i, (p, _, st) in enumerate(entries):
+        if isinstance(st, dict) and "owner" in st:
+            held[i] = ("owner", st["owner"]) if set(st) <= {"owner", "rank"} else "mixed"
+        elif st and i in owner:
+            held[i] = "state"
+    every: list = [None] * world
+    torch.distributed.all_gather_object(every, (same_groups, held), group=mesh.get_group())
+    if not all(same for same, _ in every):
+        raise ValueError(f"{name}.load_state_dict under FSDP2: the state dict's param groups differ from the "
+                         f"optimizer's on rank {next(r for r, (same, _) in enumerate(every) if not same)}. "
+                         "Nothing was loaded on any rank.")
+    for i, (p, _, _) in enumerate(entries):
+        seen = [h.get(i) for _, h in every]  # on each rank
+        what, o = f"the parameter of shape {tuple(p.shape)} (index {i})", owner.get(i)
+        problem = None
+        for r, h in enumerate(seen):
+            if h == "mixed":
+                problem = f"rank {r} holds both a state and an owner marker for {what}"
+            elif o is None and h is not None:
+                problem = f"rank {r} has an owner marker for {what}, which every rank steps on its own shard"
+            elif h == "state" and r != o:
+                problem = f"rank {r} holds the state of {what}, which rank {o} owns and steps on {world} ranks"
+            elif isinstance(h, tuple) and h[1] != o:
+                problem = f"rank {r}'s marker puts the state of {what} on rank {h[1]}, but rank {o} owns it on " \
+                          f"{world} ranks"
+            if problem:
+                break
+        if problem is None and o is not None and any(seen) and seen[o] != "state":
+            problem = f"rank {o}, which owns {what} on {world} ranks, has no state for it"
+        if problem:
+            raise ValueError(
+                f"{name}.load_state_dict under FSDP2: this state dict does not hold each low-rank state on the "
+                f"rank that steps its matrix: {problem} (a state dict of another number of ranks, other param "
+                f"groups, or another rank's). Resharding is not supported. {_RESUME_PATHS}. Nothing was loaded "
+                "on any rank.")
+
+
 _Base._fsdp2_step = fsdp2_step  # what _Base.step() calls for DTensor parameters
+_Base._check_owner_layout = _check_owner_layout  # what _Base.load_state_dict calls first
 
 
 __all__ = [

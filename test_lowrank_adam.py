@@ -1919,7 +1919,7 @@ def test_fsdp2_every_optimizer_equals_one_process_with_sharded_state_and_resumes
     assert all(len(set(ranks)) > 1 for ranks in adaptive)  # the ranks differ between matrices: allocation tested
 
 
-# -- FSDP2: float64, even rows, a rank with no matrix due, meshes ---------------
+# -- FSDP2: float64, even rows, a rank with no matrix due, meshes; checkpoints ---
 
 # The start and end of the scripts below (2 gloo processes): a small model, its optimizers, snapshots
 FSDP2_SMALL = """
@@ -2082,6 +2082,68 @@ def test_fsdp2_two_dimensional_mesh_is_refused_before_anything_changes(fsdp2_pat
         message, unchanged, states = r["2-D"]
         assert message.startswith("NotImplementedError") and "1-D device mesh only; a 2-D mesh" in message, message
         assert unchanged and states == 0
+
+
+FSDP2_CHECKPOINT_SCRIPT = FSDP2_SMALL + """
+# checkpoints of another number of ranks, or another rank's, are refused
+def trained(name):
+    m = sharded(model())
+    opt = optimizer(name, m)
+    train(m, opt, 3)
+    return m, opt
+
+for name in NAMES:
+    m, opt = trained(name)  # the run whose state dicts are loaded
+    buf = io.BytesIO()
+    torch.save(get_optimizer_state_dict(m, opt), buf)  # this rank's sharded state dict
+    buf.seek(0)
+    mine = torch.load(buf, weights_only=False)
+    torch.save(mine, os.path.join(sys.argv[2], f"{name}{dist.get_rank()}.pt"))
+    dist.barrier()
+    rank0s = torch.load(os.path.join(sys.argv[2], f"{name}0.pt"), weights_only=False)  # rank 0's, on every rank
+    one = model()  # one process, the same run
+    one_opt = optimizer(name, one)
+    train(one, one_opt, 3)
+    res = {}
+    for how, load in [  # each into an optimizer of the same run, which must not change
+            ("one_process", lambda m, opt: set_optimizer_state_dict(m, opt, get_optimizer_state_dict(one, one_opt))),
+            ("in_one_process", lambda m, opt: set_optimizer_state_dict(m, opt, mine)),  # one rank's, in one process
+            ("rank 0's", lambda m, opt: set_optimizer_state_dict(m, opt, rank0s))]:  # right on rank 0 alone
+        m2, opt2 = (one, one_opt) if how == "in_one_process" else trained(name)
+        before = snapshot(m2, opt2)
+        res[how] = refused(lambda: load(m2, opt2))
+        res[how + " unchanged"] = same(before, snapshot(m2, opt2))
+    out[("checkpoint", name)] = res
+
+""" + FSDP2_END
+
+
+@pytest.fixture(scope="module")
+def fsdp2_checkpoints(tmp_path_factory):
+    """FSDP2_CHECKPOINT_SCRIPT's results on each of 2 gloo processes."""
+    tmp_path = tmp_path_factory.mktemp("fsdp2_checkpoints")
+    run_on_two_processes(tmp_path, FSDP2_CHECKPOINT_SCRIPT, "fsdp2_checkpoints.py")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_fsdp2_state_dict_of_another_world_size_or_rank_is_refused_at_load_on_every_rank(fsdp2_checkpoints, cls):
+    # A sharded state dict holds the low-rank states of one rank's matrices and markers for the rest.
+    # One rank's, loaded in one process, or one process's, loaded on 2 ranks, is refused when loaded
+    # (not by a later step), and nothing changes. Rank 0's loaded on both ranks fits rank 0 alone: both
+    # refuse (the ranks compare what they were given), so no rank loads while another refuses.
+    for r in fsdp2_checkpoints:
+        res = r[("checkpoint", cls.__name__)]
+        for how in ("one_process", "rank 0's"):
+            assert res[how].startswith("ValueError") and "rank that steps its matrix" in res[how], res[how]
+            assert "Resharding is not supported" in res[how] and "on any rank" in res[how], res[how]
+        assert res["in_one_process"].startswith("ValueError") and "written by one rank of an FSDP2 run" in \
+            res["in_one_process"], res["in_one_process"]
+        for how in ("one_process", "rank 0's", "in_one_process"):
+            assert "get_optimizer_state_dict" in res[how] and "same number of ranks" in res[how], res[how]
+            assert res[how + " unchanged"], how
+    assert fsdp2_checkpoints[0][("checkpoint", cls.__name__)]["rank 0's"] == \
+        fsdp2_checkpoints[1][("checkpoint", cls.__name__)]["rank 0's"]  # the same message on every rank
 
 
 # -- one class copied out alone: the shared core plus its section ------------
