@@ -2242,6 +2242,23 @@ _RESUME_PATHS = ("Checkpoint with the default (sharded) get_optimizer_state_dict
                  "on the same number of ranks with the same param groups")
 
 
+def _full_state_dict_load() -> bool:
+    """Whether this call runs inside torch.distributed.checkpoint's
+    ``set_optimizer_state_dict`` or ``set_state_dict`` with
+    ``full_state_dict=True``: their ``options`` reach ``load_state_dict`` no
+    other way, so they are read from the caller's frame."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if (frame.f_code.co_name in ("set_optimizer_state_dict", "set_state_dict")
+                    and frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict"):
+                return bool(getattr(frame.f_locals.get("options"), "full_state_dict", False))
+            frame = frame.f_back
+        return False
+    finally:
+        del frame
+
+
 def _check_owner_layout(optimizer: Optimizer, state_dict: dict) -> None:
     """Refuse, before anything is loaded, a state dict whose low-rank states
     are not where this run keeps them (``load_state_dict`` calls it).
@@ -2254,7 +2271,11 @@ def _check_owner_layout(optimizer: Optimizer, state_dict: dict) -> None:
     * one process (or DDP, ZeRO-1): a state dict with markers is refused;
     * FSDP2: every rank reports what its state dict holds of each matrix
       (one all-gather), and every rank refuses, with the same message, unless
-      each matrix's state is on its owner and the markers name the owner.
+      each matrix's state is on its owner and the markers name the owner;
+    * FSDP2, ``set_optimizer_state_dict`` with ``full_state_dict=True``:
+      refused on every rank. A full state dict is gathered to rank 0, which
+      holds only the states it owns, and ``broadcast_from_rank0`` hands each
+      other rank its own current state back: those matrices would restart.
     """
     opt, name = optimizer, type(optimizer).__name__
     saved_groups = state_dict["param_groups"]
@@ -2282,13 +2303,19 @@ def _check_owner_layout(optimizer: Optimizer, state_dict: dict) -> None:
         elif st and i in owner:
             held[i] = "state"
     every: list = [None] * world
-    torch.distributed.all_gather_object(every, (same_groups, held), group=mesh.get_group())
-    if not all(same for same, _ in every):
+    torch.distributed.all_gather_object(every, (_full_state_dict_load(), same_groups, held), group=mesh.get_group())
+    if not all(same for _, same, _ in every):
         raise ValueError(f"{name}.load_state_dict under FSDP2: the state dict's param groups differ from the "
-                         f"optimizer's on rank {next(r for r, (same, _) in enumerate(every) if not same)}. "
+                         f"optimizer's on rank {next(r for r, (_, same, _) in enumerate(every) if not same)}. "
                          "Nothing was loaded on any rank.")
+    if owner and any(full for full, _, _ in every):
+        raise ValueError(
+            f"{name}.load_state_dict under FSDP2: a full state dict (full_state_dict=True) cannot restore the "
+            "low-rank states. Each matrix's state is held by its owner rank alone, so the full state dict that "
+            "rank 0 gathers lacks the states the other ranks own, and broadcast_from_rank0 would leave those "
+            f"matrices restarting from zero. {_RESUME_PATHS}. Nothing was loaded on any rank.")
     for i, (p, _, _) in enumerate(entries):
-        seen = [h.get(i) for _, h in every]  # on each rank
+        seen = [h.get(i) for _, _, h in every]  # on each rank
         what, o = f"the parameter of shape {tuple(p.shape)} (index {i})", owner.get(i)
         problem = None
         for r, h in enumerate(seen):

@@ -2085,15 +2085,16 @@ def test_fsdp2_two_dimensional_mesh_is_refused_before_anything_changes(fsdp2_pat
 
 
 FSDP2_CHECKPOINT_SCRIPT = FSDP2_SMALL + """
-# checkpoints of another number of ranks, or another rank's, are refused
+# checkpoints: only the sharded state dicts of as many ranks resume
 def trained(name):
     m = sharded(model())
     opt = optimizer(name, m)
     train(m, opt, 3)
     return m, opt
 
+broadcast = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 for name in NAMES:
-    m, opt = trained(name)  # the run whose state dicts are loaded
+    m, opt = trained(name)  # the uninterrupted run
     buf = io.BytesIO()
     torch.save(get_optimizer_state_dict(m, opt), buf)  # this rank's sharded state dict
     buf.seek(0)
@@ -2101,11 +2102,16 @@ for name in NAMES:
     torch.save(mine, os.path.join(sys.argv[2], f"{name}{dist.get_rank()}.pt"))
     dist.barrier()
     rank0s = torch.load(os.path.join(sys.argv[2], f"{name}0.pt"), weights_only=False)  # rank 0's, on every rank
+    whole = get_optimizer_state_dict(m, opt, options=StateDictOptions(full_state_dict=True))
     one = model()  # one process, the same run
     one_opt = optimizer(name, one)
     train(one, one_opt, 3)
     res = {}
     for how, load in [  # each into an optimizer of the same run, which must not change
+            ("broadcast", lambda m, opt: set_optimizer_state_dict(m, opt, whole if dist.get_rank() == 0 else {},
+                                                                  options=broadcast)),
+            ("full", lambda m, opt: set_optimizer_state_dict(m, opt, whole,
+                                                             options=StateDictOptions(full_state_dict=True))),
             ("one_process", lambda m, opt: set_optimizer_state_dict(m, opt, get_optimizer_state_dict(one, one_opt))),
             ("in_one_process", lambda m, opt: set_optimizer_state_dict(m, opt, mine)),  # one rank's, in one process
             ("rank 0's", lambda m, opt: set_optimizer_state_dict(m, opt, rank0s))]:  # right on rank 0 alone
@@ -2113,6 +2119,18 @@ for name in NAMES:
         before = snapshot(m2, opt2)
         res[how] = refused(lambda: load(m2, opt2))
         res[how + " unchanged"] = same(before, snapshot(m2, opt2))
+    # a fresh optimizer (without gradients, torch first steps it with lr 0): refused too; then this rank's
+    # sharded state dict resumes exactly
+    m2, opt2 = trained(name)
+    opt2.zero_grad(set_to_none=True)
+    opt2 = optimizer(name, m2)
+    res["fresh"] = refused(lambda: set_optimizer_state_dict(m2, opt2, whole if dist.get_rank() == 0 else {},
+                                                            options=broadcast))
+    res["fresh lr"] = [g["lr"] for g in opt2.param_groups]
+    set_optimizer_state_dict(m2, opt2, mine)
+    train(m, opt, 3)
+    train(m2, opt2, 3)
+    res["resumed"], res["uninterrupted"] = full(m2), full(m)
     out[("checkpoint", name)] = res
 
 """ + FSDP2_END
@@ -2144,6 +2162,21 @@ def test_fsdp2_state_dict_of_another_world_size_or_rank_is_refused_at_load_on_ev
             assert res[how + " unchanged"], how
     assert fsdp2_checkpoints[0][("checkpoint", cls.__name__)]["rank 0's"] == \
         fsdp2_checkpoints[1][("checkpoint", cls.__name__)]["rank 0's"]  # the same message on every rank
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_fsdp2_full_state_dict_load_is_refused_on_every_rank_and_changes_nothing(fsdp2_checkpoints, cls):
+    # torch's one-file pattern (full_state_dict=True, rank 0's dict broadcast) cannot restore the low-rank
+    # states: rank 0 holds only the matrices it owns, and every other rank would get its own current state
+    # back. Every rank must refuse, naming the paths that work, and change nothing; those paths then resume.
+    for r in fsdp2_checkpoints:
+        res = r[("checkpoint", cls.__name__)]
+        for how in ("broadcast", "full", "fresh"):
+            assert res[how].startswith("ValueError") and "full state dict" in res[how], (how, res[how])
+            assert "get_optimizer_state_dict" in res[how] and "dcp.load" in res[how], res[how]
+        assert res["broadcast unchanged"] and res["full unchanged"]  # weights, state, options: bit for bit
+        assert res["fresh lr"] == [1e-2] * len(res["fresh lr"])  # torch's lr-0 step left no trace in the options
+        assert all(torch.equal(a, b) for a, b in zip(res["resumed"], res["uninterrupted"]))
 
 
 # -- one class copied out alone: the shared core plus its section ------------
