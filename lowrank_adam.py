@@ -626,9 +626,6 @@ class _Base(Optimizer):
                 f"{type(self).__name__}.load_state_dict: this state dict was written by "
                 f"{' or '.join(writers) if writers else 'another optimizer'} (its param groups hold "
                 f"{', '.join(sorted(foreign))}, which {type(self).__name__} does not have); nothing was loaded")
-        check = getattr(self, "_check_owner_layout", None)  # set by section 7: FSDP2's owner-rank states
-        if check is not None:
-            check(state_dict)
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # an option added since the state dict was written: its default
             for key, value in self.defaults.items():
@@ -2261,7 +2258,7 @@ def _full_state_dict_load() -> bool:
 
 def _check_owner_layout(optimizer: Optimizer, state_dict: dict) -> None:
     """Refuse, before anything is loaded, a state dict whose low-rank states
-    are not where this run keeps them (``load_state_dict`` calls it).
+    are not where this run keeps them (``load_state_dict`` calls it first).
 
     Under FSDP2 a matrix's state is on its owner rank alone; every other rank
     holds the marker ``{"owner": r}`` (and the matrix's ``rank``). So each
@@ -2340,8 +2337,18 @@ def _check_owner_layout(optimizer: Optimizer, state_dict: dict) -> None:
                 "on any rank.")
 
 
+def _load_state_dict(self, state_dict: dict) -> None:
+    _check_owner_layout(self, state_dict)  # before anything is loaded, on every rank alike
+    _load_state_dict_unchecked(self, state_dict)
+
+
 _Base._fsdp2_step = fsdp2_step  # what _Base.step() calls for DTensor parameters
-_Base._check_owner_layout = _check_owner_layout  # what _Base.load_state_dict calls first
+# _Base.load_state_dict becomes the core's after _check_owner_layout: owner markers
+# exist only where this section runs, and the copied-out core stays as it is
+_load_state_dict_unchecked = _Base.load_state_dict
+_load_state_dict.__name__, _load_state_dict.__qualname__ = "load_state_dict", "_Base.load_state_dict"
+_load_state_dict.__doc__ = _load_state_dict_unchecked.__doc__
+_Base.load_state_dict = _load_state_dict
 
 
 __all__ = [
