@@ -2219,6 +2219,27 @@ def _exchange(send: list[list[Tensor]], recv_numels: list[int], group, dtype: to
     return list(out.split(recv_numels))
 
 
+def _mesh_of(sharded: list[Tensor]):
+    """The one 1-D device mesh of the DTensor parameters ``sharded``; a 2-D
+    mesh (HSDP) or several meshes are refused."""
+    mesh = sharded[0].device_mesh
+    if mesh.ndim != 1:
+        raise NotImplementedError(f"lowrank_adam under FSDP2: parameters on one 1-D device mesh only; a {mesh.ndim}-D "
+                                  "mesh (HSDP, or sharding combined with another parallelism) is not supported. "
+                                  "Shard with fully_shard on a 1-D mesh (its default). Nothing was changed.")
+    if any(p.device_mesh != mesh for p in sharded):
+        raise NotImplementedError("lowrank_adam under FSDP2: parameters on one 1-D device mesh only; these are on "
+                                  "several meshes. Nothing was changed.")
+    return mesh
+
+
+def _stepped_whole(optimizer: Optimizer, p: Tensor, group: dict) -> bool:
+    """Whether FSDP2 steps ``p`` (of ``group``) whole on its owner rank, not
+    shard by shard: a sharded low-rank matrix, or any sharded parameter of
+    an optimizer whose dense step is not elementwise (Adapprox)."""
+    return _is_dtensor(p) and (group.get("rank") is not None or not getattr(optimizer, "_dense_elementwise", True))
+
+
 def _as_dtensor_like(v: Tensor, p: Tensor) -> Tensor:
     """``v``, this rank's shard, as a DTensor sharded like the parameter ``p``."""
     from torch.distributed.tensor import DTensor
@@ -2256,14 +2277,12 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
     parameter's gradient: the same step, with these collectives per parameter.
     """
     opt = optimizer
-    mesh = next(p.device_mesh for p, _, _ in items if _is_dtensor(p))
-    if mesh.ndim != 1 or any(_is_dtensor(p) and p.device_mesh != mesh for p, _, _ in items):
-        raise NotImplementedError("lowrank_adam under FSDP2: parameters on one 1-D device mesh only (no HSDP)")
+    mesh = _mesh_of([p for p, _, _ in items if _is_dtensor(p)])
     group, world, me = mesh.get_group(), mesh.size(), mesh.get_local_rank()
     device = next(p.device for p, _, _ in items if _is_dtensor(p))
 
-    def whole(p: Tensor, g: dict) -> bool:  # stepped whole on its owner, not shard by shard
-        return _is_dtensor(p) and (g.get("rank") is not None or not getattr(opt, "_dense_elementwise", True))
+    def whole(p: Tensor, g: dict) -> bool:
+        return _stepped_whole(opt, p, g)
 
     def local(t: Tensor) -> Tensor:
         return t.to_local() if _is_dtensor(t) else t
@@ -2367,7 +2386,121 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
                     opt.state[p]["rank"] = int(k)
 
 
+_RESUME_PATHS = ("Checkpoint with the default (sharded) get_optimizer_state_dict / set_optimizer_state_dict of "
+                 "torch.distributed.checkpoint.state_dict on every rank, or with dcp.save / dcp.load, and resume "
+                 "on the same number of ranks with the same param groups")
+
+
+def _full_state_dict_load() -> bool:
+    """Whether this call runs inside torch.distributed.checkpoint's
+    ``set_optimizer_state_dict`` or ``set_state_dict`` with
+    ``full_state_dict=True``: their ``options`` reach ``load_state_dict`` no
+    other way, so they are read from the caller's frame."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if (frame.f_code.co_name in ("set_optimizer_state_dict", "set_state_dict")
+                    and frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict"):
+                return bool(getattr(frame.f_locals.get("options"), "full_state_dict", False))
+            frame = frame.f_back
+        return False
+    finally:
+        del frame
+
+
+def _check_owner_layout(optimizer: Optimizer, state_dict: dict) -> None:
+    """Refuse, before anything is loaded, a state dict whose low-rank states
+    are not where this run keeps them (``load_state_dict`` calls it first).
+
+    Under FSDP2 a matrix's state is on its owner rank alone; every other rank
+    holds the marker ``{"owner": r}`` (and the matrix's ``rank``). So each
+    rank's state dict fits only that rank of a run with as many ranks and
+    the same param groups:
+
+    * one process (or DDP, ZeRO-1): a state dict with markers is refused;
+    * FSDP2: every rank reports what its state dict holds of each matrix
+      (one all-gather), and every rank refuses, with the same message, unless
+      each matrix's state is on its owner and the markers name the owner;
+    * FSDP2, ``set_optimizer_state_dict`` with ``full_state_dict=True``:
+      refused on every rank. A full state dict is gathered to rank 0, which
+      holds only the states it owns, and ``broadcast_from_rank0`` hands each
+      other rank its own current state back: those matrices would restart.
+    """
+    opt, name = optimizer, type(optimizer).__name__
+    saved_groups = state_dict["param_groups"]
+    same_groups = len(saved_groups) == len(opt.param_groups) and all(
+        len(g["params"]) == len(s["params"]) for g, s in zip(opt.param_groups, saved_groups))
+    entries = [(p, s, state_dict["state"].get(i)) for g, s in zip(opt.param_groups, saved_groups)
+               for p, i in zip(g["params"], s["params"])]  # (parameter, its saved group, its saved state)
+    sharded = [p for g in opt.param_groups for p in g["params"] if _is_dtensor(p)]
+    if not sharded:
+        for p, _, st in entries:
+            if isinstance(st, dict) and "owner" in st:
+                raise ValueError(
+                    f"{name}.load_state_dict: this state dict was written by one rank of an FSDP2 run: the state "
+                    f"of the parameter of shape {tuple(p.shape)} is on rank {st['owner']}, not in it (each FSDP2 "
+                    f"rank holds the states of the matrices it owns). Resharding to one process is not supported. "
+                    f"{_RESUME_PATHS}. Nothing was loaded.")
+        return
+    mesh = _mesh_of(sharded)
+    world = mesh.size()
+    owner = _owner_ranks({i: p.numel() for i, (p, s, _) in enumerate(entries) if _stepped_whole(opt, p, s)}, world)
+    held = {}  # what this rank's state dict holds of each parameter: "state", ("owner", r) or "mixed"
+    for i, (p, _, st) in enumerate(entries):
+        if isinstance(st, dict) and "owner" in st:
+            held[i] = ("owner", st["owner"]) if set(st) <= {"owner", "rank"} else "mixed"
+        elif st and i in owner:
+            held[i] = "state"
+    every: list = [None] * world
+    torch.distributed.all_gather_object(every, (_full_state_dict_load(), same_groups, held), group=mesh.get_group())
+    if not all(same for _, same, _ in every):
+        raise ValueError(f"{name}.load_state_dict under FSDP2: the state dict's param groups differ from the "
+                         f"optimizer's on rank {next(r for r, (_, same, _) in enumerate(every) if not same)}. "
+                         "Nothing was loaded on any rank.")
+    if owner and any(full for full, _, _ in every):
+        raise ValueError(
+            f"{name}.load_state_dict under FSDP2: a full state dict (full_state_dict=True) cannot restore the "
+            "low-rank states. Each matrix's state is held by its owner rank alone, so the full state dict that "
+            "rank 0 gathers lacks the states the other ranks own, and broadcast_from_rank0 would leave those "
+            f"matrices restarting from zero. {_RESUME_PATHS}. Nothing was loaded on any rank.")
+    for i, (p, _, _) in enumerate(entries):
+        seen = [h.get(i) for _, _, h in every]  # on each rank
+        what, o = f"the parameter of shape {tuple(p.shape)} (index {i})", owner.get(i)
+        problem = None
+        for r, h in enumerate(seen):
+            if h == "mixed":
+                problem = f"rank {r} holds both a state and an owner marker for {what}"
+            elif o is None and h is not None:
+                problem = f"rank {r} has an owner marker for {what}, which every rank steps on its own shard"
+            elif h == "state" and r != o:
+                problem = f"rank {r} holds the state of {what}, which rank {o} owns and steps on {world} ranks"
+            elif isinstance(h, tuple) and h[1] != o:
+                problem = f"rank {r}'s marker puts the state of {what} on rank {h[1]}, but rank {o} owns it on " \
+                          f"{world} ranks"
+            if problem:
+                break
+        if problem is None and o is not None and any(seen) and seen[o] != "state":
+            problem = f"rank {o}, which owns {what} on {world} ranks, has no state for it"
+        if problem:
+            raise ValueError(
+                f"{name}.load_state_dict under FSDP2: this state dict does not hold each low-rank state on the "
+                f"rank that steps its matrix: {problem} (a state dict of another number of ranks, other param "
+                f"groups, or another rank's). Resharding is not supported. {_RESUME_PATHS}. Nothing was loaded "
+                "on any rank.")
+
+
+def _load_state_dict(self, state_dict: dict) -> None:
+    _check_owner_layout(self, state_dict)  # before anything is loaded, on every rank alike
+    _load_state_dict_unchecked(self, state_dict)
+
+
 _Base._fsdp2_step = fsdp2_step  # what _Base.step() calls for DTensor parameters
+# _Base.load_state_dict becomes the core's after _check_owner_layout: owner markers
+# exist only where this section runs, and the copied-out core stays as it is
+_load_state_dict_unchecked = _Base.load_state_dict
+_load_state_dict.__name__, _load_state_dict.__qualname__ = "load_state_dict", "_Base.load_state_dict"
+_load_state_dict.__doc__ = _load_state_dict_unchecked.__doc__
+_Base.load_state_dict = _load_state_dict
 
 
 __all__ = [

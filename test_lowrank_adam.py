@@ -2116,6 +2116,266 @@ def test_fsdp2_every_optimizer_equals_one_process_with_sharded_state_and_resumes
     assert all(len(set(ranks)) > 1 for ranks in adaptive)  # the ranks differ between matrices: allocation tested
 
 
+# -- FSDP2: float64, even rows, a rank with no matrix due, meshes; checkpoints ---
+
+# The start and end of the scripts below (2 gloo processes): a small model, its optimizers, snapshots
+FSDP2_SMALL = """
+import io, os, sys, torch, torch.distributed as dist
+from datetime import timedelta
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, sys.argv[1])
+import lowrank_adam as la
+torch.set_num_threads(1)
+dist.init_process_group("gloo", timeout=timedelta(seconds=120))  # a deadlock fails, not hangs
+NAMES = ["GaLoreAdamW", "AdaptiveAdamW", "LDAdam", "Adapprox"]
+
+def model(dtype=torch.float32):  # rows 8 and 6: even shards (4 + 4, 3 + 3); 5: uneven; 1: one empty shard
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(),
+                         nn.Linear(5, 1)).to(dtype)
+
+def sharded(m, mesh=None):
+    for layer in m:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(m, mesh=mesh)
+
+def optimizer(name, m, **over):
+    cls = getattr(la, name)
+    if name == "Adapprox":  # every matrix factored; a tolerance at which the ranks move
+        return cls(m.parameters(), lr=1e-2, weight_decay=0.1, err_tol=0.05)
+    gap = {} if name == "LDAdam" else {"update_proj_gap": 3}  # refreshes at steps 1 and 4
+    return cls(la.lowrank_groups(m, 2, targets=("0", "2", "4"), **gap), lr=1e-2, weight_decay=0.1, **over)
+
+g = torch.Generator().manual_seed(1)
+x = torch.randn(16, 5, generator=g)
+y = torch.sin(x[:, :1] * 2) + x[:, 1:2] * x[:, 2:3]
+
+def train(m, opt, steps):
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(m(x.to(m[0].weight.dtype)), y.to(m[0].weight.dtype)).backward()
+        opt.step()
+
+full = lambda m: [p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach() for p in m.parameters()]
+local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+
+def snapshot(m, opt):  # this rank's weights, state and options, copied
+    return ([local(p).detach().clone() for p in m.parameters()],
+            [{k: local(v).clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+             for p in m.parameters()],
+            [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+
+def same(a, b):
+    eq = lambda u, v: torch.equal(u, v) if torch.is_tensor(u) and torch.is_tensor(v) else u == v
+    return (all(eq(u, v) for u, v in zip(a[0], b[0])) and len(a[1]) == len(b[1]) and a[2] == b[2]
+            and all(s.keys() == t.keys() and all(eq(s[k], t[k]) for k in s) for s, t in zip(a[1], b[1])))
+
+def refused(load):  # "loaded" if nothing was raised, else the error
+    try:
+        load()
+        return "loaded"
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+out = {}
+"""
+FSDP2_END = """torch.save(out, os.path.join(sys.argv[2], f"rank{dist.get_rank()}.pt"))
+dist.barrier()
+dist.destroy_process_group()
+os._exit(0)  # skip the interpreter's teardown, where gloo now and then aborts (SIGABRT)
+"""
+
+
+FSDP2_PATHS_SCRIPT = FSDP2_SMALL + """
+# 1. one process's results, in float32 and float64, with even row counts split over the ranks
+for name in NAMES:
+    for dtype in (torch.float32, torch.float64):
+        one = model(dtype)
+        train(one, optimizer(name, one), 5)
+        m = sharded(model(dtype))
+        opt = optimizer(name, m)
+        train(m, opt, 5)
+        out[(name, dtype)] = dict(one=full(one), fsdp2=full(m), ranks=opt.ranks())
+
+# 2. AdaptiveAdamW: a rank with no matrix due still takes part in the global allocation
+def adaptive(m, groups):
+    low = [[m[i].weight for i in idx] for idx, _ in groups]
+    return la.AdaptiveAdamW([{"params": [p for p in m.parameters() if all(p is not q for ps in low for q in ps)]}] + [
+        {"params": ps, "rank": 3, "update_proj_gap": gap} for ps, (_, gap) in zip(low, groups)],
+        lr=1e-2, weight_decay=0.1)
+# "one matrix": rank 0 owns it, rank 1 owns none. "gaps": 2.weight's owner is rank 0 (due alone at steps 3
+# and 5), 0.weight's and 4.weight's rank 1 (due alone at step 4)
+for case, groups in [("one matrix", [((0,), 2)]), ("gaps", [((2,), 2), ((0, 4), 3)])]:
+    one = model()
+    one_opt = adaptive(one, groups)
+    train(one, one_opt, 6)
+    m = sharded(model())
+    opt = adaptive(m, groups)
+    train(m, opt, 6)
+    held = [i for i, p in enumerate(m.parameters()) if "P" in opt.state[p]]
+    out[("adaptive", case)] = dict(one=full(one), fsdp2=full(m), ranks=(one_opt.ranks(), opt.ranks()), held=held)
+
+# 3. a 2-D mesh (HSDP: replicated over 1, sharded over 2) is refused before anything changes
+mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard"))
+m = sharded(model(), mesh)
+opt = optimizer("GaLoreAdamW", m)
+opt.zero_grad(set_to_none=True)
+nn.functional.mse_loss(m(x), y).backward()
+before = snapshot(m, opt)
+out["2-D"] = (refused(opt.step), same(before, snapshot(m, opt)), sum(map(bool, opt.state.values())))
+""" + FSDP2_END
+
+
+@pytest.fixture(scope="module")
+def fsdp2_paths(tmp_path_factory):
+    """FSDP2_PATHS_SCRIPT's results on each of 2 gloo processes."""
+    tmp_path = tmp_path_factory.mktemp("fsdp2_paths")
+    run_on_two_processes(tmp_path, FSDP2_PATHS_SCRIPT, "fsdp2_paths.py")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_fsdp2_float64_weights_cross_the_ranks_unrounded(fsdp2_paths, cls):
+    # Each matrix's rows travel to its owner and back in one dtype that holds every weight and gradient:
+    # float64 ones stay float64. The FSDP2 run then equals one process's far below float32 rounding
+    # (measured: bit for bit; with the rows sent as float32, 1e-8 apart).
+    r0 = fsdp2_paths[0][(cls.__name__, torch.float64)]
+    for one, fsdp2 in zip(r0["one"], r0["fsdp2"]):
+        assert fsdp2.dtype == torch.float64
+        assert (fsdp2 - one).abs().max() <= 1e-13 * one.abs().max()
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_fsdp2_even_row_counts_split_in_halves_equal_one_process(fsdp2_paths, cls):
+    # 8 and 6 rows split 4 + 4 and 3 + 3 (the other FSDP2 tests have odd row counts only), next to 5 rows
+    # (3 + 2) and 1 (one rank empty): the ranks assemble each matrix from FSDP2's own row split.
+    r0, r1 = (r[(cls.__name__, torch.float32)] for r in fsdp2_paths)
+    for one, fsdp2 in zip(r0["one"], r0["fsdp2"]):
+        assert (fsdp2 - one).abs().max() <= 1e-6 * one.abs().max()  # measured: equal bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(r0["fsdp2"], r1["fsdp2"])) and r0["ranks"] == r1["ranks"]
+
+
+def test_fsdp2_adaptive_allocation_takes_in_the_rank_with_no_matrix_due(fsdp2_paths):
+    # AdaptiveAdamW allocates one budget over every rank's matrices due for a refresh: a rank that owns
+    # none (one matrix in all), or none due at this step (refresh gaps 2 and 3: steps 3 and 5 refresh
+    # rank 0's matrix alone, step 4 rank 1's), still takes part, and the ranks are one process's.
+    for case in ("one matrix", "gaps"):
+        r0, r1 = (r[("adaptive", case)] for r in fsdp2_paths)
+        for one, fsdp2 in zip(r0["one"], r0["fsdp2"]):
+            assert (fsdp2 - one).abs().max() <= 1e-6 * one.abs().max(), case  # measured: equal bit for bit
+        assert r0["ranks"][0] == r0["ranks"][1] == r1["ranks"][1], case
+        assert (r0["held"], r1["held"]) == (([0], []) if case == "one matrix" else ([2], [0, 4])), case
+
+
+def test_fsdp2_two_dimensional_mesh_is_refused_before_anything_changes(fsdp2_paths):
+    # HSDP (a 2-D mesh: replicated, then sharded) is not supported: step() says so on every rank
+    # before a weight or a state changes.
+    for r in fsdp2_paths:
+        message, unchanged, states = r["2-D"]
+        assert message.startswith("NotImplementedError") and "1-D device mesh only; a 2-D mesh" in message, message
+        assert unchanged and states == 0
+
+
+FSDP2_CHECKPOINT_SCRIPT = FSDP2_SMALL + """
+# checkpoints: only the sharded state dicts of as many ranks resume
+def trained(name):
+    m = sharded(model())
+    opt = optimizer(name, m)
+    train(m, opt, 3)
+    return m, opt
+
+broadcast = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+for name in NAMES:
+    m, opt = trained(name)  # the uninterrupted run
+    buf = io.BytesIO()
+    torch.save(get_optimizer_state_dict(m, opt), buf)  # this rank's sharded state dict
+    buf.seek(0)
+    mine = torch.load(buf, weights_only=False)
+    torch.save(mine, os.path.join(sys.argv[2], f"{name}{dist.get_rank()}.pt"))
+    dist.barrier()
+    rank0s = torch.load(os.path.join(sys.argv[2], f"{name}0.pt"), weights_only=False)  # rank 0's, on every rank
+    whole = get_optimizer_state_dict(m, opt, options=StateDictOptions(full_state_dict=True))
+    one = model()  # one process, the same run
+    one_opt = optimizer(name, one)
+    train(one, one_opt, 3)
+    res = {}
+    for how, load in [  # each into an optimizer of the same run, which must not change
+            ("broadcast", lambda m, opt: set_optimizer_state_dict(m, opt, whole if dist.get_rank() == 0 else {},
+                                                                  options=broadcast)),
+            ("full", lambda m, opt: set_optimizer_state_dict(m, opt, whole,
+                                                             options=StateDictOptions(full_state_dict=True))),
+            ("one_process", lambda m, opt: set_optimizer_state_dict(m, opt, get_optimizer_state_dict(one, one_opt))),
+            ("in_one_process", lambda m, opt: set_optimizer_state_dict(m, opt, mine)),  # one rank's, in one process
+            ("rank 0's", lambda m, opt: set_optimizer_state_dict(m, opt, rank0s))]:  # right on rank 0 alone
+        m2, opt2 = (one, one_opt) if how == "in_one_process" else trained(name)
+        before = snapshot(m2, opt2)
+        res[how] = refused(lambda: load(m2, opt2))
+        res[how + " unchanged"] = same(before, snapshot(m2, opt2))
+    # a fresh optimizer (without gradients, torch first steps it with lr 0): refused too; then this rank's
+    # sharded state dict resumes exactly
+    m2, opt2 = trained(name)
+    opt2.zero_grad(set_to_none=True)
+    opt2 = optimizer(name, m2)
+    res["fresh"] = refused(lambda: set_optimizer_state_dict(m2, opt2, whole if dist.get_rank() == 0 else {},
+                                                            options=broadcast))
+    res["fresh lr"] = [g["lr"] for g in opt2.param_groups]
+    set_optimizer_state_dict(m2, opt2, mine)
+    train(m, opt, 3)
+    train(m2, opt2, 3)
+    res["resumed"], res["uninterrupted"] = full(m2), full(m)
+    out[("checkpoint", name)] = res
+
+""" + FSDP2_END
+
+
+@pytest.fixture(scope="module")
+def fsdp2_checkpoints(tmp_path_factory):
+    """FSDP2_CHECKPOINT_SCRIPT's results on each of 2 gloo processes."""
+    tmp_path = tmp_path_factory.mktemp("fsdp2_checkpoints")
+    run_on_two_processes(tmp_path, FSDP2_CHECKPOINT_SCRIPT, "fsdp2_checkpoints.py")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_fsdp2_state_dict_of_another_world_size_or_rank_is_refused_at_load_on_every_rank(fsdp2_checkpoints, cls):
+    # A sharded state dict holds the low-rank states of one rank's matrices and markers for the rest.
+    # One rank's, loaded in one process, or one process's, loaded on 2 ranks, is refused when loaded
+    # (not by a later step), and nothing changes. Rank 0's loaded on both ranks fits rank 0 alone: both
+    # refuse (the ranks compare what they were given), so no rank loads while another refuses.
+    for r in fsdp2_checkpoints:
+        res = r[("checkpoint", cls.__name__)]
+        for how in ("one_process", "rank 0's"):
+            assert res[how].startswith("ValueError") and "rank that steps its matrix" in res[how], res[how]
+            assert "Resharding is not supported" in res[how] and "on any rank" in res[how], res[how]
+        assert res["in_one_process"].startswith("ValueError") and "written by one rank of an FSDP2 run" in \
+            res["in_one_process"], res["in_one_process"]
+        for how in ("one_process", "rank 0's", "in_one_process"):
+            assert "get_optimizer_state_dict" in res[how] and "same number of ranks" in res[how], res[how]
+            assert res[how + " unchanged"], how
+    assert fsdp2_checkpoints[0][("checkpoint", cls.__name__)]["rank 0's"] == \
+        fsdp2_checkpoints[1][("checkpoint", cls.__name__)]["rank 0's"]  # the same message on every rank
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_fsdp2_full_state_dict_load_is_refused_on_every_rank_and_changes_nothing(fsdp2_checkpoints, cls):
+    # torch's one-file pattern (full_state_dict=True, rank 0's dict broadcast) cannot restore the low-rank
+    # states: rank 0 holds only the matrices it owns, and every other rank would get its own current state
+    # back. Every rank must refuse, naming the paths that work, and change nothing; those paths then resume.
+    for r in fsdp2_checkpoints:
+        res = r[("checkpoint", cls.__name__)]
+        for how in ("broadcast", "full", "fresh"):
+            assert res[how].startswith("ValueError") and "full state dict" in res[how], (how, res[how])
+            assert "get_optimizer_state_dict" in res[how] and "dcp.load" in res[how], res[how]
+        assert res["broadcast unchanged"] and res["full unchanged"]  # weights, state, options: bit for bit
+        assert res["fresh lr"] == [1e-2] * len(res["fresh lr"])  # torch's lr-0 step left no trace in the options
+        assert all(torch.equal(a, b) for a, b in zip(res["resumed"], res["uninterrupted"]))
+
+
 # -- one class copied out alone: the shared core plus its section ------------
 
 BANNER = re.compile(r"^# =+\n# (\d)\. [^\n]*\n# =+\n", re.M)
