@@ -304,7 +304,9 @@ def time_optimizer(args, own, groups, params, grads, device) -> tuple[tuple, int
     kwargs.update(lr=1e-5, **({"update_proj_gap": own.steps + 1} if refreshes else {}),
                   **({"foreach": True} if recipe.cls is torch.optim.AdamW else {}))
     lowrank = groups if own.all_params else [{"params": params, "rank": args.rank}]
-    capped = [{"params": params, "rank": tl.rank_cap(args)}] if tl.rank_cap(args) is not None else params  # adapprox
+    capped = params if tl.rank_cap(args) is None else [  # adapprox: its matrices' ranks capped
+        {"params": [p for p in params if p.dim() == 2], "rank": tl.rank_cap(args)},
+        {"params": [p for p in params if p.dim() != 2]}]
     opt = recipe.cls(lowrank if recipe.lowrank else capped, **kwargs)
     first, *normal = time_steps(opt, params, grads, own.steps + 1, device)
     normal_ms = 1e3 * statistics.median(normal)
@@ -600,11 +602,11 @@ def subspaces(argv: list[str]) -> str:
 
     refresh = la.AdaptiveAdamW._allocate_and_refresh
 
-    def compared(self, due):
+    def compared(self, due, items):
         calls.clear()
-        refresh(self, due)
+        refresh(self, due, items)
         if len(calls) == len(due) and all(g["allocate"] for _, g, _ in due):
-            budget = sum(self.state[p]["rank"] for p, _, _ in due)
+            budget = sum(min(g["rank"], min(p.shape)) for p, g, _ in due)  # B = Σ the group's rank, clamped
             metric = due[0][1]["rank_metric"]
             caps = [c for *_, c in calls]
             sketched = la.allocate_ranks([s for s, *_ in calls], budget, caps, metric, [e for *_, e, _ in calls])

@@ -2394,14 +2394,18 @@ _RESUME_PATHS = ("Checkpoint with the default (sharded) get_optimizer_state_dict
 def _full_state_dict_load() -> bool:
     """Whether this call runs inside torch.distributed.checkpoint's
     ``set_optimizer_state_dict`` or ``set_state_dict`` with
-    ``full_state_dict=True``: their ``options`` reach ``load_state_dict`` no
-    other way, so they are read from the caller's frame."""
+    ``full_state_dict=True`` and ``broadcast_from_rank0=True``: their
+    ``options`` reach ``load_state_dict`` no other way, so they are read from
+    the caller's frame. (Without the broadcast each rank loads the dict it is
+    given, and the layout check below tells whether that dict is its own.)"""
     frame = inspect.currentframe()
     try:
         while frame is not None:
             if (frame.f_code.co_name in ("set_optimizer_state_dict", "set_state_dict")
                     and frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict"):
-                return bool(getattr(frame.f_locals.get("options"), "full_state_dict", False))
+                options = frame.f_locals.get("options")
+                return bool(getattr(options, "full_state_dict", False) and getattr(options, "broadcast_from_rank0",
+                                                                                     False))
             frame = frame.f_back
         return False
     finally:
@@ -2421,10 +2425,12 @@ def _check_owner_layout(optimizer: Optimizer, state_dict: dict) -> None:
     * FSDP2: every rank reports what its state dict holds of each matrix
       (one all-gather), and every rank refuses, with the same message, unless
       each matrix's state is on its owner and the markers name the owner;
-    * FSDP2, ``set_optimizer_state_dict`` with ``full_state_dict=True``:
-      refused on every rank. A full state dict is gathered to rank 0, which
-      holds only the states it owns, and ``broadcast_from_rank0`` hands each
-      other rank its own current state back: those matrices would restart.
+    * FSDP2, ``set_optimizer_state_dict`` with ``full_state_dict=True`` and
+      ``broadcast_from_rank0=True``: refused on every rank. A full state dict
+      is gathered to rank 0, which holds only the states it owns, and the
+      broadcast hands each other rank its own current state back: those
+      matrices would restart. (A full state dict that each rank is given
+      whole, its owned states in place, loads: the layout check passes.)
     """
     opt, name = optimizer, type(optimizer).__name__
     saved_groups = state_dict["param_groups"]
@@ -2459,7 +2465,8 @@ def _check_owner_layout(optimizer: Optimizer, state_dict: dict) -> None:
                          "Nothing was loaded on any rank.")
     if owner and any(full for full, _, _ in every):
         raise ValueError(
-            f"{name}.load_state_dict under FSDP2: a full state dict (full_state_dict=True) cannot restore the "
+            f"{name}.load_state_dict under FSDP2: a full state dict broadcast from rank 0 (full_state_dict=True, "
+            "broadcast_from_rank0=True) cannot restore the "
             "low-rank states. Each matrix's state is held by its owner rank alone, so the full state dict that "
             "rank 0 gathers lacks the states the other ranks own, and broadcast_from_rank0 would leave those "
             f"matrices restarting from zero. {_RESUME_PATHS}. Nothing was loaded on any rank.")

@@ -365,7 +365,7 @@ OPTIMIZERS = {
                        variants={**{f":{m}": {"rank_metric": m} for m in sorted(la.RANK_METRICS)}, **RESIDUAL,
                                  **REFRESH}),
     "ldadam": Recipe(la.LDAdam, 3e-3, lowrank=True, variants={"+noef": {"error_feedback": False}}),
-    "adapprox": Recipe(la.Adapprox, 3e-3, lowrank=None,  # --rank: one group, capping every matrix's rank
+    "adapprox": Recipe(la.Adapprox, 3e-3, lowrank=None,  # --rank: a group of the matrices, capping their ranks
                        variants={"+nomoment": {"betas": (0.0, 0.999)},  # no first moment
                                  "+cold": {"warm_start": False, "power_iters": 5},
                                  "+noscaling": {"row_col_scaling": False},  # V factored as is
@@ -410,8 +410,9 @@ def build_optimizer(args, model: nn.Module, zero: bool = False) -> torch.optim.O
     cls, params = recipe.cls, list(model.parameters())
     if recipe.lowrank:
         params = la.lowrank_groups(model, args.rank)
-    elif rank_cap(args) is not None:  # Adapprox: the same matrices factored as without --rank, and in that order
-        params = [{"params": params, "rank": rank_cap(args)}]
+    elif rank_cap(args) is not None:  # Adapprox: the same matrices factored as without --rank, the cap on each
+        params = [{"params": [p for p in params if p.dim() == 2], "rank": rank_cap(args)},
+                  {"params": [p for p in params if p.dim() != 2]}]  # (only matrices may be in a 'rank' group)
     if args.layerwise and cls is torch.optim.AdamW:
         # torch's AdamW cannot step one parameter; GaLoreAdamW's groups without 'rank' get exactly its update
         cls = la.GaLoreAdamW
