@@ -617,17 +617,22 @@ def remap_state(sd, order):
     return sd
 
 
-@pytest.mark.parametrize("cls", [la.GaLoreAdamW, la.Adapprox], ids=ids)
-def test_sketch_streams_follow_the_parameter_through_a_reordered_load(cls):
+@pytest.mark.parametrize("cls, options", [(la.GaLoreAdamW, dict(subspace="random", update_proj_gap=1)),
+                                          (la.GaLoreAdamW, dict(refresh="randomized", update_proj_gap=2)),
+                                          (la.AdaptiveAdamW, dict(refresh="randomized", update_proj_gap=2)),
+                                          (la.Adapprox, dict(rank_init=2))], ids=["random", "galore-randomized",
+                                                                                  "adaptive-randomized", "Adapprox"])
+def test_sketch_streams_follow_the_parameter_through_a_reordered_load(cls, options):
     # The seed of a parameter's random draws lives in its state, so a resume into
     # an optimizer that lists the parameters in another order (a load by name)
     # continues every parameter's own stream, not the stream of its new position.
+    # The randomized refresh's first sketch comes after the resume (steps 3 and 5):
+    # its seed is in the state from the first refresh, an exact SVD, on.
     g = torch.Generator().manual_seed(0)
     shapes_ = [(10, 14), (9, 6)]
     ws = [torch.randn(s, generator=g) for s in shapes_]
     grads = [[torch.randn(s, generator=g) for s in shapes_] for _ in range(5)]
-    group = lambda ps: ([{"params": ps, "rank": 2, "subspace": "random", "update_proj_gap": 1}]
-                        if cls is la.GaLoreAdamW else [{"params": ps, "rank_init": 2}])
+    group = lambda ps: [{"params": ps, **({} if cls is la.Adapprox else {"rank": 2}), **options}]
     a = [nn.Parameter(w.clone()) for w in ws]
     opt = cls(group(a), lr=1e-2)
     for gs in grads[:2]:
