@@ -460,6 +460,25 @@ def test_randomized_spectrum_is_orthonormal_exact_on_low_rank_and_signed_like_it
         assert torch.isfinite(U).all() and torch.isfinite(S).all()
 
 
+def test_randomized_spectrum_takes_the_first_width_columns_of_its_start_and_without_iterations_orthonormalizes():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(20, 50, generator=g, dtype=torch.float64)
+    warm = la.orthonormalize(torch.randn(20, 12, generator=g, dtype=torch.float64))
+    # a start wider than the sketch: only its first `width` columns are used
+    U, S = la.randomized_spectrum(x, 8, warm, torch.Generator().manual_seed(1))
+    U8, S8 = la.randomized_spectrum(x, 8, warm[:, :8], torch.Generator().manual_seed(1))
+    assert U.shape == (20, 8) and S.shape == (8,) and torch.equal(U, U8) and torch.equal(S, S8)
+    # power_iters=0: Q = orth([P_prev, Ω]), then the SVD of Qᵀ X (float64 reference)
+    for start in (None, warm[:, :3]):
+        U, S = la.randomized_spectrum(x, 8, start, torch.Generator().manual_seed(2), power_iters=0)
+        prev = torch.zeros(20, 0, dtype=torch.float64) if start is None else start
+        Omega = torch.randn(20, 8 - prev.shape[1], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        Q = torch.linalg.qr(torch.cat([prev, Omega], dim=1)).Q
+        torch.testing.assert_close(U.T @ U, torch.eye(8, dtype=torch.float64), atol=1e-12, rtol=0)
+        torch.testing.assert_close(U @ U.T, Q @ Q.T, atol=1e-12, rtol=0)
+        torch.testing.assert_close(S, torch.linalg.svdvals(Q.T @ x), atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 @pytest.mark.parametrize("subspace", ["random", "gha"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
