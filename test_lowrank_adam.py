@@ -326,12 +326,12 @@ def range_finder(X, P_prev, width, seed, t, iters, index=0):
 
 
 def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale, proj_type="std", residual=False,
-                     gamma=None, subspace="svd", gha_lr=0.1, seed=0, refresh="svd", refresh_iters=1):
+                     gamma=None, subspace="svd", gha_lr=0.1, seed=0, refresh="svd", refresh_iters=1, index=0):
     """GaLore's algorithm box, written independently in float64, plus the
     Fira-style residual with its norm-growth limiter, the random / GHA
     subspaces and the randomized refresh. The random numbers are drawn from
-    generators seeded with stream_seed(stream_seed(seed, 0), t): an input,
-    like the gradients."""
+    generators seeded with stream_seed(stream_seed(seed, index), t), index
+    the parameter's position in the optimizer: an input, like the gradients."""
     W = W0.clone()
     side = PROJECTION_SIDE[proj_type](*W.shape)
     M = V = P = P_ref = None
@@ -343,7 +343,7 @@ def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale, proj_type=
         if (t - 1) % gap == 0 or again:
             retry, again, P_new = again, False, None
             if subspace == "random":  # a fresh uniformly random basis
-                gen = torch.Generator().manual_seed(la.stream_seed(la.stream_seed(seed, 0), t))
+                gen = torch.Generator().manual_seed(la.stream_seed(la.stream_seed(seed, index), t))
                 P_new = signed_qr(torch.randn(X.shape[0], r, generator=gen, dtype=W.dtype))
             elif subspace == "gha" and P is not None and not retry:  # the basis GHA has tracked
                 P_new = P
@@ -351,7 +351,7 @@ def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale, proj_type=
                 again = True
                 P_new = torch.eye(X.shape[0], r, dtype=X.dtype) if P is None else None
             elif refresh == "randomized" and P is not None:  # warm-started range finder (step 1: the SVD)
-                P_new = range_finder(X, P, r + 8, seed, t, refresh_iters)[0][:, :r]
+                P_new = range_finder(X, P, r + 8, seed, t, refresh_iters, index)[0][:, :r]
             else:  # the top-r left singular vectors, each signed to agree with the previous basis
                 P_new = left_singular_vectors(X)[:, :r]
                 if P is not None:
@@ -418,15 +418,17 @@ def test_galore_matches_reference(shape, proj_type, residual):
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("iters", [1, 2])
 def test_galore_randomized_refresh_matches_reference(shape, residual, iters):
-    # (30, 12) at rank 2: the sketch (2 + 8 columns) is narrower than the short side
+    # (30, 12) at rank 2: the sketch (2 + 8 columns) is narrower than the short side. A parameter
+    # without a gradient is listed first: the sketches are those of the matrix's position, 1
     torch.manual_seed(0)
     W0 = torch.randn(shape, dtype=torch.float64)
     grads = gapped_grads(shape, 8)
     kw = dict(rank=2, gap=3, lr=0.05, betas=(0.9, 0.99), eps=1e-8, wd=0.1, scale=0.5)
     expected = galore_reference(W0, grads, **kw, residual=residual, gamma=1.01 if residual else None,
-                                refresh="randomized", refresh_iters=iters, seed=3)
+                                refresh="randomized", refresh_iters=iters, seed=3, index=1)
     p = nn.Parameter(W0.clone())
-    opt = la.GaLoreAdamW([{"params": [p], "rank": 2, "update_proj_gap": 3, "scale": 0.5, "residual": residual}],
+    opt = la.GaLoreAdamW([{"params": [nn.Parameter(torch.zeros(3, dtype=torch.float64))]},
+                          {"params": [p], "rank": 2, "update_proj_gap": 3, "scale": 0.5, "residual": residual}],
                          lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, refresh="randomized",
                          refresh_iters=iters, seed=3)
     for g in grads:
@@ -3020,14 +3022,14 @@ def test_adaptive_reallocates_and_keeps_state_consistent(shape):
 
 
 def adaptive_reference(W0s, grads, rank, gap, lr, betas, eps, wd, scale, residual=True, gamma=1.01,
-                       transform=True, refresh="svd", seed=0):
+                       transform=True, refresh="svd", seed=0, refresh_iters=1):
     """AdaptiveAdamW in float64, step by step, with the default
     ``explained_variance`` metric; every matrix in one group, one budget.
     ``transform=False``: no momentum transformation, the moments keep their
     first min(r_old, r_new) rows (zero rows added when the rank grows).
     ``refresh="randomized"``: after step 1, each spectrum is the range
-    finder's leading keep + 8 values (keep = min(B - L + 1, max(r, 2·rank))),
-    scored against the exact energy ‖X‖²_F.
+    finder's leading keep + 8 values (keep = min(B - L + 1, max(r, 2·rank)),
+    ``refresh_iters`` subspace iterations), scored against the exact energy ‖X‖²_F.
 
     Returns the final weights and the rank history (one list per step)."""
     Ws = [W.clone() for W in W0s]
@@ -3040,7 +3042,7 @@ def adaptive_reference(W0s, grads, rank, gap, lr, betas, eps, wd, scale, residua
             budget, L = sum(min(rank, min(W.shape)) for W in Ws), len(Ws)  # B = Σ the group's rank, clamped
             if refresh == "randomized" and state[0]["P"] is not None:
                 keep = [min(budget - L + 1, max(r, 2 * rank)) for r in ranks]
-                svds = [(*range_finder(X, st_["P"], k + 8, seed, t, 1, index=i), (X * X).sum())
+                svds = [(*range_finder(X, st_["P"], k + 8, seed, t, refresh_iters, index=i), (X * X).sum())
                         for i, (X, st_, k) in enumerate(zip(Xs, state, keep))]
             else:
                 svds = [(left_singular_vectors(X), S, (S ** 2).sum()) for X in Xs for S in [torch.linalg.svdvals(X)]]
@@ -3114,8 +3116,8 @@ def test_adaptive_matches_reference_across_rank_changes(residual, transform):
         torch.testing.assert_close(p.detach(), w, atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize("residual", [True, False], ids=["residual", "limit-N"])
-def test_adaptive_randomized_refresh_matches_reference_across_rank_changes(residual):
+@pytest.mark.parametrize("residual, iters", [(True, 1), (False, 1), (True, 2)], ids=["residual", "limit-N", "2-iters"])
+def test_adaptive_randomized_refresh_matches_reference_across_rank_changes(residual, iters):
     # tall, wide, square and a (40, 20) matrix whose sketch is narrower than its
     # short side; the sketched spectra decide the allocation
     shapes_ = list(SHAPES.values()) + [(40, 20)]
@@ -3126,14 +3128,14 @@ def test_adaptive_randomized_refresh_matches_reference_across_rank_changes(resid
               + (torch.randn(s, generator=g, dtype=torch.float64) if i != t // 3 % 4 else 0.0)
               for i, s in enumerate(shapes_)] for t in range(10)]
     kw = dict(rank=2, gap=3, lr=0.05, betas=(0.9, 0.99), eps=1e-8, wd=0.1, scale=0.5, residual=residual)
-    expected, history = adaptive_reference(W0s, grads, **kw, refresh="randomized", seed=4)
+    expected, history = adaptive_reference(W0s, grads, **kw, refresh="randomized", seed=4, refresh_iters=iters)
     assert len({tuple(h) for h in history}) >= 3  # the ranks really change
     exact, exact_history = adaptive_reference(W0s, grads, **kw)
     assert not all(torch.allclose(a, b, atol=1e-9, rtol=1e-9) for a, b in zip(exact, expected))
     params = [nn.Parameter(W.clone()) for W in W0s]
     opt = la.AdaptiveAdamW([{"params": params, "rank": 2, "update_proj_gap": 3, "scale": 0.5}], lr=0.05,
                            betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, residual=residual, refresh="randomized",
-                           seed=4)
+                           refresh_iters=iters, seed=4)
     for gs, ranks in zip(grads, history):
         for p, gr in zip(params, gs):
             p.grad = gr.clone()
