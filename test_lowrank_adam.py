@@ -2776,7 +2776,8 @@ def test_gha_switched_on_continues_from_the_basis_it_has_without_an_svd():
 
 
 STATE_CASES = [(la.GaLoreAdamW, dict(subspace=s)) for s in la.SUBSPACES] + [
-    (la.GaLoreAdamW, dict(residual=True)), (la.AdaptiveAdamW, {}), (la.LDAdam, {}), (la.LDAdam, dict(proj_method="svd")),
+    (la.GaLoreAdamW, dict(residual=True)), (la.GaLoreAdamW, dict(refresh="randomized")), (la.AdaptiveAdamW, {}),
+    (la.AdaptiveAdamW, dict(refresh="randomized")), (la.LDAdam, {}), (la.LDAdam, dict(proj_method="svd")),
     (la.Adapprox, {}), (la.Adapprox, dict(betas=(0.0, 0.999)))]
 
 
