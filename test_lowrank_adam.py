@@ -2734,6 +2734,28 @@ def test_adapprox_rank_switched_between_int_and_none_carries_v_over(switch):
         torch.testing.assert_close(st_["exp_avg_sq"], V.clamp_min(0).float())
 
 
+@pytest.mark.parametrize("err_tol", [0.0, 10.0], ids=["held", "halved"])
+def test_adapprox_dense_v_switched_to_a_rank_starts_as_a_fresh_factored_v(err_tol):
+    """A dense V (rank=None) switched to rank=3, below the 9×6 matrix's full
+    rank, is factored from the next step as a fresh factored V is: at k_max,
+    in its initial descent. So the ranks from the switch on are those of a
+    run factored at rank 3 from its first step (err_tol = 0: held at k_max;
+    10: halved at once, not stepped down by rank_step)."""
+    def rank_history(ranks):
+        g = torch.Generator().manual_seed(0)
+        p = nn.Parameter(torch.randn(9, 6, generator=g))
+        opt = la.Adapprox([{"params": [p], "rank": ranks[0]}], lr=1e-2, err_tol=err_tol)
+        history = []
+        for rank in ranks:
+            opt.param_groups[0]["rank"] = rank
+            p.grad = torch.randn(9, 6, generator=g)
+            opt.step()
+            history.append(opt.ranks())
+        return history
+
+    assert rank_history([None, None, 3, 3, 3]) == [[], []] + rank_history([3, 3, 3])
+
+
 def test_adapprox_rank_cap_lowered_between_steps_holds_at_the_next_step():
     _, opt = adapprox_run([5, 5, 2], steps=3, err_tol=0.0)  # err_tol = 0: the rank holds at its cap
     p = opt.param_groups[0]["params"][0]
