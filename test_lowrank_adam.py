@@ -2724,10 +2724,11 @@ def test_adapprox_rank_switched_between_int_and_none_carries_v_over(switch):
     torch.testing.assert_close(switched, steady, atol=1e-6, rtol=1e-5)
     assert opt.ranks() == ([6] if switch == "None-to-int" else [])
     if switch == "int-to-None":
-        _, opt = adapprox_run([2], steps=3)
+        _, opt = adapprox_run([2], steps=5)
         p = opt.param_groups[0]["params"][0]
         st_ = opt.state[p]
         V = (st_["Q"] * st_["row"][:, None]) @ (st_["U"] * st_["col"][:, None]).T * 4.0 ** st_["u_exp"]
+        assert (V < 0).any()  # the rank-2 reconstruction undershoots zero somewhere: Adam's V may not
         opt.param_groups[0]["rank"] = None
         opt._convert_second_moment(p, opt.param_groups[0])
         assert "Q" not in st_ and "rank" not in st_
