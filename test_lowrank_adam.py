@@ -2128,6 +2128,7 @@ def test_fsdp2_every_optimizer_equals_one_process_with_sharded_state_and_resumes
         assert [{**r0["ranks"], **r1["ranks"]}.get(i) for i in sorted({**r0["ranks"], **r1["ranks"]})] == \
             r0["one_ranks"], case
         assert r0["every_ranks"] == r1["every_ranks"] == r0["one_ranks"], case  # ranks() on every rank, too
+        assert all(type(k) is int for k in r0["every_ranks"] + r1["every_ranks"]), case
         # each matrix's low-rank state on one rank (its owner), dense shards' on both: together one process's bytes
         # (Adapprox: every parameter, as its clipping reads a whole tensor)
         whole = range(10) if case.startswith("Adapprox") else (0, 2, 4, 6)
