@@ -2143,6 +2143,15 @@ def test_fsdp2_every_optimizer_equals_one_process_with_sharded_state_and_resumes
     assert all(len(set(ranks)) > 1 for ranks in adaptive)  # the ranks differ between matrices: allocation tested
 
 
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+def test_fsdp2_row_split_is_torch_chunks(world):
+    # FSDP2 shards dim 0 as torch.chunk does (ranks past the last chunk get 0 rows); the owner rank
+    # assembles each matrix from these row counts, at any number of ranks
+    for rows in range(20):
+        chunks = [c.shape[0] for c in torch.arange(rows).chunk(world)]
+        assert la._row_split(rows, world) == chunks + [0] * (world - len(chunks)), rows
+
+
 # -- FSDP2: float64, even rows, a rank with no matrix due, meshes; checkpoints ---
 
 # The start and end of the scripts below (2 gloo processes): a small model, its optimizers, snapshots
