@@ -2156,13 +2156,14 @@ def test_fsdp2_row_split_is_torch_chunks(world):
 
 # The start and end of the scripts below (2 gloo processes): a small model, its optimizers, snapshots
 FSDP2_SMALL = """
-import io, os, sys, torch, torch.distributed as dist
+import copy, io, os, sys, torch, torch.distributed as dist
 from datetime import timedelta
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, get_state_dict,
+                                                     set_optimizer_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import distribute_tensor
 sys.path.insert(0, sys.argv[1])
 import lowrank_adam as la
 torch.set_num_threads(1)
@@ -2264,6 +2265,48 @@ opt.zero_grad(set_to_none=True)
 nn.functional.mse_loss(m(x), y).backward()
 before = snapshot(m, opt)
 out["2-D"] = (refused(opt.step), same(before, snapshot(m, opt)), sum(map(bool, opt.state.values())))
+
+# 4. AdaptiveAdamW: equal scores on matrices of two owners. Three 6×6 matrices (owners 0, 1, 0); 0's gradient
+#    has rank 1, 1's and 2's are the same: of a budget of 6, the unit that 1 and 2 tie for goes to 1
+def tied_gradients(m):
+    gs = [torch.outer(torch.arange(1.0, 7.0), torch.ones(6)), torch.randn(6, 6, generator=torch.Generator().manual_seed(2))]
+    for p, g in zip(m.parameters(), [gs[0], gs[1], gs[1]]):
+        p.grad = distribute_tensor(g, p.device_mesh, p.placements) if hasattr(p, "device_mesh") else g.clone()
+def three(shard):
+    torch.manual_seed(0)
+    m = nn.Sequential(*[nn.Linear(6, 6, bias=False) for _ in range(3)])
+    for layer in m if shard else ():
+        fully_shard(layer)
+    opt = la.AdaptiveAdamW([{"params": list(m.parameters()), "rank": 2}], lr=1e-2)
+    tied_gradients(m)
+    opt.step()
+    return opt.ranks(), full(m)
+out["tie"] = (three(False), three(True))
+
+# 5. float64 gradients of about 1e100: finite, though their float32 sums (the NaN/Inf check's first pass) overflow
+for name in NAMES:
+    runs = []
+    for m in (model(torch.float64), sharded(model(torch.float64))):
+        opt = optimizer(name, m)
+        (nn.functional.mse_loss(m(x.double()), y.double()) * 1e100).backward()
+        runs.append((refused(opt.step), full(m)))
+    out[("huge", name)] = runs
+
+# 6. each rank its own 1-rank mesh (as two pipeline stages have): the collectives of a step and of a load run on
+#    the mesh's group, not the world's. A state dict loads; then rank 1's gradient holds a NaN: rank 1 alone refuses
+stage = init_device_mesh("cpu", (2, 1), mesh_dim_names=("pp", "dp"))["dp"]
+m = sharded(model(), stage)
+opt = optimizer("AdaptiveAdamW", m)
+train(m, opt, 2)
+opt2 = optimizer("AdaptiveAdamW", m)
+res = {"load": refused(lambda: opt2.load_state_dict(copy.deepcopy(opt.state_dict())))}
+res["loaded all"] = same(snapshot(m, opt), snapshot(m, opt2))
+opt.zero_grad(set_to_none=True)
+nn.functional.mse_loss(m(x), y).backward()
+if dist.get_rank() == 1:
+    m[2].weight.grad.to_local()[0, 0] = float("nan")
+res["nan"] = refused(opt.step)
+out["stages"] = res
 """ + FSDP2_END
 
 
@@ -2315,6 +2358,37 @@ def test_fsdp2_two_dimensional_mesh_is_refused_before_anything_changes(fsdp2_pat
         message, unchanged, states = r["2-D"]
         assert message.startswith("NotImplementedError") and "1-D device mesh only; a 2-D mesh" in message, message
         assert unchanged and states == 0
+
+
+def test_fsdp2_adaptive_ties_between_matrices_of_two_owners_go_to_the_lower_index_as_in_one_process(fsdp2_paths):
+    # allocate_ranks gives a tie to the lower index, so the spectra gathered from every rank are put in
+    # parameter order, not rank by rank: matrices 1 (rank 1's) and 2 (rank 0's) have the same gradient,
+    # and the unit of budget they tie for goes to matrix 1, as in one process.
+    for r in fsdp2_paths:
+        (one_ranks, one), (ranks, fsdp2) = r["tie"]
+        assert one_ranks == ranks == [1, 3, 2]
+        assert all(torch.equal(a, b) for a, b in zip(one, fsdp2))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_fsdp2_finite_gradients_whose_float32_sums_overflow_are_stepped(fsdp2_paths, cls):
+    # The NaN/Inf check sums each shard in float32 first, then looks at every entry of the shards whose sum
+    # is not finite: float64 gradients of about 1e100 are finite, and the step is one process's.
+    for r in fsdp2_paths:
+        (one_outcome, one), (outcome, fsdp2) = r[("huge", cls.__name__)]
+        assert one_outcome == outcome == "loaded"  # (refused's word for: nothing raised)
+        for a, b in zip(one, fsdp2):
+            assert (a - b).abs().max() <= 1e-13 * a.abs().max()
+
+
+def test_fsdp2_on_a_mesh_smaller_than_the_world_the_collectives_stay_on_the_mesh(fsdp2_paths):
+    # Each rank shards its model on its own 1-rank mesh (two pipeline stages, say): the NaN check and
+    # load_state_dict's layout check run on the mesh's group, so a state dict loads on each rank, and a
+    # NaN in rank 1's gradient stops rank 1 alone.
+    for rank, r in enumerate(fsdp2_paths):
+        res = r["stages"]
+        assert res["load"] == "loaded" and res["loaded all"], res
+        assert res["nan"] == "loaded" if rank == 0 else res["nan"].startswith("NonFiniteGradientError"), res
 
 
 FSDP2_CHECKPOINT_SCRIPT = FSDP2_SMALL + """
