@@ -2426,6 +2426,15 @@ for name in NAMES:
         before = snapshot(m2, opt2)
         res[how] = refused(lambda: load(m2, opt2))
         res[how + " unchanged"] = same(before, snapshot(m2, opt2))
+    # set_state_dict (weights and optimizer together) with full_state_dict=True: refused as well
+    model_sd, optim_sd = get_state_dict(m, opt, options=StateDictOptions(full_state_dict=True))
+    m2, opt2 = trained(name)
+    before = snapshot(m2, opt2)
+    res["set_state_dict"] = refused(lambda: set_state_dict(m2, opt2, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                                                           options=StateDictOptions(full_state_dict=True)))
+    res["set_state_dict unchanged"] = same(before, snapshot(m2, opt2))
+    # the state dict of an optimizer that has not stepped (no state at all) loads
+    res["before any step"] = refused(lambda: optimizer(name, m2).load_state_dict(optimizer(name, m2).state_dict()))
     # a fresh optimizer (without gradients, torch first steps it with lr 0): refused too; then this rank's
     # sharded state dict resumes exactly
     m2, opt2 = trained(name)
@@ -2439,6 +2448,20 @@ for name in NAMES:
     train(m2, opt2, 3)
     res["resumed"], res["uninterrupted"] = full(m2), full(m)
     out[("checkpoint", name)] = res
+
+# no low-rank group: every state is a dense parameter's, sharded like it, so a full state dict restores it
+def dense():
+    m = sharded(model())
+    return m, la.GaLoreAdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+m, opt = dense()
+train(m, opt, 3)
+whole = get_optimizer_state_dict(m, opt, options=StateDictOptions(full_state_dict=True))
+m2, opt2 = dense()
+m2.load_state_dict(m.state_dict())
+res = refused(lambda: set_optimizer_state_dict(m2, opt2, whole, options=StateDictOptions(full_state_dict=True)))
+train(m, opt, 3)
+train(m2, opt2, 3)
+out["dense"] = (res, full(m), full(m2))
 
 """ + FSDP2_END
 
@@ -2478,12 +2501,29 @@ def test_fsdp2_full_state_dict_load_is_refused_on_every_rank_and_changes_nothing
     # back. Every rank must refuse, naming the paths that work, and change nothing; those paths then resume.
     for r in fsdp2_checkpoints:
         res = r[("checkpoint", cls.__name__)]
-        for how in ("broadcast", "full", "fresh"):
+        for how in ("broadcast", "full", "fresh", "set_state_dict"):
             assert res[how].startswith("ValueError") and "full state dict" in res[how], (how, res[how])
             assert "get_optimizer_state_dict" in res[how] and "dcp.load" in res[how], res[how]
         assert res["broadcast unchanged"] and res["full unchanged"]  # weights, state, options: bit for bit
+        assert res["set_state_dict unchanged"]
         assert res["fresh lr"] == [1e-2] * len(res["fresh lr"])  # torch's lr-0 step left no trace in the options
         assert all(torch.equal(a, b) for a, b in zip(res["resumed"], res["uninterrupted"]))
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_fsdp2_the_state_dict_of_an_optimizer_that_has_not_stepped_loads(fsdp2_checkpoints, cls):
+    # no rank holds a state of any matrix yet: nothing is missing from its owner
+    for r in fsdp2_checkpoints:
+        assert r[("checkpoint", cls.__name__)]["before any step"] == "loaded"
+
+
+def test_fsdp2_full_state_dict_of_dense_parameters_alone_resumes_exactly(fsdp2_checkpoints):
+    # Only the low-rank states make a full state dict unusable; without a low-rank group every state is
+    # a dense parameter's, sharded like it, and the full state dict resumes exactly.
+    for r in fsdp2_checkpoints:
+        outcome, uninterrupted, resumed = r["dense"]
+        assert outcome == "loaded"
+        assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed))
 
 
 # -- one class copied out alone: the shared core plus its section ------------
