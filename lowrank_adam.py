@@ -980,6 +980,8 @@ class GaLoreAdamW(_Base):
         # 1: the last refresh met an all-zero X, so this one is its retry (a number that every state holds,
         # 0 or 1, so that a state created by torch's zero-gradient step has the keys of a trained one)
         retry, state["refresh_again"] = state.get("refresh_again", 0), 0
+        if group["refresh"] == "randomized":  # from the first refresh (an SVD) on: a resume by name keeps the stream
+            state.setdefault("seed", stream_seed(group["seed"], index))
         if subspace == "random":
             # P ← orth(Ω), Ω ~ N(0, 1) of shape s×r, drawn from stream_seed(seed of this parameter, t)
             state.setdefault("seed", stream_seed(group["seed"], index))
@@ -998,7 +1000,6 @@ class GaLoreAdamW(_Base):
             return None if "P" in state else torch.eye(X.shape[0], r, dtype=X.dtype, device=X.device)
         if group["refresh"] == "randomized" and "P" in state:
             # P ← top-r of a randomized range finder warm-started from P_prev (``randomized_spectrum``)
-            state.setdefault("seed", stream_seed(group["seed"], index))
             rng = self._generator(p.device, stream_seed(state["seed"], t))
             U, _ = randomized_spectrum(X, r + REFRESH_OVERSAMPLE, state["P"], rng, group["refresh_iters"])
             return U[:, :r].contiguous()
@@ -1188,9 +1189,11 @@ class AdaptiveAdamW(_Base):
         #    in every state, so that a state created by that step has a trained one's keys).
         energies = [torch.linalg.vector_norm(p.grad, dtype=linalg_dtype(p.dtype)).square().reshape(1)
                     for p, _, _ in due]
-        for (p, g, _), (e,) in zip(due, self._to_host(energies)):
+        for (p, g, index), (e,) in zip(due, self._to_host(energies)):
             state = self.state[p]
             state["refresh_again"] = int(e == 0)
+            if g["refresh"] == "randomized":  # from the first refresh (an SVD) on: a resume by name keeps the stream
+                state.setdefault("seed", stream_seed(g["seed"], index))
             if e == 0:
                 if "P" not in state:
                     state["rank"] = self._clamped_rank(p, g)
@@ -1237,7 +1240,6 @@ class AdaptiveAdamW(_Base):
             X = oriented_grad(p, is_transposed(p.shape, g["proj_type"]))
             state = self.state[p]
             if g["refresh"] == "randomized" and "P" in state:
-                state.setdefault("seed", stream_seed(g["seed"], index))
                 rng = self._generator(p.device, stream_seed(state["seed"], state["step"] + 1))
                 svds.append(randomized_spectrum(X, k + REFRESH_OVERSAMPLE, state["P"], rng, g["refresh_iters"]))
             else:
