@@ -815,6 +815,19 @@ def gha_step(P: Tensor, x: Tensor, r: Tensor, lr: float) -> Tensor:
     return P + (cp - P @ torch.triu(r @ r.T)) * (lr / energy)
 
 
+def refresh_due(t: int, index: int, group: dict) -> bool:
+    """Whether the matrix of parameter index ``index`` refreshes its basis at
+    its step t: at t = 1 (its first basis), then every T = ``update_proj_gap``
+    steps. Without ``stagger`` every matrix refreshes at t ≡ 1 (mod T), as in
+    GaLore; with it, matrix i at t ≡ 1 + (i mod T) (mod T), so each step
+    refreshes about 1/T of the matrices and no step pays for all of them.
+    The offset depends only on the index and T: every rank agrees, and a
+    checkpoint needs nothing new."""
+    gap = group["update_proj_gap"]
+    offset = index % gap if group.get("stagger") else 0
+    return t == 1 or (t - 1 - offset) % gap == 0
+
+
 class GaLoreAdamW(_Base):
     r"""AdamW with GaLore gradient low-rank projection (Zhao et al. 2024).
 
@@ -859,6 +872,12 @@ class GaLoreAdamW(_Base):
     their direction. Step 1 has no previous basis: it is an exact SVD.
     The random columns come from ``stream_seed(seed, i, t)``, as below.
 
+    ``stagger`` (False): spread the refreshes over the gap instead of doing
+    them all at once. Matrix i (its parameter index) refreshes at steps
+    t ≡ 1 + (i mod T) (mod T) after its first basis at step 1, still once
+    every T steps, so a step refreshes about 1/T of the matrices and no
+    step is a stall (``refresh_due``). Off by default: GaLore's schedule.
+
     ``subspace`` chooses how P is found (the AdaptiveAdamW repository's
     baselines ``rsadamw`` and ``gha``, whose code is not public: these are
     our readings of their names)::
@@ -893,11 +912,11 @@ class GaLoreAdamW(_Base):
                  weight_decay: float = 0.0, *, update_proj_gap: int = 200, scale: float = 0.25,
                  proj_type: str = "std", residual: bool = False, norm_growth_limit: Optional[float] = 1.01,
                  subspace: str = "svd", refresh: str = "svd", refresh_iters: int = 1, gha_lr: float = 0.5,
-                 seed: int = 0, check_finite: bool = True):
+                 stagger: bool = False, seed: int = 0, check_finite: bool = True):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_proj_gap=update_proj_gap,
                         scale=scale, proj_type=proj_type, residual=residual, norm_growth_limit=norm_growth_limit,
-                        subspace=subspace, refresh=refresh, refresh_iters=refresh_iters, gha_lr=gha_lr, seed=seed,
-                        check_finite=check_finite)
+                        subspace=subspace, refresh=refresh, refresh_iters=refresh_iters, gha_lr=gha_lr,
+                        stagger=stagger, seed=seed, check_finite=check_finite)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict) -> None:
@@ -912,6 +931,7 @@ class GaLoreAdamW(_Base):
         if group["subspace"] == "gha":
             _check(0.0 < group["gha_lr"] <= 1.0, f"Invalid gha_lr: {group['gha_lr']} (use 0 < gha_lr <= 1)")
         _check(isinstance(group["seed"], int) and not isinstance(group["seed"], bool), f"Invalid seed: {group['seed']!r}")
+        _check(isinstance(group["stagger"], bool), f"Invalid stagger: {group['stagger']!r} (True or False)")
 
     def _step_items(self, items: list[tuple[Tensor, dict, int]]) -> None:
         self._update_each(items, self._galore_step)
@@ -925,8 +945,8 @@ class GaLoreAdamW(_Base):
         beta1, beta2 = group["betas"]
         subspace, gamma = group["subspace"], group["norm_growth_limit"]
 
-        # -- at t = 1, T+1, 2T+1, ...: a new basis P (s×r) ------------------
-        if (t - 1) % group["update_proj_gap"] == 0 or state.get("refresh_again"):
+        # -- at t = 1, T+1, 2T+1, ... (stagger: t = 1, then t ≡ 1 + offset mod T): a new basis P (s×r)
+        if refresh_due(t, index, group) or state.get("refresh_again"):
             P_new = self._new_basis(p, X, state, group, index, t)
             if P_new is not None:  # (None: an all-zero X, P kept until the next step)
                 if "exp_avg" in state and subspace != "svd":
