@@ -511,6 +511,65 @@ def test_staggered_refreshes_happen_once_per_gap_at_each_offset_and_resume_exact
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
 
 
+def test_adaptive_staggered_refreshes_allocate_globally_from_the_latest_spectra(tmp_path):
+    """AdaptiveAdamW with ``stagger``: after step 1 (every matrix), each step
+    refreshes the matrices at their offsets, each once per gap; a refreshed
+    matrix takes the rank that the greedy allocation gives it over every
+    matrix's latest spectrum (its own fresh one, the others' kept from their
+    last refresh) with all of B; a run saved mid-gap resumes bit for bit."""
+    shapes = [(10, 14), (12, 8), (9, 9), (6, 15), (14, 11)]
+
+    def build(seed=0):
+        torch.manual_seed(seed)
+        ps = [nn.Parameter(torch.randn(s)) for s in shapes]
+        return ps, la.AdaptiveAdamW([{"params": ps, "rank": 3, "update_proj_gap": 3, "stagger": True}], lr=1e-2)
+
+    g = torch.Generator().manual_seed(2)
+    grads = []
+    for t in range(10):  # each matrix with a spectrum of its own, changing over time
+        grads.append([torch.randn(s, generator=g) + (t % 4 + 1) * (i + 1) * torch.outer(
+            torch.randn(s[0], generator=g), torch.randn(s[1], generator=g)) for i, s in enumerate(shapes)])
+
+    def step(ps, opt, gs):
+        for p, grad in zip(ps, gs):
+            p.grad = grad.clone()
+        opt.step()
+
+    ps, opt = build()
+    for t in range(1, 8):
+        bases = [opt.state[p].get("P") for p in ps]
+        before = [dict(opt.state[p]) for p in ps]
+        step(ps, opt, grads[t - 1])
+        refreshed = [i for i, p in enumerate(ps) if opt.state[p]["P"] is not bases[i]]
+        assert refreshed == ([0, 1, 2, 3, 4] if t == 1 else [i for i in range(5) if (t - 1 - i % 3) % 3 == 0]), t
+        if t > 1:  # the allocation: fresh spectra of the refreshed, kept ones of the others, B = 5 · 3
+            spectra = [opt.state[p]["spectrum"] if i in refreshed else before[i]["spectrum"] for i, p in enumerate(ps)]
+            energy = [(opt.state[p] if i in refreshed else before[i])["energy"].item() for i, p in enumerate(ps)]
+            want = la.allocate_ranks([s.tolist() for s in spectra], 15, [min(s) for s in shapes],
+                                     "explained_variance", energy)
+            assert [opt.ranks()[i] for i in refreshed] == [want[i] for i in refreshed], t
+            X = [la.orient(ps[i].grad, la.is_transposed(shapes[i])) for i in refreshed]
+            for i, x in zip(refreshed, X):  # the kept spectrum is this step's gradient's
+                torch.testing.assert_close(opt.state[ps[i]]["spectrum"], torch.linalg.svdvals(x))
+    assert len(set(opt.ranks())) > 1  # the ranks moved apart: the allocation was exercised
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    ps2, opt2 = build(seed=5)
+    for p, q in zip(ps, ps2):
+        q.data.copy_(p.data)
+    opt2.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    for gs in grads[7:]:
+        step(ps, opt, gs)
+        step(ps2, opt2, gs)
+    assert all(torch.equal(p, q) for p, q in zip(ps, ps2)) and opt.ranks() == opt2.ranks()
+
+
+def test_adaptive_stagger_must_agree_across_allocating_groups():
+    a, b = nn.Parameter(torch.randn(6, 8)), nn.Parameter(torch.randn(7, 5))
+    with pytest.raises(ValueError, match="Invalid stagger"):
+        la.AdaptiveAdamW([{"params": [a], "rank": 2, "stagger": True}, {"params": [b], "rank": 2}])
+    la.AdaptiveAdamW([{"params": [a], "rank": 2, "stagger": True}, {"params": [b], "rank": 2, "allocate": False}])
+
+
 def test_randomized_spectrum_is_orthonormal_exact_on_low_rank_and_signed_like_its_start():
     g = torch.Generator().manual_seed(0)
     low = torch.randn(40, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 90, generator=g, dtype=torch.float64)
@@ -2030,7 +2089,7 @@ dist.init_process_group("gloo")
 CASES = [  # each optimizer with the options that change what a step computes
     ("GaLoreAdamW", {}), ("GaLoreAdamW", dict(subspace="random", stagger=True)),
     ("GaLoreAdamW", dict(subspace="gha", residual=True)), ("GaLoreAdamW", dict(refresh="randomized", proj_type="left")),
-    ("AdaptiveAdamW", {}), ("AdaptiveAdamW", dict(refresh="randomized", refresh_keep=None)),
+    ("AdaptiveAdamW", dict(stagger=True)), ("AdaptiveAdamW", dict(refresh="randomized", refresh_keep=None)),
     ("AdaptiveAdamW", dict(residual=False, transform_momentum=False, rank_metric="gap")),
     ("LDAdam", {}), ("LDAdam", dict(proj_method="svd", error_dtype=torch.bfloat16)),
     ("Adapprox", {}), ("Adapprox", dict(cosine_guidance=True, nonneg="floor")),
