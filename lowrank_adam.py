@@ -1128,9 +1128,10 @@ class AdaptiveAdamW(_Base):
     not due take part with the spectrum of their own last refresh (kept in
     the state: min(m, n) singular values, or the leading ones a randomized
     refresh finds, and the energy ‖X‖²_F), the budget is all of
-    B, and they keep their rank until their own refresh, which takes that
-    step's allocation. So the ranks held at one time may differ from B for
-    part of a gap (measured in docs/RESULTS.md). ``allocate=False`` keeps the matrices of a group at its rank, out
+    B; one allocated less than it holds drops its last directions (columns
+    of P and rows of the moments) at once, one allocated more grows at its
+    own refresh, which needs its SVD. So the ranks held never exceed B, and
+    fall short of it for part of a gap (measured in docs/RESULTS.md). ``allocate=False`` keeps the matrices of a group at its rank, out
     of the shared budget (then, with the transformation and limiter off,
     this is exactly GaLoreAdamW). ``refresh_keep`` (2.0) bounds the memory
     of a refresh: of each matrix's singular vectors, at most ⌈refresh_keep ×
@@ -1236,8 +1237,9 @@ class AdaptiveAdamW(_Base):
         pool = [i for i, (_, g, _) in enumerate(due) if g["allocate"]]
         held = [(p, g, i) for p, g, i in items if g.get("rank") is not None and g["allocate"]]
         # stagger: the matrices not due take part with the spectrum of their own last refresh
-        # (state "spectrum", "energy"), so that the allocation stays global; they keep their
-        # rank until their own refresh, which takes the allocation of that step
+        # (state "spectrum", "energy"), so that the allocation stays global; one allocated less
+        # than it holds drops its last directions at once, one allocated more grows at its own
+        # refresh (new directions need its SVD): the ranks held never exceed B
         due_ids = {id(p) for p, _, _ in due}
         stored = [(p, g, i) for p, g, i in held if g["stagger"] and id(p) not in due_ids
                   and "spectrum" in self.state[p]]
@@ -1293,6 +1295,12 @@ class AdaptiveAdamW(_Base):
             allocated = dict(zip(indices, allocate_ranks(spectra, budget, caps, metric[0], energy)))
             for i in pool:
                 ranks[i] = allocated[due[i][2]]
+            for p, _, i in stored:  # stagger: a matrix not due and allocated less drops its last directions now
+                state, rank = self.state[p], allocated[i]
+                if rank < state["rank"]:  # (P's columns are by singular value; the moments are rows in P)
+                    state.update(P=state["P"][:, :rank].contiguous(), rank=rank,
+                                 exp_avg=state["exp_avg"][:rank].contiguous(),
+                                 exp_avg_sq=state["exp_avg_sq"][:rank].contiguous())
         for (p, group, _), (u, _), rank in zip(due, svds, ranks):
             state = self.state[p]
             # 3. P_new ← top-r_new left singular vectors (a matrix allocated more
