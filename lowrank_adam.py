@@ -160,6 +160,16 @@ def gradient_spectrum(x: Tensor, max_rank: Optional[int] = None) -> tuple[Tensor
     return (u if max_rank is None else u[:, :max_rank].contiguous()), s
 
 
+def refresh_due(t: int, index: int, group: dict) -> bool:
+    """Whether matrix ``index`` refreshes its basis at its step t: at t = 1,
+    then every T = ``update_proj_gap`` steps, at t ≡ 1 (mod T) as in GaLore,
+    or with ``stagger`` at t ≡ 1 + (index mod T): about 1/T of the matrices
+    a step. The offset depends on the index and T alone (every rank agrees)."""
+    gap = group["update_proj_gap"]
+    offset = index % gap if group.get("stagger") else 0
+    return t == 1 or (t - 1 - offset) % gap == 0
+
+
 REFRESH_OVERSAMPLE = 8  # extra sketch columns of GaLoreAdamW's and AdaptiveAdamW's refresh="randomized"
 
 
@@ -226,8 +236,7 @@ def align_signs_(u: Tensor, prev: Tensor) -> Tensor:
 
 
 def resize_rows(x: Tensor, rows: int) -> Tensor:
-    """First ``rows`` rows of x, zero-padded when x has fewer (moments kept in
-    place when a matrix's rank changes)."""
+    """First ``rows`` rows of x, zero-padded when x has fewer (a rank changed)."""
     out = x.new_zeros(rows, x.shape[1])
     k = min(rows, x.shape[0])
     out[:k] = x[:k]
@@ -348,8 +357,7 @@ def is_all_zero(x: Tensor) -> bool:
 
 
 @torch.compiler.disable  # as is_all_zero
-def all_finite(xs: list[Tensor]) -> bool:
-    """Whether every entry of every tensor is finite (one host sync per tensor)."""
+def all_finite(xs: list[Tensor]) -> bool:  # (one host sync per tensor)
     return all(bool(x.isfinite().all()) for x in xs)
 
 
@@ -859,6 +867,12 @@ class GaLoreAdamW(_Base):
     their direction. Step 1 has no previous basis: it is an exact SVD.
     The random columns come from ``stream_seed(seed, i, t)``, as below.
 
+    ``stagger`` (False): spread the refreshes over the gap instead of doing
+    them all at once. Matrix i (its parameter index) refreshes at steps
+    t ≡ 1 + (i mod T) (mod T) after its first basis at step 1, still once
+    every T steps, so a step refreshes about 1/T of the matrices and no
+    step is a stall (``refresh_due``). Off by default: GaLore's schedule.
+
     ``subspace`` chooses how P is found (the AdaptiveAdamW repository's
     baselines ``rsadamw`` and ``gha``, whose code is not public: these are
     our readings of their names)::
@@ -893,11 +907,11 @@ class GaLoreAdamW(_Base):
                  weight_decay: float = 0.0, *, update_proj_gap: int = 200, scale: float = 0.25,
                  proj_type: str = "std", residual: bool = False, norm_growth_limit: Optional[float] = 1.01,
                  subspace: str = "svd", refresh: str = "svd", refresh_iters: int = 1, gha_lr: float = 0.5,
-                 seed: int = 0, check_finite: bool = True):
+                 stagger: bool = False, seed: int = 0, check_finite: bool = True):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_proj_gap=update_proj_gap,
                         scale=scale, proj_type=proj_type, residual=residual, norm_growth_limit=norm_growth_limit,
-                        subspace=subspace, refresh=refresh, refresh_iters=refresh_iters, gha_lr=gha_lr, seed=seed,
-                        check_finite=check_finite)
+                        subspace=subspace, refresh=refresh, refresh_iters=refresh_iters, gha_lr=gha_lr,
+                        stagger=stagger, seed=seed, check_finite=check_finite)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict) -> None:
@@ -912,6 +926,7 @@ class GaLoreAdamW(_Base):
         if group["subspace"] == "gha":
             _check(0.0 < group["gha_lr"] <= 1.0, f"Invalid gha_lr: {group['gha_lr']} (use 0 < gha_lr <= 1)")
         _check(isinstance(group["seed"], int) and not isinstance(group["seed"], bool), f"Invalid seed: {group['seed']!r}")
+        _check(isinstance(group["stagger"], bool), f"Invalid stagger: {group['stagger']!r} (True or False)")
 
     def _step_items(self, items: list[tuple[Tensor, dict, int]]) -> None:
         self._update_each(items, self._galore_step)
@@ -925,8 +940,8 @@ class GaLoreAdamW(_Base):
         beta1, beta2 = group["betas"]
         subspace, gamma = group["subspace"], group["norm_growth_limit"]
 
-        # -- at t = 1, T+1, 2T+1, ...: a new basis P (s×r) ------------------
-        if (t - 1) % group["update_proj_gap"] == 0 or state.get("refresh_again"):
+        # -- at t = 1, T+1, 2T+1, ... (stagger: t = 1, then t ≡ 1 + offset mod T): a new basis P (s×r)
+        if refresh_due(t, index, group) or state.get("refresh_again"):
             P_new = self._new_basis(p, X, state, group, index, t)
             if P_new is not None:  # (None: an all-zero X, P kept until the next step)
                 if "exp_avg" in state and subspace != "svd":
@@ -1109,7 +1124,15 @@ class AdaptiveAdamW(_Base):
     singular values), including ``refresh``, plus ``rank_metric`` (one of ``RANK_METRICS``, default
     ``explained_variance``; the same in every group that allocates),
     ``transform_momentum`` (True) and ``norm_growth_limit`` γ (1.01, None =
-    off). ``allocate=False`` keeps the matrices of a group at its rank, out
+    off). ``stagger`` (False) spreads the refreshes over the gap as in
+    GaLoreAdamW (``refresh_due``); the allocation stays global: the matrices
+    not due take part with the spectrum of their own last refresh (kept in
+    the state: min(m, n) singular values, or the leading ones a randomized
+    refresh finds, and the energy ‖X‖²_F), the budget is all of
+    B; one allocated less than it holds drops its last directions (columns
+    of P and rows of the moments) at once, one allocated more grows at its
+    own refresh, which needs its SVD. So the ranks held never exceed B, and
+    fall short of it for part of a gap (measured in docs/RESULTS.md). ``allocate=False`` keeps the matrices of a group at its rank, out
     of the shared budget (then, with the transformation and limiter off,
     this is exactly GaLoreAdamW). ``refresh_keep`` (2.0) bounds the memory
     of a refresh: of each matrix's singular vectors, at most ⌈refresh_keep ×
@@ -1138,12 +1161,12 @@ class AdaptiveAdamW(_Base):
                  proj_type: str = "std", rank_metric: str = "explained_variance", allocate: bool = True,
                  transform_momentum: bool = True, norm_growth_limit: Optional[float] = 1.01,
                  residual: bool = True, refresh_keep: Optional[float] = 2.0, refresh: str = "svd",
-                 refresh_iters: int = 1, seed: int = 0, check_finite: bool = True):
+                 refresh_iters: int = 1, stagger: bool = False, seed: int = 0, check_finite: bool = True):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_proj_gap=update_proj_gap,
                         scale=scale, proj_type=proj_type, residual=residual, norm_growth_limit=norm_growth_limit,
                         check_finite=check_finite, rank_metric=rank_metric, allocate=allocate,
                         transform_momentum=transform_momentum, refresh_keep=refresh_keep, refresh=refresh,
-                        refresh_iters=refresh_iters, seed=seed)
+                        refresh_iters=refresh_iters, stagger=stagger, seed=seed)
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict) -> None:
@@ -1167,12 +1190,17 @@ class AdaptiveAdamW(_Base):
                    f"Invalid rank_metric: {group['rank_metric']!r} differs from {sorted(others)} of another group; "
                    "every group that allocates shares one budget and must use the same rank_metric "
                    "(or set allocate=False in one of them)")
+            _check(isinstance(group["stagger"], bool), f"Invalid stagger: {group['stagger']!r} (True or False)")
+            staggers = {g["stagger"] for g in self.param_groups if g.get("rank") is not None and g["allocate"]}
+            _check(not group["allocate"] or staggers <= {group["stagger"]},
+                   f"Invalid stagger: {group['stagger']!r} differs from another group's; every group that allocates "
+                   "shares one budget and one schedule (or set allocate=False in one of them)")
 
     def _step_items(self, items: list[tuple[Tensor, dict, int]]) -> None:
         # At t = 1, T+1, 2T+1, ...: new ranks and bases for the matrices due, together
         # (and again at the next step for a matrix whose gradient was all-zero at its refresh)
         due = [(p, g, i) for p, g, i in items if g.get("rank") is not None and (
-            self.state[p].get("step", 0) % g["update_proj_gap"] == 0 or self.state[p].get("refresh_again"))]
+            refresh_due(self.state[p].get("step", 0) + 1, i, g) or self.state[p].get("refresh_again"))]
         if due or self.__dict__.get("_peers"):  # under FSDP2 every rank takes part in the allocation
             self._allocate_and_refresh(due, items)
         # Every step: projected Adam with the residual (or the limiter on N)
@@ -1210,13 +1238,21 @@ class AdaptiveAdamW(_Base):
         ranks = [self._clamped_rank(p, g) if "rank" not in self.state[p] or not g["allocate"]
                  else self.state[p]["rank"] for p, g, _ in due]
         pool = [i for i, (_, g, _) in enumerate(due) if g["allocate"]]
-        refreshed = {id(due[i][0]) for i in pool}
-        held = [(p, g) for p, g, _ in items if g.get("rank") is not None and g["allocate"]]
-        budget = sum(self._clamped_rank(p, g) - (0 if id(p) in refreshed else self.ranks_of(p, g)) for p, g in held)
+        held = [(p, g, i) for p, g, i in items if g.get("rank") is not None and g["allocate"]]
+        # stagger: the matrices not due take part with the spectrum of their own last refresh
+        # (state "spectrum", "energy"), so that the allocation stays global; one allocated less
+        # than it holds drops its last directions at once, one allocated more grows at its own
+        # refresh (new directions need its SVD): the ranks held never exceed B
+        due_ids = {id(p) for p, _, _ in due}
+        stored = [(p, g, i) for p, g, i in held if g["stagger"] and id(p) not in due_ids
+                  and "spectrum" in self.state[p]]
+        allocated_here = due_ids | {id(p) for p, _, _ in stored}
+        budget = sum(self._clamped_rank(p, g) - (0 if id(p) in allocated_here else self.ranks_of(p, g))
+                     for p, g, _ in held)
         # Under FSDP2 this rank steps only the matrices it owns, and ``_peers``
         # (section 7) sums B and L (and the matrices due) over every rank's.
         peers = self.__dict__.get("_peers")
-        totals = [budget, len(pool), len(due)]
+        totals = [budget, len(pool) + len(stored), len(due)]
         budget, pooled, due_anywhere = peers.sum(totals) if peers else totals
         if not due_anywhere:
             return
@@ -1246,15 +1282,27 @@ class AdaptiveAdamW(_Base):
                 svds.append(gradient_spectrum(X, k))
         # 2. Greedy allocation: rank 1 each, then the best next singular value
         if pooled:
-            host = self._to_host([svds[i][1] for i in pool] + [energies[i] for i in pool])  # one sync per device
+            if pool and due[pool[0]][1]["stagger"]:  # kept for the allocations until this matrix's next refresh
+                for i in pool:
+                    self.state[due[i][0]].update(spectrum=svds[i][1].clone(), energy=energies[i])
+            spectra = [svds[i][1] for i in pool] + [self.state[p]["spectrum"] for p, _, _ in stored]
+            energy_list = [energies[i] for i in pool] + [self.state[p]["energy"] for p, _, _ in stored]
+            host = self._to_host(spectra + energy_list)  # one sync per device
+            n = len(spectra)
             # (parameter index, spectrum, E, cap, metric) of each matrix; under FSDP2 every rank's, by index
-            mine = [(due[i][2], host[k], host[len(pool) + k][0], min(due[i][0].shape), due[i][1]["rank_metric"])
-                    for k, i in enumerate(pool)]
+            mine = [(i, host[k], host[n + k][0], min(p.shape), g["rank_metric"])
+                    for k, (p, g, i) in enumerate([due[j] for j in pool] + stored)]
             every = peers.gather(mine) if peers else mine
             indices, spectra, energy, caps, metric = zip(*every)
             allocated = dict(zip(indices, allocate_ranks(spectra, budget, caps, metric[0], energy)))
             for i in pool:
                 ranks[i] = allocated[due[i][2]]
+            for p, _, i in stored:  # stagger: a matrix not due and allocated less drops its last directions now
+                state, rank = self.state[p], allocated[i]
+                if rank < state["rank"]:  # (P's columns are by singular value; the moments are rows in P)
+                    state.update(P=state["P"][:, :rank].contiguous(), rank=rank,
+                                 exp_avg=state["exp_avg"][:rank].contiguous(),
+                                 exp_avg_sq=state["exp_avg_sq"][:rank].contiguous())
         for (p, group, _), (u, _), rank in zip(due, svds, ranks):
             state = self.state[p]
             # 3. P_new ← top-r_new left singular vectors (a matrix allocated more

@@ -326,12 +326,15 @@ def range_finder(X, P_prev, width, seed, t, iters, index=0):
 
 
 def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale, proj_type="std", residual=False,
-                     gamma=None, subspace="svd", gha_lr=0.1, seed=0, refresh="svd", refresh_iters=1, index=0):
+                     gamma=None, subspace="svd", gha_lr=0.1, seed=0, refresh="svd", refresh_iters=1, offset=0,
+                     index=0):
     """GaLore's algorithm box, written independently in float64, plus the
     Fira-style residual with its norm-growth limiter, the random / GHA
     subspaces and the randomized refresh. The random numbers are drawn from
     generators seeded with stream_seed(stream_seed(seed, index), t), index
-    the parameter's position in the optimizer: an input, like the gradients."""
+    the parameter's position in the optimizer: an input, like the gradients.
+    ``offset``: refreshes at t = 1, then t ≡ 1 + offset (mod gap) (a
+    staggered schedule)."""
     W = W0.clone()
     side = PROJECTION_SIDE[proj_type](*W.shape)
     M = V = P = P_ref = None
@@ -340,7 +343,7 @@ def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale, proj_type=
     for t, G in enumerate(grads, start=1):
         X = G if side == "left" else G.T  # the rows of X are what P spans
         r = min(rank, X.shape[0])
-        if (t - 1) % gap == 0 or again:
+        if t == 1 or (t - 1 - offset) % gap == 0 or again:
             retry, again, P_new = again, False, None
             if subspace == "random":  # a fresh uniformly random basis
                 gen = torch.Generator().manual_seed(la.stream_seed(la.stream_seed(seed, index), t))
@@ -438,6 +441,143 @@ def test_galore_randomized_refresh_matches_reference(shape, residual, iters):
     if shape == (30, 12):  # the exact SVD's run differs: the refreshes at steps 4 and 7 were sketched
         exact = galore_reference(W0, grads, **kw, residual=residual, gamma=1.01 if residual else None)
         assert not torch.allclose(exact, expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("subspace, refresh", [("svd", "svd"), ("svd", "randomized"), ("random", "svd"),
+                                               ("gha", "svd")])
+def test_staggered_refreshes_match_the_reference_at_each_matrixs_offset(subspace, refresh):
+    """With ``stagger``, matrix i (its parameter index) refreshes at step 1, then
+    at t ≡ 1 + (i mod T) (mod T): tall, wide and square matrices at indices 0,
+    1 and 2 with T = 3 equal the float64 reference run at those offsets."""
+    g = torch.Generator().manual_seed(0)
+    W0s = [torch.randn(shape, generator=g, dtype=torch.float64) for shape in SHAPES.values()]
+    grads = [gapped_grads(shape, 9, seed=i) for i, shape in enumerate(SHAPES.values())]
+    kw = dict(rank=2, gap=3, lr=0.05, betas=(0.9, 0.99), eps=1e-8, wd=0.1, scale=0.5)
+    ps = [nn.Parameter(W.clone()) for W in W0s]
+    opt = la.GaLoreAdamW([{"params": ps, "rank": 2, "update_proj_gap": 3, "scale": 0.5, "residual": True,
+                           "subspace": subspace, "gha_lr": 0.3, "stagger": True}], lr=0.05, betas=(0.9, 0.99),
+                         eps=1e-8, weight_decay=0.1, refresh=refresh, seed=4)
+    for t in range(9):
+        for p, gs in zip(ps, grads):
+            p.grad = gs[t].clone()
+        opt.step()
+    for i, (p, W0, gs) in enumerate(zip(ps, W0s, grads)):
+        expected = galore_reference(W0, gs, **kw, residual=True, gamma=1.01, subspace=subspace, gha_lr=0.3,
+                                    refresh=refresh, seed=4, offset=i % 3, index=i)
+        torch.testing.assert_close(p.detach(), expected, atol=1e-10, rtol=1e-10)
+    if subspace == "svd":  # the offsets matter: matrix 1 run at offset 0 ends elsewhere
+        other = galore_reference(W0s[1], grads[1], **kw, residual=True, gamma=1.01, refresh=refresh, seed=4, index=1)
+        assert not torch.allclose(ps[1].detach(), other, atol=1e-6)
+
+
+def test_staggered_refreshes_happen_once_per_gap_at_each_offset_and_resume_exactly(tmp_path):
+    """Seven matrices, T = 3: after step 1, every step refreshes the matrices
+    whose index i has t ≡ 1 + (i mod 3) (mod 3), each once per gap; a run
+    saved mid-gap and loaded into a fresh optimizer continues bit for bit."""
+    def build(seed=0):
+        torch.manual_seed(seed)
+        model = nn.Sequential(*[nn.Linear(5, 5, bias=False) for _ in range(7)])
+        return model, la.GaLoreAdamW([{"params": list(model.parameters()), "rank": 2, "update_proj_gap": 3,
+                                       "stagger": True}], lr=1e-2)
+
+    model, opt = build()
+    refreshed, new_basis = [], la.GaLoreAdamW._new_basis
+    def spy(self, p, X, state, group, index, t):
+        refreshed.append((t, index))
+        return new_basis(self, p, X, state, group, index, t)
+    g = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(5, 5, generator=g) for _ in range(7)] for _ in range(10)]
+
+    def run(model, opt, steps):
+        for gs in steps:
+            for p, grad in zip(model.parameters(), gs):
+                p.grad = grad.clone()
+            opt.step()
+
+    la.GaLoreAdamW._new_basis = spy
+    try:
+        run(model, opt, grads[:7])
+    finally:
+        la.GaLoreAdamW._new_basis = new_basis
+    by_step = {t: sorted(i for s, i in refreshed if s == t) for t in range(1, 8)}
+    assert by_step[1] == list(range(7))  # every matrix's first basis
+    for t in range(2, 8):
+        assert by_step[t] == [i for i in range(7) if (t - 1 - i % 3) % 3 == 0], t
+    for i in range(7):  # once in every gap of T = 3 steps after the first
+        assert [t for t in range(2, 8) if i in by_step[t]] in ([2, 5], [3, 6], [4, 7])
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    model2, opt2 = build(seed=5)
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    run(model, opt, grads[7:])
+    run(model2, opt2, grads[7:])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def test_adaptive_staggered_refreshes_allocate_globally_from_the_latest_spectra(tmp_path):
+    """AdaptiveAdamW with ``stagger``: after step 1 (every matrix), each step
+    refreshes the matrices at their offsets, each once per gap; a refreshed
+    matrix takes the rank that the greedy allocation gives it over every
+    matrix's latest spectrum (its own fresh one, the others' kept from their
+    last refresh) with all of B; a run saved mid-gap resumes bit for bit."""
+    shapes = [(10, 14), (12, 8), (9, 9), (6, 15), (14, 11)]
+
+    def build(seed=0):
+        torch.manual_seed(seed)
+        ps = [nn.Parameter(torch.randn(s)) for s in shapes]
+        return ps, la.AdaptiveAdamW([{"params": ps, "rank": 3, "update_proj_gap": 3, "stagger": True}], lr=1e-2)
+
+    g = torch.Generator().manual_seed(2)
+    grads = []
+    for t in range(10):  # each matrix with a spectrum of its own, changing over time
+        grads.append([torch.randn(s, generator=g) + (t % 4 + 1) * (i + 1) * torch.outer(
+            torch.randn(s[0], generator=g), torch.randn(s[1], generator=g)) for i, s in enumerate(shapes)])
+
+    def step(ps, opt, gs):
+        for p, grad in zip(ps, gs):
+            p.grad = grad.clone()
+        opt.step()
+
+    ps, opt = build()
+    shrunk = []
+    for t in range(1, 8):
+        kept = [opt.state[p].get("spectrum") for p in ps]
+        before = [dict(opt.state[p]) for p in ps]
+        step(ps, opt, grads[t - 1])
+        refreshed = [i for i, p in enumerate(ps) if opt.state[p]["spectrum"] is not kept[i]]
+        assert refreshed == ([0, 1, 2, 3, 4] if t == 1 else [i for i in range(5) if (t - 1 - i % 3) % 3 == 0]), t
+        assert sum(opt.ranks()) <= 15  # never more than the budget B = 5 · 3
+        if t > 1:  # the allocation: fresh spectra of the refreshed, kept ones of the others
+            spectra = [opt.state[p]["spectrum"] if i in refreshed else before[i]["spectrum"] for i, p in enumerate(ps)]
+            energy = [(opt.state[p] if i in refreshed else before[i])["energy"].item() for i, p in enumerate(ps)]
+            want = la.allocate_ranks([s.tolist() for s in spectra], 15, [min(s) for s in shapes],
+                                     "explained_variance", energy)
+            for i, p in enumerate(ps):  # the refreshed take it; the others shrink to it at once, or wait to grow
+                assert opt.ranks()[i] == (want[i] if i in refreshed else min(want[i], before[i]["rank"])), (t, i)
+                if i not in refreshed and want[i] < before[i]["rank"]:  # its leading directions and moment rows
+                    shrunk.append((t, i))
+                    assert torch.equal(opt.state[p]["P"], before[i]["P"][:, :want[i]])
+                    assert opt.state[p]["exp_avg"].shape[0] == opt.state[p]["exp_avg_sq"].shape[0] == want[i]
+            X = [la.orient(ps[i].grad, la.is_transposed(shapes[i])) for i in refreshed]
+            for i, x in zip(refreshed, X):  # the kept spectrum is this step's gradient's
+                torch.testing.assert_close(opt.state[ps[i]]["spectrum"], torch.linalg.svdvals(x))
+    assert len(set(opt.ranks())) > 1 and shrunk  # the ranks moved apart, some without a refresh of their own
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    ps2, opt2 = build(seed=5)
+    for p, q in zip(ps, ps2):
+        q.data.copy_(p.data)
+    opt2.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    for gs in grads[7:]:
+        step(ps, opt, gs)
+        step(ps2, opt2, gs)
+    assert all(torch.equal(p, q) for p, q in zip(ps, ps2)) and opt.ranks() == opt2.ranks()
+
+
+def test_adaptive_stagger_must_agree_across_allocating_groups():
+    a, b = nn.Parameter(torch.randn(6, 8)), nn.Parameter(torch.randn(7, 5))
+    with pytest.raises(ValueError, match="Invalid stagger"):
+        la.AdaptiveAdamW([{"params": [a], "rank": 2, "stagger": True}, {"params": [b], "rank": 2}])
+    la.AdaptiveAdamW([{"params": [a], "rank": 2, "stagger": True}, {"params": [b], "rank": 2, "allocate": False}])
 
 
 def test_randomized_spectrum_is_orthonormal_exact_on_low_rank_and_signed_like_its_start():
@@ -1981,9 +2121,9 @@ import lowrank_adam as la
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
 CASES = [  # each optimizer with the options that change what a step computes
-    ("GaLoreAdamW", {}), ("GaLoreAdamW", dict(subspace="random")),
+    ("GaLoreAdamW", {}), ("GaLoreAdamW", dict(subspace="random", stagger=True)),
     ("GaLoreAdamW", dict(subspace="gha", residual=True)), ("GaLoreAdamW", dict(refresh="randomized", proj_type="left")),
-    ("AdaptiveAdamW", {}), ("AdaptiveAdamW", dict(refresh="randomized", refresh_keep=None)),
+    ("AdaptiveAdamW", dict(stagger=True)), ("AdaptiveAdamW", dict(refresh="randomized", refresh_keep=None)),
     ("AdaptiveAdamW", dict(residual=False, transform_momentum=False, rank_metric="gap")),
     ("LDAdam", {}), ("LDAdam", dict(proj_method="svd", error_dtype=torch.bfloat16)),
     ("Adapprox", {}), ("Adapprox", dict(cosine_guidance=True, nonneg="floor")),
