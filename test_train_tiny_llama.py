@@ -572,6 +572,8 @@ BAD_FLAGS = [  # every flag's bad values: one clear line each
     (["--warmup-steps", "500", "--max-steps", "20"], "--warmup-steps 500 with --max-steps 20: the lr would never "
                                                       "reach its peak"),
     (["--warmup-steps", "20", "--max-steps", "20"], "--warmup-steps 20 with --max-steps 20"),
+    (["--stagger"], "--stagger: adamw has no staggered refresh schedule (an option of galore"),
+    (["--optimizer", "ldadam", "--stagger"], "--stagger: ldadam has no staggered refresh schedule"),
 ]
 
 
@@ -917,7 +919,7 @@ def test_every_optimizer_flag_names_an_argument_of_an_optimizer():
     takes = set().union(*(inspect.signature(r.cls).parameters for r in tl.OPTIMIZERS.values()))
     groups = ("galore and adaptive", "ldadam", "adapprox")
     flags = [a.dest for g in tl.build_parser()._action_groups if g.title in groups for a in g._group_actions]
-    assert len(flags) == 13 and set(flags) <= takes
+    assert len(flags) == 14 and set(flags) <= takes
 
 
 FLAG_EFFECTS = [  # (flags, what the optimizer's last param group holds then; None = off)
@@ -936,7 +938,33 @@ FLAG_EFFECTS = [  # (flags, what the optimizer's last param group holds then; No
     (["--optimizer", "adamw", "--beta1", "0.8", "--update-proj-gap", "7"], dict(betas=(0.8, 0.999), lr=3e-3)),
     (["--optimizer", "galore+randomized"], dict(refresh="randomized", subspace="svd")),
     (["--optimizer", "adaptive:gap+randomized"], dict(refresh="randomized", rank_metric="gap")),
+    (["--optimizer", "galore+randomized+stagger"], dict(refresh="randomized", stagger=True)),
 ]
+
+
+@pytest.mark.parametrize("name", tl.staggered())
+def test_stagger_reaches_the_optimizer_of_a_run_and_is_refused_where_no_class_takes_it(name, corpus, tmp_path):
+    """--stagger (or the spec NAME+stagger) for the optimizers whose class takes ``stagger``:
+    galore, and adaptive once AdaptiveAdamW does; off by default. The others refuse it up front
+    (BAD_FLAGS), adaptive too until then."""
+    assert "galore" in tl.staggered() and "adamw" not in tl.staggered()
+    if "stagger" not in inspect.signature(la.AdaptiveAdamW).parameters:
+        with pytest.raises(SystemExit, match="--stagger: adaptive has no staggered refresh schedule"):
+            tl.parse_args(["--optimizer", "adaptive", "--stagger"])
+        with pytest.raises(SystemExit, match="adaptive has no variant \\+stagger"):
+            tl.parse_args(["--optimizer", "adaptive+stagger"])
+    build = lambda *flags: tl.build_optimizer(a := tl.parse_args(["--optimizer", *flags]),
+                                              tl.build_model(a, vocab_size=64, device="meta"))
+    assert build(name).param_groups[-1]["stagger"] is False  # the papers' schedule
+    assert build(f"{name}+stagger").param_groups[-1]["stagger"] is True
+    tl.main(SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", name, "--stagger",
+                     "--max-steps", "3", "--update-proj-gap", "2"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["settings"]["stagger"] is True
+    assert all(g["stagger"] for g in ckpt["optimizer"]["param_groups"] if g.get("rank") is not None)
+    help_text = " ".join(tl.build_parser().format_help().split())
+    assert f"--stagger spread the subspace refreshes over the gap T ({', '.join(tl.staggered())};" in help_text
+    assert "off by default: every matrix refreshes at steps 1, T+1, 2T+1, ..., the papers' schedule" in help_text
 
 
 @pytest.mark.parametrize("argv, expected", FLAG_EFFECTS, ids=[a[1] for a, _ in FLAG_EFFECTS])
