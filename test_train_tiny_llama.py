@@ -1318,6 +1318,20 @@ def test_bench_peak_measures_each_optimizer_in_a_fresh_process(capsys, xdg_cache
     assert all(float(r[5].replace(",", "")) > 0 for r in rows.values())
 
 
+def test_bench_steps_full_gap_times_every_step_of_one_gap_with_and_without_stagger(capsys):
+    bench.main(["steps", "--model", "tiny", "--rank", "8", "--optimizer", "adamw,galore,galore+stagger",
+                "--update-proj-gap", "4", "--full-gap", "--steps", "1"])
+    out = capsys.readouterr().out
+    assert "each of the T = 4 steps after the first (steps 2 to 5, in which every matrix refreshes once)" in out
+    rows = {r[0][2:]: r for r in table_rows(out)}
+    # | optimizer | first | median | slowest | at step | slowest / median | mean | mean / AdamW | most bases refreshed |
+    assert rows["adamw"][8] == "– |" and rows["galore"][8] == "28 |" and rows["galore+stagger"][8] == "7 |"
+    for r in rows.values():
+        assert 2 <= int(r[4]) <= 5 and float(r[5]) >= 1 and float(r[3]) >= float(r[2]) > 0
+    with pytest.raises(SystemExit, match="--stagger: adamw has no staggered refresh schedule"):
+        bench.main(["steps", "--model", "tiny", "--optimizer", "adamw,galore", "--stagger"])
+
+
 def test_bench_refresh_and_steps_over_all_params(capsys):
     bench.main(["refresh", "--model", "tiny", "--rank", "8"])
     rows = table_rows(capsys.readouterr().out)
