@@ -19,7 +19,8 @@ commands:
             per-matrix formulas (tested equal to state_bytes after a real step)
   peak      peak memory of whole training steps, each optimizer in a fresh
             process, with and without --layerwise (CUDA: max_memory_allocated;
-            CPU: peak resident memory)
+            CPU: peak resident memory); also of the steps after the first (a
+            later refresh) and step()'s own temporaries there
   shard     optimizer state and peak memory per rank under torchrun (--nproc processes, gloo on
             CPU): plain DDP (every rank holds all of it), --zero (ZeRO-1) and
             --fsdp (FSDP2), for each optimizer, after real steps on random tokens
@@ -397,8 +398,15 @@ def resident_kb(field: str) -> int:
 def peak_one(argv: list[str]) -> None:
     """One measurement in this (fresh) process: prints a JSON line. On CUDA the
     peak is torch.cuda.max_memory_allocated; on CPU the peak resident memory
-    (VmHWM, reset before the first step) minus the resident memory before the
-    model existed."""
+    (VmHWM) minus the resident memory before the model existed. The peak is
+    reset before each step: ``peak`` is that of every step, ``later`` that of
+    steps 2 and after (None for one step), which leaves out step 1 (the state
+    allocated, every basis computed) and so shows a later refresh step's, e.g.
+    with --update-proj-gap 4 --max-steps 5. ``step_temporaries``: of steps 2 and
+    after, the most that opt.step() holds at once in the tensors it creates
+    (LiveTensorBytes: exact on the CPU too, where the allocator keeps freed
+    pages; a refresh's temporaries, not LAPACK's workspace); None with
+    --layerwise or one step."""
     args = tl.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -411,26 +419,41 @@ def peak_one(argv: list[str]) -> None:
         la.layerwise_hooks(opt)
     tokens = torch.randint(0, 32000, (args.batch_size, args.seq_len + 1), device=device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
         baseline = 0
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM <- VmRSS
-    for _ in range(args.max_steps):  # step 1 also allocates the state and computes the first bases
+    peaks, temporaries = [], []
+    for step in range(1, args.max_steps + 1):  # step 1 also allocates the state and computes the first bases
+        tl.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM <- VmRSS
         model(tokens[:, :-1], tokens[:, 1:])[1].backward()
         if not args.layerwise:
-            opt.step()
+            if step == 1:
+                opt.step()
+            else:
+                state = [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+                with LiveTensorBytes(state) as live:
+                    del state
+                    opt.step()
+                temporaries.append(live.peak)
             opt.zero_grad(set_to_none=True)
-    tl.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resident_kb("VmHWM") * 1024 - baseline
+        tl.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+                     resident_kb("VmHWM") * 1024 - baseline)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(json.dumps(dict(optimizer=args.optimizer, layerwise=args.layerwise, params=param_bytes,
-                          grads=0 if args.layerwise else param_bytes, state=la.state_bytes(opt), peak=peak,
+                          grads=0 if args.layerwise else param_bytes, state=la.state_bytes(opt), peak=max(peaks),
+                          later=max(peaks[1:], default=None), step_temporaries=max(temporaries, default=None),
                           device=str(device))))
 
 def peak(argv: list[str]) -> str:
     p = tl.Parser(prog="bench.py peak", description="Peak memory of --max-steps training steps (random tokens), each "
-                  "optimizer in a fresh process, with and without --layerwise; any other flag (see "
-                  "train_tiny_llama.py --help: --model, --rank, --batch-size, --seq-len, --device) applies too.",
+                  "optimizer in a fresh process, with and without --layerwise; also the peak of the steps after the first "
+                  "and the most opt.step() holds at once in new tensors there, which show a later refresh step's "
+                  "(e.g. --update-proj-gap 4 --max-steps 5: step 5 refreshes every basis, or with +stagger each "
+                  "step 2-5 a quarter of them); any other flag (see train_tiny_llama.py --help: --model, --rank, "
+                  "--batch-size, --seq-len, --device) applies too.",
                   formatter_class=tl.HelpFormatter, allow_abbrev=False)
     p.add_argument("--optimizer", default="adamw,galore,adaptive,ldadam,adapprox", help="comma list of specs")
     p.add_argument("--modes", default="plain,layerwise", help="plain (optimizer.step() after backward), layerwise")
@@ -454,18 +477,22 @@ def peak(argv: list[str]) -> str:
             if out.returncode:
                 tl.fail(f"peak-one {' '.join(flags)} failed:\n{out.stderr[-2000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    args = tl.parse_args(rest)
-    mb = lambda b: f"{b / 2**20:,.0f}"
+    args = shared_args(rest)
+    mb = lambda b: "–" if b is None else f"{b / 2**20:,.0f}"
+    mb1 = lambda b: "–" if b is None else f"{b / 2**20:,.1f}"
+    later = f"steps 2-{args.max_steps}" if args.max_steps > 2 else "step 2"
     lines = [f"peak memory of {args.max_steps} training steps of {args.model} (batch {args.batch_size} x "
              f"{args.seq_len} tokens, rank {args.rank}, {rows[0]['device']}, torch {torch.__version__}); MB", "",
              "| optimizer | mode | params | grads | optimizer state | peak | peak - params - state (grads, "
-             "activations, temporaries) | peak / AdamW's |", "|---|---|---|---|---|---|---|---|"]
+             f"activations, temporaries) | peak / AdamW's | peak of {later} | step() temporaries, {later} |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     base = next((r["peak"] for r in rows if r["optimizer"] == "adamw" and not r["layerwise"]), None)
     for r in rows:
         ratio = f"{r['peak'] / base:.2f}" if base else ""
         lines.append(f"| {r['optimizer']} | {'layerwise' if r['layerwise'] else 'plain'} | {mb(r['params'])} | "
                      f"{mb(r['grads'])} | {mb(r['state'])} | {mb(r['peak'])} | "
-                     f"{mb(r['peak'] - r['params'] - r['state'])} | {ratio} |")
+                     f"{mb(r['peak'] - r['params'] - r['state'])} | {ratio} | {mb(r['later'])} | "
+                     f"{mb1(r['step_temporaries'])} |")
     return "\n".join(lines)
 
 class LiveTensorBytes(TorchDispatchMode):

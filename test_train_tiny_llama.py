@@ -1316,6 +1316,19 @@ def test_bench_peak_measures_each_optimizer_in_a_fresh_process(capsys, xdg_cache
     assert set(rows) == {("galore", "plain"), ("galore", "layerwise"), ("adaptive", "plain")}  # adaptive: no layer-wise
     assert rows[("galore", "layerwise")][3] == "0" and rows[("galore", "plain")][3] == rows[("galore", "plain")][2]
     assert all(float(r[5].replace(",", "")) > 0 for r in rows.values())
+    assert all(r[8:] == ["–", "– |"] for r in rows.values())  # one step: none after the first
+
+
+def test_bench_peak_covers_a_later_refresh_step_with_stagger(capsys, xdg_cache):
+    """--update-proj-gap 2 --max-steps 3: steps 2 and 3 refresh half the bases each (stagger), or
+    step 3 all of them; the last two columns are those of steps 2 and 3, without step 1's."""
+    bench.main(["peak", "--model", "tiny", "--rank", "8", "--optimizer", "galore+stagger", "--modes", "plain",
+                "--update-proj-gap", "2", "--max-steps", "3", "--batch-size", "1", "--seq-len", "16"])
+    out = capsys.readouterr().out
+    assert "| peak of steps 2-3 | step() temporaries, steps 2-3 |" in out
+    (row,) = table_rows(out)
+    assert row[:2] == ["| galore+stagger", "plain"]
+    assert 0 < float(row[8].replace(",", "")) <= float(row[5].replace(",", "")) and float(row[9][:-2]) > 0
 
 
 def test_bench_steps_full_gap_times_every_step_of_one_gap_with_and_without_stagger(capsys):
