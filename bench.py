@@ -449,8 +449,8 @@ def peak_one(argv: list[str]) -> None:
 
 def peak(argv: list[str]) -> str:
     p = tl.Parser(prog="bench.py peak", description="Peak memory of --max-steps training steps (random tokens), each "
-                  "optimizer in a fresh process, with and without --layerwise; also the peak of the steps after the first "
-                  "and the most opt.step() holds at once in new tensors there, which show a later refresh step's "
+                  "optimizer in a fresh process, with and without --layerwise; also the peak of the steps after the "
+                  "first and the most opt.step() holds at once in new tensors there, which show a later refresh step's "
                   "(e.g. --update-proj-gap 4 --max-steps 5: step 5 refreshes every basis, or with +stagger each "
                   "step 2-5 a quarter of them); any other flag (see train_tiny_llama.py --help: --model, --rank, "
                   "--batch-size, --seq-len, --device) applies too.",

@@ -208,8 +208,8 @@ def parse_args(argv=None, saved: Optional[dict] = None) -> argparse.Namespace:
         name = parse_optimizer(args.optimizer)[0]
         recipe = OPTIMIZERS[name]
         if args.stagger and name not in staggered():
-            fail(f"--stagger: {name} has no staggered refresh schedule (an option of {' and '.join(staggered())} only): drop "
-                 "--stagger (bench.py: name it per spec, e.g. galore+stagger)")
+            fail(f"--stagger: {name} has no staggered refresh schedule (an option of {' and '.join(staggered())} "
+                 "only): drop --stagger (bench.py: name it per spec, e.g. galore+stagger)")
         args.lr = args.lr or recipe.lr
         if args.rank is None and recipe.lowrank is not None:  # (adapprox: unset, its rank cap is --k-max-frac's)
             args.rank = MODEL_SHAPES[args.model][0] // 4
