@@ -13,12 +13,14 @@ commands:
             each optimizer at its best lr. Every other flag goes to each run.
   steps     time optimizer.step() alone on --model's attn/mlp matrices with
             random gradients: normal, first (state and exact SVD), refresh and
-            amortized, against AdamW
+            amortized, against AdamW; --full-gap: every step of one refresh gap
+            (median, slowest, slowest / median), e.g. galore against galore+stagger
   memory    optimizer state of every method for the 60m-1b shapes, from the
             per-matrix formulas (tested equal to state_bytes after a real step)
   peak      peak memory of whole training steps, each optimizer in a fresh
             process, with and without --layerwise (CUDA: max_memory_allocated;
-            CPU: peak resident memory)
+            CPU: peak resident memory); also of the steps after the first (a
+            later refresh) and step()'s own temporaries there
   shard     optimizer state and peak memory per rank under torchrun (--nproc processes, gloo on
             CPU): plain DDP (every rank holds all of it), --zero (ZeRO-1) and
             --fsdp (FSDP2), for each optimizer, after real steps on random tokens
@@ -41,6 +43,7 @@ examples:
   python bench.py compare --optimizer adamw,galore,adaptive --seeds 3 --rank 8
   python bench.py compare --optimizer adamw,galore+residual --lr-sweep 0.5,1,2 --out-dir out/sweep
   python bench.py steps --model 60m --rank 128 --optimizer adamw,galore,adaptive,ldadam,adapprox
+  python bench.py steps --model 60m --rank 128 --update-proj-gap 12 --full-gap --optimizer galore,galore+stagger
   python bench.py memory
   python bench.py peak --model 60m --rank 128 --batch-size 1 --seq-len 256
   python bench.py shard --model 60m --rank 128 --batch-size 1 --seq-len 64
@@ -251,18 +254,28 @@ def summarize(results: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- steps: step() time per method
 
-def time_steps(opt, params, grads, count: int, device: torch.device) -> list[float]:
-    """Seconds of each of ``count`` calls of opt.step() on the fixed gradients."""
+def time_steps(opt, params, grads, count: int, device: torch.device, replaced: list | None = None) -> list[float]:
+    """Seconds of each of ``count`` calls of opt.step() on the fixed gradients; ``replaced``: each
+    step's number of matrices whose basis ``P`` it replaced (a refresh) is appended there."""
     times = []
     for _ in range(count):
         for p, g in zip(params, grads):
             p.grad = g
+        before = [opt.state.get(p, {}).get("P") for p in params]
         tl.synchronize(device)
         t0 = time.perf_counter()
         opt.step()
         tl.synchronize(device)
         times.append(time.perf_counter() - t0)
+        if replaced is not None:
+            replaced.append(sum(opt.state.get(p, {}).get("P") is not b for p, b in zip(params, before)))
     return times
+
+def shared_args(rest: list[str]):
+    """The flags every run of steps, peak or shard shares, --rank resolved (adapprox alone may leave
+    it unset), parsed as AdamW's: --stagger, an option of some optimizers only, is checked with each
+    spec instead."""
+    return tl.parse_args([a for a in rest if a != "--stagger"])
 
 def steps(argv: list[str]) -> str:
     p = tl.Parser(prog="bench.py steps", description="step() time on --model's attn/mlp matrices; any other flag "
@@ -272,11 +285,15 @@ def steps(argv: list[str]) -> str:
     p.add_argument("--steps", type=int, default=5, help="normal steps timed (their median is reported)")
     p.add_argument("--all-params", action="store_true", help="every parameter of the model, the dense ones too "
                    "(embeddings, norms, head: plain AdamW in the low-rank optimizers), not only the attn/mlp matrices")
+    p.add_argument("--full-gap", action="store_true", help="time every step of one refresh gap instead: the T = "
+                   "--update-proj-gap steps after the first (steps 2 to T+1, in which every matrix refreshes once: "
+                   "all at step T+1, or spread over them with +stagger), reporting their median, the slowest and "
+                   "slowest / median; --steps is then not used")
     own, rest = p.parse_known_args(argv)
     if own.steps < 1:
         tl.fail(f"--steps {own.steps}: must be an integer >= 1")
     runs = [tl.parse_args([*rest, "--optimizer", spec]) for spec in own.optimizer.split(",")]
-    common = tl.parse_args(rest)  # the flags every run shares, --rank resolved (adapprox alone may leave it unset)
+    common = shared_args(rest)
     device = torch.device("cuda" if common.device == "auto" and torch.cuda.is_available() else
                           "cpu" if common.device == "auto" else common.device)
     tl.set_threads(common, device.type)
@@ -289,25 +306,68 @@ def steps(argv: list[str]) -> str:
         grads = [torch.randn_like(p) * 1e-3 for p in params]
         rows, gap = {}, None
         for args in runs:
-            progress.start(f"{args.optimizer}: {own.steps + 2} step() calls")
-            rows[args.optimizer], gap = time_optimizer(args, own, groups, params, grads, device)
+            calls = (common.update_proj_gap or default_gap()) + 1 if own.full_gap else own.steps + 2
+            progress.start(f"{args.optimizer}: {calls} step() calls")
+            measure = time_full_gap if own.full_gap else time_optimizer
+            rows[args.optimizer], gap = measure(args, own, groups, params, grads, device)
     what = f"all {len(params)} tensors" if own.all_params else f"the {len(params)} attn/mlp matrices"
-    return steps_table(rows, common, what, device, own.steps, gap)
+    if own.full_gap:
+        return full_gap_table(rows, common, what, device, gap)
+    staggered = [a.optimizer for a in runs if tl.optimizer_options(a)[1].get("stagger")]
+    return steps_table(rows, common, what, device, own.steps, gap) + (
+        f"\n\n{', '.join(staggered)}: with stagger every step refreshes some of the matrices (here over a gap of "
+        f"{own.steps + 1}), so normal and refresh mix them; --full-gap times a whole gap" if staggered else "")
 
-def time_optimizer(args, own, groups, params, grads, device) -> tuple[tuple, int]:
-    """steps' measurement of one optimizer: (normal, first, refresh, amortized ms), and its refresh gap.
-    The first step allocates the state (and computes the first bases by exact SVD); the refresh
-    is the step after the normal ones (step T+1), which has a previous basis to start from."""
+def default_gap() -> int:
+    return inspect.signature(la.GaLoreAdamW).parameters["update_proj_gap"].default
+
+def timed_optimizer(args, own, groups, params, update_proj_gap: int) -> tuple[torch.optim.Optimizer, bool, int]:
+    """steps' optimizer of ``args`` on the matrices (``update_proj_gap`` for one that refreshes), whether
+    it refreshes, and the gap T its flags give (or GaLore's default)."""
     recipe, kwargs = tl.optimizer_options(args)
     refreshes = "update_proj_gap" in inspect.signature(recipe.cls).parameters
-    gap = kwargs.get("update_proj_gap", inspect.signature(la.GaLoreAdamW).parameters["update_proj_gap"].default)
-    kwargs.update(lr=1e-5, **({"update_proj_gap": own.steps + 1} if refreshes else {}),
+    gap = kwargs.get("update_proj_gap", default_gap())
+    kwargs.update(lr=1e-5, **({"update_proj_gap": update_proj_gap} if refreshes else {}),
                   **({"foreach": True} if recipe.cls is torch.optim.AdamW else {}))
     lowrank = groups if own.all_params else [{"params": params, "rank": args.rank}]
     capped = params if tl.rank_cap(args) is None else [  # adapprox: its matrices' ranks capped
         {"params": [p for p in params if p.dim() == 2], "rank": tl.rank_cap(args)},
         {"params": [p for p in params if p.dim() != 2]}]
-    opt = recipe.cls(lowrank if recipe.lowrank else capped, **kwargs)
+    return recipe.cls(lowrank if recipe.lowrank else capped, **kwargs), refreshes, gap
+
+def time_full_gap(args, own, groups, params, grads, device) -> tuple[tuple, int]:
+    """steps --full-gap's measurement of one optimizer: (first ms, the T steps after it in ms, and the
+    number of bases each replaced, None if it never refreshes), and T. In steps 2..T+1 every matrix
+    refreshes once: all at step T+1 in the papers' schedule, matrix i at step 2 + ((i - 1) mod T)
+    with stagger."""
+    gap = args.update_proj_gap or default_gap()
+    opt, refreshes, _ = timed_optimizer(args, own, groups, params, gap)
+    replaced = []
+    first, *times = time_steps(opt, params, grads, gap + 1, device, replaced)
+    return (1e3 * first, [1e3 * t for t in times], replaced[1:] if refreshes else None), gap
+
+def full_gap_table(rows: dict, args, what: str, device, gap: int) -> str:
+    fmt = lambda x: "–" if x is None else f"{x:.2f}"
+    adamw = rows.get("adamw")
+    lines = [f"step() on {what} of {args.model} (rank {args.rank}, {device}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads); each of the T = {gap} steps after the first (steps 2 to {gap + 1}, "
+             f"in which every matrix refreshes once); first = step 1 (state allocated, bases by exact SVD); "
+             f"mean = the step amortized over the gap", "",
+             "| optimizer | first ms | median ms | slowest ms | slowest at step | slowest / median | mean ms | "
+             "mean / AdamW | most bases refreshed in a step |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, (first, times, replaced) in rows.items():
+        median, slowest, mean = statistics.median(times), max(times), statistics.fmean(times)
+        cells = [fmt(first), fmt(median), fmt(slowest), str(2 + times.index(slowest)), fmt(slowest / median),
+                 fmt(mean), fmt(None if adamw is None else mean / statistics.fmean(adamw[1])),
+                 "–" if replaced is None else str(max(replaced))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+def time_optimizer(args, own, groups, params, grads, device) -> tuple[tuple, int]:
+    """steps' measurement of one optimizer: (normal, first, refresh, amortized ms), and its refresh gap.
+    The first step allocates the state (and computes the first bases by exact SVD); the refresh
+    is the step after the normal ones (step T+1), which has a previous basis to start from."""
+    opt, refreshes, gap = timed_optimizer(args, own, groups, params, own.steps + 1)
     first, *normal = time_steps(opt, params, grads, own.steps + 1, device)
     normal_ms = 1e3 * statistics.median(normal)
     refresh_ms = 1e3 * time_steps(opt, params, grads, 1, device)[0] if refreshes else None  # step steps+2
@@ -338,8 +398,15 @@ def resident_kb(field: str) -> int:
 def peak_one(argv: list[str]) -> None:
     """One measurement in this (fresh) process: prints a JSON line. On CUDA the
     peak is torch.cuda.max_memory_allocated; on CPU the peak resident memory
-    (VmHWM, reset before the first step) minus the resident memory before the
-    model existed."""
+    (VmHWM) minus the resident memory before the model existed. The peak is
+    reset before each step: ``peak`` is that of every step, ``later`` that of
+    steps 2 and after (None for one step), which leaves out step 1 (the state
+    allocated, every basis computed) and so shows a later refresh step's, e.g.
+    with --update-proj-gap 4 --max-steps 5. ``step_temporaries``: of steps 2 and
+    after, the most that opt.step() holds at once in the tensors it creates
+    (LiveTensorBytes: exact on the CPU too, where the allocator keeps freed
+    pages; a refresh's temporaries, not LAPACK's workspace); None with
+    --layerwise or one step."""
     args = tl.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -352,26 +419,41 @@ def peak_one(argv: list[str]) -> None:
         la.layerwise_hooks(opt)
     tokens = torch.randint(0, 32000, (args.batch_size, args.seq_len + 1), device=device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
         baseline = 0
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM <- VmRSS
-    for _ in range(args.max_steps):  # step 1 also allocates the state and computes the first bases
+    peaks, temporaries = [], []
+    for step in range(1, args.max_steps + 1):  # step 1 also allocates the state and computes the first bases
+        tl.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM <- VmRSS
         model(tokens[:, :-1], tokens[:, 1:])[1].backward()
         if not args.layerwise:
-            opt.step()
+            if step == 1:
+                opt.step()
+            else:
+                state = [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+                with LiveTensorBytes(state) as live:
+                    del state
+                    opt.step()
+                temporaries.append(live.peak)
             opt.zero_grad(set_to_none=True)
-    tl.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resident_kb("VmHWM") * 1024 - baseline
+        tl.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+                     resident_kb("VmHWM") * 1024 - baseline)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(json.dumps(dict(optimizer=args.optimizer, layerwise=args.layerwise, params=param_bytes,
-                          grads=0 if args.layerwise else param_bytes, state=la.state_bytes(opt), peak=peak,
+                          grads=0 if args.layerwise else param_bytes, state=la.state_bytes(opt), peak=max(peaks),
+                          later=max(peaks[1:], default=None), step_temporaries=max(temporaries, default=None),
                           device=str(device))))
 
 def peak(argv: list[str]) -> str:
     p = tl.Parser(prog="bench.py peak", description="Peak memory of --max-steps training steps (random tokens), each "
-                  "optimizer in a fresh process, with and without --layerwise; any other flag (see "
-                  "train_tiny_llama.py --help: --model, --rank, --batch-size, --seq-len, --device) applies too.",
+                  "optimizer in a fresh process, with and without --layerwise; also the peak of the steps after the "
+                  "first and the most opt.step() holds at once in new tensors there, which show a later refresh step's "
+                  "(e.g. --update-proj-gap 4 --max-steps 5: step 5 refreshes every basis, or with +stagger each "
+                  "step 2-5 a quarter of them); any other flag (see train_tiny_llama.py --help: --model, --rank, "
+                  "--batch-size, --seq-len, --device) applies too.",
                   formatter_class=tl.HelpFormatter, allow_abbrev=False)
     p.add_argument("--optimizer", default="adamw,galore,adaptive,ldadam,adapprox", help="comma list of specs")
     p.add_argument("--modes", default="plain,layerwise", help="plain (optimizer.step() after backward), layerwise")
@@ -395,18 +477,22 @@ def peak(argv: list[str]) -> str:
             if out.returncode:
                 tl.fail(f"peak-one {' '.join(flags)} failed:\n{out.stderr[-2000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    args = tl.parse_args(rest)
-    mb = lambda b: f"{b / 2**20:,.0f}"
+    args = shared_args(rest)
+    mb = lambda b: "–" if b is None else f"{b / 2**20:,.0f}"
+    mb1 = lambda b: "–" if b is None else f"{b / 2**20:,.1f}"
+    later = f"steps 2-{args.max_steps}" if args.max_steps > 2 else "step 2"
     lines = [f"peak memory of {args.max_steps} training steps of {args.model} (batch {args.batch_size} x "
              f"{args.seq_len} tokens, rank {args.rank}, {rows[0]['device']}, torch {torch.__version__}); MB", "",
              "| optimizer | mode | params | grads | optimizer state | peak | peak - params - state (grads, "
-             "activations, temporaries) | peak / AdamW's |", "|---|---|---|---|---|---|---|---|"]
+             f"activations, temporaries) | peak / AdamW's | peak of {later} | step() temporaries, {later} |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     base = next((r["peak"] for r in rows if r["optimizer"] == "adamw" and not r["layerwise"]), None)
     for r in rows:
         ratio = f"{r['peak'] / base:.2f}" if base else ""
         lines.append(f"| {r['optimizer']} | {'layerwise' if r['layerwise'] else 'plain'} | {mb(r['params'])} | "
                      f"{mb(r['grads'])} | {mb(r['state'])} | {mb(r['peak'])} | "
-                     f"{mb(r['peak'] - r['params'] - r['state'])} | {ratio} |")
+                     f"{mb(r['peak'] - r['params'] - r['state'])} | {ratio} | {mb(r['later'])} | "
+                     f"{mb1(r['step_temporaries'])} |")
     return "\n".join(lines)
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -1099,7 +1185,7 @@ def shard_runs(argv: list[str]) -> tuple[list[dict], dict]:
             if out.returncode or not lines:
                 tl.fail(f"bench.py shard-one {' '.join(flags)} failed:\n{out.stderr[-8000:]}")
             rows.append(dict(json.loads(lines[-1]), optimizer=spec, mode=mode))
-    return rows, dict(args=tl.parse_args(rest), nproc=own.nproc, seconds=time.perf_counter() - t0)
+    return rows, dict(args=shared_args(rest), nproc=own.nproc, seconds=time.perf_counter() - t0)
 
 def shard_table(rows: list[dict], info: dict) -> str:
     """shard_runs' rows as markdown: per optimizer and mode, each rank's state and peak, MiB."""

@@ -572,6 +572,8 @@ BAD_FLAGS = [  # every flag's bad values: one clear line each
     (["--warmup-steps", "500", "--max-steps", "20"], "--warmup-steps 500 with --max-steps 20: the lr would never "
                                                       "reach its peak"),
     (["--warmup-steps", "20", "--max-steps", "20"], "--warmup-steps 20 with --max-steps 20"),
+    (["--stagger"], "--stagger: adamw has no staggered refresh schedule (an option of galore"),
+    (["--optimizer", "ldadam", "--stagger"], "--stagger: ldadam has no staggered refresh schedule"),
 ]
 
 
@@ -917,7 +919,7 @@ def test_every_optimizer_flag_names_an_argument_of_an_optimizer():
     takes = set().union(*(inspect.signature(r.cls).parameters for r in tl.OPTIMIZERS.values()))
     groups = ("galore and adaptive", "ldadam", "adapprox")
     flags = [a.dest for g in tl.build_parser()._action_groups if g.title in groups for a in g._group_actions]
-    assert len(flags) == 13 and set(flags) <= takes
+    assert len(flags) == 14 and set(flags) <= takes
 
 
 FLAG_EFFECTS = [  # (flags, what the optimizer's last param group holds then; None = off)
@@ -936,7 +938,33 @@ FLAG_EFFECTS = [  # (flags, what the optimizer's last param group holds then; No
     (["--optimizer", "adamw", "--beta1", "0.8", "--update-proj-gap", "7"], dict(betas=(0.8, 0.999), lr=3e-3)),
     (["--optimizer", "galore+randomized"], dict(refresh="randomized", subspace="svd")),
     (["--optimizer", "adaptive:gap+randomized"], dict(refresh="randomized", rank_metric="gap")),
+    (["--optimizer", "galore+randomized+stagger"], dict(refresh="randomized", stagger=True)),
 ]
+
+
+@pytest.mark.parametrize("name", tl.staggered())
+def test_stagger_reaches_the_optimizer_of_a_run_and_is_refused_where_no_class_takes_it(name, corpus, tmp_path):
+    """--stagger (or the spec NAME+stagger) for the optimizers whose class takes ``stagger``:
+    galore, and adaptive once AdaptiveAdamW does; off by default. The others refuse it up front
+    (BAD_FLAGS), adaptive too until then."""
+    assert "galore" in tl.staggered() and "adamw" not in tl.staggered()
+    if "stagger" not in inspect.signature(la.AdaptiveAdamW).parameters:
+        with pytest.raises(SystemExit, match="--stagger: adaptive has no staggered refresh schedule"):
+            tl.parse_args(["--optimizer", "adaptive", "--stagger"])
+        with pytest.raises(SystemExit, match="adaptive has no variant \\+stagger"):
+            tl.parse_args(["--optimizer", "adaptive+stagger"])
+    build = lambda *flags: tl.build_optimizer(a := tl.parse_args(["--optimizer", *flags]),
+                                              tl.build_model(a, vocab_size=64, device="meta"))
+    assert build(name).param_groups[-1]["stagger"] is False  # the papers' schedule
+    assert build(f"{name}+stagger").param_groups[-1]["stagger"] is True
+    tl.main(SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", name, "--stagger",
+                     "--max-steps", "3", "--update-proj-gap", "2"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["settings"]["stagger"] is True
+    assert all(g["stagger"] for g in ckpt["optimizer"]["param_groups"] if g.get("rank") is not None)
+    help_text = " ".join(tl.build_parser().format_help().split())
+    assert f"--stagger spread the subspace refreshes over the gap T ({', '.join(tl.staggered())};" in help_text
+    assert "off by default: every matrix refreshes at steps 1, T+1, 2T+1, ..., the papers' schedule" in help_text
 
 
 @pytest.mark.parametrize("argv, expected", FLAG_EFFECTS, ids=[a[1] for a, _ in FLAG_EFFECTS])
@@ -1288,6 +1316,33 @@ def test_bench_peak_measures_each_optimizer_in_a_fresh_process(capsys, xdg_cache
     assert set(rows) == {("galore", "plain"), ("galore", "layerwise"), ("adaptive", "plain")}  # adaptive: no layer-wise
     assert rows[("galore", "layerwise")][3] == "0" and rows[("galore", "plain")][3] == rows[("galore", "plain")][2]
     assert all(float(r[5].replace(",", "")) > 0 for r in rows.values())
+    assert all(r[8:] == ["–", "– |"] for r in rows.values())  # one step: none after the first
+
+
+def test_bench_peak_covers_a_later_refresh_step_with_stagger(capsys, xdg_cache):
+    """--update-proj-gap 2 --max-steps 3: steps 2 and 3 refresh half the bases each (stagger), or
+    step 3 all of them; the last two columns are those of steps 2 and 3, without step 1's."""
+    bench.main(["peak", "--model", "tiny", "--rank", "8", "--optimizer", "galore+stagger", "--modes", "plain",
+                "--update-proj-gap", "2", "--max-steps", "3", "--batch-size", "1", "--seq-len", "16"])
+    out = capsys.readouterr().out
+    assert "| peak of steps 2-3 | step() temporaries, steps 2-3 |" in out
+    (row,) = table_rows(out)
+    assert row[:2] == ["| galore+stagger", "plain"]
+    assert 0 < float(row[8].replace(",", "")) <= float(row[5].replace(",", "")) and float(row[9][:-2]) > 0
+
+
+def test_bench_steps_full_gap_times_every_step_of_one_gap_with_and_without_stagger(capsys):
+    bench.main(["steps", "--model", "tiny", "--rank", "8", "--optimizer", "adamw,galore,galore+stagger",
+                "--update-proj-gap", "4", "--full-gap", "--steps", "1"])
+    out = capsys.readouterr().out
+    assert "each of the T = 4 steps after the first (steps 2 to 5, in which every matrix refreshes once)" in out
+    rows = {r[0][2:]: r for r in table_rows(out)}
+    # | optimizer | first | median | slowest | at step | slowest / median | mean | mean / AdamW | most bases refreshed |
+    assert rows["adamw"][8] == "– |" and rows["galore"][8] == "28 |" and rows["galore+stagger"][8] == "7 |"
+    for r in rows.values():
+        assert 2 <= int(r[4]) <= 5 and float(r[5]) >= 1 and float(r[3]) >= float(r[2]) > 0
+    with pytest.raises(SystemExit, match="--stagger: adamw has no staggered refresh schedule"):
+        bench.main(["steps", "--model", "tiny", "--optimizer", "adamw,galore", "--stagger"])
 
 
 def test_bench_refresh_and_steps_over_all_params(capsys):

@@ -114,6 +114,10 @@ def optimizer_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--residual", action=argparse.BooleanOptionalAction,
                    help="the Fira-style out-of-subspace residual; unset: off for galore, on for adaptive")
     g.add_argument("--norm-growth-limit", type=float, help="limiter γ, 0 = off" + unset(G, "norm_growth_limit"))
+    g.add_argument("--stagger", action="store_true", help="spread the subspace refreshes over the gap T (" + ", ".join(
+                   staggered()) + "; or the spec NAME+stagger): matrix i refreshes at step 1, then at steps "
+                   "t ≡ 1 + (i mod T) (mod T), so that each step refreshes about 1/T of the matrices and none all of "
+                   "them; off by default: every matrix refreshes at steps 1, T+1, 2T+1, ..., the papers' schedule")
     d = p.add_argument_group("ldadam")
     d.add_argument("--rho", type=float, help="weight of the previous subspace" + unset(la.LDAdam, "rho"))
     d.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, help="unset: on")
@@ -201,7 +205,11 @@ def parse_args(argv=None, saved: Optional[dict] = None) -> argparse.Namespace:
         fail(f"--warmup-steps {args.warmup_steps} with --max-steps {args.max_steps}: the lr would never reach its "
              "peak; use fewer warmup steps than --max-steps")
     try:
-        recipe = OPTIMIZERS[parse_optimizer(args.optimizer)[0]]
+        name = parse_optimizer(args.optimizer)[0]
+        recipe = OPTIMIZERS[name]
+        if args.stagger and name not in staggered():
+            fail(f"--stagger: {name} has no staggered refresh schedule (an option of {' and '.join(staggered())} "
+                 "only): drop --stagger (bench.py: name it per spec, e.g. galore+stagger)")
         args.lr = args.lr or recipe.lr
         if args.rank is None and recipe.lowrank is not None:  # (adapprox: unset, its rank cap is --k-max-frac's)
             args.rank = MODEL_SHAPES[args.model][0] // 4
@@ -357,13 +365,16 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 RESIDUAL = {"+residual": {"residual": True}, "+noresidual": {"residual": False}}
 REFRESH = {"+randomized": {"refresh": "randomized"}}
+# +stagger for a class that takes it (AdaptiveAdamW: once it does; until then adaptive has no such variant)
+STAGGER = lambda cls: {"+stagger": {"stagger": True}} if "stagger" in inspect.signature(cls).parameters else {}
 OPTIMIZERS = {
     "adamw": Recipe(torch.optim.AdamW, 3e-3),
     "galore": Recipe(la.GaLoreAdamW, 1e-2, lowrank=True,
-                     variants={**{f":{k}": {"subspace": k} for k in la.SUBSPACES}, **RESIDUAL, **REFRESH}),
+                     variants={**{f":{k}": {"subspace": k} for k in la.SUBSPACES}, **RESIDUAL, **REFRESH,
+                               **STAGGER(la.GaLoreAdamW)}),
     "adaptive": Recipe(la.AdaptiveAdamW, 1e-2, lowrank=True,
                        variants={**{f":{m}": {"rank_metric": m} for m in sorted(la.RANK_METRICS)}, **RESIDUAL,
-                                 **REFRESH}),
+                                 **REFRESH, **STAGGER(la.AdaptiveAdamW)}),
     "ldadam": Recipe(la.LDAdam, 3e-3, lowrank=True, variants={"+noef": {"error_feedback": False}}),
     "adapprox": Recipe(la.Adapprox, 3e-3, lowrank=None,  # --rank: a group of the matrices, capping their ranks
                        variants={"+nomoment": {"betas": (0.0, 0.999)},  # no first moment
@@ -378,6 +389,10 @@ if hasattr(torch.optim, "Muon"):  # torch >= 2.9
 # torch 2.13; AdamW and Muon step DTensors, Muon gathering each matrix for its Newton-Schulz iterations).
 FSDP_UNSUPPORTED = {torch.optim.Adafactor: "torch's Adafactor fails on sharded weights (its row norms are "
                                            "partial DTensors, which it squares in place)"}
+
+def staggered() -> list[str]:
+    """The optimizers whose class takes ``stagger`` (--stagger, the +stagger variant)."""
+    return [n for n, r in OPTIMIZERS.items() if "stagger" in inspect.signature(r.cls).parameters]
 
 def parse_optimizer(spec: str) -> tuple[str, dict]:
     """``NAME[:KIND][+SWITCH]...`` -> (NAME, the options its variants set)."""
