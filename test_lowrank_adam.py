@@ -1476,12 +1476,14 @@ def test_distributed_checkpoint_helpers_round_trip(cls):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
 
 
-@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
-def test_layerwise_updates_equal_ordinary_steps_and_resume(cls, tmp_path):
+@pytest.mark.parametrize("cls, stagger", [(c, False) for c in OPTIMIZERS] + [(la.GaLoreAdamW, True)],
+                         ids=[c.__name__ for c in OPTIMIZERS] + ["GaLoreAdamW-stagger"])
+def test_layerwise_updates_equal_ordinary_steps_and_resume(cls, stagger, tmp_path):
     # every parameter stepped inside backward (its gradient freed at once)
     # gives the same weights and state as optimizer.step() after backward
     data = regression_data()
     extra = dict(allocate=False) if cls is la.AdaptiveAdamW else {}
+    extra.update(dict(stagger=True) if stagger else {})
     ordinary, layerwise = mlp(), mlp()
     opt_a = cls(mlp_groups(ordinary, cls=cls), **kwargs_for(cls, **extra))
     opt_b = cls(mlp_groups(layerwise, cls=cls), **kwargs_for(cls, **extra))
@@ -2021,8 +2023,8 @@ def test_compiled_step_equals_the_eager_step(cls):
         assert (a - b).abs().max() <= 1e-4 * moved
 
 
-@pytest.mark.parametrize("cls, options", [(la.GaLoreAdamW, {}), (la.GaLoreAdamW, {"subspace": "gha"}), (la.LDAdam, {})],
-                         ids=["GaLoreAdamW-svd", "GaLoreAdamW-gha", "LDAdam"])
+@pytest.mark.parametrize("cls, options", [(la.GaLoreAdamW, {}), (la.GaLoreAdamW, {"subspace": "gha", "stagger": True}),
+                                          (la.LDAdam, {})], ids=["GaLoreAdamW-svd", "GaLoreAdamW-gha-stagger", "LDAdam"])
 def test_fullgraph_compile_without_the_finite_check_equals_eager(cls, options):
     # the README's promise: with check_finite=False these compile with fullgraph=True
     # (no graph break at all), refreshes included, and equal the eager steps
