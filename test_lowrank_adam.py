@@ -2453,12 +2453,17 @@ out["stages"] = res
 """ + FSDP2_END
 
 
+def results_on_two_processes(tmp_path_factory, source, name):
+    """``source`` run once under torchrun on 2 gloo processes: each rank's results."""
+    tmp_path = tmp_path_factory.mktemp(name)
+    run_on_two_processes(tmp_path, source, f"{name}.py")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
 @pytest.fixture(scope="module")
 def fsdp2_paths(tmp_path_factory):
     """FSDP2_PATHS_SCRIPT's results on each of 2 gloo processes."""
-    tmp_path = tmp_path_factory.mktemp("fsdp2_paths")
-    run_on_two_processes(tmp_path, FSDP2_PATHS_SCRIPT, "fsdp2_paths.py")
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return results_on_two_processes(tmp_path_factory, FSDP2_PATHS_SCRIPT, "fsdp2_paths")
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
@@ -2614,9 +2619,7 @@ out["dense"] = (res, full(m), full(m2))
 @pytest.fixture(scope="module")
 def fsdp2_checkpoints(tmp_path_factory):
     """FSDP2_CHECKPOINT_SCRIPT's results on each of 2 gloo processes."""
-    tmp_path = tmp_path_factory.mktemp("fsdp2_checkpoints")
-    run_on_two_processes(tmp_path, FSDP2_CHECKPOINT_SCRIPT, "fsdp2_checkpoints.py")
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return results_on_two_processes(tmp_path_factory, FSDP2_CHECKPOINT_SCRIPT, "fsdp2_checkpoints")
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
