@@ -34,6 +34,10 @@ commands:
   sensitivity  how much AdamW, torch Adafactor and Adapprox (default, held ranks,
             full rank) amplify 1e-7 gradient noise at one step; full-rank Adapprox's
             distance from AdamW's trajectory
+  trace     the reader's path: the functions of lowrank_adam.py that run inside
+            opt.step() (one 24x40 matrix in a rank group, default options, the
+            first step and an ordinary one) and their code lines (no blank,
+            comment or docstring lines)
   loader    tokens per second of the data loader on one core, byte tokenizer
             and a BPE tokenizer trained on the corpus (needs tokenizers)
   plot      loss curves, AdaptiveAdamW's rank heatmap and Adapprox's ranks of
@@ -1216,6 +1220,70 @@ def shard(argv: list[str]) -> str:
 
 # ----------------------------------------------------------------------------- main
 
+# ----------------------------------------------------------------------------- trace: the reader's path
+
+def code_lines(code) -> set[int]:
+    """The line numbers of ``code``'s function that hold code: not blank, not
+    only a comment, not its docstring."""
+    import ast
+    import io
+    import textwrap
+    import tokenize
+    lines, start = inspect.getsourcelines(code)
+    source = textwrap.dedent("".join(lines))
+    skip = set()
+    node = ast.parse(source).body[0] if not code.co_name.startswith("<") else None
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.body and isinstance(node.body[0], ast.Expr) \
+            and isinstance(node.body[0].value, ast.Constant) and isinstance(node.body[0].value.value, str):
+        skip = set(range(node.body[0].lineno, node.body[0].end_lineno + 1))
+    held = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type not in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                            tokenize.ENDMARKER):
+            held.update(range(tok.start[0], tok.end[0] + 1))
+    return {start + i - 1 for i in held - skip}
+
+def reader_path(cls) -> tuple[list[str], int]:
+    """The functions of lowrank_adam.py (by name) that run inside two step() calls of ``cls`` on one
+    24x40 matrix in a rank group with default options, and their code lines (each line once)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(24, 40))
+    opt = cls([{"params": [w], "rank": 8}])
+    ran = {}
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename == la.__file__:
+            ran[frame.f_code] = None
+    for _ in range(2):  # the first step (state, first basis) and an ordinary one
+        w.grad = torch.randn(24, 40)
+        sys.settrace(tracer)
+        try:
+            opt.step()
+        finally:
+            sys.settrace(None)
+    lines = set().union(*(code_lines(c) for c in ran))
+    return sorted({c.co_qualname for c in ran if not c.co_name.startswith("<")}), len(lines)
+
+def trace(argv: list[str]) -> str:
+    p = tl.Parser(prog="bench.py trace", description="The reader's path through each optimizer: the distinct "
+                  "functions of lowrank_adam.py that run inside opt.step() (sys.settrace; one 24x40 matrix in a rank "
+                  "group, default options, the first step and an ordinary one) and their code lines, each line once "
+                  "(no blank, comment or docstring lines; comprehensions and lambdas count as their function's lines).",
+                  formatter_class=tl.HelpFormatter, allow_abbrev=False)
+    p.add_argument("--optimizer", default="GaLoreAdamW,AdaptiveAdamW,LDAdam,Adapprox",
+                   help="comma list of class names of lowrank_adam")
+    p.add_argument("--list", action="store_true", help="also list the functions of each")
+    own = p.parse_args(argv)
+    rows = ["| optimizer | functions | code lines |", "|---|---|---|"]
+    listing = []
+    for name in own.optimizer.split(","):
+        cls = getattr(la, name, None)
+        if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
+            tl.fail(f"--optimizer {name}: not an optimizer class of lowrank_adam")
+        functions, lines = reader_path(cls)
+        rows.append(f"| {name} | {len(functions)} | {lines} |")
+        listing.append(f"{name}: {', '.join(functions)}")
+    return "\n".join(rows + ([""] + listing if own.list else []))
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     commands = {"compare": compare, "steps": lambda a: print(steps(a)), "memory": memory, "plot": plot,
@@ -1223,7 +1291,8 @@ def main(argv=None):
                 "refresh": lambda a: print(refresh(a)),
                 "shard": lambda a: print(shard(a)), "shard-one": shard_one, "refresh-one": refresh_one,
                 "loader": lambda a: print(loader(a)), "sketch": lambda a: print(sketch(a)),
-                "subspaces": lambda a: print(subspaces(a)), "sensitivity": lambda a: print(sensitivity(a))}
+                "subspaces": lambda a: print(subspaces(a)), "sensitivity": lambda a: print(sensitivity(a)),
+                "trace": lambda a: print(trace(a))}
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return None

@@ -1753,3 +1753,19 @@ def test_every_readme_command_runs(doc, corpus, xdg_cache, tmp_path, monkeypatch
         assert ran >= 25
         assert (tmp_path / "out" / "default" / "ckpt.pt").exists() and (tmp_path / "out" / "zero-adapprox" /
                                                                         "ckpt.pt").exists()
+
+
+def test_bench_trace_counts_the_functions_that_run_and_their_code_lines(capsys):
+    """bench.py trace: the functions of lowrank_adam.py that two GaLoreAdamW steps run (the default SVD
+    refresh: no range finder), and code lines without docstrings, comments or blank lines."""
+    functions, lines = bench.reader_path(la.GaLoreAdamW)
+    assert {"GaLoreAdamW._galore_step", "adam_normalized_", "top_r_basis", "_Base.step"} <= set(functions)
+    assert "randomized_spectrum" not in functions and "LDAdam._ldadam_step" not in functions
+    source, start = inspect.getsourcelines(la.rms)  # a def line, a docstring, one statement
+    assert bench.code_lines(la.rms.__code__) == {start, start + len(source) - 1}
+    assert lines >= len(functions) * 2  # every function has at least its def line and one statement
+    bench.main(["trace", "--optimizer", "GaLoreAdamW,LDAdam"])
+    out = capsys.readouterr().out
+    assert f"| GaLoreAdamW | {len(functions)} | {lines} |" in out and "| LDAdam |" in out
+    with pytest.raises(SystemExit, match="not an optimizer class"):
+        bench.main(["trace", "--optimizer", "lowrank_groups"])
