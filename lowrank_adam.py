@@ -1132,7 +1132,9 @@ class AdaptiveAdamW(_Base):
     B; one allocated less than it holds drops its last directions (columns
     of P and rows of the moments) at once, one allocated more grows at its
     own refresh, which needs its SVD. So the ranks held never exceed B, and
-    fall short of it for part of a gap (measured in docs/RESULTS.md). ``allocate=False`` keeps the matrices of a group at its rank, out
+    fall short of it for part of a gap (measured in docs/RESULTS.md, with
+    its loss). Every step then allocates, so it costs one host sync a step.
+    ``allocate=False`` keeps the matrices of a group at its rank, out
     of the shared budget (then, with the transformation and limiter off,
     this is exactly GaLoreAdamW). ``refresh_keep`` (2.0) bounds the memory
     of a refresh: of each matrix's singular vectors, at most ⌈refresh_keep ×
