@@ -1229,6 +1229,8 @@ def code_lines(code) -> set[int]:
     import io
     import textwrap
     import tokenize
+    if code.co_name.startswith("<"):  # a comprehension or lambda: the lines its bytecode covers (getsourcelines
+        return {line for _, _, line in code.co_lines() if line is not None}  # would read on past its end)
     lines, start = inspect.getsourcelines(code)
     source = textwrap.dedent("".join(lines))
     skip = set()

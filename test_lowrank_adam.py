@@ -47,8 +47,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import lowrank_adam as la
+import lowrank_engine as engine
 
 ROOT = str(Path(__file__).resolve().parent)
+
+
+def is_transposed(shape):
+    """GaLore's orientation rule: the short side first (m >= n -> Gᵀ)."""
+    return shape[0] >= shape[1]
+
+
+def orient(x, transposed):
+    return (x.T if transposed else x).to(la.linalg_dtype(x.dtype))
+
+
+def top_r_basis(x, rank):
+    return la.gradient_spectrum(x, rank)[0]
 
 
 def run_on_two_processes(tmp_path, source, name):
@@ -160,12 +174,12 @@ def matrix(shape, seed, kind="randn"):
 @example(shape=(5, 5), seed=0, kind="zeros", frac=1.0)
 def test_basis_is_orthonormal_projector(shape, seed, kind, frac):
     g = matrix(shape, seed, kind)
-    transposed = la.is_transposed(g.shape)
-    x = la.orient(g, transposed)
+    transposed = is_transposed(g.shape)
+    x = orient(g, transposed)
     s = min(shape)
     assert x.shape == (s, max(shape))
     r = max(1, round(frac * s))
-    P = la.top_r_basis(x, r)
+    P = top_r_basis(x, r)
     assert P.shape == (s, r) and P.dtype == torch.float32
     # Pᵀ P = I
     torch.testing.assert_close(P.T @ P, torch.eye(r), atol=1e-5, rtol=0)
@@ -183,7 +197,7 @@ def test_top_r_basis_finds_dominant_subspace():
     V, _ = torch.linalg.qr(torch.randn(30, 10))
     S = torch.tensor([10.0, 8.0, 6.0] + [0.1] * 7)
     x = U @ torch.diag(S) @ V.T
-    P = la.top_r_basis(x, 3)
+    P = top_r_basis(x, 3)
     # same subspace as the first three left singular vectors
     torch.testing.assert_close(P @ P.T, U[:, :3] @ U[:, :3].T, atol=1e-5, rtol=0)
 
@@ -191,7 +205,7 @@ def test_top_r_basis_finds_dominant_subspace():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_linear_algebra_runs_in_at_least_float32(dtype):
     x = torch.randn(6, 9).to(dtype)
-    assert la.top_r_basis(x, 2).dtype == la.linalg_dtype(dtype)
+    assert top_r_basis(x, 2).dtype == la.linalg_dtype(dtype)
     assert la.orthonormalize(x.T).dtype == la.linalg_dtype(dtype)
     assert la.linalg_dtype(dtype) in (torch.float32, torch.float64)
 
@@ -244,16 +258,13 @@ def test_norm_growth_limiter_bounds_growth():
     assert torch.equal(z, torch.ones(2, 2) * 0.5)
 
 
-def test_layout_helpers_agree_with_the_oriented_math():
+def test_the_residual_in_the_parameters_layout_is_the_transpose():
     torch.manual_seed(0)
     x = torch.randn(5, 9)
-    P = la.top_r_basis(x, 2)
+    P = top_r_basis(x, 2)
     r, n = P.T @ x, torch.randn(2, 9)
     torch.testing.assert_close(la.orthogonal_residual(x, P, r, n, transposed=True),
                                la.orthogonal_residual(x, P, r, n).T)
-    torch.testing.assert_close(la.back_project(P, n, True), (P @ n).T)
-    out = torch.randn(9, 5)
-    torch.testing.assert_close(la.back_project(P, n, True, out=out.clone(), alpha=0.5), out + 0.5 * (P @ n).T)
 
 
 # =============================================================================
@@ -481,7 +492,7 @@ def test_staggered_refreshes_happen_once_per_gap_at_each_offset_and_resume_exact
                                        "stagger": True}], lr=1e-2)
 
     model, opt = build()
-    refreshed, new_basis = [], la.GaLoreAdamW._new_basis
+    refreshed, new_basis = [], la.GaLoreAdamW._refresh
     def spy(self, p, X, state, group, index, t):
         refreshed.append((t, index))
         return new_basis(self, p, X, state, group, index, t)
@@ -494,11 +505,11 @@ def test_staggered_refreshes_happen_once_per_gap_at_each_offset_and_resume_exact
                 p.grad = grad.clone()
             opt.step()
 
-    la.GaLoreAdamW._new_basis = spy
+    la.GaLoreAdamW._refresh = spy
     try:
         run(model, opt, grads[:7])
     finally:
-        la.GaLoreAdamW._new_basis = new_basis
+        la.GaLoreAdamW._refresh = new_basis
     by_step = {t: sorted(i for s, i in refreshed if s == t) for t in range(1, 8)}
     assert by_step[1] == list(range(7))  # every matrix's first basis
     for t in range(2, 8):
@@ -558,7 +569,7 @@ def test_adaptive_staggered_refreshes_allocate_globally_from_the_latest_spectra(
                     shrunk.append((t, i))
                     assert torch.equal(opt.state[p]["P"], before[i]["P"][:, :want[i]])
                     assert opt.state[p]["exp_avg"].shape[0] == opt.state[p]["exp_avg_sq"].shape[0] == want[i]
-            X = [la.orient(ps[i].grad, la.is_transposed(shapes[i])) for i in refreshed]
+            X = [orient(ps[i].grad, is_transposed(shapes[i])) for i in refreshed]
             for i, x in zip(refreshed, X):  # the kept spectrum is this step's gradient's
                 torch.testing.assert_close(opt.state[ps[i]]["spectrum"], torch.linalg.svdvals(x))
     assert len(set(opt.ranks())) > 1 and shrunk  # the ranks moved apart, some without a refresh of their own
@@ -884,7 +895,7 @@ def test_a_state_dict_taken_before_the_first_step_does_not_pick_the_basis(cls):
     (model, plain), (model2, early) = run(False), run(True)
     assert early.ranks() == plain.ranks()
     for p, q in [(model[0].weight, model2[0].weight), (model[2].weight, model2[2].weight)]:
-        X = la.orient(p.grad, la.is_transposed(p.shape))
+        X = orient(p.grad, is_transposed(p.shape))
         assert energy_kept(early.state[q]["P"], X) == pytest.approx(energy_kept(plain.state[p]["P"], X), abs=1e-5)
         assert energy_kept(early.state[q]["P"], X) > 0.5  # not the coordinate axes of the zero step
         assert early.state[q]["refresh_again"] == 0
@@ -934,7 +945,7 @@ def test_adaptive_matrix_with_a_zero_gradient_at_a_refresh_keeps_its_rank_and_th
     X = ps[1].grad  # step 5: matrix 1 (10×12: P spans its rows) refreshed alone, from its own gradient
     assert opt.state[ps[1]]["refresh_again"] == 0
     assert energy_kept(opt.state[ps[1]]["P"], X) == pytest.approx(
-        energy_kept(la.top_r_basis(X, opt.ranks()[1]), X), abs=1e-6)
+        energy_kept(top_r_basis(X, opt.ranks()[1]), X), abs=1e-6)
 
 
 @pytest.mark.parametrize("cls", [la.GaLoreAdamW, la.AdaptiveAdamW], ids=ids)
@@ -977,11 +988,12 @@ def test_the_residual_is_free_of_the_gradients_scale(cls, exponent):
 
 
 def test_rank_larger_than_matrix_is_clamped_with_one_warning():
+    # warned when the group joins, once for the group, not at every step
     a, b = nn.Parameter(torch.randn(3, 8)), nn.Parameter(torch.randn(8, 2))
-    opt = la.GaLoreAdamW([{"params": [a, b], "rank": 5}])
-    a.grad, b.grad = torch.randn(3, 8), torch.randn(8, 2)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
+        opt = la.GaLoreAdamW([{"params": [a, b], "rank": 5}])
+        a.grad, b.grad = torch.randn(3, 8), torch.randn(8, 2)
         opt.step()
     assert len([x for x in w if "exceeds min(m, n)" in str(x.message)]) == 1
     assert opt.ranks() == [3, 2]
@@ -996,7 +1008,7 @@ def test_rank_larger_than_matrix_is_clamped_with_one_warning():
 def test_residual_is_orthogonal_to_subspace():
     torch.manual_seed(0)
     x = torch.randn(5, 9)
-    P = la.top_r_basis(x, 2)
+    P = top_r_basis(x, 2)
     r = P.T @ x
     n = torch.randn(2, 9)
     s = la.orthogonal_residual(x, P, r, n)
@@ -1057,16 +1069,15 @@ def test_adaptive_refresh_keep_rounds_a_fractional_bound_up(monkeypatch):
     # all that B - L + 1 = 5 allows, so the matrix allocated 5 needs no second SVD
     a, b = nn.Parameter(torch.randn(8, 20)), nn.Parameter(torch.randn(8, 20))
     opt = la.AdaptiveAdamW([{"params": [a, b], "rank": 3}], lr=1e-2, refresh_keep=1.5)
-    held, recomputed = [], []
+    held = []  # the columns of U of each SVD (a second SVD of a matrix would add an entry)
     spectrum = la.gradient_spectrum
     monkeypatch.setattr(la, "gradient_spectrum", lambda *args: held.append((u := spectrum(*args))[0].shape[1]) or u)
-    monkeypatch.setattr(la, "top_r_basis", lambda *args: recomputed.append(args[1]) or spectrum(*args)[0])
     g = torch.Generator().manual_seed(0)
     a.grad = torch.randn(8, 20, generator=g)
     b.grad = torch.outer(torch.randn(8, generator=g), torch.randn(20, generator=g))  # rank 1: a gets the rest
     opt.step()
     assert opt.ranks() == [5, 1]
-    assert held == [5, 5] and recomputed == []
+    assert held == [5, 5]
 
 
 @pytest.mark.parametrize("cls", [la.GaLoreAdamW, la.AdaptiveAdamW], ids=ids)
@@ -1487,7 +1498,7 @@ def test_layerwise_updates_equal_ordinary_steps_and_resume(cls, stagger, tmp_pat
     ordinary, layerwise = mlp(), mlp()
     opt_a = cls(mlp_groups(ordinary, cls=cls), **kwargs_for(cls, **extra))
     opt_b = cls(mlp_groups(layerwise, cls=cls), **kwargs_for(cls, **extra))
-    handles = la.layerwise_hooks(opt_b)
+    handles = engine.layerwise_hooks(opt_b)
     x, y = data
     for step in range(8):  # crosses the refreshes of the periodic methods
         opt_a.zero_grad(set_to_none=True)
@@ -1501,7 +1512,7 @@ def test_layerwise_updates_equal_ordinary_steps_and_resume(cls, stagger, tmp_pat
             opt_b.load_state_dict(torch.load(tmp_path / "o.pt", weights_only=True))
             for h in handles:
                 h.remove()
-            handles = la.layerwise_hooks(opt_b)
+            handles = engine.layerwise_hooks(opt_b)
     assert all(torch.equal(p, q) for p, q in zip(ordinary.parameters(), layerwise.parameters()))
     assert_same_state(opt_a.state_dict(), opt_b.state_dict())
 
@@ -1524,7 +1535,7 @@ def test_dense_path_is_torch_adamw_bit_for_bit_even_beside_a_bf16_parameter():
 def test_layerwise_steps_count_for_lr_schedulers():
     model = mlp()
     opt = la.GaLoreAdamW(mlp_groups(model), lr=1e-2)
-    la.layerwise_hooks(opt)
+    engine.layerwise_hooks(opt)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()" would be raised
@@ -1565,7 +1576,7 @@ def test_layerwise_gradients_never_coexist_during_backward():
             p.register_post_accumulate_grad_hook(lambda _: most.append(sum(q.grad is not None for q in params)))
         opt = la.GaLoreAdamW([{"params": params[::2], "rank": 4}, {"params": params[1::2]}], lr=1e-3)
         if layerwise:
-            la.layerwise_hooks(opt)
+            engine.layerwise_hooks(opt)
         model(torch.randn(8, 16)).square().mean().backward()
         assert max(most) == (1 if layerwise else len(params)) and len(most) == len(params)
 
@@ -1573,15 +1584,15 @@ def test_layerwise_gradients_never_coexist_during_backward():
 def test_layerwise_refusals():
     model = mlp()
     with pytest.raises(TypeError, match="needs an optimizer of this module"):
-        la.layerwise_hooks(torch.optim.AdamW(model.parameters()))
+        engine.layerwise_hooks(torch.optim.AdamW(model.parameters()))
     with pytest.raises(RuntimeError, match="AdaptiveAdamW cannot update one parameter at a time"):
-        la.layerwise_hooks(la.AdaptiveAdamW(mlp_groups(model)))
+        engine.layerwise_hooks(la.AdaptiveAdamW(mlp_groups(model)))
     with pytest.raises(RuntimeError, match="AdaptiveAdamW cannot update one parameter at a time"):
         la.AdaptiveAdamW(mlp_groups(model)).step_parameter(model[0].weight)
     # a frozen parameter takes no hook (torch refuses one) and is simply never stepped
     model[0].bias.requires_grad_(False)
     opt = la.GaLoreAdamW(model.parameters(), lr=1e-2)
-    assert len(la.layerwise_hooks(opt)) == 5
+    assert len(engine.layerwise_hooks(opt)) == 5
     before = model[0].bias.detach().clone()
     nn.functional.mse_loss(model(regression_data()[0]), regression_data()[1]).backward()
     assert torch.equal(model[0].bias, before) and not torch.equal(model[0].weight, mlp()[0].weight)
@@ -1595,7 +1606,7 @@ def test_step_parameter_refuses_a_non_finite_gradient_and_skips_a_missing_one(cl
     model = mlp()
     extra = dict(allocate=False) if cls is la.AdaptiveAdamW else {}
     opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls, **extra))
-    la.layerwise_hooks(opt)
+    engine.layerwise_hooks(opt)
     x, y = regression_data()
     nn.functional.mse_loss(model(x), y).backward()
     sd, params = snapshot(opt, model)
@@ -1611,7 +1622,7 @@ def test_step_parameter_refuses_a_non_finite_gradient_and_skips_a_missing_one(cl
 def test_step_parameter_reaches_a_parameter_of_a_group_added_later():
     model, late = mlp(), nn.Parameter(torch.randn(5, 7))
     opt = la.GaLoreAdamW(mlp_groups(model), lr=1e-2)
-    la.layerwise_hooks(opt)
+    engine.layerwise_hooks(opt)
     nn.functional.mse_loss(model(regression_data()[0]), regression_data()[1]).backward()
     opt.add_param_group({"params": [late], "rank": 2})
     ref = nn.Parameter(late.detach().clone())
@@ -1859,11 +1870,8 @@ def test_a_rank_equal_to_the_short_side_does_not_warn(cls):
             p.grad = torch.randn_like(p)
         opt.step()
     model = mlp()
-    opt = cls(mlp_groups(model, rank=9, cls=cls), **kwargs_for(cls))
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    with pytest.warns(UserWarning, match="rank 9 exceeds min"):
-        opt.step()
+    with pytest.warns(UserWarning, match="rank 9 exceeds min"):  # when the group joins
+        cls(mlp_groups(model, rank=9, cls=cls), **kwargs_for(cls))
 
 
 def test_lowrank_groups_lists_a_tied_weight_once():
@@ -2120,6 +2128,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, sys.argv[1])
 import lowrank_adam as la
+import lowrank_engine as engine
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
 CASES = [  # each optimizer with the options that change what a step computes
@@ -2291,7 +2300,7 @@ def test_fsdp2_row_split_is_torch_chunks(world):
     # assembles each matrix from these row counts, at any number of ranks
     for rows in range(20):
         chunks = [c.shape[0] for c in torch.arange(rows).chunk(world)]
-        assert la._row_split(rows, world) == chunks + [0] * (world - len(chunks)), rows
+        assert engine._row_split(rows, world) == chunks + [0] * (world - len(chunks)), rows
 
 
 # -- FSDP2: float64, even rows, a rank with no matrix due, meshes; checkpoints ---
@@ -3477,11 +3486,11 @@ def test_adaptive_refresh_keeps_at_least_the_current_rank(monkeypatch):
     a.grad, b.grad = flat(), spiky()
     opt.step()
     assert opt.ranks()[0] > 3  # above refresh_keep × rank
-    calls = []
-    monkeypatch.setattr(la, "top_r_basis", lambda *args: calls.append(args) or la.gradient_spectrum(*args)[0])
+    calls, spectrum = [], la.gradient_spectrum
+    monkeypatch.setattr(la, "gradient_spectrum", lambda *args: calls.append(args) or spectrum(*args))
     a.grad, b.grad = flat(), spiky()
     opt.step()
-    assert opt.ranks()[0] > 3 and calls == []
+    assert opt.ranks()[0] > 3 and len(calls) == 2  # one SVD per matrix, none recomputed
 
 
 
@@ -3495,10 +3504,9 @@ def test_adaptive_refresh_holds_the_vectors_an_allocation_can_use(monkeypatch, k
     fixed, a, b = (nn.Parameter(torch.randn(8, 20)) for _ in range(3))
     opt = la.AdaptiveAdamW([{"params": [fixed], "rank": 2, "allocate": False}, {"params": [a, b], "rank": 3}],
                            lr=1e-2, refresh_keep=keep, update_proj_gap=1)
-    held, recomputed = [], []
+    held = []  # the columns of U of each SVD, in the order they run: the three matrices', then recomputations
     spectrum = la.gradient_spectrum
     monkeypatch.setattr(la, "gradient_spectrum", lambda *args: held.append((u := spectrum(*args))[0].shape[1]) or u)
-    monkeypatch.setattr(la, "top_r_basis", lambda *args: recomputed.append(args[1]) or spectrum(*args)[0])
     g = torch.Generator().manual_seed(0)
     for _ in range(2):
         fixed.grad, a.grad = torch.randn(8, 20, generator=g), torch.randn(8, 20, generator=g)
@@ -3506,9 +3514,9 @@ def test_adaptive_refresh_holds_the_vectors_an_allocation_can_use(monkeypatch, k
         opt.step()
         assert opt.ranks() == [2, 5, 1]
     if keep is None:
-        assert held == [2, 5, 5] * 2 and recomputed == []
-    else:  # ranks before the refreshes: [2, 3, 3], then [2, 5, 1]
-        assert held == [2, 3, 3, 2, 5, 3] and recomputed == [5]
+        assert held == [2, 5, 5] * 2  # nothing recomputed
+    else:  # ranks before the refreshes: [2, 3, 3] (a, allocated 5 > 3 held, is recomputed), then [2, 5, 1]
+        assert held == [2, 3, 3, 5, 2, 5, 3]
 
 def test_adaptive_budget_counts_clamped_ranks():
     # rank 8 on a 4×100 matrix is really rank 4: the budget is 4 + 8 = 12, as ranks() reports
@@ -4134,20 +4142,6 @@ def test_adapprox_full_rank_equals_adamw(beta1, shape, dtype):
     assert ("exp_avg" in opt.state[b]) == (beta1 > 0)
 
 
-@given(k=st.integers(1, 20), err=st.floats(0, 2), tol=st.floats(0, 1), k_min=st.integers(1, 4),
-       k_max=st.integers(4, 20), step_=st.integers(1, 3))
-def test_next_rank_rule(k, err, tol, k_min, k_max, step_):
-    k = min(max(k, k_min), k_max)
-    new = la.next_rank(k, err, tol, k_min, k_max, step_)
-    assert k_min <= new <= k_max and abs(new - k) <= step_
-    if err > tol:
-        assert new >= k
-    elif err < tol / 2:
-        assert new <= k
-    else:
-        assert new == k
-
-
 @pytest.mark.parametrize("tol,direction", [(1e-6, "grow"), (10.0, "shrink")])
 def test_adapprox_rank_adapts_within_bounds(tol, direction):
     torch.manual_seed(0)
@@ -4206,8 +4200,8 @@ def test_adapprox_group_rank_above_the_short_side_is_capped_at_it():
     # U's 85), and 3 on it caps at 3, whatever k_max_frac says
     g = torch.Generator().manual_seed(0)
     p = nn.Parameter(torch.randn(5, 12, generator=g))
-    assert la.Adapprox.rank_bounds(p, {"rank": 8, "k_min": 1, "k_max_frac": 0.25}) == (1, 5)
-    assert la.Adapprox.rank_bounds(p, {"rank": 3, "k_min": 4, "k_max_frac": 1.0}) == (3, 3)
+    assert la.Adapprox.rank_bounds(p, {"rank": 8, "k_min": 1, "k_max_frac": 0.25})[:2] == (1, 5)
+    assert la.Adapprox.rank_bounds(p, {"rank": 3, "k_min": 4, "k_max_frac": 1.0})[:2] == (3, 3)
     opt = la.Adapprox([{"params": [p], "rank": 8}], lr=1e-2, err_tol=0.0)
     assert opt.ranks() == [5]
     for _ in range(3):
@@ -4822,7 +4816,7 @@ for name, opts in [("GaLoreAdamW", {}), ("GaLoreAdamW", dict(subspace="random", 
                    ("Adapprox", {})]:
     ordinary, layerwise = sharded(), sharded()
     opt, opt_l = optimizer(name, opts, ordinary), optimizer(name, opts, layerwise)
-    handles = la.layerwise_hooks(opt_l)
+    handles = engine.layerwise_hooks(opt_l)
     freed = True
     for _ in range(5):  # refreshes at steps 1 and 4
         opt.zero_grad(set_to_none=True)

@@ -1,0 +1,408 @@
+"""lowrank_engine: where lowrank_adam's optimizers meet FSDP2 and layer-wise training.
+
+lowrank_adam.py needs none of this for eager, ``torch.compile``, DDP, ZeRO-1 or
+exact resume. Its optimizers call two functions here, and only when a
+parameter is a DTensor (a weight sharded by FSDP2's ``fully_shard``) or a
+state dict holds FSDP2 owner markers:
+
+* ``fsdp2_step(optimizer, items)``: ``step()`` of sharded parameters. Each
+  low-rank matrix is gathered whole on one owner rank, which alone holds its
+  state and runs the optimizer's own ``_step_items`` on it; the new rows go
+  back to every rank.
+* ``check_load(optimizer, state_dict)``: before ``load_state_dict`` loads
+  anything, refuse (on every rank alike) a state dict whose low-rank states
+  are not on the ranks that step their matrices.
+
+What they use of an optimizer is its ``state``, ``param_groups``,
+``_step_items(items, peers)`` and ``_dense_elementwise``. ``layerwise_hooks``
+steps each parameter inside the backward pass through the optimizer's
+``step_parameter``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+import lowrank_adam as la
+from lowrank_adam import is_dtensor
+
+
+
+
+def _row_split(rows: int, world: int) -> list[int]:
+    """Rows of each rank's dim-0 shard, as FSDP2 (``torch.chunk``) cuts them:
+    ⌈rows / world⌉ each, the last ones shorter or empty."""
+    step = -(-rows // world)
+    return [max(0, min(step, rows - r * step)) for r in range(world)]
+
+
+def _owner_ranks(sizes: dict[int, int], world: int) -> dict[int, int]:
+    """Owner rank of each matrix (parameter index -> its numel), balanced by
+    work: in parameter order, each to the rank with the least m·n so far
+    (not largest first: a param group added later then moves no matrix,
+    whose state is on its owner)."""
+    load, owner = [0] * world, {}
+    for i in sorted(sizes):
+        owner[i] = min(range(world), key=lambda r: (load[r], r))
+        load[owner[i]] += sizes[i]
+    return owner
+
+
+class Peers:
+    """The collectives a step that needs every rank's matrices uses under FSDP2
+    (AdaptiveAdamW's global allocation): passed to ``optimizer._step_items``."""
+
+    def __init__(self, group, device: torch.device):
+        self.group, self.device = group, device
+
+    def sum(self, counts: list[int]) -> list[int]:
+        total = torch.tensor(counts, dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(total, group=self.group)
+        return total.tolist()
+
+    def gather(self, records: list[tuple]) -> list[tuple]:
+        """Every rank's records, ordered by their first entry (the parameter index);
+        their tensors reach every rank as floats or lists of floats."""
+        flat = la._to_host([v for r in records for v in r])  # one transfer per device
+        records = [tuple(flat[i * len(r):(i + 1) * len(r)]) for i, r in enumerate(records)]
+        every: list = [None] * torch.distributed.get_world_size(self.group)
+        torch.distributed.all_gather_object(every, records, group=self.group)
+        return sorted((r for part in every for r in part), key=lambda r: r[0])
+
+
+def _exchange(send: list[list[Tensor]], recv_numels: list[int], group, dtype: torch.dtype,
+              device: torch.device) -> list[Tensor]:
+    """One all-to-all: the tensors ``send[r]`` (flattened, packed) go to rank
+    r; returns what each rank sent here, one flat tensor per rank."""
+    parts = [t.reshape(-1).to(dtype) for ts in send for t in ts]
+    inp = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
+    out = torch.empty(sum(recv_numels), dtype=dtype, device=device)
+    torch.distributed.all_to_all_single(out, inp, recv_numels, [sum(t.numel() for t in ts) for ts in send],
+                                        group=group)
+    return list(out.split(recv_numels))
+
+
+def _mesh_of(sharded: list[Tensor]):
+    """The one 1-D device mesh of the DTensor parameters ``sharded``; a 2-D
+    mesh (HSDP) or several meshes are refused."""
+    mesh = sharded[0].device_mesh
+    if mesh.ndim != 1:
+        raise NotImplementedError(f"lowrank_adam under FSDP2: parameters on one 1-D device mesh only; a {mesh.ndim}-D "
+                                  "mesh (HSDP, or sharding combined with another parallelism) is not supported. "
+                                  "Shard with fully_shard on a 1-D mesh (its default). Nothing was changed.")
+    if any(p.device_mesh != mesh for p in sharded):
+        raise NotImplementedError("lowrank_adam under FSDP2: parameters on one 1-D device mesh only; these are on "
+                                  "several meshes. Nothing was changed.")
+    return mesh
+
+
+def _stepped_whole(optimizer: Optimizer, p: Tensor, group: dict) -> bool:
+    """Whether FSDP2 steps ``p`` (of ``group``) whole on its owner rank, not
+    shard by shard: a sharded low-rank matrix, or any sharded parameter of
+    an optimizer whose dense step is not elementwise (Adapprox)."""
+    return is_dtensor(p) and (group.get("rank") is not None or not getattr(optimizer, "_dense_elementwise", True))
+
+
+def _as_dtensor_like(v: Tensor, p: Tensor) -> Tensor:
+    """``v``, this rank's shard, as a DTensor sharded like the parameter ``p``."""
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+
+
+@torch.no_grad()
+def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> None:
+    """``step()`` when FSDP2 (``fully_shard``) has sharded the parameters:
+    DTensors on a 1-D mesh, split by rows (dim 0) across the ranks.
+
+    A low-rank step needs its whole matrix (an SVD, a projection), so each
+    such matrix has an owner rank (``_owner_ranks``: balanced by m·n, the
+    same on every rank), which alone holds its optimizer state::
+
+        1. NaN/Inf check of the local gradient shards, agreed by an all-reduce
+        2. all-to-all: each rank sends its rows of W and G of every matrix to
+           the matrix's owner, which assembles them whole
+        3. each rank runs the optimizer's own step (``_step_items``) on plain
+           tensors: its owned matrices whole, with their state, and its shard
+           of every dense parameter (AdamW is elementwise, so exact on a
+           shard; that state stays a DTensor, as torch's AdamW keeps it)
+        4. all-to-all: each owner sends every rank its rows of the new W (and
+           the matrix's rank, so that ``ranks()`` holds on every rank)
+
+    So 3 collectives per step (2 with ``check_finite=False``), whatever the
+    number of matrices; AdaptiveAdamW adds an all-reduce per step and, at a
+    refresh, an all-gather of the spectra, so that every rank allocates the
+    ranks as one process does (``_Peers``). Random draws are seeded by the
+    global parameter index, so they are one process's, and so is the step:
+    the same code on the same whole tensors. Adapprox (its clipping and
+    guidance read a whole tensor: ``_dense_elementwise``) steps every
+    parameter on an owner. Layer-wise updates (``layerwise_hooks``) call it
+    with one parameter at a time, from inside FSDP2's reduce-scatter of that
+    parameter's gradient: the same step, with these collectives per parameter.
+    """
+    opt = optimizer
+    mesh = _mesh_of([p for p, _, _ in items if is_dtensor(p)])
+    group, world, me = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+    device = next(p.device for p, _, _ in items if is_dtensor(p))
+
+    def whole(p: Tensor, g: dict) -> bool:
+        return _stepped_whole(opt, p, g)
+
+    def local(t: Tensor) -> Tensor:
+        return t.to_local() if is_dtensor(t) else t
+
+    every = [(i, p) for i, (p, g) in enumerate((p, g) for g in opt.param_groups for p in g["params"]) if whole(p, g)]
+    owner = _owner_ranks({i: p.numel() for i, p in every}, world)
+    for p, g, _ in items:  # whole matrices: split by rows as torch.chunk splits them (``_row_split``)
+        if is_dtensor(p) and (p.grad.placements != p.placements or (whole(p, g) and (
+                len(p.placements) != 1 or not p.placements[0].is_shard(0)
+                or p.to_local().shape[0] != _row_split(p.shape[0], world)[me]))):
+            raise NotImplementedError(f"lowrank_adam under FSDP2: a parameter of shape {tuple(p.shape)} with "
+                                      f"placements {p.placements} (gradient {p.grad.placements}); expected Shard(0)")
+
+    # 1. NaN/Inf: Σ g of each local shard, agreed over the ranks (then exactly, to name the culprit)
+    checked = [p for p, g, _ in items if g["check_finite"]]
+    for exact in (False, True):
+        if not checked:
+            break
+        flags = torch.stack([~torch.isfinite(local(p.grad)).all() if exact else
+                             ~torch.isfinite(local(p.grad).sum(dtype=torch.float32)) for p in checked])
+        flags = flags.to(torch.int32)
+        torch.distributed.all_reduce(flags, group=group)
+        checked = [p for p, f in zip(checked, flags.tolist()) if f]
+        if exact and checked:
+            raise la.NonFiniteGradientError(
+                f"{type(opt).__name__}: non-finite gradient (NaN or Inf) for the parameter of shape "
+                f"{tuple(checked[0].shape)}; this call updated nothing. Lower the learning rate, clip "
+                "gradients, or use a GradScaler for fp16.")
+
+    # 2. W and G of each matrix, whole, on its owner
+    mats = [(p, g, i) for p, g, i in items if whole(p, g)]
+    mine = [(p, g, i) for p, g, i in mats if owner[i] == me]
+    rows = {i: _row_split(p.shape[0], world) for p, _, i in mats}
+    width = {i: math.prod(p.shape[1:]) for p, _, i in mats}  # numbers per row
+    dtype = torch.float32
+    for p, _, _ in mats:  # one dtype that holds every weight and gradient exactly
+        dtype = torch.promote_types(dtype, torch.promote_types(p.dtype, p.grad.dtype))
+    got = _exchange([[t for p, _, i in mats if owner[i] == r for t in (local(p), local(p.grad))] for r in range(world)],
+                    [sum(2 * rows[i][r] * width[i] for _, _, i in mine) for r in range(world)], group, dtype, device)
+    pieces: dict[int, tuple[list[Tensor], list[Tensor]]] = {i: ([], []) for _, _, i in mine}
+    for r, flat in enumerate(got):
+        for p, _, i in mine:
+            for part in pieces[i]:  # this rank's rows of W, then of G
+                n = rows[i][r] * width[i]
+                part.append(flat[:n].view(rows[i][r], *p.shape[1:]))
+                flat = flat[n:]
+
+    # 3. this rank's part of the step: the optimizer's own code, on plain tensors
+    step_items, stand_ins, shards = [], [], []
+    for p, g, i in items:
+        if whole(p, g):
+            state = opt.state[p]
+            if owner[i] != me:  # a marker, so that checkpoints hold every parameter (torch's helpers insist)
+                state.setdefault("owner", owner[i])
+                continue
+            if "owner" in state:
+                raise RuntimeError(f"lowrank_adam under FSDP2: the state of a parameter of shape {tuple(p.shape)} "
+                                   f"is on rank {state['owner']}, not on this rank, its owner now (a checkpoint "
+                                   "of another number of ranks? Resharding is not supported)")
+            w = torch.cat(pieces[i][0]).to(p.dtype)
+            w.grad = torch.cat(pieces[i][1]).to(p.grad.dtype)
+            opt.state[w] = state  # the same dict: the state is the parameter's
+        elif is_dtensor(p):
+            w = p.to_local()  # a view of this rank's shard
+            w.grad = p.grad.to_local()
+            opt.state[w] = {k: local(v) for k, v in opt.state[p].items()}
+            shards.append((p, w))
+        else:
+            w = p
+        if w is not p:
+            stand_ins.append(w)
+        step_items.append((w, g, i))
+    try:
+        opt._step_items(step_items, Peers(group, device))
+    finally:
+        for p, w in shards:  # the dense state, as DTensors like the parameter
+            opt.state[p] = {k: _as_dtensor_like(v, p) if isinstance(v, Tensor) and v.dim() > 0 else v
+                            for k, v in opt.state[w].items()}
+        for w in stand_ins:
+            opt.state.pop(w, None)
+
+    # 4. each rank's rows of every new matrix, from its owner, and the matrix's
+    #    rank (-1: none), so that ``ranks()`` is right on every rank
+    new = {i: w for w, _, i in step_items if i in rows}
+    current = torch.tensor([opt.state[p].get("rank", -1) for p, _, _ in mine], dtype=dtype, device=device)
+    got = _exchange([[new[i].narrow(0, sum(rows[i][:r]), rows[i][r]) for _, _, i in mine] + [current]
+                     for r in range(world)],
+                    [sum(rows[i][me] * width[i] + 1 for _, _, i in mats if owner[i] == r) for r in range(world)],
+                    group, dtype, device)
+    for r, flat in enumerate(got):
+        theirs = [(p, i) for p, _, i in mats if owner[i] == r]
+        for p, i in theirs:
+            n = rows[i][me] * width[i]
+            local(p).copy_(flat[:n].view(local(p).shape))
+            flat = flat[n:]
+        if r != me:
+            for (p, _), k in zip(theirs, flat.tolist()):
+                if k >= 0:
+                    opt.state[p]["rank"] = int(k)
+
+
+_RESUME_PATHS = ("Checkpoint with the default (sharded) get_optimizer_state_dict / set_optimizer_state_dict of "
+                 "torch.distributed.checkpoint.state_dict on every rank, or with dcp.save / dcp.load, and resume "
+                 "on the same number of ranks with the same param groups")
+
+
+def _full_state_dict_load() -> bool:
+    """Whether this call runs inside torch.distributed.checkpoint's
+    ``set_optimizer_state_dict`` or ``set_state_dict`` with
+    ``full_state_dict=True`` and ``broadcast_from_rank0=True``: their
+    ``options`` reach ``load_state_dict`` no other way, so they are read from
+    the caller's frame. (Without the broadcast each rank loads the dict it is
+    given, and the layout check below tells whether that dict is its own.)"""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if (frame.f_code.co_name in ("set_optimizer_state_dict", "set_state_dict")
+                    and frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict"):
+                options = frame.f_locals.get("options")
+                return bool(getattr(options, "full_state_dict", False) and getattr(options, "broadcast_from_rank0",
+                                                                                     False))
+            frame = frame.f_back
+        return False
+    finally:
+        del frame
+
+
+def check_load(optimizer: Optimizer, state_dict: dict) -> None:
+    """Refuse, before anything is loaded, a state dict whose low-rank states
+    are not where this run keeps them (``load_state_dict`` calls it first).
+
+    Under FSDP2 a matrix's state is on its owner rank alone; every other rank
+    holds the marker ``{"owner": r}`` (and the matrix's ``rank``). So each
+    rank's state dict fits only that rank of a run with as many ranks and
+    the same param groups:
+
+    * one process (or DDP, ZeRO-1): a state dict with markers is refused;
+    * FSDP2: every rank reports what its state dict holds of each matrix
+      (one all-gather), and every rank refuses, with the same message, unless
+      each matrix's state is on its owner and the markers name the owner;
+    * FSDP2, ``set_optimizer_state_dict`` with ``full_state_dict=True`` and
+      ``broadcast_from_rank0=True``: refused on every rank. A full state dict
+      is gathered to rank 0, which holds only the states it owns, and the
+      broadcast hands each other rank its own current state back: those
+      matrices would restart. (A full state dict that each rank is given
+      whole, its owned states in place, loads: the layout check passes.)
+    """
+    opt, name = optimizer, type(optimizer).__name__
+    saved_groups = state_dict["param_groups"]
+    same_groups = len(saved_groups) == len(opt.param_groups) and all(
+        len(g["params"]) == len(s["params"]) for g, s in zip(opt.param_groups, saved_groups))
+    entries = [(p, s, state_dict["state"].get(i)) for g, s in zip(opt.param_groups, saved_groups)
+               for p, i in zip(g["params"], s["params"])]  # (parameter, its saved group, its saved state)
+    sharded = [p for g in opt.param_groups for p in g["params"] if is_dtensor(p)]
+    if not sharded:
+        for p, _, st in entries:
+            if isinstance(st, dict) and "owner" in st:
+                raise ValueError(
+                    f"{name}.load_state_dict: this state dict was written by one rank of an FSDP2 run: the state "
+                    f"of the parameter of shape {tuple(p.shape)} is on rank {st['owner']}, not in it (each FSDP2 "
+                    f"rank holds the states of the matrices it owns). Resharding to one process is not supported. "
+                    f"{_RESUME_PATHS}. Nothing was loaded.")
+        return
+    mesh = _mesh_of(sharded)
+    world = mesh.size()
+    owner = _owner_ranks({i: p.numel() for i, (p, s, _) in enumerate(entries) if _stepped_whole(opt, p, s)}, world)
+    held = {}  # what this rank's state dict holds of each parameter: "state", ("owner", r) or "mixed"
+    for i, (p, _, st) in enumerate(entries):
+        if isinstance(st, dict) and "owner" in st:
+            held[i] = ("owner", st["owner"]) if set(st) <= {"owner", "rank"} else "mixed"
+        elif st and i in owner:
+            held[i] = "state"
+    every: list = [None] * world
+    torch.distributed.all_gather_object(every, (_full_state_dict_load(), same_groups, held), group=mesh.get_group())
+    if not all(same for _, same, _ in every):
+        raise ValueError(f"{name}.load_state_dict under FSDP2: the state dict's param groups differ from the "
+                         f"optimizer's on rank {next(r for r, (_, same, _) in enumerate(every) if not same)}. "
+                         "Nothing was loaded on any rank.")
+    if owner and any(full for full, _, _ in every):
+        raise ValueError(
+            f"{name}.load_state_dict under FSDP2: a full state dict broadcast from rank 0 (full_state_dict=True, "
+            "broadcast_from_rank0=True) cannot restore the "
+            "low-rank states. Each matrix's state is held by its owner rank alone, so the full state dict that "
+            "rank 0 gathers lacks the states the other ranks own, and broadcast_from_rank0 would leave those "
+            f"matrices restarting from zero. {_RESUME_PATHS}. Nothing was loaded on any rank.")
+    for i, (p, _, _) in enumerate(entries):
+        seen = [h.get(i) for _, _, h in every]  # on each rank
+        what, o = f"the parameter of shape {tuple(p.shape)} (index {i})", owner.get(i)
+        problem = None
+        for r, h in enumerate(seen):
+            if h == "mixed":
+                problem = f"rank {r} holds both a state and an owner marker for {what}"
+            elif o is None and h is not None:
+                problem = f"rank {r} has an owner marker for {what}, which every rank steps on its own shard"
+            elif h == "state" and r != o:
+                problem = f"rank {r} holds the state of {what}, which rank {o} owns and steps on {world} ranks"
+            elif isinstance(h, tuple) and h[1] != o:
+                problem = f"rank {r}'s marker puts the state of {what} on rank {h[1]}, but rank {o} owns it on " \
+                          f"{world} ranks"
+            if problem:
+                break
+        if problem is None and o is not None and any(seen) and seen[o] != "state":
+            problem = f"rank {o}, which owns {what} on {world} ranks, has no state for it"
+        if problem:
+            raise ValueError(
+                f"{name}.load_state_dict under FSDP2: this state dict does not hold each low-rank state on the "
+                f"rank that steps its matrix: {problem} (a state dict of another number of ranks, other param "
+                f"groups, or another rank's). Resharding is not supported. {_RESUME_PATHS}. Nothing was loaded "
+                "on any rank.")
+
+
+def layerwise_hooks(optimizer: Optimizer) -> list:
+    """Update each parameter inside the backward pass, as soon as its gradient
+    is ready, and free that gradient at once (GaLore's per-layer weight
+    updates): the gradients of the whole model never exist together.
+
+    Registers a post-accumulate-grad hook on every parameter of
+    ``optimizer`` that calls ``optimizer.step_parameter(p)`` and then sets
+    ``p.grad = None``. A training step is then ``loss.backward()`` alone: no
+    ``optimizer.step()``, no ``zero_grad()``. The results equal ordinary
+    steps (no parameter's update depends on another's gradient), and the
+    state dict, checkpoints and LR schedulers are the ordinary ones.
+
+    It excludes whatever needs every gradient at once: global-norm gradient
+    clipping, gradient accumulation over micro-batches (the first backward
+    would already step), DDP (its gradient averaging runs after the hook),
+    a GradScaler (its inf check is global), and AdaptiveAdamW's allocation.
+
+    Under FSDP2 (``fully_shard``) the hook fires after the parameter's
+    reduce-scatter (FSDP2 calls the post-accumulate-grad hooks of its sharded
+    DTensor parameters itself, one FSDP unit at a time, in the same order on
+    every rank), and ``step_parameter`` runs ``fsdp2_step`` on that one
+    parameter: its collectives (all-to-alls, and the NaN/Inf all-reduce)
+    are issued per parameter instead of per step, and every rank must run
+    the same backward (as FSDP2 itself requires).
+    Returns the hook handles; ``handle.remove()`` on each undoes it::
+
+        handles = layerwise_hooks(GaLoreAdamW(lowrank_groups(model, rank=128), lr=1e-2))
+        for x, y in batches:
+            model(x, y)[1].backward()      # every parameter is updated in here
+    """
+    if not hasattr(optimizer, "step_parameter"):
+        raise TypeError(f"layerwise_hooks needs an optimizer of this module (with step_parameter), not "
+                        f"{type(optimizer).__name__}; for plain AdamW use GaLoreAdamW(model.parameters()), "
+                        "whose groups without 'rank' get exactly AdamW's update")
+
+    for group in optimizer.param_groups:
+        optimizer._check_layerwise(group)  # refuse now, not inside the first backward
+
+    def hook(p: Tensor) -> None:
+        optimizer.step_parameter(p)
+        p.grad = None
+
+    return [p.register_post_accumulate_grad_hook(hook) for g in optimizer.param_groups for p in g["params"]
+            if p.requires_grad]  # a frozen parameter has no gradient and takes no hook
