@@ -1664,10 +1664,10 @@ def shrink(command, corpus, tokenizer):
     return re.sub(r"(python|torch\.distributed\.run) [^;&|\n]*?(?=\s*(;|&&|\|\||$))", append, command)
 
 
-def test_readme_python_snippets_run_on_the_models_they_name(capsys):
-    blocks = re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(), re.S)
-    assert len(blocks) == 2  # the API and the layer-wise snippets
-    api, layerwise = blocks
+def test_docs_python_snippets_run_on_the_models_they_name(capsys):
+    snippets = lambda doc: re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, doc)).read(), re.S)
+    [api] = snippets("README.md")  # the API snippet
+    [layerwise] = snippets("docs/DESIGN.md")  # the layer-wise snippet, under "Where it runs"
     # the API snippet, on the Hugging Face GPT-2 its comment says works as is
     named = re.search(r"# model = (transformers\.GPT2LMHeadModel\(.*?\)\)) works", api, re.S).group(1)
     import transformers
