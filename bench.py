@@ -41,7 +41,9 @@ commands:
   loader    tokens per second of the data loader on one core, byte tokenizer
             and a BPE tokenizer trained on the corpus (needs tokenizers)
   plot      loss curves, AdaptiveAdamW's rank heatmap and Adapprox's ranks of
-            the runs in --out-dir (needs matplotlib)
+            the runs in --out-dir; with --results, final validation loss
+            against optimizer state, one point per optimizer, from compare's
+            results.json or a table of results (needs matplotlib)
 
 examples:
   python bench.py compare --optimizer adamw,galore,adaptive --seeds 3 --rank 8
@@ -54,6 +56,7 @@ examples:
   python bench.py refresh --model 350m --rank 256
   python bench.py subspaces --optimizer adaptive --rank 8 --update-proj-gap 20
   python bench.py plot --out-dir out/compare
+  python bench.py plot --results docs/tiny_results.json --out docs/loss_vs_state.png
   python bench.py sensitivity --ranks 1,4,16
 """
 
@@ -1048,11 +1051,162 @@ def plot_ranks(plt, name: str, optimizer: str, names: list, history: list, path:
     plt.close(fig)
     return path
 
+RESULT_KEYS = {"label", "val_loss", "spread", "state_pct", "lr", "from"}
+
+def read_results(path: Path) -> tuple[str | None, list[dict]]:
+    """(title, rows) of a results file for `bench.py plot --results`: each row a dict with label,
+    val_loss, spread (0 when unknown) and state_pct. Two formats (see `plot`'s help): compare's
+    results.json, or a table {"title": ..., "rows": [...]}. Anything else fails with one line."""
+    def bad(why):
+        tl.fail(f"{path}: {why} (expected compare's results.json, or {{\"rows\": [{{\"label\": ..., "
+                f"\"val_loss\": ..., \"state_pct\": ..., \"spread\": ...}}]}}; see bench.py plot --help)")
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        tl.fail(f"{path}: no such file")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        bad(f"not JSON ({e})")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(data, list):  # bench.py compare's results.json: one dict per run
+        if not data or not all(isinstance(r, dict) and isinstance(r.get("optimizer"), str) and
+                                number(r.get("val_loss")) and number(r.get("state_mb")) and number(r.get("lr"))
+                                for r in data):
+            bad("a list whose items are not all runs of bench.py compare (optimizer, lr, val_loss, state_mb)")
+        by_run: dict[tuple, list[dict]] = {}
+        for r in data:
+            by_run.setdefault((r["optimizer"], r["lr"]), []).append(r)
+        med = lambda rs, key: statistics.median(r[key] for r in rs)
+        best: dict[str, list[dict]] = {}  # each optimizer at its best lr, as compare's table
+        for (name, lr), rs in by_run.items():
+            if name not in best or med(rs, "val_loss") < med(best[name], "val_loss"):
+                best[name] = rs
+        if "adamw" not in best:
+            bad("no adamw run, so no state as % of AdamW's")
+        ref = med(best["adamw"], "state_mb")
+        rows = [dict(label=name, lr=rs[0]["lr"], val_loss=med(rs, "val_loss"), state_pct=100 * med(rs, "state_mb") / ref,
+                     spread=(max(r["val_loss"] for r in rs) - min(r["val_loss"] for r in rs)) / 2)
+                for name, rs in best.items()]
+        return None, rows
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not data["rows"]:
+        bad("neither a list of runs nor an object with a non-empty \"rows\" list")
+    if set(data) - {"title", "rows"}:
+        bad(f"unknown key(s) {', '.join(sorted(set(data) - {'title', 'rows'}))}")
+    rows = []
+    for i, row in enumerate(data["rows"], 1):
+        if not isinstance(row, dict):
+            bad(f"row {i} is not an object")
+        name = row.get("label", f"row {i}")
+        if set(row) - RESULT_KEYS:
+            bad(f"{name}: unknown key(s) {', '.join(sorted(set(row) - RESULT_KEYS))}")
+        if not isinstance(row.get("label"), str) or not row["label"]:
+            bad(f"row {i}: \"label\" must be a non-empty string")
+        for key in ("val_loss", "state_pct"):
+            if not number(row.get(key)):
+                bad(f"{name}: \"{key}\" must be a number, not {row.get(key)!r}")
+        if not number(row.get("spread", 0)) or row.get("spread", 0) < 0:
+            bad(f"{name}: \"spread\" must be a number >= 0, not {row['spread']!r}")
+        if row["state_pct"] <= 0:
+            bad(f"{name}: \"state_pct\" must be > 0, not {row['state_pct']!r}")
+        rows.append(dict(row, spread=row.get("spread", 0)))
+    return data.get("title"), rows
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats on both loss and state (at most as high in both, lower in one),
+    in order of state."""
+    def beats(a, b):
+        return (a["val_loss"] <= b["val_loss"] and a["state_pct"] <= b["state_pct"] and
+                (a["val_loss"] < b["val_loss"] or a["state_pct"] < b["state_pct"]))
+    return sorted((r for r in rows if not any(beats(o, r) for o in rows)), key=lambda r: r["state_pct"])
+
+def plot_loss_vs_state(plt, title: str | None, rows: list[dict], path: Path) -> Path:
+    """One labelled point per optimizer (error bar: the seeds' spread), the Pareto front dashed."""
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    front = pareto_front(rows)
+    ax.plot([r["state_pct"] for r in front], [r["val_loss"] for r in front], "k--", lw=1, alpha=0.6,
+            label="Pareto front: no other point is lower in both loss and state", zorder=1)
+    for i, r in enumerate(rows):
+        ax.errorbar(r["state_pct"], r["val_loss"], yerr=r["spread"] or None, fmt="o", ms=6, capsize=3,
+                    color=f"C{i % 10}", zorder=2)
+    states, losses = [r["state_pct"] for r in rows], [r["val_loss"] for r in rows]
+    ax.set_xscale("log")
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200) if min(states) / 2 <= t <= max(states) * 2]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xlim(min(states) / 1.5, max(states) * 1.6)
+    low = min(r["val_loss"] - r["spread"] for r in rows)
+    high = max(r["val_loss"] + r["spread"] for r in rows)
+    ax.set_ylim(low - 0.06 * (high - low), high + 0.06 * (high - low))
+    ax.set_xlabel("optimizer state, % of AdamW's (log scale)")
+    ax.set_ylabel("final validation loss (lower is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower left", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    # each label right of its point, else left, above or below: the first place that covers no
+    # other point and no label placed before it
+    renderer = fig.canvas.get_renderer()
+    points = [ax.transData.transform((x, y)) for x, y in zip(states, losses)]
+    taken = []
+    for r, (px, py) in zip(rows, points):
+        for dx, dy, ha, va in ((7, 0, "left", "center"), (-7, 0, "right", "center"),
+                               (0, 8, "center", "bottom"), (0, -8, "center", "top")):
+            label = ax.annotate(r["label"], (r["state_pct"], r["val_loss"]), xytext=(dx, dy), ha=ha, va=va,
+                                textcoords="offset points", fontsize=8, weight="bold" if r in front else "normal")
+            box = label.get_window_extent(renderer).expanded(1.05, 1.1)
+            clear = (not any(box.overlaps(b) for b in taken) and
+                     not any(box.x0 - 5 <= qx <= box.x1 + 5 and box.y0 - 5 <= qy <= box.y1 + 5 for qx, qy in points))
+            if clear or ha == "center" and va == "top":
+                break
+            label.remove()
+        taken.append(box)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+PLOT_HELP = """\
+Without --results: loss curves of the runs in --out-dir (loss_curves.png), and the ranks
+of each AdaptiveAdamW or Adapprox run (ranks_RUN.png), written into --out-dir.
+
+With --results FILE: one picture, --out, of final validation loss against optimizer
+state (% of AdamW's): one labelled point per optimizer, its error bar the seeds' spread,
+and a dashed line through the Pareto front (the points that no other point beats on
+both loss and state). FILE is JSON, either
+  - the results.json that `bench.py compare` writes into its --out-dir: each optimizer
+    at its best lr, the median over seeds ± half the range, state as % of the adamw
+    run's (it needs one), as compare's table shows them; or
+  - a table of results measured before: {"title": "...", "rows": [{"label": "AdamW",
+    "val_loss": 2.1014, "spread": 0.0545, "state_pct": 100, "lr": 6e-3,
+    "from": "a RESULTS.md section"}, ...]}, with label, val_loss and state_pct required,
+    spread (half the range over seeds; 0 or left out: no error bar), lr and from
+    optional, and no other keys (docs/tiny_results.json is one).
+A file in neither form is refused with one line saying what is wrong.
+
+examples:
+  python bench.py plot --out-dir out/compare
+  python bench.py plot --results out/compare/results.json --out out/compare/loss_vs_state.png
+  python bench.py plot --results docs/tiny_results.json --out docs/loss_vs_state.png
+"""
+
 def plot(argv: list[str]) -> list[Path]:
-    p = tl.Parser(prog="bench.py plot", description="PNG plots of the runs in --out-dir.", allow_abbrev=False,
-                  formatter_class=tl.HelpFormatter)
-    p.add_argument("--out-dir", default="out/compare", help="a run folder, or a folder of run folders")
-    written = make_plots(Path(p.parse_args(argv).out_dir))
+    p = tl.Parser(prog="bench.py plot", description="PNG plots (needs matplotlib).", epilog=PLOT_HELP,
+                  allow_abbrev=False, formatter_class=tl.HelpFormatter)
+    p.add_argument("--out-dir", default="out/compare", help="a run folder, or a folder of run folders (without "
+                   "--results)")
+    p.add_argument("--results", help="a results file (JSON, see below): draw loss against optimizer state instead")
+    p.add_argument("--out", help="the picture --results draws (default: loss_vs_state.png beside the results file)")
+    args = p.parse_args(argv)
+    if args.results is None:
+        if args.out is not None:
+            tl.fail("--out names the picture of --results: without --results, plots go into --out-dir")
+        written = make_plots(Path(args.out_dir))
+    else:
+        results = Path(args.results)
+        title, rows = read_results(results)  # a malformed file is refused before matplotlib is needed
+        out = Path(args.out) if args.out else results.with_name("loss_vs_state.png")
+        if out.suffix.lower() != ".png":
+            tl.fail(f"--out {out}: must end in .png")
+        written = [plot_loss_vs_state(import_pyplot(), title, rows, out)]
     for path in written:
         print(f"wrote {path}")
     return written

@@ -1524,6 +1524,65 @@ def test_plots_or_a_clear_message(corpus, tmp_path, monkeypatch):
         bench.main(["plot", "--out-dir", str(tmp_path)])
 
 
+def test_plot_results_draws_loss_against_state_and_refuses_a_malformed_file(tmp_path, monkeypatch, capsys):
+    """bench.py plot --results: one point per optimizer from a results table or compare's results.json,
+    the Pareto front; a malformed file is refused with one line, before matplotlib is needed."""
+    table = {"title": "t", "rows": [
+        {"label": "AdamW", "val_loss": 2.1, "spread": 0.05, "state_pct": 100},
+        {"label": "low-rank", "val_loss": 1.8, "spread": 0.01, "state_pct": 30, "lr": 0.04},
+        {"label": "beaten", "val_loss": 2.0, "state_pct": 50, "from": "RESULTS.md#somewhere"},
+        {"label": "tiny", "val_loss": 2.2, "spread": 0, "state_pct": 1.3}]}
+    good = tmp_path / "results.json"
+    good.write_text(json.dumps(table))
+    title, rows = bench.read_results(good)
+    assert title == "t" and [r["label"] for r in rows] == ["AdamW", "low-rank", "beaten", "tiny"]
+    assert rows[2]["spread"] == 0  # left out: no error bar
+    assert [r["label"] for r in bench.pareto_front(rows)] == ["tiny", "low-rank"]  # in order of state
+    # compare's results.json: each optimizer at its best lr, median ± half the range, state as % of adamw's
+    runs = [dict(optimizer=o, lr=lr, seed=s, val_loss=v, state_mb=m) for o, lr, s, v, m in [
+        ("adamw", 0.003, 0, 2.2, 2.0), ("adamw", 0.003, 1, 2.4, 2.0), ("adamw", 0.006, 0, 2.0, 2.0),
+        ("adamw", 0.006, 1, 2.1, 2.0), ("galore", 0.01, 0, 1.9, 0.5), ("galore", 0.01, 1, 1.95, 0.5)]]
+    compared = tmp_path / "compare.json"
+    compared.write_text(json.dumps(runs))
+    assert bench.read_results(compared) == (None, [
+        dict(label="adamw", lr=0.006, val_loss=pytest.approx(2.05), state_pct=100, spread=pytest.approx(0.05)),
+        dict(label="galore", lr=0.01, val_loss=pytest.approx(1.925), state_pct=25, spread=pytest.approx(0.025))])
+    bad = tmp_path / "bad.json"
+    for text, why in [("{not json", "not JSON"), ("[]", "not all runs of bench.py compare"),
+                      (json.dumps(runs[4:]), "no adamw run"), (json.dumps({"rows": []}), "non-empty"),
+                      (json.dumps({"rows": [{"label": "A", "val_loss": 2.0}]}), 'A: "state_pct" must be a number'),
+                      (json.dumps({"rows": [{"label": "A", "val_loss": "2.0", "state_pct": 9}]}),
+                       'A: "val_loss" must be a number'),
+                      (json.dumps({"rows": [{"label": "A", "val_loss": 2, "state_pct": 9, "spread": -1}]}),
+                       '"spread" must be a number >= 0'),
+                      (json.dumps({"rows": [{"label": "A", "val_los": 2, "state_pct": 9}]}), "unknown key"),
+                      (json.dumps({"rows": [{"val_loss": 2, "state_pct": 9}]}), '"label" must be')]:
+        bad.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            bench.main(["plot", "--results", str(bad)])
+        assert why in str(e.value) and str(bad) in str(e.value) and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(SystemExit, match="no such file"):
+        bench.main(["plot", "--results", str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit, match="--out names the picture of --results"):
+        bench.main(["plot", "--out", str(tmp_path / "x.png")])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="pip install matplotlib"):
+            bench.main(["plot", "--results", str(good)])
+    else:
+        written = bench.main(["plot", "--results", str(good), "--out", str(tmp_path / "pic" / "state.png")])
+        assert written == [tmp_path / "pic" / "state.png"] and written[0].stat().st_size > 1000
+        assert bench.main(["plot", "--results", str(compared)]) == [tmp_path / "loss_vs_state.png"]  # the default
+        assert (tmp_path / "loss_vs_state.png").stat().st_size > 1000
+    block_matplotlib(monkeypatch)
+    bad.write_text(json.dumps({"rows": [{"label": "A", "val_loss": 2.0}]}))
+    with pytest.raises(SystemExit, match="state_pct"):  # the file is checked first
+        bench.main(["plot", "--results", str(bad)])
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        bench.main(["plot", "--results", str(good)])
+
+
 def test_adaptive_defaults_to_the_residual_and_galore_does_not():
     p = nn.Parameter(torch.randn(4, 6))
     assert la.AdaptiveAdamW([{"params": [p], "rank": 2}]).param_groups[0]["residual"] is True
@@ -1605,10 +1664,10 @@ def shrink(command, corpus, tokenizer):
     return re.sub(r"(python|torch\.distributed\.run) [^;&|\n]*?(?=\s*(;|&&|\|\||$))", append, command)
 
 
-def test_readme_python_snippets_run_on_the_models_they_name(capsys):
-    blocks = re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(), re.S)
-    assert len(blocks) == 2  # the API and the layer-wise snippets
-    api, layerwise = blocks
+def test_docs_python_snippets_run_on_the_models_they_name(capsys):
+    snippets = lambda doc: re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, doc)).read(), re.S)
+    [api] = snippets("README.md")  # the API snippet
+    [layerwise] = snippets("docs/DESIGN.md")  # the layer-wise snippet, under "Where it runs"
     # the API snippet, on the Hugging Face GPT-2 its comment says works as is
     named = re.search(r"# model = (transformers\.GPT2LMHeadModel\(.*?\)\)) works", api, re.S).group(1)
     import transformers
@@ -1671,6 +1730,25 @@ def test_docs_links_resolve_and_stay_inside_the_repository(doc):
         assert images == {p.name for p in Path(ROOT, "docs").glob("*.png")}  # every figure shown
 
 
+def test_the_results_file_of_the_picture_holds_the_rows_of_its_results_table():
+    """docs/tiny_results.json, which `bench.py plot --results` draws as docs/loss_vs_state.png, holds
+    docs/RESULTS.md's table of every optimizer row for row: its numbers live in one table."""
+    text = open(os.path.join(ROOT, "docs", "RESULTS.md")).read()
+    section = text.split("\n## Every optimizer on the tiny model\n", 1)[1].split("\n## ", 1)[0]
+    assert "python bench.py plot --results docs/tiny_results.json --out docs/loss_vs_state.png" in section
+    assert "](loss_vs_state.png)" in section
+    table = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    title, rows = bench.read_results(Path(ROOT, "docs", "tiny_results.json"))
+    assert len(rows) == len(table) == 9
+    for row, line in zip(rows, table):
+        _, lr, loss, state, where = [c.strip() for c in line.strip("|").split("|")]
+        assert float(lr.split()[0].rstrip("\\*")) == row["lr"], line
+        assert loss.strip("*") == f"{row['val_loss']:.4f} ± {row['spread']:.4f}", line
+        assert float(state) == row["state_pct"] and where.endswith(f"(#{row['from'].split('#')[1]})"), line
+    assert {r["label"].split()[0] for r in rows} >= {"AdamW", "GaLoreAdamW", "AdaptiveAdamW", "LDAdam", "Adapprox",
+                                                     "Adafactor", "Muon"}
+
+
 def run_command(command, capsys):
     """(exit status, output) of a command run in the current folder. A plain
     `python train_tiny_llama.py|bench.py ARGS` runs in this process through the
@@ -1711,8 +1789,10 @@ def test_every_readme_command_runs(doc, corpus, xdg_cache, tmp_path, monkeypatch
     """Each command of README.md, and of docs/RESULTS.md, in order, in a scratch folder
     (one per file), shrunk as README_APPEND says. Without matplotlib, a command that plots
     must fail with the install hint before training, and then runs without --plot."""
-    for name in ("lowrank_adam.py", "llama_c4.py", "train_tiny_llama.py", "bench.py", "requirements.txt"):
-        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    for name in ("lowrank_adam.py", "llama_c4.py", "train_tiny_llama.py", "bench.py", "requirements.txt",
+                 "docs/tiny_results.json"):  # the results table that `bench.py plot --results` draws
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(xdg_cache))  # the embedded corpus, built once per session
     tokenizer = None
