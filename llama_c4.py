@@ -19,12 +19,12 @@ with a message for the user; load_tokenizer and load_data load --tokenizer and
 
 The mechanics of a run, in sections: the command line (one-line errors, the
 --help formatter, the checks of --device and --out-dir), terminal output (a
-progress bar or plain lines), the Muon-with-AdamW wrapper, torchrun's processes
-(DDP setup, FSDP2 sharding, what the ranks agree on), the memory modes
-(--layerwise, --zero, --fsdp: what each refuses), checkpoints, metrics and
-resuming (one process's state dicts gathered from a sharded run, the checks of a
-resume's flags), and how a run stops (Ctrl-C, divergence, a failure before the
-first step).
+progress bar or plain lines; a run's result in one line), the Muon-with-AdamW
+wrapper, torchrun's processes (DDP setup, FSDP2 sharding, what the ranks agree
+on), the memory modes (--layerwise, --zero, --fsdp: what each refuses),
+checkpoints, metrics and resuming (one process's state dicts gathered from a
+sharded run, the checks of a resume's flags), and how a run stops (Ctrl-C,
+divergence, a failure before the first step, and the exit status of each).
 """
 
 from __future__ import annotations
@@ -656,7 +656,8 @@ def check_out_dir(args) -> None:
 
 
 # ----------------------------------------------------------------------------- terminal output
-# A progress bar on a terminal, plain lines anywhere else; say() prints a line above any bar.
+# A progress bar on a terminal, plain lines anywhere else; say() prints a line above any bar, and
+# describe() a run's result in one line.
 
 def interactive() -> bool:
     """How progress is shown, in train_tiny_llama.py and bench.py: a tqdm bar (with elapsed time and ETA)
@@ -688,6 +689,17 @@ def progress_bar(total: int, initial: int, show: bool) -> Optional[tqdm]:
         return None
     return tqdm(total=total, initial=initial, unit="step", desc="train", dynamic_ncols=True, leave=None,
                 file=sys.stderr)
+
+
+def describe(r: dict) -> str:
+    """A run's result (train_tiny_llama's result_of) in one line, as the script and bench.py print it."""
+    extra = f", peak CUDA {r['peak_cuda_gb']:.2f} GB" if r["peak_cuda_gb"] is not None else ""
+    extra += f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
+    if "state_bytes_per_rank" in r:
+        extra += f", state bytes per rank {' / '.join(f'{b:,}' for b in r['state_bytes_per_rank'])}"
+    return (f"{r['optimizer']} (lr {r['lr']:g}) seed {r['seed']}: {r['params'] / 1e6:.2f}M params, {r['steps']} steps, "
+            f"val loss {r['val_loss']:.4f}, val ppl {r['val_ppl']:.2f}, {r['tokens_per_s']:,.0f} tokens/s, optimizer "
+            f"state {r['state_mb']:.2f} MB, step() {r['step_ms']:.2f} ms, {r['seconds']:.0f} s{extra}")
 
 
 # ----------------------------------------------------------------------------- Muon with AdamW
@@ -1090,6 +1102,38 @@ def stopped_at_once(args) -> str:
         return (f"stopped at once: {kept} holds the last checkpoint saved (by --save-interval or an earlier run); "
                 f"continue with: {continue_command(args)}")
     return "stopped at once: no checkpoint was saved, so nothing of this run was kept"
+
+
+@contextlib.contextmanager
+def handle_exits(args, dist: Dist, out_existed: bool):
+    """How an invocation that trains ends, on every rank. The first Ctrl-C (Stopped: a checkpoint was
+    saved and the way to continue printed) and a second one (or one before the first step) exit with
+    status 130; a divergence (rank 0 says what it set aside) and the training data running dry, with 1
+    and one line. A failure before the first step removes what the run wrote (remove_untrained_run),
+    whatever the failure; ``out_existed``: whether --out-dir was there before. Under torchrun the
+    process group is destroyed here."""
+    try:
+        yield
+    except Stopped:
+        sys.exit(130)
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before the loop): stop at once
+        remove_untrained_run(args, out_existed, dist)
+        if dist.master:
+            print(stopped_at_once(args), file=sys.stderr)
+        sys.exit(130)
+    except DataError as e:  # the training stream ran dry
+        remove_untrained_run(args, out_existed, dist)
+        fail(str(e))
+    except Diverged as e:  # rank 0 says what it set aside
+        if dist.master:
+            fail(str(e))
+        sys.exit(1)
+    except BaseException:
+        remove_untrained_run(args, out_existed, dist)
+        raise
+    finally:
+        if dist.ddp:
+            torch.distributed.destroy_process_group()
 
 
 def remove_untrained_run(args, out_existed: bool, dist: Dist) -> None:

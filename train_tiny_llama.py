@@ -38,10 +38,10 @@ import llama_c4
 import lowrank_adam as la
 from llama_c4 import (Dist, Diverged, HelpFormatter, MODEL_SHAPES, MuonWithAdamW, Parser, RESUME_MAY_CHANGE, Stopped,
                       agree, check_device, check_memory_modes, check_out_dir, check_replicas, check_resume,
-                      continue_command, fail, full_state, gather, load_data, load_full_state, load_tokenizer, log,
-                      nothing_to_resume, open_metrics, progress_bar, read_checkpoint, remove_untrained_run,
+                      continue_command, describe, fail, full_state, gather, handle_exits, load_data, load_full_state,
+                      load_tokenizer, log, nothing_to_resume, open_metrics, progress_bar, read_checkpoint,
                       run_settings, say, set_aside_diverged_run, setup_distributed, shard_model, stop_on_first_ctrl_c,
-                      stopped_at_once, synchronize)
+                      synchronize)
 
 # ----------------------------------------------------------------------------- configuration
 # Every setting is a flag; every flag is checked before anything is read or built.
@@ -230,7 +230,7 @@ class Recipe:
 
 RESIDUAL = {"+residual": {"residual": True}, "+noresidual": {"residual": False}}
 REFRESH = {"+randomized": {"refresh": "randomized"}}
-# +stagger for a class that takes it (AdaptiveAdamW: once it does; until then adaptive has no such variant)
+# +stagger for a class that takes a ``stagger`` argument (see staggered)
 STAGGER = lambda cls: {"+stagger": {"stagger": True}} if "stagger" in inspect.signature(cls).parameters else {}
 OPTIMIZERS = {
     "adamw": Recipe(torch.optim.AdamW, 3e-3),
@@ -250,6 +250,7 @@ OPTIMIZERS = {
 }
 if hasattr(torch.optim, "Muon"):  # torch >= 2.9
     OPTIMIZERS["muon"] = Recipe(MuonWithAdamW, 3e-3, lowrank=True)
+
 def staggered() -> list[str]:
     """The optimizers whose class takes ``stagger`` (--stagger, the +stagger variant)."""
     return [n for n, r in OPTIMIZERS.items() if "stagger" in inspect.signature(r.cls).parameters]
@@ -572,16 +573,6 @@ def result_of(run: Run, val_loss: float) -> dict:
         result["state_bytes_per_rank"] = gather(la.state_bytes(run.local_opt), run.dist)
     return result
 
-def describe(r: dict) -> str:
-    """A run's result in one line."""
-    extra = f", peak CUDA {r['peak_cuda_gb']:.2f} GB" if r["peak_cuda_gb"] is not None else ""
-    extra += f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
-    if "state_bytes_per_rank" in r:
-        extra += f", state bytes per rank {' / '.join(f'{b:,}' for b in r['state_bytes_per_rank'])}"
-    return (f"{r['optimizer']} (lr {r['lr']:g}) seed {r['seed']}: {r['params'] / 1e6:.2f}M params, {r['steps']} steps, "
-            f"val loss {r['val_loss']:.4f}, val ppl {r['val_ppl']:.2f}, {r['tokens_per_s']:,.0f} tokens/s, optimizer "
-            f"state {r['state_mb']:.2f} MB, step() {r['step_ms']:.2f} ms, {r['seconds']:.0f} s{extra}")
-
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> dict:
@@ -599,7 +590,7 @@ def main(argv=None) -> dict:
             print(f"{args.out_dir} is complete ({ckpt['step']} steps); its saved result:\n{describe(ckpt['result'])}")
         return ckpt["result"]
     dist = setup_distributed(args)
-    try:
+    with handle_exits(args, dist, out_existed):  # Ctrl-C: status 130; divergence, data run dry: 1, one line
         data, val = load_data(args, tokenizer, dist)
         result = train(args, data, val, dist, ckpt)
         if dist.master:
@@ -607,26 +598,6 @@ def main(argv=None) -> dict:
             if skipped := data.stats.report():
                 print(skipped)
         return result
-    except Stopped:  # the first Ctrl-C: a checkpoint was saved and the way to continue printed
-        sys.exit(130)
-    except KeyboardInterrupt:  # a second Ctrl-C (or one before the loop): stop at once
-        remove_untrained_run(args, out_existed, dist)
-        if dist.master:
-            print(stopped_at_once(args), file=sys.stderr)
-        sys.exit(130)
-    except llama_c4.DataError as e:  # the training stream ran dry
-        remove_untrained_run(args, out_existed, dist)
-        fail(str(e))
-    except Diverged as e:  # rank 0 says what it set aside
-        if dist.master:
-            fail(str(e))
-        sys.exit(1)
-    except BaseException:
-        remove_untrained_run(args, out_existed, dist)
-        raise
-    finally:
-        if dist.ddp:
-            torch.distributed.destroy_process_group()
 
 if __name__ == "__main__":
     main()
