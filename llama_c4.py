@@ -597,7 +597,7 @@ def load_data(args, tokenizer, dist: Dist) -> tuple[C4Data, list]:
 # ============================================================================= the mechanics of a run
 # What train_tiny_llama.py (and bench.py) need to run but a reader of its training loop need not
 # see: the command line's errors and help, terminal output, the Muon wrapper, torchrun's processes,
-# checkpoints and resuming, and the ways a run stops.
+# the memory modes, checkpoints and resuming, and the ways a run stops.
 
 # ----------------------------------------------------------------------------- the command line
 # Every error is one line on stderr (exit status 1); --help wraps without breaking a word and shows a
@@ -609,6 +609,7 @@ def fail(message: str):
 
 
 class Parser(argparse.ArgumentParser):
+    """argparse's parser, but a bad flag stops the script with one line, as every error does."""
     def error(self, message):  # one line, not argparse's usage block
         fail(f"{message} (see --help)")
 

@@ -1449,7 +1449,7 @@ def test_muon_updates_matrices_by_torch_muon_and_the_rest_by_adamw():
     model = nn.ModuleDict({"attn": nn.Linear(6, 8), "norm": nn.LayerNorm(8)})
     twin = nn.ModuleDict({"attn": nn.Linear(6, 8), "norm": nn.LayerNorm(8)})
     twin.load_state_dict(model.state_dict())
-    opt = tl.MuonWithAdamW(la.lowrank_groups(model, 2, targets=("attn",)), lr=1e-2, weight_decay=0.1)
+    opt = llama_c4.MuonWithAdamW(la.lowrank_groups(model, 2, targets=("attn",)), lr=1e-2, weight_decay=0.1)
     matrix = [twin["attn"].weight]
     rest = [p for p in twin.parameters() if p is not twin["attn"].weight]
     muon = torch.optim.Muon(matrix, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")

@@ -36,6 +36,7 @@ from torch import nn
 
 import llama_c4
 import lowrank_adam as la
+# the mechanics of a run and the data loaders, by name (the model and the data classes: llama_c4.X)
 from llama_c4 import (Dist, Diverged, HelpFormatter, MODEL_SHAPES, MuonWithAdamW, Parser, RESUME_MAY_CHANGE, Stopped,
                       agree, check_device, check_memory_modes, check_out_dir, check_replicas, check_resume,
                       continue_command, describe, fail, full_state, gather, handle_exits, load_data, load_full_state,
@@ -316,7 +317,7 @@ def get_lr(it: int, base: float, warmup: int, max_steps: int, min_ratio: float) 
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 # ----------------------------------------------------------------------------- training
-# The run's state and the loop's steps: train_step, evaluate, log_train, log_eval.
+# The run's state (model, optimizer, data, counters) and one optimizer step.
 
 class Run:
     """One training run: what the loop's steps share and a checkpoint saves."""
@@ -399,6 +400,9 @@ def check_finite(run: Run, loss: torch.Tensor, norm: Optional[torch.Tensor]) -> 
     if agree(not math.isfinite(loss.item()), run.dist):  # every rank stops at the same step
         raise Diverged(run.step + 1)
 
+# ----------------------------------------------------------------------------- evaluation and logging
+# metrics.jsonl holds every row (rank 0 writes it); a terminal shows a bar, anything else plain lines.
+
 @torch.no_grad()
 def evaluate(run: Run, val: list) -> float:
     """Mean loss per validation sequence."""
@@ -447,10 +451,9 @@ def ranked_parameter_names(run: Run) -> list[str]:
 # checking a resume's flags against it, and gathering a sharded run's state: llama_c4.py.
 
 def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
-    """Everything an exact resume needs (the data position of every rank too);
-    ``result`` marks a complete run. Every rank calls it; rank 0 writes a
-    temporary file, then renames it over the old checkpoint."""
-    # every rank sends rank 0 its shards under --zero (the optimizer's) and --fsdp (everything)
+    """Everything an exact resume needs (the data position of every rank too); ``result`` marks a
+    complete run. Every rank calls it (under --zero and --fsdp each sends rank 0 its shards); rank 0
+    writes a temporary file, then renames it over the old checkpoint."""
     model_state, optimizer_state = full_state(run.raw_model, run.opt, run.dist, run.args.fsdp, run.args.zero)
     data = llama_c4.saveable(run.batches.state)
     if run.dist.ddp:  # each rank reads its own slice of the data: keep every rank's position
