@@ -552,7 +552,7 @@ def build_embedded_corpus(cache_dir: Path, train_shards: int = 4, announce: bool
                 for url, text in items:
                     fh.write(json.dumps({"text": text, "timestamp": "2019-04-25T00:00:00Z", "url": url}) + "\n")
         (partial / "DONE").write_text(f"{len(docs)} documents\n")
-        if out.exists() and not (out / "DONE").exists():  # left by a version that wrote the shards in place
+        if out.exists() and not (out / "DONE").exists():  # an incomplete corpus written in place: replace it
             shutil.rmtree(out, ignore_errors=True)
         try:
             os.rename(partial, out)

@@ -945,8 +945,8 @@ FLAG_EFFECTS = [  # (flags, what the optimizer's last param group holds then; No
 @pytest.mark.parametrize("name", tl.staggered())
 def test_stagger_reaches_the_optimizer_of_a_run_and_is_refused_where_no_class_takes_it(name, corpus, tmp_path):
     """--stagger (or the spec NAME+stagger) for the optimizers whose class takes ``stagger``:
-    galore, and adaptive once AdaptiveAdamW does; off by default. The others refuse it up front
-    (BAD_FLAGS), adaptive too until then."""
+    galore, and adaptive where AdaptiveAdamW takes it; off by default. The others refuse it up front
+    (BAD_FLAGS), adaptive too where AdaptiveAdamW does not take it."""
     assert "galore" in tl.staggered() and "adamw" not in tl.staggered()
     if "stagger" not in inspect.signature(la.AdaptiveAdamW).parameters:
         with pytest.raises(SystemExit, match="--stagger: adaptive has no staggered refresh schedule"):
