@@ -88,7 +88,7 @@ import train_tiny_llama as tl
 
 class Progress:
     """Which of ``total`` runs or measurements is under way, and an ETA. On a
-    terminal (tl.interactive) a tqdm bar on stderr; otherwise a plain line on
+    terminal (llama_c4.interactive) a tqdm bar on stderr; otherwise a plain line on
     stderr as each one starts, such as ``run 3/10: galore seed 1 lr 0.01 (01:40
     elapsed, about 04:10 left)``; ``every``: only every Nth one (and the last).
     ``shown`` False (a DDP rank other than 0): nothing. A context manager: the bar
@@ -97,7 +97,7 @@ class Progress:
         self.total, self.unit, self.every, self.shown, self.i = total, unit, every, shown, 0
         self.started = time.perf_counter()
         self.bar = tqdm(total=total, unit=unit.split()[-1], desc=desc, dynamic_ncols=True, file=sys.stderr) if (
-            shown and tl.interactive()) else None
+            shown and llama_c4.interactive()) else None
 
     def start(self, what: str) -> None:
         """The next one begins (and the one before is done)."""
@@ -186,7 +186,7 @@ def compare(argv: list[str]) -> list[dict]:
     tokenizer = tl.load_tokenizer(runs[0])
     for args in runs:
         tl.check_out_dir(args)
-        tl.resume_checkpoint(args)  # refuses a mismatched resume now, not after hours of other runs
+        llama_c4.resume_checkpoint(args)  # refuses a mismatched resume now, not after hours of other runs
     dist = tl.setup_distributed(runs[0])
     data, val = tl.load_data(runs[0], tokenizer, dist)
     results, diverged = [], []
@@ -194,7 +194,7 @@ def compare(argv: list[str]) -> list[dict]:
         with Progress(len(runs), "run", "compare", shown=dist.master) as progress:
             for args in runs:
                 progress.start(f"{args.optimizer} seed {args.seed} lr {args.lr:g}")
-                ckpt = tl.resume_checkpoint(args)
+                ckpt = llama_c4.resume_checkpoint(args)
                 try:
                     results.append(tl.train(args, data, val, dist, ckpt))
                 except tl.Diverged as e:  # an lr too large (a sweep's largest, say): the other runs go on
@@ -303,7 +303,7 @@ def steps(argv: list[str]) -> str:
     common = shared_args(rest)
     device = torch.device("cuda" if common.device == "auto" and torch.cuda.is_available() else
                           "cpu" if common.device == "auto" else common.device)
-    tl.set_threads(common, device.type)
+    llama_c4.set_threads(common, device.type)
     with Progress(1 + len(runs), "measurement", "steps") as progress:
         progress.start(f"build the {common.model} model and its random gradients")
         torch.manual_seed(common.seed)
@@ -417,7 +417,7 @@ def peak_one(argv: list[str]) -> None:
     args = tl.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    tl.set_threads(args, device.type)
+    llama_c4.set_threads(args, device.type)
     baseline = resident_kb("VmRSS") * 1024
     torch.manual_seed(args.seed)
     model = tl.build_model(args, 32000, device)
@@ -472,7 +472,7 @@ def peak(argv: list[str]) -> str:
             flags = [*rest, "--optimizer", spec] + (["--layerwise"] if mode == "layerwise" else [])
             if mode == "layerwise":
                 try:
-                    tl.check_memory_modes(tl.parse_args(flags))
+                    tl.parse_args(flags)  # its check_memory_modes refuses what --layerwise cannot do
                 except SystemExit:  # e.g. adaptive: no layer-wise mode
                     continue
             plan.append((f"{spec} {mode}", flags))
@@ -554,7 +554,7 @@ def refresh_one(argv: list[str]) -> None:
     temporaries, the state being there already."""
     own = argv[0]  # "galore", "adaptive" or "adaptive-keep-all"
     args = tl.parse_args(argv[1:])
-    tl.set_threads(args, "cpu")
+    llama_c4.set_threads(args, "cpu")
     torch.manual_seed(args.seed)
     params = la.lowrank_groups(tl.build_model(args, 320), args.rank)[-1]["params"]
     g = torch.Generator().manual_seed(0)

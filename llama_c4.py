@@ -1,4 +1,5 @@
-"""What train_tiny_llama.py trains, and on what: the LLaMA model and the C4 data.
+"""What train_tiny_llama.py trains, on what, and the mechanics of a run: the LLaMA
+model, the C4 data, and what the training script calls on but need not show.
 
 The model is LLaMA as in the GaLore and LDAdam experiments (RMSNorm, rotary
 embeddings, SwiGLU, untied head) in their published shapes.
@@ -13,19 +14,33 @@ document counters, packing remainder, shuffle buffer, RNG): a checkpoint holds
 it, and a resume continues at once instead of replaying the stream. Without C4,
 ``build_embedded_corpus`` writes the documentation every Python ships as
 C4-format shards. Data errors are ``DataError`` (or ``FileNotFoundError``),
-with a message for the user.
+with a message for the user; load_tokenizer and load_data load --tokenizer and
+--data for the script, stopping it with that message.
+
+The mechanics of a run, in sections: the command line (one-line errors, the
+--help formatter, the checks of --device and --out-dir), terminal output (a
+progress bar or plain lines; a run's result in one line), the Muon-with-AdamW
+wrapper, torchrun's processes (DDP setup, FSDP2 sharding, what the ranks agree
+on), the memory modes (--layerwise, --zero, --fsdp: what each refuses),
+checkpoints, metrics and resuming (one process's state dicts gathered from a
+sharded run, the checks of a resume's flags), and how a run stops (Ctrl-C,
+divergence, a failure before the first step, and the exit status of each).
 """
 
 from __future__ import annotations
 
-import ast, glob, gzip, json, os, queue, random, shutil, sys, sysconfig, threading, time, zlib  # noqa: E401
+import argparse, ast, contextlib, glob, gzip, json, os, queue, random, re, shutil, signal, sys, sysconfig  # noqa: E401
+import tempfile, textwrap, threading, time, zlib  # noqa: E401
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
+
+import lowrank_adam as la
 
 
 # ----------------------------------------------------------------------------- the model
@@ -537,7 +552,7 @@ def build_embedded_corpus(cache_dir: Path, train_shards: int = 4, announce: bool
                 for url, text in items:
                     fh.write(json.dumps({"text": text, "timestamp": "2019-04-25T00:00:00Z", "url": url}) + "\n")
         (partial / "DONE").write_text(f"{len(docs)} documents\n")
-        if out.exists() and not (out / "DONE").exists():  # left by a version that wrote the shards in place
+        if out.exists() and not (out / "DONE").exists():  # an incomplete corpus written in place: replace it
             shutil.rmtree(out, ignore_errors=True)
         try:
             os.rename(partial, out)
@@ -547,3 +562,589 @@ def build_embedded_corpus(cache_dir: Path, train_shards: int = 4, announce: bool
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # (gone once renamed)
     return out
+
+
+# ----------------------------------------------------------------------------- the script's data
+# --tokenizer and --data as train_tiny_llama.py loads them: a bad file or folder stops it with one line.
+
+def load_tokenizer(args):
+    """UTF-8 bytes, or --tokenizer's file (checked as it loads)."""
+    try:
+        return FileTokenizer(args.tokenizer, args.eos_token) if args.tokenizer else ByteTokenizer()
+    except DataError as e:
+        fail(str(e))
+
+
+def load_data(args, tokenizer, dist: Dist) -> tuple[C4Data, list]:
+    """--data (or the embedded corpus) and the validation batches, which every evaluation reuses.
+    Rank 0 says what the run trains on, and how: the data, the model, the optimizer, the device."""
+    source = args.data or str(build_embedded_corpus(Path(args.cache_dir).expanduser(), announce=dist.master))
+    try:
+        data = C4Data(source, tokenizer, args.seq_len, rank=dist.rank, world=dist.world)
+        val = data.val_batches(args.batch_size, args.val_batches)
+    except (FileNotFoundError, DataError) as e:
+        fail(str(e))
+    if dist.master:
+        print(f"data: {source} ({len(data.train_files)} train / {len(data.val_files)} validation shards"
+              f"{', every 100th document held out for validation' if data.holdout else ''}); tokenizer: "
+              f"{tokenizer.name} (vocab {tokenizer.vocab_size})")
+        print(f"model: {args.model} ({'/'.join(map(str, MODEL_SHAPES[args.model]))}); optimizer: {args.optimizer}, "
+              f"lr {args.lr:g}; tokens per step: {args.batch_size * args.seq_len * args.grad_accum * dist.world:,}; "
+              f"device: {dist.device}, CPU threads: {torch.get_num_threads()}")
+    return data, val
+
+
+# ============================================================================= the mechanics of a run
+# What train_tiny_llama.py (and bench.py) need to run but a reader of its training loop need not
+# see: the command line's errors and help, terminal output, the Muon wrapper, torchrun's processes,
+# the memory modes, checkpoints and resuming, and the ways a run stops.
+
+# ----------------------------------------------------------------------------- the command line
+# Every error is one line on stderr (exit status 1); --help wraps without breaking a word and shows a
+# flag's default once. check_device and check_out_dir: the checks of --device and --out-dir.
+
+def fail(message: str):
+    """Stop with one line on stderr (exit status 1)."""
+    raise SystemExit(f"error: {message}")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, but a bad flag stops the script with one line, as every error does."""
+    def error(self, message):  # one line, not argparse's usage block
+        fail(f"{message} (see --help)")
+
+
+class HelpWrapper(textwrap.TextWrapper):
+    """Wraps at spaces and after the '|' of NAME[:a|b|c], never inside a word."""
+    wordsep_simple_re = re.compile(r"(\s+|(?<=\|)(?=\S))")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples keep their lines; a flag shows its default once (switches and unset flags: none)."""
+    def _split_lines(self, text, width):
+        return HelpWrapper(width, break_long_words=False, break_on_hyphens=False).wrap(" ".join(text.split()))
+
+    def _get_help_string(self, action):
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        return action.help if unset else action.help + " (default: %(default)s)"
+
+
+def check_device(spec: str) -> None:
+    """--device must name a CPU or a CUDA device this torch can see."""
+    try:
+        device = torch.device("cpu" if spec == "auto" else spec)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        fail(f"--device {spec}: not a device this script runs on (auto, cpu, cuda, cuda:N)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        why = "a CPU-only build" if torch.version.cuda is None else f"{torch.cuda.device_count()} GPUs visible"
+        fail(f"--device {spec}: no such CUDA device (torch {torch.__version__}, {why}); use --device cpu")
+
+
+def check_out_dir(args) -> None:
+    """A run already in --out-dir is only continued (--resume); the folder must be writable."""
+    out = Path(args.out_dir)
+    found = [name for name in ("ckpt.pt", "metrics.jsonl") if (out / name).exists()]
+    if found and not args.resume:
+        fail(f"--out-dir {out} already holds a run ({', '.join(found)}): add --resume to continue it, or choose "
+             "another --out-dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()  # a file can be written there
+    except OSError as e:
+        fail(f"--out-dir {out}: cannot write there ({e.strerror or e})")
+
+
+# ----------------------------------------------------------------------------- terminal output
+# A progress bar on a terminal, plain lines anywhere else; say() prints a line above any bar, and
+# describe() a run's result in one line.
+
+def interactive() -> bool:
+    """How progress is shown, in train_tiny_llama.py and bench.py: a tqdm bar (with elapsed time and ETA)
+    when stdout and stderr are both a terminal; otherwise (a pipe, a log file, pytest's capture) plain
+    lines, with no carriage return. The one place this rule is decided. (A terminal of width 0, which
+    some containers report, counts as none: tqdm would draw nothing there.)"""
+    try:
+        return (sys.stdout.isatty() and sys.stderr.isatty()
+                and os.get_terminal_size(sys.stderr.fileno()).columns > 0)
+    except (AttributeError, ValueError, OSError):  # no stream (pythonw), a closed one, one without a file
+        return False
+
+
+def say(message: str, file=None) -> None:
+    """A line on stdout (or ``file``). On a terminal through tqdm.write, which writes it above
+    every progress bar shown, train_tiny_llama.py's or bench.py's, and redraws them."""
+    if interactive():
+        tqdm.write(message, file=file or sys.stdout)
+    else:
+        print(message, file=file or sys.stdout, flush=True)
+
+
+def progress_bar(total: int, initial: int, show: bool) -> Optional[tqdm]:
+    """A bar over the steps, to ``total`` (--max-steps), with elapsed time and ETA, if ``show`` (rank 0,
+    without --quiet) and on a terminal (see interactive); train_tiny_llama's log_train puts the loss, lr
+    and tokens/s in its postfix. Otherwise None: plain lines. Kept when it ends, unless nested under
+    another bar (bench.py compare's runs)."""
+    if not (show and interactive()):
+        return None
+    return tqdm(total=total, initial=initial, unit="step", desc="train", dynamic_ncols=True, leave=None,
+                file=sys.stderr)
+
+
+def describe(r: dict) -> str:
+    """A run's result (train_tiny_llama's result_of) in one line, as the script and bench.py print it."""
+    extra = f", peak CUDA {r['peak_cuda_gb']:.2f} GB" if r["peak_cuda_gb"] is not None else ""
+    extra += f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
+    if "state_bytes_per_rank" in r:
+        extra += f", state bytes per rank {' / '.join(f'{b:,}' for b in r['state_bytes_per_rank'])}"
+    return (f"{r['optimizer']} (lr {r['lr']:g}) seed {r['seed']}: {r['params'] / 1e6:.2f}M params, {r['steps']} steps, "
+            f"val loss {r['val_loss']:.4f}, val ppl {r['val_ppl']:.2f}, {r['tokens_per_s']:,.0f} tokens/s, optimizer "
+            f"state {r['state_mb']:.2f} MB, step() {r['step_ms']:.2f} ms, {r['seconds']:.0f} s{extra}")
+
+
+# ----------------------------------------------------------------------------- Muon with AdamW
+# torch's Muon steps matrices only: the script's --optimizer muon is this wrapper, one optimizer.
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon (Newton-Schulz orthogonalized momentum, one buffer per
+    matrix) for the matrices of the groups with a ``rank`` (lowrank_groups'
+    attn/mlp selection; the rank itself is not used), torch.optim.AdamW for the
+    rest, as Muon is meant to be used: one optimizer to the script, its
+    schedulers and checkpoints. Both inner optimizers work on this one's
+    param-group dicts and state, so the script's schedule reaches both and
+    ``state_dict()`` is the ordinary one. One ``lr`` serves both: Muon scales
+    its step per matrix to AdamW's update RMS (``adjust_lr_fn=
+    "match_rms_adamw"``, as in Moonlight), which is what makes that work."""
+
+    def __init__(self, params, lr: float = 3e-3, weight_decay: float = 0.0, momentum: float = 0.95,
+                 betas: tuple[float, float] = (0.9, 0.999)):
+        groups = [{**g, "muon": g.get("rank") is not None} for g in params]
+        for g in groups:
+            g.pop("rank", None)
+        super().__init__(groups, dict(lr=lr, weight_decay=weight_decay))
+        self.muon = torch.optim.Muon([g for g in self.param_groups if g["muon"]] or [{"params": []}], lr=lr,
+                                     weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW([g for g in self.param_groups if not g["muon"]] or [{"params": []}],
+                                       lr=lr, weight_decay=weight_decay, betas=betas)
+        self._link()
+
+    def _link(self) -> None:  # the inner optimizers use this one's groups and state
+        for inner, muon in ((self.muon, True), (self.adamw, False)):
+            inner.param_groups = [g for g in self.param_groups if g["muon"] == muon]
+            inner.state = self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # replaces the group dicts and the state
+        self._link()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+
+# ----------------------------------------------------------------------------- torchrun's processes
+# Under torchrun (DDP, --zero, --fsdp) every rank runs the script; rank 0 logs and saves. Here: the
+# process group, CPU threads, FSDP2 sharding, and what the ranks must agree on or exchange.
+
+class Dist(NamedTuple):
+    """This process's place in the run: launched by torchrun or not, its rank, the number of ranks, its device."""
+    ddp: bool
+    rank: int
+    world: int
+    device: str
+
+    @property
+    def master(self) -> bool:  # rank 0 logs and saves
+        return self.rank == 0
+
+
+def setup_distributed(args) -> Dist:
+    """torchrun sets RANK: one process per GPU with NCCL, or per CPU share with gloo. Sets the threads too."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        dist = Dist(ddp=False, rank=0, world=1, device=device)
+    else:
+        cuda = torch.cuda.is_available() and args.device != "cpu"
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+        dist = Dist(ddp=True, rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size(),
+                    device=f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(dist.device)
+    set_threads(args, dist.device)
+    return dist
+
+
+def set_threads(args, device: str) -> None:
+    """--threads, or 1 for the tiny model on CPU. Measured on a 2-core machine: idle,
+    2 threads ran the default run 1.25x faster; with another process busy on one
+    core, 6x slower (their OpenMP threads spin, waiting for the busy core)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif device == "cpu" and args.model == "tiny":
+        torch.set_num_threads(1)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (a timing must measure the work, not its queueing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def shard_model(model: Llama) -> None:
+    """--fsdp: FSDP2 (torch's fully_shard) on each block, then on the root (the embedding, final norm and
+    head), as torchtitan does: a block's weights are gathered for its forward and backward only, and its
+    gradients reduce-scattered as soon as its backward ends. Every weight becomes a DTensor split by
+    rows; the names stay, so lowrank_groups still selects the attn/mlp matrices."""
+    from torch.distributed.fsdp import fully_shard
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def agree(stop: bool, dist: Dist) -> bool:
+    """Under DDP every rank stops at the same step if any was asked to (Ctrl-C, a divergence)."""
+    if not dist.ddp:
+        return stop
+    flag = torch.tensor([float(stop)], device=dist.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def gather(obj, dist: Dist) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    every = [None] * dist.world
+    torch.distributed.all_gather_object(every, obj)
+    return every
+
+
+@torch.no_grad()
+def check_replicas(model: nn.Module, dist: Dist) -> None:
+    """Under DDP every rank must hold the same weights: compare a checksum of
+    each parameter across ranks (an error names the first that differs)."""
+    params = list(model.named_parameters())
+    local = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for _, p in params])
+    every = [torch.empty_like(local) for _ in range(dist.world)]
+    torch.distributed.all_gather(every, local)
+    for rank, other in enumerate(every):
+        differ = (other != every[0]).any(dim=1).nonzero()
+        if len(differ):
+            raise RuntimeError(f"DDP replicas differ: rank {rank}'s {params[differ[0, 0]][0]} is not rank 0's")
+    if dist.master:
+        say(f"replicas: the weights are identical on all {dist.world} ranks")
+
+
+# ----------------------------------------------------------------------------- the memory modes
+# --layerwise (each parameter stepped inside backward), --zero (ZeRO-1) and --fsdp (FSDP2) each work
+# with some optimizers and settings only: what they refuse, and why, checked with the other flags.
+
+# The optimizers --fsdp refuses, and why: torch's own that fail on sharded (DTensor) weights (tried with
+# torch 2.13; AdamW and Muon step DTensors, Muon gathering each matrix for its Newton-Schulz iterations).
+FSDP_UNSUPPORTED = {torch.optim.Adafactor: "torch's Adafactor fails on sharded weights (its row norms are "
+                                           "partial DTensors, which it squares in place)"}
+
+
+def check_memory_modes(args, cls: type) -> None:
+    """--layerwise, --zero and --fsdp with --optimizer's class ``cls``: refuse what they cannot do,
+    naming the way out."""
+    torchrun = "RANK" in os.environ
+    fsdp_refusals = [(not torchrun, "it shards the model across torchrun's processes: start the run with torchrun"),
+                     (args.zero, "FSDP2 already shards the optimizer state: use --fsdp or --zero, not both"),
+                     (args.layerwise, "lowrank_adam steps a sharded matrix whole on its owner rank, never one "
+                                      "parameter inside backward: drop --layerwise (--fsdp saves more memory)"),
+                     (args.dtype == "float16" and args.device != "cpu", "a GradScaler would find an inf on one "
+                      "rank's shard only and skip the step there alone: use --dtype bfloat16"),
+                     *((cls is c, f"{why}; run it without --fsdp (plain DDP or --zero), or use adamw, galore, "
+                       "adaptive, ldadam or adapprox") for c, why in FSDP_UNSUPPORTED.items())]
+    why = next((why for refused, why in fsdp_refusals if refused), None)
+    if args.fsdp and why:
+        fail(f"--fsdp: {why}")
+    if args.zero and cls is MuonWithAdamW:
+        fail("--zero: muon is two torch optimizers in one, which ZeroRedundancyOptimizer cannot shard; "
+             "run it without --zero (plain DDP)")
+    if args.zero and (not torchrun or args.layerwise):
+        fail("--zero shards the optimizer state across torchrun's processes: start the run with torchrun, "
+             "without --layerwise")
+    refusals = [(args.grad_clip > 0, "no global gradient norm ever exists to clip: add --grad-clip 0"),
+                (args.grad_accum > 1, "a parameter is updated at every backward, so micro-batches cannot accumulate: "
+                                      "use --grad-accum 1"),
+                (torchrun, "the update would come before DDP averages the gradients: run one process (under "
+                           "torchrun, --zero saves memory)"),
+                (args.dtype == "float16" and args.device != "cpu", "a GradScaler's inf check needs every gradient "
+                                                                   "at once: use --dtype bfloat16"),
+                (cls is la.AdaptiveAdamW, "adaptive allocates its rank budget from all spectra at once: use galore"),
+                (cls is torch.optim.Adafactor, "torch's Adafactor cannot step one parameter at a time"),
+                (cls is MuonWithAdamW, "torch's Muon cannot step one parameter at a time")]
+    why = next((why for refused, why in refusals if refused), None)
+    if args.layerwise and why:
+        fail(f"--layerwise: {why}")
+
+
+# ----------------------------------------------------------------------------- checkpoints, metrics and resuming
+# A checkpoint is one process's state dicts, whatever the run's layout (DDP, --zero, --fsdp), written by
+# rank 0, as is metrics.jsonl. A resume continues the run with the flags it was made with: it may change
+# only how it runs, and where.
+
+# The flags a resume may change: where and how fast it runs, how often it reports.
+# The others shape the run (model, data, optimizer, schedule, seed; --max-steps too,
+# as the cosine schedule is laid out over it), so a resume that changes one is refused.
+RESUME_MAY_CHANGE = ("resume", "out_dir", "stop_after", "save_interval", "eval_interval", "log_interval", "quiet",
+                     "device", "compile", "threads", "peak_tflops", "cache_dir")
+
+
+def run_settings(args) -> dict:
+    """How the run was made: every flag, and the number of processes."""
+    return {**vars(args), "processes": int(os.environ.get("WORLD_SIZE", 1))}
+
+
+def read_checkpoint(argv) -> Optional[dict]:
+    """With --resume, the checkpoint in --out-dir (None if there is none, which main refuses): its
+    settings become the defaults of the flags, so `--resume --out-dir X` alone continues X."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--resume", action="store_true")
+    pre.add_argument("--out-dir", default="out")
+    known, _ = pre.parse_known_args(argv)
+    path = Path(known.out_dir) / "ckpt.pt"
+    if not known.resume or not path.exists():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, foreign pickle...
+        fail(f"checkpoint {path} is corrupt or not a checkpoint of this script ({type(e).__name__}: {e}); "
+             "delete it or choose another --out-dir")
+    if not isinstance(ckpt, dict) or "settings" not in ckpt:
+        fail(f"checkpoint {path} is not a checkpoint of this script")
+    return ckpt
+
+
+def check_resume(args, ckpt: Optional[dict]) -> None:
+    """A resume continues the run as it was made: a flag given now that differs is refused."""
+    if ckpt is None:
+        return
+    saved, now = ckpt["settings"], run_settings(args)
+    flag = lambda k: "processes" if k == "processes" else "--" + k.replace("_", "-")
+    changed = [f"{flag(k)} {saved[k]} (now {now[k]})" for k in saved
+               if k in now and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    if changed:
+        fail(f"--resume: {Path(args.out_dir) / 'ckpt.pt'} was made with other settings: {', '.join(changed)}. A "
+             f"resume may only change {', '.join(flag(k) for k in RESUME_MAY_CHANGE[2:])}; start anything else "
+             "in a new --out-dir")
+
+
+def nothing_to_resume(out: Path) -> str:
+    """Why --resume refuses a folder without a checkpoint (a mistyped --out-dir must not start a new run)."""
+    if (out / "metrics.jsonl").exists():
+        return (f"--resume: no checkpoint in {out}: nothing to continue (its metrics.jsonl is of a run that saved "
+                "none); delete that file or choose another --out-dir to start a new run")
+    if (out / "metrics.diverged.jsonl").exists():
+        return (f"--resume: no checkpoint in {out}: the run there diverged (see its metrics.diverged.jsonl); start "
+                "a new run there without --resume, with a lower --lr")
+    return (f"--resume: no checkpoint in {out}: nothing to continue; check --out-dir, or start a new run without "
+            "--resume")
+
+
+def resume_checkpoint(args) -> Optional[dict]:
+    """read_checkpoint and check_resume for flags already parsed (bench.py compare's runs)."""
+    ckpt = read_checkpoint(["--resume", "--out-dir", args.out_dir] if args.resume else [])
+    check_resume(args, ckpt)
+    return ckpt
+
+
+def continue_command(args) -> str:
+    """The command that continues the run in --out-dir."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    start = f"torchrun --standalone --nproc_per_node {world} " if world > 1 else "python "
+    return f"{start}train_tiny_llama.py --resume --out-dir {args.out_dir}"
+
+
+def open_metrics(path: Path, step: int, master: bool):
+    """metrics.jsonl, written by rank 0: a JSON object per line, each with its step.
+    A resumed run first drops the rows after its checkpoint: each step appears once."""
+    if not master:
+        return None
+    rows = path.read_text().splitlines() if step > 0 and path.exists() else []
+    path.write_text("".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= step))
+    return open(path, "a")
+
+
+def log(metrics, **row) -> None:
+    """One row of metrics.jsonl (``metrics``: None on the other ranks, which log nothing)."""
+    if metrics is not None:
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+
+
+def full_state(model: nn.Module, opt, dist: Dist, fsdp: bool, zero: bool) -> tuple[Optional[dict], Optional[dict]]:
+    """The model's and the optimizer's state dicts as one process's, for rank 0 to save (the optimizer's:
+    None on the other ranks). Every rank calls it: under --zero each sends its shard of the optimizer
+    state to rank 0; under --fsdp, its shards of everything (fsdp_full_state)."""
+    if fsdp:
+        return fsdp_full_state(model, opt, dist)
+    if zero:
+        opt.consolidate_state_dict(to=0)
+    return model.state_dict(), opt.state_dict() if dist.master else None
+
+
+def load_full_state(model: nn.Module, opt, model_state: dict, optimizer_state: dict, dist: Dist,
+                    fsdp: bool) -> None:
+    """The inverse of full_state, on every rank (--zero: each keeps its shard of the optimizer state)."""
+    if fsdp:
+        load_fsdp_full_state(model, opt, model_state, optimizer_state, dist)
+    else:
+        model.load_state_dict(model_state)
+        opt.load_state_dict(optimizer_state)
+
+
+FULL = dict(full_state_dict=True)  # torch.distributed.checkpoint's StateDictOptions: whole tensors, no DTensors
+
+
+def fsdp_full_state(model: nn.Module, opt, dist: Dist) -> tuple[Optional[dict], Optional[dict]]:
+    """--fsdp: the model's and the optimizer's state dicts as one process's, on rank 0 (None elsewhere),
+    keyed by parameter name (torch.distributed.checkpoint's full state dicts, on the CPU). Torch gathers
+    every DTensor (weights, dense moments); a low-rank matrix's state is a plain tensor on its owner rank
+    alone, marked ``{"owner": r}`` on the others, so each rank also sends the entries it owns to rank 0,
+    which puts them in place of the markers and keeps who owned what (``"owners"``) for the resume."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(**FULL, cpu_offload=True)  # rank 0 alone receives, on the CPU
+    model_state = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, opt, options=options)
+    names = {id(p): n for n, p in model.named_parameters()}
+    every = gather({names[id(p)]: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+                    for p, st in opt.state.items() if owned_here(st)}, dist)
+    if not dist.master:
+        return None, None
+    owners = {name: r for r, entries in enumerate(every) for name in entries}
+    optimizer_state["state"].update({name: every[r][name] for name, r in owners.items()})
+    optimizer_state["owners"] = owners
+    return model_state, optimizer_state
+
+
+def owned_here(state: dict) -> bool:
+    """--fsdp: whether this optimizer state is a whole matrix's, held by this rank, its owner (plain
+    tensors); a sharded parameter's dense state is DTensors, and a marker ``{"owner": r}`` is another's."""
+    tensors = [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return "owner" not in state and bool(tensors) and not any(la._is_dtensor(v) for v in tensors)
+
+
+def load_fsdp_full_state(model: nn.Module, opt, model_state: dict, optimizer_state: dict, dist: Dist) -> None:
+    """--fsdp: the inverse of fsdp_full_state, on every rank from the whole checkpoint: each rank keeps
+    its rows of every DTensor, the entries of the matrices it owned, and the markers of the others'."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    set_model_state_dict(model, model_state, options=StateDictOptions(**FULL))
+    owners, rank = optimizer_state["owners"], dist.rank
+    state = {name: st if owners.get(name, rank) == rank else
+             {"owner": owners[name], **({"rank": st["rank"]} if "rank" in st else {})}
+             for name, st in optimizer_state["state"].items()}
+    local = {k: v for k, v in optimizer_state.items() if k != "owners"}
+    set_optimizer_state_dict(model, opt, {**local, "state": state}, options=StateDictOptions(**FULL))
+
+
+# ----------------------------------------------------------------------------- how a run stops
+# The first Ctrl-C stops at the end of a step with a checkpoint (Stopped), a second at once; a diverged
+# run (Diverged) saves nothing and sets its files aside; a run that fails before training leaves nothing.
+
+class Stopped(KeyboardInterrupt):
+    """The first Ctrl-C: the run stopped cleanly at a step, with a checkpoint."""
+
+
+class Diverged(Exception):
+    """A non-finite loss or gradient at step ``step``: the run stopped there, saving nothing."""
+    def __init__(self, step: int, message: str = ""):
+        super().__init__(message or f"diverged at step {step}")
+        self.step = step
+
+
+@contextlib.contextmanager
+def stop_on_first_ctrl_c():
+    """The first Ctrl-C finishes the current step and stops cleanly (with a
+    checkpoint); a second one interrupts at once. Yields: whether one came."""
+    stop, main_thread = threading.Event(), threading.current_thread() is threading.main_thread()
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        say("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+    previous = signal.signal(signal.SIGINT, handler) if main_thread else None  # signals reach the main thread only
+    try:
+        yield stop.is_set
+    finally:
+        if main_thread:  # (None: a handler not set from Python, such as an embedding program's)
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+
+
+def set_aside_diverged_run(args, step: int) -> str:
+    """A diverged run leaves no run in --out-dir: its metrics.jsonl, and a checkpoint saved before (which
+    would diverge again, and a resume may not lower --lr), are renamed *.diverged.*, replacing those of an
+    earlier divergence, so that the same command with a lower --lr starts there anew. Returns the message."""
+    out, kept = Path(args.out_dir), []
+    for name, aside in (("metrics.jsonl", "metrics.diverged.jsonl"), ("ckpt.pt", "ckpt.diverged.pt")):
+        if (out / name).exists():
+            os.replace(out / name, out / aside)
+            kept.append(str(out / aside))
+    what = ("this run's log is kept as " + kept[0] if len(kept) == 1 else
+            f"this run's log and last checkpoint are kept as {' and '.join(kept)}" if kept else "nothing was kept")
+    return (f"diverged at step {step} of {args.max_steps} (a non-finite loss or gradient): lower --lr; {what}, "
+            "and the folder is free for a new run")
+
+
+def stopped_at_once(args) -> str:
+    """What a second Ctrl-C (or one before the first step) leaves: the last checkpoint saved, if any."""
+    kept = Path(args.out_dir) / "ckpt.pt"
+    if kept.exists():
+        return (f"stopped at once: {kept} holds the last checkpoint saved (by --save-interval or an earlier run); "
+                f"continue with: {continue_command(args)}")
+    return "stopped at once: no checkpoint was saved, so nothing of this run was kept"
+
+
+@contextlib.contextmanager
+def handle_exits(args, dist: Dist, out_existed: bool):
+    """How an invocation that trains ends, on every rank. The first Ctrl-C (Stopped: a checkpoint was
+    saved and the way to continue printed) and a second one (or one before the first step) exit with
+    status 130; a divergence (rank 0 says what it set aside) and the training data running dry, with 1
+    and one line. A failure before the first step removes what the run wrote (remove_untrained_run),
+    whatever the failure; ``out_existed``: whether --out-dir was there before. Under torchrun the
+    process group is destroyed here."""
+    try:
+        yield
+    except Stopped:
+        sys.exit(130)
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before the loop): stop at once
+        remove_untrained_run(args, out_existed, dist)
+        if dist.master:
+            print(stopped_at_once(args), file=sys.stderr)
+        sys.exit(130)
+    except DataError as e:  # the training stream ran dry
+        remove_untrained_run(args, out_existed, dist)
+        fail(str(e))
+    except Diverged as e:  # rank 0 says what it set aside
+        if dist.master:
+            fail(str(e))
+        sys.exit(1)
+    except BaseException:
+        remove_untrained_run(args, out_existed, dist)
+        raise
+    finally:
+        if dist.ddp:
+            torch.distributed.destroy_process_group()
+
+
+def remove_untrained_run(args, out_existed: bool, dist: Dist) -> None:
+    """A run that failed before its first step leaves nothing behind: its metrics.jsonl
+    (which holds only the step-0 row) goes, and --out-dir too if this run created it
+    and it is empty, so that the same command works again once the cause is fixed."""
+    out, metrics = Path(args.out_dir), Path(args.out_dir) / "metrics.jsonl"
+    if not dist.master or (out / "ckpt.pt").exists():
+        return
+    if metrics.exists() and all(json.loads(r)["step"] == 0 for r in metrics.read_text().splitlines() if r.strip()):
+        metrics.unlink()
+    if not out_existed and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()

@@ -354,7 +354,7 @@ def test_embedded_validation_documents_are_not_trained_on(corpus):
 
 def test_the_ctrl_c_handler_stops_once_and_is_restored():
     before = signal.getsignal(signal.SIGINT)
-    with tl.stop_on_first_ctrl_c() as stop_requested:
+    with llama_c4.stop_on_first_ctrl_c() as stop_requested:
         assert not stop_requested()
         signal.raise_signal(signal.SIGINT)  # the first Ctrl-C only asks the loop to stop
         assert stop_requested()
@@ -685,7 +685,7 @@ def test_output_is_plain_lines_and_quiet_keeps_evaluations(corpus, tmp_path, cap
 
 
 # Progress output: a tqdm bar on a terminal, plain lines (no \r) anywhere else, as
-# train_tiny_llama.interactive() decides for the script and bench.py alike.
+# llama_c4.interactive() decides for the script and bench.py alike.
 
 def run_in_terminal(cmd, timeout=180):
     """(exit status, output) of ``cmd`` with stdout and stderr on a pseudo-terminal 120
@@ -743,7 +743,7 @@ def test_progress_piped_is_the_plain_lines_without_carriage_returns(corpus, tmp_
     steps = [line for line in out.stdout.splitlines() if line.startswith("step ")]
     train, val = r": train loss [\d.]+, lr [\d.e-]+, [\d,]+ tokens/s", r": val loss [\d.]+, val ppl [\d.]+"
     expected = ["step 1/4" + train, "step 2/4" + train, "step 2" + val, "step 3/4" + train, "step 4/4" + train,
-                "step 4" + val]  # the lines as before the progress bar existed
+                "step 4" + val]  # piped: plain lines, no bar
     assert len(steps) == len(expected) and all(re.fullmatch(e, line) for e, line in zip(expected, steps)), steps
 
 
@@ -761,7 +761,7 @@ def interrupt_at_step(monkeypatch, step_index):
 
 def test_a_second_ctrl_c_on_a_terminal_ends_the_bar_before_its_message(corpus, tmp_path, monkeypatch, capsys):
     # a terminal simulated in this process: interactive() says so, and the bar goes to the captured stderr
-    monkeypatch.setattr(tl, "interactive", lambda: True)
+    monkeypatch.setattr(llama_c4, "interactive", lambda: True)
     interrupt_at_step(monkeypatch, 3)
     with pytest.raises(SystemExit) as e:
         tl.main([a for a in SMALL if a != "--quiet"] + ["--data", corpus, "--out-dir", str(tmp_path)])
@@ -945,8 +945,8 @@ FLAG_EFFECTS = [  # (flags, what the optimizer's last param group holds then; No
 @pytest.mark.parametrize("name", tl.staggered())
 def test_stagger_reaches_the_optimizer_of_a_run_and_is_refused_where_no_class_takes_it(name, corpus, tmp_path):
     """--stagger (or the spec NAME+stagger) for the optimizers whose class takes ``stagger``:
-    galore, and adaptive once AdaptiveAdamW does; off by default. The others refuse it up front
-    (BAD_FLAGS), adaptive too until then."""
+    galore, and adaptive where AdaptiveAdamW takes it; off by default. The others refuse it up front
+    (BAD_FLAGS), adaptive too where AdaptiveAdamW does not take it."""
     assert "galore" in tl.staggered() and "adamw" not in tl.staggered()
     if "stagger" not in inspect.signature(la.AdaptiveAdamW).parameters:
         with pytest.raises(SystemExit, match="--stagger: adaptive has no staggered refresh schedule"):
@@ -1015,7 +1015,7 @@ def test_small_models_on_cpu_default_to_one_thread():
     try:
         for model, threads, expect in [("tiny", 0, 1), ("9m", 0, 2), ("tiny", 2, 2), ("60m", 0, 2), ("9m", 1, 1)]:
             torch.set_num_threads(2)
-            tl.set_threads(tl.parse_args(["--model", model, "--threads", str(threads)]), "cpu")
+            llama_c4.set_threads(tl.parse_args(["--model", model, "--threads", str(threads)]), "cpu")
             assert torch.get_num_threads() == expect
     finally:
         torch.set_num_threads(1)
@@ -1449,7 +1449,7 @@ def test_muon_updates_matrices_by_torch_muon_and_the_rest_by_adamw():
     model = nn.ModuleDict({"attn": nn.Linear(6, 8), "norm": nn.LayerNorm(8)})
     twin = nn.ModuleDict({"attn": nn.Linear(6, 8), "norm": nn.LayerNorm(8)})
     twin.load_state_dict(model.state_dict())
-    opt = tl.MuonWithAdamW(la.lowrank_groups(model, 2, targets=("attn",)), lr=1e-2, weight_decay=0.1)
+    opt = llama_c4.MuonWithAdamW(la.lowrank_groups(model, 2, targets=("attn",)), lr=1e-2, weight_decay=0.1)
     matrix = [twin["attn"].weight]
     rest = [p for p in twin.parameters() if p is not twin["attn"].weight]
     muon = torch.optim.Muon(matrix, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")

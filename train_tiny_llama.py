@@ -1,9 +1,10 @@
 """Pretrain a small LLaMA on C4 with the optimizers of lowrank_adam: one training run.
 
-Read it top to bottom: configuration, model, optimizers, the training step,
-checkpoints, the loop, DDP and main. The LLaMA and the C4 loader (streamed,
-packed, shuffled, its position saved for an exact resume) are llama_c4.py;
-bench.py imports this file to compare runs (seeds, lr sweeps, timings, plots).
+Read it top to bottom, like nanoGPT's train.py: configuration, model, optimizers,
+the training step, evaluation and logging, checkpoints, the loop and main.
+llama_c4.py holds the LLaMA, the C4 loader (its position saved for an exact
+resume) and the mechanics a run calls on (torchrun's processes, sharded state in
+checkpoints, resume checks, Ctrl-C); bench.py imports this file to compare runs.
 
 examples:
   python train_tiny_llama.py                          # tiny LLaMA, AdamW, embedded corpus: 25-45 s, 2 CPU cores
@@ -25,56 +26,32 @@ in a log file, as plain lines.
 
 from __future__ import annotations
 
-import argparse, contextlib, inspect, json, math, os, random, re, signal, sys, tempfile, textwrap, threading, time  # noqa: E401,E501
+import argparse, contextlib, inspect, math, os, random, re, sys, time  # noqa: E401
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import llama_c4
 import lowrank_adam as la
+# the mechanics of a run and the data loaders, by name (the model and the data classes: llama_c4.X)
+from llama_c4 import (Dist, Diverged, HelpFormatter, MODEL_SHAPES, MuonWithAdamW, Parser, RESUME_MAY_CHANGE, Stopped,
+                      agree, check_device, check_memory_modes, check_out_dir, check_replicas, check_resume,
+                      continue_command, describe, fail, full_state, gather, handle_exits, load_data, load_full_state,
+                      load_tokenizer, log, nothing_to_resume, open_metrics, progress_bar, read_checkpoint,
+                      run_settings, say, set_aside_diverged_run, setup_distributed, shard_model, stop_on_first_ctrl_c,
+                      synchronize)
 
 # ----------------------------------------------------------------------------- configuration
 # Every setting is a flag; every flag is checked before anything is read or built.
+# MODEL_SHAPES (llama_c4.py): name -> hidden / intermediate / heads / layers.
 
-MODEL_SHAPES = llama_c4.MODEL_SHAPES  # name -> hidden / intermediate / heads / layers
-
-def fail(message: str):
-    """Stop with one line on stderr (exit status 1)."""
-    raise SystemExit(f"error: {message}")
-
-def interactive() -> bool:
-    """How progress is shown, here and in bench.py: a tqdm bar (with elapsed time and ETA) when stdout
-    and stderr are both a terminal; otherwise (a pipe, a log file, pytest's capture) plain lines, with
-    no carriage return. The one place this rule is decided. (A terminal of width 0, which some
-    containers report, counts as none: tqdm would draw nothing there.)"""
-    try:
-        return (sys.stdout.isatty() and sys.stderr.isatty()
-                and os.get_terminal_size(sys.stderr.fileno()).columns > 0)
-    except (AttributeError, ValueError, OSError):  # no stream (pythonw), a closed one, one without a file
-        return False
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        fail(f"{message} (see --help)")
-
-class HelpWrapper(textwrap.TextWrapper):
-    """Wraps at spaces and after the '|' of NAME[:a|b|c], never inside a word."""
-    wordsep_simple_re = re.compile(r"(\s+|(?<=\|)(?=\S))")
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Examples keep their lines; a flag shows its default once (switches and unset flags: none)."""
-    def _split_lines(self, text, width):
-        return HelpWrapper(width, break_long_words=False, break_on_hyphens=False).wrap(" ".join(text.split()))
-
-    def _get_help_string(self, action):
-        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
-        return action.help if unset else action.help + " (default: %(default)s)"
-
-def data_and_model_flags(p: argparse.ArgumentParser) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag, in --help's groups (parse_args checks their values)."""
+    p = Parser(prog="train_tiny_llama.py", usage="%(prog)s [--flag value ...]", description=__doc__,
+               formatter_class=HelpFormatter, allow_abbrev=False)
     a = p.add_argument_group("data")
     a.add_argument("--data", help="C4 shards: a folder, glob or file of c4-train.*.json.gz, c4-validation.*.json.gz,"
                    " .json or .jsonl; unset: the embedded Python-docs corpus")
@@ -90,8 +67,6 @@ def data_and_model_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--model", default="tiny", choices=list(MODEL_SHAPES), help="LLaMA shape, hidden/intermediate/"
                    "heads/layers: " + ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in MODEL_SHAPES.items()))
-
-def optimizer_flags(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("optimizer")
     o.add_argument("--optimizer", default="adamw", help="; ".join(r.describe(n) for n, r in OPTIMIZERS.items()))
     o.add_argument("--lr", type=float, help="peak learning rate; unset: " + ", ".join(f"{n} {r.lr:g}"
@@ -130,8 +105,6 @@ def optimizer_flags(p: argparse.ArgumentParser) -> None:
     x.add_argument("--rank-init", type=int, help="initial rank; unset: the largest")
     x.add_argument("--clip-threshold", type=float, help="update clipping d, 0 = off" + unset(A, "clip_threshold"))
     x.add_argument("--cosine-guidance", action=argparse.BooleanOptionalAction, help="unset: off")
-
-def run_flags(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("schedule")
     s.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
     s.add_argument("--warmup-steps", type=int, help="linear warmup steps, fewer than --max-steps; unset: 30, "
@@ -163,13 +136,6 @@ def run_flags(p: argparse.ArgumentParser) -> None:
     y.add_argument("--fsdp", action="store_true", help="under torchrun: shard the weights, gradients and optimizer "
                    "state across the processes (FSDP2, torch's fully_shard: each block, then the model); a low-rank "
                    "matrix is stepped whole on one owner rank, which alone holds its state")
-
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="train_tiny_llama.py", usage="%(prog)s [--flag value ...]", description=__doc__,
-               formatter_class=HelpFormatter, allow_abbrev=False)
-    data_and_model_flags(p)
-    optimizer_flags(p)
-    run_flags(p)
     return p
 
 # Range checks of every flag that has a value: (flags, test, what they must be).
@@ -221,7 +187,7 @@ def parse_args(argv=None, saved: Optional[dict] = None) -> argparse.Namespace:
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     check_device(args.device)
-    check_memory_modes(args)
+    check_memory_modes(args, recipe.cls)
     return args
 
 def check_rank(args, model: nn.Module) -> None:
@@ -233,64 +199,6 @@ def check_rank(args, model: nn.Module) -> None:
     if args.rank > side:
         fail(f"--rank {args.rank}: larger than {side}, the short side of the {args.model} model's attn/mlp "
              f"matrices; use at most {side}")
-
-def check_memory_modes(args) -> None:
-    """--layerwise, --zero and --fsdp: refuse what they cannot do, naming the way out."""
-    torchrun, cls = "RANK" in os.environ, OPTIMIZERS[parse_optimizer(args.optimizer)[0]].cls
-    fsdp_refusals = [(not torchrun, "it shards the model across torchrun's processes: start the run with torchrun"),
-                     (args.zero, "FSDP2 already shards the optimizer state: use --fsdp or --zero, not both"),
-                     (args.layerwise, "lowrank_adam steps a sharded matrix whole on its owner rank, never one "
-                                      "parameter inside backward: drop --layerwise (--fsdp saves more memory)"),
-                     (args.dtype == "float16" and args.device != "cpu", "a GradScaler would find an inf on one "
-                      "rank's shard only and skip the step there alone: use --dtype bfloat16"),
-                     *((cls is c, f"{why}; run it without --fsdp (plain DDP or --zero), or use adamw, galore, "
-                       "adaptive, ldadam or adapprox") for c, why in FSDP_UNSUPPORTED.items())]
-    why = next((why for refused, why in fsdp_refusals if refused), None)
-    if args.fsdp and why:
-        fail(f"--fsdp: {why}")
-    if args.zero and cls is MuonWithAdamW:
-        fail("--zero: muon is two torch optimizers in one, which ZeroRedundancyOptimizer cannot shard; "
-             "run it without --zero (plain DDP)")
-    if args.zero and (not torchrun or args.layerwise):
-        fail("--zero shards the optimizer state across torchrun's processes: start the run with torchrun, "
-             "without --layerwise")
-    refusals = [(args.grad_clip > 0, "no global gradient norm ever exists to clip: add --grad-clip 0"),
-                (args.grad_accum > 1, "a parameter is updated at every backward, so micro-batches cannot accumulate: "
-                                      "use --grad-accum 1"),
-                (torchrun, "the update would come before DDP averages the gradients: run one process (under "
-                           "torchrun, --zero saves memory)"),
-                (args.dtype == "float16" and args.device != "cpu", "a GradScaler's inf check needs every gradient "
-                                                                   "at once: use --dtype bfloat16"),
-                (cls is la.AdaptiveAdamW, "adaptive allocates its rank budget from all spectra at once: use galore"),
-                (cls is torch.optim.Adafactor, "torch's Adafactor cannot step one parameter at a time"),
-                (cls is MuonWithAdamW, "torch's Muon cannot step one parameter at a time")]
-    why = next((why for refused, why in refusals if refused), None)
-    if args.layerwise and why:
-        fail(f"--layerwise: {why}")
-
-def check_device(spec: str) -> None:
-    try:
-        device = torch.device("cpu" if spec == "auto" else spec)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        fail(f"--device {spec}: not a device this script runs on (auto, cpu, cuda, cuda:N)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        why = "a CPU-only build" if torch.version.cuda is None else f"{torch.cuda.device_count()} GPUs visible"
-        fail(f"--device {spec}: no such CUDA device (torch {torch.__version__}, {why}); use --device cpu")
-
-def check_out_dir(args) -> None:
-    """A run already in --out-dir is only continued (--resume); the folder must be writable."""
-    out = Path(args.out_dir)
-    found = [name for name in ("ckpt.pt", "metrics.jsonl") if (out / name).exists()]
-    if found and not args.resume:
-        fail(f"--out-dir {out} already holds a run ({', '.join(found)}): add --resume to continue it, or choose "
-             "another --out-dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()  # a file can be written there
-    except OSError as e:
-        fail(f"--out-dir {out}: cannot write there ({e.strerror or e})")
 
 # ----------------------------------------------------------------------------- model
 # LLaMA (llama_c4.py): RMSNorm, rotary embeddings, SwiGLU, untied head.
@@ -321,51 +229,9 @@ class Recipe:
         kinds = "|".join(v[1:] for v in self.variants if v[0] == ":")
         return name + (f"[:{kinds}]" if kinds else "") + "".join(f"[{v}]" for v in self.variants if v[0] == "+")
 
-class MuonWithAdamW(torch.optim.Optimizer):
-    """torch.optim.Muon (Newton-Schulz orthogonalized momentum, one buffer per
-    matrix) for the matrices of the groups with a ``rank`` (lowrank_groups'
-    attn/mlp selection; the rank itself is not used), torch.optim.AdamW for the
-    rest, as Muon is meant to be used: one optimizer to the script, its
-    schedulers and checkpoints. Both inner optimizers work on this one's
-    param-group dicts and state, so the script's schedule reaches both and
-    ``state_dict()`` is the ordinary one. One ``lr`` serves both: Muon scales
-    its step per matrix to AdamW's update RMS (``adjust_lr_fn=
-    "match_rms_adamw"``, as in Moonlight), which is what makes that work."""
-
-    def __init__(self, params, lr: float = 3e-3, weight_decay: float = 0.0, momentum: float = 0.95,
-                 betas: tuple[float, float] = (0.9, 0.999)):
-        groups = [{**g, "muon": g.get("rank") is not None} for g in params]
-        for g in groups:
-            g.pop("rank", None)
-        super().__init__(groups, dict(lr=lr, weight_decay=weight_decay))
-        self.muon = torch.optim.Muon([g for g in self.param_groups if g["muon"]] or [{"params": []}], lr=lr,
-                                     weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw")
-        self.adamw = torch.optim.AdamW([g for g in self.param_groups if not g["muon"]] or [{"params": []}],
-                                       lr=lr, weight_decay=weight_decay, betas=betas)
-        self._link()
-
-    def _link(self) -> None:  # the inner optimizers use this one's groups and state
-        for inner, muon in ((self.muon, True), (self.adamw, False)):
-            inner.param_groups = [g for g in self.param_groups if g["muon"] == muon]
-            inner.state = self.state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)  # replaces the group dicts and the state
-        self._link()
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.muon.step()
-        self.adamw.step()
-        return loss
-
 RESIDUAL = {"+residual": {"residual": True}, "+noresidual": {"residual": False}}
 REFRESH = {"+randomized": {"refresh": "randomized"}}
-# +stagger for a class that takes it (AdaptiveAdamW: once it does; until then adaptive has no such variant)
+# +stagger for a class that takes a ``stagger`` argument (see staggered)
 STAGGER = lambda cls: {"+stagger": {"stagger": True}} if "stagger" in inspect.signature(cls).parameters else {}
 OPTIMIZERS = {
     "adamw": Recipe(torch.optim.AdamW, 3e-3),
@@ -385,10 +251,6 @@ OPTIMIZERS = {
 }
 if hasattr(torch.optim, "Muon"):  # torch >= 2.9
     OPTIMIZERS["muon"] = Recipe(MuonWithAdamW, 3e-3, lowrank=True)
-# The optimizers --fsdp refuses, and why: torch's own that fail on sharded (DTensor) weights (tried with
-# torch 2.13; AdamW and Muon step DTensors, Muon gathering each matrix for its Newton-Schulz iterations).
-FSDP_UNSUPPORTED = {torch.optim.Adafactor: "torch's Adafactor fails on sharded weights (its row norms are "
-                                           "partial DTensors, which it squares in place)"}
 
 def staggered() -> list[str]:
     """The optimizers whose class takes ``stagger`` (--stagger, the +stagger variant)."""
@@ -455,17 +317,7 @@ def get_lr(it: int, base: float, warmup: int, max_steps: int, min_ratio: float) 
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 # ----------------------------------------------------------------------------- training
-# The run's state and the loop's steps: train_step, evaluate, log_train, log_eval.
-
-class Dist(NamedTuple):
-    ddp: bool  # launched by torchrun
-    rank: int
-    world: int
-    device: str
-
-    @property
-    def master(self) -> bool:  # rank 0 logs and saves
-        return self.rank == 0
+# The run's state (model, optimizer, data, counters) and one optimizer step.
 
 class Run:
     """One training run: what the loop's steps share and a checkpoint saves."""
@@ -506,20 +358,6 @@ class Run:
         if sync:
             synchronize(self.device)
         self.step_seconds += time.perf_counter() - t0
-
-def shard_model(model: llama_c4.Llama) -> None:
-    """--fsdp: FSDP2 (torch's fully_shard) on each block, then on the root (the embedding, final norm and
-    head), as torchtitan does: a block's weights are gathered for its forward and backward only, and its
-    gradients reduce-scattered as soon as its backward ends. Every weight becomes a DTensor split by
-    rows; the names stay, so lowrank_groups still selects the attn/mlp matrices."""
-    from torch.distributed.fsdp import fully_shard
-    for block in model.layers:
-        fully_shard(block)
-    fully_shard(model)
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 def train_step(run: Run, batches) -> tuple[float, torch.Tensor]:
     """One optimizer step over --grad-accum micro-batches: (lr, summed loss)."""
@@ -562,6 +400,9 @@ def check_finite(run: Run, loss: torch.Tensor, norm: Optional[torch.Tensor]) -> 
     if agree(not math.isfinite(loss.item()), run.dist):  # every rank stops at the same step
         raise Diverged(run.step + 1)
 
+# ----------------------------------------------------------------------------- evaluation and logging
+# metrics.jsonl holds every row (rank 0 writes it); a terminal shows a bar, anything else plain lines.
+
 @torch.no_grad()
 def evaluate(run: Run, val: list) -> float:
     """Mean loss per validation sequence."""
@@ -574,20 +415,6 @@ def evaluate(run: Run, val: list) -> float:
         run.raw_model.reshard()  # (else they stay whole in memory, and named_parameters lists those stand-ins)
     run.model.train()
     return total / sum(len(x) for x, _ in val)
-
-def open_metrics(path: Path, step: int, master: bool):
-    """metrics.jsonl, written by rank 0: a JSON object per line, each with its step.
-    A resumed run first drops the rows after its checkpoint: each step appears once."""
-    if not master:
-        return None
-    rows = path.read_text().splitlines() if step > 0 and path.exists() else []
-    path.write_text("".join(r + "\n" for r in rows if r.strip() and json.loads(r)["step"] <= step))
-    return open(path, "a")
-
-def log(metrics, **row) -> None:
-    if metrics is not None:
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
 
 def log_train(run: Run, lr: float, loss: torch.Tensor, metrics) -> None:
     """A metrics row and, unless --quiet, a line: the loss, lr and tokens/s since the last one."""
@@ -610,23 +437,6 @@ def log_eval(run: Run, val_loss: float, metrics) -> None:
     if run.dist.master:
         say(f"step {run.step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f}")
 
-def say(message: str, file=None) -> None:
-    """A line on stdout (or ``file``). On a terminal through tqdm.write, which writes it above
-    every progress bar shown, this script's or bench.py's, and redraws them."""
-    if interactive():
-        tqdm.write(message, file=file or sys.stdout)
-    else:
-        print(message, file=file or sys.stdout, flush=True)
-
-def progress_bar(run: Run) -> Optional[tqdm]:
-    """On a terminal (see interactive), without --quiet, on rank 0: a bar over the steps, to --max-steps,
-    with elapsed time and ETA; log_train puts the loss, lr and tokens/s in its postfix. Otherwise None:
-    plain lines. Kept when it ends, unless nested under another bar (bench.py compare's runs)."""
-    if not (run.dist.master and not run.args.quiet and interactive()):
-        return None
-    return tqdm(total=run.args.max_steps, initial=run.step, unit="step", desc="train", dynamic_ncols=True,
-                leave=None, file=sys.stderr)
-
 def ranked_parameter_names(run: Run) -> list[str]:
     """Names of the parameters whose ranks ``opt.ranks()`` lists, in its order."""
     if not hasattr(run.opt, "ranks"):
@@ -637,110 +447,17 @@ def ranked_parameter_names(run: Run) -> list[str]:
     return [names[id(p)] for g in run.opt.param_groups if g.get("rank") is not None for p in g["params"]]
 
 # ----------------------------------------------------------------------------- checkpoints
-# Atomic, and exact to resume: model, optimizer, scaler, step, data position, RNG.
-
-# The flags a resume may change: where and how fast it runs, how often it reports.
-# The others shape the run (model, data, optimizer, schedule, seed; --max-steps too,
-# as the cosine schedule is laid out over it), so a resume that changes one is refused.
-RESUME_MAY_CHANGE = ("resume", "out_dir", "stop_after", "save_interval", "eval_interval", "log_interval", "quiet",
-                     "device", "compile", "threads", "peak_tflops", "cache_dir")
-
-def run_settings(args) -> dict:
-    """How the run was made: every flag, and the number of processes."""
-    return {**vars(args), "processes": int(os.environ.get("WORLD_SIZE", 1))}
-
-def read_checkpoint(argv) -> Optional[dict]:
-    """With --resume, the checkpoint in --out-dir (None if there is none, which main refuses): its
-    settings become the defaults of the flags, so `--resume --out-dir X` alone continues X."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--resume", action="store_true")
-    pre.add_argument("--out-dir", default="out")
-    known, _ = pre.parse_known_args(argv)
-    path = Path(known.out_dir) / "ckpt.pt"
-    if not known.resume or not path.exists():
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, foreign pickle...
-        fail(f"checkpoint {path} is corrupt or not a checkpoint of this script ({type(e).__name__}: {e}); "
-             "delete it or choose another --out-dir")
-    if not isinstance(ckpt, dict) or "settings" not in ckpt:
-        fail(f"checkpoint {path} is not a checkpoint of this script")
-    return ckpt
-
-def check_resume(args, ckpt: Optional[dict]) -> None:
-    """A resume continues the run as it was made: a flag given now that differs is refused."""
-    if ckpt is None:
-        return
-    path = Path(args.out_dir) / "ckpt.pt"
-    saved, now = ckpt["settings"], run_settings(args)
-    flag = lambda k: "processes" if k == "processes" else "--" + k.replace("_", "-")
-    changed = [f"{flag(k)} {saved[k]} (now {now[k]})" for k in saved
-               if k in now and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
-    if changed:
-        fail(f"--resume: {path} was made with other settings: {', '.join(changed)}. A resume may only change "
-             f"{', '.join(flag(k) for k in RESUME_MAY_CHANGE[2:])}; start anything else in a new --out-dir")
-
-def nothing_to_resume(out: Path) -> str:
-    """Why --resume refuses a folder without a checkpoint (a mistyped --out-dir must not start a new run)."""
-    if (out / "metrics.jsonl").exists():
-        return (f"--resume: no checkpoint in {out}: nothing to continue (its metrics.jsonl is of a run that saved "
-                "none); delete that file or choose another --out-dir to start a new run")
-    if (out / "metrics.diverged.jsonl").exists():
-        return (f"--resume: no checkpoint in {out}: the run there diverged (see its metrics.diverged.jsonl); start "
-                "a new run there without --resume, with a lower --lr")
-    return (f"--resume: no checkpoint in {out}: nothing to continue; check --out-dir, or start a new run without "
-            "--resume")
-
-def resume_checkpoint(args) -> Optional[dict]:
-    """read_checkpoint and check_resume for flags already parsed (bench.py compare's runs)."""
-    ckpt = read_checkpoint(["--resume", "--out-dir", args.out_dir] if args.resume else [])
-    check_resume(args, ckpt)
-    return ckpt
-
-def continue_command(args) -> str:
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    start = f"torchrun --standalone --nproc_per_node {world} " if world > 1 else "python "
-    return f"{start}train_tiny_llama.py --resume --out-dir {args.out_dir}"
-
-class Stopped(KeyboardInterrupt):
-    """The first Ctrl-C: the run stopped cleanly at a step, with a checkpoint."""
-
-class Diverged(Exception):
-    """A non-finite loss or gradient at step ``step``: the run stopped there, saving nothing."""
-    def __init__(self, step: int, message: str = ""):
-        super().__init__(message or f"diverged at step {step}")
-        self.step = step
-
-def set_aside_diverged_run(args, step: int) -> str:
-    """A diverged run leaves no run in --out-dir: its metrics.jsonl, and a checkpoint saved before (which
-    would diverge again, and a resume may not lower --lr), are renamed *.diverged.*, replacing those of an
-    earlier divergence, so that the same command with a lower --lr starts there anew. Returns the message."""
-    out, kept = Path(args.out_dir), []
-    for name, aside in (("metrics.jsonl", "metrics.diverged.jsonl"), ("ckpt.pt", "ckpt.diverged.pt")):
-        if (out / name).exists():
-            os.replace(out / name, out / aside)
-            kept.append(str(out / aside))
-    what = ("this run's log is kept as " + kept[0] if len(kept) == 1 else
-            f"this run's log and last checkpoint are kept as {' and '.join(kept)}" if kept else "nothing was kept")
-    return (f"diverged at step {step} of {args.max_steps} (a non-finite loss or gradient): lower --lr; {what}, "
-            "and the folder is free for a new run")
+# Atomic, and exact to resume: model, optimizer, scaler, step, data position, RNG. Reading one and
+# checking a resume's flags against it, and gathering a sharded run's state: llama_c4.py.
 
 def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
-    """Everything an exact resume needs (the data position of every rank too);
-    ``result`` marks a complete run. Every rank calls it; rank 0 writes a
-    temporary file, then renames it over the old checkpoint."""
+    """Everything an exact resume needs (the data position of every rank too); ``result`` marks a
+    complete run. Every rank calls it (under --zero and --fsdp each sends rank 0 its shards); rank 0
+    writes a temporary file, then renames it over the old checkpoint."""
+    model_state, optimizer_state = full_state(run.raw_model, run.opt, run.dist, run.args.fsdp, run.args.zero)
     data = llama_c4.saveable(run.batches.state)
-    if run.args.fsdp:  # every rank sends its shards (and the matrices it owns) to rank 0
-        model_state, optimizer_state = fsdp_full_state(run)
-    else:
-        if run.args.zero:  # every rank sends its shard of the optimizer state to rank 0
-            run.opt.consolidate_state_dict(to=0)
-        model_state, optimizer_state = run.raw_model.state_dict(), run.opt.state_dict() if run.dist.master else None
     if run.dist.ddp:  # each rank reads its own slice of the data: keep every rank's position
-        every = [None] * run.dist.world
-        torch.distributed.all_gather_object(every, data)
-        data = every
+        data = gather(data, run.dist)
     if not run.dist.master:
         return
     path = Path(run.args.out_dir) / "ckpt.pt"
@@ -751,57 +468,9 @@ def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
                path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
 
-FULL = dict(full_state_dict=True)  # torch.distributed.checkpoint's StateDictOptions: whole tensors, no DTensors
-
-def fsdp_full_state(run: Run) -> tuple[Optional[dict], Optional[dict]]:
-    """--fsdp: the model's and the optimizer's state dicts as one process's, on rank 0 (None elsewhere),
-    keyed by parameter name (torch.distributed.checkpoint's full state dicts, on the CPU). Torch gathers
-    every DTensor (weights, dense moments); a low-rank matrix's state is a plain tensor on its owner rank
-    alone, marked ``{"owner": r}`` on the others, so each rank also sends the entries it owns to rank 0,
-    which puts them in place of the markers and keeps who owned what (``"owners"``) for the resume."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    options = StateDictOptions(**FULL, cpu_offload=True)  # rank 0 alone receives, on the CPU
-    model_state = get_model_state_dict(run.raw_model, options=options)
-    optimizer_state = get_optimizer_state_dict(run.raw_model, run.opt, options=options)
-    names = {id(p): n for n, p in run.raw_model.named_parameters()}
-    owned = {names[id(p)]: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
-             for p, st in run.opt.state.items() if owned_here(st)}
-    every = [None] * run.dist.world
-    torch.distributed.all_gather_object(every, owned)
-    if not run.dist.master:
-        return None, None
-    owners = {name: r for r, entries in enumerate(every) for name in entries}
-    optimizer_state["state"].update({name: every[r][name] for name, r in owners.items()})
-    optimizer_state["owners"] = owners
-    return model_state, optimizer_state
-
-def owned_here(state: dict) -> bool:
-    """--fsdp: whether this optimizer state is a whole matrix's, held by this rank, its owner (plain
-    tensors); a sharded parameter's dense state is DTensors, and a marker ``{"owner": r}`` is another's."""
-    tensors = [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    return "owner" not in state and bool(tensors) and not any(la._is_dtensor(v) for v in tensors)
-
-def load_fsdp_full_state(run: Run, model_state: dict, optimizer_state: dict) -> None:
-    """--fsdp: the inverse of fsdp_full_state, on every rank from the whole checkpoint: each rank keeps
-    its rows of every DTensor, the entries of the matrices it owned, and the markers of the others'."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    set_model_state_dict(run.raw_model, model_state, options=StateDictOptions(**FULL))
-    owners, rank = optimizer_state["owners"], run.dist.rank
-    state = {name: st if owners.get(name, rank) == rank else
-             {"owner": owners[name], **({"rank": st["rank"]} if "rank" in st else {})}
-             for name, st in optimizer_state["state"].items()}
-    local = {k: v for k, v in optimizer_state.items() if k != "owners"}
-    set_optimizer_state_dict(run.raw_model, run.opt, {**local, "state": state}, options=StateDictOptions(**FULL))
-
 def restore(run: Run, ckpt: dict, batches: llama_c4.TrainBatches) -> None:
     """The run where the checkpoint left it, the data position of this rank too: no replay of the stream."""
-    if run.args.fsdp:
-        load_fsdp_full_state(run, ckpt["model"], ckpt["optimizer"])
-    else:
-        run.raw_model.load_state_dict(ckpt["model"])
-        run.opt.load_state_dict(ckpt["optimizer"])
+    load_full_state(run.raw_model, run.opt, ckpt["model"], ckpt["optimizer"], run.dist, run.args.fsdp)
     if ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
     run.step = ckpt["step"]
@@ -812,24 +481,6 @@ def restore(run: Run, ckpt: dict, batches: llama_c4.TrainBatches) -> None:
 
 # ----------------------------------------------------------------------------- the loop
 # train() steps to --max-steps (or --stop-after) and finish() ends the invocation.
-
-@contextlib.contextmanager
-def stop_on_first_ctrl_c():
-    """The first Ctrl-C finishes the current step and stops cleanly (with a
-    checkpoint); a second one interrupts at once."""
-    stop, main_thread = threading.Event(), threading.current_thread() is threading.main_thread()
-
-    def handler(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        say("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
-    previous = signal.signal(signal.SIGINT, handler) if main_thread else None  # signals reach the main thread only
-    try:
-        yield stop.is_set
-    finally:
-        if main_thread:  # (None: a handler not set from Python, such as an embedding program's)
-            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dict] = None,
           on_step=None) -> dict:
@@ -854,7 +505,7 @@ def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dic
     stop_at = args.max_steps if args.stop_after is None else min(args.max_steps, run.step + args.stop_after)
     run.started = run.last_log_time = time.perf_counter()
     run.last_log_step = run.step
-    run.bar = progress_bar(run)
+    run.bar = progress_bar(args.max_steps, run.step, dist.master and not args.quiet)  # on a terminal
     try:
         with stop_on_first_ctrl_c() as stop_requested:
             while run.step < stop_at and not agree(stop_requested(), dist):
@@ -885,14 +536,6 @@ def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dic
         run.batches.close()
     return finish(run, val, metrics, interrupted)
 
-def agree(stop: bool, dist: Dist) -> bool:
-    """Under DDP every rank stops at the same step if any was asked to (Ctrl-C)."""
-    if not dist.ddp:
-        return stop
-    flag = torch.tensor([float(stop)], device=dist.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
-
 def finish(run: Run, val: list, metrics, interrupted: bool) -> dict:
     """The end of this invocation: a checkpoint, with the result once the run is complete."""
     args, path = run.args, Path(run.args.out_dir) / "ckpt.pt"
@@ -902,7 +545,8 @@ def finish(run: Run, val: list, metrics, interrupted: bool) -> dict:
         if run.dist.master:
             say(f"interrupted at step {run.step} of {args.max_steps}: {rerun}")
         raise Stopped
-    check_replicas(run)
+    if run.dist.ddp and not args.fsdp:  # (--fsdp: no replicas, each rank holds its own rows of every weight)
+        check_replicas(run.raw_model, run.dist)
     val_loss = run.last_eval[1] if run.last_eval[0] == run.step else evaluate(run, val)
     result, complete = result_of(run, val_loss), run.step == args.max_steps
     save_checkpoint(run, result if complete else None)
@@ -913,24 +557,6 @@ def finish(run: Run, val: list, metrics, interrupted: bool) -> dict:
             say(f"stopped at step {run.step} of {args.max_steps} (--stop-after {args.stop_after}): {rerun}")
         metrics.close()
     return result
-
-@torch.no_grad()
-def check_replicas(run: Run) -> None:
-    """Under DDP every rank must hold the same weights: compare a checksum of
-    each parameter across ranks (an error names the first that differs).
-    (--fsdp: no replicas, each rank holds its own rows of every weight.)"""
-    if not run.dist.ddp or run.args.fsdp:
-        return
-    params = list(run.raw_model.named_parameters())
-    local = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for _, p in params])
-    every = [torch.empty_like(local) for _ in range(run.dist.world)]
-    torch.distributed.all_gather(every, local)
-    for rank, other in enumerate(every):
-        differ = (other != every[0]).any(dim=1).nonzero()
-        if len(differ):
-            raise RuntimeError(f"DDP replicas differ: rank {rank}'s {params[differ[0, 0]][0]} is not rank 0's")
-    if run.dist.master:
-        say(f"replicas: the weights are identical on all {run.dist.world} ranks")
 
 def result_of(run: Run, val_loss: float) -> dict:
     """The numbers that describe a run (bench.py tabulates them); times cover every invocation."""
@@ -947,71 +573,10 @@ def result_of(run: Run, val_loss: float) -> dict:
     if names:
         result["ranks"] = dict(zip(names, run.opt.ranks()))
     if run.dist.ddp:  # what each rank holds: the same under DDP, a shard under --zero and --fsdp
-        every = [None] * run.dist.world
-        torch.distributed.all_gather_object(every, la.state_bytes(run.local_opt))
-        result["state_bytes_per_rank"] = every
+        result["state_bytes_per_rank"] = gather(la.state_bytes(run.local_opt), run.dist)
     return result
 
-def describe(r: dict) -> str:
-    """A run's result in one line."""
-    extra = f", peak CUDA {r['peak_cuda_gb']:.2f} GB" if r["peak_cuda_gb"] is not None else ""
-    extra += f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
-    if "state_bytes_per_rank" in r:
-        extra += f", state bytes per rank {' / '.join(f'{b:,}' for b in r['state_bytes_per_rank'])}"
-    return (f"{r['optimizer']} (lr {r['lr']:g}) seed {r['seed']}: {r['params'] / 1e6:.2f}M params, {r['steps']} steps, "
-            f"val loss {r['val_loss']:.4f}, val ppl {r['val_ppl']:.2f}, {r['tokens_per_s']:,.0f} tokens/s, optimizer "
-            f"state {r['state_mb']:.2f} MB, step() {r['step_ms']:.2f} ms, {r['seconds']:.0f} s{extra}")
-
-# ----------------------------------------------------------------------------- DDP, threads, data, main
-
-def setup_distributed(args) -> Dist:
-    """torchrun sets RANK: one process per GPU with NCCL, or per CPU share with gloo."""
-    if int(os.environ.get("RANK", -1)) == -1:
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        dist = Dist(ddp=False, rank=0, world=1, device=device)
-    else:
-        cuda = torch.cuda.is_available() and args.device != "cpu"
-        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
-        dist = Dist(ddp=True, rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size(),
-                    device=f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(dist.device)
-    set_threads(args, dist.device)
-    return dist
-
-def set_threads(args, device: str) -> None:
-    """--threads, or 1 for the tiny model on CPU. Measured on a 2-core machine: idle,
-    2 threads ran the default run 1.25x faster; with another process busy on one
-    core, 6x slower (their OpenMP threads spin, waiting for the busy core)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif device == "cpu" and args.model == "tiny":
-        torch.set_num_threads(1)
-
-def load_tokenizer(args):
-    """UTF-8 bytes, or --tokenizer's file (checked as it loads)."""
-    try:
-        return llama_c4.FileTokenizer(args.tokenizer, args.eos_token) if args.tokenizer else llama_c4.ByteTokenizer()
-    except llama_c4.DataError as e:
-        fail(str(e))
-
-def load_data(args, tokenizer, dist: Dist) -> tuple[llama_c4.C4Data, list]:
-    """--data (or the embedded corpus) and the validation batches, which every evaluation reuses."""
-    source = args.data or str(llama_c4.build_embedded_corpus(Path(args.cache_dir).expanduser(),
-                                                             announce=dist.master))
-    try:
-        data = llama_c4.C4Data(source, tokenizer, args.seq_len, rank=dist.rank, world=dist.world)
-        val = data.val_batches(args.batch_size, args.val_batches)
-    except (FileNotFoundError, llama_c4.DataError) as e:
-        fail(str(e))
-    if dist.master:
-        print(f"data: {source} ({len(data.train_files)} train / {len(data.val_files)} validation shards"
-              f"{', every 100th document held out for validation' if data.holdout else ''}); tokenizer: "
-              f"{tokenizer.name} (vocab {tokenizer.vocab_size})")
-        print(f"model: {args.model} ({'/'.join(map(str, MODEL_SHAPES[args.model]))}); optimizer: {args.optimizer}, "
-              f"lr {args.lr:g}; tokens per step: {args.batch_size * args.seq_len * args.grad_accum * dist.world:,}; "
-              f"device: {dist.device}, CPU threads: {torch.get_num_threads()}")
-    return data, val
+# ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
@@ -1028,7 +593,7 @@ def main(argv=None) -> dict:
             print(f"{args.out_dir} is complete ({ckpt['step']} steps); its saved result:\n{describe(ckpt['result'])}")
         return ckpt["result"]
     dist = setup_distributed(args)
-    try:
+    with handle_exits(args, dist, out_existed):  # Ctrl-C: status 130; divergence, data run dry: 1, one line
         data, val = load_data(args, tokenizer, dist)
         result = train(args, data, val, dist, ckpt)
         if dist.master:
@@ -1036,41 +601,6 @@ def main(argv=None) -> dict:
             if skipped := data.stats.report():
                 print(skipped)
         return result
-    except Stopped:  # the first Ctrl-C: a checkpoint was saved and the way to continue printed
-        sys.exit(130)
-    except KeyboardInterrupt:  # a second Ctrl-C (or one before the loop): stop at once
-        remove_untrained_run(args, out_existed, dist)
-        if dist.master:
-            kept = Path(args.out_dir) / "ckpt.pt"
-            print(f"stopped at once: {kept} holds the last checkpoint saved (by --save-interval or an earlier run); "
-                  f"continue with: {continue_command(args)}" if kept.exists() else
-                  "stopped at once: no checkpoint was saved, so nothing of this run was kept", file=sys.stderr)
-        sys.exit(130)
-    except llama_c4.DataError as e:  # the training stream ran dry
-        remove_untrained_run(args, out_existed, dist)
-        fail(str(e))
-    except Diverged as e:  # rank 0 says what it set aside
-        if dist.master:
-            fail(str(e))
-        sys.exit(1)
-    except BaseException:
-        remove_untrained_run(args, out_existed, dist)
-        raise
-    finally:
-        if dist.ddp:
-            torch.distributed.destroy_process_group()
-
-def remove_untrained_run(args, out_existed: bool, dist: Dist) -> None:
-    """A run that failed before its first step leaves nothing behind: its metrics.jsonl
-    (which holds only the step-0 row) goes, and --out-dir too if this run created it
-    and it is empty, so that the same command works again once the cause is fixed."""
-    out, metrics = Path(args.out_dir), Path(args.out_dir) / "metrics.jsonl"
-    if not dist.master or (out / "ckpt.pt").exists():
-        return
-    if metrics.exists() and all(json.loads(r)["step"] == 0 for r in metrics.read_text().splitlines() if r.strip()):
-        metrics.unlink()
-    if not out_existed and out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
 
 if __name__ == "__main__":
     main()
