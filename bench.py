@@ -82,6 +82,7 @@ from tqdm import tqdm
 
 import llama_c4
 import lowrank_adam as la
+import lowrank_engine
 import train_tiny_llama as tl
 
 # ----------------------------------------------------------------------------- progress
@@ -423,7 +424,7 @@ def peak_one(argv: list[str]) -> None:
     model = tl.build_model(args, 32000, device)
     opt = tl.build_optimizer(args, model)
     if args.layerwise:
-        la.layerwise_hooks(opt)
+        lowrank_engine.layerwise_hooks(opt)
     tokens = torch.randint(0, 32000, (args.batch_size, args.seq_len + 1), device=device)
     if device.type == "cuda":
         baseline = 0
@@ -693,26 +694,27 @@ def subspaces(argv: list[str]) -> str:
         calls.append((S.tolist(), S_exact.tolist(), torch.linalg.vector_norm(x).square().item(), min(x.shape)))
         return U, S
 
-    refresh = la.AdaptiveAdamW._allocate_and_refresh
+    step_items = la.AdaptiveAdamW._step_items
 
-    def compared(self, due, items):
+    def compared(self, items, peers=None):
         calls.clear()
-        refresh(self, due, items)
-        if len(calls) == len(due) and all(g["allocate"] for _, g, _ in due):
-            budget = sum(min(g["rank"], min(p.shape)) for p, g, _ in due)  # B = Σ the group's rank, clamped
+        step_items(self, items, peers)
+        due = [(p, g) for p, g, _ in items if g.get("rank") is not None]  # all refresh together (no stagger)
+        if calls and len(calls) == len(due) and all(g["allocate"] for _, g in due):
+            budget = sum(min(g["rank"], min(p.shape)) for p, g in due)  # B = Σ the group's rank, clamped
             metric = due[0][1]["rank_metric"]
             caps = [c for *_, c in calls]
             sketched = la.allocate_ranks([s for s, *_ in calls], budget, caps, metric, [e for *_, e, _ in calls])
             exact = la.allocate_ranks([s for _, s, *_ in calls], budget, caps, metric)
             allocations.append((sketched, exact))
 
-    la.randomized_spectrum, la.AdaptiveAdamW._allocate_and_refresh = paired, compared
+    la.randomized_spectrum, la.AdaptiveAdamW._step_items = paired, compared
     try:
         tl.check_out_dir(args)
         dist = tl.setup_distributed(args)
         result = tl.train(args, *tl.load_data(args, tl.load_tokenizer(args), dist), dist)
     finally:
-        la.randomized_spectrum, la.AdaptiveAdamW._allocate_and_refresh = randomized, refresh
+        la.randomized_spectrum, la.AdaptiveAdamW._step_items = randomized, step_items
     if not energy:
         tl.fail("no refresh after the first one happened: use --max-steps > --update-proj-gap")
     pct = lambda xs, q: statistics.quantiles(xs, n=100)[q - 1] if len(xs) > 1 else xs[0]

@@ -1030,7 +1030,7 @@ def owned_here(state: dict) -> bool:
     """--fsdp: whether this optimizer state is a whole matrix's, held by this rank, its owner (plain
     tensors); a sharded parameter's dense state is DTensors, and a marker ``{"owner": r}`` is another's."""
     tensors = [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    return "owner" not in state and bool(tensors) and not any(la._is_dtensor(v) for v in tensors)
+    return "owner" not in state and bool(tensors) and not any(la.is_dtensor(v) for v in tensors)
 
 
 def load_fsdp_full_state(model: nn.Module, opt, model_state: dict, optimizer_state: dict, dist: Dist) -> None:

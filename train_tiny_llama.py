@@ -36,6 +36,7 @@ from torch import nn
 
 import llama_c4
 import lowrank_adam as la
+import lowrank_engine
 # the mechanics of a run and the data loaders, by name (the model and the data classes: llama_c4.X)
 from llama_c4 import (Dist, Diverged, HelpFormatter, MODEL_SHAPES, MuonWithAdamW, Parser, RESUME_MAY_CHANGE, Stopped,
                       agree, check_device, check_memory_modes, check_out_dir, check_replicas, check_resume,
@@ -330,7 +331,7 @@ class Run:
         self.opt = build_optimizer(args, self.raw_model, zero=args.zero)
         self.local_opt = getattr(self.opt, "optim", self.opt)  # --zero: this rank's shard of the optimizer
         if args.layerwise:  # each parameter stepped in backward; its time counts as optimizer time
-            step_parameter, self.layerwise_hooks = self.opt.step_parameter, la.layerwise_hooks(self.opt)
+            step_parameter, self.layerwise_hooks = self.opt.step_parameter, lowrank_engine.layerwise_hooks(self.opt)
             self.opt.step_parameter = lambda p: self.timed(step_parameter, p, sync=False)  # no sync per parameter
         self.model = torch.compile(self.raw_model) if args.compile else self.raw_model  # what trains
         if dist.ddp and not args.fsdp:
