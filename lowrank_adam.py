@@ -15,8 +15,8 @@ and the optimizers here keep far less state per matrix by exploiting that:
   a randomized low-rank factorization of adaptive rank.
 
 Each class docstring is its paper's algorithm box, and one method per class
-(``_update``, or ``_refresh`` for the allocation) follows it line by line with
-the box's letters. Conventions: a matrix is handled in *oriented* form, its
+follows it line by line with the box's letters: ``_update``, one step of one
+matrix (AdaptiveAdamW's allocation across matrices is its ``_step_items``). Conventions: a matrix is handled in *oriented* form, its
 short side first (X of shape s×l, basis P of shape s×r, projected tensors r×l);
 linear algebra runs in float32 or better; state holds tensors and numbers
 only, loads back exactly, and random draws are counter-based (``stream_seed``),
@@ -24,12 +24,15 @@ the same on every DDP rank. Parameters outside a group with an integer
 ``rank`` get exactly ``torch.optim.AdamW``'s update. A group option that the
 optimizer does not honour is refused, not ignored.
 
-Layout: sections 1-2 are the core (math shared by all, and the ``_Base``
-optimizer); sections 3-6 hold one optimizer each, needing only the core. To
-use one optimizer elsewhere, copy sections 1-2 and its section: eager,
-``torch.compile``, DDP, ZeRO-1 and exact resume work with that alone. FSDP2
-(DTensor parameters) and layer-wise hooks are in ``lowrank_engine.py``, which
-the core imports only when it meets a DTensor. Requires torch >= 2.5 (tested
+Layout: sections 1-2 are the core (math shared by all, and ``_Base``, the
+optimizer machinery behind the one method each algorithm implements);
+section 3 holds the subspace pieces GaLoreAdamW and AdaptiveAdamW share;
+sections 4-7 hold one optimizer each; section 8 the helpers for param groups
+and memory. To use one optimizer elsewhere, copy sections 1-2, its section
+(and 3, for the two GaLore classes): eager, ``torch.compile``, DDP, ZeRO-1,
+Hugging Face models and exact resume work with that alone. FSDP2 (DTensor
+parameters) and layer-wise hooks are in ``lowrank_engine.py``, which the
+core imports only when it meets a DTensor. Requires torch >= 2.5 (tested
 with 2.13.0).
 
     from lowrank_adam import GaLoreAdamW, lowrank_groups
@@ -116,11 +119,6 @@ def apply_update_(param: Tensor, D: Tensor, lr: float, weight_decay: float) -> N
     param.add_(D if D.dtype == param.dtype else D.to(param.dtype))
 
 
-def rms(x: Tensor) -> Tensor:
-    """‖x‖_F / sqrt(numel), a 0-d tensor (no host sync)."""
-    return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
-
-
 def stream_seed(seed: int, *counters: int) -> int:
     """Seed of one random draw, from the ``seed`` option and counters (a
     parameter's index, a step) alone: SplitMix64's finalizer over each. So
@@ -150,97 +148,6 @@ def _to_host(values: list) -> list:
 @torch.compiler.disable  # a host sync: under torch.compile a quiet graph break, not a warning
 def is_all_zero(x: Tensor) -> bool:
     return not bool(x.any())
-
-
-# -- the subspace pieces of GaLoreAdamW and AdaptiveAdamW ----------------------
-
-
-SUBSPACES = ("svd", "random", "gha")
-SUBSPACE_OPTIONS = {  # group options of GaLoreAdamW's variants, and their valid values
-    "scale": lambda v: v > 0, "norm_growth_limit": lambda v: v is None or v >= 1.0, "subspace": SUBSPACES,
-    "refresh": ("svd", "randomized"), "gha_lr": lambda v: 0.0 < v <= 1.0, "stagger": lambda v: isinstance(v, bool),
-    "refresh_iters": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1}
-
-
-def refresh_due(t: int, index: int, group: dict) -> bool:
-    """Whether matrix ``index`` takes a new basis at its step t: t = 1, then every
-    T = ``update_proj_gap`` steps (t ≡ 1 mod T, GaLore), or with ``stagger`` at
-    t ≡ 1 + (index mod T), so about 1/T of the matrices refresh at each step."""
-    gap = group["update_proj_gap"]
-    return t == 1 or (t - 1 - (index % gap if group.get("stagger") else 0)) % gap == 0
-
-
-REFRESH_OVERSAMPLE = 8  # extra sketch columns of refresh="randomized"
-
-
-def randomized_spectrum(x: Tensor, width: int, warm: Optional[Tensor], generator: torch.Generator,
-                        power_iters: int = 1) -> tuple[Tensor, Tensor]:
-    """Leading left singular vectors and values of x from a range finder
-    warm-started at the previous basis (Halko, Martinsson and Tropp 2011)::
-
-        Q ← [P_prev, Ω]                 s×k, topped up with Gaussian columns to k = width
-        Q ← orth(X (Xᵀ Q))              ``power_iters`` times
-        B ← Qᵀ X = U_B diag(S) V_Bᵀ      (through the QR of Bᵀ: a k×k SVD)
-        U ← Q U_B                       signed like P_prev (``align_signs_``)
-
-    About 2·(power_iters + 1)·s·l·k multiply-adds where the SVD costs s²·l;
-    the values never exceed X's, and the basis is exact when rank(X) <= k.
-    """
-    x = x.to(linalg_dtype(x.dtype))
-    k = min(width, x.shape[0])
-    columns = [] if warm is None else [warm[:, :k].to(x.dtype)]
-    missing = k - (0 if warm is None else columns[0].shape[1])
-    if missing > 0:
-        columns.append(torch.randn(x.shape[0], missing, generator=generator, device=generator.device, dtype=x.dtype))
-    q = torch.cat(columns, dim=1) if power_iters > 0 else orthonormalize(torch.cat(columns, dim=1))
-    for _ in range(power_iters):
-        y = x.T @ q  # rescaled so that X Y cannot overflow where X Xᵀ would
-        q = orthonormalize(x @ y.div_(y.abs().amax().clamp_min(torch.finfo(y.dtype).tiny)))
-    u_b, s, _ = torch.linalg.svd(torch.linalg.qr((q.T @ x).T, mode="r").R.T)
-    u = q @ u_b
-    if warm is not None:
-        align_signs_(u, warm)
-    return u.contiguous(), s
-
-
-def transform_moments(P_new: Tensor, P_old: Tensor, M: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-    """Adam's moments from basis P_old into P_new: ``C = P_newᵀ P_old``,
-    ``M ← C M``, ``V ← (C∘C) V`` (our reading for V: it fits the shapes when
-    the ranks differ and keeps V >= 0)."""
-    C = P_new.T @ P_old
-    return C @ M, (C * C) @ V
-
-
-def resize_rows(x: Tensor, rows: int) -> Tensor:
-    """First ``rows`` rows of x, zero-padded when x has fewer (a rank changed)."""
-    out = x.new_zeros(rows, x.shape[1])
-    k = min(rows, x.shape[0])
-    out[:k] = x[:k]
-    return out
-
-
-def orthogonal_residual(x: Tensor, P: Tensor, r: Tensor, n: Tensor, transposed: bool = False) -> Tensor:
-    """Fira's residual, what the subspace drops scaled like the Adam update:
-    ``S = (X - P R) diag(φ)``, ``φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + δ)``, in W's
-    layout. Ours: the exact orthogonal residual (Fira subtracts α·P R), and a
-    guard relative to X, ``δ = 1e-8 ‖X‖_F / sqrt(l)``, so S does not depend
-    on the gradient's scale (φ = 0 for X = 0)."""
-    guard = torch.linalg.vector_norm(x) * (1e-8 / math.sqrt(max(x.shape[1], 1)))
-    denom = torch.linalg.vector_norm(r, dim=0) + guard
-    phi = torch.where(denom > 0, torch.linalg.vector_norm(n, dim=0) / denom, 0.0)
-    if transposed:
-        return torch.addmm(x.T, r.T, P.T, alpha=-1).mul_(phi[:, None])  # Sᵀ: (l, s)
-    return torch.addmm(x, P, r, alpha=-1).mul_(phi)  # S: (s, l)
-
-
-def norm_growth_limit_(x: Tensor, prev_rms: Tensor, gamma: float) -> Tensor:
-    """``x ← x · min(1, γ·prev_rms / RMS(x))`` in place; returns the new RMS. A
-    ``prev_rms`` of 0 (no history) limits nothing, so a zero step never freezes
-    the parameter (our choice)."""
-    cur = torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
-    factor = torch.where((prev_rms > 0) & (cur > gamma * prev_rms), gamma * prev_rms / cur.clamp_min(1e-30), 1.0)
-    x.mul_(factor)
-    return cur * factor
 
 
 # =============================================================================
@@ -559,7 +466,101 @@ def _optimizer_options() -> dict[str, set[str]]:
 
 
 # =============================================================================
-# 3. GaLoreAdamW: uniform-rank gradient projection (the baseline)
+# 3. Subspace pieces shared by GaLoreAdamW and AdaptiveAdamW
+# =============================================================================
+
+
+
+SUBSPACES = ("svd", "random", "gha")
+SUBSPACE_OPTIONS = {  # group options of GaLoreAdamW's variants, and their valid values
+    "scale": lambda v: v > 0, "norm_growth_limit": lambda v: v is None or v >= 1.0, "subspace": SUBSPACES,
+    "refresh": ("svd", "randomized"), "gha_lr": lambda v: 0.0 < v <= 1.0, "stagger": lambda v: isinstance(v, bool),
+    "refresh_iters": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1}
+
+
+def refresh_due(t: int, index: int, group: dict) -> bool:
+    """Whether matrix ``index`` takes a new basis at its step t: t = 1, then every
+    T = ``update_proj_gap`` steps (t ≡ 1 mod T, GaLore), or with ``stagger`` at
+    t ≡ 1 + (index mod T), so about 1/T of the matrices refresh at each step."""
+    gap = group["update_proj_gap"]
+    return t == 1 or (t - 1 - (index % gap if group.get("stagger") else 0)) % gap == 0
+
+
+REFRESH_OVERSAMPLE = 8  # extra sketch columns of refresh="randomized"
+
+
+def randomized_spectrum(x: Tensor, width: int, warm: Optional[Tensor], generator: torch.Generator,
+                        power_iters: int = 1) -> tuple[Tensor, Tensor]:
+    """Leading left singular vectors and values of x from a range finder
+    warm-started at the previous basis (Halko, Martinsson and Tropp 2011)::
+
+        Q ← [P_prev, Ω]                 s×k, topped up with Gaussian columns to k = width
+        Q ← orth(X (Xᵀ Q))              ``power_iters`` times
+        B ← Qᵀ X = U_B diag(S) V_Bᵀ      (through the QR of Bᵀ: a k×k SVD)
+        U ← Q U_B                       signed like P_prev (``align_signs_``)
+
+    About 2·(power_iters + 1)·s·l·k multiply-adds where the SVD costs s²·l;
+    the values never exceed X's, and the basis is exact when rank(X) <= k.
+    """
+    x = x.to(linalg_dtype(x.dtype))
+    k = min(width, x.shape[0])
+    columns = [] if warm is None else [warm[:, :k].to(x.dtype)]
+    missing = k - (0 if warm is None else columns[0].shape[1])
+    if missing > 0:
+        columns.append(torch.randn(x.shape[0], missing, generator=generator, device=generator.device, dtype=x.dtype))
+    q = torch.cat(columns, dim=1) if power_iters > 0 else orthonormalize(torch.cat(columns, dim=1))
+    for _ in range(power_iters):
+        y = x.T @ q  # rescaled so that X Y cannot overflow where X Xᵀ would
+        q = orthonormalize(x @ y.div_(y.abs().amax().clamp_min(torch.finfo(y.dtype).tiny)))
+    u_b, s, _ = torch.linalg.svd(torch.linalg.qr((q.T @ x).T, mode="r").R.T)
+    u = q @ u_b
+    if warm is not None:
+        align_signs_(u, warm)
+    return u.contiguous(), s
+
+
+def transform_moments(P_new: Tensor, P_old: Tensor, M: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+    """Adam's moments from basis P_old into P_new: ``C = P_newᵀ P_old``,
+    ``M ← C M``, ``V ← (C∘C) V`` (our reading for V: it fits the shapes when
+    the ranks differ and keeps V >= 0)."""
+    C = P_new.T @ P_old
+    return C @ M, (C * C) @ V
+
+
+def resize_rows(x: Tensor, rows: int) -> Tensor:
+    """First ``rows`` rows of x, zero-padded when x has fewer (a rank changed)."""
+    out = x.new_zeros(rows, x.shape[1])
+    k = min(rows, x.shape[0])
+    out[:k] = x[:k]
+    return out
+
+
+def orthogonal_residual(x: Tensor, P: Tensor, r: Tensor, n: Tensor, transposed: bool = False) -> Tensor:
+    """Fira's residual, what the subspace drops scaled like the Adam update:
+    ``S = (X - P R) diag(φ)``, ``φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + δ)``, in W's
+    layout. Ours: the exact orthogonal residual (Fira subtracts α·P R), and a
+    guard relative to X, ``δ = 1e-8 ‖X‖_F / sqrt(l)``, so S does not depend
+    on the gradient's scale (φ = 0 for X = 0)."""
+    guard = torch.linalg.vector_norm(x) * (1e-8 / math.sqrt(max(x.shape[1], 1)))
+    denom = torch.linalg.vector_norm(r, dim=0) + guard
+    phi = torch.where(denom > 0, torch.linalg.vector_norm(n, dim=0) / denom, 0.0)
+    if transposed:
+        return torch.addmm(x.T, r.T, P.T, alpha=-1).mul_(phi[:, None])  # Sᵀ: (l, s)
+    return torch.addmm(x, P, r, alpha=-1).mul_(phi)  # S: (s, l)
+
+
+def norm_growth_limit_(x: Tensor, prev_rms: Tensor, gamma: float) -> Tensor:
+    """``x ← x · min(1, γ·prev_rms / RMS(x))`` in place; returns the new RMS. A
+    ``prev_rms`` of 0 (no history) limits nothing, so a zero step never freezes
+    the parameter (our choice)."""
+    cur = torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
+    factor = torch.where((prev_rms > 0) & (cur > gamma * prev_rms), gamma * prev_rms / cur.clamp_min(1e-30), 1.0)
+    x.mul_(factor)
+    return cur * factor
+
+
+# =============================================================================
+# 4. GaLoreAdamW: uniform-rank gradient projection (the baseline)
 # =============================================================================
 
 
@@ -735,7 +736,7 @@ def gha_step(P: Tensor, x: Tensor, r: Tensor, lr: float) -> Tensor:
 
 
 # =============================================================================
-# 4. AdaptiveAdamW: a global rank budget split by gradient spectra
+# 5. AdaptiveAdamW: a global rank budget split by gradient spectra
 # =============================================================================
 
 
@@ -1006,7 +1007,7 @@ class AdaptiveAdamW(_Base):
 
 
 # =============================================================================
-# 5. LDAdam: a new subspace every step, projection-aware moments, error feedback
+# 6. LDAdam: a new subspace every step, projection-aware moments, error feedback
 # =============================================================================
 
 
@@ -1142,7 +1143,7 @@ def transport_second_moment(V: Tensor, M: Tensor, M_new: Tensor, C: Tensor, t: i
 
 
 # =============================================================================
-# 6. Adapprox: Adam's second moment as an adaptive-rank randomized factorization
+# 7. Adapprox: Adam's second moment as an adaptive-rank randomized factorization
 # =============================================================================
 
 
@@ -1489,7 +1490,7 @@ def row_col_scales(v: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # =============================================================================
-# 7. Helpers for users: param groups and state memory
+# 8. Helpers for users: param groups and state memory
 # =============================================================================
 
 
@@ -1497,35 +1498,17 @@ def lowrank_groups(model: nn.Module, rank: int, *, targets: Sequence[str] = ("at
                    embeddings: bool = False, verbose: bool = False, **group_options) -> list[dict]:
     """Param groups in the GaLore / LDAdam convention, for any of the four optimizers.
 
-    Every 2-D parameter whose qualified name (``model.named_parameters()``)
-    contains one of ``targets`` goes into a group ``{"params": ..., "rank":
-    rank, **group_options}``; every other parameter (embeddings, norms, LM
-    head, biases) into a group ``{"params": ..., "rank": None}``, which each
-    optimizer here updates densely (AdamW; Adapprox with a dense V). Empty
-    groups are left out.
-
-    The selection is by name and shape, not by module type, so it finds
-    ``nn.Linear`` weights, Hugging Face GPT-2's ``Conv1D`` weights (stored
-    transposed, in×out: the optimizers see the stored matrix, and a low-rank
-    subspace of Gᵀ is that of G with its sides swapped) and packed
-    projections such as ``nn.MultiheadAttention``'s ``in_proj_weight``
-    (Q, K and V stacked: one 3d×d matrix, one subspace). The weight of an
-    ``nn.Embedding`` (and an LM head tied to it) is left out unless
-    ``embeddings=True``: its gradient touches only the rows of the tokens
-    in the batch.
-
-    Choosing ``targets``: substrings of the names of the big matrices inside
-    the blocks. The default fits LLaMA and GPT-2 code that names them
-    ``...attn...`` and ``...mlp...``; for other models name yours, e.g.
-    ``targets=("self_attn", "linear1", "linear2")`` for
-    ``nn.TransformerEncoderLayer``. When no pattern matches any 2-D parameter
-    it warns (with the names they could have matched), since otherwise every
-    matrix would silently get plain AdamW; a pattern that matches nothing
-    beside one that does is normal (a model without ``attn`` blocks). ``verbose=True`` prints what was
-    selected, one line per group.
-
-    Adapprox reads a group's ``rank`` as the cap of its adaptive rank and
-    ``rank=None`` as "dense", so the same list serves all four optimizers.
+    Every 2-D parameter whose qualified name contains one of ``targets`` goes
+    into ``{"params": ..., "rank": rank, **group_options}``; every other one
+    (embeddings, norms, LM head, biases) into ``{"params": ..., "rank": None}``,
+    which each optimizer updates densely (AdamW; Adapprox with a dense V;
+    Adapprox reads an integer ``rank`` as the cap of its adaptive rank).
+    Selection is by name and shape, not module type, so it finds
+    ``nn.Linear``, Hugging Face GPT-2's ``Conv1D`` (stored in×out) and packed
+    projections (``in_proj_weight``); an ``nn.Embedding`` weight (and an LM
+    head tied to it) only with ``embeddings=True``. Other models name their
+    matrices: ``targets=("self_attn", "linear1", "linear2")``. It warns when
+    no target matches any 2-D parameter; ``verbose=True`` prints the choice.
     """
     if isinstance(targets, str):
         targets = (targets,)

@@ -65,6 +65,10 @@ def top_r_basis(x, rank):
     return la.gradient_spectrum(x, rank)[0]
 
 
+def rms(x):
+    return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
+
+
 def run_on_two_processes(tmp_path, source, name):
     """Runs ``source`` under torchrun with 2 gloo CPU processes (arguments: the
     repository root and ``tmp_path``, where each rank writes its results)."""
@@ -247,7 +251,7 @@ def test_norm_growth_limiter_bounds_growth():
     x = torch.ones(4, 4) * 10
     prev = torch.tensor(1.0)
     new = la.norm_growth_limit_(x, prev, 1.01)
-    assert math.isclose(la.rms(x).item(), 1.01, rel_tol=1e-5) and math.isclose(new.item(), 1.01, rel_tol=1e-5)
+    assert math.isclose(rms(x).item(), 1.01, rel_tol=1e-5) and math.isclose(new.item(), 1.01, rel_tol=1e-5)
     # no history (prev = 0): untouched
     y = torch.ones(3, 3) * 5
     la.norm_growth_limit_(y, torch.tensor(0.0), 1.01)
@@ -1043,7 +1047,7 @@ def residual_growth(cls, gamma, steps=5):
         opt.step()
         P = opt.state[p]["P"]  # (6, 2): the (6, 12) matrix is not transposed
         delta = p.detach() - before
-        sizes.append(la.rms(delta - P @ (P.T @ delta)).item())  # = lr · RMS(S)
+        sizes.append(rms(delta - P @ (P.T @ delta)).item())  # = lr · RMS(S)
     return max(b / a for a, b in zip(sizes[1:], sizes[2:])), opt, p
 
 
@@ -1819,7 +1823,7 @@ def test_rms_of_an_empty_tensor_is_zero_not_nan():
     # the max(numel, 1) guard: an empty tensor has RMS 0 (a NaN would be stored
     # as a limiter's history, or divide an Adapprox update)
     for x in (torch.zeros(0), torch.zeros(0, 5)):
-        r = la.rms(x)
+        r = rms(x)
         assert r.dim() == 0 and r.item() == 0.0
     # seen through an optimizer: the residual limiter's history of an empty matrix
     p = nn.Parameter(torch.zeros(0, 5))
@@ -2693,13 +2697,20 @@ BANNER = re.compile(r"^# =+\n# (\d)\. [^\n]*\n# =+\n", re.M)
 
 def copy_out_source(cls_name):
     """The file a user gets by copying the module's shared core (everything
-    before section 3) and the one section that defines ``cls_name``."""
+    before section 3), the section that defines ``cls_name``, and each other
+    section whose definitions that section uses (section 3, the subspace
+    pieces, for the two GaLore classes)."""
     source = Path(la.__file__).read_text()
     marks = list(BANNER.finditer(source))
     starts = {int(m.group(1)): m.start() for m in marks}
     ends = {int(m.group(1)): (marks[i + 1].start() if i + 1 < len(marks) else len(source)) for i, m in enumerate(marks)}
-    section = next(k for k in starts if f"\nclass {cls_name}(" in source[starts[k]:ends[k]])
-    return source[:starts[3]] + source[starts[section]:ends[section]]
+    text = {k: source[starts[k]:ends[k]] for k in starts if k >= 3}
+    own = next(k for k in text if f"\nclass {cls_name}(" in text[k])
+    defined = {k: set(re.findall(r"^(?:def|class) (\w+)|^([A-Z_]+) =", text[k], re.M)) for k in text}
+    defined = {k: {a or b for a, b in v} for k, v in defined.items()}
+    used = global_names(compile(text[own], "section", "exec"))  # the names its code reads, not its prose
+    needed = [k for k in text if k == own or defined[k] & used]
+    return source[:starts[3]] + "".join(text[k] for k in sorted(needed))
 
 
 COPY_OUT_SCRIPT = """
@@ -3582,7 +3593,7 @@ def test_adaptive_limiter_bounds_rms_growth():
         p.grad = torch.randn(6, 12) * (1 + 3 * i)  # growing gradients push the update up
         before = p.detach().clone()
         opt.step()
-        step_rms = la.rms(before - p.detach()).item() / (1e-2 * 0.25)  # = RMS(P N) = RMS(N)·sqrt(r/s)
+        step_rms = rms(before - p.detach()).item() / (1e-2 * 0.25)  # = RMS(P N) = RMS(N)·sqrt(r/s)
         if prev is not None:
             assert step_rms <= 1.01 * prev * (1 + 1e-4)
         prev = step_rms
@@ -3601,7 +3612,7 @@ def test_adaptive_limiter_on_caps_and_off_lets_grow(gamma):
         p.grad = sign * grad
         before = p.detach().clone()
         opt.step()
-        sizes.append(la.rms(p.detach() - before).item())
+        sizes.append(rms(p.detach() - before).item())
     growth = max(b / a for a, b in zip(sizes[1:], sizes[2:]))
     if gamma is None:
         assert growth > 1.5 and "rms" in opt.state[p] and opt.state[p]["rms"] == 0
@@ -4250,7 +4261,7 @@ def test_adapprox_clipping_bounds_rms_and_never_enlarges():
     free = adapprox_delta(None)
     for d in (0.05, 0.5, 1.0):
         clipped = adapprox_delta(d)
-        assert la.rms(clipped).item() <= d * (1 + 1e-5)
+        assert rms(clipped).item() <= d * (1 + 1e-5)
         assert (clipped.abs() <= free.abs() * (1 + 1e-6)).all()
     huge = adapprox_delta(1e12)  # a threshold above RMS(D) changes nothing
     torch.testing.assert_close(huge, free)

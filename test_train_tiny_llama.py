@@ -1839,13 +1839,27 @@ def test_bench_trace_counts_the_functions_that_run_and_their_code_lines(capsys):
     """bench.py trace: the functions of lowrank_adam.py that two GaLoreAdamW steps run (the default SVD
     refresh: no range finder), and code lines without docstrings, comments or blank lines."""
     functions, lines = bench.reader_path(la.GaLoreAdamW)
-    assert {"GaLoreAdamW._galore_step", "adam_normalized_", "top_r_basis", "_Base.step"} <= set(functions)
-    assert "randomized_spectrum" not in functions and "LDAdam._ldadam_step" not in functions
-    source, start = inspect.getsourcelines(la.rms)  # a def line, a docstring, one statement
-    assert bench.code_lines(la.rms.__code__) == {start, start + len(source) - 1}
+    assert {"GaLoreAdamW._update", "GaLoreAdamW._refresh", "gradient_spectrum", "_Base.step"} <= set(functions)
+    assert "randomized_spectrum" not in functions and "LDAdam._update" not in functions
+    source, start = inspect.getsourcelines(la.linalg_dtype)  # a def line, a docstring, one statement
+    assert bench.code_lines(la.linalg_dtype.__code__) == {start, start + len(source) - 1}
+    def total():
+        return sum(i * i for i in range(3))
+    genexpr = next(c for c in total.__code__.co_consts if isinstance(c, type(total.__code__)))
+    assert bench.code_lines(genexpr) == {genexpr.co_firstlineno}  # its own line, not those after it
     assert lines >= len(functions) * 2  # every function has at least its def line and one statement
     bench.main(["trace", "--optimizer", "GaLoreAdamW,LDAdam"])
     out = capsys.readouterr().out
     assert f"| GaLoreAdamW | {len(functions)} | {lines} |" in out and "| LDAdam |" in out
     with pytest.raises(SystemExit, match="not an optimizer class"):
         bench.main(["trace", "--optimizer", "lowrank_groups"])
+
+
+@pytest.mark.parametrize("name", ["GaLoreAdamW", "AdaptiveAdamW", "LDAdam", "Adapprox"])
+def test_bench_trace_meets_the_reader_path_targets(name):
+    # the reader's path from step() to the update (DESIGN.md, "How the code is cut"): at most
+    # 12 functions of lowrank_adam.py and 180 of their code lines, as the DESIGN table states
+    functions, lines = bench.reader_path(getattr(la, name))
+    design = open(os.path.join(ROOT, "docs", "DESIGN.md")).read()
+    assert f"| {name} | {len(functions)} | {lines} |" in design  # the figures the docs give are today's
+    assert len(functions) <= 12 and lines <= 180, functions
