@@ -1113,7 +1113,7 @@ def power_iteration_basis(a: Tensor, P_prev: Tensor, M: Tensor, coef_m: float, c
     ``T = coef_m · P_prev M + coef_a · A``, ``P = orth(T (Tᵀ P_prev))``, never
     forming T (``Tᵀ P_prev = coef_m Mᵀ + coef_a Aᵀ P_prev`` as P_prev is
     orthonormal). Written transposed so the full-size A is on the right of
-    each product: BLAS runs those skinny products up to 4× faster on a CPU."""
+    each product: BLAS runs those skinny products faster on a CPU."""
     y_t = (P_prev.T @ a).mul_(coef_a).add_(M, alpha=coef_m)  # Yᵀ = (Tᵀ P_prev)ᵀ: (r, l)
     z_t = torch.addmm((M @ y_t.T).T @ P_prev.T, y_t, a.T, beta=coef_m, alpha=coef_a)  # (T Y)ᵀ: (r, s)
     return orthonormalize(z_t.T)

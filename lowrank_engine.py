@@ -136,7 +136,7 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
     So 3 collectives per step (2 with ``check_finite=False``), whatever the
     number of matrices; AdaptiveAdamW adds an all-reduce per step and, at a
     refresh, an all-gather of the spectra, so that every rank allocates the
-    ranks as one process does (``_Peers``). Random draws are seeded by the
+    ranks as one process does (``Peers``). Random draws are seeded by the
     global parameter index, so they are one process's, and so is the step:
     the same code on the same whole tensors. Adapprox (its clipping and
     guidance read a whole tensor: ``_dense_elementwise``) steps every

@@ -1789,8 +1789,8 @@ def test_every_readme_command_runs(doc, corpus, xdg_cache, tmp_path, monkeypatch
     """Each command of README.md, and of docs/RESULTS.md, in order, in a scratch folder
     (one per file), shrunk as README_APPEND says. Without matplotlib, a command that plots
     must fail with the install hint before training, and then runs without --plot."""
-    for name in ("lowrank_adam.py", "llama_c4.py", "train_tiny_llama.py", "bench.py", "requirements.txt",
-                 "docs/tiny_results.json"):  # the results table that `bench.py plot --results` draws
+    for name in ("lowrank_adam.py", "lowrank_engine.py", "llama_c4.py", "train_tiny_llama.py", "bench.py",
+                 "requirements.txt", "docs/tiny_results.json"):  # the results table that `bench.py plot --results` draws
         (tmp_path / name).parent.mkdir(exist_ok=True)
         shutil.copy(os.path.join(ROOT, name), tmp_path / name)
     monkeypatch.chdir(tmp_path)
