@@ -16,10 +16,11 @@ and the optimizers here keep far less state per matrix by exploiting that:
 
 Each class docstring is its paper's algorithm box, and one method per class
 follows it line by line with the box's letters: ``_update``, one step of one
-matrix (AdaptiveAdamW's allocation across matrices is its ``_step_items``). Conventions: a matrix is handled in *oriented* form, its
-short side first (X of shape s×l, basis P of shape s×r, projected tensors r×l);
-linear algebra runs in float32 or better; state holds tensors and numbers
-only, loads back exactly, and random draws are counter-based (``stream_seed``),
+matrix (AdaptiveAdamW's allocation across matrices is its ``_step_items``).
+Conventions: a matrix is handled in *oriented* form, its short side first
+(X of shape s×l, basis P of shape s×r, projected tensors r×l); linear
+algebra runs in float32 or better; state holds tensors and numbers only,
+loads back exactly, and random draws are counter-based (``stream_seed``),
 the same on every DDP rank. Parameters outside a group with an integer
 ``rank`` get exactly ``torch.optim.AdamW``'s update. A group option that the
 optimizer does not honour is refused, not ignored.
@@ -225,7 +226,8 @@ def _validate_options(group: dict, choices: dict) -> None:
     for key, ok in choices.items():
         if key in group:
             good = group[key] in ok if isinstance(ok, tuple) else ok(group[key])
-            _check(good, f"Invalid {key}: {group[key]!r}" + (f" (expected one of {ok})" if isinstance(ok, tuple) else ""))
+            hint = f" (expected one of {ok})" if isinstance(ok, tuple) else ""
+            _check(good, f"Invalid {key}: {group[key]!r}{hint}")
 
 
 class _Base(Optimizer):
@@ -346,8 +348,9 @@ class _Base(Optimizer):
                                                       and state["rank"] != min(rank, *p.shape)):
                 self._refuse_rank_change(p, state, rank)
             if p.grad.is_sparse or torch.is_complex(p.grad):
-                raise RuntimeError(f"{type(self).__name__} does not support {'sparse' if p.grad.is_sparse else 'complex'}"
-                                   f" gradients (parameter of shape {tuple(p.shape)})")
+                kind = "sparse" if p.grad.is_sparse else "complex"
+                raise RuntimeError(f"{type(self).__name__} does not support {kind} gradients "
+                                   f"(parameter of shape {tuple(p.shape)})")
             if group["check_finite"]:
                 sums.setdefault(p.grad.device, []).append(p.grad.sum(dtype=torch.float32))
         if sums and not all(_to_host([torch.stack(s).isfinite().all() for s in sums.values()])):
@@ -696,8 +699,9 @@ class GaLoreAdamW(_Base):
         if group["check_finite"] and is_all_zero(X):
             return None
         if group["refresh"] == "randomized" and "P" in state:
-            rng = _generator(p.device, stream_seed(state["seed"], t))
-            return randomized_spectrum(X, r + REFRESH_OVERSAMPLE, state["P"], rng, group["refresh_iters"])[0][:, :r].contiguous()
+            U, _ = randomized_spectrum(X, r + REFRESH_OVERSAMPLE, state["P"],
+                                       _generator(p.device, stream_seed(state["seed"], t)), group["refresh_iters"])
+            return U[:, :r].contiguous()
         return gradient_spectrum(X, r)[0]
 
     def _residual(self, X: Tensor, P: Tensor, R: Tensor, N: Tensor, state: dict, group: dict,
@@ -908,7 +912,8 @@ class AdaptiveAdamW(_Base):
             # 3. P ← U[:, :r] ;  4. C = P_newᵀ P_old ;  M ← C M ;  V ← (C∘C) V
             for (p, g, _), (U, _), r in zip(due, svds, ranks):
                 s = st[p]
-                P = U[:, :r].contiguous() if r <= U.shape[1] else gradient_spectrum(oriented(p, g["proj_type"])[0], r)[0]
+                P = U[:, :r].contiguous() if r <= U.shape[1] else gradient_spectrum(  # allocated more than held
+                    oriented(p, g["proj_type"])[0], r)[0]
                 if "P" in s:
                     align_signs_(P, s["P"])  # each column signed like P_old's
                     if "exp_avg" in s and g["transform_momentum"]:
@@ -1167,11 +1172,12 @@ class Adapprox(_Base):
             above err_tol / below err_tol/2 (ξ̄: an EMA of ξ; ``_step_items``)
 
     The rank starts at k_max = max(1, ⌊k_max_frac·min(m, n)⌋) (or ``rank_init``;
-    a group's integer ``rank`` caps it instead), within [k_min, k_max], halving
-    (by at least ``rank_step``) until the first step that does not halve; the
-    EMA of ξ (``err_beta``) is reseeded at each rank of that descent. At k = min(m, n) V is kept dense (state ``V``), so with
-    clipping and guidance off Adapprox is AdamW. Other parameters keep a dense
-    V and the same rule. The paper's full text was not available to us: the
+    a group's integer ``rank`` caps it instead) and stays in [k_min, k_max]. It
+    halves (by at least ``rank_step``) until the first step that does not
+    halve, the EMA of ξ (``err_beta``) reseeded at each rank of that descent;
+    then it moves by ``rank_step`` with hysteresis. At k = min(m, n) V is kept
+    dense (state ``V``), so with clipping and guidance off Adapprox is AdamW.
+    Other parameters keep a dense V and the same rule. The paper's full text was not available to us: the
     row/column scaling (``row_col_scaling``), the floor δ, the ``nonneg`` rule
     (``abs``; ``clamp``, ``floor``), the warm start (``warm_start``,
     ``power_iters``), ``factor_dtype`` (float64 V by default) and ``err_tol``
