@@ -533,7 +533,8 @@ def installed_distributions(path: Optional[list[str]] = None) -> list[tuple[str,
     normalized name (the first found, as import finds it), sorted by that name. Reads metadata only."""
     found = {}
     for dist in importlib.metadata.distributions(**({} if path is None else {"path": path})):
-        name = dist.metadata["Name"]
+        meta = dist.metadata  # (None on some Pythons where the METADATA file is missing)
+        name = meta["Name"] if meta is not None else None
         if name:
             found.setdefault(re.sub(r"[-_.]+", "-", name).lower(), dist)
     return sorted(found.items())
