@@ -10,7 +10,9 @@ commands:
             tabulate them: every optimizer of --optimizer (a comma list of
             train_tiny_llama.py specs) at every lr of --lr-sweep, for --seeds
             seeds, reported as the median over seeds ± half the range, with
-            each optimizer at its best lr. Every other flag goes to each run.
+            each optimizer at its best lr. Every other flag goes to each run
+            (--corpus packages: the second embedded corpus; the table's
+            caption names the data).
   steps     time optimizer.step() alone on --model's attn/mlp matrices with
             random gradients: normal, first (state and exact SVD), refresh and
             amortized, against AdamW; --full-gap: every step of one refresh gap
@@ -48,6 +50,7 @@ commands:
 examples:
   python bench.py compare --optimizer adamw,galore,adaptive --seeds 3 --rank 8
   python bench.py compare --optimizer adamw,galore+residual --lr-sweep 0.5,1,2 --out-dir out/sweep
+  python bench.py compare --optimizer adamw,galore --rank 8 --corpus packages --out-dir out/packages
   python bench.py steps --model 60m --rank 128 --optimizer adamw,galore,adaptive,ldadam,adapprox
   python bench.py steps --model 60m --rank 128 --update-proj-gap 12 --full-gap --optimizer galore,galore+stagger
   python bench.py memory
@@ -214,6 +217,7 @@ def compare(argv: list[str]) -> list[dict]:
         if skipped := data.stats.report():
             print(skipped)
         if results:
+            print(f"on {llama_c4.corpus_name(runs[0])}, tokenizer {tokenizer.name}:")
             print(summarize(results))
         if diverged:
             print(f"diverged, so not in the table: {', '.join(diverged)}")
@@ -652,7 +656,7 @@ def sketch(argv: list[str]) -> str:
     finally:
         la.srsi = srsi
     lines = [f"relative error ξ = ||V - Q Uᵀ|| / ||V|| of every Adapprox sketch of one run ({args.model}, "
-             f"{args.max_steps} steps, {tl.optimizer_options(args)[1]}; val loss "
+             f"{args.max_steps} steps on {llama_c4.corpus_name(args)}, {tl.optimizer_options(args)[1]}; val loss "
              f"{result['val_loss']:.4f}), {len(errors['optimal'])} sketches", "",
              "| S-RSI | mean ξ | median ξ | 95th percentile | ≤ cold 5-iteration ξ + 1e-4 |", "|---|---|---|---|---|"]
     cold = errors["cold, 5 iterations (paper)"]
@@ -719,7 +723,8 @@ def subspaces(argv: list[str]) -> str:
         tl.fail("no refresh after the first one happened: use --max-steps > --update-proj-gap")
     pct = lambda xs, q: statistics.quantiles(xs, n=100)[q - 1] if len(xs) > 1 else xs[0]
     lines = [f"refresh=\"randomized\" against the exact SVD on the same gradients: {own.optimizer}, {args.model}, "
-             f"rank {args.rank}, {args.max_steps} steps, T = {tl.optimizer_options(args)[1].get('update_proj_gap', 200)}, val loss "
+             f"rank {args.rank}, {args.max_steps} steps on {llama_c4.corpus_name(args)}, "
+             f"T = {tl.optimizer_options(args)[1].get('update_proj_gap', 200)}, val loss "
              f"{result['val_loss']:.4f}; {len(energy)} refreshes of one matrix", "",
              "| measure | median | 5th percentile | worst |", "|---|---|---|---|",
              f"| energy captured / the exact top-r basis's | {statistics.median(energy):.5f} | "
@@ -788,7 +793,7 @@ def sensitivity(argv: list[str]) -> str:
                   "without clipping, V in float64 and in float32, from AdamW's trajectory (the same in exact "
                   "arithmetic). "
                   "Constant lr, no gradient clipping, float32 (or --float64), one CPU thread. Other flags: --model, --seq-len, "
-                  "--batch-size, --seed.", formatter_class=tl.HelpFormatter, allow_abbrev=False)
+                  "--batch-size, --seed, --data or --corpus.", formatter_class=tl.HelpFormatter, allow_abbrev=False)
     p.add_argument("--steps", type=int, default=40, help="optimizer steps of each run")
     p.add_argument("--perturb-step", type=int, default=6, help="the step whose gradients get the noise")
     p.add_argument("--noise", type=float, default=1e-7, help="relative noise: each gradient entry times 1 + noise·N(0, 1)")
@@ -801,7 +806,7 @@ def sensitivity(argv: list[str]) -> str:
     if not 1 <= own.perturb_step <= own.steps:
         tl.fail(f"--perturb-step {own.perturb_step}: must be in [1, --steps]")
     torch.set_num_threads(args.threads or 1)
-    corpus = args.data or str(llama_c4.build_embedded_corpus(Path(args.cache_dir).expanduser()))
+    corpus = llama_c4.data_source(args)
     tokenizer = tl.load_tokenizer(args)
     stream = llama_c4.C4Data(corpus, tokenizer, args.seq_len).train_batches(args.batch_size, args.seed,
                                                                             args.shuffle_buffer)
@@ -816,7 +821,7 @@ def sensitivity(argv: list[str]) -> str:
     ranks = [int(r) for r in own.ranks.split(",") if r]
     lines = [f"sensitivity to {own.noise:g} relative gradient noise at step {own.perturb_step} of {own.steps} "
              f"({args.model}, batch {args.batch_size}×{args.seq_len}, seed {args.seed}, "
-             f"{'float64' if own.float64 else 'float32'}, constant lr)", "",
+             f"{'float64' if own.float64 else 'float32'}, constant lr; {llama_c4.corpus_name(args)})", "",
              "| optimizer | lr | sensitivity | ‖W - W_0‖ | seconds |", "|---|---|---|---|---|"]
     finals = {}
     for name, (make, lr) in sensitivity_optimizers(ranks, hidden).items():
@@ -855,7 +860,7 @@ def train_bpe(corpus: str, vocab_size: int, path: Path) -> Path:
 def loader(argv: list[str]) -> str:
     p = tl.Parser(prog="bench.py loader", description="Tokens per second the training data loader delivers "
                   "(read, parse, tokenize, pack, shuffle, batch), for the byte tokenizer and a BPE tokenizer. "
-                  "Other flags: --data, --tokenizer, --seq-len, --batch-size.",
+                  "Other flags: --data or --corpus, --tokenizer, --seq-len, --batch-size.",
                   formatter_class=tl.HelpFormatter, allow_abbrev=False)
     p.add_argument("--bpe", type=int, default=8000, help="vocabulary of the BPE tokenizer trained on the corpus "
                    "when --tokenizer is not given (0: only the byte tokenizer)")
@@ -863,7 +868,7 @@ def loader(argv: list[str]) -> str:
     own, rest = p.parse_known_args(argv)
     args = tl.parse_args(["--threads", "1", *rest])
     torch.set_num_threads(1)
-    corpus = args.data or str(llama_c4.build_embedded_corpus(Path(args.cache_dir).expanduser()))
+    corpus = llama_c4.data_source(args)
     trains = bool(own.bpe) and not args.tokenizer  # a BPE tokenizer trained on the corpus first
     with Progress(1 + bool(args.tokenizer or own.bpe) + trains, "measurement", "loader") as progress:
         tokenizers = {"bytes": llama_c4.ByteTokenizer()}
@@ -877,7 +882,8 @@ def loader(argv: list[str]) -> str:
             except llama_c4.DataError as e:
                 tl.fail(str(e))
         cores = os.environ.get("RAYON_NUM_THREADS") or f"every core ({os.cpu_count()}; RAYON_NUM_THREADS=1 for one)"
-        lines = [f"data loader, one thread; a tokenizers BPE encodes on {cores} ({corpus}, seq len {args.seq_len}, "
+        lines = [f"data loader, one thread; a tokenizers BPE encodes on {cores} ({llama_c4.corpus_name(args)}, "
+                 f"seq len {args.seq_len}, "
                  f"batch {args.batch_size})", "",
                  "| tokenizer | tokens/s | bytes of text per token |", "|---|---|---|"]
         for name, tok in tokenizers.items():

@@ -12,10 +12,11 @@ validation stream is disjoint from the training stream, and each DDP rank reads
 its own slice. The loader's position is an explicit state (shard, line,
 document counters, packing remainder, shuffle buffer, RNG): a checkpoint holds
 it, and a resume continues at once instead of replaying the stream. Without C4,
-``build_embedded_corpus`` writes the documentation every Python ships as
-C4-format shards. Data errors are ``DataError`` (or ``FileNotFoundError``),
-with a message for the user; load_tokenizer and load_data load --tokenizer and
---data for the script, stopping it with that message.
+``build_embedded_corpus`` writes the documentation every Python ships (or the
+installed packages' READMEs, licences and metadata) as C4-format shards. Data
+errors are ``DataError`` (or ``FileNotFoundError``), with a message for the
+user; load_tokenizer and load_data load --tokenizer and --data for the script,
+stopping it with that message.
 
 The mechanics of a run, in sections: the command line (one-line errors, the
 --help formatter, the checks of --device and --out-dir), terminal output (a
@@ -29,11 +30,11 @@ divergence, a failure before the first step, and the exit status of each).
 
 from __future__ import annotations
 
-import argparse, ast, contextlib, glob, gzip, json, os, queue, random, re, shutil, signal, sys, sysconfig  # noqa: E401
-import tempfile, textwrap, threading, time, zlib  # noqa: E401
+import argparse, ast, contextlib, glob, gzip, hashlib, importlib.metadata, json, os, queue, random, re  # noqa: E401
+import shutil, signal, sys, sysconfig, tempfile, textwrap, threading, time, zlib  # noqa: E401
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -498,7 +499,9 @@ class C4Data:
         return out
 
 
-# ----------------------------------------------------------------------------- the embedded corpus
+# ----------------------------------------------------------------------------- the embedded corpora
+# Two kinds of text that need no download, picked by --corpus: "pydoc", the documentation every
+# Python ships, and "packages", the installed packages' READMEs, licences and metadata.
 
 def python_docs() -> Iterator[tuple[str, str]]:
     """(url, text) of documentation every CPython ships: pydoc topics and the
@@ -525,30 +528,94 @@ def python_docs() -> Iterator[tuple[str, str]]:
             yield "python://stdlib/" + "/".join(parts), text
 
 
-def build_embedded_corpus(cache_dir: Path, train_shards: int = 4, announce: bool = True) -> Path:
-    """Write the Python documentation as C4-format shards into ``cache_dir``, once
-    (every 20th document is validation); ``announce``: first say so, and where, in a
-    line on stderr (it takes some seconds). The shards are written into a temporary
-    folder beside the corpus, which is renamed into place once complete: an
-    interrupted run leaves no partial corpus, and concurrent writers (torchrun's
-    ranks) never mix their files."""
-    out = cache_dir / f"pydoc-c4-py{sys.version_info.major}{sys.version_info.minor}"
+def installed_distributions(path: Optional[list[str]] = None) -> list[tuple[str, importlib.metadata.Distribution]]:
+    """(name, distribution) of every installed Python package (on ``path``, unset: sys.path), one per
+    normalized name (the first found, as import finds it), sorted by that name. Reads metadata only."""
+    found = {}
+    for dist in importlib.metadata.distributions(**({} if path is None else {"path": path})):
+        meta = dist.metadata  # (None on some Pythons where the METADATA file is missing)
+        name = meta["Name"] if meta is not None else None
+        if name:
+            found.setdefault(re.sub(r"[-_.]+", "-", name).lower(), dist)
+    return sorted(found.items())
+
+
+# files of a distribution that hold prose: LICENSE, COPYING, NOTICE, README, CHANGELOG (and LICENSE.MIT,
+# README.md, ...), but not code or markup of that name (license.py, readme.html)
+PROSE_FILE = re.compile(r"(?i)(LICEN[CS]ES?|COPYING|NOTICE|README|CHANGELOG|CHANGES)([-_.][\w.-]*)?")
+NOT_PROSE = {".py", ".pyc", ".pyi", ".pyx", ".pxd", ".so", ".pyd", ".dll", ".dylib", ".c", ".h", ".cpp", ".js",
+             ".json", ".html", ".htm", ".css", ".xml", ".png", ".svg", ".jpg", ".gif"}
+MIN_DOCUMENT = 200  # characters: shorter texts (a one-line description, a stub README) are left out
+
+
+def package_docs(dists: Optional[list] = None) -> Iterator[tuple[str, str]]:
+    """(url, text) of the installed packages' prose: for each distribution of
+    ``installed_distributions()`` (or ``dists``), in name order, its METADATA long
+    description (the README that follows the headers), then its LICENSE, COPYING,
+    NOTICE, README and CHANGELOG files listed in its RECORD, in path order. Texts
+    under MIN_DOCUMENT characters, and any text seen before (many packages ship the
+    same licence), are left out. Nothing is imported."""
+    seen = set()
+    for name, dist in installed_distributions() if dists is None else dists:
+        meta = dist.metadata
+        texts = [(f"python://packages/{name}/METADATA", meta.get_payload() or meta.get("Description") or "")]
+        for file in sorted(dist.files or [], key=str):
+            if PROSE_FILE.fullmatch(file.name) and Path(file.name).suffix.lower() not in NOT_PROSE:
+                try:
+                    texts.append((f"python://packages/{name}/{file.as_posix()}", file.read_text(encoding="utf-8")))
+                except (OSError, UnicodeDecodeError):  # missing, unreadable or not UTF-8 text
+                    continue
+        for url, text in texts:
+            key = text.strip()
+            if len(key) >= MIN_DOCUMENT and key not in seen:
+                seen.add(key)
+                yield url, text
+
+
+CORPORA = {"pydoc": "this Python's documentation",
+           "packages": "the installed packages' READMEs, licences and metadata"}
+
+
+def corpus_source(corpus: str) -> tuple[str, Callable[[], Iterator[tuple[str, str]]], str]:
+    """(folder name, documents, how long a first write takes) of an embedded corpus. The
+    packages corpus is named after the installed distributions, so that another set rebuilds it."""
+    if corpus == "pydoc":
+        return f"pydoc-c4-py{sys.version_info.major}{sys.version_info.minor}", lambda: python_docs(), "about 10 s"
+    if corpus == "packages":
+        dists = installed_distributions()
+        listed = "\n".join(f"{name}=={dist.metadata['Version']}" for name, dist in dists)
+        return (f"packages-c4-{hashlib.sha256(listed.encode()).hexdigest()[:12]}", lambda: package_docs(dists),
+                "some seconds")
+    raise ValueError(f"no embedded corpus {corpus!r}: {', '.join(CORPORA)}")
+
+
+def build_embedded_corpus(cache_dir: Path, train_shards: int = 4, announce: bool = True,
+                          corpus: str = "pydoc") -> Path:
+    """Write an embedded corpus (CORPORA: the Python documentation, or the
+    installed packages' prose) as C4-format shards into its own folder of
+    ``cache_dir``, once (every 20th document is validation); ``announce``: first
+    say so, and where, in a line on stderr (it takes some seconds), then what it
+    wrote. The shards are written into a temporary folder beside the corpus,
+    which is renamed into place once complete: an interrupted run leaves no
+    partial corpus, and concurrent writers (torchrun's ranks) never mix their files."""
+    name, documents, takes = corpus_source(corpus)
+    out = cache_dir / name
     if (out / "DONE").exists():
         return out
     if announce:
-        print(f"writing the embedded corpus to {out} (once: this Python's documentation as C4 shards, about 10 s)",
+        print(f"writing the embedded corpus to {out} (once: {CORPORA[corpus]} as C4 shards, {takes})",
               file=sys.stderr, flush=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = cache_dir / f".{out.name}.partial-{os.getpid()}-{os.urandom(4).hex()}"
     partial.mkdir()
     try:
-        docs = list(python_docs())
+        docs = list(documents())
         train = [d for i, d in enumerate(docs) if i % 20 != 9]
         shards = [("c4-validation.00000-of-00001.json.gz", docs[9::20])]
         shards += [(f"c4-train.{i:05d}-of-{train_shards:05d}.json.gz", train[i::train_shards])
                    for i in range(train_shards)]
-        for name, items in shards:
-            with gzip.open(partial / name, "wt", encoding="utf-8") as fh:
+        for shard, items in shards:
+            with gzip.open(partial / shard, "wt", encoding="utf-8") as fh:
                 for url, text in items:
                     fh.write(json.dumps({"text": text, "timestamp": "2019-04-25T00:00:00Z", "url": url}) + "\n")
         (partial / "DONE").write_text(f"{len(docs)} documents\n")
@@ -561,7 +628,16 @@ def build_embedded_corpus(cache_dir: Path, train_shards: int = 4, announce: bool
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # (gone once renamed)
+    if announce:
+        size = lambda items: sum(len(text.encode("utf-8")) for _, text in items) / 1e6
+        print(f"wrote the {corpus} corpus: {len(docs)} documents, {size(docs):.2f} MB of text ({len(train)} train "
+              f"documents, {size(train):.2f} MB; {len(docs) - len(train)} validation)", file=sys.stderr, flush=True)
     return out
+
+
+def corpus_name(args) -> str:
+    """What a run trains on, for a table's caption: --data's path, or the embedded corpus."""
+    return f"--data {args.data}" if args.data else f"the {args.corpus} corpus ({CORPORA[args.corpus]})"
 
 
 # ----------------------------------------------------------------------------- the script's data
@@ -575,10 +651,16 @@ def load_tokenizer(args):
         fail(str(e))
 
 
+def data_source(args, announce: bool = True) -> str:
+    """--data, or the embedded corpus of --corpus (written into --cache-dir by its first run)."""
+    return args.data or str(build_embedded_corpus(Path(args.cache_dir).expanduser(), announce=announce,
+                                                  corpus=args.corpus))
+
+
 def load_data(args, tokenizer, dist: Dist) -> tuple[C4Data, list]:
     """--data (or the embedded corpus) and the validation batches, which every evaluation reuses.
     Rank 0 says what the run trains on, and how: the data, the model, the optimizer, the device."""
-    source = args.data or str(build_embedded_corpus(Path(args.cache_dir).expanduser(), announce=dist.master))
+    source = data_source(args, announce=dist.master)
     try:
         data = C4Data(source, tokenizer, args.seq_len, rank=dist.rank, world=dist.world)
         val = data.val_batches(args.batch_size, args.val_batches)

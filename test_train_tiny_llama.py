@@ -846,6 +846,142 @@ def test_an_interrupted_corpus_write_leaves_no_partial_corpus(tmp_path, monkeypa
     assert len(llama_c4.find_shards(str(corpus))[0]) == 4 and (corpus / "DONE").exists()
 
 
+# The second embedded corpus (--corpus packages): the installed packages' READMEs, licences and
+# metadata. Most of these tests read a folder of made-up distributions, written in a moment.
+
+def fake_site(root, names, version="1.0"):
+    """Installed distributions in ``root`` (dist-info folders with METADATA and RECORD), each with a
+    long description, a LICENSE that all share, a README in its package, a NOTICE too short to keep, and
+    a license.py (code, not prose); importing a package fails, so that a test sees one imported."""
+    for name in names:
+        info, package = root / f"{name}-{version}.dist-info", root / name
+        info.mkdir(parents=True)
+        package.mkdir(exist_ok=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n\n"
+                                       + f"{name} {version} does one thing well. " * 10)
+        (info / "LICENSE").write_text("MIT License\n\n" + "Permission is hereby granted, free of charge. " * 8)
+        (package / "README.md").write_text(f"# {name}\n\n" + f"How to use {name}: import it. " * 10)
+        (package / "NOTICE").write_text(f"{name}: a short notice")
+        (package / "license.py").write_text("# the licence, as code\n" + "LICENSE = 'MIT'\n" * 20)
+        (package / "__init__.py").write_text("raise ImportError('a package was imported')\n")
+        files = [f"{info.name}/{f}" for f in ("METADATA", "LICENSE", "RECORD")]
+        files += [f"{name}/{f}" for f in ("README.md", "NOTICE", "license.py", "__init__.py")]
+        (info / "RECORD").write_text("".join(f"{f},,\n" for f in files))
+    return root
+
+
+def use_site(monkeypatch, *sites, installed=llama_c4.installed_distributions):  # (the function itself, unpatched)
+    """The corpus reads the distributions of ``sites`` in place of this Python's."""
+    monkeypatch.setattr(llama_c4, "installed_distributions", lambda: installed([str(s) for s in sites]))
+
+
+def shard_lines(corpus):
+    """Each shard's name and its decompressed lines."""
+    return {f.name: gzip.open(f, "rt").read().splitlines() for f in sorted(Path(corpus).glob("*.json.gz"))}
+
+
+def test_package_docs_are_each_packages_prose_once_in_name_order_and_nothing_is_imported(tmp_path, monkeypatch):
+    site = fake_site(tmp_path / "site", ["beta", "alpha", "Gamma_pkg"])
+    fake_site(tmp_path / "later", ["alpha"], version="2.0")  # further down the path: not the one import finds
+    monkeypatch.syspath_prepend(str(site))  # importable, but nothing may import them
+    dists = llama_c4.installed_distributions([str(site), str(tmp_path / "later")])
+    assert [(name, d.version) for name, d in dists] == [("alpha", "1.0"), ("beta", "1.0"), ("gamma-pkg", "1.0")]
+    docs = list(llama_c4.package_docs(dists))
+    assert [url for url, _ in docs] == [  # the shared licence once; the short notice and license.py never
+        "python://packages/alpha/METADATA", "python://packages/alpha/alpha-1.0.dist-info/LICENSE",
+        "python://packages/alpha/alpha/README.md", "python://packages/beta/METADATA",
+        "python://packages/beta/beta/README.md", "python://packages/gamma-pkg/METADATA",
+        "python://packages/gamma-pkg/Gamma_pkg/README.md"]
+    assert docs[0][1] == "alpha 1.0 does one thing well. " * 10  # the long description alone, no headers
+    assert not {"alpha", "beta", "Gamma_pkg"} & set(sys.modules)
+
+
+def test_the_packages_corpus_is_deterministic_without_duplicates_and_holds_out_every_20th_document(
+        tmp_path, monkeypatch):
+    use_site(monkeypatch, fake_site(tmp_path / "site", [f"pkg{i:02d}" for i in range(15)]))
+    urls = [url for url, _ in llama_c4.package_docs()]
+    assert len(urls) == 31  # 15 descriptions, 15 READMEs, one licence
+    a = llama_c4.build_embedded_corpus(tmp_path / "a", announce=False, corpus="packages")
+    b = llama_c4.build_embedded_corpus(tmp_path / "b", announce=False, corpus="packages")
+    assert a.name == b.name and a.name.startswith("packages-c4-")
+    assert shard_lines(a) == shard_lines(b) and len(shard_lines(a)) == 5  # the same shards, written twice
+    train, val = llama_c4.find_shards(str(a))
+    read = lambda files: [json.loads(line) for f in files for line in gzip.open(f, "rt")]
+    assert [r["url"] for r in read(val)] == [urls[9], urls[29]]  # every 20th document
+    assert sorted(r["url"] for r in read(train)) == sorted(set(urls) - {urls[9], urls[29]})
+    texts = [r["text"] for r in read(train + val)]
+    assert len(set(texts)) == len(texts) == int((a / "DONE").read_text().split()[0])
+
+
+def test_the_packages_corpus_is_rebuilt_when_the_installed_packages_change(tmp_path, monkeypatch, capsys):
+    site = fake_site(tmp_path / "site", [f"pkg{i:02d}" for i in range(12)])
+    use_site(monkeypatch, site)
+    first = llama_c4.build_embedded_corpus(tmp_path / "cache", corpus="packages")
+    err = capsys.readouterr().err
+    assert f"writing the embedded corpus to {first} (once: the installed packages' READMEs" in err
+    assert "wrote the packages corpus: 25 documents, 0.01 MB of text (24 train documents" in err  # one line
+    assert llama_c4.build_embedded_corpus(tmp_path / "cache", corpus="packages") == first  # the same packages
+    assert capsys.readouterr().err == ""
+    fake_site(site, ["pkg99"])  # one more installed
+    second = llama_c4.build_embedded_corpus(tmp_path / "cache", announce=False, corpus="packages")
+    fake_site(tmp_path / "upgraded", [f"pkg{i:02d}" for i in range(12)], version="1.1")
+    use_site(monkeypatch, tmp_path / "upgraded")
+    third = llama_c4.build_embedded_corpus(tmp_path / "cache", announce=False, corpus="packages")
+    assert len({first, second, third}) == 3
+    assert int((second / "DONE").read_text().split()[0]) == 27  # pkg99's description and README too
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(p.name for p in (first, second, third))
+
+
+def test_the_corpus_flag_is_in_help_and_with_data_is_refused_before_anything_is_read(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        tl.main(["--help"])
+    assert "--corpus {pydoc,packages}" in capsys.readouterr().out
+    (tmp_path / "c4-train.json").write_text(json.dumps({"text": "a document"}) + "\n")
+    assert tl.parse_args([]).corpus == "pydoc" and tl.parse_args(["--corpus", "packages"]).corpus == "packages"
+    assert tl.parse_args(["--data", str(tmp_path)]).corpus is None
+    for module, name in ((llama_c4, "build_embedded_corpus"), (llama_c4, "C4Data"), (tl, "load_tokenizer"),
+                         (llama_c4, "installed_distributions"), (llama_c4, "package_docs")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("read data before checking the flags"))
+    for corpus in ("packages", "pydoc"):
+        with pytest.raises(SystemExit) as e:
+            tl.main(["--data", str(tmp_path), "--corpus", corpus, "--out-dir", str(tmp_path / "out")])
+        assert e.value.code == (f"error: --corpus {corpus} picks the embedded corpus, which --data replaces: give "
+                                "one of them")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="session")
+def packages_corpus(xdg_cache):
+    """The packages corpus of this Python's installed packages, beside the Python-docs corpus."""
+    return llama_c4.build_embedded_corpus(xdg_cache / "lowrank_adam", corpus="packages")
+
+
+def test_a_tiny_run_trains_on_the_packages_corpus_and_its_resume_keeps_it(packages_corpus, xdg_cache, tmp_path,
+                                                                          capsys):
+    train, val = llama_c4.find_shards(str(packages_corpus))
+    texts = [json.loads(line)["text"] for f in train + val for line in gzip.open(f, "rt")]
+    assert len(val) == 1 and len(texts) >= 20 and len(set(texts)) == len(texts)  # this Python's packages, once each
+    flags = SMALL + ["--corpus", "packages", "--cache-dir", str(xdg_cache / "lowrank_adam")]
+    result = tl.main(flags + ["--out-dir", str(tmp_path / "a")])
+    out = capsys.readouterr().out
+    assert f"data: {packages_corpus} (4 train / 1 validation shards)" in out
+    assert result["steps"] == 6 and math.isfinite(result["val_loss"])
+    assert result["val_loss"] < math.log(257)  # below a uniform guess over the bytes
+    with pytest.raises(SystemExit, match="--corpus packages .now pydoc."):  # another corpus is another run
+        tl.main(["--resume", "--out-dir", str(tmp_path / "a"), "--corpus", "pydoc"])
+
+
+def test_bench_tables_name_the_corpus_they_ran_on(packages_corpus, xdg_cache, tmp_path, capsys):
+    cache = ["--cache-dir", str(xdg_cache / "lowrank_adam")]
+    bench.main(["compare", *SMALL, "--max-steps", "3", "--corpus", "packages", *cache, "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert ("\non the packages corpus (the installed packages' READMEs, licences and metadata), tokenizer bytes:\n"
+            "| optimizer | lr |") in out
+    bench.main(["sensitivity", "--model", "tiny", "--steps", "2", "--perturb-step", "1", "--batch-size", "2",
+                "--seq-len", "16", "--only", "AdamW", "--corpus", "packages", *cache])
+    assert "constant lr; the packages corpus (the installed packages'" in capsys.readouterr().out.splitlines()[0]
+
+
 def test_first_ctrl_c_saves_a_checkpoint_and_resume_continues(corpus, tmp_path):
     """Runs the script as a process and sends it SIGINT once it has logged step 3."""
     cmd = [sys.executable, "train_tiny_llama.py", *SMALL, "--max-steps", "100000", "--log-interval", "1",

@@ -14,9 +14,10 @@ examples:
       --model 60m --optimizer galore --rank 128 --seq-len 256 --batch-size 128 --device cuda
   torchrun --standalone --nproc_per_node 8 train_tiny_llama.py --data /data/c4/en --model 130m
 
-Without --data it writes the documentation every Python ships as C4-format
-shards into --cache-dir, once, and trains from them through the same loader a
-real C4 run uses; nothing is downloaded. A run lives in --out-dir (ckpt.pt,
+Without --data it writes the documentation every Python ships (or, with
+--corpus packages, the installed packages' READMEs, licences and metadata) as
+C4-format shards into --cache-dir, once, and trains from them through the same
+loader a real C4 run uses; nothing is downloaded. A run lives in --out-dir (ckpt.pt,
 metrics.jsonl); a run already there is continued with --resume, never overwritten.
 A run that diverges (a NaN or Inf loss or gradient) stops, saving nothing, and renames
 them *.diverged.*: the same command with a lower --lr then starts in that folder.
@@ -55,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                formatter_class=HelpFormatter, allow_abbrev=False)
     a = p.add_argument_group("data")
     a.add_argument("--data", help="C4 shards: a folder, glob or file of c4-train.*.json.gz, c4-validation.*.json.gz,"
-                   " .json or .jsonl; unset: the embedded Python-docs corpus")
+                   " .json or .jsonl; unset: the embedded corpus of --corpus")
+    a.add_argument("--corpus", choices=list(llama_c4.CORPORA), help="the embedded corpus, used only without "
+                   "--data (refused with it): pydoc, the documentation every Python ships; packages, the installed "
+                   "packages' READMEs, licences and metadata; unset: pydoc")
     a.add_argument("--cache-dir", default=os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "lowrank_adam"),
                    help="where the embedded corpus is written")
     a.add_argument("--tokenizer", help="a local tokenizer.json (needs 'pip install tokenizers'); unset: UTF-8 bytes")
@@ -166,6 +170,9 @@ def parse_args(argv=None, saved: Optional[dict] = None) -> argparse.Namespace:
                 fail(f"--{name.replace('_', '-')} {value}: must be {must}")
     if args.eos_token and not args.tokenizer:
         fail("--eos-token names a token of --tokenizer, which is not given")
+    if args.data is not None and args.corpus is not None:
+        fail(f"--corpus {args.corpus} picks the embedded corpus, which --data replaces: give one of them")
+    args.corpus = None if args.data is not None else args.corpus or "pydoc"
     if args.warmup_steps is None:
         args.warmup_steps = min(30, args.max_steps // 10)
     elif args.warmup_steps >= args.max_steps:
