@@ -16,6 +16,143 @@ Tests that start a process say so in their name or docstring; the rest call
 test_lowrank_adam.py.
 """
 
+# What the README promises, and the test that checks it: one promise an entry, paraphrased -> its tests.
+# The optimizers' own promises (their math, the API, param groups, "Where it runs" but for the script,
+# copying one class out) are test_lowrank_adam.py's. Every test named here is one of this file's
+# (test_the_promise_map_names_tests_of_this_file).
+#
+# The picture and its caption
+#   drawn by its `bench.py plot --results` command -> test_every_docs_command_runs,
+#       test_plot_results_draws_loss_against_state_and_refuses_a_malformed_file
+#   its numbers are RESULTS.md's table of every optimizer ->
+#       test_the_results_file_of_the_picture_holds_the_rows_of_its_results_table
+#   bars: the seeds' spread; dashed: the Pareto front ->
+#       test_plot_results_draws_loss_against_state_and_refuses_a_malformed_file
+#   the tiny LLaMA: 0.24M parameters, byte tokens, 300 steps ->
+#       test_the_default_run_trains_the_tiny_llama_on_bytes_with_adamw_into_out,
+#       test_the_published_shapes_have_the_sizes_they_are_named_after
+# Install
+#   torch 2.5 or newer, a torch in that range kept; tested with 2.13.0 ->
+#       test_requirements_state_a_torch_range_and_ci_installs_the_tested_version
+#   requirements.txt brings numpy, tokenizers, tqdm; pytest, hypothesis, transformers ->
+#       test_the_readme_names_what_requirements_txt_installs_and_ci_runs_its_test_command,
+#       test_requirements_list_numpy_so_torch_imports_without_a_warning
+#   -c constraints.txt: the exact torch and transformers of the tests ->
+#       test_the_readme_names_what_requirements_txt_installs_and_ci_runs_its_test_command,
+#       test_requirements_state_a_torch_range_and_ci_installs_the_tested_version
+#   the CPU-only wheel's pip command -> no test: a download (the suite runs no pip command)
+# Quick start
+#   `python train_tiny_llama.py` trains AdamW on the tiny LLaMA into out/ ->
+#       test_the_default_run_trains_the_tiny_llama_on_bytes_with_adamw_into_out, test_every_docs_command_runs
+#   ...on a corpus built from Python's own documentation, no download ->
+#       test_the_embedded_corpus_is_pythons_own_documentation_of_the_size_the_readme_gives (its fixture refuses the
+#       network), test_embedded_corpus_is_c4_format
+#   ...under a minute on a 2-core CPU, as RESULTS.md's default run measured ->
+#       test_the_quick_start_time_is_the_measured_default_run
+#   `python -m pytest -q` runs the test suite (as CI runs it) ->
+#       test_the_readme_names_what_requirements_txt_installs_and_ci_runs_its_test_command
+# The optimizers, API, Where it runs: the lines about the script and the docs
+#   the script's --stagger, or the spec galore+stagger / adaptive+stagger ->
+#       test_stagger_reaches_the_optimizer_of_a_run_and_is_refused_where_no_class_takes_it
+#   the API snippet runs on the GPT-2 its comment names, printing "0 {}" ->
+#       test_docs_python_snippets_run_on_the_models_they_name
+#   DESIGN.md's layer-wise snippet updates every parameter inside backward ->
+#       test_docs_python_snippets_run_on_the_models_they_name
+#   DESIGN.md: this file's torchrun tests check the distributed runs, 2 processes ->
+#       test_torchrun_two_process_cpu_smoke, test_torchrun_zero_*, test_torchrun_fsdp_*
+# The training script
+#   every setting a flag, reaching the optimizer by name -> test_every_optimizer_flag_names_an_argument_of_an_optimizer,
+#       test_flags_reach_the_optimizer, test_bad_flags_fail_before_anything_is_read_with_one_line
+#   the optimizers by name: each trains and resumes -> test_script_trains_and_resumes_exactly,
+#       test_a_new_optimizer_is_one_recipe
+#   warmup + cosine -> test_lr_schedule, test_a_run_steps_with_the_warmup_and_cosine_schedule
+#   gradient accumulation -> test_grad_accum_steps_once_on_the_mean_gradient_of_its_micro_batches
+#   gradient clipping -> test_grad_clip_scales_the_gradients_down_to_the_global_norm_given
+#   bf16 autocast on CUDA (none on the CPU) -> test_autocast_is_bf16_on_cuda_or_the_dtype_given (needs a GPU),
+#       test_autocast_is_off_on_the_cpu
+#   --compile -> test_compile_trains_through_torch_compile_and_resumes_exactly_without_it
+#   --layerwise: updates inside backward, equal to the ordinary loop ->
+#       test_layerwise_updates_each_parameter_inside_backward_and_frees_its_gradient,
+#       test_layerwise_run_equals_the_ordinary_loop_and_resumes_exactly,
+#       test_layerwise_and_zero_refuse_what_they_cannot_do
+#   evaluation -> test_output_is_plain_lines_and_quiet_keeps_evaluations
+#   checkpoints that --resume continues exactly; --stop-after N, continue later ->
+#       test_script_trains_and_resumes_exactly, test_a_bpe_run_resumes_exactly,
+#       test_a_late_resume_reads_at_most_one_shard_and_continues_exactly
+#   DDP; --zero: each process keeps the optimizer state of its shard only -> test_torchrun_two_process_cpu_smoke,
+#       test_torchrun_zero_galore_equals_plain_ddp_and_each_rank_keeps_its_shard_of_the_state,
+#       test_torchrun_zero_adapprox_replicas_stay_identical_and_resume_exactly
+#   --fsdp: weights, gradients and state sharded; one ckpt.pt; exact resume ->
+#       test_torchrun_fsdp_galore_equals_plain_ddp_and_reports_each_ranks_state,
+#       test_torchrun_fsdp_interrupted_and_resumed_equals_the_uninterrupted_run, test_fsdp_refuses_what_it_cannot_do
+#   on GPUs: one process per GPU, NCCL instead of gloo ->
+#       test_under_torchrun_each_process_takes_a_gpu_with_nccl_or_a_cpu_share_with_gloo
+#   llama_c4.py: LLaMA in the published shapes 9m to 1b, plus tiny ->
+#       test_the_published_shapes_have_the_sizes_they_are_named_after, test_llama_shapes_names_and_causality
+#   ...and a streaming C4 loader whose position is saved ->
+#       test_a_late_resume_reads_at_most_one_shard_and_continues_exactly,
+#       test_reading_resumes_after_the_last_text_yielded,
+#       test_prefetch_gives_the_same_batches_and_the_state_of_the_last_taken
+#   --help lists every flag with its default -> test_help_lists_every_flag_with_the_default_a_run_uses,
+#       test_help_is_grouped_with_examples_on_their_lines_and_one_default_per_flag, test_help_wraps_between_words_only
+#   on a terminal a progress bar (loss, tokens/s, ETA) ->
+#       test_progress_on_a_terminal_is_a_bar_with_eta_and_evaluations_stay_lines,
+#       test_a_second_ctrl_c_on_a_terminal_ends_the_bar_before_its_message
+#   piped, plain lines -> test_progress_piped_is_the_plain_lines_without_carriage_returns,
+#       test_output_is_plain_lines_and_quiet_keeps_evaluations
+#   the spec NAME[:KIND][+SWITCH]: adaptive:gap+residual = --rank-metric gap --residual ->
+#       test_the_readme_spec_builds_the_optimizer_its_flags_build, test_flags_reach_the_optimizer
+#   every command of its block runs (real C4 and T5's tokenizer.json: the embedded corpus and a BPE here) ->
+#       test_every_docs_command_runs, test_train_and_validation_are_disjoint, test_a_bpe_run_resumes_exactly
+#   without --data: Python's text (about 2.3 MB) as C4-format shards in ~/.cache/lowrank_adam, once ->
+#       test_the_default_run_trains_the_tiny_llama_on_bytes_with_adamw_into_out,
+#       test_the_embedded_corpus_is_pythons_own_documentation_of_the_size_the_readme_gives,
+#       test_embedded_corpus_is_c4_format, test_the_first_run_says_it_writes_the_corpus_and_where_once,
+#       test_an_interrupted_corpus_write_leaves_no_partial_corpus
+#   the default tokenizer is UTF-8 bytes: perplexities per byte ->
+#       test_the_default_run_trains_the_tiny_llama_on_bytes_with_adamw_into_out
+#   a run lives in its --out-dir (ckpt.pt, metrics.jsonl), never overwritten ->
+#       test_an_existing_run_is_never_overwritten, test_resume_without_a_checkpoint_is_refused_and_touches_nothing,
+#       test_a_run_that_fails_before_its_first_step_leaves_nothing_behind
+#   a diverging run stops with one line, saving nothing, its files renamed *.diverged.*, so that the same command with a
+#       lower --lr starts there anew ->
+#       test_a_diverging_run_stops_at_once_and_the_same_command_with_a_lower_lr_starts_anew,
+#       test_a_run_diverging_after_a_checkpoint_sets_the_checkpoint_aside_too
+#   Ctrl-C (or --stop-after N) saves a checkpoint and prints the command that continues ->
+#       test_first_ctrl_c_saves_a_checkpoint_and_resume_continues, test_script_trains_and_resumes_exactly,
+#       test_the_ctrl_c_handler_stops_once_and_is_restored, test_a_second_ctrl_c_says_what_was_kept
+#   a resume takes the run's settings from its checkpoint ->
+#       test_resume_needs_only_the_out_dir_and_refuses_only_explicit_changes
+#   ...and refuses another value for any flag but the bookkeeping ones it lists ->
+#       test_a_resume_may_change_the_bookkeeping_flags_the_readme_lists_and_no_other,
+#       test_a_resume_with_other_settings_is_refused_naming_them
+# bench.py
+#   compare: every spec at every lr factor and seed, from the same initial weights and data order ->
+#       test_compare_starts_every_spec_and_lr_of_a_seed_from_the_same_weights_and_data_order,
+#       test_compare_tabulates_and_a_resumed_compare_reports_finished_runs,
+#       test_compare_lr_sweep_names_runs_and_keeps_each_best_lr
+#   times step() -> test_bench_steps_and_memory_tables,
+#       test_bench_steps_full_gap_times_every_step_of_one_gap_with_and_without_stagger
+#   measures memory -> test_bench_steps_and_memory_tables, test_memory_formula_equals_state_bytes_of_a_real_step,
+#       test_bench_peak_measures_each_optimizer_in_a_fresh_process,
+#       test_bench_shard_tabulates_each_ranks_state_and_peak_under_ddp_and_fsdp
+#   plots; plot needs matplotlib -> test_plots_or_a_clear_message, test_plot_without_matplotlib_fails_before_training
+#   plot --results draws the picture from compare's results.json or a table of results ->
+#       test_plot_results_draws_loss_against_state_and_refuses_a_malformed_file
+#   each subcommand prints a markdown table -> test_compare_of_a_single_run_prints_its_table,
+#       test_bench_steps_and_memory_tables, test_bench_refresh_and_steps_over_all_params,
+#       test_bench_peak_measures_each_optimizer_in_a_fresh_process
+#   `python bench.py --help` explains them -> test_bench_help_explains_every_subcommand
+#   the commands shown run -> test_every_docs_command_runs
+# Results, Tests, Licence
+#   every measurement is in RESULTS.md with its command; the links resolve -> test_every_docs_command_runs,
+#       test_readme_commands_are_shown_in_full, test_docs_links_resolve_and_stay_inside_the_repository
+#   `python -m pytest -q` runs on one CPU thread (conftest.py) -> test_small_models_on_cpu_default_to_one_thread
+#   this file runs every command of the README and RESULTS.md, shrunk to a few tiny steps ->
+#       test_every_docs_command_runs, test_readme_commands_are_shown_in_full
+#   (and a test the docs name by name exists) -> test_the_tests_the_docs_name_exist
+#   MIT; see LICENSE -> test_docs_links_resolve_and_stay_inside_the_repository
+
 import builtins
 import gzip
 import inspect
@@ -26,6 +163,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -89,6 +227,20 @@ def test_logits_come_through_the_final_norm():
     logits, _ = model(idx)
     model.norm.weight.data.mul_(2)  # the head is linear in the final norm's output
     torch.testing.assert_close(model(idx)[0], 2 * logits)
+
+
+def test_the_published_shapes_have_the_sizes_they_are_named_after():
+    """--model 9m to 1b, the shapes of the GaLore and LDAdam experiments: with T5's vocabulary (32,100 tokens) each
+    counts about the parameters its name says, as the papers name them (60m: 58.2M, 1b: 1.34B); tiny, the
+    CPU-sized default, 0.24M with the byte vocabulary (the README's picture and quick start)."""
+    count = lambda name, vocab: sum(p.numel() for p in tl.build_model(tl.parse_args(["--model", name]), vocab,
+                                                                        device="meta").parameters())
+    published = [name for name in llama_c4.MODEL_SHAPES if name != "tiny"]
+    assert published == ["9m", "20m", "35m", "60m", "130m", "350m", "1b"]
+    for name in published:
+        size = float(name[:-1]) * {"m": 1e6, "b": 1e9}[name[-1]]
+        assert 0.95 * size <= count(name, 32100) <= 1.35 * size, (name, count(name, 32100))
+    assert round(count("tiny", llama_c4.ByteTokenizer.vocab_size) / 1e6, 2) == 0.24
 
 
 def write_shard(path, records, raw_lines=(), truncate=False):
@@ -265,9 +417,18 @@ def test_lr_schedule():
 
 @pytest.fixture(scope="session")
 def xdg_cache(tmp_path_factory):
-    """An XDG_CACHE_HOME holding the embedded corpus, where --cache-dir looks by default."""
+    """An XDG_CACHE_HOME holding the embedded corpus, where --cache-dir looks by default. The corpus
+    is built with the network refused: it must come from this Python's own files, with no download."""
     xdg = tmp_path_factory.mktemp("xdg")
-    llama_c4.build_embedded_corpus(xdg / "lowrank_adam")
+
+    def refused(*args, **kwargs):
+        raise OSError("the embedded corpus must not need the network")
+    real = socket.socket.connect, socket.getaddrinfo
+    socket.socket.connect, socket.getaddrinfo = refused, refused
+    try:
+        llama_c4.build_embedded_corpus(xdg / "lowrank_adam")
+    finally:
+        socket.socket.connect, socket.getaddrinfo = real
     return xdg
 
 
@@ -350,6 +511,19 @@ def test_embedded_validation_documents_are_not_trained_on(corpus):
     train_urls, val_urls = urls(train), urls(val)
     assert not set(train_urls) & set(val_urls) and len(val_urls) > 0
     assert len(train_urls) + len(val_urls) == int((Path(corpus) / "DONE").read_text().split()[0])  # every document
+
+
+def test_the_embedded_corpus_is_pythons_own_documentation_of_the_size_the_readme_gives(corpus):
+    """The README: "the text every Python ships (about 2.3 MB)": pydoc's topics and the standard library's
+    docstrings, within a quarter of the size it states (it varies with the Python version). Built by the
+    xdg_cache fixture with the network refused: no download."""
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    stated = float(re.search(r"the text every Python ships \(about ([\d.]+) MB\)", readme).group(1))
+    records = [json.loads(line) for f in sum(llama_c4.find_shards(corpus), []) for line in gzip.open(f, "rt")]
+    kinds = {re.match(r"python://(pydoc/topics|stdlib)/", r["url"]).group(1) for r in records}
+    assert kinds == {"pydoc/topics", "stdlib"}
+    size = sum(len(r["text"].encode()) for r in records) / 1e6
+    assert 0.75 * stated <= size <= 1.25 * stated, size
 
 
 def test_the_ctrl_c_handler_stops_once_and_is_restored():
@@ -458,6 +632,118 @@ def test_a_diverging_run_stops_at_once_and_the_same_command_with_a_lower_lr_star
     assert tl.main(common + ["--lr", "1e-3"])["steps"] == 6  # the corrected command, in the same folder
 
 
+def test_a_run_diverging_after_a_checkpoint_sets_the_checkpoint_aside_too(corpus, tmp_path, monkeypatch):
+    """Both files of the run are renamed *.diverged.*: a checkpoint left as ckpt.pt would make the same
+    command refuse the folder (and a resume, which may not lower --lr, diverge again)."""
+    step = tl.train_step
+
+    def poisoned(run, batches):  # the weights turn NaN after the step-2 checkpoint: step 4's loss is NaN
+        if run.step == 3:
+            with torch.no_grad():
+                run.raw_model.lm_head.weight.fill_(math.nan)
+        return step(run, batches)
+    monkeypatch.setattr(tl, "train_step", poisoned)
+    common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--save-interval", "2"]
+    with pytest.raises(SystemExit) as e:
+        tl.main(common)
+    assert str(e.value.code) == (
+        f"error: diverged at step 4 of 6 (a non-finite loss or gradient): lower --lr; this run's log and last "
+        f"checkpoint are kept as {tmp_path / 'metrics.diverged.jsonl'} and {tmp_path / 'ckpt.diverged.pt'}, and the "
+        f"folder is free for a new run")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["ckpt.diverged.pt", "metrics.diverged.jsonl"]
+    assert torch.load(tmp_path / "ckpt.diverged.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(tl, "train_step", step)
+    assert tl.main(common)["steps"] == 6  # the same command starts anew in that folder
+
+
+def test_grad_accum_steps_once_on_the_mean_gradient_of_its_micro_batches(corpus, tmp_path):
+    """--batch-size 1 --grad-accum 2 takes the sequences of --batch-size 2 and makes its steps, to float
+    rounding; one micro-batch alone (no accumulation) makes other steps."""
+    common = SMALL + ["--data", corpus, "--max-steps", "3", "--log-interval", "1"]
+    one = ["--batch-size", "1", "--val-batches", "4"]  # (the same 4 validation sequences as 2 batches of 2)
+    tl.main(common + ["--batch-size", "2", "--out-dir", str(tmp_path / "batch2")])
+    tl.main(common + one + ["--grad-accum", "2", "--out-dir", str(tmp_path / "accum")])
+    tl.main(common + one + ["--out-dir", str(tmp_path / "batch1")])
+    batch2, accum, batch1 = (final_weights(tmp_path / d) for d in ("batch2", "accum", "batch1"))
+    for k in batch2:
+        torch.testing.assert_close(accum[k], batch2[k], rtol=1e-4, atol=1e-5)
+    assert max((batch1[k] - batch2[k]).abs().max() for k in batch2) > 1e-3
+    losses = {d: [r["train_loss"] for r in history(tmp_path / d) if "train_loss" in r] for d in ("batch2", "accum")}
+    assert losses["accum"] == pytest.approx(losses["batch2"], rel=1e-5)  # the loss of the whole batch, each step
+
+
+def test_grad_clip_scales_the_gradients_down_to_the_global_norm_given(corpus, tmp_path):
+    """Clipped to a global norm of 1e-9, AdamW's gradients sink far below its eps, and the weights barely move;
+    unclipped (--grad-clip 0) they move by about the lr per step."""
+    common = SMALL + ["--data", corpus, "--max-steps", "3"]
+    moved = {}
+    for clip in ("0", "1e-9"):
+        tl.main(common + ["--grad-clip", clip, "--out-dir", str(tmp_path / clip)])
+        torch.manual_seed(0)  # the run's initial weights: --seed 0
+        start = tl.build_model(tl.parse_args(common), llama_c4.ByteTokenizer.vocab_size).state_dict()
+        moved[clip] = sum((w - start[k]).abs().sum().item() for k, w in final_weights(tmp_path / clip).items())
+    assert 0 < moved["1e-9"] < 1e-2 * moved["0"]
+
+
+def test_a_run_steps_with_the_warmup_and_cosine_schedule(corpus, tmp_path):
+    """Each step's lr (logged, and set in the optimizer) is get_lr's: a linear warmup, then a cosine decay."""
+    tl.main(SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--log-interval", "1", "--lr", "1e-2",
+                     "--stop-after", "5"])
+    expected = [tl.get_lr(step, 1e-2, 2, 6, 0.1) for step in range(5)]  # SMALL: --warmup-steps 2, --max-steps 6
+    assert expected[0] < expected[1] < expected[2] == 1e-2 > expected[3] > expected[4]
+    assert [r["lr"] for r in history(tmp_path) if "train_loss" in r] == expected
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert {g["lr"] for g in ckpt["optimizer"]["param_groups"]} == {expected[-1]}  # what the last step used
+
+
+def test_compile_trains_through_torch_compile_and_resumes_exactly_without_it(corpus, tmp_path, monkeypatch):
+    """--compile: the model that trains is torch.compile's (here with dynamo's "eager" backend, which traces
+    the model as inductor does but generates no code: seconds instead of minutes on a CPU). Its checkpoint
+    holds the plain model's weights, so a resume without --compile (a flag a resume may change) continues
+    it, and ends where an uncompiled run does."""
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile_(model, backend=backend))
+    common = SMALL + ["--data", corpus]
+    try:
+        tl.main(common + ["--out-dir", str(tmp_path / "plain")])
+        assert graphs == []
+        tl.main(common + ["--out-dir", str(tmp_path / "compiled"), "--compile", "--stop-after", "3"])
+        assert graphs  # the training steps ran through the compiled model
+        saved = torch.load(tmp_path / "compiled" / "ckpt.pt", weights_only=True)
+        assert saved["model"].keys() == final_weights(tmp_path / "plain").keys()  # no torch.compile prefix
+        tl.main(common + ["--out-dir", str(tmp_path / "compiled"), "--resume"])
+    finally:
+        torch._dynamo.reset()
+    a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "compiled")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def autocast_forward(device, *flags):
+    """(the logits' dtype, whether a GradScaler is on) of a run's model called in the run's autocast context."""
+    args = tl.parse_args(["--seq-len", "8", *flags])
+    run = tl.Run(args, llama_c4.ByteTokenizer.vocab_size, llama_c4.Dist(False, 0, 1, device))
+    with run.ctx:
+        logits, _ = run.model(torch.randint(0, 257, (1, 8), device=device))
+    return logits.dtype, run.scaler.is_enabled()
+
+
+def test_autocast_is_off_on_the_cpu():
+    assert autocast_forward("cpu") == autocast_forward("cpu", "--dtype", "float16") == (torch.float32, False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_autocast_is_bf16_on_cuda_or_the_dtype_given():
+    """--dtype bfloat16 (the default) on CUDA; float16 with a GradScaler; float32: no autocast."""
+    assert autocast_forward("cuda") == (torch.bfloat16, False)
+    assert autocast_forward("cuda", "--dtype", "float16") == (torch.float16, True)
+    assert autocast_forward("cuda", "--dtype", "float32") == (torch.float32, False)
+
+
 def test_a_run_that_fails_before_its_first_step_leaves_nothing_behind(corpus, tmp_path):
     # an empty train shard: the run fails at its first batch, after metrics.jsonl was opened
     bad = tmp_path / "bad"
@@ -531,6 +817,35 @@ def test_a_resume_with_other_settings_is_refused_naming_them(corpus, tmp_path):
     done = tl.main(common + ["--rank", "16", "--resume", "--eval-interval", "2", "--log-interval", "1",
                              "--threads", "1", "--save-interval", "1"])
     assert done["steps"] == 6
+
+
+def test_a_resume_may_change_the_bookkeeping_flags_the_readme_lists_and_no_other(corpus, tmp_path):
+    """The README: a resume "refuses a different value for any flag but the bookkeeping ones (`--stop-after`,
+    the intervals, ...)". Every flag of the script, given another value, is checked against the checkpoint
+    as main checks it; then a resume that changes every listed flag but --compile (which has its own test)
+    continues the run."""
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    listed = re.search(r"refuses a different value for any flag but the bookkeeping ones \((.*?)\)\.", readme)[1]
+    flags = {a.option_strings[0]: a.dest for a in tl.build_parser()._actions if a.dest != "help"}
+    may_change = set(re.findall(r"`(--[\w-]+)`", listed))
+    may_change |= {f for f in flags if f.endswith("-interval")} if "the intervals" in listed else set()
+    assert may_change <= set(flags) and len(may_change) == 10
+    tl.main(SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--stop-after", "2"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    for flag, dest in flags.items():
+        if flag in ("--resume", "--out-dir"):  # what names the run to continue
+            continue
+        args = tl.parse_args(["--resume", "--out-dir", str(tmp_path)], ckpt["settings"])
+        setattr(args, dest, ("another value", getattr(args, dest)))
+        if flag in may_change:
+            tl.check_resume(args, ckpt)
+        else:
+            with pytest.raises(SystemExit, match=f"made with other settings: {re.escape(flag)} "):
+                tl.check_resume(args, ckpt)
+    done = tl.main(["--resume", "--out-dir", str(tmp_path), "--stop-after", "3", "--save-interval", "1",
+                    "--eval-interval", "1", "--log-interval", "1", "--device", "cpu", "--threads", "1",
+                    "--peak-tflops", "1", "--cache-dir", str(tmp_path / "elsewhere")])  # and not --quiet
+    assert done["steps"] == 5
 
 
 def test_corrupt_checkpoints_error_clearly(corpus, tmp_path):
@@ -822,6 +1137,30 @@ def test_the_first_run_says_it_writes_the_corpus_and_where_once(tmp_path, monkey
     assert "writing the embedded corpus" not in capsys.readouterr().err  # written once
 
 
+def test_the_default_run_trains_the_tiny_llama_on_bytes_with_adamw_into_out(tmp_path, monkeypatch, capsys):
+    """`python train_tiny_llama.py` without flags (the README's quick start): AdamW on the tiny LLaMA (0.24M
+    parameters) for 300 steps, on the embedded corpus written into ~/.cache/lowrank_adam (without
+    XDG_CACHE_HOME), in UTF-8 byte tokens, into out/. Run shrunk by flags that change none of these, on a
+    60-document corpus."""
+    monkeypatch.setattr(llama_c4, "python_docs", small_python_docs)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    defaults = tl.parse_args([])
+    assert (defaults.optimizer, defaults.model, defaults.max_steps, defaults.data, defaults.tokenizer) == (
+        "adamw", "tiny", 300, None, None)
+    result = tl.main(["--max-steps", "2", "--eval-interval", "2", "--batch-size", "2", "--seq-len", "32",
+                      "--val-batches", "1", "--shuffle-buffer", "8"])
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ckpt.pt", "metrics.jsonl"]
+    corpus = tmp_path / "home" / ".cache" / "lowrank_adam" / f"pydoc-c4-py{sys.version_info[0]}{sys.version_info[1]}"
+    assert (corpus / "DONE").exists() and f"data: {corpus} (4 train / 1 validation shards)" in out
+    assert "tokenizer: bytes (vocab 257)" in out and "adamw (lr 0.003) seed 0: 0.24M params" in out
+    assert result["optimizer"] == "adamw" and result["params"] == 242_240
+    text = "naïve café ✓"  # the byte tokenizer: a token per UTF-8 byte, so a loss (and perplexity) per byte
+    assert tl.load_tokenizer(defaults).encode(text) == list(text.encode("utf-8")) and len(text.encode()) == 16
+
+
 def test_an_interrupted_corpus_write_leaves_no_partial_corpus(tmp_path, monkeypatch):
     monkeypatch.setattr(llama_c4, "python_docs", small_python_docs)
 
@@ -1050,6 +1389,29 @@ def test_help_is_grouped_with_examples_on_their_lines_and_one_default_per_flag(c
     assert "decoupled weight decay (default: 0.0)" in text and "(default: False)" not in text
 
 
+def test_help_lists_every_flag_with_the_default_a_run_uses(monkeypatch, capsys):
+    """The README: "--help lists every flag with its default". Each flag that takes a value states the
+    value a run without it uses, "(default: ...)", or says what happens "unset"; a switch is off unless given."""
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        tl.main(["--help"])
+    text = capsys.readouterr().out.split("\noptions:\n", 1)[1]
+    entries = {}  # the first option string of each entry -> its text, on one line
+    for entry in re.split(r"\n  (?=-)", text)[1:]:
+        entries[entry.split()[0].rstrip(",")] = " ".join(entry.split())
+    run = tl.parse_args([])
+    actions = [a for a in tl.build_parser()._actions if a.dest != "help"]
+    assert set(entries) == {a.option_strings[0] for a in actions} and len(actions) > 40
+    for a in actions:
+        entry = entries[a.option_strings[0]]
+        if a.default is None:  # (--residual, --no-residual too)
+            assert "unset" in entry and "(default:" not in entry, entry
+        elif a.default is False:  # a switch
+            assert "(default:" not in entry and getattr(run, a.dest) is False, entry
+        else:
+            assert f"(default: {getattr(run, a.dest)})" in entry, entry
+
+
 def test_every_optimizer_flag_names_an_argument_of_an_optimizer():
     """The optimizer flags reach the optimizers by name, so a renamed argument must fail here, not silently."""
     takes = set().union(*(inspect.signature(r.cls).parameters for r in tl.OPTIMIZERS.values()))
@@ -1115,6 +1477,21 @@ def test_flags_reach_the_optimizer(argv, expected):
         assert tl.build_optimizer(args, tl.build_model(args, 64, device="meta")).error_dtype == torch.bfloat16
     if isinstance(opt, (la.Adapprox, la.GaLoreAdamW)) and not isinstance(opt, la.AdaptiveAdamW):
         assert group["seed"] == 3  # seeds Adapprox's sketches and GaLore's random subspaces
+
+
+def test_the_readme_spec_builds_the_optimizer_its_flags_build():
+    """The README's `--optimizer adaptive:gap+residual` "(or: --rank-metric gap --residual)"."""
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    assert "--optimizer adaptive:gap+residual" in readme and "(or: --rank-metric gap --residual)" in readme
+
+    def groups(*argv):
+        args = tl.parse_args(list(argv))
+        opt = tl.build_optimizer(args, tl.build_model(args, vocab_size=64, device="meta"))
+        return type(opt), [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    spec = groups("--optimizer", "adaptive:gap+residual")
+    assert spec == groups("--optimizer", "adaptive", "--rank-metric", "gap", "--residual")
+    assert spec[0] is la.AdaptiveAdamW and spec[1][-1]["rank_metric"] == "gap" and spec[1][-1]["residual"] is True
+    assert spec != groups("--optimizer", "adaptive")  # (the metric differs from the default's)
 
 
 def test_rank_caps_the_rank_of_every_adapprox_matrix_unless_k_max_frac_is_given(corpus, tmp_path):
@@ -1185,6 +1562,20 @@ def test_requirements_state_a_torch_range_and_ci_installs_the_tested_version():
     assert f"torch {minimum} or newer" in readme and "CPU-only" in readme
 
 
+def test_the_readme_names_what_requirements_txt_installs_and_ci_runs_its_test_command():
+    """README, Install: `pip install -r requirements.txt` "brings the rest (...)", the packages besides torch;
+    `-c constraints.txt` pins the ones it names. Quick start: `python -m pytest -q` runs the suite, as CI runs it."""
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    names = lambda path: {re.split(r"[<>=!~ ]", line.strip())[0] for line in open(os.path.join(ROOT, path))
+                          if line.strip() and not line.startswith("#")}
+    brings = re.search(r"`pip install -r requirements.txt` brings the rest \(([^)]*)\)", readme)[1]
+    assert set(re.findall(r"\w+", brings)) - {"and", "for", "the", "tests"} == names("requirements.txt") - {"torch"}
+    pinned = re.search(r"add `-c constraints.txt` for the exact (.*?) the tests run with", readme)[1]
+    assert set(re.findall(r"\w+", pinned)) - {"and"} == names("constraints.txt") <= names("requirements.txt")
+    assert "python -m pytest -q" in readme_commands()
+    assert re.search(r"^python -m pytest -q$", open(os.path.join(ROOT, ".ci", "run")).read(), re.M)
+
+
 def test_compare_tabulates_and_a_resumed_compare_reports_finished_runs(corpus, tmp_path, capsys):
     args = ["compare", *SMALL, "--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adamw,galore",
             "--seeds", "2"]
@@ -1223,6 +1614,41 @@ def test_compare_lr_sweep_names_runs_and_keeps_each_best_lr(corpus, tmp_path, ca
     assert "each optimizer at its best lr" in capsys.readouterr().out
 
 
+def test_compare_starts_every_spec_and_lr_of_a_seed_from_the_same_weights_and_data_order(corpus, tmp_path):
+    """Runs of one seed, whatever their optimizer and lr, compute the same loss at step 1 (the same initial
+    weights on the same first batch) and stand at the same data position at the end; another seed differs."""
+    bench.main(["compare", *SMALL, "--max-steps", "3", "--log-interval", "1", "--data", corpus, "--out-dir",
+                str(tmp_path), "--optimizer", "adamw,galore", "--lr-sweep", "0.5,1", "--seeds", "2"])
+    runs = {}  # seed -> [(step-1 loss, data position at the end)] of its runs
+    for folder in sorted(p.parent for p in tmp_path.glob("*/metrics.jsonl")):
+        rows = [json.loads(line) for line in open(folder / "metrics.jsonl")]
+        data = torch.load(folder / "ckpt.pt", weights_only=True)["data"]  # the stream, shuffle buffer and rng
+        position = repr({k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in
+                         {**data["stream"], "buffer": data["buffer"], "rng": data["rng"]}.items()})
+        runs.setdefault(rows[0]["seed"], []).append((rows[1]["train_loss"], position))
+    assert sorted(runs) == [0, 1] and [len(r) for r in runs.values()] == [4, 4]  # 2 optimizers x 2 lrs
+    for seed, found in runs.items():
+        assert all(run == found[0] for run in found), seed
+    assert runs[0][0][0] != runs[1][0][0] and runs[0][0][1] != runs[1][0][1]
+
+
+def test_bench_help_explains_every_subcommand(capsys):
+    """`python bench.py --help` explains each subcommand bench.py takes (but the -one helpers it starts in
+    processes of their own), and each subcommand's --help lists its flags."""
+    bench.main(["--help"])
+    text = capsys.readouterr().out
+    section = text.split("\ncommands:\n", 1)[1].split("\n\n", 1)[0]
+    explained = re.findall(r"^  ([\w-]+) +\w", section, re.M)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["no-such-command"])
+    taken = re.search(r"choose from (.*?) \(see python bench.py --help\)", str(e.value.code))[1].split(", ")
+    assert sorted(explained) == sorted(c for c in taken if not c.endswith("-one")) and len(explained) == 12
+    for command in explained:
+        with pytest.raises(SystemExit) as e:
+            bench.main([command, "--help"])
+        assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: "), command
+
+
 def torchrun(*flags, cwd=ROOT):
     """train_tiny_llama.py under torchrun with 2 gloo processes: (exit code, stdout, stderr)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -1259,14 +1685,36 @@ def test_torchrun_zero_adapprox_replicas_stay_identical_and_resume_exactly(corpu
     assert len(torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)["data"]) == 2  # a position per rank
 
 
-def test_torchrun_zero_galore_equals_plain_ddp(corpus, tmp_path):
+def test_torchrun_zero_galore_equals_plain_ddp_and_each_rank_keeps_its_shard_of_the_state(corpus, tmp_path):
     # GaLore's update of a matrix depends on nothing random: a rank stepping its shard
-    # computes exactly what every rank computes without ZeRO
+    # computes exactly what every rank computes without ZeRO; and under ZeRO each rank
+    # holds the state of its shard of the parameters only (DDP: all of it on every rank)
     common = ("--data", corpus, "--optimizer", "galore", "--update-proj-gap", "4")
     torchrun(*common, "--out-dir", str(tmp_path / "ddp"))
     torchrun(*common, "--zero", "--out-dir", str(tmp_path / "zero"))
     a, b = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "zero")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    ddp, zero = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["result"]["state_bytes_per_rank"]
+                 for d in ("ddp", "zero"))
+    assert ddp[0] == ddp[1] and sum(zero) == ddp[0] and 0 < min(zero) <= max(zero) < ddp[0]
+
+
+def test_under_torchrun_each_process_takes_a_gpu_with_nccl_or_a_cpu_share_with_gloo(monkeypatch):
+    """The README: on GPUs the same torchrun command runs one process per GPU, with NCCL instead of gloo.
+    (torch.distributed and CUDA stood in for: the backend and device each process would take.)"""
+    calls = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(device))
+    for gpus, flags, expected, device in [(True, [], ["nccl", "cuda:1"], "cuda:1"), (False, [], ["gloo"], "cpu"),
+                                          (True, ["--device", "cpu"], ["gloo"], "cpu")]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus)
+        calls.clear()
+        dist = llama_c4.setup_distributed(tl.parse_args(["--threads", "1", *flags]))
+        assert calls == expected and dist == llama_c4.Dist(True, 1, 2, device)
 
 
 def test_torchrun_fsdp_galore_equals_plain_ddp_and_reports_each_ranks_state(corpus, tmp_path):
@@ -1321,6 +1769,42 @@ def test_layerwise_run_equals_the_ordinary_loop_and_resumes_exactly(opt, corpus,
     tl.main(common + ["--out-dir", str(tmp_path / "c"), "--layerwise", "--resume"])
     c = final_weights(tmp_path / "c")
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_layerwise_updates_each_parameter_inside_backward_and_frees_its_gradient(corpus, tmp_path, monkeypatch):
+    """--layerwise: every parameter is stepped inside loss.backward(), with its own gradient the only one
+    alive, and no opt.step() follows (the equality with the ordinary loop, above, holds either way)."""
+    seen = {"updates": 0, "outside_backward": 0, "most_gradients": 0, "params": 0}
+    in_backward = []
+    backward = torch.Tensor.backward
+
+    def watched_backward(self, *args, **kwargs):
+        in_backward.append(True)
+        try:
+            return backward(self, *args, **kwargs)
+        finally:
+            in_backward.pop()
+    step = tl.train_step
+
+    def watched_step(run, batches):
+        if run.step == 0:
+            params, step_parameter = list(run.raw_model.parameters()), run.opt.step_parameter
+            seen["params"] = len(params)
+
+            def watched_step_parameter(p):
+                seen["updates"] += 1
+                seen["outside_backward"] += not in_backward
+                seen["most_gradients"] = max(seen["most_gradients"], sum(q.grad is not None for q in params))
+                return step_parameter(p)
+            run.opt.step_parameter = watched_step_parameter
+            run.opt.step = lambda *a, **k: pytest.fail("--layerwise called opt.step()")
+        return step(run, batches)
+    monkeypatch.setattr(torch.Tensor, "backward", watched_backward)
+    monkeypatch.setattr(tl, "train_step", watched_step)
+    result = tl.main(SMALL + ["--data", corpus, "--optimizer", "galore", "--grad-clip", "0", "--layerwise",
+                              "--out-dir", str(tmp_path)])
+    assert result["steps"] == 6 and seen["updates"] == 6 * seen["params"] == 6 * 39  # every parameter, every step
+    assert seen["outside_backward"] == 0 and seen["most_gradients"] == 1
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -1885,6 +2369,46 @@ def test_the_results_file_of_the_picture_holds_the_rows_of_its_results_table():
                                                      "Adafactor", "Muon"}
 
 
+def test_the_quick_start_time_is_the_measured_default_run():
+    """The README: the default run takes "under a minute on a 2-core CPU, see the default run": docs/RESULTS.md
+    measured it on a 2-core machine, AdamW under a minute at 1 thread (the tiny model's default on a CPU, see
+    test_small_models_on_cpu_default_to_one_thread) and at 2."""
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    assert "under a minute on a 2-core CPU, see [the default run](docs/RESULTS.md#the-default-run)" in readme
+    text = open(os.path.join(ROOT, "docs", "RESULTS.md")).read()
+    assert "measured on a 2-core" in " ".join(text.split("\n## ", 1)[0].split())
+    section = text.split("\n### The default run\n", 1)[1].split("\n### ", 1)[0]
+    assert "python train_tiny_llama.py --out-dir out/default\n" in section  # the default run, in out/default
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| AdamW")]
+    seconds = {threads: float(wall.removesuffix(" s")) for _, _, threads, wall, *_ in rows}
+    assert set(seconds) == {"1", "2"} and max(seconds.values()) < 60, seconds
+
+
+def test_the_promise_map_names_tests_of_this_file():
+    """The comment at the top of this file maps each README promise to its tests: every name there (a
+    trailing * standing for several) is a test of this file, and every entry names one (or says why none)."""
+    source = open(os.path.join(ROOT, "test_train_tiny_llama.py")).read()
+    block = source.split("\n# What the README promises, and the test that checks it", 1)[1].split("\n\n", 1)[0]
+    entries = re.split(r"\n#   (?! )", block)[1:]
+    defined = re.findall(r"^def (test_\w+)\(", source, re.M)
+    assert len(entries) >= 50
+    for entry in entries:
+        named = re.findall(r"\btest_\w+\*?", re.split(r" ->\s", entry, 1)[1])
+        assert named or "no test:" in entry, entry
+        for name in named:
+            assert any(re.fullmatch(re.escape(name).replace(r"\*", r"\w+"), d) for d in defined), name
+
+
+def test_the_tests_the_docs_name_exist():
+    """A test the documentation names by its function name is one of the suite's."""
+    named = {name for doc in ("README.md", "docs/RESULTS.md", "docs/DESIGN.md")
+             for name in re.findall(r"`(test_\w+)`", open(os.path.join(ROOT, doc)).read())}
+    defined = {name for path in ("test_lowrank_adam.py", "test_train_tiny_llama.py")
+               for name in re.findall(r"^def (test_\w+)\(", open(os.path.join(ROOT, path)).read(), re.M)}
+    assert named and named <= defined, named - defined
+
+
 def run_command(command, capsys):
     """(exit status, output) of a command run in the current folder. A plain
     `python train_tiny_llama.py|bench.py ARGS` runs in this process through the
@@ -1921,7 +2445,7 @@ def run_command(command, capsys):
 
 @pytest.mark.filterwarnings("ignore:.*exceeds (min|the sum):UserWarning")  # rank 128 on the tiny model
 @pytest.mark.parametrize("doc", DOCS)
-def test_every_readme_command_runs(doc, corpus, xdg_cache, tmp_path, monkeypatch, capsys):
+def test_every_docs_command_runs(doc, corpus, xdg_cache, tmp_path, monkeypatch, capsys):
     """Each command of README.md, and of docs/RESULTS.md, in order, in a scratch folder
     (one per file), shrunk as README_APPEND says. Without matplotlib, a command that plots
     must fail with the install hint before training, and then runs without --plot."""
