@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import assume, example, given
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -342,7 +342,7 @@ def galore_reference(W0, grads, rank, gap, lr, betas, eps, wd, scale, proj_type=
     again = False  # the last refresh met an all-zero gradient: refresh at the next step too
     for t, G in enumerate(grads, start=1):
         X = G if side == "left" else G.T  # the rows of X are what P spans
-        r = min(rank, X.shape[0])
+        r = min(rank, *W.shape)  # a rank above the short side is clamped to it (whichever side P spans)
         if t == 1 or (t - 1 - offset) % gap == 0 or again:
             retry, again, P_new = again, False, None
             if subspace == "random":  # a fresh uniformly random basis
@@ -396,6 +396,50 @@ def gapped_grads(shape, steps, seed=0):
 SHAPES = {"tall": (9, 4), "wide": (4, 9), "square": (6, 6)}
 
 
+# -- what the properties below range over: every kind of shape, rank and Adam setting --
+
+@st.composite
+def shapes_of_every_kind(draw, max_side=12):
+    """A tall, wide, square, 1×n or n×1 matrix shape, sides 1..max_side."""
+    kind = draw(st.sampled_from(["tall", "wide", "square", "1×n", "n×1"]))
+    if kind in ("1×n", "n×1"):
+        n = draw(st.integers(1, max_side))
+        return (1, n) if kind == "1×n" else (n, 1)
+    short = draw(st.integers(1, max_side - (kind != "square")))
+    if kind == "square":
+        return (short, short)
+    long = draw(st.integers(short + 1, max_side))
+    return (long, short) if kind == "tall" else (short, long)
+
+
+def ranks_for(short):
+    """A rank below the short side, equal to it, or above it (then clamped to it)."""
+    return st.one_of(st.integers(1, short), st.just(short), st.just(short + 2))
+
+
+ADAM_OPTIONS = st.fixed_dictionaries(dict(
+    lr=st.floats(1e-3, 0.1), betas=st.tuples(st.floats(0.0, 0.99), st.floats(0.5, 0.999)),
+    eps=st.sampled_from([1e-8, 1e-6, 1e-3]), weight_decay=st.floats(0.0, 0.2)))
+
+
+def separated_grads(shape, steps, seed, zero=()):
+    """float64 gradients U diag(s) Vᵀ with fresh random singular vectors at each
+    step and singular values that fall by a random factor in [0.5, 0.9] from one
+    to the next: every gap is wide, so the top-r basis is well defined (sign
+    aside) at every rank r, and the spectrum's shape, hence an allocation, moves
+    from step to step. The steps listed in ``zero`` (0-based) get all-zero gradients."""
+    g = torch.Generator().manual_seed(seed)
+    q = min(shape)
+    out = []
+    for t in range(steps):
+        U = torch.linalg.qr(torch.randn(shape[0], q, generator=g, dtype=torch.float64)).Q
+        V = torch.linalg.qr(torch.randn(shape[1], q, generator=g, dtype=torch.float64)).Q
+        s = torch.cumprod(0.5 + 0.4 * torch.rand(q, generator=g, dtype=torch.float64), 0) * 2 ** (4 * torch.rand(
+            (), generator=g, dtype=torch.float64) - 1)
+        out.append(torch.zeros(shape, dtype=torch.float64) if t in zero else U @ torch.diag(s) @ V.T)
+    return out
+
+
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
@@ -415,6 +459,51 @@ def test_galore_matches_reference(shape, proj_type, residual):
     torch.testing.assert_close(p.detach(), expected, atol=1e-10, rtol=1e-10)
     side = PROJECTION_SIDE[proj_type](*shape)
     assert opt.state[p]["P"].shape == (shape[0] if side == "left" else shape[1], 2)
+
+
+@st.composite
+def galore_cases(draw):
+    """Options of one GaLoreAdamW matrix: its shape and rank, the matrix's
+    position ``index`` among the optimizer's parameters (it seeds the random
+    streams and, with ``stagger``, picks the refresh offset), steps with
+    all-zero gradients, and every group option the reference covers."""
+    shape = draw(shapes_of_every_kind())
+    steps = draw(st.integers(4, 9))
+    return dict(shape=shape, rank=draw(ranks_for(min(shape))), steps=steps, index=draw(st.integers(0, 3)),
+                zero_steps=draw(st.sets(st.integers(0, steps - 1), max_size=2)),
+                update_proj_gap=draw(st.integers(1, 4)), scale=draw(st.floats(0.1, 1.0)),
+                proj_type=draw(st.sampled_from(["std", "reverse_std", "left", "right"])),
+                residual=draw(st.booleans()), norm_growth_limit=draw(st.sampled_from([None, 1.01, 1.5])),
+                subspace=draw(st.sampled_from(["svd", "random", "gha"])), gha_lr=draw(st.floats(0.05, 1.0)),
+                refresh=draw(st.sampled_from(["svd", "randomized"])), refresh_iters=draw(st.integers(1, 2)),
+                stagger=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=60)
+@given(case=galore_cases(), adam=ADAM_OPTIONS, data_seed=st.integers(0, 2**16))
+def test_galore_equals_its_reference_at_every_shape_rank_and_option(case, adam, data_seed):
+    """GaLoreAdamW equals ``galore_reference`` step after step, whatever the
+    shape, rank, gap, Adam setting, residual, subspace, refresh and stagger."""
+    c = dict(case)
+    shape, rank, index, steps = c.pop("shape"), c.pop("rank"), c.pop("index"), c.pop("steps")
+    g = torch.Generator().manual_seed(data_seed)
+    W0 = torch.randn(shape, generator=g, dtype=torch.float64)
+    grads = separated_grads(shape, steps, data_seed, zero=c.pop("zero_steps"))
+    expected = galore_reference(
+        W0, grads, rank, c["update_proj_gap"], adam["lr"], adam["betas"], adam["eps"], adam["weight_decay"],
+        c["scale"], proj_type=c["proj_type"], residual=c["residual"], gamma=c["norm_growth_limit"],
+        subspace=c["subspace"], gha_lr=c["gha_lr"], seed=c["seed"], refresh=c["refresh"],
+        refresh_iters=c["refresh_iters"], offset=index % c["update_proj_gap"] if c["stagger"] else 0, index=index)
+    p = nn.Parameter(W0.clone())
+    before = [nn.Parameter(torch.zeros(2, dtype=torch.float64)) for _ in range(index)]  # no gradients: never stepped
+    opt = la.GaLoreAdamW([{"params": before}] * bool(before) + [{"params": [p], "rank": rank, **c}], **adam)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning that a rank above the short side is clamped
+        for G in grads:
+            p.grad = G.clone()
+            opt.step()
+            assert opt.ranks() == [min(rank, *shape)]
+    torch.testing.assert_close(p.detach(), expected, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES.values()) + [(30, 12)], ids=list(SHAPES) + ["tall-sketched"])
