@@ -3805,6 +3805,7 @@ def ldadam_reference(W0, grads, rank, lr, betas, eps, wd, rho, error_feedback=Tr
     W = W0.clone()
     transposed = W.shape[0] > W.shape[1]  # the official code: project the rows when m <= n (square too)
     s = min(W.shape)
+    rank = min(rank, s)  # a rank above the short side is clamped to it
     E = torch.zeros(W.T.shape if transposed else W.shape, dtype=W.dtype)
     P = M = V = None
     for t, G in enumerate(grads):  # t = steps taken before this one
@@ -3861,6 +3862,32 @@ def test_ldadam_matches_reference(shape, error_feedback, proj_method):
     # precision), so only float64 rounding of other association orders remains
     torch.testing.assert_close(p.detach(), expected, atol=1e-12, rtol=1e-12)
     assert opt.state[p]["error" if error_feedback else "P"].dtype == torch.float64
+
+
+@settings(max_examples=50)
+@given(shape=shapes_of_every_kind(), data=st.data(), adam=ADAM_OPTIONS, rho=st.floats(0.0, 0.95),
+       error_feedback=st.booleans(), proj_method=st.sampled_from(["power", "svd"]), steps=st.integers(3, 8),
+       data_seed=st.integers(0, 2**16))
+def test_ldadam_equals_its_reference_at_every_shape_rank_and_option(shape, data, adam, rho, error_feedback,
+                                                                    proj_method, steps, data_seed):
+    """LDAdam equals ``ldadam_reference`` whatever the shape, rank, Adam
+    setting, ρ, error feedback and projection method."""
+    rank = data.draw(ranks_for(min(shape)), label="rank")
+    g = torch.Generator().manual_seed(data_seed)
+    W0 = torch.randn(shape, generator=g, dtype=torch.float64)
+    grads = separated_grads(shape, steps, data_seed)
+    expected = ldadam_reference(W0, grads, rank, adam["lr"], adam["betas"], adam["eps"], adam["weight_decay"], rho,
+                                error_feedback=error_feedback, proj_method=proj_method)
+    p = nn.Parameter(W0.clone())
+    opt = la.LDAdam([{"params": [p], "rank": rank}], **adam, rho=rho, error_feedback=error_feedback,
+                    proj_method=proj_method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warning that a rank above the short side is clamped
+        for G in grads:
+            p.grad = G.clone()
+            opt.step()
+            assert opt.ranks() == [min(rank, *shape)]
+    torch.testing.assert_close(p.detach(), expected, atol=1e-10, rtol=1e-10)
 
 
 @given(s=st.integers(1, 8), l=st.integers(1, 10), frac=st.floats(0.1, 1.0), seed=st.integers(0, 1000),
@@ -4073,7 +4100,8 @@ def test_srsi_relative_error_of_zero_matrix_is_zero():
 
 
 def adapprox_reference(W0, grads, *, lr, betas, eps, wd, k_init, k_max, err_tol, err_beta, oversample,
-                       power_iters, warm_start, nonneg, clip, guidance, seed, index=0, scaling=True):
+                       power_iters, warm_start, nonneg, clip, guidance, seed, index=0, scaling=True, k_min=1,
+                       rank_step=1):
     """Adapprox (the paper's method with our labelled choices) in float64, step by step.
 
     The random sketch is an input like the gradients: Ω at step t is drawn
@@ -4087,7 +4115,8 @@ def adapprox_reference(W0, grads, *, lr, betas, eps, wd, k_init, k_max, err_tol,
     Q = U = Vd = None  # Vd: the dense V, kept instead of Q and U at full rank
     ones_m, ones_n = torch.ones(m_, dtype=W.dtype), torch.ones(n_, dtype=W.dtype)
     row, col = ones_m, ones_n  # V_{t-1} = diag(row) Q Uᵀ diag(col)
-    k, err_ema, ranks, emas, descending = k_init, 0.0, [], [], True
+    k_min = min(k_min, k_max)
+    k, err_ema, ranks, emas, descending = max(k_min, min(k_max, k_init)), 0.0, [], [], True
     for t, G in enumerate(grads, start=1):
         ranks.append(k)
         if t == 1:
@@ -4126,11 +4155,12 @@ def adapprox_reference(W0, grads, *, lr, betas, eps, wd, k_init, k_max, err_tol,
             V_hat = row[:, None] * V_hat.clamp_min(delta) * col[None, :]
         err_ema = xi if descending else err_beta * err_ema + (1 - err_beta) * xi  # reseeded while descending
         emas.append(err_ema)
-        if descending and err_ema < err_tol / 2 and k > 1:
-            k = max(1, min(k - 1, k // 2))  # initial descent: halve
+        if descending and err_ema < err_tol / 2 and k > k_min:
+            k = max(k_min, min(k - rank_step, k // 2))  # initial descent: halve
         else:
             descending = False
-            k = min(k + 1, k_max) if err_ema > err_tol else (max(k - 1, 1) if err_ema < err_tol / 2 else k)
+            k = (min(k + rank_step, k_max) if err_ema > err_tol else
+                 max(k - rank_step, k_min) if err_ema < err_tol / 2 else k)
         denom = (V_hat / (1 - b2 ** t)).sqrt() + eps
         if b1 > 0:
             M = b1 * M + (1 - b1) * G
@@ -4163,7 +4193,8 @@ def adapprox_reference_for(opts: dict, W0, grads, k_max: int):
         k_init=opts["rank_init"] or k_max, k_max=k_max, err_tol=opts["err_tol"], err_beta=opts["err_beta"],
         oversample=opts["oversample"], power_iters=opts["power_iters"], warm_start=opts["warm_start"],
         nonneg=opts["nonneg"], clip=opts["clip_threshold"], guidance=opts.get("cosine_guidance", False),
-        seed=opts["seed"], scaling=opts.get("row_col_scaling", True))
+        seed=opts["seed"], scaling=opts.get("row_col_scaling", True), k_min=opts.get("k_min", 1),
+        rank_step=opts.get("rank_step", 1))
 
 
 @pytest.mark.parametrize("shape", [(9, 6), (6, 9), (7, 7)], ids=["tall", "wide", "square"])
@@ -4195,6 +4226,64 @@ def test_adapprox_matches_reference_across_rank_changes(shape, case):
         assert opt.state[p]["err_ema"] == pytest.approx(ema, rel=1e-6, abs=1e-9)  # ξ̄, seeded with ξ at step 1
         # a float64 parameter keeps float64 state, factors included, whatever factor_dtype says
         assert all(v.dtype == torch.float64 for v in opt.state[p].values() if torch.is_tensor(v))
+    torch.testing.assert_close(p.detach(), expected, atol=1e-9, rtol=1e-9)
+
+
+@st.composite
+def adapprox_cases(draw):
+    """One Adapprox matrix: its shape, how its rank is capped (``k_max_frac``,
+    a group ``rank``, or ``rank=None``: a dense V), and every option."""
+    shape = draw(shapes_of_every_kind())
+    cap = draw(st.sampled_from(["k_max_frac", "rank", "dense"]))
+    steps = draw(st.integers(4, 10))
+    return dict(shape=shape, cap=cap, rank=draw(ranks_for(min(shape))) if cap == "rank" else None, steps=steps,
+                low_rank_steps=draw(st.integers(0, steps)), zero_first=draw(st.booleans()),
+                first_moment=draw(st.booleans()), options=dict(
+                    k_max_frac=draw(st.floats(0.1, 1.0)), k_min=draw(st.integers(1, 3)),
+                    rank_init=draw(st.one_of(st.none(), st.integers(1, 12))), rank_step=draw(st.integers(1, 2)),
+                    err_tol=draw(st.sampled_from([0.0, 0.02, 0.1, 0.5])), err_beta=draw(st.floats(0.0, 0.95)),
+                    oversample=draw(st.integers(0, 3)), power_iters=draw(st.integers(0, 2)),
+                    warm_start=draw(st.booleans()), nonneg=draw(st.sampled_from(["abs", "clamp", "floor"])),
+                    clip_threshold=draw(st.one_of(st.none(), st.floats(0.1, 2.0))),
+                    cosine_guidance=draw(st.booleans()), row_col_scaling=draw(st.booleans()),
+                    factor_dtype=draw(st.sampled_from(["float64", "float32"])), seed=draw(st.integers(0, 2**16))))
+
+
+@settings(max_examples=50)
+@given(case=adapprox_cases(), adam=ADAM_OPTIONS, data_seed=st.integers(0, 2**16))
+def test_adapprox_equals_its_reference_at_every_shape_rank_cap_and_option(case, adam, data_seed):
+    """Adapprox equals ``adapprox_reference``, weights after the last step and
+    the rank (``ranks()``) before every step, whatever the shape (1×n and n×1:
+    not factored, a dense V), the rank cap, the Adam setting with or without a
+    first moment, and every option. The gradients' squares are near rank 1 for
+    the first ``low_rank_steps`` steps, then not, so the rank moves; a float64
+    parameter keeps float64 factors whatever ``factor_dtype`` asks for."""
+    shape, steps, opts = case["shape"], case["steps"], dict(case["options"])
+    betas = adam["betas"] if case["first_moment"] else (0.0, adam["betas"][1])
+    opts["cosine_guidance"] &= betas[0] > 0  # (guidance needs a first moment)
+    g = torch.Generator().manual_seed(data_seed)
+    W0 = torch.randn(shape, generator=g, dtype=torch.float64)
+    u, v = (torch.rand(n, generator=g, dtype=torch.float64) for n in shape)
+    grads = [torch.outer(u, v).sqrt() * (1 + 0.01 * torch.randn(shape, generator=g, dtype=torch.float64))
+             if t < case["low_rank_steps"] else torch.randn(shape, generator=g, dtype=torch.float64)
+             for t in range(steps)]
+    if case["zero_first"]:  # cos(M, G) of two zeros is 0, not NaN
+        grads[0] = torch.zeros(shape, dtype=torch.float64)
+    factored = min(shape) >= 2 and case["cap"] != "dense"
+    if case["cap"] == "dense" or not factored:  # V dense throughout: the reference held at full rank
+        k_max = k_min = min(shape)
+    else:  # the documented bounds
+        k_max = min(case["rank"], min(shape)) if case["cap"] == "rank" else max(1, int(opts["k_max_frac"] * min(shape)))
+        k_min = min(opts["k_min"], k_max)
+    reference_opts = {**opts, **adam, "betas": betas, "k_min": k_min}
+    expected, ranks, _ = adapprox_reference_for(reference_opts, W0, grads, k_max)
+    p = nn.Parameter(W0.clone())
+    group = {"params": [p]} if case["cap"] == "k_max_frac" else {"params": [p], "rank": case["rank"]}
+    opt = la.Adapprox([group], **adam | {"betas": betas}, **opts)
+    for G, k in zip(grads, ranks):
+        assert opt.ranks() == ([k] if factored else [])
+        p.grad = G.clone()
+        opt.step()
     torch.testing.assert_close(p.detach(), expected, atol=1e-9, rtol=1e-9)
 
 
