@@ -1862,6 +1862,70 @@ def test_state_bytes_galore_formula():
     assert la.state_bytes(opt, by_key=True)["P"] == 4 * s * r
 
 
+# The README's table of state per m×n matrix (s, l: short and long side; r, k: the rank),
+# in floats of the state's dtype: float32, Adapprox's factors float64 (its + 1: the scale
+# exponent). AdaptiveAdamW also keeps its limiter's last RMS, one float the table leaves out.
+STATE_FORMULAS = {
+    "GaLoreAdamW": (la.GaLoreAdamW, {}, lambda m, n, s, l, r: 4 * (2 * r * l + s * r)),
+    "GaLoreAdamW gha": (la.GaLoreAdamW, dict(subspace="gha"), lambda m, n, s, l, r: 4 * (2 * r * l + 2 * s * r)),
+    "AdaptiveAdamW": (la.AdaptiveAdamW, {}, lambda m, n, s, l, r: 4 * (2 * r * l + s * r + 1)),
+    "LDAdam": (la.LDAdam, {}, lambda m, n, s, l, r: 4 * (2 * r * l + s * r + m * n)),
+    "LDAdam bf16 error": (la.LDAdam, dict(error_dtype=torch.bfloat16), lambda m, n, s, l, r: 4 * (2 * r * l + s * r) + 2 * m * n),
+    "Adapprox": (la.Adapprox, {}, lambda m, n, s, l, k: 8 * (k * (m + n) + m + n + 1) + 4 * m * n),
+    "Adapprox beta1=0": (la.Adapprox, dict(betas=(0.0, 0.999)), lambda m, n, s, l, k: 8 * (k * (m + n) + m + n + 1)),
+}
+
+
+@pytest.mark.parametrize("case", list(STATE_FORMULAS))
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12)], ids=["wide", "tall"])
+def test_state_bytes_per_matrix_follow_the_readme_table(case, shape):
+    """The state of each m×n matrix after a step, as the README's table gives
+    it, and nothing before the first step (``state_bytes``: 0, by key: {})."""
+    cls, options, formula = STATE_FORMULAS[case]
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(shape, generator=g))
+    opt = cls([{"params": [p], "rank": 3}], **options)
+    assert la.state_bytes(opt) == 0 and la.state_bytes(opt, by_key=True) == {}
+    (m, n), r = shape, opt.ranks()[0]  # (Adapprox: the rank of this step; ranks() then gives the next one's)
+    p.grad = torch.randn(shape, generator=g)
+    opt.step()
+    assert la.state_bytes(opt) == formula(m, n, min(shape), max(shape), r)
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_a_grad_scaler_steps_every_optimizer_and_skips_an_overflowing_step(cls):
+    """The README's drop-in promise for ``torch.amp.GradScaler``: a scaled run
+    equals the unscaled one bit for bit (the scale is a power of two, and the
+    scaler unscales the gradients before ``step``); a step whose scaled
+    gradients overflow is skipped by the scaler (our NaN/Inf check never sees
+    it), nothing changes, and the scale is lowered."""
+    runs = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**16)):
+        model = mlp()
+        opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
+        x, y = regression_data()
+        for _ in range(4):
+            opt.zero_grad(set_to_none=True)
+            loss = nn.functional.mse_loss(model(x), y)
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    before = (copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in model.parameters()])
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(nn.functional.mse_loss(model(x), y) * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before[1], model.parameters()))
+    assert_same_state(before[0], opt.state_dict())
+    assert scaler.get_scale() == 2.0**15
+
+
 class FullSizeAllocations(TorchDispatchMode):
     """Counts the tensors of at least ``numel`` elements that ops allocate
     (outputs that share storage with none of the op's inputs)."""
