@@ -2235,19 +2235,15 @@ def test_fsdp1_flattened_parameters_are_refused_before_anything_changes():
         assert all(torch.equal(a, b) for a, b in zip(before[1], after[1]))
 
 
-FSDP1_SCRIPT = """
-import os, sys, torch, torch.distributed as dist
-from torch import nn
+FSDP1_BODY = """
+# FSDP1 on the same 2 processes (run after FSDP2_SCRIPT's cases): weights become 1-D shards
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-sys.path.insert(0, sys.argv[1])
-import lowrank_adam as la
-dist.init_process_group("gloo")
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
 opt = la.GaLoreAdamW(la.lowrank_groups(model, 2, targets=("0", "2")), lr=1e-2)  # built before wrapping
 model = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))
 shapes = sorted(tuple(p.shape) for p in model.parameters())
-out = open(os.path.join(sys.argv[2], f"rank{dist.get_rank()}.txt"), "w")  # one file per rank: no interleaving
+fsdp1 = open(os.path.join(sys.argv[2], f"fsdp1_rank{dist.get_rank()}.txt"), "w")  # one file per rank
 for build in ("after", "before"):
     try:
         if build == "after":
@@ -2255,20 +2251,16 @@ for build in ("after", "before"):
         else:
             model(torch.randn(3, 8)).sum().backward()
             opt.step()
-        print(build, "not refused", shapes, flush=True, file=out)
+        print(build, "not refused", shapes, flush=True, file=fsdp1)
     except ValueError as e:
-        print(build, "refused:", "FullyShardedDataParallel" in str(e), flush=True, file=out)
-dist.barrier()  # neither rank tears gloo down while the other still runs a collective (else SIGABRT)
-dist.destroy_process_group()
-os._exit(0)  # skip the interpreter's teardown, where gloo now and then aborts (SIGABRT)
+        print(build, "refused:", "FullyShardedDataParallel" in str(e), flush=True, file=fsdp1)
 """
 
 
-def test_fsdp1_is_refused_under_torchrun(tmp_path):
-    # the real engine on 2 gloo processes: weights become 1-D shards
-    run_on_two_processes(tmp_path, FSDP1_SCRIPT, "fsdp1.py")
+def test_fsdp1_is_refused_under_torchrun(fsdp2_runs):
+    # the real engine on 2 gloo processes (those of FSDP2_SCRIPT): weights become 1-D shards
     for rank in (0, 1):
-        lines = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
+        lines = (fsdp2_runs / f"fsdp1_rank{rank}.txt").read_text().splitlines()
         assert lines == ["after refused: True", "before refused: True"], lines
 
 
@@ -2399,19 +2391,29 @@ try:
 except la.NonFiniteGradientError as e:
     out["nan"] = all(torch.equal(a, b) for a, b in zip(before, snapshot())) and len(before) == len(snapshot())
 torch.save(out, os.path.join(sys.argv[2], f"rank{dist.get_rank()}.pt"))
+"""
+TWO_PROCESSES_END = """dist.barrier()  # neither rank tears gloo down while the other still runs a collective (else SIGABRT)
 dist.destroy_process_group()
 os._exit(0)  # skip the interpreter's teardown, where gloo now and then aborts (SIGABRT)
 """
 
 
-def test_fsdp2_every_optimizer_equals_one_process_with_sharded_state_and_resumes_exactly(tmp_path):
+@pytest.fixture(scope="module")
+def fsdp2_runs(tmp_path_factory):
+    """FSDP2_SCRIPT, then FSDP2_LAYERWISE and FSDP1_BODY in the same 2 gloo processes
+    (one start of torchrun for the three): the folder of each rank's results."""
+    tmp_path = tmp_path_factory.mktemp("fsdp2_runs")
+    run_on_two_processes(tmp_path, FSDP2_SCRIPT + FSDP2_LAYERWISE + FSDP1_BODY + TWO_PROCESSES_END, "fsdp2.py")
+    return tmp_path
+
+
+def test_fsdp2_every_optimizer_equals_one_process_with_sharded_state_and_resumes_exactly(fsdp2_runs):
     # FSDP2 (fully_shard) on 2 gloo processes: weights are DTensors split by rows.
     # Each low-rank matrix is stepped whole on one owner rank, which alone holds
     # its state; the result must be the one-process run's (10 steps: refreshes,
     # AdaptiveAdamW's allocation over every rank's matrices, Adapprox's rank
     # changes, random subspaces and sketches seeded by the global parameter index).
-    run_on_two_processes(tmp_path, FSDP2_SCRIPT, "fsdp2.py")
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    per_rank = [torch.load(fsdp2_runs / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [r.pop("nan") for r in per_rank] == [True, True]  # raised on both ranks, nothing changed
     assert len(per_rank[0]) == 12 and sum(r["dcp"] is not None for r in per_rank[0].values()) == 2
     for case, r0 in per_rank[0].items():
@@ -2535,7 +2537,7 @@ os._exit(0)  # skip the interpreter's teardown, where gloo now and then aborts (
 """
 
 
-FSDP2_PATHS_SCRIPT = FSDP2_SMALL + """
+FSDP2_PATHS = """
 # 1. one process's results, in float32 and float64, with even row counts split over the ranks
 for name in NAMES:
     for dtype in (torch.float32, torch.float64):
@@ -2614,7 +2616,7 @@ if dist.get_rank() == 1:
     m[2].weight.grad.to_local()[0, 0] = float("nan")
 res["nan"] = refused(opt.step)
 out["stages"] = res
-""" + FSDP2_END
+"""
 
 
 def results_on_two_processes(tmp_path_factory, source, name):
@@ -2625,9 +2627,16 @@ def results_on_two_processes(tmp_path_factory, source, name):
 
 
 @pytest.fixture(scope="module")
-def fsdp2_paths(tmp_path_factory):
-    """FSDP2_PATHS_SCRIPT's results on each of 2 gloo processes."""
-    return results_on_two_processes(tmp_path_factory, FSDP2_PATHS_SCRIPT, "fsdp2_paths")
+def fsdp2_small(tmp_path_factory):
+    """FSDP2_PATHS, then FSDP2_CHECKPOINTS, on FSDP2_SMALL's model in the same 2 gloo
+    processes (one start of torchrun for both): each rank's results."""
+    return results_on_two_processes(tmp_path_factory, FSDP2_SMALL + FSDP2_PATHS + FSDP2_CHECKPOINTS + FSDP2_END,
+                                    "fsdp2_small")
+
+
+@pytest.fixture
+def fsdp2_paths(fsdp2_small):
+    return fsdp2_small
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
@@ -2703,7 +2712,7 @@ def test_fsdp2_on_a_mesh_smaller_than_the_world_the_collectives_stay_on_the_mesh
         assert res["nan"] == "loaded" if rank == 0 else res["nan"].startswith("NonFiniteGradientError"), res
 
 
-FSDP2_CHECKPOINT_SCRIPT = FSDP2_SMALL + """
+FSDP2_CHECKPOINTS = """
 # checkpoints: only the sharded state dicts of as many ranks resume
 def trained(name):
     m = sharded(model())
@@ -2777,13 +2786,12 @@ train(m, opt, 3)
 train(m2, opt2, 3)
 out["dense"] = (res, full(m), full(m2))
 
-""" + FSDP2_END
+"""
 
 
-@pytest.fixture(scope="module")
-def fsdp2_checkpoints(tmp_path_factory):
-    """FSDP2_CHECKPOINT_SCRIPT's results on each of 2 gloo processes."""
-    return results_on_two_processes(tmp_path_factory, FSDP2_CHECKPOINT_SCRIPT, "fsdp2_checkpoints")
+@pytest.fixture
+def fsdp2_checkpoints(fsdp2_small):
+    return fsdp2_small
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
@@ -5123,14 +5131,15 @@ def test_adapprox_rank_settles_geometrically_then_steps():
     assert all(abs(b - a) <= 1 for a, b in zip(ranks[settled:], ranks[settled + 1:]))
 
 
-FSDP2_LAYERWISE_SCRIPT = FSDP2_SCRIPT[:FSDP2_SCRIPT.index("class Collectives")] + """
+FSDP2_LAYERWISE = """
+# Layer-wise updates (run after FSDP2_SCRIPT's cases, with its model, optimizers and data)
 # 1. FSDP2 calls a sharded parameter's post-accumulate-grad hook itself, after the reduce-scatter
 seen = {}
 m = sharded()
 for p in m.parameters():
     p.register_post_accumulate_grad_hook(lambda p: seen.setdefault(id(p), (type(p.grad).__name__, p.grad.to_local().clone())))
 nn.functional.mse_loss(m(x), y).backward()
-out = {"hooks": [seen[id(p)][0] == "DTensor" and torch.equal(seen[id(p)][1], p.grad.to_local())
+layerwise_out = {"hooks": [seen[id(p)][0] == "DTensor" and torch.equal(seen[id(p)][1], p.grad.to_local())
                  for p in m.parameters()]}
 # 2. layer-wise updates (stepped inside backward, one parameter at a time) equal ordinary FSDP2 steps
 for name, opts in [("GaLoreAdamW", {}), ("GaLoreAdamW", dict(subspace="random", residual=True)), ("LDAdam", {}),
@@ -5145,23 +5154,19 @@ for name, opts in [("GaLoreAdamW", {}), ("GaLoreAdamW", dict(subspace="random", 
         opt.step()
         nn.functional.mse_loss(layerwise(x), y).backward()
         freed &= all(p.grad is None for p in layerwise.parameters())
-    out[f"{name} {sorted(opts.items())}"] = dict(
+    layerwise_out[f"{name} {sorted(opts.items())}"] = dict(
         freed=freed, ordinary=[p.full_tensor() for p in ordinary.parameters()],
         layerwise=[p.full_tensor() for p in layerwise.parameters()], ranks=(opt.ranks(), opt_l.ranks()),
         state=(la.state_bytes(opt, by_key=True), la.state_bytes(opt_l, by_key=True)))
-torch.save(out, os.path.join(sys.argv[2], f"rank{dist.get_rank()}.pt"))
-dist.barrier()
-dist.destroy_process_group()
-os._exit(0)  # skip the interpreter's teardown, where gloo now and then aborts (SIGABRT)
+torch.save(layerwise_out, os.path.join(sys.argv[2], f"layerwise{dist.get_rank()}.pt"))
 """
 
 
-def test_fsdp2_layerwise_updates_equal_ordinary_fsdp2_steps(tmp_path):
+def test_fsdp2_layerwise_updates_equal_ordinary_fsdp2_steps(fsdp2_runs):
     # FSDP2 runs a sharded parameter's post-accumulate-grad hooks itself, right
     # after its gradient's reduce-scatter, in the same order on every rank; so
     # layerwise_hooks steps each parameter there (one collective fsdp2_step each)
-    run_on_two_processes(tmp_path, FSDP2_LAYERWISE_SCRIPT, "fsdp2_layerwise.py")
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    per_rank = [torch.load(fsdp2_runs / f"layerwise{r}.pt", weights_only=False) for r in (0, 1)]
     for r in per_rank:
         assert r.pop("hooks") == [True] * 10  # fired on every parameter, with its reduced DTensor gradient
         assert len(r) == 4
