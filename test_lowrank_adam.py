@@ -2236,7 +2236,7 @@ def test_fsdp1_flattened_parameters_are_refused_before_anything_changes():
 
 
 FSDP1_BODY = """
-# FSDP1 on the same 2 processes (run after FSDP2_SCRIPT's cases): weights become 1-D shards
+# FSDP1 on the same 2 processes (run last: it replaces FSDP2_SCRIPT's model): weights become 1-D shards
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
@@ -2392,6 +2392,57 @@ except la.NonFiniteGradientError as e:
     out["nan"] = all(torch.equal(a, b) for a, b in zip(before, snapshot())) and len(before) == len(snapshot())
 torch.save(out, os.path.join(sys.argv[2], f"rank{dist.get_rank()}.pt"))
 """
+ZERO_BODY = """
+# DDP and ZeRO-1 (torch's ZeroRedundancyOptimizer) on the same 2 processes (after FSDP2_SCRIPT's cases, with its
+# model and data): every optimizer, 4 steps
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel
+zero_out = {}
+for name in ("GaLoreAdamW", "AdaptiveAdamW", "LDAdam", "Adapprox"):
+    runs = {}
+    for how in ("one process", "ZeRO-1"):
+        net = model()
+        groups = list(net.parameters()) if name == "Adapprox" else la.lowrank_groups(
+            net, 2, targets=("0", "2", "4", "6"), **({} if name == "LDAdam" else {"update_proj_gap": 2}))
+        options = dict(lr=1e-2, weight_decay=0.1, **({"err_tol": 0.05} if name == "Adapprox" else {}))
+        if how == "ZeRO-1":
+            net = DistributedDataParallel(net)
+            opt = ZeroRedundancyOptimizer(groups, optimizer_class=getattr(la, name), **options)
+        else:
+            opt = getattr(la, name)(groups, **options)
+        for _ in range(4):
+            opt.zero_grad(set_to_none=True)
+            nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+        runs[how] = [p.detach().clone() for p in net.parameters()]
+    mine = [p for g in opt.optim.param_groups for p in g["params"]]  # this rank's shard, its own optimizer
+    zero_out[name] = dict(**runs, held=[i for i, p in enumerate(net.parameters()) if any(p is q for q in mine)],
+                          with_state=[i for i, p in enumerate(net.parameters()) if opt.optim.state.get(p)],
+                          ranks=opt.optim.ranks(), matrices=sum(len(g["params"]) for g in opt.optim.param_groups
+                                                                if g.get("rank") is not None))
+torch.save(zero_out, os.path.join(sys.argv[2], f"zero{dist.get_rank()}.pt"))
+"""
+
+
+def test_ddp_and_zero1_step_every_optimizer_with_each_ranks_state_on_its_shard(fsdp2_runs):
+    # The README: DDP and ZeRO-1 work with all four; each rank keeps the state of its shard
+    # of the parameters, and AdaptiveAdamW allocates each rank's budget over its own matrices.
+    # GaLoreAdamW and LDAdam depend on nothing random: ZeRO-1 steps each matrix as one process
+    # does, bit for bit. Adapprox's sketches are seeded by the parameter's index in the rank's
+    # own optimizer, so its run differs from one process's, but not between the replicas.
+    per_rank = [torch.load(fsdp2_runs / f"zero{r}.pt", weights_only=False) for r in (0, 1)]
+    for name, r0 in per_rank[0].items():
+        r1 = per_rank[1][name]
+        assert all(torch.equal(a, b) for a, b in zip(r0["ZeRO-1"], r1["ZeRO-1"])), name  # identical replicas
+        assert sorted(r0["held"] + r1["held"]) == list(range(10)), name  # the shards: every parameter, once
+        assert all(set(r["with_state"]) == set(r["held"]) for r in (r0, r1)), name  # state for its shard alone
+        if name in ("GaLoreAdamW", "LDAdam"):
+            assert all(torch.equal(a, b) for a, b in zip(r0["ZeRO-1"], r0["one process"])), name
+        if name != "Adapprox":  # each rank's budget: rank 2 for each of its own matrices
+            assert all(sum(r["ranks"]) == 2 * r["matrices"] and r["matrices"] > 0 for r in (r0, r1)), name
+    assert any(len(set(r["AdaptiveAdamW"]["ranks"])) > 1 for r in per_rank)  # an allocation took place
+
+
 TWO_PROCESSES_END = """dist.barrier()  # neither rank tears gloo down while the other still runs a collective (else SIGABRT)
 dist.destroy_process_group()
 os._exit(0)  # skip the interpreter's teardown, where gloo now and then aborts (SIGABRT)
@@ -2400,10 +2451,11 @@ os._exit(0)  # skip the interpreter's teardown, where gloo now and then aborts (
 
 @pytest.fixture(scope="module")
 def fsdp2_runs(tmp_path_factory):
-    """FSDP2_SCRIPT, then FSDP2_LAYERWISE and FSDP1_BODY in the same 2 gloo processes
-    (one start of torchrun for the three): the folder of each rank's results."""
+    """FSDP2_SCRIPT, then FSDP2_LAYERWISE, ZERO_BODY and FSDP1_BODY in the same 2 gloo
+    processes (one start of torchrun for all): the folder of each rank's results."""
     tmp_path = tmp_path_factory.mktemp("fsdp2_runs")
-    run_on_two_processes(tmp_path, FSDP2_SCRIPT + FSDP2_LAYERWISE + FSDP1_BODY + TWO_PROCESSES_END, "fsdp2.py")
+    run_on_two_processes(tmp_path, FSDP2_SCRIPT + FSDP2_LAYERWISE + ZERO_BODY + FSDP1_BODY + TWO_PROCESSES_END,
+                         "fsdp2.py")
     return tmp_path
 
 
@@ -2948,6 +3000,21 @@ def test_one_class_copied_out_defines_every_name_its_code_uses(cls):
     exec(code, namespace)
     undefined = sorted(n for n in global_names(code) if n not in namespace and not hasattr(builtins, n))
     assert undefined == []
+
+
+def test_the_helpers_section_copied_out_with_the_core_alone_defines_every_name_its_code_uses():
+    # The README: section 7's helpers (lowrank_groups, layerwise_hooks, state_bytes, the FSDP2
+    # layer) need only the core, as each optimizer's section does
+    source = Path(la.__file__).read_text()
+    marks = list(BANNER.finditer(source))
+    helpers = next(i for i, m in enumerate(marks) if m.group(1) == "7")
+    end = marks[helpers + 1].start() if helpers + 1 < len(marks) else len(source)
+    code = compile(source[:marks[2].start()] + source[marks[helpers].start():end], "helpers.py", "exec")
+    namespace = {"__name__": "helpers"}
+    exec(code, namespace)
+    assert [m.group(1) for m in marks[:3]] == ["1", "2", "3"]  # (the core: everything before section 3)
+    assert {"lowrank_groups", "layerwise_hooks", "state_bytes", "fsdp2_step"} <= namespace.keys()
+    assert sorted(n for n in global_names(code) if n not in namespace and not hasattr(builtins, n)) == []
 
 
 # -- any 2-D weight can be targeted: Hugging Face GPT-2, packed projections --
