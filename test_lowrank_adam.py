@@ -3,8 +3,10 @@
 Each algorithm has a plain float64 reference written step by step in this file
 (``galore_reference``, ``adaptive_reference``, ``ldadam_reference``,
 ``adapprox_reference``): the shortest readable version of each method, and
-what the optimizers are compared with over several steps, for tall, wide and
-square matrices. Sections, in order:
+what the optimizers are compared with over several steps: one fixed example
+each, and a hypothesis property each (``test_*_equals_its_reference_*``) over
+tall, wide, square, 1×n and n×1 matrices, ranks up to and above the short
+side, Adam's settings and every option. Sections, in order:
 
 1. Shared math: the small functions every optimizer uses.
 2. GaLoreAdamW against its float64 reference (every projection type and subspace).
@@ -23,6 +25,123 @@ square matrices. Sections, in order:
 
 The training script, bench.py and the documentation are tested in test_train_tiny_llama.py.
 """
+
+# What README.md promises about the library, and the test that checks it (in this
+# file unless named "train::", i.e. test_train_tiny_llama.py). Kept in step by
+# test_the_readme_map_names_tests_that_exist.
+#
+# The optimizers (table)
+#   GaLoreAdamW: top-r singular vectors refreshed every T steps, one rank for all
+#       test_galore_matches_reference, test_galore_equals_its_reference_at_every_shape_rank_and_option
+#   refresh="randomized": a warm-started range finder
+#       test_galore_randomized_refresh_matches_reference,
+#       test_randomized_spectrum_is_orthonormal_exact_on_low_rank_and_signed_like_its_start
+#   stagger=True: refreshes spread over the gap, about 1/T of the matrices a step
+#       test_staggered_refreshes_happen_once_per_gap_at_each_offset_and_resume_exactly,
+#       test_staggered_refreshes_match_the_reference_at_each_matrixs_offset
+#   subspace="random" / "gha"
+#       test_galore_equals_its_reference_at_every_shape_rank_and_option,
+#       test_random_bases_are_orthonormal_reproducible_and_uniform, test_gha_converges_to_the_top_subspace_of_a_fixed_matrix
+#   residual=True: the Fira-style residual
+#       test_residual_is_orthogonal_to_subspace, test_residual_limiter_bounds_growth_and_round_trips
+#   AdaptiveAdamW: a global budget split greedily by gradient spectra (six metrics)
+#       test_allocation_invariants, test_greedy_is_optimal_by_brute_force, test_metric_scores_on_hand_made_spectra,
+#       test_adaptive_matches_reference_across_rank_changes,
+#       test_adaptive_equals_its_reference_at_every_shape_rank_and_option
+#   ... moments carried into the new basis by C = P_newᵀ P_old
+#       test_transform_of_v_uses_the_squared_coefficients, test_transform_shapes_nonnegativity_and_containment
+#   ... the residual with a norm-growth limiter by default
+#       test_documented_defaults_are_the_constructors, test_adaptive_limiter_on_caps_and_off_lets_grow
+#   ... stagger=True: allocation from each matrix's latest spectrum, never above the budget
+#       test_adaptive_staggered_refreshes_allocate_globally_from_the_latest_spectra
+#   LDAdam: a new subspace every step by one warm-started power iteration,
+#   projection-aware moments, generalized error feedback
+#       test_ldadam_matches_reference, test_ldadam_equals_its_reference_at_every_shape_rank_and_option,
+#       test_error_feedback_identity
+#   Adapprox: V divided by its row and column sums, a rank-k randomized factorization
+#   in float64, k adapted to the error, update clipping
+#       test_adapprox_matches_reference_across_rank_changes,
+#       test_adapprox_equals_its_reference_at_every_shape_rank_cap_and_option,
+#       test_adapprox_rank_adapts_within_bounds, test_adapprox_clipping_bounds_rms_and_never_enlarges,
+#       test_adapprox_float64_factors_resolve_what_float32_rounds_away
+#   the state per m×n matrix of each
+#       test_state_bytes_per_matrix_follow_the_readme_table
+#
+# API
+#   lowrank_groups: "attn"/"mlp" 2-D weights low-rank, the rest dense; targets=; verbose=True
+#       test_lowrank_groups_convention, test_lowrank_groups_takes_one_target_string_and_gives_the_dense_group_only_its_rank
+#   ... Hugging Face GPT-2's Conv1D, packed in_proj_weight; GPT2LMHeadModel as is
+#       test_lowrank_groups_selects_hugging_face_gpt2_conv1d_weights_and_not_its_embeddings,
+#       test_lowrank_groups_selects_packed_projections, test_hugging_face_gpt2_trains_and_resumes_exactly
+#   Adapprox: a group's rank caps its adaptive rank; model.parameters() factors every matrix
+#       test_adapprox_takes_the_same_selection_rank_caps_and_none_is_dense,
+#       test_adapprox_factors_every_matrix_with_at_least_two_rows_and_columns
+#   state_bytes(opt), by_key=True; 0 and {} until the first step
+#       test_state_bytes_per_matrix_follow_the_readme_table, test_state_bytes_galore_formula
+#   the snippet itself runs
+#       train::test_readme_python_snippets_run_on_the_models_they_name
+#   group dicts copied, so one list serves several optimizers
+#       test_group_dicts_are_copied_not_mutated, test_reusing_groups_for_a_second_optimizer_keeps_its_own_defaults
+#   an unknown group key (misspelt, another optimizer's, AdamW's amsgrad) raises a ValueError listing the options
+#       test_a_misspelt_group_option_is_refused_naming_the_known_ones,
+#       test_options_of_another_optimizer_are_refused_not_ignored
+#   ... torch's bookkeeping keys and the LR schedulers' pass
+#       test_param_groups_take_generators_and_named_parameters,
+#       test_resume_with_a_scheduler_that_writes_group_keys_is_bit_exact
+#   load_state_dict refuses another optimizer's state dict, naming it
+#       test_another_optimizers_state_dict_is_refused_at_load_naming_the_writer
+#   drop-in: LR schedulers, closures, GradScaler, named_parameters() groups
+#       test_scheduler_closure_and_set_to_none, test_a_grad_scaler_steps_every_optimizer_and_skips_an_overflowing_step,
+#       test_param_groups_take_generators_and_named_parameters
+#   the state loads with weights_only=True, and resuming is bit-exact
+#       test_state_dict_round_trip_continues_bit_identically, test_state_loaded_in_any_layout_continues_bit_exactly
+#   a bf16/fp16 model keeps float32 state (Adapprox's factors: float64)
+#       test_low_precision_model_resumes_bit_exactly
+#   a NaN/Inf gradient raises NonFiniteGradientError before anything changes; check_finite=False
+#       test_bad_gradient_raises_and_leaves_everything_untouched, test_check_finite_is_a_group_option
+#   ranks(): each matrix's current rank
+#       test_adaptive_equals_its_reference_at_every_shape_rank_and_option,
+#       test_adapprox_equals_its_reference_at_every_shape_rank_cap_and_option
+#   layer-wise: step_parameter(p) as step() would; layerwise_hooks, gradients never coexist
+#       test_layerwise_updates_equal_ordinary_steps_and_resume, test_layerwise_gradients_never_coexist_during_backward
+#   ... excluded: AdaptiveAdamW's allocation (the rest is the script's)
+#       test_layerwise_refusals, train::test_layerwise_and_zero_refuse_what_they_cannot_do
+#   DDP and ZeRO-1 with all four; each rank's shard state; AdaptiveAdamW's budget per rank
+#       test_ddp_and_zero1_step_every_optimizer_with_each_ranks_state_on_its_shard
+#   random sketches seeded by (seed, parameter index, step) alone; no generator state
+#       test_randomized_refresh_is_independent_of_the_global_rng_and_resumes_bit_exactly,
+#       test_adapprox_random_stream_is_counter_based_and_resumes_anywhere,
+#       test_sketch_streams_follow_the_parameter_through_a_reordered_load
+#   FSDP1 refused
+#       test_fsdp1_flattened_parameters_are_refused_before_anything_changes, test_fsdp1_is_refused_under_torchrun
+#   FSDP2: each matrix whole on its owner, 3 collectives a step (AdaptiveAdamW 6 at most), one
+#   process's results, sharded state dicts and dcp resume exactly
+#       test_fsdp2_every_optimizer_equals_one_process_with_sharded_state_and_resumes_exactly,
+#       test_fsdp2_float64_weights_cross_the_ranks_unrounded,
+#       test_fsdp2_even_row_counts_split_in_halves_equal_one_process
+#   ... layerwise_hooks equals ordinary FSDP2 steps
+#       test_fsdp2_layerwise_updates_equal_ordinary_fsdp2_steps
+#   ... refused: 2-D meshes, a state dict of another world size or rank, a full state dict broadcast
+#       test_fsdp2_two_dimensional_mesh_is_refused_before_anything_changes,
+#       test_fsdp2_state_dict_of_another_world_size_or_rank_is_refused_at_load_on_every_rank,
+#       test_fsdp2_full_state_dict_load_is_refused_on_every_rank_and_changes_nothing
+#   the table of state and peak per rank (a measurement; its command runs shrunk)
+#       train::test_bench_shard_tabulates_each_ranks_state_and_peak_under_ddp_and_fsdp
+#   torch.compile: eager's steps to float32 rounding, quiet graph breaks; fullgraph without the check
+#       test_compiled_step_equals_the_eager_step, test_fullgraph_compile_without_the_finite_check_equals_eager
+#   copying one class out: the core and one section, torch alone, bit for bit, at most 1,300 lines;
+#   section 7's helpers need only the core
+#       test_one_class_copied_out_with_the_core_alone_trains_as_the_module_does,
+#       test_one_class_copied_out_defines_every_name_its_code_uses,
+#       test_the_helpers_section_copied_out_with_the_core_alone_defines_every_name_its_code_uses
+#
+# Install, results and tests
+#   torch 2.5 or newer (tested with 2.13.0)
+#       train::test_requirements_state_a_torch_range_and_ci_installs_the_tested_version
+#   the results tables and the 1B state figures (measurements; their commands run shrunk)
+#       train::test_every_readme_command_runs, train::test_memory_formula_equals_state_bytes_of_a_real_step
+#   the float64 references over several steps, tall, wide and square (and 1×n, n×1)
+#       the four test_*_equals_its_reference_* properties above
 
 import builtins
 import copy
@@ -3000,6 +3119,18 @@ def test_one_class_copied_out_defines_every_name_its_code_uses(cls):
     exec(code, namespace)
     undefined = sorted(n for n in global_names(code) if n not in namespace and not hasattr(builtins, n))
     assert undefined == []
+
+
+def test_the_readme_map_names_tests_that_exist():
+    # the map at the top of this file: every test it names is defined (here, or in
+    # test_train_tiny_llama.py where it says "train::")
+    source = Path(__file__).read_text()
+    block = source[source.index("# What README.md promises"):source.index("\nimport builtins\n")]
+    named = re.findall(r"(train::)?\b(test_\w+)\b(?!\.py)", block)
+    assert len(named) > 50
+    here = set(re.findall(r"^def (test_\w+)", source, re.M))
+    there = set(re.findall(r"^def (test_\w+)", Path(ROOT, "test_train_tiny_llama.py").read_text(), re.M))
+    assert [name for train_, name in named if name not in (there if train_ else here)] == []
 
 
 def test_the_helpers_section_copied_out_with_the_core_alone_defines_every_name_its_code_uses():
