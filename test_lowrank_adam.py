@@ -41,7 +41,8 @@ The training script, bench.py and the documentation are tested in test_train_tin
 #       test_staggered_refreshes_match_the_reference_at_each_matrixs_offset
 #   subspace="random" / "gha"
 #       test_galore_equals_its_reference_at_every_shape_rank_and_option,
-#       test_random_bases_are_orthonormal_reproducible_and_uniform, test_gha_converges_to_the_top_subspace_of_a_fixed_matrix
+#       test_random_bases_are_orthonormal_reproducible_and_uniform,
+#       test_gha_converges_to_the_top_subspace_of_a_fixed_matrix
 #   residual=True: the Fira-style residual
 #       test_residual_is_orthogonal_to_subspace, test_residual_limiter_bounds_growth_and_round_trips
 #   AdaptiveAdamW: a global budget split greedily by gradient spectra (six metrics)
@@ -69,7 +70,8 @@ The training script, bench.py and the documentation are tested in test_train_tin
 #
 # API
 #   lowrank_groups: "attn"/"mlp" 2-D weights low-rank, the rest dense; targets=; verbose=True
-#       test_lowrank_groups_convention, test_lowrank_groups_takes_one_target_string_and_gives_the_dense_group_only_its_rank
+#       test_lowrank_groups_convention,
+#       test_lowrank_groups_takes_one_target_string_and_gives_the_dense_group_only_its_rank
 #   ... Hugging Face GPT-2's Conv1D, packed in_proj_weight; GPT2LMHeadModel as is
 #       test_lowrank_groups_selects_hugging_face_gpt2_conv1d_weights_and_not_its_embeddings,
 #       test_lowrank_groups_selects_packed_projections, test_hugging_face_gpt2_trains_and_resumes_exactly
@@ -1989,7 +1991,8 @@ STATE_FORMULAS = {
     "GaLoreAdamW gha": (la.GaLoreAdamW, dict(subspace="gha"), lambda m, n, s, l, r: 4 * (2 * r * l + 2 * s * r)),
     "AdaptiveAdamW": (la.AdaptiveAdamW, {}, lambda m, n, s, l, r: 4 * (2 * r * l + s * r + 1)),
     "LDAdam": (la.LDAdam, {}, lambda m, n, s, l, r: 4 * (2 * r * l + s * r + m * n)),
-    "LDAdam bf16 error": (la.LDAdam, dict(error_dtype=torch.bfloat16), lambda m, n, s, l, r: 4 * (2 * r * l + s * r) + 2 * m * n),
+    "LDAdam bf16 error": (la.LDAdam, dict(error_dtype=torch.bfloat16),
+                          lambda m, n, s, l, r: 4 * (2 * r * l + s * r) + 2 * m * n),
     "Adapprox": (la.Adapprox, {}, lambda m, n, s, l, k: 8 * (k * (m + n) + m + n + 1) + 4 * m * n),
     "Adapprox beta1=0": (la.Adapprox, dict(betas=(0.0, 0.999)), lambda m, n, s, l, k: 8 * (k * (m + n) + m + n + 1)),
 }
@@ -2460,7 +2463,8 @@ for name, opts in CASES:
     calls = train(m, opt, 7)
     tensors = lambda sd: {k: {n: v for n, v in st.items() if isinstance(v, torch.Tensor)} for k, st in sd["state"].items()}
     state = tensors(get_optimizer_state_dict(m, opt, options=StateDictOptions(full_state_dict=True)))
-    # the same FSDP2 run, resumed after step 5 (mid-gap) through torch.distributed.checkpoint's helpers (and bytes, as a file)
+    # the same FSDP2 run, resumed after step 5 (mid-gap) through torch.distributed.checkpoint's helpers (and
+    # bytes, as a file)
     m2 = sharded(dtype)
     opt2 = optimizer(name, opts, m2)
     train(m2, opt2, 5)
@@ -2562,7 +2566,7 @@ def test_ddp_and_zero1_step_every_optimizer_with_each_ranks_state_on_its_shard(f
     assert any(len(set(r["AdaptiveAdamW"]["ranks"])) > 1 for r in per_rank)  # an allocation took place
 
 
-TWO_PROCESSES_END = """dist.barrier()  # neither rank tears gloo down while the other still runs a collective (else SIGABRT)
+TWO_PROCESSES_END = """dist.barrier()  # no rank tears gloo down while the other still runs a collective (else SIGABRT)
 dist.destroy_process_group()
 os._exit(0)  # skip the interpreter's teardown, where gloo now and then aborts (SIGABRT)
 """
@@ -3845,7 +3849,8 @@ def adaptive_cases(draw):
     """One AdaptiveAdamW group of one to three matrices of any shapes (one budget),
     its rank (the average per matrix) and every option the reference covers."""
     # (1×n and n×1 drawn less often: a rank-1 cap leaves nothing to allocate)
-    shapes = [draw(shapes_of_every_kind(kinds=SHAPE_KINDS[:3] * 2 + SHAPE_KINDS[3:])) for _ in range(draw(between(1, 3)))]
+    kinds = SHAPE_KINDS[:3] * 2 + SHAPE_KINDS[3:]
+    shapes = [draw(shapes_of_every_kind(kinds=kinds)) for _ in range(draw(between(1, 3)))]
     return dict(shapes=shapes, rank=draw(between(1, max(min(s) for s in shapes) + 1)), steps=draw(st.integers(4, 9)),
                 update_proj_gap=draw(st.integers(1, 4)), scale=draw(st.floats(0.1, 1.0)),
                 proj_type=draw(st.sampled_from(["std", "reverse_std", "left", "right"])),
@@ -4507,9 +4512,10 @@ def adapprox_cases(draw):
     steps = draw(st.integers(4, 10))
     return dict(shape=shape, cap=cap, rank=draw(ranks_for(min(shape))) if cap == "rank" else None, steps=steps,
                 low_rank_steps=draw(st.integers(0, steps)), zero_first=draw(st.booleans()),
+                flips=draw(st.lists(st.booleans(), min_size=steps, max_size=steps)),
                 first_moment=draw(st.booleans()), options=dict(
-                    k_max_frac=draw(st.floats(0.1, 1.0)), k_min=draw(st.integers(1, 3)),
-                    rank_init=draw(st.one_of(st.none(), st.integers(1, 12))), rank_step=draw(st.integers(1, 2)),
+                    k_max_frac=draw(st.floats(0.1, 1.0)), k_min=draw(between(1, 3)),
+                    rank_init=draw(st.one_of(st.none(), between(1, 12))), rank_step=draw(between(1, 3)),
                     err_tol=draw(st.sampled_from([0.0, 0.02, 0.1, 0.5])), err_beta=draw(st.floats(0.0, 0.95)),
                     oversample=draw(st.integers(0, 3)), power_iters=draw(st.integers(0, 2)),
                     warm_start=draw(st.booleans()), nonneg=draw(st.sampled_from(["abs", "clamp", "floor"])),
@@ -4525,17 +4531,20 @@ def test_adapprox_equals_its_reference_at_every_shape_rank_cap_and_option(case, 
     the rank (``ranks()``) before every step, whatever the shape (1×n and n×1:
     not factored, a dense V), the rank cap, the Adam setting with or without a
     first moment, and every option. The gradients' squares are near rank 1 for
-    the first ``low_rank_steps`` steps, then not, so the rank moves; a float64
-    parameter keeps float64 factors whatever ``factor_dtype`` asks for."""
+    the first ``low_rank_steps`` steps, then not, so the rank moves; the steps
+    in ``flips`` turn the gradient's sign (the first moment then points against
+    it: a negative cosine for the guidance). A float64 parameter keeps float64
+    factors whatever ``factor_dtype`` asks for."""
     shape, steps, opts = case["shape"], case["steps"], dict(case["options"])
     betas = adam["betas"] if case["first_moment"] else (0.0, adam["betas"][1])
     opts["cosine_guidance"] &= betas[0] > 0  # (guidance needs a first moment)
     g = torch.Generator().manual_seed(data_seed)
     W0 = torch.randn(shape, generator=g, dtype=torch.float64)
     u, v = (torch.rand(n, generator=g, dtype=torch.float64) for n in shape)
-    grads = [torch.outer(u, v).sqrt() * (1 + 0.01 * torch.randn(shape, generator=g, dtype=torch.float64))
-             if t < case["low_rank_steps"] else torch.randn(shape, generator=g, dtype=torch.float64)
-             for t in range(steps)]
+    near_rank_1 = lambda: torch.outer(u, v).sqrt() * (1 + 0.01 * torch.randn(shape, generator=g, dtype=torch.float64))
+    grads = [(-1) ** flip * (near_rank_1() if t < case["low_rank_steps"] else
+                             torch.randn(shape, generator=g, dtype=torch.float64))
+             for t, flip in enumerate(case["flips"])]
     if case["zero_first"]:  # cos(M, G) of two zeros is 0, not NaN
         grads[0] = torch.zeros(shape, dtype=torch.float64)
     factored = min(shape) >= 2 and case["cap"] != "dense"
