@@ -4524,8 +4524,16 @@ def adapprox_cases(draw):
                     factor_dtype=draw(st.sampled_from(["float64", "float32"])), seed=draw(st.integers(0, 2**16))))
 
 
+ADAPPROX_DESCENT = dict(  # the initial descent from rank 8 by rank_step 3: 8 -> 4 -> 1 (halving, then the step)
+    shape=(8, 8), cap="k_max_frac", rank=None, steps=5, low_rank_steps=5, zero_first=False, flips=[False] * 5,
+    first_moment=True, options=dict(k_max_frac=1.0, k_min=1, rank_init=None, rank_step=3, err_tol=0.5, err_beta=0.5,
+                                    oversample=2, power_iters=1, warm_start=True, nonneg="abs", clip_threshold=1.0,
+                                    cosine_guidance=False, row_col_scaling=True, factor_dtype="float64", seed=0))
+
+
 @settings(max_examples=300)
 @given(case=adapprox_cases(), adam=ADAM_OPTIONS, data_seed=st.integers(0, 2**16))
+@example(case=ADAPPROX_DESCENT, adam=dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0), data_seed=0)
 def test_adapprox_equals_its_reference_at_every_shape_rank_cap_and_option(case, adam, data_seed):
     """Adapprox equals ``adapprox_reference``, weights after the last step and
     the rank (``ranks()``) before every step, whatever the shape (1×n and n×1:
