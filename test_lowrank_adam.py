@@ -4460,14 +4460,15 @@ def adapprox_reference(W0, grads, *, lr, betas, eps, wd, k_init, k_max, err_tol,
     return W, ranks, emas
 
 
-def adapprox_reference_for(opts: dict, W0, grads, k_max: int):
-    """``adapprox_reference`` run with the options an ``Adapprox`` was built with."""
+def adapprox_reference_for(opts: dict, W0, grads, k_max: int, index: int = 0):
+    """``adapprox_reference`` run with the options an ``Adapprox`` was built with
+    (``index``: the matrix's position among the optimizer's parameters)."""
     return adapprox_reference(
         W0, grads, lr=opts["lr"], betas=opts["betas"], eps=opts["eps"], wd=opts["weight_decay"],
         k_init=opts["rank_init"] or k_max, k_max=k_max, err_tol=opts["err_tol"], err_beta=opts["err_beta"],
         oversample=opts["oversample"], power_iters=opts["power_iters"], warm_start=opts["warm_start"],
         nonneg=opts["nonneg"], clip=opts["clip_threshold"], guidance=opts.get("cosine_guidance", False),
-        seed=opts["seed"], scaling=opts.get("row_col_scaling", True), k_min=opts.get("k_min", 1),
+        seed=opts["seed"], index=index, scaling=opts.get("row_col_scaling", True), k_min=opts.get("k_min", 1),
         rank_step=opts.get("rank_step", 1))
 
 
@@ -4506,12 +4507,13 @@ def test_adapprox_matches_reference_across_rank_changes(factor_dtype):
 @st.composite
 def adapprox_cases(draw):
     """One Adapprox matrix: its shape, how its rank is capped (``k_max_frac``,
-    a group ``rank``, or ``rank=None``: a dense V), and every option."""
+    a group ``rank``, or ``rank=None``: a dense V), its position ``index``
+    among the optimizer's parameters (it seeds the sketches), and every option."""
     shape = draw(shapes_of_every_kind())
     cap = draw(st.sampled_from(["k_max_frac", "rank", "dense"]))
     steps = draw(st.integers(4, 10))
     return dict(shape=shape, cap=cap, rank=draw(ranks_for(min(shape))) if cap == "rank" else None, steps=steps,
-                low_rank_steps=draw(st.integers(0, steps)), zero_first=draw(st.booleans()),
+                index=draw(between(0, 3)), low_rank_steps=draw(st.integers(0, steps)), zero_first=draw(st.booleans()),
                 flips=draw(st.lists(st.booleans(), min_size=steps, max_size=steps)),
                 first_moment=draw(st.booleans()), options=dict(
                     k_max_frac=draw(st.floats(0.1, 1.0)), k_min=draw(between(1, 3)),
@@ -4525,7 +4527,7 @@ def adapprox_cases(draw):
 
 
 ADAPPROX_DESCENT = dict(  # the initial descent from rank 8 by rank_step 3: 8 -> 4 -> 1 (halving, then the step)
-    shape=(8, 8), cap="k_max_frac", rank=None, steps=5, low_rank_steps=5, zero_first=False, flips=[False] * 5,
+    shape=(8, 8), cap="k_max_frac", rank=None, steps=5, index=0, low_rank_steps=5, zero_first=False, flips=[False] * 5,
     first_moment=True, options=dict(k_max_frac=1.0, k_min=1, rank_init=None, rank_step=3, err_tol=0.5, err_beta=0.5,
                                     oversample=2, power_iters=1, warm_start=True, nonneg="abs", clip_threshold=1.0,
                                     cosine_guidance=False, row_col_scaling=True, factor_dtype="float64", seed=0))
@@ -4562,10 +4564,11 @@ def test_adapprox_equals_its_reference_at_every_shape_rank_cap_and_option(case, 
         k_max = min(case["rank"], min(shape)) if case["cap"] == "rank" else max(1, int(opts["k_max_frac"] * min(shape)))
         k_min = min(opts["k_min"], k_max)
     reference_opts = {**opts, **adam, "betas": betas, "k_min": k_min}
-    expected, ranks, _ = adapprox_reference_for(reference_opts, W0, grads, k_max)
+    expected, ranks, _ = adapprox_reference_for(reference_opts, W0, grads, k_max, index=case["index"])
     p = nn.Parameter(W0.clone())
     group = {"params": [p]} if case["cap"] == "k_max_frac" else {"params": [p], "rank": case["rank"]}
-    opt = la.Adapprox([group], **adam | {"betas": betas}, **opts)
+    before = [nn.Parameter(torch.zeros(2, dtype=torch.float64)) for _ in range(case["index"])]  # never stepped
+    opt = la.Adapprox([{"params": before}] * bool(before) + [group], **adam | {"betas": betas}, **opts)
     for G, k in zip(grads, ranks):
         assert opt.ranks() == ([k] if factored else [])
         p.grad = G.clone()
