@@ -603,9 +603,9 @@ def residual_vanishes_then_returns(shape, rank, proj_type):
     residual X - P R is rounding noise at a refresh, or exactly 0, and whole
     at the next step; the limiter, whose RMS history 0 means "no limit", caps
     that next residual to γ times the noise, or not at all, as the rounding
-    falls: the same step computed in another order ends elsewhere. The
-    properties turn the limiter off there (its cases at every other shape
-    are covered)."""
+    falls (and uncapped, a column where R is 0 while N is not gets φ = ‖N_j‖/δ):
+    the same step computed in another order ends elsewhere. The properties
+    turn the limiter off there (its cases at every other shape are covered)."""
     short = min(shape)
     rows = shape[0] if PROJECTION_SIDE[proj_type](*shape) == "left" else shape[1]
     return min(rank, short) == short < rows
