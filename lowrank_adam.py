@@ -657,7 +657,7 @@ class GaLoreAdamW(_Base):
         X has no subspace: P is kept (coordinate axes if there is none yet) and
         the refresh is redone at the next step (``refresh_again``, 0 or 1 in
         every state). One host sync, where the SVD syncs anyway."""
-        r, P_old = min(group["rank"], X.shape[0]), state.get("P")
+        r, P_old = min(group["rank"], *p.shape), state.get("P")
         retry, state["refresh_again"] = state.get("refresh_again", 0), 0
         if group["subspace"] == "svd" and group["refresh"] == "svd":
             if group["check_finite"] and is_all_zero(X):

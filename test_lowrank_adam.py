@@ -81,7 +81,7 @@ The training script, bench.py and the documentation are tested in test_train_tin
 #   state_bytes(opt), by_key=True; 0 and {} until the first step
 #       test_state_bytes_per_matrix_follow_the_readme_table, test_state_bytes_galore_formula
 #   the snippet itself runs
-#       train::test_readme_python_snippets_run_on_the_models_they_name
+#       train::test_docs_python_snippets_run_on_the_models_they_name
 #   group dicts copied, so one list serves several optimizers
 #       test_group_dicts_are_copied_not_mutated, test_reusing_groups_for_a_second_optimizer_keeps_its_own_defaults
 #   an unknown group key (misspelt, another optimizer's, AdamW's amsgrad) raises a ValueError listing the options
@@ -131,8 +131,8 @@ The training script, bench.py and the documentation are tested in test_train_tin
 #       train::test_bench_shard_tabulates_each_ranks_state_and_peak_under_ddp_and_fsdp
 #   torch.compile: eager's steps to float32 rounding, quiet graph breaks; fullgraph without the check
 #       test_compiled_step_equals_the_eager_step, test_fullgraph_compile_without_the_finite_check_equals_eager
-#   copying one class out: the core and one section, torch alone, bit for bit, at most 1,300 lines;
-#   section 7's helpers need only the core
+#   copying one class out: the core and the sections it uses, torch alone, bit for bit, at most 850 lines;
+#   section 8's helpers need only the core
 #       test_one_class_copied_out_with_the_core_alone_trains_as_the_module_does,
 #       test_one_class_copied_out_defines_every_name_its_code_uses,
 #       test_the_helpers_section_copied_out_with_the_core_alone_defines_every_name_its_code_uses
@@ -141,7 +141,7 @@ The training script, bench.py and the documentation are tested in test_train_tin
 #   torch 2.5 or newer (tested with 2.13.0)
 #       train::test_requirements_state_a_torch_range_and_ci_installs_the_tested_version
 #   the results tables and the 1B state figures (measurements; their commands run shrunk)
-#       train::test_every_readme_command_runs, train::test_memory_formula_equals_state_bytes_of_a_real_step
+#       train::test_every_docs_command_runs, train::test_memory_formula_equals_state_bytes_of_a_real_step
 #   the float64 references over several steps, tall, wide and square (and 1×n, n×1)
 #       the four test_*_equals_its_reference_* properties above
 
@@ -3158,17 +3158,17 @@ def test_the_readme_map_names_tests_that_exist():
 
 
 def test_the_helpers_section_copied_out_with_the_core_alone_defines_every_name_its_code_uses():
-    # The README: section 7's helpers (lowrank_groups, layerwise_hooks, state_bytes, the FSDP2
-    # layer) need only the core, as each optimizer's section does
+    # The README: section 8's helpers (lowrank_groups, state_bytes) need only the core, as each
+    # optimizer's section does
     source = Path(la.__file__).read_text()
     marks = list(BANNER.finditer(source))
-    helpers = next(i for i, m in enumerate(marks) if m.group(1) == "7")
+    helpers = next(i for i, m in enumerate(marks) if m.group(1) == "8")
     end = marks[helpers + 1].start() if helpers + 1 < len(marks) else len(source)
     code = compile(source[:marks[2].start()] + source[marks[helpers].start():end], "helpers.py", "exec")
     namespace = {"__name__": "helpers"}
     exec(code, namespace)
     assert [m.group(1) for m in marks[:3]] == ["1", "2", "3"]  # (the core: everything before section 3)
-    assert {"lowrank_groups", "layerwise_hooks", "state_bytes", "fsdp2_step"} <= namespace.keys()
+    assert {"lowrank_groups", "state_bytes"} <= namespace.keys()
     assert sorted(n for n in global_names(code) if n not in namespace and not hasattr(builtins, n)) == []
 
 
