@@ -2518,6 +2518,15 @@ def test_bench_trace_counts_the_functions_that_run_and_their_code_lines(capsys):
         bench.main(["trace", "--optimizer", "lowrank_groups"])
 
 
+def test_the_file_sizes_design_gives_are_todays():
+    # DESIGN.md's size table (how the code is cut) states each file's line count
+    design = open(os.path.join(ROOT, "docs", "DESIGN.md")).read()
+    for name in ("lowrank_adam.py", "lowrank_engine.py", "train_tiny_llama.py"):
+        with open(os.path.join(ROOT, name)) as fh:
+            lines = sum(1 for _ in fh)
+        assert f"| `{name}` | {lines:,} |" in design, name
+
+
 @pytest.mark.parametrize("name", ["GaLoreAdamW", "AdaptiveAdamW", "LDAdam", "Adapprox"])
 def test_bench_trace_meets_the_reader_path_targets(name):
     # the reader's path from step() to the update (DESIGN.md, "How the code is cut"): at most
