@@ -5399,3 +5399,343 @@ def test_fsdp2_layerwise_updates_equal_ordinary_fsdp2_steps(fsdp2_runs):
             assert res["ranks"][0] == res["ranks"][1] and res["state"][0] == res["state"][1], case
     assert all(all(torch.equal(a, b) for a, b in zip(per_rank[0][c]["layerwise"], per_rank[1][c]["layerwise"]))
                for c in per_rank[0])  # the same full weights on both ranks
+
+
+# -- mutation hunt: behaviours of the restructured steps --
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_a_model_made_complex_after_construction_is_refused_before_anything_changes(cls):
+    # add_param_group refuses complex parameters; model.to(torch.complex64) afterwards keeps the
+    # parameter objects, so step() meets complex gradients: refused before any state or weight changes
+    model = mlp()
+    opt = cls(mlp_groups(model, cls=cls), **kwargs_for(cls))
+    train(model, opt, 2, regression_data())
+    with warnings.catch_warnings():  # torch's note that complex modules are new
+        warnings.simplefilter("ignore")
+        model.to(torch.complex64)
+    x, y = regression_data()
+    (model(x.to(torch.complex64)).abs() - y).square().mean().backward()
+    state, weights = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="does not support complex gradients"):
+        opt.step()
+    assert_same_state(state, opt.state_dict())
+    assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters()))
+
+
+def test_a_bf16_dense_parameter_takes_adamw_steps_from_float32_moments():
+    # A bf16 parameter beside a float32 one in one dense group: its moments are float32 (the float64
+    # EMAs of its gradients, to float32 rounding), and each step moves the weight by AdamW's update
+    # computed from them, to within the bf16 roundings (2^-8 relative each) of the decayed weight, the
+    # update and their sum
+    g = torch.Generator().manual_seed(0)
+    w16 = nn.Parameter((0.5 * torch.randn(64, generator=g)).bfloat16())
+    w32 = nn.Parameter(torch.randn(8, generator=g))
+    lr, (b1, b2), eps, wd = 0.05, (0.9, 0.99), 1e-8, 0.1
+    opt = la.GaLoreAdamW([w32, w16], lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd)
+    m = v = torch.zeros(64, dtype=torch.float64)
+    for t in range(1, 6):
+        grad = torch.randn(64, generator=g).bfloat16()
+        w16.grad, w32.grad = grad.clone(), torch.randn(8, generator=g)
+        before = w16.detach().double()
+        opt.step()
+        G = grad.double()
+        m, v = b1 * m + (1 - b1) * G, b2 * v + (1 - b2) * G * G
+        state = opt.state[w16]
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+        torch.testing.assert_close(state["exp_avg"].double(), m, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(state["exp_avg_sq"].double(), v, rtol=1e-5, atol=1e-9)
+        update = lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        expected = before * (1 - lr * wd) - update
+        bound = 2.0**-8 * (before.abs() + update.abs() + expected.abs()) + 1e-6
+        assert ((w16.detach().double() - expected).abs() <= bound).all()
+        assert w16.dtype == torch.bfloat16
+
+
+def test_random_subspace_keeps_each_drawn_basis_as_drawn():
+    # subspace="random": P at each refresh is orth(Ω) (diag(R) >= 0) of that step's draw, from
+    # stream_seed(stream_seed(seed, index), t), its columns not re-signed like the previous basis (the
+    # moments follow P through C = P_newᵀ P_old, so a column's sign is no convention to keep). A dense
+    # parameter without a gradient comes first: the matrix's index is 1.
+    shape, seed = (9, 4), 5
+    W0 = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    p = nn.Parameter(W0.clone())
+    opt = la.GaLoreAdamW([{"params": [nn.Parameter(torch.zeros(3, dtype=torch.float64))]},
+                          {"params": [p], "rank": 2, "update_proj_gap": 3, "subspace": "random"}],
+                         lr=0.05, betas=(0.9, 0.99), seed=seed)
+    for t, G in enumerate(gapped_grads(shape, 10), start=1):
+        p.grad = G.clone()
+        opt.step()
+        if t % 3 == 1:
+            gen = torch.Generator().manual_seed(la.stream_seed(la.stream_seed(seed, 1), t))
+            drawn = signed_qr(torch.randn(min(shape), 2, generator=gen, dtype=torch.float64))
+            torch.testing.assert_close(opt.state[p]["P"], drawn, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("ranks", [(2, 3), (3, 1)], ids=["raised", "lowered"])
+def test_gha_takes_a_changed_group_rank_at_the_next_refresh(ranks):
+    # subspace="gha" keeps at a refresh the basis Sanger's rule has tracked, unless the group's rank
+    # changed: then the refresh reads a basis of the new rank off X (the top-r SVD, as at its first
+    # step), and the moments follow it from the basis they are in (C = P_newᵀ P_ref)
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(6, 10, generator=g, dtype=torch.float64))
+    opt = la.GaLoreAdamW([{"params": [p], "rank": ranks[0], "update_proj_gap": 3, "subspace": "gha"}], lr=1e-2,
+                         betas=(0.9, 0.99))
+    for t in range(1, 7):
+        if t == 3:
+            opt.param_groups[0]["rank"] = ranks[1]
+        p.grad = torch.randn(6, 10, generator=g, dtype=torch.float64)
+        state = opt.state[p]
+        P_ref, m_before = state.get("P_ref"), state.get("exp_avg")
+        opt.step()
+        r = ranks[0] if t < 4 else ranks[1]
+        assert opt.ranks() == [r] and state["P"].shape[1] == state["P_ref"].shape[1] == state["exp_avg"].shape[0] == r
+        if t == 4:  # the refresh: P_ref is the new basis, X = G (6×10: P spans the rows)
+            X = p.grad
+            assert energy_kept(state["P_ref"], X) == pytest.approx(energy_kept(top_r_basis(X, r), X), abs=1e-10)
+            C = state["P_ref"].T @ P_ref
+            torch.testing.assert_close(state["exp_avg"], 0.9 * (C @ m_before) + 0.1 * (state["P_ref"].T @ X))
+
+
+@pytest.mark.parametrize("cls", [la.GaLoreAdamW, la.AdaptiveAdamW], ids=ids)
+def test_the_residuals_state_has_the_same_keys_with_the_limiter_on_or_off(cls):
+    # The limiter's history (``rms``) is in every state of the residual, 0 while the limiter is off: a
+    # state dict of either loads into the other (dcp.load fills the keys a state already has), and a
+    # limiter switched on starts without history
+    keys = {}
+    for gamma in (None, 1.01):
+        model = mlp()
+        opt = cls(mlp_groups(model), **kwargs_for(cls, residual=True, norm_growth_limit=gamma))
+        train(model, opt, 3, regression_data())
+        keys[gamma] = [sorted(opt.state[p]) for p in model.parameters()]
+        if gamma is None:
+            assert all(opt.state[p]["rms"].item() == 0.0 for p in (model[0].weight, model[2].weight))
+    assert keys[None] == keys[1.01]
+    assert "rms" in keys[None][0] or "rms" in keys[None][2]  # (the two low-rank weights)
+
+
+@pytest.mark.parametrize("cls, options", [(la.GaLoreAdamW, {}), (la.GaLoreAdamW, dict(refresh="randomized")),
+                                          (la.GaLoreAdamW, dict(subspace="random")), (la.AdaptiveAdamW, {}),
+                                          (la.AdaptiveAdamW, dict(refresh="randomized"))],
+                         ids=["GaLoreAdamW", "GaLoreAdamW-randomized", "GaLoreAdamW-random", "AdaptiveAdamW",
+                              "AdaptiveAdamW-randomized"])
+def test_a_state_made_by_a_zero_gradient_step_has_the_keys_of_a_trained_one(cls, options):
+    # torch's get_optimizer_state_dict on a fresh optimizer steps once with zero gradients and lr 0 to
+    # create the state, into which dcp.load then loads a checkpoint key by key: that state must hold
+    # every key a trained one holds, or the saved value of a missing key would be left behind
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    fresh_model, trained_model = mlp(), mlp()
+    fresh = cls(mlp_groups(fresh_model), **kwargs_for(cls, residual=True, **options))
+    trained = cls(mlp_groups(trained_model), **kwargs_for(cls, residual=True, **options))
+    get_optimizer_state_dict(fresh_model, fresh)
+    train(trained_model, trained, 7, regression_data())
+    assert [sorted(fresh.state[p]) for p in fresh_model.parameters()] == [
+        sorted(trained.state[p]) for p in trained_model.parameters()]
+
+
+@pytest.mark.parametrize("stagger", [False, True], ids=["together", "stagger"])
+def test_adaptive_keeps_each_refreshed_spectrum_only_with_stagger_and_in_its_checkpoint_layout(stagger):
+    # With stagger each matrix keeps the spectrum and the energy ‖X‖² of its last refresh for the
+    # allocations until its next one: min(m, n) + 1 numbers, the energy a 1-element vector (the layout
+    # of the checkpoints written so far: dcp.load matches shapes). Without stagger every matrix
+    # refreshes at once and nothing is kept.
+    model = mlp()
+    opt = la.AdaptiveAdamW(mlp_groups(model), lr=1e-2, update_proj_gap=3, stagger=stagger)
+    x, y = regression_data()
+    grads = {}
+    for t in range(1, 5):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(model(x), y).backward()
+        grads[t] = [model[0].weight.grad.clone(), model[2].weight.grad.clone()]
+        opt.step()
+    group = opt.param_groups[1]
+    for k, (p, index) in enumerate([(model[0].weight, 4), (model[2].weight, 5)]):
+        state = opt.state[p]
+        if not stagger:
+            assert "spectrum" not in state and "energy" not in state
+            continue
+        last = max(t for t in range(1, 5) if la.refresh_due(t, index, group))
+        G = grads[last][k]
+        assert state["spectrum"].shape == (min(p.shape),) and state["energy"].shape == (1,)
+        torch.testing.assert_close(state["spectrum"], torch.linalg.svdvals(G), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(state["energy"], G.square().sum().reshape(1), rtol=1e-5, atol=0)
+
+
+def test_adaptive_group_outside_the_allocation_takes_a_changed_rank_at_the_next_refresh():
+    # allocate=False: the group's own rank, raised (2 → 4) or lowered (4 → 1) between steps, takes
+    # effect at the next refresh, as in GaLoreAdamW
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(6, 10, generator=g, dtype=torch.float64))
+    opt = la.AdaptiveAdamW([{"params": [p], "rank": 2, "allocate": False, "update_proj_gap": 3}], lr=1e-2,
+                           betas=(0.9, 0.99))
+    for t, rank in zip(range(1, 8), [2, 2, 4, 4, 4, 1, 1]):
+        opt.param_groups[0]["rank"] = rank
+        p.grad = torch.randn(6, 10, generator=g, dtype=torch.float64)
+        opt.step()
+        assert opt.ranks() == [{1: 2, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1}[t]]
+        assert opt.state[p]["P"].shape[1] == opt.state[p]["exp_avg"].shape[0] == opt.ranks()[0]
+
+
+def test_adapprox_k_min_raised_between_steps_holds_at_the_next_step():
+    # like a lowered cap, a group's k_min raised above the current rank lifts it before the next step
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(9, 6, generator=g))
+    opt = la.Adapprox([p], lr=1e-2, k_max_frac=1.0, rank_init=2, err_tol=10.0)  # err_tol 10: halved at once
+    p.grad = torch.randn(9, 6, generator=g)
+    opt.step()
+    assert opt.ranks() == [1]
+    opt.param_groups[0]["k_min"] = 4
+    p.grad = torch.randn(9, 6, generator=g)
+    opt.step()
+    assert opt.state[p]["Q"].shape[1] == 4 and opt.ranks() == [4]  # step 2 factored at rank 4, not 1
+
+
+def test_adapprox_scale_exponent_follows_the_larger_of_the_gradient_and_the_root_of_the_last_v():
+    # V is formed at scale 4^-h, h = ⌊log2 max(max|G|, sqrt(max V_{t-1}))⌋ (state ``u_exp``): when the
+    # gradient falls 2^-30, h follows the history in V, not the new gradient (a dense V: full rank)
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.zeros(5, 7, dtype=torch.float64))
+    opt = la.Adapprox([p], lr=1e-2, betas=(0.9, 0.99), k_max_frac=1.0, err_tol=0.0, clip_threshold=None)
+    V = torch.zeros(5, 7, dtype=torch.float64)
+    for scale in (3.0, 3.0, 2.0**-30, 2.0**-30):
+        G = torch.randn(5, 7, generator=g, dtype=torch.float64) * scale
+        expected = math.floor(math.log2(max(G.abs().max().item(), V.max().sqrt().item())))
+        V = 0.99 * V + 0.01 * G * G
+        p.grad = G.clone()
+        opt.step()
+        assert "V" in opt.state[p] and opt.state[p]["u_exp"].item() == expected
+
+
+def test_adapprox_row_col_scaling_switched_off_between_steps_drops_the_scales():
+    # A factored V keeps diag(r) and diag(c) outside Q Uᵀ: switched off, the next step reads V_{t-1} with
+    # them, stores Q and U alone and frees the scales, which never touch V again. G² of rank 1 and k = 2:
+    # the factorization is exact, so V is the EMA of G² at every step.
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.rand(6, 1, generator=g, dtype=torch.float64) + 0.5, torch.rand(1, 8, generator=g,
+                                                                            dtype=torch.float64) + 0.5
+    p = nn.Parameter(torch.zeros(6, 8, dtype=torch.float64))
+    opt = la.Adapprox([{"params": [p], "rank": 2}], lr=1e-2, betas=(0.9, 0.99), k_min=2)
+    V = torch.zeros(6, 8, dtype=torch.float64)
+    for t in range(1, 6):
+        if t == 3:
+            opt.param_groups[0]["row_col_scaling"] = False
+        G = u @ v * (1 + t)
+        V = 0.99 * V + 0.01 * G * G
+        p.grad = G.clone()
+        opt.step()
+        state = opt.state[p]
+        assert ("row" in state) == ("col" in state) == (t < 3)
+        Q, U = state["Q"], state["U"]
+        if "row" in state:
+            Q, U = Q * state["row"][:, None], U * state["col"][:, None]
+        torch.testing.assert_close(Q @ U.T * 4.0 ** state["u_exp"], V, rtol=1e-9, atol=1e-12)
+
+
+def test_adapprox_abs_rule_takes_the_magnitude_of_negative_entries_of_the_factorization():
+    # A rank-2 Q Uᵀ of a V with uneven entries dips below zero by more than the floor δ: nonneg="abs"
+    # (the default) takes |Q Uᵀ| there, as the float64 reference does, which differs from "clamp"
+    g = torch.Generator().manual_seed(22)
+    shape = (7, 9)
+    grads = [torch.randn(shape, generator=g, dtype=torch.float64) * torch.rand(shape, generator=g,
+                                                                            dtype=torch.float64).pow(3)
+             for _ in range(3)]
+    W0 = torch.zeros(shape, dtype=torch.float64)
+    kw = dict(lr=1.0, betas=(0.0, 0.99), eps=1e-8, wd=0.0, k_init=2, k_max=2, err_tol=0.0, err_beta=0.7,
+              oversample=2, power_iters=1, warm_start=True, clip=None, guidance=False, seed=7)
+    expected = adapprox_reference(W0, grads, nonneg="abs", **kw)[0]
+    assert (expected - adapprox_reference(W0, grads, nonneg="clamp", **kw)[0]).abs().max() > 1e-3
+    p = nn.Parameter(W0.clone())
+    opt = la.Adapprox([{"params": [p], "rank": 2}], lr=1.0, betas=(0.0, 0.99), eps=1e-8, k_min=2, err_tol=0.0,
+                      err_beta=0.7, oversample=2, power_iters=1, clip_threshold=None, seed=7)
+    for G in grads:
+        p.grad = G.clone()
+        opt.step()
+    torch.testing.assert_close(p.detach(), expected, atol=1e-9, rtol=1e-9)
+
+
+def test_adapprox_rank_holds_while_the_error_equals_err_tol():
+    # k grows only while ξ̄ is above err_tol, and falls only below err_tol/2: with err_tol = 0 and
+    # all-zero gradients (ξ = 0: a zero V is exact) the rank holds
+    p = nn.Parameter(torch.randn(9, 6))
+    opt = la.Adapprox([p], lr=1e-2, k_max_frac=1.0, rank_init=2, err_tol=0.0)
+    for _ in range(3):
+        p.grad = torch.zeros(9, 6)
+        opt.step()
+        assert opt.ranks() == [2] and opt.state[p]["err_ema"] == 0.0
+
+
+def test_adapprox_state_without_the_descent_flag_continues_settled():
+    # A state written before the flag ``descending`` existed is past its first step: it continues with the
+    # settled rule (ξ̄ an EMA, k ± rank_step), as the run that wrote it did
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(16, 24, generator=g))
+    opt = la.Adapprox([p], lr=1e-3, k_max_frac=0.5, err_tol=0.3)
+    grads = [torch.randn(16, 24, generator=g) for _ in range(8)]
+    for G in grads[:4]:
+        p.grad = G.clone()
+        opt.step()
+    assert opt.state[p]["descending"] is False
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["state"][0]["descending"]
+    q = nn.Parameter(p.detach().clone())
+    opt2 = la.Adapprox([q], lr=1e-3, k_max_frac=0.5, err_tol=0.3)
+    opt2.load_state_dict(sd)
+    for G in grads[4:]:
+        p.grad, q.grad = G.clone(), G.clone()
+        opt.step()
+        opt2.step()
+        assert opt2.ranks() == opt.ranks() and opt2.state[q]["err_ema"] == opt.state[p]["err_ema"]
+    assert torch.equal(p, q)
+
+
+def test_adapprox_first_descent_falls_by_at_least_rank_step():
+    # k ← max(k_min, min(k - rank_step, ⌊k/2⌋)): from k = 4 with rank_step 3, an exact V (G² of rank 1)
+    # takes the rank to 1 in one step, not to ⌊4/2⌋ = 2
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(12, 16, generator=g))
+    opt = la.Adapprox([p], lr=1e-3, k_max_frac=0.5, rank_init=4, rank_step=3)
+    p.grad = (torch.rand(12, 1, generator=g) + 0.5) @ (torch.rand(1, 16, generator=g) + 0.5)
+    opt.step()
+    assert opt.ranks() == [1]
+
+
+def test_adapprox_dense_v_switched_to_a_rank_starts_at_rank_init_as_a_fresh_factored_v():
+    # A dense V (rank=None) switched to rank=4 is factored from the next step as a fresh factored V is:
+    # from rank_init (2), not from the cap; err_tol = 0 grows it by one a step
+    def rank_history(ranks):
+        g = torch.Generator().manual_seed(0)
+        p = nn.Parameter(torch.randn(9, 6, generator=g))
+        opt = la.Adapprox([{"params": [p], "rank": ranks[0]}], lr=1e-2, rank_init=2, err_tol=0.0)
+        history = []
+        for rank in ranks:
+            opt.param_groups[0]["rank"] = rank
+            p.grad = torch.randn(9, 6, generator=g)
+            opt.step()
+            history.append((opt.ranks(), opt.state[p]["Q"].shape[1] if "Q" in opt.state[p] else None))
+        return history
+
+    fresh = rank_history([4, 4, 4])
+    assert [k for _, k in fresh] == [2, 3, 4]
+    assert rank_history([None, None, 4, 4, 4]) == [([], None), ([], None)] + fresh
+
+
+def test_peers_gather_sends_host_numbers_and_orders_every_ranks_records_by_index(monkeypatch):
+    # Under FSDP2, AdaptiveAdamW's allocation gathers (index, spectrum, energy, cap, metric) records from
+    # every rank: their tensors cross as floats and lists of floats (all_gather_object would pickle a
+    # tensor with its device), and the merged records come back ordered by parameter index. The
+    # collective here stands in for two ranks; the other one sends one record.
+    sent = []
+    other = [(1, [3.0, 1.0], 10.0, 2, "explained_variance")]
+
+    def all_gather_object(out, obj, group=None):
+        sent.append(obj)
+        out[:] = [copy.deepcopy(obj), other]
+
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    records = [(4, torch.tensor([2.0, 0.5]), torch.tensor(4.25), 2, "explained_variance"),
+               (0, torch.tensor([1.0]), torch.tensor(1.0), 1, "explained_variance")]
+    out = engine.Peers(None, torch.device("cpu")).gather(records)
+    assert len(sent) == 1 and not any(isinstance(v, torch.Tensor) for r in sent[0] for v in r)
+    assert out == [(0, [1.0], 1.0, 1, "explained_variance"), other[0],
+                   (4, [2.0, 0.5], 4.25, 2, "explained_variance")]
