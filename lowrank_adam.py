@@ -116,8 +116,7 @@ def apply_update_(param: Tensor, D: Tensor, lr: float, weight_decay: float) -> N
     matmul that made D and drops ``alpha``; a multiply and an add compile right."""
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
-    D = D.mul_(-lr)
-    param.add_(D if D.dtype == param.dtype else D.to(param.dtype))
+    param.add_(D.mul_(-lr))  # (for a bf16 W and a float32 D: W + D in float32, rounded once)
 
 
 def stream_seed(seed: int, *counters: int) -> int:
@@ -415,7 +414,7 @@ class _Base(Optimizer):
                 torch._foreach_addcdiv_([ps[i] for i in same], [m[i] for i in same], [denom[i] for i in same],
                                         [size[i] for i in same])
             for i in (i for i in range(len(ps)) if i not in same):  # bf16 weights, float32 moments
-                ps[i].add_((m[i] / denom[i]).mul_(size[i]).to(ps[i].dtype))
+                ps[i].add_((m[i] / denom[i]).mul_(size[i]))  # W + update in float32, rounded once into W
 
     def load_state_dict(self, state_dict: dict) -> None:
         """``Optimizer.load_state_dict``, with every floating state tensor put
@@ -668,8 +667,10 @@ class GaLoreAdamW(_Base):
             P_new = self._variant_basis(p, X, state, group, index, t, r, retry)
         if P_new is None:
             state["refresh_again"] = 1
-            if P_old is None:
+            if P_old is None:  # coordinate axes (GHA: also the basis the moments are in, as after any refresh)
                 state["P"], state["rank"] = torch.eye(X.shape[0], r, dtype=X.dtype, device=X.device), r
+                if group["subspace"] == "gha":
+                    state["P_ref"] = state["P"]
             return
         if P_old is not None:
             if group["subspace"] != "random":  # each column signed like P_old's (``align_signs_``)
@@ -1418,7 +1419,7 @@ class Adapprox(_Base):
 
     def _convert_second_moment(self, p: Tensor, group: dict) -> None:
         """V carried over when the group's ``rank`` went from None to an integer
-        (dense V, then factored from k_max) or back (V = diag(r) Q Uᵀ diag(c) · 4^e,
+        (dense V, then factored from the first rank: ``rank_init`` or k_max) or back (V = diag(r) Q Uᵀ diag(c) · 4^e,
         negative entries set to 0)."""
         state, fd = self.state[p], self.factor_dtype(p, group)
         if self.is_factored(p, group):

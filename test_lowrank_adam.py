@@ -5515,10 +5515,11 @@ def test_the_residuals_state_has_the_same_keys_with_the_limiter_on_or_off(cls):
 
 
 @pytest.mark.parametrize("cls, options", [(la.GaLoreAdamW, {}), (la.GaLoreAdamW, dict(refresh="randomized")),
-                                          (la.GaLoreAdamW, dict(subspace="random")), (la.AdaptiveAdamW, {}),
+                                          (la.GaLoreAdamW, dict(subspace="random")),
+                                          (la.GaLoreAdamW, dict(subspace="gha")), (la.AdaptiveAdamW, {}),
                                           (la.AdaptiveAdamW, dict(refresh="randomized"))],
-                         ids=["GaLoreAdamW", "GaLoreAdamW-randomized", "GaLoreAdamW-random", "AdaptiveAdamW",
-                              "AdaptiveAdamW-randomized"])
+                         ids=["GaLoreAdamW", "GaLoreAdamW-randomized", "GaLoreAdamW-random", "GaLoreAdamW-gha",
+                              "AdaptiveAdamW", "AdaptiveAdamW-randomized"])
 def test_a_state_made_by_a_zero_gradient_step_has_the_keys_of_a_trained_one(cls, options):
     # torch's get_optimizer_state_dict on a fresh optimizer steps once with zero gradients and lr 0 to
     # create the state, into which dcp.load then loads a checkpoint key by key: that state must hold
@@ -5739,3 +5740,54 @@ def test_peers_gather_sends_host_numbers_and_orders_every_ranks_records_by_index
     assert len(sent) == 1 and not any(isinstance(v, torch.Tensor) for r in sent[0] for v in r)
     assert out == [(0, [1.0], 1.0, 1, "explained_variance"), other[0],
                    (4, [2.0, 0.5], 4.25, 2, "explained_variance")]
+
+
+@pytest.mark.parametrize("subspace", ["svd", "gha"])
+def test_a_run_resumed_through_dcp_load_into_a_fresh_optimizer_continues_exactly(subspace, tmp_path):
+    # dcp.load fills the state that torch's get_optimizer_state_dict creates with one zero-gradient
+    # step: a key missing there (GHA's P_ref) would keep its fresh value, and the moments would
+    # then follow the basis from the wrong one at the next refresh
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+
+    def make(model):
+        return la.GaLoreAdamW([{"params": [model.weight], "rank": 2}], lr=1e-2, update_proj_gap=3, subspace=subspace)
+
+    def steps(model, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            model(x).sin().sum().backward()
+            opt.step()
+
+    a = nn.Linear(8, 6, bias=False)
+    opt_a = make(a)
+    steps(a, opt_a, 5)
+    dcp.save({"o": get_optimizer_state_dict(a, opt_a)}, checkpoint_id=str(tmp_path))
+    b = nn.Linear(8, 6, bias=False)
+    b.load_state_dict(a.state_dict())
+    opt_b = make(b)
+    template = {"o": get_optimizer_state_dict(b, opt_b)}
+    dcp.load(template, checkpoint_id=str(tmp_path))
+    set_optimizer_state_dict(b, opt_b, template["o"])
+    steps(a, opt_a, 3)
+    steps(b, opt_b, 3)
+    assert torch.equal(a.weight, b.weight)
+
+
+def test_a_bf16_weight_takes_its_float32_update_rounded_once():
+    # W + update in float32, rounded once into the bf16 weight (as torch's float32 AdamW then a
+    # cast): 1 + 2^-8 (1 + 2^-9) rounds up to 1 + 2^-7. Rounding the update to bf16 first (2^-8)
+    # would leave 1 + 2^-8, a tie that rounds to even: 1, the update lost.
+    lr = 2**-8 * (1 + 2**-9)
+    w = nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = la.GaLoreAdamW([w], lr=lr)
+    w.grad = -torch.ones(4, dtype=torch.bfloat16)
+    opt.step()
+    ref = nn.Parameter(torch.ones(4))
+    torch_opt = torch.optim.AdamW([ref], lr=lr, weight_decay=0.0)
+    ref.grad = -torch.ones(4)
+    torch_opt.step()
+    assert torch.equal(w.detach(), ref.detach().to(torch.bfloat16))
+    assert w[0].item() == 1 + 2**-7
