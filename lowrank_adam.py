@@ -1038,7 +1038,8 @@ class LDAdam(_Base):
     ``proj_method`` ("power", or "svd": the top-r of T), ``error_dtype`` (None:
     float32, or float64 for a float64 parameter; torch.bfloat16 halves E).
     As the official code, the rows are projected when m <= n (squares
-    included). Our one change: E is an optimizer-state tensor (``error``, m·n
+    included: ``proj_type="ldadam"``); ``proj_type`` takes GaLore's rules too
+    (``"std"`` projects a square's columns, see docs/DESIGN.md). Our one change: E is an optimizer-state tensor (``error``, m·n
     numbers), not kept in ``p.grad``, so ``zero_grad``, clipping and DDP's
     averaging never touch it::
 
@@ -1054,24 +1055,25 @@ class LDAdam(_Base):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.908, 0.99), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, rho: float = 0.908, error_feedback: bool = True,
-                 proj_method: str = "power", error_dtype: Optional[torch.dtype] = None, check_finite: bool = True):
+                 proj_method: str = "power", proj_type: str = "ldadam", error_dtype: Optional[torch.dtype] = None,
+                 check_finite: bool = True):
         if error_dtype not in (None, torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(f"Invalid error_dtype: {error_dtype}")
         self.error_dtype = error_dtype
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rho=rho,
                                       error_feedback=error_feedback, proj_method=proj_method,
-                                      check_finite=check_finite))
+                                      proj_type=proj_type, check_finite=check_finite))
 
     def _validate_group(self, group: dict) -> None:
         _validate_adam(group)
         _validate_options(group, {"rho": lambda v: 0.0 <= v <= 1.0, "proj_method": ("power", "svd")})
         if group.get("rank") is not None:
-            _validate_rank(group, type(self).__name__)
+            _validate_rank(group, type(self).__name__, ("ldadam", *PROJ_TYPES))
 
     def _update(self, p: Tensor, group: dict, index: int) -> None:
         """One LDAdam step of one matrix: the box above, line by line."""
         state, (beta1, beta2), ef = self.state[p], group["betas"], group["error_feedback"]
-        X, transposed = oriented(p, "ldadam")  # X: (s, l)
+        X, transposed = oriented(p, group["proj_type"])  # X: (s, l)
         if len(state) == 0:
             state.update(step=0, rank=min(group["rank"], *p.shape))
         if ef and "error" not in state:  # also when switched on: E starts at 0

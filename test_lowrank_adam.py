@@ -4101,12 +4101,15 @@ def ld_inputs(s, l, r, seed):
     return a, P_prev, P, M, V
 
 
-def ldadam_reference(W0, grads, rank, lr, betas, eps, wd, rho, error_feedback=True, proj_method="power"):
+def ldadam_reference(W0, grads, rank, lr, betas, eps, wd, rho, error_feedback=True, proj_method="power",
+                     proj_type="ldadam"):
     """LDAdam in float64, step by step; T is formed explicitly and the error
     buffer written in its projector form."""
     b1, b2 = betas
     W = W0.clone()
-    transposed = W.shape[0] > W.shape[1]  # the official code: project the rows when m <= n (square too)
+    m, n = W.shape
+    # the official code: project the rows when m <= n (square too); GaLore's rules as in its reference
+    transposed = {"ldadam": m > n, "std": m >= n, "reverse_std": m < n, "left": False, "right": True}[proj_type]
     s = min(W.shape)
     rank = min(rank, s)  # a rank above the short side is clamped to it
     E = torch.zeros(W.T.shape if transposed else W.shape, dtype=W.dtype)
@@ -4131,7 +4134,7 @@ def ldadam_reference(W0, grads, rank, lr, betas, eps, wd, rho, error_feedback=Tr
             C = P.T @ P_prev
             M_new = C @ M
             # E ← (I - P Pᵀ)(A + β1/(1-β1) · P_prev M)
-            E = (torch.eye(s, dtype=W.dtype) - P @ P.T) @ (A + b1 / (1 - b1) * P_prev @ M)
+            E = (torch.eye(A.shape[0], dtype=W.dtype) - P @ P.T) @ (A + b1 / (1 - b1) * P_prev @ M)
             # V ← c2 · |(C∘C)(V/c2 - M²/c1²) + M̃²/c1²|
             V = c2 * ((C * C) @ (V / c2 - (M / c1) ** 2) + (M_new / c1) ** 2).abs()
             M = M_new
@@ -4170,20 +4173,20 @@ def test_ldadam_matches_reference():
 @settings(max_examples=200)
 @given(shape=shapes_of_every_kind(), data=st.data(), adam=ADAM_OPTIONS, rho=st.floats(0.0, 0.95),
        error_feedback=st.booleans(), proj_method=st.sampled_from(["power", "svd"]), steps=st.integers(3, 8),
-       data_seed=st.integers(0, 2**16))
+       data_seed=st.integers(0, 2**16), proj_type=st.sampled_from(["ldadam", *la.PROJ_TYPES]))
 def test_ldadam_equals_its_reference_at_every_shape_rank_and_option(shape, data, adam, rho, error_feedback,
-                                                                    proj_method, steps, data_seed):
+                                                                    proj_method, steps, data_seed, proj_type):
     """LDAdam equals ``ldadam_reference`` whatever the shape, rank, Adam
-    setting, ρ, error feedback and projection method."""
+    setting, ρ, error feedback, projection method and orientation."""
     rank = data.draw(ranks_for(min(shape)), label="rank")
     g = torch.Generator().manual_seed(data_seed)
     W0 = torch.randn(shape, generator=g, dtype=torch.float64)
     grads = separated_grads(shape, steps, data_seed)
     expected = ldadam_reference(W0, grads, rank, adam["lr"], adam["betas"], adam["eps"], adam["weight_decay"], rho,
-                                error_feedback=error_feedback, proj_method=proj_method)
+                                error_feedback=error_feedback, proj_method=proj_method, proj_type=proj_type)
     p = nn.Parameter(W0.clone())
     opt = la.LDAdam([{"params": [p], "rank": rank}], **adam, rho=rho, error_feedback=error_feedback,
-                    proj_method=proj_method)
+                    proj_method=proj_method, proj_type=proj_type)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the warning that a rank above the short side is clamped
         for G in grads:

@@ -245,13 +245,15 @@ OPTIMIZERS = {
     "adamw": Recipe(torch.optim.AdamW, 3e-3),
     "galore": Recipe(la.GaLoreAdamW, 1e-2, lowrank=True,
                      variants={**{f":{k}": {"subspace": k} for k in la.SUBSPACES}, **RESIDUAL, **REFRESH,
-                               **STAGGER(la.GaLoreAdamW)}),
+                               **STAGGER(la.GaLoreAdamW), **{f"+gha_lr{v:g}": {"gha_lr": v} for v in (0.1, 1.0)}}),
     "adaptive": Recipe(la.AdaptiveAdamW, 1e-2, lowrank=True,
                        variants={**{f":{m}": {"rank_metric": m} for m in sorted(la.RANK_METRICS)}, **RESIDUAL,
                                  **REFRESH, **STAGGER(la.AdaptiveAdamW)}),
-    "ldadam": Recipe(la.LDAdam, 3e-3, lowrank=True, variants={"+noef": {"error_feedback": False}}),
+    "ldadam": Recipe(la.LDAdam, 3e-3, lowrank=True, variants={"+noef": {"error_feedback": False},
+                                                               "+std": {"proj_type": "std"}}),  # squares: columns
     "adapprox": Recipe(la.Adapprox, 3e-3, lowrank=None,  # --rank: a group of the matrices, capping their ranks
-                       variants={"+nomoment": {"betas": (0.0, 0.999)},  # no first moment
+                       variants={**{f":{r}": {"nonneg": r} for r in la.NONNEG_RULES},  # how Q Uᵀ is made >= 0
+                                 "+nomoment": {"betas": (0.0, 0.999)},  # no first moment
                                  "+cold": {"warm_start": False, "power_iters": 5},
                                  "+noscaling": {"row_col_scaling": False},  # V factored as is
                                  "+float32": {"factor_dtype": "float32"}}),  # V in float32
