@@ -880,13 +880,19 @@ def synchronize(device: torch.device) -> None:
 
 
 def shard_model(model: Llama) -> None:
-    """--fsdp: FSDP2 (torch's fully_shard) on each block, then on the root (the embedding, final norm and
-    head), as torchtitan does: a block's weights are gathered for its forward and backward only, and its
-    gradients reduce-scattered as soon as its backward ends. Every weight becomes a DTensor split by
+    """--fsdp: FSDP2 (torch's fully_shard) on each block, on the embedding and on the LM head, then on the
+    root (the final norm), as torchtitan does: a unit's weights are gathered for its forward and backward
+    only, and its gradients reduce-scattered as soon as its backward ends. The embedding and the head are
+    units of their own because at a 32k vocabulary they hold over half the weights: in the root they would
+    be gathered whole, with their gradients, for the whole forward and backward. (The head is resharded
+    after its forward too, costing one more all-gather per step: kept gathered, it would stay so after
+    an evaluation's forward, which has no backward to reshard it.) Every weight becomes a DTensor split by
     rows; the names stay, so lowrank_groups still selects the attn/mlp matrices."""
     from torch.distributed.fsdp import fully_shard
     for block in model.layers:
         fully_shard(block)
+    fully_shard(model.embed_tokens)
+    fully_shard(model.lm_head)
     fully_shard(model)
 
 

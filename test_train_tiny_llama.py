@@ -1736,6 +1736,26 @@ def test_torchrun_fsdp_galore_equals_plain_ddp_and_reports_each_ranks_state(corp
     assert "replicas" in ddp and "replicas" not in fsdp  # sharded: no replicas to compare
 
 
+def test_fsdp_shards_each_block_the_embedding_and_the_head_as_units_of_their_own():
+    # shard_model: the vocabulary matrices are not in the root unit, which would gather them whole
+    # for the whole forward and backward; one gloo process is enough to see the units
+    from torch.distributed.fsdp import FSDPModule
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = llama_c4.Llama(llama_c4.LlamaConfig(vocab_size=64, hidden=16, intermediate=32, heads=2, layers=2))
+        llama_c4.shard_model(model)
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        assert set(map(id, units)) == {id(model), id(model.embed_tokens), id(model.lm_head), *map(id, model.layers)}
+        root_params = {id(p) for p in model.parameters()} - {id(p) for u in units if u is not model
+                                                               for p in u.parameters()}
+        assert root_params == {id(model.norm.weight)}  # the root keeps the final norm alone
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.parametrize("opt", ["adaptive", "adapprox", "adamw"])
 def test_torchrun_fsdp_interrupted_and_resumed_equals_the_uninterrupted_run(opt, corpus, tmp_path):
     # the checkpoint is one process's (a single ckpt.pt from rank 0, by parameter name): the dense
