@@ -10,7 +10,8 @@ commands:
             tabulate them: every optimizer of --optimizer (a comma list of
             train_tiny_llama.py specs) at every lr of --lr-sweep, for --seeds
             seeds, reported as the median over seeds ± half the range, with
-            each optimizer at its best lr. Every other flag goes to each run
+            each optimizer at its best lr (--widen N: up to N more lrs past
+            the sweep's edge while the best sits there). Every other flag goes to each run
             (--corpus packages: the second embedded corpus; the table's
             caption names the data).
   steps     time optimizer.step() alone on --model's attn/mlp matrices with
@@ -150,19 +151,26 @@ def peak_lr(spec: str, flag: str | None) -> float:
             raise ValueError(f"--lr {flag}: a learning rate must be a number > 0, not {value}")
     return table.get(spec, table.get(name, tl.OPTIMIZERS[name].lr))
 
-def plan_runs(own, rest: list[str]) -> list:
-    """The checked flags of every run: each spec x lr factor x seed, in its own folder."""
-    specs = [s.strip() for s in own.optimizer.split(",") if s.strip()]
+def sweep_factors(own) -> list[float]:
     try:
         factors = [float(f) for f in own.lr_sweep.split(",")]
     except ValueError:
         tl.fail(f"--lr-sweep {own.lr_sweep}: not a comma list of numbers")
-    if not specs or own.seeds < 1 or not all(0 < f < math.inf for f in factors):
-        tl.fail("compare needs at least one --optimizer, --seeds >= 1 and --lr-sweep factors > 0")
+    if not all(0 < f < math.inf for f in factors):
+        tl.fail("compare needs --lr-sweep factors > 0")
+    return factors
+
+def plan_runs(own, rest: list[str], factors: dict | None = None) -> list:
+    """The checked flags of every run: each spec x lr factor x seed, in its own folder. ``factors``:
+    spec -> its lr factors, in place of --lr-sweep's for every spec (a widened sweep)."""
+    specs = [s.strip() for s in own.optimizer.split(",") if s.strip()]
+    if not specs or own.seeds < 1 or own.widen < 0:
+        tl.fail("compare needs at least one --optimizer, --seeds >= 1 and --widen >= 0")
+    factors = factors if factors is not None else dict.fromkeys(specs, sweep_factors(own))
     runs = []
     for seed in range(own.seed, own.seed + own.seeds):
         for spec in specs:
-            for factor in factors:
+            for factor in factors.get(spec, []):
                 try:
                     lr = peak_lr(spec, own.lr) * factor
                 except ValueError as e:
@@ -181,6 +189,9 @@ def compare(argv: list[str]) -> list[dict]:
     p.add_argument("--lr-sweep", default="1", help="comma list of factors on each optimizer's lr, e.g. 0.5,1,2")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
     p.add_argument("--seeds", type=int, default=1, help="run seeds --seed ... --seed + N - 1")
+    p.add_argument("--widen", type=int, default=0, help="up to N more lrs per optimizer: while its best lr (the "
+                   "least median loss over the seeds) is the smallest or the largest tried, try one sweep step "
+                   "beyond it (the sweep's own ratio between neighbouring factors; 2 for a single factor)")
     p.add_argument("--out-dir", default="out/compare", help="one folder per run inside, and results.json")
     p.add_argument("--plot", action="store_true", help="also write the plots of `bench.py plot` (needs matplotlib)")
     own, rest = p.parse_known_args(argv)
@@ -193,22 +204,27 @@ def compare(argv: list[str]) -> list[dict]:
         llama_c4.resume_checkpoint(args)  # refuses a mismatched resume now, not after hours of other runs
     dist = tl.setup_distributed(runs[0])
     data, val = tl.load_data(runs[0], tokenizer, dist)
-    results, diverged = [], []
+    results, diverged, failed, widened, first = [], [], [], {}, runs[0]
     try:
-        with Progress(len(runs), "run", "compare", shown=dist.master) as progress:
-            for args in runs:
-                progress.start(f"{args.optimizer} seed {args.seed} lr {args.lr:g}")
-                ckpt = llama_c4.resume_checkpoint(args)
-                try:
-                    results.append(tl.train(args, data, val, dist, ckpt))
-                except tl.Diverged as e:  # an lr too large (a sweep's largest, say): the other runs go on
-                    diverged.append(f"{args.optimizer} seed {args.seed} lr {args.lr:g} at step {e.step}")
+        while runs:
+            with Progress(len(runs), "run", "compare" if not widened else "widen", shown=dist.master) as progress:
+                for args in runs:
+                    progress.start(f"{args.optimizer} seed {args.seed} lr {args.lr:g}")
+                    ckpt = llama_c4.resume_checkpoint(args)
+                    try:
+                        results.append(tl.train(args, data, val, dist, ckpt))
+                    except tl.Diverged as e:  # an lr too large (a sweep's largest, say): the other runs go on
+                        diverged.append(f"{args.optimizer} seed {args.seed} lr {args.lr:g} at step {e.step}")
+                        failed.append((args.optimizer, args.lr))
+                        if dist.master:
+                            progress.write(f"{args.optimizer} seed {args.seed} lr {args.lr:g}: {e}")
+                        continue
                     if dist.master:
-                        progress.write(f"{args.optimizer} seed {args.seed} lr {args.lr:g}: {e}")
-                    continue
-                if dist.master:
-                    saved = " (complete before: the saved result)" if ckpt is not None and ckpt["result"] else ""
-                    progress.write(tl.describe(results[-1]) + saved)
+                        saved = " (complete before: the saved result)" if ckpt is not None and ckpt["result"] else ""
+                        progress.write(tl.describe(results[-1]) + saved)
+            runs = widen(own, rest, results, failed, widened)
+            for args in runs:
+                tl.check_out_dir(args)
     except KeyboardInterrupt:
         sys.exit(130)
     except llama_c4.DataError as e:
@@ -217,7 +233,7 @@ def compare(argv: list[str]) -> list[dict]:
         if skipped := data.stats.report():
             print(skipped)
         if results:
-            print(f"on {llama_c4.corpus_name(runs[0])}, tokenizer {tokenizer.name}:")
+            print(f"on {llama_c4.corpus_name(first)}, tokenizer {tokenizer.name}:")
             print(summarize(results))
         if diverged:
             print(f"diverged, so not in the table: {', '.join(diverged)}")
@@ -228,6 +244,36 @@ def compare(argv: list[str]) -> list[dict]:
             for path in make_plots(Path(own.out_dir)):
                 print(f"wrote {path}")
     return results
+
+def widen(own, rest: list[str], results: list[dict], failed: list[tuple], widened: dict) -> list:
+    """The runs one more lr beyond the edge of each spec's sweep where its best lr (the least median
+    loss over seeds; a diverged run counts as an infinite loss) is the smallest or the largest lr tried,
+    at most --widen times per spec: the best lr of a sweep must lie inside it. The step is the sweep's
+    own (geometric mean ratio of neighbouring factors), 2 for a single factor. ``widened``: spec ->
+    how often so far, updated. Prints which edge moved."""
+    factors = sweep_factors(own)
+    step = (max(factors) / min(factors)) ** (1 / (len(factors) - 1)) if len(set(factors)) > 1 else 2.0
+    losses: dict[str, dict[float, list[float]]] = {}
+    for r in results:
+        losses.setdefault(r["optimizer"], {}).setdefault(r["lr"], []).append(r["val_loss"])
+    for name, lr in failed:
+        losses.setdefault(name, {}).setdefault(lr, []).append(math.inf)
+    more = {}
+    for spec, by_lr in losses.items():
+        if widened.get(spec, 0) >= own.widen:
+            continue
+        best = min(by_lr, key=lambda lr: statistics.median(by_lr[lr]))
+        if not math.isfinite(statistics.median(by_lr[best])):
+            continue  # every lr diverged: nothing to widen from
+        edge = step if best == max(by_lr) else 1 / step if best == min(by_lr) else None
+        if edge is None:
+            continue
+        base = peak_lr(spec, own.lr)
+        more[spec] = [best * edge / base]
+        widened[spec] = widened.get(spec, 0) + 1
+        tl.say(f"widen: {spec}'s best lr {best:g} is the {'largest' if edge > 1 else 'smallest'} tried; "
+               f"trying {best * edge:g}")
+    return plan_runs(own, rest, more) if more else []
 
 def summarize(results: list[dict]) -> str:
     """Markdown: one row per (optimizer, lr) with medians over seeds (± half the

@@ -131,6 +131,8 @@ test_lowrank_adam.py.
 #       test_compare_starts_every_spec_and_lr_of_a_seed_from_the_same_weights_and_data_order,
 #       test_compare_tabulates_and_a_resumed_compare_reports_finished_runs,
 #       test_compare_lr_sweep_names_runs_and_keeps_each_best_lr
+#   --widen N extends a sweep past its edge while the best lr sits there ->
+#       test_compare_widen_moves_past_an_edge_best_lr_until_the_best_is_inside
 #   times step() -> test_bench_steps_and_memory_tables,
 #       test_bench_steps_full_gap_times_every_step_of_one_gap_with_and_without_stagger
 #   measures memory -> test_bench_steps_and_memory_tables, test_memory_formula_equals_state_bytes_of_a_real_step,
@@ -1613,6 +1615,24 @@ def test_compare_lr_sweep_names_runs_and_keeps_each_best_lr(corpus, tmp_path, ca
                 "--lr-sweep", "0.5,1"])
     assert {p.name for p in tmp_path.iterdir() if p.is_dir()} == {"adamw-lr0.0015-seed0", "adamw-seed0"}
     assert "each optimizer at its best lr" in capsys.readouterr().out
+
+
+def test_compare_widen_moves_past_an_edge_best_lr_until_the_best_is_inside(corpus, tmp_path, capsys):
+    # lrs far too small: the largest tried is the best, so --widen tries one sweep step (10x) above
+    # it, once per --widen; a best lr inside the sweep (one below, one diverging above) is left alone
+    results = bench.main(["compare", *SMALL, "--max-steps", "3", "--data", corpus, "--out-dir", str(tmp_path / "a"),
+                          "--lr-sweep", "1e-6,1e-5", "--widen", "2", "--seeds", "2"])
+    assert sorted({r["lr"] for r in results}) == pytest.approx([3e-9, 3e-8, 3e-7, 3e-6])
+    assert len(results) == 8 and "widen: adamw's best lr 3e-08 is the largest tried; trying 3e-07" in \
+        capsys.readouterr().out
+    results = bench.main(["compare", *SMALL, "--max-steps", "3", "--data", corpus, "--out-dir", str(tmp_path / "b"),
+                          "--lr-sweep", "1e-6,1,1e11", "--widen", "2"])
+    assert sorted(r["lr"] for r in results) == pytest.approx([3e-9, 3e-3])  # 3e+08 diverged: no widening
+    assert "widen:" not in capsys.readouterr().out
+    results = bench.main(["compare", *SMALL, "--max-steps", "3", "--data", corpus, "--out-dir", str(tmp_path / "c"),
+                          "--lr-sweep", "100,1000", "--widen", "1"])  # far too large: widened downwards
+    assert "widen: adamw's best lr 0.3 is the smallest tried; trying 0.03" in capsys.readouterr().out
+    assert 0.03 == pytest.approx(min(r["lr"] for r in results))
 
 
 def test_compare_starts_every_spec_and_lr_of_a_seed_from_the_same_weights_and_data_order(corpus, tmp_path):
