@@ -790,7 +790,7 @@ def sensitivity_optimizers(ranks: list[int], hidden: int) -> dict:
     """The optimizers `bench.py sensitivity` compares: name -> (model -> optimizer, lr).
     Adapprox's ranks are held with err_tol=0 (each rank starts at k_max and stays there)
     and k_max_frac = rank / hidden; at full rank Adapprox keeps V dense (exact). Each
-    factored Adapprox row also runs without row/column scaling (V factored as it is) and
+    factored Adapprox row also runs with the other ``row_col_scaling`` setting and
     with factor_dtype="float32" (V formed, factored and kept in float32); full rank runs
     with V in float64 (the default) and in float32."""
     A = la.Adapprox
@@ -799,10 +799,11 @@ def sensitivity_optimizers(ranks: list[int], hidden: int) -> dict:
     adapprox = {"Adapprox (default)": {}}
     for r in ranks:
         adapprox[f"Adapprox rank {r} held"] = dict(err_tol=0.0, k_max_frac=r / hidden)
+    scaled = inspect.signature(A).parameters["row_col_scaling"].default  # the other setting is the variant
     for name, options in adapprox.items():
         out[name] = (lambda m, lr, o=options: A(m.parameters(), lr=lr, **o), 3e-3)
-        out[f"{name}, no row/column scaling"] = (lambda m, lr, o=options: A(m.parameters(), lr=lr,
-                                                                             row_col_scaling=False, **o), 3e-3)
+        out[f"{name}, {'no' if scaled else 'with'} row/column scaling"] = (
+            lambda m, lr, o=options: A(m.parameters(), lr=lr, row_col_scaling=not scaled, **o), 3e-3)
         out[f"{name}, float32 factors"] = (lambda m, lr, o=options: A(m.parameters(), lr=lr,
                                                                        factor_dtype="float32", **o), 3e-3)
     full = dict(err_tol=0.0, k_max_frac=1.0, clip_threshold=None)  # a dense V: scaling plays no part
@@ -834,8 +835,8 @@ def sensitivity(argv: list[str]) -> str:
     p = tl.Parser(prog="bench.py sensitivity", description="How much each optimizer amplifies a tiny gradient "
                   "perturbation: sensitivity = ||W_perturbed - W|| / ||W - W_0|| after --steps steps, where "
                   "W_perturbed had --noise relative noise added to every gradient at step --perturb-step "
-                  "(AdamW, torch Adafactor, and Adapprox at its default and at each --ranks rank held, each also without "
-                  "row/column scaling and with float32 factors). Also the distance of full-rank Adapprox "
+                  "(AdamW, torch Adafactor, and Adapprox at its default and at each --ranks rank held, each also with the "
+                  "other row_col_scaling setting and with float32 factors). Also the distance of full-rank Adapprox "
                   "without clipping, V in float64 and in float32, from AdamW's trajectory (the same in exact "
                   "arithmetic). "
                   "Constant lr, no gradient clipping, float32 (or --float64), one CPU thread. Other flags: --model, --seq-len, "
