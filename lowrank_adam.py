@@ -43,7 +43,6 @@ with 2.13.0).
 from __future__ import annotations
 
 import heapq
-import inspect
 import math
 import warnings
 from typing import Callable, Optional, Sequence
@@ -169,15 +168,17 @@ def is_dtensor(p: Tensor) -> bool:
     return hasattr(p, "device_mesh") and hasattr(p, "placements")
 
 
-def _engine():
-    """``lowrank_engine.py``: the owner-rank layer for DTensor parameters, imported
-    only when one is met (a copied-out class without it says so, never trains wrong)."""
+def _engine(needed: Optional[str] = "FSDP2 (DTensor) parameters"):
+    """``lowrank_engine.py`` (FSDP2, layer-wise steps, richer refusals), imported
+    when needed: a class copied out without it says so, never trains wrong;
+    None where it is only wanted (``needed=None``) and not importable."""
     try:
         import lowrank_engine
     except ImportError:
-        raise RuntimeError("FSDP2 (DTensor) parameters: lowrank_adam steps each sharded matrix whole on an owner rank "
-                           "with lowrank_engine.py, which is not importable here. Put lowrank_engine.py next to this "
-                           "file, or train with DDP / ZeroRedundancyOptimizer") from None
+        if needed is None:
+            return None
+        raise RuntimeError(f"{needed}: lowrank_adam needs lowrank_engine.py, which is not importable here. Put "
+                           "lowrank_engine.py next to this file, or train with DDP / ZeroRedundancyOptimizer") from None
     return lowrank_engine
 
 
@@ -243,7 +244,6 @@ class _Base(Optimizer):
     # torch's own group keys, and those its LR schedulers write (OneCycleLR, CyclicLR)
     _bookkeeping_keys = ("params", "param_names", "differentiable",
                          "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum")
-    _refused_hints: dict[str, str] = {}
     _dense_elementwise = True  # the dense update is elementwise (FSDP2 may step a shard of it)
     _rank_converts = False  # a group's rank may go between an integer and None (Adapprox converts V)
     _rank_fixed = False  # a matrix keeps its first rank (LDAdam tracks one subspace)
@@ -265,15 +265,13 @@ class _Base(Optimizer):
                 _refuse_flattened(p)
         options = set(self.defaults) | set(self.group_keys)
         for key in param_group:
-            if key not in options and key not in self._bookkeeping_keys:
-                owners = sorted(name for name, opts in _optimizer_options().items() if key in opts)
-                hint = self._refused_hints.get(key, "remove it from the group")
-                raise ValueError(f"{type(self).__name__} has no group option {key!r} "
-                                 f"({'an option of ' + ', '.join(owners) if owners else 'unknown'}): {hint}. "
+            if key not in options and key not in self._bookkeeping_keys:  # the engine says whose option it is
+                hint = engine.option_hint(self, key) if (engine := _engine(None)) else ""
+                raise ValueError(f"{type(self).__name__} has no group option {key!r}{hint}. "
                                  f"Its group options: {', '.join(sorted(options))}")
         self._validate_group({**self.defaults, **param_group, "params": tensors})  # before it joins
         super().add_param_group(param_group)
-        self.__dict__.pop("_where", None)  # step_parameter's lookup table is stale
+        self.__dict__.pop("_where", None)  # the engine's step_parameter lookup table is stale
 
     def _validate_group(self, group: dict) -> None:
         _validate_adam(group)
@@ -292,32 +290,10 @@ class _Base(Optimizer):
             self._step_items(items)
         return loss
 
-    @torch.no_grad()
     def step_parameter(self, p: Tensor) -> None:
-        """Update the one parameter ``p`` now, exactly as ``step()`` would: for
-        layer-wise training, from its post-accumulate-grad hook, so the whole
-        model's gradients never exist at once (``lowrank_engine.layerwise_hooks``).
-        LR schedulers see the step; step hooks are not called."""
-        where = self.__dict__.get("_where")
-        if where is None or len(where) != sum(len(g["params"]) for g in self.param_groups):
-            where = self.__dict__["_where"] = {id(q): (g, i) for i, (g, q) in enumerate(
-                (g, q) for g in self.param_groups for q in g["params"])}
-        if id(p) not in where:
-            raise ValueError(f"step_parameter: the tensor of shape {tuple(p.shape)} is not a parameter of this "
-                             "optimizer")
-        group, index = where[id(p)]
-        self._opt_called = True  # what torch's step wrapper records, for LR schedulers
-        self._check_layerwise(group)
-        if p.grad is None:
-            return
-        if is_dtensor(p):
-            _engine().fsdp2_step(self, [(p, group, index)])
-            return
-        self._check_grads([(p, group, index)])
-        self._step_items([(p, group, index)])
-
-    def _check_layerwise(self, group: dict) -> None:  # AdaptiveAdamW's allocation refuses
-        pass
+        """Update the one parameter ``p`` now, exactly as ``step()`` would, for
+        layer-wise training (``lowrank_engine.layerwise_hooks``, which it needs)."""
+        _engine("layer-wise steps (step_parameter)").step_parameter(self, p)
 
     def _step_items(self, items: list[tuple[Tensor, dict, int]], peers=None) -> None:
         """One step of the (parameter, group, index) triples: AdamW for the dense
@@ -421,18 +397,13 @@ class _Base(Optimizer):
         back with the value and dtype it was saved with (torch's own casts it to
         the parameter's dtype, rounding the float32 state of a bf16 model), and
         the state dict of another optimizer refused before anything loads."""
-        if "extra" in state_dict:  # written before the randomness became counter-based
-            warnings.warn(f"{type(self).__name__}.load_state_dict: this state dict has the generator states of an "
-                          "older version, which are ignored: the random sketches continue from counter-based "
-                          "seeds, so the run does not continue bit-exactly", stacklevel=2)
+        name, engine = type(self).__name__, _engine(None)
+        if engine:  # where importable: an older state dict's warning, and who wrote another's
+            engine.check_state_dict(self, state_dict)
         foreign = ({k for g in state_dict["param_groups"] for k in g} - set(self.defaults) - set(self.group_keys)
                    - set(self._bookkeeping_keys))
-        if foreign:
-            writers = [name for name, options in _optimizer_options().items() if foreign <= options]
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: this state dict was written by "
-                f"{' or '.join(writers) if writers else 'another optimizer'} (its param groups hold "
-                f"{', '.join(sorted(foreign))}, which {type(self).__name__} does not have); nothing was loaded")
+        _check(not foreign, f"{name}.load_state_dict: this state dict was written by another optimizer (its param "
+                            f"groups hold {', '.join(sorted(foreign))}, which {name} does not have); nothing was loaded")
         if any(is_dtensor(p) for g in self.param_groups for p in g["params"]) or any(
                 isinstance(s, dict) and "owner" in s for s in state_dict["state"].values()):
             _engine().check_load(self, state_dict)  # FSDP2: each matrix's state on its owner rank
@@ -454,17 +425,6 @@ class _Base(Optimizer):
 
     def _initial_rank(self, p: Tensor, group: dict) -> int:
         return min(group["rank"], min(p.shape))
-
-
-def _optimizer_options() -> dict[str, set[str]]:
-    """Every optimizer class defined here -> its group options (looked up when
-    needed, so that a class copied out alone still works)."""
-    out, todo = {}, list(_Base.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
-        out[cls.__name__] = set(inspect.signature(cls.__init__).parameters) - {"self", "params"} | set(cls.group_keys)
-    return out
 
 
 # =============================================================================
@@ -831,9 +791,6 @@ class AdaptiveAdamW(_Base):
         opt = AdaptiveAdamW(lowrank_groups(model, rank=8, update_proj_gap=200), lr=1e-2)
     """
 
-    _refused_hints = {"subspace": "AdaptiveAdamW's allocation needs the spectra of the SVD, so its subspace is "
-                                  "always the SVD's (use GaLoreAdamW for 'random' or 'gha')"}
-
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, update_proj_gap: int = 200, scale: float = 0.25,
                  proj_type: str = "std", rank_metric: str = "explained_variance", allocate: bool = True,
@@ -859,12 +816,6 @@ class AdaptiveAdamW(_Base):
             _check(not group["allocate"] or others <= {group[key]},
                    f"Invalid {key}: {group[key]!r} differs from {sorted(others)} of another group; every group that "
                    f"allocates shares one budget and must use the same {key} (or set allocate=False in one of them)")
-
-    def _check_layerwise(self, group: dict) -> None:
-        if group.get("rank") is not None and group["allocate"]:
-            raise RuntimeError("AdaptiveAdamW cannot update one parameter at a time (layer-wise): its allocation "
-                               "splits one rank budget using the spectra of all matrices at once. Use "
-                               "allocate=False (fixed ranks) or GaLoreAdamW for layer-wise updates.")
 
     def _step_items(self, items: list[tuple[Tensor, dict, int]], peers=None) -> None:
         """The refresh half of the box, for every matrix due at this step at once,
@@ -1047,11 +998,6 @@ class LDAdam(_Base):
     """
 
     _rank_fixed = True
-    _refused_hints = {
-        "scale": "LDAdam's update P N has no GaLore scale α; remove 'scale' (or multiply lr by it)",
-        "update_proj_gap": "LDAdam refreshes its subspace every step; remove 'update_proj_gap'",
-        "error_dtype": "it is a constructor argument, LDAdam(..., error_dtype=torch.bfloat16)",
-    }
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.908, 0.99), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, rho: float = 0.908, error_feedback: bool = True,
