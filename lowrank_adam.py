@@ -1,45 +1,33 @@
 """lowrank_adam: memory-efficient low-rank Adam optimizers in one file.
 
-Adam keeps two moments per weight: for a 1B-parameter LLaMA, 8 GB of float32
-state. The gradients of a transformer's big matrices are close to low-rank,
-and the optimizers here keep far less state per matrix by exploiting that:
+Adam keeps two moments per weight (8 GB of float32 state for a 1B-parameter
+LLaMA); a transformer's big matrices have near-low-rank gradients, and these
+optimizers keep far less state per matrix by exploiting that:
 
 * ``GaLoreAdamW`` (Zhao et al. 2024, arXiv:2403.03507): Adam on the gradient
   projected onto its top-r singular subspace, refreshed every T steps.
-* ``AdaptiveAdamW``: GaLore with one global rank budget split across the
-  matrices by their gradient spectra, moments rotated into each new basis,
-  and the out-of-subspace residual.
+* ``AdaptiveAdamW``: GaLore with one global rank budget split by gradient
+  spectra, moments rotated into each new basis, and the residual.
 * ``LDAdam`` (Robert et al., ICLR 2025, arXiv:2410.16103): a new subspace
   every step, projection-aware moments, generalized error feedback.
 * ``Adapprox`` (Zhao et al. 2024, arXiv:2403.14958): Adam's second moment as
   a randomized low-rank factorization of adaptive rank.
 
-Each class docstring is its paper's algorithm box, and one method per class
-follows it line by line with the box's letters: ``_update``, one step of one
-matrix (AdaptiveAdamW's allocation across matrices is its ``_step_items``).
-Conventions: a matrix is handled in *oriented* form, its short side first
-(X of shape s×l, basis P of shape s×r, projected tensors r×l); linear
-algebra runs in float32 or better; state holds tensors and numbers only,
-loads back exactly, and random draws are counter-based (``stream_seed``),
-the same on every DDP rank. Parameters outside a group with an integer
-``rank`` get exactly ``torch.optim.AdamW``'s update. A group option that the
-optimizer does not honour is refused, not ignored.
-
-Layout: sections 1-2 are the core (math shared by all, and ``_Base``, the
-optimizer machinery behind the one method each algorithm implements);
-section 3 holds the subspace pieces GaLoreAdamW and AdaptiveAdamW share;
-sections 4-7 hold one optimizer each; section 8 the helpers for param groups
-and memory. To use one optimizer elsewhere, copy sections 1-2, its section
-(and 3, for the two GaLore classes): eager, ``torch.compile``, DDP, ZeRO-1,
-Hugging Face models and exact resume work with that alone. FSDP2 (DTensor
-parameters) and layer-wise hooks are in ``lowrank_engine.py``, which the
-core imports only when it meets a DTensor. Requires torch >= 2.5 (tested
-with 2.13.0).
+Each class docstring is its paper's algorithm box; its ``_update`` (one step
+of one matrix) follows the box line by line with the box's letters. A matrix
+is handled *oriented*, short side first (X s×l, basis P s×r); linear algebra
+runs in float32 or better; random draws are counter-based (``stream_seed``);
+groups without an integer ``rank`` get ``torch.optim.AdamW``'s update; a
+group option the optimizer does not honour is refused. Sections 1-2 are the
+core, 3 the pieces the two GaLore classes share, 4-7 one optimizer each, 8
+the helpers. One class copied out with the core and the sections it uses
+works alone (eager, ``torch.compile``, DDP, ZeRO-1, Hugging Face models,
+exact resume); FSDP2 and layer-wise steps need ``lowrank_engine.py``
+(docs/DESIGN.md). Requires torch >= 2.5 (tested with 2.13.0).
 
     from lowrank_adam import GaLoreAdamW, lowrank_groups
     opt = GaLoreAdamW(lowrank_groups(model, rank=128), lr=1e-2)
 """
-
 from __future__ import annotations
 
 import heapq
@@ -87,22 +75,6 @@ def gradient_spectrum(x: Tensor, rank: Optional[int] = None) -> tuple[Tensor, Te
     return (u if rank is None else u[:, :rank].contiguous()), s
 
 
-def align_signs_(u: Tensor, prev: Tensor) -> Tensor:
-    """Flip columns of ``u`` in place so each agrees in sign with the same column
-    of ``prev``. A singular vector's sign is arbitrary (LAPACK's depends on
-    dtype and device); moments left in place across a refresh are coordinates
-    in the basis, and keep their direction only if the columns keep theirs."""
-    j = min(u.shape[1], prev.shape[1])
-    agree = (u[:, :j] * prev[:, :j].to(u.dtype)).sum(dim=0)
-    u[:, :j] *= torch.where(agree < 0, -1.0, 1.0).to(u.dtype)
-    return u
-
-
-def _generator(device: torch.device, seed: int) -> torch.Generator:
-    """A generator on ``device`` seeded with ``seed``, for one draw."""
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def orthonormalize(x: Tensor) -> Tensor:
     """Q of the thin QR of x in float32 or better (orthonormal even for a
     rank-deficient x)."""
@@ -142,11 +114,6 @@ def _to_host(values: list) -> list:
             n = values[i].numel()
             out[i], flat = (flat[:n] if values[i].dim() else flat[0]), flat[n:]
     return out
-
-
-@torch.compiler.disable  # a host sync: under torch.compile a quiet graph break, not a warning
-def is_all_zero(x: Tensor) -> bool:
-    return not bool(x.any())
 
 
 # =============================================================================
@@ -231,14 +198,11 @@ def _validate_options(group: dict, choices: dict) -> None:
 
 
 class _Base(Optimizer):
-    """What every optimizer here shares, and the one interface the algorithm
-    classes implement: ``_validate_group(group)`` (checks of a group, before
-    it joins) and ``_update(p, group, index)`` (one step of one matrix with a
-    gradient, in a group with an integer ``rank``), or ``_step_items(items)``
-    for a step that needs every matrix at once. ``_Base`` does the rest:
-    groups are copied and validated before they join, options the optimizer
-    does not honour are refused, gradients are checked before anything
-    changes, dense parameters get AdamW, and state dicts load exactly."""
+    """The shared optimizer. A class implements ``_validate_group(group)`` (run
+    before a group joins) and ``_update(p, group, index)`` (one step of one
+    low-rank matrix), or ``_step_items(items)`` for a step that needs every
+    matrix at once; ``_Base`` checks groups and gradients before anything
+    changes, gives dense parameters AdamW, and loads state dicts exactly."""
 
     group_keys: tuple[str, ...] = ("rank",)  # options besides the constructor's
     # torch's own group keys, and those its LR schedulers write (OneCycleLR, CyclicLR)
@@ -420,17 +384,34 @@ class _Base(Optimizer):
 
     def ranks(self) -> list[int]:
         """Current rank of each low-rank parameter, in param-group order."""
-        return [self.state.get(p, {}).get("rank", self._initial_rank(p, g))
+        return [self.state.get(p, {}).get("rank", min(g["rank"], *p.shape))
                 for g in self.param_groups if g.get("rank") is not None for p in g["params"]]
-
-    def _initial_rank(self, p: Tensor, group: dict) -> int:
-        return min(group["rank"], min(p.shape))
 
 
 # =============================================================================
 # 3. Subspace pieces shared by GaLoreAdamW and AdaptiveAdamW
 # =============================================================================
 
+
+def align_signs_(u: Tensor, prev: Tensor) -> Tensor:
+    """Flip columns of ``u`` in place so each agrees in sign with the same column
+    of ``prev``. A singular vector's sign is arbitrary (LAPACK's depends on
+    dtype and device); moments left in place across a refresh are coordinates
+    in the basis, and keep their direction only if the columns keep theirs."""
+    j = min(u.shape[1], prev.shape[1])
+    agree = (u[:, :j] * prev[:, :j].to(u.dtype)).sum(dim=0)
+    u[:, :j] *= torch.where(agree < 0, -1.0, 1.0).to(u.dtype)
+    return u
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed``, for one draw."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@torch.compiler.disable  # a host sync: under torch.compile a quiet graph break, not a warning
+def is_all_zero(x: Tensor) -> bool:
+    return not bool(x.any())
 
 
 SUBSPACES = ("svd", "random", "gha")
@@ -1412,10 +1393,9 @@ def srsi(V: Tensor, rank: int, oversample: int = 5, power_iters: int = 1,
     if omega is None:
         omega = torch.randn(n, sketch_columns(V.shape, rank, oversample, init), generator=generator,
                             device=V.device, dtype=V.dtype)
-    qr = lambda x: torch.linalg.qr(x, mode="reduced").Q  # noqa: E731  (orthonormal columns)
-    Q = qr(torch.cat([warm.to(V.dtype), (omega.T @ V.T).T], dim=1))  # (m, k+p)
+    Q = orthonormalize(torch.cat([warm.to(V.dtype), (omega.T @ V.T).T], dim=1))  # (m, k+p)
     for _ in range(power_iters):
-        Q = qr((qr((Q.T @ V).T).T @ V.T).T)
+        Q = orthonormalize((orthonormalize((Q.T @ V).T).T @ V.T).T)
     u_b, sigma, w_bh = torch.linalg.svd(Q.T @ V, full_matrices=False)
     k = min(rank, m, n)
     return Q @ u_b[:, :k], (w_bh[:k].T * sigma[:k]).contiguous()
