@@ -28,6 +28,7 @@ exact resume); FSDP2 and layer-wise steps need ``lowrank_engine.py``
     from lowrank_adam import GaLoreAdamW, lowrank_groups
     opt = GaLoreAdamW(lowrank_groups(model, rank=128), lr=1e-2)
 """
+
 from __future__ import annotations
 
 import heapq
@@ -53,11 +54,10 @@ PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
 
 def oriented(p: Tensor, proj_type: str = "std") -> tuple[Tensor, bool]:
-    """X, the gradient of the (m, n) matrix ``p`` in oriented form (s, l), in
-    float32 or better, and whether X = Gᵀ. ``std`` compresses the short side
-    (GaLore's rule, m >= n -> Gᵀ), ``reverse_std`` the long one, ``left``
-    always the rows, ``right`` always the columns; ``ldadam`` is LDAdam's
-    official rule (Gᵀ when m > n: square matrices keep their rows)."""
+    """X, the gradient of the (m, n) matrix ``p`` oriented (s, l) in float32 or
+    better, and whether X = Gᵀ: ``std`` compresses the short side (m >= n -> Gᵀ),
+    ``reverse_std`` the long one, ``left`` the rows, ``right`` the columns,
+    ``ldadam`` LDAdam's rule (Gᵀ when m > n: a square keeps its rows)."""
     m, n = p.shape
     transposed = {"std": m >= n, "reverse_std": m < n, "left": False, "right": True, "ldadam": m > n}[proj_type]
     return (p.grad.T if transposed else p.grad).to(torch.promote_types(p.dtype, torch.float32)), transposed
@@ -76,8 +76,7 @@ def gradient_spectrum(x: Tensor, rank: Optional[int] = None) -> tuple[Tensor, Te
 
 
 def orthonormalize(x: Tensor) -> Tensor:
-    """Q of the thin QR of x in float32 or better (orthonormal even for a
-    rank-deficient x)."""
+    """Q of the thin QR of x in float32 or better (orthonormal even if x is not full-rank)."""
     return torch.linalg.qr(x.to(torch.promote_types(x.dtype, torch.float32)), mode="reduced").Q
 
 
@@ -150,13 +149,10 @@ def _engine(needed: Optional[str] = "FSDP2 (DTensor) parameters"):
 
 
 def _refuse_flattened(p: Tensor) -> None:
-    """FSDP1 flattens weights into 1-D shards (marking them ``_fsdp_flattened``):
-    no matrix would be left, and a low-rank method would silently be AdamW."""
-    if getattr(p, "_fsdp_flattened", False):
-        raise ValueError(
-            f"a parameter (now of shape {tuple(p.shape)}) is managed by FullyShardedDataParallel (FSDP1), which "
-            "flattens weight matrices into 1-D shards: the low-rank optimizers of lowrank_adam need each matrix "
-            "whole. Use DistributedDataParallel, or ZeroRedundancyOptimizer (ZeRO-1) to shard the optimizer state")
+    """FSDP1's 1-D shards (``_fsdp_flattened``) hold no matrix: a low-rank method would silently be AdamW."""
+    _check(not getattr(p, "_fsdp_flattened", False), f"a parameter (now of shape {tuple(p.shape)}) is flattened into "
+           "1-D shards by FullyShardedDataParallel (FSDP1); lowrank_adam needs each matrix whole: use "
+           "DistributedDataParallel, ZeroRedundancyOptimizer (ZeRO-1) or FSDP2 (fully_shard)")
 
 
 def _validate_adam(group: dict) -> None:
@@ -171,8 +167,7 @@ def _validate_adam(group: dict) -> None:
 
 
 def _validate_rank(group: dict, optimizer: str, proj_types: Sequence[str] = ("std",)) -> None:
-    """Checks of a low-rank group (an integer ``rank``); warns once per group
-    when the rank exceeds a matrix's short side (that matrix uses min(m, n))."""
+    """Checks of a group with an integer ``rank``; warns if it exceeds a matrix's min(m, n)."""
     rank = group["rank"]
     _check(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1, f"Invalid rank: {rank}")
     gap = group.get("update_proj_gap", 1)
@@ -213,8 +208,7 @@ class _Base(Optimizer):
     _rank_fixed = False  # a matrix keeps its first rank (LDAdam tracks one subspace)
 
     def add_param_group(self, param_group: dict) -> None:
-        # A copy: torch writes the defaults into the dict it is given, so a list of
-        # groups reused for a second optimizer would silently inherit this one's options.
+        # A copy: torch writes the defaults into the dict, which a second optimizer would inherit.
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
         params = param_group["params"]
@@ -279,8 +273,7 @@ class _Base(Optimizer):
         sync per device and call (Σ g is NaN/Inf when g holds one)."""
         sums: dict[torch.device, list[Tensor]] = {}
         for p, group, _ in items:
-            if getattr(p, "_fsdp_flattened", False):  # wrapped by FSDP1 after the optimizer was built
-                _refuse_flattened(p)
+            _refuse_flattened(p)  # FSDP1 may wrap the model after the optimizer was built
             state, rank = self.state.get(p, {}), group.get("rank")
             kind = ("P" in state or "exp_avg" in state) and ("P" in state) != (rank is not None)  # int <-> None
             if (kind and not self._rank_converts) or (self._rank_fixed and "P" in state and rank is not None
@@ -307,9 +300,8 @@ class _Base(Optimizer):
                     "Lower the learning rate, clip gradients, or use a GradScaler for fp16.")
 
     def _refuse_rank_change(self, p: Tensor, state: dict, rank: Optional[int]) -> None:
-        """A group's ``rank`` went between an integer and None after its matrices
-        took steps (their state is of the other kind), or changed at all where a
-        matrix keeps its first rank."""
+        """A group's ``rank`` went between an integer and None after its matrices took
+        steps, or changed at all where a matrix keeps its first rank (``_rank_fixed``)."""
         was, now = ("an integer", "None") if "P" in state else ("None", rank)
         why = "its state cannot be carried over"
         if "P" in state and rank is not None:
@@ -326,10 +318,9 @@ class _Base(Optimizer):
         batches: dict[tuple[int, torch.device], list[Tensor]] = {}
         for p, group in dense:
             state = self.state[p]
-            if len(state) == 0:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, dtype=linalg_dtype(p.dtype))  # m
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=linalg_dtype(p.dtype))  # v
+            if len(state) == 0:  # m, v
+                state.update(step=0, exp_avg=torch.zeros_like(p, dtype=linalg_dtype(p.dtype)),
+                             exp_avg_sq=torch.zeros_like(p, dtype=linalg_dtype(p.dtype)))
             state["step"] += 1
             batches.setdefault((id(group), p.device), []).append(p)
         groups = {id(g): g for _, g in dense}
@@ -357,17 +348,15 @@ class _Base(Optimizer):
                 ps[i].add_((m[i] / denom[i]).mul_(size[i]))  # W + update in float32, rounded once into W
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """``Optimizer.load_state_dict``, with every floating state tensor put
-        back with the value and dtype it was saved with (torch's own casts it to
-        the parameter's dtype, rounding the float32 state of a bf16 model), and
-        the state dict of another optimizer refused before anything loads."""
-        name, engine = type(self).__name__, _engine(None)
-        if engine:  # where importable: an older state dict's warning, and who wrote another's
+        """``Optimizer.load_state_dict``, with every floating state tensor back in its
+        saved dtype (torch's casts it to the parameter's, rounding a bf16 model's
+        float32 state), and another optimizer's state dict refused before any load."""
+        if engine := _engine(None):  # where importable: an older state dict's warning, who wrote another's
             engine.check_state_dict(self, state_dict)
-        foreign = ({k for g in state_dict["param_groups"] for k in g} - set(self.defaults) - set(self.group_keys)
-                   - set(self._bookkeeping_keys))
-        _check(not foreign, f"{name}.load_state_dict: this state dict was written by another optimizer (its param "
-                            f"groups hold {', '.join(sorted(foreign))}, which {name} does not have); nothing was loaded")
+        foreign, cls = ({k for g in state_dict["param_groups"] for k in g} - set(self.defaults)
+                        - set(self.group_keys) - set(self._bookkeeping_keys)), type(self).__name__
+        _check(not foreign, f"{cls}.load_state_dict: this state dict was written by another optimizer (its param "
+                            f"groups hold {', '.join(sorted(foreign))}, which {cls} does not have); nothing was loaded")
         if any(is_dtensor(p) for g in self.param_groups for p in g["params"]) or any(
                 isinstance(s, dict) and "owner" in s for s in state_dict["state"].values()):
             _engine().check_load(self, state_dict)  # FSDP2: each matrix's state on its owner rank
