@@ -273,7 +273,8 @@ class _Base(Optimizer):
         sync per device and call (Σ g is NaN/Inf when g holds one)."""
         sums: dict[torch.device, list[Tensor]] = {}
         for p, group, _ in items:
-            _refuse_flattened(p)  # FSDP1 may wrap the model after the optimizer was built
+            if getattr(p, "_fsdp_flattened", False):  # wrapped by FSDP1 after the optimizer was built
+                _refuse_flattened(p)
             state, rank = self.state.get(p, {}), group.get("rank")
             kind = ("P" in state or "exp_avg" in state) and ("P" in state) != (rank is not None)  # int <-> None
             if (kind and not self._rank_converts) or (self._rank_fixed and "P" in state and rank is not None
@@ -351,8 +352,8 @@ class _Base(Optimizer):
         """``Optimizer.load_state_dict``, with every floating state tensor back in its
         saved dtype (torch's casts it to the parameter's, rounding a bf16 model's
         float32 state), and another optimizer's state dict refused before any load."""
-        if engine := _engine(None):  # where importable: an older state dict's warning, who wrote another's
-            engine.check_state_dict(self, state_dict)
+        if engine := _engine(None):  # where importable: older state dicts read, and who wrote another's
+            state_dict = engine.check_state_dict(self, state_dict)
         foreign, cls = ({k for g in state_dict["param_groups"] for k in g} - set(self.defaults)
                         - set(self.group_keys) - set(self._bookkeeping_keys)), type(self).__name__
         _check(not foreign, f"{cls}.load_state_dict: this state dict was written by another optimizer (its param "
@@ -383,10 +384,8 @@ class _Base(Optimizer):
 
 
 def align_signs_(u: Tensor, prev: Tensor) -> Tensor:
-    """Flip columns of ``u`` in place so each agrees in sign with the same column
-    of ``prev``. A singular vector's sign is arbitrary (LAPACK's depends on
-    dtype and device); moments left in place across a refresh are coordinates
-    in the basis, and keep their direction only if the columns keep theirs."""
+    """Flip columns of ``u`` in place to agree in sign with those of ``prev``: moments
+    left in place are coordinates in the basis, and a singular vector's sign is arbitrary."""
     j = min(u.shape[1], prev.shape[1])
     agree = (u[:, :j] * prev[:, :j].to(u.dtype)).sum(dim=0)
     u[:, :j] *= torch.where(agree < 0, -1.0, 1.0).to(u.dtype)
@@ -452,9 +451,8 @@ def randomized_spectrum(x: Tensor, width: int, warm: Optional[Tensor], generator
 
 
 def transform_moments(P_new: Tensor, P_old: Tensor, M: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-    """Adam's moments from basis P_old into P_new: ``C = P_newᵀ P_old``,
-    ``M ← C M``, ``V ← (C∘C) V`` (our reading for V: it fits the shapes when
-    the ranks differ and keeps V >= 0)."""
+    """Adam's moments from basis P_old into P_new: ``C = P_newᵀ P_old``, ``M ← C M``,
+    ``V ← (C∘C) V`` (our reading for V: it fits differing ranks and keeps V >= 0)."""
     C = P_new.T @ P_old
     return C @ M, (C * C) @ V
 
@@ -468,11 +466,9 @@ def resize_rows(x: Tensor, rows: int) -> Tensor:
 
 
 def orthogonal_residual(x: Tensor, P: Tensor, r: Tensor, n: Tensor, transposed: bool = False) -> Tensor:
-    """Fira's residual, what the subspace drops scaled like the Adam update:
-    ``S = (X - P R) diag(φ)``, ``φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + δ)``, in W's
-    layout. Ours: the exact orthogonal residual (Fira subtracts α·P R), and a
-    guard relative to X, ``δ = 1e-8 ‖X‖_F / sqrt(l)``, so S does not depend
-    on the gradient's scale (φ = 0 for X = 0)."""
+    """Fira's residual, what the subspace drops scaled like the Adam update, in W's
+    layout: ``S = (X - P R) diag(φ)``, ``φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + δ)``, with our
+    scale-free guard ``δ = 1e-8 ‖X‖_F / sqrt(l)`` (φ = 0 for X = 0)."""
     guard = torch.linalg.vector_norm(x) * (1e-8 / math.sqrt(max(x.shape[1], 1)))
     denom = torch.linalg.vector_norm(r, dim=0) + guard
     phi = torch.where(denom > 0, torch.linalg.vector_norm(n, dim=0) / denom, 0.0)
@@ -483,8 +479,7 @@ def orthogonal_residual(x: Tensor, P: Tensor, r: Tensor, n: Tensor, transposed: 
 
 def norm_growth_limit_(x: Tensor, prev_rms: Tensor, gamma: float) -> Tensor:
     """``x ← x · min(1, γ·prev_rms / RMS(x))`` in place; returns the new RMS. A
-    ``prev_rms`` of 0 (no history) limits nothing, so a zero step never freezes
-    the parameter (our choice)."""
+    ``prev_rms`` of 0 (no history) limits nothing: a zero step never freezes W."""
     cur = torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
     factor = torch.where((prev_rms > 0) & (cur > gamma * prev_rms), gamma * prev_rms / cur.clamp_min(1e-30), 1.0)
     x.mul_(factor)
@@ -511,27 +506,24 @@ class GaLoreAdamW(_Base):
     Every other parameter gets AdamW. The moments stay in place when P
     changes (GaLore's choice), so each new column of P is signed like the old
     one (``align_signs_``). Group options: ``rank``, ``update_proj_gap`` T
-    (200), ``scale`` α (0.25), ``proj_type`` (std, reverse_std, left, right)::
+    (200), ``scale`` α (0.25), ``proj_type`` (std, reverse_std, left, right).
+    State per matrix: P (s×r), M and V (r×l), not AdamW's 2·m·n numbers::
 
         opt = GaLoreAdamW(lowrank_groups(model, rank=128, update_proj_gap=200), lr=1e-2)
 
     Variants, each a small piece below the step that the plain path skips:
 
-    * ``residual=True`` (Fira): ``W ← W(1-lr·wd) - lr·(α P N + S)`` with S the
-      part of X the subspace drops (``orthogonal_residual``), its RMS growing
-      by at most ``norm_growth_limit`` γ (1.01) per step.
-    * ``refresh="randomized"``: P from ``randomized_spectrum`` warm-started at
-      the previous P (``refresh_iters`` iterations) instead of an exact SVD.
-    * ``subspace="random"``: a uniformly random P at each refresh, and
-      ``subspace="gha"``: P tracked every step by Sanger's rule (``gha_step``,
-      step ``gha_lr``) from the first SVD on; with both, the moments follow P
-      at each refresh (``transform_moments``).
+    * ``residual=True`` (Fira): ``D ← α P N + S``, S the part of X the subspace
+      drops (``orthogonal_residual``), its RMS growth per step capped at
+      ``norm_growth_limit`` γ (1.01).
+    * ``refresh="randomized"``: P from ``randomized_spectrum`` (``refresh_iters``).
+    * ``subspace="random"`` (a random P at each refresh) or ``"gha"`` (P tracked
+      every step by Sanger's rule, ``gha_step``, ``gha_lr``): the moments
+      follow P at each refresh (``transform_moments``).
     * ``stagger=True``: the matrices refresh at different steps (``refresh_due``).
 
     A refresh that meets an all-zero X keeps P and is redone at the next
-    step. A changed group ``rank`` takes effect at the next refresh. Random
-    draws come from ``stream_seed(seed, index, t)``. State per matrix: P
-    (s×r), M and V (r×l), instead of AdamW's 2·m·n numbers.
+    step; a changed group ``rank`` takes effect at the next refresh.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -582,10 +574,8 @@ class GaLoreAdamW(_Base):
             state["P"] = orthonormalize_signed(gha_step(P, X, R, group["gha_lr"]))
 
     def _refresh(self, p: Tensor, X: Tensor, state: dict, group: dict, index: int, t: int) -> None:
-        """P ← a new basis of rank r (the group's, at most min(m, n)). An all-zero
-        X has no subspace: P is kept (coordinate axes if there is none yet) and
-        the refresh is redone at the next step (``refresh_again``, 0 or 1 in
-        every state). One host sync, where the SVD syncs anyway."""
+        """P ← a new basis of rank r = min(rank, m, n). An all-zero X has none: P is kept
+        (coordinate axes at first) and the refresh redone at the next step (``refresh_again``)."""
         r, P_old = min(group["rank"], *p.shape), state.get("P")
         retry, state["refresh_again"] = state.get("refresh_again", 0), 0
         if group["subspace"] == "svd" and group["refresh"] == "svd":
@@ -738,25 +728,19 @@ class AdaptiveAdamW(_Base):
         S ← S · min(1, γ·RMS_{t-1} / RMS(S))              (norm-growth limiter)
         W ← W (1 - lr·wd) - lr · (α P N + S)
 
-    With ``residual=False`` there is no S and the limiter acts on N. The
-    source leaves open what the limiter caps; with the residual (Fira's
-    reading) the loss is lower at every rank tried, so it is the default
-    (docs/RESULTS.md, "AdaptiveAdamW's residual").
+    With ``residual=False`` there is no S and the limiter acts on N (the source
+    leaves open what it caps; with the residual the loss is lower, docs/DESIGN.md).
 
-    Group options as GaLoreAdamW's (``refresh``, ``stagger``; no ``subspace``:
-    the allocation needs singular values), plus ``rank_metric`` (one of
-    ``RANK_METRICS``, the same in every allocating group), ``allocate``
-    (True; False keeps the group's rank, outside the budget),
-    ``transform_momentum`` (True), ``norm_growth_limit`` γ (1.01, None = off)
-    and ``refresh_keep`` (2.0): of each matrix's singular vectors at most
-    ⌈refresh_keep·rank⌉ are held until the allocation is known (a matrix
-    allocated more recomputes its SVD; None keeps all). A matrix whose
-    gradient is all-zero at its refresh keeps P and its rank and refreshes
-    at the next step. ``refresh="randomized"`` knows only the leading values
-    of each spectrum (from ``randomized_spectrum``). With ``stagger`` the
-    allocation stays global: matrices not due take part with the spectrum of
-    their last refresh, and one allocated less drops its last directions at
-    once (docs/DESIGN.md). ``ranks()`` is the allocation, kept in the state::
+    Group options as GaLoreAdamW's (no ``subspace``: the allocation needs
+    singular values), plus ``rank_metric`` (one of ``RANK_METRICS``, the same
+    in every allocating group), ``allocate`` (True; False keeps the group's
+    rank, outside the budget), ``transform_momentum`` (True) and
+    ``refresh_keep`` (2.0: at most ⌈refresh_keep·rank⌉ singular vectors per
+    matrix are held until the allocation is known; None keeps all). A matrix
+    whose X is all-zero at its refresh keeps P and rank and refreshes at the
+    next step. With ``stagger`` the allocation stays global: a matrix not due
+    takes part with the spectrum of its last refresh, and drops its last
+    directions at once if allocated less. ``ranks()`` is the allocation::
 
         opt = AdaptiveAdamW(lowrank_groups(model, rank=8, update_proj_gap=200), lr=1e-2)
     """
@@ -957,12 +941,11 @@ class LDAdam(_Base):
     Defaults are the official code's (``lr=1e-3, betas=(0.908, 0.99), rho=0.908,
     error_feedback=True``); ``rank`` per group, other groups AdamW. Options:
     ``proj_method`` ("power", or "svd": the top-r of T), ``error_dtype`` (None:
-    float32, or float64 for a float64 parameter; torch.bfloat16 halves E).
-    As the official code, the rows are projected when m <= n (squares
-    included: ``proj_type="ldadam"``); ``proj_type`` takes GaLore's rules too
-    (``"std"`` projects a square's columns, see docs/DESIGN.md). Our one change: E is an optimizer-state tensor (``error``, m·n
-    numbers), not kept in ``p.grad``, so ``zero_grad``, clipping and DDP's
-    averaging never touch it::
+    float32, or float64 for a float64 parameter; torch.bfloat16 halves E),
+    ``proj_type`` ("ldadam", the official rule: the rows when m <= n, squares
+    included; or GaLore's rules). Our one change: E is optimizer state
+    (``error``, m·n numbers), not kept in ``p.grad``, so ``zero_grad``,
+    clipping and DDP's averaging never touch it::
 
         opt = LDAdam(lowrank_groups(model, rank=128), lr=1e-3)
     """
@@ -1090,26 +1073,21 @@ class Adapprox(_Base):
         k ← max(k_min, ⌊k/2⌋) while ξ̄ < err_tol/2 from the start; then k ± rank_step
             above err_tol / below err_tol/2 (ξ̄: an EMA of ξ; ``_step_items``)
 
-    The rank starts at k_max = max(1, ⌊k_max_frac·min(m, n)⌋) (or ``rank_init``;
-    a group's integer ``rank`` caps it instead) and stays in [k_min, k_max]. It
-    halves (by at least ``rank_step``) until the first step that does not
-    halve, the EMA of ξ (``err_beta``) reseeded at each rank of that descent;
-    then it moves by ``rank_step`` with hysteresis. At k = min(m, n) V is kept
-    dense (state ``V``), so with clipping and guidance off Adapprox is AdamW.
-    Other parameters keep a dense V and the same rule. The paper's full text was not available to us: the
-    row/column scaling (``row_col_scaling``), the floor δ, the ``nonneg`` rule
-    (``abs``; ``clamp``, ``floor``), the warm start (``warm_start``,
-    ``power_iters``), ``factor_dtype`` (float64 V by default) and ``err_tol``
-    0.5 are our choices, explained in docs/DESIGN.md ("Adapprox") and measured
-    in docs/RESULTS.md. V is formed at a power-of-two scale 4^-h (stored as
-    ``u_exp``), so no square overflows for any finite gradient. Ω of matrix i
-    at step t comes from ``stream_seed(stream_seed(seed, i), t)``::
+    k starts at k_max = max(1, ⌊k_max_frac·min(m, n)⌋) (or ``rank_init``; a
+    group's integer ``rank`` caps it instead; ``rank=None`` keeps a dense V,
+    carried over when the rank changes) and stays in [k_min, k_max]; ξ̄'s EMA
+    (``err_beta``) is reseeded at each rank of the first descent. At k =
+    min(m, n) V is kept dense (state ``V``): with clipping and guidance off,
+    Adapprox is AdamW. Other parameters keep a dense V and the same rule. Our
+    choices where the paper is silent (docs/DESIGN.md, "Adapprox"):
+    ``row_col_scaling``, the floor δ, ``nonneg`` (``abs``; ``clamp``,
+    ``floor``), ``warm_start`` and ``power_iters``, ``factor_dtype`` (float64),
+    ``err_tol`` 0.5, and V formed at a power-of-two scale 4^-h (``u_exp``), so
+    no square overflows for a finite gradient::
 
         opt = Adapprox(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
     """
 
-    # A group's integer ``rank`` (what ``lowrank_groups`` writes) caps k; None keeps a
-    # dense V for the group. It may change between steps: V is carried over.
     _dense_elementwise = False  # clipping and guidance read the whole tensor: FSDP2 steps it whole
     _rank_converts = True
 
@@ -1143,14 +1121,6 @@ class Adapprox(_Base):
             for p in group["params"]:
                 _check(p.dim() == 2, f"Invalid parameter in a 'rank' group: shape {tuple(p.shape)} is not 2-D "
                                      "(put 1-D and other tensors in a group without 'rank')")
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As every optimizer here; a state dict written before U was kept at
-        scale (no ``u_exp``) holds U itself, i.e. at scale 4^0."""
-        super().load_state_dict(state_dict)
-        for state in self.state.values():
-            if "U" in state and "u_exp" not in state:
-                state["u_exp"] = state["U"].new_zeros(())
 
     @staticmethod
     def is_factored(p: Tensor, group: Optional[dict] = None) -> bool:
@@ -1382,9 +1352,10 @@ def srsi(V: Tensor, rank: int, oversample: int = 5, power_iters: int = 1,
     if omega is None:
         omega = torch.randn(n, sketch_columns(V.shape, rank, oversample, init), generator=generator,
                             device=V.device, dtype=V.dtype)
-    Q = orthonormalize(torch.cat([warm.to(V.dtype), (omega.T @ V.T).T], dim=1))  # (m, k+p)
+    qr = lambda x: torch.linalg.qr(x, mode="reduced").Q  # noqa: E731  (orthonormal columns)
+    Q = qr(torch.cat([warm.to(V.dtype), (omega.T @ V.T).T], dim=1))  # (m, k+p)
     for _ in range(power_iters):
-        Q = orthonormalize((orthonormalize((Q.T @ V).T).T @ V.T).T)
+        Q = qr((qr((Q.T @ V).T).T @ V.T).T)
     u_b, sigma, w_bh = torch.linalg.svd(Q.T @ V, full_matrices=False)
     k = min(rank, m, n)
     return Q @ u_b[:, :k], (w_bh[:k].T * sigma[:k]).contiguous()
@@ -1394,13 +1365,6 @@ def sketch_columns(shape: Sequence[int], rank: int, oversample: int, init: Optio
     """Columns of Ω that ``srsi`` needs: k + p (at most min(m, n)), less those of a warm start."""
     width = min(rank + oversample, *shape)
     return width - (0 if init is None else min(init.shape[1], rank, width))
-
-
-def srsi_relative_error(V: Tensor, U: Tensor) -> Tensor:
-    """``‖V - Q Uᵀ‖_F / ‖V‖_F`` for srsi's output (Q Uᵀ projects V, so the
-    squared error is ‖V‖² - ‖U‖²); 0 for V = 0. Cancellation limits it to ~1e-3."""
-    v2, u2 = torch.linalg.vector_norm(V).square(), torch.linalg.vector_norm(U).square()
-    return torch.where(v2 > 0, (v2 - u2).clamp_min(0).sqrt() / v2.sqrt().clamp_min(1e-30), torch.zeros_like(v2))
 
 
 def row_col_scales(v: Tensor) -> tuple[Tensor, Tensor]:
@@ -1414,7 +1378,7 @@ def row_col_scales(v: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # =============================================================================
-# 8. Helpers for users: param groups and state memory
+# 8. Helpers for users: param groups, state memory, srsi's error
 # =============================================================================
 
 
@@ -1491,6 +1455,13 @@ def state_bytes(optimizer: Optimizer, by_key: bool = False):
                 v = v.to_local() if is_dtensor(v) else v  # FSDP2: this rank's shard
                 totals[name] = totals.get(name, 0) + v.numel() * v.element_size()
     return totals if by_key else sum(totals.values())
+
+
+def srsi_relative_error(V: Tensor, U: Tensor) -> Tensor:
+    """``‖V - Q Uᵀ‖_F / ‖V‖_F`` for srsi's output (Q Uᵀ projects V, so the
+    squared error is ‖V‖² - ‖U‖²); 0 for V = 0. Cancellation limits it to ~1e-3."""
+    v2, u2 = torch.linalg.vector_norm(V).square(), torch.linalg.vector_norm(U).square()
+    return torch.where(v2 > 0, (v2 - u2).clamp_min(0).sqrt() / v2.sqrt().clamp_min(1e-30), torch.zeros_like(v2))
 
 
 __all__ = [

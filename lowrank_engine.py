@@ -15,8 +15,8 @@ markers, a parameter is stepped alone, or a refusal can say more:
 * ``step_parameter(optimizer, p)``: one parameter's step, for
   ``layerwise_hooks``, which steps each parameter inside the backward pass.
 * ``option_hint`` and ``check_state_dict``: whose option a refused group key
-  is, which optimizer wrote a foreign state dict, and the warning for an
-  older one (where this file is missing, the core's refusals are shorter).
+  is, which optimizer wrote a foreign state dict, and older state dicts read
+  (where this file is missing, the core's refusals are shorter).
 
 What they use of an optimizer is its ``state``, ``param_groups``,
 ``_check_grads``, ``_step_items(items, peers)`` and ``_dense_elementwise``.
@@ -472,10 +472,15 @@ def option_hint(optimizer: Optimizer, key: str) -> str:
     return f" ({'an option of ' + ', '.join(owners) if owners else 'unknown'}): {hint}"
 
 
-def check_state_dict(optimizer: Optimizer, state_dict: dict) -> None:
-    """Before ``load_state_dict`` loads anything: warn of an older state dict's
-    generator states, and name the optimizer that wrote another's state dict."""
+def check_state_dict(optimizer: Optimizer, state_dict: dict) -> dict:
+    """Before ``load_state_dict`` loads anything: the state dict to load (an older
+    Adapprox state without ``u_exp`` holds U itself, at scale 4^0), a warning for
+    an older one's generator states, and the name of the optimizer that wrote
+    another's state dict."""
     name = type(optimizer).__name__
+    if any(isinstance(s, dict) and "U" in s and "u_exp" not in s for s in state_dict["state"].values()):
+        state_dict = {**state_dict, "state": {i: {**s, "u_exp": s["U"].new_zeros(())} if "U" in s and "u_exp" not in s
+                                              else s for i, s in state_dict["state"].items()}}
     if "extra" in state_dict:  # written before the randomness became counter-based
         warnings.warn(f"{name}.load_state_dict: this state dict has the generator states of an older version, which "
                       "are ignored: the random sketches continue from counter-based seeds, so the run does not "
@@ -486,3 +491,4 @@ def check_state_dict(optimizer: Optimizer, state_dict: dict) -> None:
     if writers:
         raise ValueError(f"{name}.load_state_dict: this state dict was written by {' or '.join(writers)} (its param "
                          f"groups hold {', '.join(sorted(foreign))}, which {name} does not have); nothing was loaded")
+    return state_dict
