@@ -1,9 +1,5 @@
 """lowrank_adam: memory-efficient low-rank Adam optimizers in one file.
 
-Adam keeps two moments per weight (8 GB of float32 state for a 1B-parameter
-LLaMA); a transformer's big matrices have near-low-rank gradients, and these
-optimizers keep far less state per matrix by exploiting that:
-
 * ``GaLoreAdamW`` (Zhao et al. 2024, arXiv:2403.03507): Adam on the gradient
   projected onto its top-r singular subspace, refreshed every T steps.
 * ``AdaptiveAdamW``: GaLore with one global rank budget split by gradient
@@ -14,16 +10,13 @@ optimizers keep far less state per matrix by exploiting that:
   a randomized low-rank factorization of adaptive rank.
 
 Each class docstring is its paper's algorithm box; its ``_update`` (one step
-of one matrix) follows the box line by line with the box's letters. A matrix
-is handled *oriented*, short side first (X s×l, basis P s×r); linear algebra
-runs in float32 or better; random draws are counter-based (``stream_seed``);
-groups without an integer ``rank`` get ``torch.optim.AdamW``'s update; a
-group option the optimizer does not honour is refused. Sections 1-2 are the
-core, 3 the pieces the two GaLore classes share, 4-7 one optimizer each, 8
-the helpers. One class copied out with the core and the sections it uses
-works alone (eager, ``torch.compile``, DDP, ZeRO-1, Hugging Face models,
-exact resume); FSDP2 and layer-wise steps need ``lowrank_engine.py``
-(docs/DESIGN.md). Requires torch >= 2.5 (tested with 2.13.0).
+of one matrix) follows the box line by line with the box's letters. Groups
+without an integer ``rank`` get ``torch.optim.AdamW``'s update. Sections 1-2
+are the core, then the shared pieces, one section per optimizer, and the
+helpers; a class copied out with the core and the sections it uses works
+alone, while FSDP2 and layer-wise steps need ``lowrank_engine.py``
+(docs/DESIGN.md gives the conventions and the reasons). Requires torch >= 2.5
+(tested with 2.13.0).
 
     from lowrank_adam import GaLoreAdamW, lowrank_groups
     opt = GaLoreAdamW(lowrank_groups(model, rank=128), lr=1e-2)
@@ -90,9 +83,8 @@ def apply_update_(param: Tensor, D: Tensor, lr: float, weight_decay: float) -> N
 
 
 def stream_seed(seed: int, *counters: int) -> int:
-    """Seed of one random draw, from the ``seed`` option and counters (a
-    parameter's index, a step) alone: SplitMix64's finalizer over each. So
-    every DDP rank draws the same numbers and a checkpoint needs no generator."""
+    """Seed of one draw from the ``seed`` option and counters (a parameter's index, a
+    step) alone, SplitMix64's finalizer over each: the same on every DDP rank."""
     x = seed
     for c in (0, *counters):
         x = (((x ^ c) & 0xFFFFFFFFFFFFFFFF) + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
@@ -135,9 +127,8 @@ def is_dtensor(p: Tensor) -> bool:
 
 
 def _engine(needed: Optional[str] = "FSDP2 (DTensor) parameters"):
-    """``lowrank_engine.py`` (FSDP2, layer-wise steps, richer refusals), imported
-    when needed: a class copied out without it says so, never trains wrong;
-    None where it is only wanted (``needed=None``) and not importable."""
+    """``lowrank_engine.py``, imported when needed (without it a class says so, never
+    trains wrong); None where it is only wanted (``needed=None``) and missing."""
     try:
         import lowrank_engine
     except ImportError:
@@ -200,8 +191,7 @@ class _Base(Optimizer):
     changes, gives dense parameters AdamW, and loads state dicts exactly."""
 
     group_keys: tuple[str, ...] = ("rank",)  # options besides the constructor's
-    # torch's own group keys, and those its LR schedulers write (OneCycleLR, CyclicLR)
-    _bookkeeping_keys = ("params", "param_names", "differentiable",
+    _bookkeeping_keys = ("params", "param_names", "differentiable",  # torch's, and its LR schedulers'
                          "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum")
     _dense_elementwise = True  # the dense update is elementwise (FSDP2 may step a shard of it)
     _rank_converts = False  # a group's rank may go between an integer and None (Adapprox converts V)
@@ -254,9 +244,8 @@ class _Base(Optimizer):
         _engine("layer-wise steps (step_parameter)").step_parameter(self, p)
 
     def _step_items(self, items: list[tuple[Tensor, dict, int]], peers=None) -> None:
-        """One step of the (parameter, group, index) triples: AdamW for the dense
-        groups, ``_update`` for each low-rank matrix. ``peers``: under FSDP2, the
-        collectives of a step that needs every rank's matrices (AdaptiveAdamW)."""
+        """One step of the (parameter, group, index) triples: AdamW for the dense groups,
+        ``_update`` for each low-rank matrix. ``peers``: FSDP2's collectives (AdaptiveAdamW)."""
         dense = [(p, g) for p, g, _ in items if g.get("rank") is None]
         if dense:
             self._adamw(dense)
@@ -312,10 +301,9 @@ class _Base(Optimizer):
                          "rank back, or give the parameter to a new optimizer")
 
     def _adamw(self, dense: list[tuple[Tensor, dict]]) -> None:
-        """``torch.optim.AdamW``'s update, operation for operation, with its
-        multi-tensor kernels: one call per operation, group and device. The
-        moments are float32 for bf16/fp16 parameters (the update is then
-        computed in float32 and rounded once into the parameter)."""
+        """``torch.optim.AdamW``'s update, operation for operation, with its multi-tensor
+        kernels (one call per operation, group and device); float32 moments for
+        bf16/fp16 parameters, the update rounded once into the parameter."""
         batches: dict[tuple[int, torch.device], list[Tensor]] = {}
         for p, group in dense:
             state = self.state[p]
@@ -395,11 +383,6 @@ def align_signs_(u: Tensor, prev: Tensor) -> Tensor:
 def _generator(device: torch.device, seed: int) -> torch.Generator:
     """A generator on ``device`` seeded with ``seed``, for one draw."""
     return torch.Generator(device=device).manual_seed(seed)
-
-
-@torch.compiler.disable  # a host sync: under torch.compile a quiet graph break, not a warning
-def is_all_zero(x: Tensor) -> bool:
-    return not bool(x.any())
 
 
 SUBSPACES = ("svd", "random", "gha")
@@ -634,6 +617,11 @@ class GaLoreAdamW(_Base):
         if group["norm_growth_limit"] is not None:
             state["rms"] = norm_growth_limit_(S, state["rms"], group["norm_growth_limit"])
         return S
+
+
+@torch.compiler.disable  # a host sync: under torch.compile a quiet graph break, not a warning
+def is_all_zero(x: Tensor) -> bool:
+    return not bool(x.any())
 
 
 def random_basis(s: int, r: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -1016,11 +1004,10 @@ class LDAdam(_Base):
 
 
 def power_iteration_basis(a: Tensor, P_prev: Tensor, M: Tensor, coef_m: float, coef_a: float) -> Tensor:
-    """One block power iteration warm-started at P_prev: with
-    ``T = coef_m · P_prev M + coef_a · A``, ``P = orth(T (Tᵀ P_prev))``, never
-    forming T (``Tᵀ P_prev = coef_m Mᵀ + coef_a Aᵀ P_prev`` as P_prev is
-    orthonormal). Written transposed so the full-size A is on the right of
-    each product: BLAS runs those skinny products faster on a CPU."""
+    """One block power iteration warm-started at P_prev: ``P = orth(T (Tᵀ P_prev))``,
+    ``T = coef_m · P_prev M + coef_a · A`` never formed (``Tᵀ P_prev = coef_m Mᵀ +
+    coef_a Aᵀ P_prev``, P_prev orthonormal); transposed so the full-size A is on the
+    right of each product, the skinny products BLAS runs faster on a CPU."""
     y_t = (P_prev.T @ a).mul_(coef_a).add_(M, alpha=coef_m)  # Yᵀ = (Tᵀ P_prev)ᵀ: (r, l)
     z_t = torch.addmm((M @ y_t.T).T @ P_prev.T, y_t, a.T, beta=coef_m, alpha=coef_a)  # (T Y)ᵀ: (r, s)
     return orthonormalize(z_t.T)
@@ -1432,22 +1419,16 @@ def lowrank_groups(model: nn.Module, rank: int, *, targets: Sequence[str] = ("at
             return ", ".join(items + ([f"... ({len(named) - shown} more)"] if len(named) > shown else []))
         print(f"lowrank_groups: {len(lowrank)} matrices at rank {rank}: {listing(lowrank) or 'none'}")
         print(f"lowrank_groups: {len(rest)} dense parameters: {listing(rest) or 'none'}")
-    groups = []
-    if rest:
-        groups.append({"params": [p for _, p in rest], "rank": None})
+    groups = [{"params": [p for _, p in rest], "rank": None}] if rest else []
     if lowrank:
         groups.append({"params": [p for _, p in lowrank], "rank": rank, **group_options})
     return groups
 
 
 def state_bytes(optimizer: Optimizer, by_key: bool = False):
-    """Bytes held by the optimizer's state tensors (on this rank: under FSDP2,
-    a DTensor counts its local shard, and a matrix's low-rank state is held
-    by its owner rank alone).
-
-    With ``by_key=True`` returns ``{state name: bytes}`` (e.g. ``exp_avg``,
-    ``P``, ``error``) so a memory table can show what each part costs.
-    """
+    """Bytes held by the optimizer's state tensors on this rank (under FSDP2, a
+    DTensor's local shard, and the low-rank states this rank owns); with
+    ``by_key=True``, ``{state name: bytes}`` (``exp_avg``, ``P``, ``error``, ...)."""
     totals: dict[str, int] = {}
     for st in optimizer.state.values():
         for name, v in st.items():

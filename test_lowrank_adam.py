@@ -131,7 +131,7 @@ The training script, bench.py and the documentation are tested in test_train_tin
 #       train::test_bench_shard_tabulates_each_ranks_state_and_peak_under_ddp_and_fsdp
 #   torch.compile: eager's steps to float32 rounding, quiet graph breaks; fullgraph without the check
 #       test_compiled_step_equals_the_eager_step, test_fullgraph_compile_without_the_finite_check_equals_eager
-#   copying one class out: the core and the sections it uses, torch alone, bit for bit, at most 850 lines;
+#   copying one class out: the core and the sections it uses, torch alone, bit for bit, at most 750 lines;
 #   section 8's helpers need only the core
 #       test_one_class_copied_out_with_the_core_alone_trains_as_the_module_does,
 #       test_one_class_copied_out_defines_every_name_its_code_uses,
