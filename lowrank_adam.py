@@ -351,9 +351,7 @@ class _Base(Optimizer):
             _engine().check_load(self, state_dict)  # FSDP2: each matrix's state on its owner rank
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # an option added since the state dict was written: its default
-            for key, value in self.defaults.items():
-                if key not in self._bookkeeping_keys:
-                    group.setdefault(key, value)
+            group.update({k: v for k, v in self.defaults.items() if k not in group and k not in self._bookkeeping_keys})
         saved = [i for g in state_dict["param_groups"] for i in g["params"]]
         for i, p in zip(saved, [p for g in self.param_groups for p in g["params"]]):
             for name, value in state_dict["state"].get(i, {}).items():
@@ -393,9 +391,8 @@ SUBSPACE_OPTIONS = {  # group options of GaLoreAdamW's variants, and their valid
 
 
 def refresh_due(t: int, index: int, group: dict) -> bool:
-    """Whether matrix ``index`` takes a new basis at its step t: t = 1, then every
-    T = ``update_proj_gap`` steps (t ≡ 1 mod T, GaLore), or with ``stagger`` at
-    t ≡ 1 + (index mod T), so about 1/T of the matrices refresh at each step."""
+    """Whether matrix ``index`` takes a new basis at its step t: t = 1, then at t ≡ 1
+    (mod T = ``update_proj_gap``), or with ``stagger`` at t ≡ 1 + (index mod T)."""
     gap = group["update_proj_gap"]
     return t == 1 or (t - 1 - (index % gap if group.get("stagger") else 0)) % gap == 0
 
@@ -561,11 +558,8 @@ class GaLoreAdamW(_Base):
         (coordinate axes at first) and the refresh redone at the next step (``refresh_again``)."""
         r, P_old = min(group["rank"], *p.shape), state.get("P")
         retry, state["refresh_again"] = state.get("refresh_again", 0), 0
-        if group["subspace"] == "svd" and group["refresh"] == "svd":
-            if group["check_finite"] and is_all_zero(X):
-                P_new = None
-            else:
-                P_new = gradient_spectrum(X, r)[0]
+        if group["subspace"] == "svd" and group["refresh"] == "svd":  # (None: an all-zero X)
+            P_new = None if group["check_finite"] and is_all_zero(X) else gradient_spectrum(X, r)[0]
         else:
             P_new = self._variant_basis(p, X, state, group, index, t, r, retry)
         if P_new is None:
@@ -630,19 +624,17 @@ def random_basis(s: int, r: int, generator: torch.Generator, dtype: torch.dtype 
 
 
 def orthonormalize_signed(x: Tensor) -> Tensor:
-    """Q of the thin QR of x with diag(R) >= 0: the orthonormal basis closest to
-    x's own columns, Haar-distributed for a Gaussian x (Mezzadri 2007).
-    Contiguous, as a loaded checkpoint holds it (LAPACK's Q is column-major)."""
+    """Q of the thin QR of x with diag(R) >= 0, Haar-distributed for a Gaussian x
+    (Mezzadri 2007); contiguous, as a loaded checkpoint holds it."""
     q, r = torch.linalg.qr(x.to(linalg_dtype(x.dtype)), mode="reduced")
     sign = torch.sign(torch.diagonal(r))
     return (q * torch.where(sign == 0, torch.ones_like(sign), sign)).contiguous()
 
 
 def gha_step(P: Tensor, x: Tensor, r: Tensor, lr: float) -> Tensor:
-    """One step of Sanger's rule towards the top-r eigenvectors of
-    ``C = X Xᵀ / ‖X‖²_F``: ``P ← P + η (C P - P triu(Pᵀ C P))``. With ``r = Pᵀ X``,
-    ``C P = X rᵀ/‖X‖²`` and ``Pᵀ C P = r rᵀ/‖X‖²``; dividing by ‖X‖² (our
-    normalization) makes η scale-free. A zero gradient leaves P unchanged."""
+    """One step of Sanger's rule towards the top-r eigenvectors of ``C = X Xᵀ / ‖X‖²_F``:
+    ``P ← P + η (C P - P triu(Pᵀ C P))``, with ``C P = X rᵀ/‖X‖²``, ``Pᵀ C P = r rᵀ/‖X‖²``
+    (r = Pᵀ X; our ‖X‖² makes η scale-free). A zero gradient leaves P unchanged."""
     energy = torch.linalg.vector_norm(x).square().clamp_min(1e-30)
     cp = (r @ x.T).T  # X rᵀ, with X on the right (a fast skinny product)
     return P + (cp - P @ torch.triu(r @ r.T)) * (lr / energy)
@@ -669,12 +661,10 @@ RANK_METRICS: dict[str, Callable[[list[float], int, float], float]] = {
 @torch.compiler.disable  # host numbers: nothing for torch.compile to trace
 def allocate_ranks(spectra: Sequence, budget: int, caps: Optional[Sequence[int]] = None,
                    metric: str = "explained_variance", energies: Optional[Sequence] = None) -> list[int]:
-    """Greedy rank allocation: every matrix starts at rank 1; while budget is
-    left, the matrix whose next singular value scores highest under ``metric``
-    gets one more, never above its cap (default: its number of values). Ties
-    go to the lower index; O(B log L) with a heap. ``spectra`` (and
-    ``energies``, E = ‖X‖²_F when the spectra are truncated) may be tensors:
-    they reach the host in one transfer per device."""
+    """Greedy allocation: rank 1 each; then, while budget is left, one more to the
+    matrix whose next singular value scores highest under ``metric`` (ties: the lower
+    index), up to its cap (default: its number of values). ``spectra`` and ``energies``
+    (E = ‖X‖²_F, for truncated spectra) may be tensors: one transfer per device."""
     if metric not in RANK_METRICS:
         raise ValueError(f"Invalid rank metric: {metric!r} (expected one of {sorted(RANK_METRICS)})")
     score, n = RANK_METRICS[metric], len(spectra)
@@ -760,10 +750,8 @@ class AdaptiveAdamW(_Base):
                    f"allocates shares one budget and must use the same {key} (or set allocate=False in one of them)")
 
     def _step_items(self, items: list[tuple[Tensor, dict, int]], peers=None) -> None:
-        """The refresh half of the box, for every matrix due at this step at once,
-        then ``_update`` for each matrix and AdamW for the dense parameters.
-        ``peers``: under FSDP2, sums and gathers over the ranks, so that every
-        rank allocates as one process does."""
+        """The refresh half of the box for every matrix due, then ``_update`` and AdamW.
+        ``peers``: FSDP2's sums and gathers, so every rank allocates as one process."""
         st = self.state
         due = [(p, g, i) for p, g, i in items if g.get("rank") is not None and (
             refresh_due(st[p].get("step", 0) + 1, i, g) or st[p].get("refresh_again"))]
@@ -860,9 +848,8 @@ class AdaptiveAdamW(_Base):
         return N.T @ P.T if transposed else P @ N
 
     def _randomized(self, p: Tensor, group: dict, index: int, keep: int) -> tuple[Tensor, Tensor]:
-        """``refresh="randomized"``: the leading ``keep`` + oversample vectors and
-        values from ``randomized_spectrum``, warm-started at P (its seed fixed at
-        the first refresh, an exact SVD)."""
+        """``refresh="randomized"``: ``keep`` + oversample leading vectors and values from
+        ``randomized_spectrum`` warm-started at P (the first refresh: an exact SVD)."""
         state, X = self.state[p], oriented(p, group["proj_type"])[0]
         state.setdefault("seed", stream_seed(group["seed"], index))
         if "P" not in state:
@@ -1027,10 +1014,9 @@ def generalized_error_feedback_(a: Tensor, P: Tensor, R: Tensor, P_prev: Tensor,
 
 def transport_second_moment(V: Tensor, M: Tensor, M_new: Tensor, C: Tensor, t: int, beta1: float,
                             beta2: float) -> Tensor:
-    """``V ← c2 · |(C∘C)(V/c2 - M²/c1²) + M̃²/c1²|`` (c1 = 1-β1ᵗ, c2 = 1-β2ᵗ): the
-    per-coordinate variance V̂ - M̂² moved into the new basis (coordinates taken
-    independent), plus the squared moved mean, back at the EMA's scale; ``abs``
-    keeps it >= 0. The identity for C = I."""
+    """``V ← c2 · |(C∘C)(V/c2 - M²/c1²) + M̃²/c1²|`` (c1 = 1-β1ᵗ, c2 = 1-β2ᵗ): the variance
+    V̂ - M̂² moved into the new basis (coordinates taken independent), plus the moved
+    mean squared, at the EMA's scale; ``abs`` keeps it >= 0. The identity for C = I."""
     c1, c2 = 1 - beta1**t, 1 - beta2**t
     variance = V / c2 - (M / c1).square()
     return torch.addmm((M_new / c1).square(), C * C, variance).abs_().mul_(c2)
@@ -1158,12 +1144,10 @@ class Adapprox(_Base):
 
     @torch.compiler.disable
     def _prepare(self, items: list[tuple[Tensor, dict, int]]) -> list:
-        """Before any update, for each tensor: V carried over where a group's rank
-        went between None and an integer, the state set up, the rank clamped to
-        its cap, and this step's Ω drawn. Seeded draws are what torch.compile
-        cannot trace, and a graph break inside the arithmetic made it mix up the
-        parameters' shapes. Returns None for a dense tensor, else (Ω, V's dtype,
-        k_min, k_max), Ω None at full rank."""
+        """Before any update (torch.compile cannot trace seeded draws, and a break inside
+        the arithmetic mixed up shapes): V carried over where a rank went between None
+        and an integer, the state set up, k clamped to its cap, and Ω drawn. Returns
+        None for a dense tensor, else (Ω, V's dtype, k_min, k_max), Ω None at full rank."""
         plans = []
         for p, group, index in items:
             state, factored = self.state[p], p.dim() == 2 and min(p.shape) >= 2 and group.get("rank", 0) is not None
@@ -1293,9 +1277,8 @@ class Adapprox(_Base):
         self._direction(p, G, (state["exp_avg_sq"].sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"]), state, group, t)
 
     def _convert_second_moment(self, p: Tensor, group: dict) -> None:
-        """V carried over when the group's ``rank`` went from None to an integer
-        (dense V, then factored from the first rank: ``rank_init`` or k_max) or back (V = diag(r) Q Uᵀ diag(c) · 4^e,
-        negative entries set to 0)."""
+        """V carried over when the group's ``rank`` went from None to an integer (dense V,
+        factored from the first rank on) or back (V = diag(r) Q Uᵀ diag(c) · 4^e, clamped at 0)."""
         state, fd = self.state[p], self.factor_dtype(p, group)
         if self.is_factored(p, group):
             V = state.pop("exp_avg_sq")
@@ -1329,9 +1312,8 @@ def srsi(V: Tensor, rank: int, oversample: int = 5, power_iters: int = 1,
         l times:  Q ← orth(V orth(Vᵀ Q))  (orthonormalized after every product)
         B ← Qᵀ V = Ũ Σ W̃ᵀ ;  Q ← Q Ũ[:, :k] ;  U ← W̃[:, :k] Σ_k
 
-    The warm start is ours: V changes by (1-β2)·G² a step, so last step's Q
-    spans most of this step's top subspace. ``omega`` may be drawn beforehand
-    (``sketch_columns`` columns). Products keep V on the right (skinny, fast).
+    The warm start is ours (V changes by (1-β2)·G² a step). ``omega`` may be drawn
+    beforehand (``sketch_columns`` columns). Products keep V on the right (fast).
     """
     m, n = V.shape
     V = V.to(torch.promote_types(V.dtype, torch.float32))
@@ -1373,17 +1355,13 @@ def lowrank_groups(model: nn.Module, rank: int, *, targets: Sequence[str] = ("at
                    embeddings: bool = False, verbose: bool = False, **group_options) -> list[dict]:
     """Param groups in the GaLore / LDAdam convention, for any of the four optimizers.
 
-    Every 2-D parameter whose qualified name contains one of ``targets`` goes
-    into ``{"params": ..., "rank": rank, **group_options}``; every other one
-    (embeddings, norms, LM head, biases) into ``{"params": ..., "rank": None}``,
-    which each optimizer updates densely (AdamW; Adapprox with a dense V;
-    Adapprox reads an integer ``rank`` as the cap of its adaptive rank).
-    Selection is by name and shape, not module type, so it finds
-    ``nn.Linear``, Hugging Face GPT-2's ``Conv1D`` (stored in×out) and packed
-    projections (``in_proj_weight``); an ``nn.Embedding`` weight (and an LM
-    head tied to it) only with ``embeddings=True``. Other models name their
-    matrices: ``targets=("self_attn", "linear1", "linear2")``. It warns when
-    no target matches any 2-D parameter; ``verbose=True`` prints the choice.
+    Every 2-D parameter whose qualified name contains one of ``targets`` goes into
+    ``{"params": ..., "rank": rank, **group_options}`` (Adapprox: the cap of its
+    adaptive rank), every other one into ``{"params": ..., "rank": None}`` (dense).
+    By name and shape, not module type: ``nn.Linear``, GPT-2's ``Conv1D`` and packed
+    ``in_proj_weight`` alike; an ``nn.Embedding`` weight (and a head tied to it) only
+    with ``embeddings=True``. Other models: ``targets=("self_attn", "linear1")``. It
+    warns when no target matches a 2-D parameter; ``verbose=True`` prints the choice.
     """
     if isinstance(targets, str):
         targets = (targets,)
@@ -1445,12 +1423,5 @@ def srsi_relative_error(V: Tensor, U: Tensor) -> Tensor:
     return torch.where(v2 > 0, (v2 - u2).clamp_min(0).sqrt() / v2.sqrt().clamp_min(1e-30), torch.zeros_like(v2))
 
 
-__all__ = [
-    "GaLoreAdamW",
-    "AdaptiveAdamW",
-    "LDAdam",
-    "Adapprox",
-    "lowrank_groups",
-    "state_bytes",
-    "NonFiniteGradientError",
-]
+__all__ = ["GaLoreAdamW", "AdaptiveAdamW", "LDAdam", "Adapprox", "lowrank_groups", "state_bytes",
+           "NonFiniteGradientError"]
