@@ -3079,6 +3079,20 @@ for name, kwargs in {runs}:
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
     torch.save([p.detach() for p in model.parameters()], f"{{sys.argv[1]}}/{{name}}.pt")
+    # without lowrank_engine: the short refusals, and layer-wise steps name the missing file
+    sd = opt.state_dict()
+    for call, error, words in [
+            (lambda: Optimizer([{{"params": hidden, "rank": 3, "rnk": 3}}], **kwargs), ValueError,
+             "has no group option 'rnk'. Its group options:"),
+            (lambda: opt.load_state_dict({{**sd, "param_groups": [{{**g, "rnk": 3}} for g in sd["param_groups"]]}}),
+             ValueError, "written by another optimizer"),
+            (lambda: opt.step_parameter(hidden[0]), RuntimeError, "lowrank_engine.py")]:
+        try:
+            call()
+        except error as e:
+            assert words in str(e), str(e)
+        else:
+            raise AssertionError(words)
 """
 
 
@@ -3089,7 +3103,8 @@ def copy_out_kwargs(cls):
 @pytest.fixture(scope="module")
 def copied_out_weights(tmp_path_factory):
     """Each class copied out with the core alone, one file per class, each trained in
-    one fresh interpreter (one for all four) where lowrank_adam cannot be imported:
+    one fresh interpreter (one for all four) where neither lowrank_adam nor
+    lowrank_engine can be imported (so the short refusals are checked there too):
     the folder with each class's final weights."""
     tmp_path = tmp_path_factory.mktemp("copied_out")
     for cls in OPTIMIZERS:

@@ -471,8 +471,7 @@ def restore(run: Run, ckpt: dict, batches: llama_c4.TrainBatches) -> None:
     load_full_state(run.raw_model, run.opt, ckpt["model"], ckpt["optimizer"], run.dist, run.args.fsdp)
     if ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
-    run.step = ckpt["step"]
-    run.seconds, run.step_seconds = ckpt["timing"]["seconds"], ckpt["timing"]["step_seconds"]
+    run.step, run.seconds, run.step_seconds = ckpt["step"], ckpt["timing"]["seconds"], ckpt["timing"]["step_seconds"]
     torch.set_rng_state(ckpt["rng"]["torch"])
     random.setstate(ckpt["rng"]["python"])
     batches.load_state_dict(ckpt["data"][run.dist.rank] if run.dist.ddp else ckpt["data"])
@@ -482,9 +481,8 @@ def restore(run: Run, ckpt: dict, batches: llama_c4.TrainBatches) -> None:
 
 def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dict] = None,
           on_step=None) -> dict:
-    """One run in --out-dir: build or resume it, step to --max-steps (or
-    --stop-after), evaluate, save. Returns the run's result. ``on_step``: called
-    with the run after each step (bench.py sketch's progress)."""
+    """One run in --out-dir: build or resume it, step to --max-steps (or --stop-after), evaluate,
+    save; returns its result. ``on_step``: called with the run after each step (bench.py sketch)."""
     run = Run(args, data.tokenizer.vocab_size, dist)
     batches = data.train_batches(args.batch_size, args.seed, args.shuffle_buffer)
     if ckpt is not None:
