@@ -1,9 +1,8 @@
 """Pretrain a small LLaMA on C4 with the optimizers of lowrank_adam: one training run.
 
 Read it top to bottom, like nanoGPT's train.py: configuration, model, optimizers, the training step,
-evaluation and logging, checkpoints, the loop and main. llama_c4.py holds the LLaMA, the C4 loader
-(its position saved for an exact resume) and the mechanics a run calls on (torchrun's processes,
-sharded state in checkpoints, resume checks, Ctrl-C); bench.py imports this file to compare runs.
+evaluation and logging, checkpoints, the loop and main. llama_c4.py holds the LLaMA, the C4 loader and a
+run's mechanics (processes, sharded checkpoints, resume checks, Ctrl-C); bench.py compares runs with it.
 
 examples:
   python train_tiny_llama.py                          # tiny LLaMA, AdamW, embedded corpus: 25-45 s, 2 CPU cores
@@ -13,13 +12,13 @@ examples:
       --model 60m --optimizer galore --rank 128 --seq-len 256 --batch-size 128 --device cuda
   torchrun --standalone --nproc_per_node 8 train_tiny_llama.py --data /data/c4/en --model 130m
 
-Without --data it writes the documentation every Python ships (or, with --corpus packages, the
-installed packages' READMEs, licences and metadata) as C4-format shards into --cache-dir, once, and
-trains from them through the same loader a real C4 run uses; nothing is downloaded. A run lives in
---out-dir (ckpt.pt, metrics.jsonl); a run already there is continued with --resume, never
-overwritten. A run that diverges (a NaN or Inf loss or gradient) stops, saving nothing, and renames
-them *.diverged.*: the same command with a lower --lr then starts in that folder. On a terminal the
-steps show as a progress bar (loss, elapsed time, ETA); piped or in a log file, as plain lines.
+Without --data it writes the documentation every Python ships (or, with --corpus packages, the installed
+packages' READMEs, licences and metadata) as C4-format shards into --cache-dir, once, and trains from them
+through the same loader a real C4 run uses; nothing is downloaded. A run lives in --out-dir (ckpt.pt,
+metrics.jsonl); a run already there is continued with --resume, never overwritten. A run that diverges (a
+NaN or Inf loss or gradient) stops, saving nothing, and renames them *.diverged.*: the same command with a
+lower --lr then starts in that folder. On a terminal the steps show as a progress bar (loss, elapsed time,
+ETA); piped or in a log file, as plain lines.
 """
 
 from __future__ import annotations
@@ -44,8 +43,7 @@ from llama_c4 import (Dist, Diverged, HelpFormatter, MODEL_SHAPES, MuonWithAdamW
                       synchronize)
 
 # ----------------------------------------------------------------------------- configuration
-# Every setting is a flag; every flag is checked before anything is read or built.
-# MODEL_SHAPES (llama_c4.py): name -> hidden / intermediate / heads / layers.
+# Every setting is a flag, checked before anything is read or built. MODEL_SHAPES (llama_c4.py): name -> shape.
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag, in --help's groups (parse_args checks their values)."""
@@ -446,8 +444,8 @@ def ranked_parameter_names(run: Run) -> list[str]:
     return [names[id(p)] for g in run.opt.param_groups if g.get("rank") is not None for p in g["params"]]
 
 # ----------------------------------------------------------------------------- checkpoints
-# Atomic, and exact to resume: model, optimizer, scaler, step, data position, RNG. Reading one and
-# checking a resume's flags against it, and gathering a sharded run's state: llama_c4.py.
+# Atomic, exact to resume (model, optimizer, scaler, step, data position, RNG); reading one, checking a
+# resume's flags against it, and gathering a sharded run's state: llama_c4.py.
 
 def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
     """Everything an exact resume needs (the data position of every rank too); ``result`` marks a
