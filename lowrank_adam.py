@@ -1,40 +1,22 @@
 """lowrank_adam: memory-efficient low-rank Adam optimizers in one file.
 
-Adam keeps two moments per weight: for a 1B-parameter LLaMA, 8 GB of float32
-state. The gradients of a transformer's big matrices are close to low-rank,
-and the optimizers here keep far less state per matrix by exploiting that:
-
 * ``GaLoreAdamW`` (Zhao et al. 2024, arXiv:2403.03507): Adam on the gradient
   projected onto its top-r singular subspace, refreshed every T steps.
-* ``AdaptiveAdamW``: GaLore with one global rank budget split across the
-  matrices by their gradient spectra, moments rotated into each new basis,
-  and the out-of-subspace residual.
+* ``AdaptiveAdamW``: GaLore with one global rank budget split by gradient
+  spectra, moments rotated into each new basis, and the residual.
 * ``LDAdam`` (Robert et al., ICLR 2025, arXiv:2410.16103): a new subspace
   every step, projection-aware moments, generalized error feedback.
 * ``Adapprox`` (Zhao et al. 2024, arXiv:2403.14958): Adam's second moment as
   a randomized low-rank factorization of adaptive rank.
 
-Each class docstring is its paper's algorithm box, and one method per class
-follows it line by line with the box's letters: ``_update``, one step of one
-matrix (AdaptiveAdamW's allocation across matrices is its ``_step_items``).
-Conventions: a matrix is handled in *oriented* form, its short side first
-(X of shape s×l, basis P of shape s×r, projected tensors r×l); linear
-algebra runs in float32 or better; state holds tensors and numbers only,
-loads back exactly, and random draws are counter-based (``stream_seed``),
-the same on every DDP rank. Parameters outside a group with an integer
-``rank`` get exactly ``torch.optim.AdamW``'s update. A group option that the
-optimizer does not honour is refused, not ignored.
-
-Layout: sections 1-2 are the core (math shared by all, and ``_Base``, the
-optimizer machinery behind the one method each algorithm implements);
-section 3 holds the subspace pieces GaLoreAdamW and AdaptiveAdamW share;
-sections 4-7 hold one optimizer each; section 8 the helpers for param groups
-and memory. To use one optimizer elsewhere, copy sections 1-2, its section
-(and 3, for the two GaLore classes): eager, ``torch.compile``, DDP, ZeRO-1,
-Hugging Face models and exact resume work with that alone. FSDP2 (DTensor
-parameters) and layer-wise hooks are in ``lowrank_engine.py``, which the
-core imports only when it meets a DTensor. Requires torch >= 2.5 (tested
-with 2.13.0).
+Each class docstring is its paper's algorithm box; its ``_update`` (one step
+of one matrix) follows the box line by line with the box's letters. Groups
+without an integer ``rank`` get ``torch.optim.AdamW``'s update. Sections 1-2
+are the core, then the shared pieces, one section per optimizer, and the
+helpers; a class copied out with the core and the sections it uses works
+alone, while FSDP2 and layer-wise steps need ``lowrank_engine.py``
+(docs/DESIGN.md gives the conventions and the reasons). Requires torch >= 2.5
+(tested with 2.13.0).
 
     from lowrank_adam import GaLoreAdamW, lowrank_groups
     opt = GaLoreAdamW(lowrank_groups(model, rank=128), lr=1e-2)
@@ -43,7 +25,6 @@ with 2.13.0).
 from __future__ import annotations
 
 import heapq
-import inspect
 import math
 import warnings
 from typing import Callable, Optional, Sequence
@@ -66,11 +47,10 @@ PROJ_TYPES = ("std", "reverse_std", "left", "right")
 
 
 def oriented(p: Tensor, proj_type: str = "std") -> tuple[Tensor, bool]:
-    """X, the gradient of the (m, n) matrix ``p`` in oriented form (s, l), in
-    float32 or better, and whether X = Gᵀ. ``std`` compresses the short side
-    (GaLore's rule, m >= n -> Gᵀ), ``reverse_std`` the long one, ``left``
-    always the rows, ``right`` always the columns; ``ldadam`` is LDAdam's
-    official rule (Gᵀ when m > n: square matrices keep their rows)."""
+    """X, the gradient of the (m, n) matrix ``p`` oriented (s, l) in float32 or
+    better, and whether X = Gᵀ: ``std`` compresses the short side (m >= n -> Gᵀ),
+    ``reverse_std`` the long one, ``left`` the rows, ``right`` the columns,
+    ``ldadam`` LDAdam's rule (Gᵀ when m > n: a square keeps its rows)."""
     m, n = p.shape
     transposed = {"std": m >= n, "reverse_std": m < n, "left": False, "right": True, "ldadam": m > n}[proj_type]
     return (p.grad.T if transposed else p.grad).to(torch.promote_types(p.dtype, torch.float32)), transposed
@@ -88,25 +68,8 @@ def gradient_spectrum(x: Tensor, rank: Optional[int] = None) -> tuple[Tensor, Te
     return (u if rank is None else u[:, :rank].contiguous()), s
 
 
-def align_signs_(u: Tensor, prev: Tensor) -> Tensor:
-    """Flip columns of ``u`` in place so each agrees in sign with the same column
-    of ``prev``. A singular vector's sign is arbitrary (LAPACK's depends on
-    dtype and device); moments left in place across a refresh are coordinates
-    in the basis, and keep their direction only if the columns keep theirs."""
-    j = min(u.shape[1], prev.shape[1])
-    agree = (u[:, :j] * prev[:, :j].to(u.dtype)).sum(dim=0)
-    u[:, :j] *= torch.where(agree < 0, -1.0, 1.0).to(u.dtype)
-    return u
-
-
-def _generator(device: torch.device, seed: int) -> torch.Generator:
-    """A generator on ``device`` seeded with ``seed``, for one draw."""
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def orthonormalize(x: Tensor) -> Tensor:
-    """Q of the thin QR of x in float32 or better (orthonormal even for a
-    rank-deficient x)."""
+    """Q of the thin QR of x in float32 or better (orthonormal even if x is not full-rank)."""
     return torch.linalg.qr(x.to(torch.promote_types(x.dtype, torch.float32)), mode="reduced").Q
 
 
@@ -120,9 +83,8 @@ def apply_update_(param: Tensor, D: Tensor, lr: float, weight_decay: float) -> N
 
 
 def stream_seed(seed: int, *counters: int) -> int:
-    """Seed of one random draw, from the ``seed`` option and counters (a
-    parameter's index, a step) alone: SplitMix64's finalizer over each. So
-    every DDP rank draws the same numbers and a checkpoint needs no generator."""
+    """Seed of one draw from the ``seed`` option and counters (a parameter's index, a
+    step) alone, SplitMix64's finalizer over each: the same on every DDP rank."""
     x = seed
     for c in (0, *counters):
         x = (((x ^ c) & 0xFFFFFFFFFFFFFFFF) + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
@@ -145,11 +107,6 @@ def _to_host(values: list) -> list:
     return out
 
 
-@torch.compiler.disable  # a host sync: under torch.compile a quiet graph break, not a warning
-def is_all_zero(x: Tensor) -> bool:
-    return not bool(x.any())
-
-
 # =============================================================================
 # 2. The shared optimizer: checks, dense AdamW, exact state dicts
 # =============================================================================
@@ -169,26 +126,24 @@ def is_dtensor(p: Tensor) -> bool:
     return hasattr(p, "device_mesh") and hasattr(p, "placements")
 
 
-def _engine():
-    """``lowrank_engine.py``: the owner-rank layer for DTensor parameters, imported
-    only when one is met (a copied-out class without it says so, never trains wrong)."""
+def _engine(needed: Optional[str] = "FSDP2 (DTensor) parameters"):
+    """``lowrank_engine.py``, imported when needed (without it a class says so, never
+    trains wrong); None where it is only wanted (``needed=None``) and missing."""
     try:
         import lowrank_engine
     except ImportError:
-        raise RuntimeError("FSDP2 (DTensor) parameters: lowrank_adam steps each sharded matrix whole on an owner rank "
-                           "with lowrank_engine.py, which is not importable here. Put lowrank_engine.py next to this "
-                           "file, or train with DDP / ZeroRedundancyOptimizer") from None
+        if needed is None:
+            return None
+        raise RuntimeError(f"{needed}: lowrank_adam needs lowrank_engine.py, which is not importable here. Put "
+                           "lowrank_engine.py next to this file, or train with DDP / ZeroRedundancyOptimizer") from None
     return lowrank_engine
 
 
 def _refuse_flattened(p: Tensor) -> None:
-    """FSDP1 flattens weights into 1-D shards (marking them ``_fsdp_flattened``):
-    no matrix would be left, and a low-rank method would silently be AdamW."""
-    if getattr(p, "_fsdp_flattened", False):
-        raise ValueError(
-            f"a parameter (now of shape {tuple(p.shape)}) is managed by FullyShardedDataParallel (FSDP1), which "
-            "flattens weight matrices into 1-D shards: the low-rank optimizers of lowrank_adam need each matrix "
-            "whole. Use DistributedDataParallel, or ZeroRedundancyOptimizer (ZeRO-1) to shard the optimizer state")
+    """FSDP1's 1-D shards (``_fsdp_flattened``) hold no matrix: a low-rank method would silently be AdamW."""
+    _check(not getattr(p, "_fsdp_flattened", False), f"a parameter (now of shape {tuple(p.shape)}) is flattened into "
+           "1-D shards by FullyShardedDataParallel (FSDP1); lowrank_adam needs each matrix whole: use "
+           "DistributedDataParallel, ZeroRedundancyOptimizer (ZeRO-1) or FSDP2 (fully_shard)")
 
 
 def _validate_adam(group: dict) -> None:
@@ -203,8 +158,7 @@ def _validate_adam(group: dict) -> None:
 
 
 def _validate_rank(group: dict, optimizer: str, proj_types: Sequence[str] = ("std",)) -> None:
-    """Checks of a low-rank group (an integer ``rank``); warns once per group
-    when the rank exceeds a matrix's short side (that matrix uses min(m, n))."""
+    """Checks of a group with an integer ``rank``; warns if it exceeds a matrix's min(m, n)."""
     rank = group["rank"]
     _check(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1, f"Invalid rank: {rank}")
     gap = group.get("update_proj_gap", 1)
@@ -230,27 +184,21 @@ def _validate_options(group: dict, choices: dict) -> None:
 
 
 class _Base(Optimizer):
-    """What every optimizer here shares, and the one interface the algorithm
-    classes implement: ``_validate_group(group)`` (checks of a group, before
-    it joins) and ``_update(p, group, index)`` (one step of one matrix with a
-    gradient, in a group with an integer ``rank``), or ``_step_items(items)``
-    for a step that needs every matrix at once. ``_Base`` does the rest:
-    groups are copied and validated before they join, options the optimizer
-    does not honour are refused, gradients are checked before anything
-    changes, dense parameters get AdamW, and state dicts load exactly."""
+    """The shared optimizer. A class implements ``_validate_group(group)`` (run
+    before a group joins) and ``_update(p, group, index)`` (one step of one
+    low-rank matrix), or ``_step_items(items)`` for a step that needs every
+    matrix at once; ``_Base`` checks groups and gradients before anything
+    changes, gives dense parameters AdamW, and loads state dicts exactly."""
 
     group_keys: tuple[str, ...] = ("rank",)  # options besides the constructor's
-    # torch's own group keys, and those its LR schedulers write (OneCycleLR, CyclicLR)
-    _bookkeeping_keys = ("params", "param_names", "differentiable",
+    _bookkeeping_keys = ("params", "param_names", "differentiable",  # torch's, and its LR schedulers'
                          "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum")
-    _refused_hints: dict[str, str] = {}
     _dense_elementwise = True  # the dense update is elementwise (FSDP2 may step a shard of it)
     _rank_converts = False  # a group's rank may go between an integer and None (Adapprox converts V)
     _rank_fixed = False  # a matrix keeps its first rank (LDAdam tracks one subspace)
 
     def add_param_group(self, param_group: dict) -> None:
-        # A copy: torch writes the defaults into the dict it is given, so a list of
-        # groups reused for a second optimizer would silently inherit this one's options.
+        # A copy: torch writes the defaults into the dict, which a second optimizer would inherit.
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
         params = param_group["params"]
@@ -265,15 +213,13 @@ class _Base(Optimizer):
                 _refuse_flattened(p)
         options = set(self.defaults) | set(self.group_keys)
         for key in param_group:
-            if key not in options and key not in self._bookkeeping_keys:
-                owners = sorted(name for name, opts in _optimizer_options().items() if key in opts)
-                hint = self._refused_hints.get(key, "remove it from the group")
-                raise ValueError(f"{type(self).__name__} has no group option {key!r} "
-                                 f"({'an option of ' + ', '.join(owners) if owners else 'unknown'}): {hint}. "
+            if key not in options and key not in self._bookkeeping_keys:  # the engine says whose option it is
+                hint = engine.option_hint(self, key) if (engine := _engine(None)) else ""
+                raise ValueError(f"{type(self).__name__} has no group option {key!r}{hint}. "
                                  f"Its group options: {', '.join(sorted(options))}")
         self._validate_group({**self.defaults, **param_group, "params": tensors})  # before it joins
         super().add_param_group(param_group)
-        self.__dict__.pop("_where", None)  # step_parameter's lookup table is stale
+        self.__dict__.pop("_where", None)  # the engine's step_parameter lookup table is stale
 
     def _validate_group(self, group: dict) -> None:
         _validate_adam(group)
@@ -292,37 +238,14 @@ class _Base(Optimizer):
             self._step_items(items)
         return loss
 
-    @torch.no_grad()
     def step_parameter(self, p: Tensor) -> None:
-        """Update the one parameter ``p`` now, exactly as ``step()`` would: for
-        layer-wise training, from its post-accumulate-grad hook, so the whole
-        model's gradients never exist at once (``lowrank_engine.layerwise_hooks``).
-        LR schedulers see the step; step hooks are not called."""
-        where = self.__dict__.get("_where")
-        if where is None or len(where) != sum(len(g["params"]) for g in self.param_groups):
-            where = self.__dict__["_where"] = {id(q): (g, i) for i, (g, q) in enumerate(
-                (g, q) for g in self.param_groups for q in g["params"])}
-        if id(p) not in where:
-            raise ValueError(f"step_parameter: the tensor of shape {tuple(p.shape)} is not a parameter of this "
-                             "optimizer")
-        group, index = where[id(p)]
-        self._opt_called = True  # what torch's step wrapper records, for LR schedulers
-        self._check_layerwise(group)
-        if p.grad is None:
-            return
-        if is_dtensor(p):
-            _engine().fsdp2_step(self, [(p, group, index)])
-            return
-        self._check_grads([(p, group, index)])
-        self._step_items([(p, group, index)])
-
-    def _check_layerwise(self, group: dict) -> None:  # AdaptiveAdamW's allocation refuses
-        pass
+        """Update the one parameter ``p`` now, exactly as ``step()`` would, for
+        layer-wise training (``lowrank_engine.layerwise_hooks``, which it needs)."""
+        _engine("layer-wise steps (step_parameter)").step_parameter(self, p)
 
     def _step_items(self, items: list[tuple[Tensor, dict, int]], peers=None) -> None:
-        """One step of the (parameter, group, index) triples: AdamW for the dense
-        groups, ``_update`` for each low-rank matrix. ``peers``: under FSDP2, the
-        collectives of a step that needs every rank's matrices (AdaptiveAdamW)."""
+        """One step of the (parameter, group, index) triples: AdamW for the dense groups,
+        ``_update`` for each low-rank matrix. ``peers``: FSDP2's collectives (AdaptiveAdamW)."""
         dense = [(p, g) for p, g, _ in items if g.get("rank") is None]
         if dense:
             self._adamw(dense)
@@ -367,9 +290,8 @@ class _Base(Optimizer):
                     "Lower the learning rate, clip gradients, or use a GradScaler for fp16.")
 
     def _refuse_rank_change(self, p: Tensor, state: dict, rank: Optional[int]) -> None:
-        """A group's ``rank`` went between an integer and None after its matrices
-        took steps (their state is of the other kind), or changed at all where a
-        matrix keeps its first rank."""
+        """A group's ``rank`` went between an integer and None after its matrices took
+        steps, or changed at all where a matrix keeps its first rank (``_rank_fixed``)."""
         was, now = ("an integer", "None") if "P" in state else ("None", rank)
         why = "its state cannot be carried over"
         if "P" in state and rank is not None:
@@ -379,17 +301,15 @@ class _Base(Optimizer):
                          "rank back, or give the parameter to a new optimizer")
 
     def _adamw(self, dense: list[tuple[Tensor, dict]]) -> None:
-        """``torch.optim.AdamW``'s update, operation for operation, with its
-        multi-tensor kernels: one call per operation, group and device. The
-        moments are float32 for bf16/fp16 parameters (the update is then
-        computed in float32 and rounded once into the parameter)."""
+        """``torch.optim.AdamW``'s update, operation for operation, with its multi-tensor
+        kernels (one call per operation, group and device); float32 moments for
+        bf16/fp16 parameters, the update rounded once into the parameter."""
         batches: dict[tuple[int, torch.device], list[Tensor]] = {}
         for p, group in dense:
             state = self.state[p]
-            if len(state) == 0:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, dtype=linalg_dtype(p.dtype))  # m
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=linalg_dtype(p.dtype))  # v
+            if len(state) == 0:  # m, v
+                state.update(step=0, exp_avg=torch.zeros_like(p, dtype=linalg_dtype(p.dtype)),
+                             exp_avg_sq=torch.zeros_like(p, dtype=linalg_dtype(p.dtype)))
             state["step"] += 1
             batches.setdefault((id(group), p.device), []).append(p)
         groups = {id(g): g for _, g in dense}
@@ -417,30 +337,21 @@ class _Base(Optimizer):
                 ps[i].add_((m[i] / denom[i]).mul_(size[i]))  # W + update in float32, rounded once into W
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """``Optimizer.load_state_dict``, with every floating state tensor put
-        back with the value and dtype it was saved with (torch's own casts it to
-        the parameter's dtype, rounding the float32 state of a bf16 model), and
-        the state dict of another optimizer refused before anything loads."""
-        if "extra" in state_dict:  # written before the randomness became counter-based
-            warnings.warn(f"{type(self).__name__}.load_state_dict: this state dict has the generator states of an "
-                          "older version, which are ignored: the random sketches continue from counter-based "
-                          "seeds, so the run does not continue bit-exactly", stacklevel=2)
-        foreign = ({k for g in state_dict["param_groups"] for k in g} - set(self.defaults) - set(self.group_keys)
-                   - set(self._bookkeeping_keys))
-        if foreign:
-            writers = [name for name, options in _optimizer_options().items() if foreign <= options]
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: this state dict was written by "
-                f"{' or '.join(writers) if writers else 'another optimizer'} (its param groups hold "
-                f"{', '.join(sorted(foreign))}, which {type(self).__name__} does not have); nothing was loaded")
+        """``Optimizer.load_state_dict``, with every floating state tensor back in its
+        saved dtype (torch's casts it to the parameter's, rounding a bf16 model's
+        float32 state), and another optimizer's state dict refused before any load."""
+        if engine := _engine(None):  # where importable: older state dicts read, and who wrote another's
+            state_dict = engine.check_state_dict(self, state_dict)
+        foreign, cls = ({k for g in state_dict["param_groups"] for k in g} - set(self.defaults)
+                        - set(self.group_keys) - set(self._bookkeeping_keys)), type(self).__name__
+        _check(not foreign, f"{cls}.load_state_dict: this state dict was written by another optimizer (its param "
+                            f"groups hold {', '.join(sorted(foreign))}, which {cls} does not have); nothing was loaded")
         if any(is_dtensor(p) for g in self.param_groups for p in g["params"]) or any(
                 isinstance(s, dict) and "owner" in s for s in state_dict["state"].values()):
             _engine().check_load(self, state_dict)  # FSDP2: each matrix's state on its owner rank
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # an option added since the state dict was written: its default
-            for key, value in self.defaults.items():
-                if key not in self._bookkeeping_keys:
-                    group.setdefault(key, value)
+            group.update({k: v for k, v in self.defaults.items() if k not in group and k not in self._bookkeeping_keys})
         saved = [i for g in state_dict["param_groups"] for i in g["params"]]
         for i, p in zip(saved, [p for g in self.param_groups for p in g["params"]]):
             for name, value in state_dict["state"].get(i, {}).items():
@@ -449,28 +360,27 @@ class _Base(Optimizer):
 
     def ranks(self) -> list[int]:
         """Current rank of each low-rank parameter, in param-group order."""
-        return [self.state.get(p, {}).get("rank", self._initial_rank(p, g))
+        return [self.state.get(p, {}).get("rank", min(g["rank"], *p.shape))
                 for g in self.param_groups if g.get("rank") is not None for p in g["params"]]
-
-    def _initial_rank(self, p: Tensor, group: dict) -> int:
-        return min(group["rank"], min(p.shape))
-
-
-def _optimizer_options() -> dict[str, set[str]]:
-    """Every optimizer class defined here -> its group options (looked up when
-    needed, so that a class copied out alone still works)."""
-    out, todo = {}, list(_Base.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
-        out[cls.__name__] = set(inspect.signature(cls.__init__).parameters) - {"self", "params"} | set(cls.group_keys)
-    return out
 
 
 # =============================================================================
 # 3. Subspace pieces shared by GaLoreAdamW and AdaptiveAdamW
 # =============================================================================
 
+
+def align_signs_(u: Tensor, prev: Tensor) -> Tensor:
+    """Flip columns of ``u`` in place to agree in sign with those of ``prev``: moments
+    left in place are coordinates in the basis, and a singular vector's sign is arbitrary."""
+    j = min(u.shape[1], prev.shape[1])
+    agree = (u[:, :j] * prev[:, :j].to(u.dtype)).sum(dim=0)
+    u[:, :j] *= torch.where(agree < 0, -1.0, 1.0).to(u.dtype)
+    return u
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed``, for one draw."""
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 SUBSPACES = ("svd", "random", "gha")
@@ -481,9 +391,8 @@ SUBSPACE_OPTIONS = {  # group options of GaLoreAdamW's variants, and their valid
 
 
 def refresh_due(t: int, index: int, group: dict) -> bool:
-    """Whether matrix ``index`` takes a new basis at its step t: t = 1, then every
-    T = ``update_proj_gap`` steps (t ≡ 1 mod T, GaLore), or with ``stagger`` at
-    t ≡ 1 + (index mod T), so about 1/T of the matrices refresh at each step."""
+    """Whether matrix ``index`` takes a new basis at its step t: t = 1, then at t ≡ 1
+    (mod T = ``update_proj_gap``), or with ``stagger`` at t ≡ 1 + (index mod T)."""
     gap = group["update_proj_gap"]
     return t == 1 or (t - 1 - (index % gap if group.get("stagger") else 0)) % gap == 0
 
@@ -522,9 +431,8 @@ def randomized_spectrum(x: Tensor, width: int, warm: Optional[Tensor], generator
 
 
 def transform_moments(P_new: Tensor, P_old: Tensor, M: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
-    """Adam's moments from basis P_old into P_new: ``C = P_newᵀ P_old``,
-    ``M ← C M``, ``V ← (C∘C) V`` (our reading for V: it fits the shapes when
-    the ranks differ and keeps V >= 0)."""
+    """Adam's moments from basis P_old into P_new: ``C = P_newᵀ P_old``, ``M ← C M``,
+    ``V ← (C∘C) V`` (our reading for V: it fits differing ranks and keeps V >= 0)."""
     C = P_new.T @ P_old
     return C @ M, (C * C) @ V
 
@@ -538,11 +446,9 @@ def resize_rows(x: Tensor, rows: int) -> Tensor:
 
 
 def orthogonal_residual(x: Tensor, P: Tensor, r: Tensor, n: Tensor, transposed: bool = False) -> Tensor:
-    """Fira's residual, what the subspace drops scaled like the Adam update:
-    ``S = (X - P R) diag(φ)``, ``φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + δ)``, in W's
-    layout. Ours: the exact orthogonal residual (Fira subtracts α·P R), and a
-    guard relative to X, ``δ = 1e-8 ‖X‖_F / sqrt(l)``, so S does not depend
-    on the gradient's scale (φ = 0 for X = 0)."""
+    """Fira's residual, what the subspace drops scaled like the Adam update, in W's
+    layout: ``S = (X - P R) diag(φ)``, ``φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + δ)``, with our
+    scale-free guard ``δ = 1e-8 ‖X‖_F / sqrt(l)`` (φ = 0 for X = 0)."""
     guard = torch.linalg.vector_norm(x) * (1e-8 / math.sqrt(max(x.shape[1], 1)))
     denom = torch.linalg.vector_norm(r, dim=0) + guard
     phi = torch.where(denom > 0, torch.linalg.vector_norm(n, dim=0) / denom, 0.0)
@@ -553,8 +459,7 @@ def orthogonal_residual(x: Tensor, P: Tensor, r: Tensor, n: Tensor, transposed: 
 
 def norm_growth_limit_(x: Tensor, prev_rms: Tensor, gamma: float) -> Tensor:
     """``x ← x · min(1, γ·prev_rms / RMS(x))`` in place; returns the new RMS. A
-    ``prev_rms`` of 0 (no history) limits nothing, so a zero step never freezes
-    the parameter (our choice)."""
+    ``prev_rms`` of 0 (no history) limits nothing: a zero step never freezes W."""
     cur = torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
     factor = torch.where((prev_rms > 0) & (cur > gamma * prev_rms), gamma * prev_rms / cur.clamp_min(1e-30), 1.0)
     x.mul_(factor)
@@ -581,27 +486,24 @@ class GaLoreAdamW(_Base):
     Every other parameter gets AdamW. The moments stay in place when P
     changes (GaLore's choice), so each new column of P is signed like the old
     one (``align_signs_``). Group options: ``rank``, ``update_proj_gap`` T
-    (200), ``scale`` α (0.25), ``proj_type`` (std, reverse_std, left, right)::
+    (200), ``scale`` α (0.25), ``proj_type`` (std, reverse_std, left, right).
+    State per matrix: P (s×r), M and V (r×l), not AdamW's 2·m·n numbers::
 
         opt = GaLoreAdamW(lowrank_groups(model, rank=128, update_proj_gap=200), lr=1e-2)
 
     Variants, each a small piece below the step that the plain path skips:
 
-    * ``residual=True`` (Fira): ``W ← W(1-lr·wd) - lr·(α P N + S)`` with S the
-      part of X the subspace drops (``orthogonal_residual``), its RMS growing
-      by at most ``norm_growth_limit`` γ (1.01) per step.
-    * ``refresh="randomized"``: P from ``randomized_spectrum`` warm-started at
-      the previous P (``refresh_iters`` iterations) instead of an exact SVD.
-    * ``subspace="random"``: a uniformly random P at each refresh, and
-      ``subspace="gha"``: P tracked every step by Sanger's rule (``gha_step``,
-      step ``gha_lr``) from the first SVD on; with both, the moments follow P
-      at each refresh (``transform_moments``).
+    * ``residual=True`` (Fira): ``D ← α P N + S``, S the part of X the subspace
+      drops (``orthogonal_residual``), its RMS growth per step capped at
+      ``norm_growth_limit`` γ (1.01).
+    * ``refresh="randomized"``: P from ``randomized_spectrum`` (``refresh_iters``).
+    * ``subspace="random"`` (a random P at each refresh) or ``"gha"`` (P tracked
+      every step by Sanger's rule, ``gha_step``, ``gha_lr``): the moments
+      follow P at each refresh (``transform_moments``).
     * ``stagger=True``: the matrices refresh at different steps (``refresh_due``).
 
     A refresh that meets an all-zero X keeps P and is redone at the next
-    step. A changed group ``rank`` takes effect at the next refresh. Random
-    draws come from ``stream_seed(seed, index, t)``. State per matrix: P
-    (s×r), M and V (r×l), instead of AdamW's 2·m·n numbers.
+    step; a changed group ``rank`` takes effect at the next refresh.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -652,17 +554,12 @@ class GaLoreAdamW(_Base):
             state["P"] = orthonormalize_signed(gha_step(P, X, R, group["gha_lr"]))
 
     def _refresh(self, p: Tensor, X: Tensor, state: dict, group: dict, index: int, t: int) -> None:
-        """P ← a new basis of rank r (the group's, at most min(m, n)). An all-zero
-        X has no subspace: P is kept (coordinate axes if there is none yet) and
-        the refresh is redone at the next step (``refresh_again``, 0 or 1 in
-        every state). One host sync, where the SVD syncs anyway."""
+        """P ← a new basis of rank r = min(rank, m, n). An all-zero X has none: P is kept
+        (coordinate axes at first) and the refresh redone at the next step (``refresh_again``)."""
         r, P_old = min(group["rank"], *p.shape), state.get("P")
         retry, state["refresh_again"] = state.get("refresh_again", 0), 0
-        if group["subspace"] == "svd" and group["refresh"] == "svd":
-            if group["check_finite"] and is_all_zero(X):
-                P_new = None
-            else:
-                P_new = gradient_spectrum(X, r)[0]
+        if group["subspace"] == "svd" and group["refresh"] == "svd":  # (None: an all-zero X)
+            P_new = None if group["check_finite"] and is_all_zero(X) else gradient_spectrum(X, r)[0]
         else:
             P_new = self._variant_basis(p, X, state, group, index, t, r, retry)
         if P_new is None:
@@ -716,25 +613,28 @@ class GaLoreAdamW(_Base):
         return S
 
 
+@torch.compiler.disable  # a host sync: under torch.compile a quiet graph break, not a warning
+def is_all_zero(x: Tensor) -> bool:
+    return not bool(x.any())
+
+
 def random_basis(s: int, r: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
     """A uniformly random r-dimensional subspace of R^s (Haar-distributed basis)."""
     return orthonormalize_signed(torch.randn(s, r, generator=generator, device=generator.device, dtype=dtype))
 
 
 def orthonormalize_signed(x: Tensor) -> Tensor:
-    """Q of the thin QR of x with diag(R) >= 0: the orthonormal basis closest to
-    x's own columns, Haar-distributed for a Gaussian x (Mezzadri 2007).
-    Contiguous, as a loaded checkpoint holds it (LAPACK's Q is column-major)."""
+    """Q of the thin QR of x with diag(R) >= 0, Haar-distributed for a Gaussian x
+    (Mezzadri 2007); contiguous, as a loaded checkpoint holds it."""
     q, r = torch.linalg.qr(x.to(linalg_dtype(x.dtype)), mode="reduced")
     sign = torch.sign(torch.diagonal(r))
     return (q * torch.where(sign == 0, torch.ones_like(sign), sign)).contiguous()
 
 
 def gha_step(P: Tensor, x: Tensor, r: Tensor, lr: float) -> Tensor:
-    """One step of Sanger's rule towards the top-r eigenvectors of
-    ``C = X Xᵀ / ‖X‖²_F``: ``P ← P + η (C P - P triu(Pᵀ C P))``. With ``r = Pᵀ X``,
-    ``C P = X rᵀ/‖X‖²`` and ``Pᵀ C P = r rᵀ/‖X‖²``; dividing by ‖X‖² (our
-    normalization) makes η scale-free. A zero gradient leaves P unchanged."""
+    """One step of Sanger's rule towards the top-r eigenvectors of ``C = X Xᵀ / ‖X‖²_F``:
+    ``P ← P + η (C P - P triu(Pᵀ C P))``, with ``C P = X rᵀ/‖X‖²``, ``Pᵀ C P = r rᵀ/‖X‖²``
+    (r = Pᵀ X; our ‖X‖² makes η scale-free). A zero gradient leaves P unchanged."""
     energy = torch.linalg.vector_norm(x).square().clamp_min(1e-30)
     cp = (r @ x.T).T  # X rᵀ, with X on the right (a fast skinny product)
     return P + (cp - P @ torch.triu(r @ r.T)) * (lr / energy)
@@ -761,12 +661,10 @@ RANK_METRICS: dict[str, Callable[[list[float], int, float], float]] = {
 @torch.compiler.disable  # host numbers: nothing for torch.compile to trace
 def allocate_ranks(spectra: Sequence, budget: int, caps: Optional[Sequence[int]] = None,
                    metric: str = "explained_variance", energies: Optional[Sequence] = None) -> list[int]:
-    """Greedy rank allocation: every matrix starts at rank 1; while budget is
-    left, the matrix whose next singular value scores highest under ``metric``
-    gets one more, never above its cap (default: its number of values). Ties
-    go to the lower index; O(B log L) with a heap. ``spectra`` (and
-    ``energies``, E = ‖X‖²_F when the spectra are truncated) may be tensors:
-    they reach the host in one transfer per device."""
+    """Greedy allocation: rank 1 each; then, while budget is left, one more to the
+    matrix whose next singular value scores highest under ``metric`` (ties: the lower
+    index), up to its cap (default: its number of values). ``spectra`` and ``energies``
+    (E = ‖X‖²_F, for truncated spectra) may be tensors: one transfer per device."""
     if metric not in RANK_METRICS:
         raise ValueError(f"Invalid rank metric: {metric!r} (expected one of {sorted(RANK_METRICS)})")
     score, n = RANK_METRICS[metric], len(spectra)
@@ -808,31 +706,22 @@ class AdaptiveAdamW(_Base):
         S ← S · min(1, γ·RMS_{t-1} / RMS(S))              (norm-growth limiter)
         W ← W (1 - lr·wd) - lr · (α P N + S)
 
-    With ``residual=False`` there is no S and the limiter acts on N. The
-    source leaves open what the limiter caps; with the residual (Fira's
-    reading) the loss is lower at every rank tried, so it is the default
-    (docs/RESULTS.md, "AdaptiveAdamW's residual").
+    With ``residual=False`` there is no S and the limiter acts on N (the source
+    leaves open what it caps; with the residual the loss is lower, docs/DESIGN.md).
 
-    Group options as GaLoreAdamW's (``refresh``, ``stagger``; no ``subspace``:
-    the allocation needs singular values), plus ``rank_metric`` (one of
-    ``RANK_METRICS``, the same in every allocating group), ``allocate``
-    (True; False keeps the group's rank, outside the budget),
-    ``transform_momentum`` (True), ``norm_growth_limit`` γ (1.01, None = off)
-    and ``refresh_keep`` (2.0): of each matrix's singular vectors at most
-    ⌈refresh_keep·rank⌉ are held until the allocation is known (a matrix
-    allocated more recomputes its SVD; None keeps all). A matrix whose
-    gradient is all-zero at its refresh keeps P and its rank and refreshes
-    at the next step. ``refresh="randomized"`` knows only the leading values
-    of each spectrum (from ``randomized_spectrum``). With ``stagger`` the
-    allocation stays global: matrices not due take part with the spectrum of
-    their last refresh, and one allocated less drops its last directions at
-    once (docs/DESIGN.md). ``ranks()`` is the allocation, kept in the state::
+    Group options as GaLoreAdamW's (no ``subspace``: the allocation needs
+    singular values), plus ``rank_metric`` (one of ``RANK_METRICS``, the same
+    in every allocating group), ``allocate`` (True; False keeps the group's
+    rank, outside the budget), ``transform_momentum`` (True) and
+    ``refresh_keep`` (2.0: at most ⌈refresh_keep·rank⌉ singular vectors per
+    matrix are held until the allocation is known; None keeps all). A matrix
+    whose X is all-zero at its refresh keeps P and rank and refreshes at the
+    next step. With ``stagger`` the allocation stays global: a matrix not due
+    takes part with the spectrum of its last refresh, and drops its last
+    directions at once if allocated less. ``ranks()`` is the allocation::
 
         opt = AdaptiveAdamW(lowrank_groups(model, rank=8, update_proj_gap=200), lr=1e-2)
     """
-
-    _refused_hints = {"subspace": "AdaptiveAdamW's allocation needs the spectra of the SVD, so its subspace is "
-                                  "always the SVD's (use GaLoreAdamW for 'random' or 'gha')"}
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, update_proj_gap: int = 200, scale: float = 0.25,
@@ -860,17 +749,9 @@ class AdaptiveAdamW(_Base):
                    f"Invalid {key}: {group[key]!r} differs from {sorted(others)} of another group; every group that "
                    f"allocates shares one budget and must use the same {key} (or set allocate=False in one of them)")
 
-    def _check_layerwise(self, group: dict) -> None:
-        if group.get("rank") is not None and group["allocate"]:
-            raise RuntimeError("AdaptiveAdamW cannot update one parameter at a time (layer-wise): its allocation "
-                               "splits one rank budget using the spectra of all matrices at once. Use "
-                               "allocate=False (fixed ranks) or GaLoreAdamW for layer-wise updates.")
-
     def _step_items(self, items: list[tuple[Tensor, dict, int]], peers=None) -> None:
-        """The refresh half of the box, for every matrix due at this step at once,
-        then ``_update`` for each matrix and AdamW for the dense parameters.
-        ``peers``: under FSDP2, sums and gathers over the ranks, so that every
-        rank allocates as one process does."""
+        """The refresh half of the box for every matrix due, then ``_update`` and AdamW.
+        ``peers``: FSDP2's sums and gathers, so every rank allocates as one process."""
         st = self.state
         due = [(p, g, i) for p, g, i in items if g.get("rank") is not None and (
             refresh_due(st[p].get("step", 0) + 1, i, g) or st[p].get("refresh_again"))]
@@ -967,9 +848,8 @@ class AdaptiveAdamW(_Base):
         return N.T @ P.T if transposed else P @ N
 
     def _randomized(self, p: Tensor, group: dict, index: int, keep: int) -> tuple[Tensor, Tensor]:
-        """``refresh="randomized"``: the leading ``keep`` + oversample vectors and
-        values from ``randomized_spectrum``, warm-started at P (its seed fixed at
-        the first refresh, an exact SVD)."""
+        """``refresh="randomized"``: ``keep`` + oversample leading vectors and values from
+        ``randomized_spectrum`` warm-started at P (the first refresh: an exact SVD)."""
         state, X = self.state[p], oriented(p, group["proj_type"])[0]
         state.setdefault("seed", stream_seed(group["seed"], index))
         if "P" not in state:
@@ -1036,22 +916,16 @@ class LDAdam(_Base):
     Defaults are the official code's (``lr=1e-3, betas=(0.908, 0.99), rho=0.908,
     error_feedback=True``); ``rank`` per group, other groups AdamW. Options:
     ``proj_method`` ("power", or "svd": the top-r of T), ``error_dtype`` (None:
-    float32, or float64 for a float64 parameter; torch.bfloat16 halves E).
-    As the official code, the rows are projected when m <= n (squares
-    included: ``proj_type="ldadam"``); ``proj_type`` takes GaLore's rules too
-    (``"std"`` projects a square's columns, see docs/DESIGN.md). Our one change: E is an optimizer-state tensor (``error``, m·n
-    numbers), not kept in ``p.grad``, so ``zero_grad``, clipping and DDP's
-    averaging never touch it::
+    float32, or float64 for a float64 parameter; torch.bfloat16 halves E),
+    ``proj_type`` ("ldadam", the official rule: the rows when m <= n, squares
+    included; or GaLore's rules). Our one change: E is optimizer state
+    (``error``, m·n numbers), not kept in ``p.grad``, so ``zero_grad``,
+    clipping and DDP's averaging never touch it::
 
         opt = LDAdam(lowrank_groups(model, rank=128), lr=1e-3)
     """
 
     _rank_fixed = True
-    _refused_hints = {
-        "scale": "LDAdam's update P N has no GaLore scale α; remove 'scale' (or multiply lr by it)",
-        "update_proj_gap": "LDAdam refreshes its subspace every step; remove 'update_proj_gap'",
-        "error_dtype": "it is a constructor argument, LDAdam(..., error_dtype=torch.bfloat16)",
-    }
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.908, 0.99), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, rho: float = 0.908, error_feedback: bool = True,
@@ -1117,11 +991,10 @@ class LDAdam(_Base):
 
 
 def power_iteration_basis(a: Tensor, P_prev: Tensor, M: Tensor, coef_m: float, coef_a: float) -> Tensor:
-    """One block power iteration warm-started at P_prev: with
-    ``T = coef_m · P_prev M + coef_a · A``, ``P = orth(T (Tᵀ P_prev))``, never
-    forming T (``Tᵀ P_prev = coef_m Mᵀ + coef_a Aᵀ P_prev`` as P_prev is
-    orthonormal). Written transposed so the full-size A is on the right of
-    each product: BLAS runs those skinny products faster on a CPU."""
+    """One block power iteration warm-started at P_prev: ``P = orth(T (Tᵀ P_prev))``,
+    ``T = coef_m · P_prev M + coef_a · A`` never formed (``Tᵀ P_prev = coef_m Mᵀ +
+    coef_a Aᵀ P_prev``, P_prev orthonormal); transposed so the full-size A is on the
+    right of each product, the skinny products BLAS runs faster on a CPU."""
     y_t = (P_prev.T @ a).mul_(coef_a).add_(M, alpha=coef_m)  # Yᵀ = (Tᵀ P_prev)ᵀ: (r, l)
     z_t = torch.addmm((M @ y_t.T).T @ P_prev.T, y_t, a.T, beta=coef_m, alpha=coef_a)  # (T Y)ᵀ: (r, s)
     return orthonormalize(z_t.T)
@@ -1141,10 +1014,9 @@ def generalized_error_feedback_(a: Tensor, P: Tensor, R: Tensor, P_prev: Tensor,
 
 def transport_second_moment(V: Tensor, M: Tensor, M_new: Tensor, C: Tensor, t: int, beta1: float,
                             beta2: float) -> Tensor:
-    """``V ← c2 · |(C∘C)(V/c2 - M²/c1²) + M̃²/c1²|`` (c1 = 1-β1ᵗ, c2 = 1-β2ᵗ): the
-    per-coordinate variance V̂ - M̂² moved into the new basis (coordinates taken
-    independent), plus the squared moved mean, back at the EMA's scale; ``abs``
-    keeps it >= 0. The identity for C = I."""
+    """``V ← c2 · |(C∘C)(V/c2 - M²/c1²) + M̃²/c1²|`` (c1 = 1-β1ᵗ, c2 = 1-β2ᵗ): the variance
+    V̂ - M̂² moved into the new basis (coordinates taken independent), plus the moved
+    mean squared, at the EMA's scale; ``abs`` keeps it >= 0. The identity for C = I."""
     c1, c2 = 1 - beta1**t, 1 - beta2**t
     variance = V / c2 - (M / c1).square()
     return torch.addmm((M_new / c1).square(), C * C, variance).abs_().mul_(c2)
@@ -1174,26 +1046,21 @@ class Adapprox(_Base):
         k ← max(k_min, ⌊k/2⌋) while ξ̄ < err_tol/2 from the start; then k ± rank_step
             above err_tol / below err_tol/2 (ξ̄: an EMA of ξ; ``_step_items``)
 
-    The rank starts at k_max = max(1, ⌊k_max_frac·min(m, n)⌋) (or ``rank_init``;
-    a group's integer ``rank`` caps it instead) and stays in [k_min, k_max]. It
-    halves (by at least ``rank_step``) until the first step that does not
-    halve, the EMA of ξ (``err_beta``) reseeded at each rank of that descent;
-    then it moves by ``rank_step`` with hysteresis. At k = min(m, n) V is kept
-    dense (state ``V``), so with clipping and guidance off Adapprox is AdamW.
-    Other parameters keep a dense V and the same rule. The paper's full text was not available to us: the
-    row/column scaling (``row_col_scaling``), the floor δ, the ``nonneg`` rule
-    (``abs``; ``clamp``, ``floor``), the warm start (``warm_start``,
-    ``power_iters``), ``factor_dtype`` (float64 V by default) and ``err_tol``
-    0.5 are our choices, explained in docs/DESIGN.md ("Adapprox") and measured
-    in docs/RESULTS.md. V is formed at a power-of-two scale 4^-h (stored as
-    ``u_exp``), so no square overflows for any finite gradient. Ω of matrix i
-    at step t comes from ``stream_seed(stream_seed(seed, i), t)``::
+    k starts at k_max = max(1, ⌊k_max_frac·min(m, n)⌋) (or ``rank_init``; a
+    group's integer ``rank`` caps it instead; ``rank=None`` keeps a dense V,
+    carried over when the rank changes) and stays in [k_min, k_max]; ξ̄'s EMA
+    (``err_beta``) is reseeded at each rank of the first descent. At k =
+    min(m, n) V is kept dense (state ``V``): with clipping and guidance off,
+    Adapprox is AdamW. Other parameters keep a dense V and the same rule. Our
+    choices where the paper is silent (docs/DESIGN.md, "Adapprox"):
+    ``row_col_scaling``, the floor δ, ``nonneg`` (``abs``; ``clamp``,
+    ``floor``), ``warm_start`` and ``power_iters``, ``factor_dtype`` (float64),
+    ``err_tol`` 0.5, and V formed at a power-of-two scale 4^-h (``u_exp``), so
+    no square overflows for a finite gradient::
 
         opt = Adapprox(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
     """
 
-    # A group's integer ``rank`` (what ``lowrank_groups`` writes) caps k; None keeps a
-    # dense V for the group. It may change between steps: V is carried over.
     _dense_elementwise = False  # clipping and guidance read the whole tensor: FSDP2 steps it whole
     _rank_converts = True
 
@@ -1227,14 +1094,6 @@ class Adapprox(_Base):
             for p in group["params"]:
                 _check(p.dim() == 2, f"Invalid parameter in a 'rank' group: shape {tuple(p.shape)} is not 2-D "
                                      "(put 1-D and other tensors in a group without 'rank')")
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As every optimizer here; a state dict written before U was kept at
-        scale (no ``u_exp``) holds U itself, i.e. at scale 4^0."""
-        super().load_state_dict(state_dict)
-        for state in self.state.values():
-            if "U" in state and "u_exp" not in state:
-                state["u_exp"] = state["U"].new_zeros(())
 
     @staticmethod
     def is_factored(p: Tensor, group: Optional[dict] = None) -> bool:
@@ -1285,12 +1144,10 @@ class Adapprox(_Base):
 
     @torch.compiler.disable
     def _prepare(self, items: list[tuple[Tensor, dict, int]]) -> list:
-        """Before any update, for each tensor: V carried over where a group's rank
-        went between None and an integer, the state set up, the rank clamped to
-        its cap, and this step's Ω drawn. Seeded draws are what torch.compile
-        cannot trace, and a graph break inside the arithmetic made it mix up the
-        parameters' shapes. Returns None for a dense tensor, else (Ω, V's dtype,
-        k_min, k_max), Ω None at full rank."""
+        """Before any update (torch.compile cannot trace seeded draws, and a break inside
+        the arithmetic mixed up shapes): V carried over where a rank went between None
+        and an integer, the state set up, k clamped to its cap, and Ω drawn. Returns
+        None for a dense tensor, else (Ω, V's dtype, k_min, k_max), Ω None at full rank."""
         plans = []
         for p, group, index in items:
             state, factored = self.state[p], p.dim() == 2 and min(p.shape) >= 2 and group.get("rank", 0) is not None
@@ -1420,9 +1277,8 @@ class Adapprox(_Base):
         self._direction(p, G, (state["exp_avg_sq"].sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"]), state, group, t)
 
     def _convert_second_moment(self, p: Tensor, group: dict) -> None:
-        """V carried over when the group's ``rank`` went from None to an integer
-        (dense V, then factored from the first rank: ``rank_init`` or k_max) or back (V = diag(r) Q Uᵀ diag(c) · 4^e,
-        negative entries set to 0)."""
+        """V carried over when the group's ``rank`` went from None to an integer (dense V,
+        factored from the first rank on) or back (V = diag(r) Q Uᵀ diag(c) · 4^e, clamped at 0)."""
         state, fd = self.state[p], self.factor_dtype(p, group)
         if self.is_factored(p, group):
             V = state.pop("exp_avg_sq")
@@ -1456,9 +1312,8 @@ def srsi(V: Tensor, rank: int, oversample: int = 5, power_iters: int = 1,
         l times:  Q ← orth(V orth(Vᵀ Q))  (orthonormalized after every product)
         B ← Qᵀ V = Ũ Σ W̃ᵀ ;  Q ← Q Ũ[:, :k] ;  U ← W̃[:, :k] Σ_k
 
-    The warm start is ours: V changes by (1-β2)·G² a step, so last step's Q
-    spans most of this step's top subspace. ``omega`` may be drawn beforehand
-    (``sketch_columns`` columns). Products keep V on the right (skinny, fast).
+    The warm start is ours (V changes by (1-β2)·G² a step). ``omega`` may be drawn
+    beforehand (``sketch_columns`` columns). Products keep V on the right (fast).
     """
     m, n = V.shape
     V = V.to(torch.promote_types(V.dtype, torch.float32))
@@ -1481,13 +1336,6 @@ def sketch_columns(shape: Sequence[int], rank: int, oversample: int, init: Optio
     return width - (0 if init is None else min(init.shape[1], rank, width))
 
 
-def srsi_relative_error(V: Tensor, U: Tensor) -> Tensor:
-    """``‖V - Q Uᵀ‖_F / ‖V‖_F`` for srsi's output (Q Uᵀ projects V, so the
-    squared error is ‖V‖² - ‖U‖²); 0 for V = 0. Cancellation limits it to ~1e-3."""
-    v2, u2 = torch.linalg.vector_norm(V).square(), torch.linalg.vector_norm(U).square()
-    return torch.where(v2 > 0, (v2 - u2).clamp_min(0).sqrt() / v2.sqrt().clamp_min(1e-30), torch.zeros_like(v2))
-
-
 def row_col_scales(v: Tensor) -> tuple[Tensor, Tensor]:
     """Adafactor's rank-1 estimate ``row colᵀ`` of a non-negative V: row = V 1 /
     1ᵀ V 1 (shares summing to 1), col = 1ᵀ V, clamped at 2^-40 (of V's total),
@@ -1499,7 +1347,7 @@ def row_col_scales(v: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # =============================================================================
-# 8. Helpers for users: param groups and state memory
+# 8. Helpers for users: param groups, state memory, srsi's error
 # =============================================================================
 
 
@@ -1507,17 +1355,13 @@ def lowrank_groups(model: nn.Module, rank: int, *, targets: Sequence[str] = ("at
                    embeddings: bool = False, verbose: bool = False, **group_options) -> list[dict]:
     """Param groups in the GaLore / LDAdam convention, for any of the four optimizers.
 
-    Every 2-D parameter whose qualified name contains one of ``targets`` goes
-    into ``{"params": ..., "rank": rank, **group_options}``; every other one
-    (embeddings, norms, LM head, biases) into ``{"params": ..., "rank": None}``,
-    which each optimizer updates densely (AdamW; Adapprox with a dense V;
-    Adapprox reads an integer ``rank`` as the cap of its adaptive rank).
-    Selection is by name and shape, not module type, so it finds
-    ``nn.Linear``, Hugging Face GPT-2's ``Conv1D`` (stored in×out) and packed
-    projections (``in_proj_weight``); an ``nn.Embedding`` weight (and an LM
-    head tied to it) only with ``embeddings=True``. Other models name their
-    matrices: ``targets=("self_attn", "linear1", "linear2")``. It warns when
-    no target matches any 2-D parameter; ``verbose=True`` prints the choice.
+    Every 2-D parameter whose qualified name contains one of ``targets`` goes into
+    ``{"params": ..., "rank": rank, **group_options}`` (Adapprox: the cap of its
+    adaptive rank), every other one into ``{"params": ..., "rank": None}`` (dense).
+    By name and shape, not module type: ``nn.Linear``, GPT-2's ``Conv1D`` and packed
+    ``in_proj_weight`` alike; an ``nn.Embedding`` weight (and a head tied to it) only
+    with ``embeddings=True``. Other models: ``targets=("self_attn", "linear1")``. It
+    warns when no target matches a 2-D parameter; ``verbose=True`` prints the choice.
     """
     if isinstance(targets, str):
         targets = (targets,)
@@ -1553,22 +1397,16 @@ def lowrank_groups(model: nn.Module, rank: int, *, targets: Sequence[str] = ("at
             return ", ".join(items + ([f"... ({len(named) - shown} more)"] if len(named) > shown else []))
         print(f"lowrank_groups: {len(lowrank)} matrices at rank {rank}: {listing(lowrank) or 'none'}")
         print(f"lowrank_groups: {len(rest)} dense parameters: {listing(rest) or 'none'}")
-    groups = []
-    if rest:
-        groups.append({"params": [p for _, p in rest], "rank": None})
+    groups = [{"params": [p for _, p in rest], "rank": None}] if rest else []
     if lowrank:
         groups.append({"params": [p for _, p in lowrank], "rank": rank, **group_options})
     return groups
 
 
 def state_bytes(optimizer: Optimizer, by_key: bool = False):
-    """Bytes held by the optimizer's state tensors (on this rank: under FSDP2,
-    a DTensor counts its local shard, and a matrix's low-rank state is held
-    by its owner rank alone).
-
-    With ``by_key=True`` returns ``{state name: bytes}`` (e.g. ``exp_avg``,
-    ``P``, ``error``) so a memory table can show what each part costs.
-    """
+    """Bytes held by the optimizer's state tensors on this rank (under FSDP2, a
+    DTensor's local shard, and the low-rank states this rank owns); with
+    ``by_key=True``, ``{state name: bytes}`` (``exp_avg``, ``P``, ``error``, ...)."""
     totals: dict[str, int] = {}
     for st in optimizer.state.values():
         for name, v in st.items():
@@ -1578,12 +1416,12 @@ def state_bytes(optimizer: Optimizer, by_key: bool = False):
     return totals if by_key else sum(totals.values())
 
 
-__all__ = [
-    "GaLoreAdamW",
-    "AdaptiveAdamW",
-    "LDAdam",
-    "Adapprox",
-    "lowrank_groups",
-    "state_bytes",
-    "NonFiniteGradientError",
-]
+def srsi_relative_error(V: Tensor, U: Tensor) -> Tensor:
+    """``‖V - Q Uᵀ‖_F / ‖V‖_F`` for srsi's output (Q Uᵀ projects V, so the
+    squared error is ‖V‖² - ‖U‖²); 0 for V = 0. Cancellation limits it to ~1e-3."""
+    v2, u2 = torch.linalg.vector_norm(V).square(), torch.linalg.vector_norm(U).square()
+    return torch.where(v2 > 0, (v2 - u2).clamp_min(0).sqrt() / v2.sqrt().clamp_min(1e-30), torch.zeros_like(v2))
+
+
+__all__ = ["GaLoreAdamW", "AdaptiveAdamW", "LDAdam", "Adapprox", "lowrank_groups", "state_bytes",
+           "NonFiniteGradientError"]

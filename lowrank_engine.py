@@ -1,9 +1,9 @@
 """lowrank_engine: where lowrank_adam's optimizers meet FSDP2 and layer-wise training.
 
 lowrank_adam.py needs none of this for eager, ``torch.compile``, DDP, ZeRO-1 or
-exact resume. Its optimizers call two functions here, and only when a
-parameter is a DTensor (a weight sharded by FSDP2's ``fully_shard``) or a
-state dict holds FSDP2 owner markers:
+exact resume. Its optimizers call it only when a parameter is a DTensor (a
+weight sharded by FSDP2's ``fully_shard``), a state dict holds FSDP2 owner
+markers, a parameter is stepped alone, or a refusal can say more:
 
 * ``fsdp2_step(optimizer, items)``: ``step()`` of sharded parameters. Each
   low-rank matrix is gathered whole on one owner rank, which alone holds its
@@ -12,17 +12,21 @@ state dict holds FSDP2 owner markers:
 * ``check_load(optimizer, state_dict)``: before ``load_state_dict`` loads
   anything, refuse (on every rank alike) a state dict whose low-rank states
   are not on the ranks that step their matrices.
+* ``step_parameter(optimizer, p)``: one parameter's step, for
+  ``layerwise_hooks``, which steps each parameter inside the backward pass.
+* ``option_hint`` and ``check_state_dict``: whose option a refused group key
+  is, which optimizer wrote a foreign state dict, and older state dicts read
+  (where this file is missing, the core's refusals are shorter).
 
 What they use of an optimizer is its ``state``, ``param_groups``,
-``_step_items(items, peers)`` and ``_dense_elementwise``. ``layerwise_hooks``
-steps each parameter inside the backward pass through the optimizer's
-``step_parameter``.
+``_check_grads``, ``_step_items(items, peers)`` and ``_dense_elementwise``.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -398,7 +402,7 @@ def layerwise_hooks(optimizer: Optimizer) -> list:
                         "whose groups without 'rank' get exactly AdamW's update")
 
     for group in optimizer.param_groups:
-        optimizer._check_layerwise(group)  # refuse now, not inside the first backward
+        _check_layerwise(optimizer, group)  # refuse now, not inside the first backward
 
     def hook(p: Tensor) -> None:
         optimizer.step_parameter(p)
@@ -406,3 +410,85 @@ def layerwise_hooks(optimizer: Optimizer) -> list:
 
     return [p.register_post_accumulate_grad_hook(hook) for g in optimizer.param_groups for p in g["params"]
             if p.requires_grad]  # a frozen parameter has no gradient and takes no hook
+
+
+@torch.no_grad()
+def step_parameter(optimizer: Optimizer, p: Tensor) -> None:
+    """``optimizer.step_parameter(p)``: update the one parameter ``p`` now, exactly
+    as ``step()`` would, from its post-accumulate-grad hook, so the whole model's
+    gradients never exist at once. LR schedulers see the step; step hooks are
+    not called."""
+    where = optimizer.__dict__.get("_where")  # dropped by add_param_group
+    if where is None or len(where) != sum(len(g["params"]) for g in optimizer.param_groups):
+        where = optimizer.__dict__["_where"] = {id(q): (g, i) for i, (g, q) in enumerate(
+            (g, q) for g in optimizer.param_groups for q in g["params"])}
+    if id(p) not in where:
+        raise ValueError(f"step_parameter: the tensor of shape {tuple(p.shape)} is not a parameter of this optimizer")
+    group, index = where[id(p)]
+    optimizer._opt_called = True  # what torch's step wrapper records, for LR schedulers
+    _check_layerwise(optimizer, group)
+    if p.grad is None:
+        return
+    if is_dtensor(p):
+        fsdp2_step(optimizer, [(p, group, index)])
+        return
+    optimizer._check_grads([(p, group, index)])
+    optimizer._step_items([(p, group, index)])
+
+
+def _check_layerwise(optimizer: Optimizer, group: dict) -> None:
+    """AdaptiveAdamW's allocation (a group with ``allocate``) needs every matrix at once."""
+    if group.get("rank") is not None and group.get("allocate"):
+        raise RuntimeError(f"{type(optimizer).__name__} cannot update one parameter at a time (layer-wise): its "
+                           "allocation splits one rank budget using the spectra of all matrices at once. Use "
+                           "allocate=False (fixed ranks) or GaLoreAdamW for layer-wise updates.")
+
+
+# -- the richer messages of the core's refusals: whose option, whose state dict --------
+
+_HINTS = {  # (optimizer, group option it refuses) -> what to do instead
+    ("AdaptiveAdamW", "subspace"): "AdaptiveAdamW's allocation needs the spectra of the SVD, so its subspace is "
+                                   "always the SVD's (use GaLoreAdamW for 'random' or 'gha')",
+    ("LDAdam", "scale"): "LDAdam's update P N has no GaLore scale α; remove 'scale' (or multiply lr by it)",
+    ("LDAdam", "update_proj_gap"): "LDAdam refreshes its subspace every step; remove 'update_proj_gap'",
+    ("LDAdam", "error_dtype"): "it is a constructor argument, LDAdam(..., error_dtype=torch.bfloat16)",
+}
+
+
+def optimizer_options() -> dict[str, set[str]]:
+    """Every optimizer class of lowrank_adam (subclasses too) -> its group options."""
+    out, todo = {}, list(la._Base.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        out[cls.__name__] = set(inspect.signature(cls.__init__).parameters) - {"self", "params"} | set(cls.group_keys)
+    return out
+
+
+def option_hint(optimizer: Optimizer, key: str) -> str:
+    """What the refusal of group option ``key`` adds: whose option it is, and what to do."""
+    owners = sorted(name for name, opts in optimizer_options().items() if key in opts)
+    hint = _HINTS.get((type(optimizer).__name__, key), "remove it from the group")
+    return f" ({'an option of ' + ', '.join(owners) if owners else 'unknown'}): {hint}"
+
+
+def check_state_dict(optimizer: Optimizer, state_dict: dict) -> dict:
+    """Before ``load_state_dict`` loads anything: the state dict to load (an older
+    Adapprox state without ``u_exp`` holds U itself, at scale 4^0), a warning for
+    an older one's generator states, and the name of the optimizer that wrote
+    another's state dict."""
+    name = type(optimizer).__name__
+    if any(isinstance(s, dict) and "U" in s and "u_exp" not in s for s in state_dict["state"].values()):
+        state_dict = {**state_dict, "state": {i: {**s, "u_exp": s["U"].new_zeros(())} if "U" in s and "u_exp" not in s
+                                              else s for i, s in state_dict["state"].items()}}
+    if "extra" in state_dict:  # written before the randomness became counter-based
+        warnings.warn(f"{name}.load_state_dict: this state dict has the generator states of an older version, which "
+                      "are ignored: the random sketches continue from counter-based seeds, so the run does not "
+                      "continue bit-exactly", stacklevel=3)
+    foreign = ({k for g in state_dict["param_groups"] for k in g} - set(optimizer.defaults)
+               - set(optimizer.group_keys) - set(optimizer._bookkeeping_keys))
+    writers = [w for w, options in optimizer_options().items() if foreign and foreign <= options]
+    if writers:
+        raise ValueError(f"{name}.load_state_dict: this state dict was written by {' or '.join(writers)} (its param "
+                         f"groups hold {', '.join(sorted(foreign))}, which {name} does not have); nothing was loaded")
+    return state_dict

@@ -131,7 +131,7 @@ The training script, bench.py and the documentation are tested in test_train_tin
 #       train::test_bench_shard_tabulates_each_ranks_state_and_peak_under_ddp_and_fsdp
 #   torch.compile: eager's steps to float32 rounding, quiet graph breaks; fullgraph without the check
 #       test_compiled_step_equals_the_eager_step, test_fullgraph_compile_without_the_finite_check_equals_eager
-#   copying one class out: the core and the sections it uses, torch alone, bit for bit, at most 850 lines;
+#   copying one class out: the core and the sections it uses, torch alone, bit for bit, at most 750 lines;
 #   section 8's helpers need only the core
 #       test_one_class_copied_out_with_the_core_alone_trains_as_the_module_does,
 #       test_one_class_copied_out_defines_every_name_its_code_uses,
@@ -3079,6 +3079,20 @@ for name, kwargs in {runs}:
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
     torch.save([p.detach() for p in model.parameters()], f"{{sys.argv[1]}}/{{name}}.pt")
+    # without lowrank_engine: the short refusals, and layer-wise steps name the missing file
+    sd = opt.state_dict()
+    for call, error, words in [
+            (lambda: Optimizer([{{"params": hidden, "rank": 3, "rnk": 3}}], **kwargs), ValueError,
+             "has no group option 'rnk'. Its group options:"),
+            (lambda: opt.load_state_dict({{**sd, "param_groups": [{{**g, "rnk": 3}} for g in sd["param_groups"]]}}),
+             ValueError, "written by another optimizer"),
+            (lambda: opt.step_parameter(hidden[0]), RuntimeError, "lowrank_engine.py")]:
+        try:
+            call()
+        except error as e:
+            assert words in str(e), str(e)
+        else:
+            raise AssertionError(words)
 """
 
 
@@ -3089,7 +3103,8 @@ def copy_out_kwargs(cls):
 @pytest.fixture(scope="module")
 def copied_out_weights(tmp_path_factory):
     """Each class copied out with the core alone, one file per class, each trained in
-    one fresh interpreter (one for all four) where lowrank_adam cannot be imported:
+    one fresh interpreter (one for all four) where neither lowrank_adam nor
+    lowrank_engine can be imported (so the short refusals are checked there too):
     the folder with each class's final weights."""
     tmp_path = tmp_path_factory.mktemp("copied_out")
     for cls in OPTIMIZERS:

@@ -1,10 +1,8 @@
 """Pretrain a small LLaMA on C4 with the optimizers of lowrank_adam: one training run.
 
-Read it top to bottom, like nanoGPT's train.py: configuration, model, optimizers,
-the training step, evaluation and logging, checkpoints, the loop and main.
-llama_c4.py holds the LLaMA, the C4 loader (its position saved for an exact
-resume) and the mechanics a run calls on (torchrun's processes, sharded state in
-checkpoints, resume checks, Ctrl-C); bench.py imports this file to compare runs.
+Read it top to bottom, like nanoGPT's train.py: configuration, model, optimizers, the training step,
+evaluation and logging, checkpoints, the loop and main. llama_c4.py holds the LLaMA, the C4 loader and a
+run's mechanics (processes, sharded checkpoints, resume checks, Ctrl-C); bench.py compares runs with it.
 
 examples:
   python train_tiny_llama.py                          # tiny LLaMA, AdamW, embedded corpus: 25-45 s, 2 CPU cores
@@ -14,15 +12,13 @@ examples:
       --model 60m --optimizer galore --rank 128 --seq-len 256 --batch-size 128 --device cuda
   torchrun --standalone --nproc_per_node 8 train_tiny_llama.py --data /data/c4/en --model 130m
 
-Without --data it writes the documentation every Python ships (or, with
---corpus packages, the installed packages' READMEs, licences and metadata) as
-C4-format shards into --cache-dir, once, and trains from them through the same
-loader a real C4 run uses; nothing is downloaded. A run lives in --out-dir (ckpt.pt,
-metrics.jsonl); a run already there is continued with --resume, never overwritten.
-A run that diverges (a NaN or Inf loss or gradient) stops, saving nothing, and renames
-them *.diverged.*: the same command with a lower --lr then starts in that folder.
-On a terminal the steps show as a progress bar (loss, elapsed time, ETA); piped or
-in a log file, as plain lines.
+Without --data it writes the documentation every Python ships (or, with --corpus packages, the installed
+packages' READMEs, licences and metadata) as C4-format shards into --cache-dir, once, and trains from them
+through the same loader a real C4 run uses; nothing is downloaded. A run lives in --out-dir (ckpt.pt,
+metrics.jsonl); a run already there is continued with --resume, never overwritten. A run that diverges (a
+NaN or Inf loss or gradient) stops, saving nothing, and renames them *.diverged.*: the same command with a
+lower --lr then starts in that folder. On a terminal the steps show as a progress bar (loss, elapsed time,
+ETA); piped or in a log file, as plain lines.
 """
 
 from __future__ import annotations
@@ -47,8 +43,7 @@ from llama_c4 import (Dist, Diverged, HelpFormatter, MODEL_SHAPES, MuonWithAdamW
                       synchronize)
 
 # ----------------------------------------------------------------------------- configuration
-# Every setting is a flag; every flag is checked before anything is read or built.
-# MODEL_SHAPES (llama_c4.py): name -> hidden / intermediate / heads / layers.
+# Every setting is a flag, checked before anything is read or built. MODEL_SHAPES (llama_c4.py): name -> shape.
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag, in --help's groups (parse_args checks their values)."""
@@ -224,10 +219,9 @@ def build_model(args, vocab_size: int, device="cpu") -> llama_c4.Llama:
 
 @dataclass
 class Recipe:
-    """An --optimizer name: the class, its default lr, whether it takes lowrank_groups (rank groups
-    for the attn/mlp matrices) or all parameters alike, and the options each :KIND or +SWITCH sets.
-    ``lowrank=None`` (Adapprox): all parameters in one group whose ``rank`` is --rank, which caps every
-    matrix's rank in place of k_max_frac, if --rank is given and --k-max-frac (its own flag) is not."""
+    """An --optimizer name: the class, its default lr, whether it takes lowrank_groups (rank groups for
+    the attn/mlp matrices) or all parameters alike, and the options each :KIND or +SWITCH sets.
+    ``lowrank=None`` (Adapprox): --rank, if given without --k-max-frac, caps every matrix's rank."""
     cls: type
     lr: float  # default peak lr, tuned on the tiny config
     lowrank: Optional[bool] = False
@@ -239,16 +233,15 @@ class Recipe:
 
 RESIDUAL = {"+residual": {"residual": True}, "+noresidual": {"residual": False}}
 REFRESH = {"+randomized": {"refresh": "randomized"}}
-# +stagger for a class that takes a ``stagger`` argument (see staggered)
-STAGGER = lambda cls: {"+stagger": {"stagger": True}} if "stagger" in inspect.signature(cls).parameters else {}
+STAGGER = {"+stagger": {"stagger": True}}  # (the classes that take ``stagger``: see staggered)
 OPTIMIZERS = {
     "adamw": Recipe(torch.optim.AdamW, 3e-3),
     "galore": Recipe(la.GaLoreAdamW, 1e-2, lowrank=True,
                      variants={**{f":{k}": {"subspace": k} for k in la.SUBSPACES}, **RESIDUAL, **REFRESH,
-                               **STAGGER(la.GaLoreAdamW), **{f"+gha_lr{v:g}": {"gha_lr": v} for v in (0.1, 1.0)}}),
+                               **STAGGER, **{f"+gha_lr{v:g}": {"gha_lr": v} for v in (0.1, 1.0)}}),
     "adaptive": Recipe(la.AdaptiveAdamW, 1e-2, lowrank=True,
                        variants={**{f":{m}": {"rank_metric": m} for m in sorted(la.RANK_METRICS)}, **RESIDUAL,
-                                 **REFRESH, **STAGGER(la.AdaptiveAdamW)}),
+                                 **REFRESH, **STAGGER}),
     "ldadam": Recipe(la.LDAdam, 3e-3, lowrank=True, variants={"+noef": {"error_feedback": False},
                                                                "+std": {"proj_type": "std"}}),  # squares: columns
     "adapprox": Recipe(la.Adapprox, 3e-3, lowrank=None,  # --rank: a group of the matrices, capping their ranks
@@ -316,14 +309,10 @@ def rank_cap(args) -> Optional[int]:
     return None if unset or OPTIMIZERS[parse_optimizer(args.optimizer)[0]].lowrank is not None else args.rank
 
 def get_lr(it: int, base: float, warmup: int, max_steps: int, min_ratio: float) -> float:
-    # 1) linear warmup
+    """Linear warmup, then a cosine decay to the floor base·min_ratio, which holds from max_steps on."""
     if it < warmup:
         return base * (it + 1) / (warmup + 1)
-    # 2) after the schedule: the floor
-    if it >= max_steps:
-        return base * min_ratio
-    # 3) in between: cosine decay down to the floor
-    progress = (it - warmup) / max(1, max_steps - warmup)
+    progress = min(1.0, (it - warmup) / max(1, max_steps - warmup))  # (cos π = -1 exactly: the floor)
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 # ----------------------------------------------------------------------------- training
@@ -349,8 +338,8 @@ class Run:
         amp = self.device.type == "cuda" and args.dtype != "float32"
         self.ctx = torch.autocast("cuda", dtype=getattr(torch, args.dtype)) if amp else contextlib.nullcontext()
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and args.dtype == "float16")
-        self.step, self.batches = 0, None  # optimizer steps; the data (a llama_c4.Prefetch)
-        self.bar = None  # the progress bar while train() steps on a terminal (see progress_bar)
+        # optimizer steps; the data (a llama_c4.Prefetch); the progress bar while train() steps on a terminal
+        self.step, self.batches, self.bar = 0, None, None
         self.seconds, self.step_seconds = 0.0, 0.0  # training time of earlier invocations; time in opt.step()
         self.started = self.last_log_time = time.perf_counter()
         self.last_log_step, self.train_loss, self.last_eval = 0, math.nan, (-1, math.nan)
@@ -372,7 +361,6 @@ class Run:
 def train_step(run: Run, batches) -> tuple[float, torch.Tensor]:
     """One optimizer step over --grad-accum micro-batches: (lr, summed loss)."""
     args, opt = run.args, run.opt
-    # lr ← warmup, then cosine decay to the floor
     lr = get_lr(run.step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
     for group in opt.param_groups:
         group["lr"] = lr
@@ -401,10 +389,9 @@ def train_step(run: Run, batches) -> tuple[float, torch.Tensor]:
     return lr, loss_sum
 
 def check_finite(run: Run, loss: torch.Tensor, norm: Optional[torch.Tensor]) -> None:
-    """Stop a diverged run before the update: a NaN or Inf loss or gradient norm (the one --grad-clip
-    computes; without it the low-rank optimizers check every gradient themselves, and a non-finite
-    one in torch's shows in the next loss). One number is read per step; under a GradScaler (fp16)
-    an Inf gradient only skips the step, so the loss alone counts there."""
+    """Stop a diverged run before the update: a NaN or Inf loss or --grad-clip's gradient norm (without
+    it the low-rank optimizers check every gradient, and torch's show it in the next loss). One number
+    per step; under a GradScaler (fp16) an Inf gradient only skips the step: the loss alone counts."""
     if norm is not None and not run.scaler.is_enabled():
         loss = loss + (norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # --fsdp: a DTensor
     if agree(not math.isfinite(loss.item()), run.dist):  # every rank stops at the same step
@@ -442,10 +429,10 @@ def log_train(run: Run, lr: float, loss: torch.Tensor, metrics) -> None:
               f"{tokens_per_s:,.0f} tokens/s", flush=True)
 
 def log_eval(run: Run, val_loss: float, metrics) -> None:
-    run.last_eval = (run.step, val_loss)
-    log(metrics, step=run.step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+    run.last_eval, ppl = (run.step, val_loss), math.exp(min(val_loss, 50))
+    log(metrics, step=run.step, val_loss=val_loss, val_ppl=ppl)
     if run.dist.master:
-        say(f"step {run.step}: val loss {val_loss:.4f}, val ppl {math.exp(min(val_loss, 50)):.2f}")
+        say(f"step {run.step}: val loss {val_loss:.4f}, val ppl {ppl:.2f}")
 
 def ranked_parameter_names(run: Run) -> list[str]:
     """Names of the parameters whose ranks ``opt.ranks()`` lists, in its order."""
@@ -457,8 +444,8 @@ def ranked_parameter_names(run: Run) -> list[str]:
     return [names[id(p)] for g in run.opt.param_groups if g.get("rank") is not None for p in g["params"]]
 
 # ----------------------------------------------------------------------------- checkpoints
-# Atomic, and exact to resume: model, optimizer, scaler, step, data position, RNG. Reading one and
-# checking a resume's flags against it, and gathering a sharded run's state: llama_c4.py.
+# Atomic, exact to resume (model, optimizer, scaler, step, data position, RNG); reading one, checking a
+# resume's flags against it, and gathering a sharded run's state: llama_c4.py.
 
 def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
     """Everything an exact resume needs (the data position of every rank too); ``result`` marks a
@@ -466,8 +453,7 @@ def save_checkpoint(run: Run, result: Optional[dict] = None) -> None:
     writes a temporary file, then renames it over the old checkpoint."""
     model_state, optimizer_state = full_state(run.raw_model, run.opt, run.dist, run.args.fsdp, run.args.zero)
     data = llama_c4.saveable(run.batches.state)
-    if run.dist.ddp:  # each rank reads its own slice of the data: keep every rank's position
-        data = gather(data, run.dist)
+    data = gather(data, run.dist) if run.dist.ddp else data  # DDP: every rank's position (each reads its own slice)
     if not run.dist.master:
         return
     path = Path(run.args.out_dir) / "ckpt.pt"
@@ -483,8 +469,7 @@ def restore(run: Run, ckpt: dict, batches: llama_c4.TrainBatches) -> None:
     load_full_state(run.raw_model, run.opt, ckpt["model"], ckpt["optimizer"], run.dist, run.args.fsdp)
     if ckpt["scaler"]:
         run.scaler.load_state_dict(ckpt["scaler"])
-    run.step = ckpt["step"]
-    run.seconds, run.step_seconds = ckpt["timing"]["seconds"], ckpt["timing"]["step_seconds"]
+    run.step, run.seconds, run.step_seconds = ckpt["step"], ckpt["timing"]["seconds"], ckpt["timing"]["step_seconds"]
     torch.set_rng_state(ckpt["rng"]["torch"])
     random.setstate(ckpt["rng"]["python"])
     batches.load_state_dict(ckpt["data"][run.dist.rank] if run.dist.ddp else ckpt["data"])
@@ -494,9 +479,8 @@ def restore(run: Run, ckpt: dict, batches: llama_c4.TrainBatches) -> None:
 
 def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dict] = None,
           on_step=None) -> dict:
-    """One run in --out-dir: build or resume it, step to --max-steps (or
-    --stop-after), evaluate, save. Returns the run's result. ``on_step``: called
-    with the run after each step (bench.py sketch's progress)."""
+    """One run in --out-dir: build or resume it, step to --max-steps (or --stop-after), evaluate,
+    save; returns its result. ``on_step``: called with the run after each step (bench.py sketch)."""
     run = Run(args, data.tokenizer.vocab_size, dist)
     batches = data.train_batches(args.batch_size, args.seed, args.shuffle_buffer)
     if ckpt is not None:
@@ -513,8 +497,7 @@ def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dic
         log(metrics, step=0, optimizer=args.optimizer, lr=args.lr, seed=args.seed,
             rank_names=ranked_parameter_names(run))
     stop_at = args.max_steps if args.stop_after is None else min(args.max_steps, run.step + args.stop_after)
-    run.started = run.last_log_time = time.perf_counter()
-    run.last_log_step = run.step
+    run.started, run.last_log_time, run.last_log_step = time.perf_counter(), time.perf_counter(), run.step
     run.bar = progress_bar(args.max_steps, run.step, dist.master and not args.quiet)  # on a terminal
     try:
         with stop_on_first_ctrl_c() as stop_requested:
@@ -614,7 +597,6 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
-    if "LOCAL_RANK" in os.environ:  # under torchrun: everything is written and the process group destroyed;
-        sys.stdout.flush()          # skip the interpreter's teardown, where torch's on gloo now and then
-        sys.stderr.flush()          # aborts after FSDP2 (SIGABRT: torchrun reports the run as failed)
-        os._exit(0)
+    if "LOCAL_RANK" in os.environ:  # under torchrun, all written: skip the interpreter's teardown, where
+        sys.stdout.flush(), sys.stderr.flush()  # torch's on gloo now and then aborts after FSDP2 (SIGABRT:
+        os._exit(0)                             # torchrun would report the run as failed)
