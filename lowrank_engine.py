@@ -91,6 +91,20 @@ def _exchange(send: list[list[Tensor]], recv_numels: list[int], group, dtype: to
     return list(out.split(recv_numels))
 
 
+def _assemble(got: list[Tensor], mine: list[tuple[Tensor, int]], rows: dict, width: dict) -> dict:
+    """Each owned matrix (parameter, index) whole, W and G, from the flat
+    buffers ``got`` that every rank sent here (its rows of W, then of G, of
+    each matrix in order): index -> (W, G), copies that do not keep ``got``."""
+    pieces: dict[int, tuple[list[Tensor], list[Tensor]]] = {i: ([], []) for _, i in mine}
+    for r, flat in enumerate(got):
+        for p, i in mine:
+            for part in pieces[i]:  # rank r's rows of W, then of G
+                n = rows[i][r] * width[i]
+                part.append(flat[:n].view(rows[i][r], *p.shape[1:]))
+                flat = flat[n:]
+    return {i: (torch.cat(w), torch.cat(g)) for i, (w, g) in pieces.items()}
+
+
 def _mesh_of(sharded: list[Tensor]):
     """The one 1-D device mesh of the DTensor parameters ``sharded``; a 2-D
     mesh (HSDP) or several meshes are refused."""
@@ -194,13 +208,8 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
         dtype = torch.promote_types(dtype, torch.promote_types(p.dtype, p.grad.dtype))
     got = _exchange([[t for p, _, i in mats if owner[i] == r for t in (local(p), local(p.grad))] for r in range(world)],
                     [sum(2 * rows[i][r] * width[i] for _, _, i in mine) for r in range(world)], group, dtype, device)
-    pieces: dict[int, tuple[list[Tensor], list[Tensor]]] = {i: ([], []) for _, _, i in mine}
-    for r, flat in enumerate(got):
-        for p, _, i in mine:
-            for part in pieces[i]:  # this rank's rows of W, then of G
-                n = rows[i][r] * width[i]
-                part.append(flat[:n].view(rows[i][r], *p.shape[1:]))
-                flat = flat[n:]
+    received = _assemble(got, [(p, i) for p, _, i in mine], rows, width)
+    del got  # only the whole matrices are held through the step, not the buffer they came in
 
     # 3. this rank's part of the step: the optimizer's own code, on plain tensors
     step_items, stand_ins, shards = [], [], []
@@ -214,8 +223,8 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
                 raise RuntimeError(f"lowrank_adam under FSDP2: the state of a parameter of shape {tuple(p.shape)} "
                                    f"is on rank {state['owner']}, not on this rank, its owner now (a checkpoint "
                                    "of another number of ranks? Resharding is not supported)")
-            w = torch.cat(pieces[i][0]).to(p.dtype)
-            w.grad = torch.cat(pieces[i][1]).to(p.grad.dtype)
+            W, G = received.pop(i)
+            w, w.grad = W.to(p.dtype), G.to(p.grad.dtype)
             opt.state[w] = state  # the same dict: the state is the parameter's
         elif is_dtensor(p):
             w = p.to_local()  # a view of this rank's shard
