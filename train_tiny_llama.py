@@ -223,7 +223,7 @@ class Recipe:
     the attn/mlp matrices) or all parameters alike, and the options each :KIND or +SWITCH sets.
     ``lowrank=None`` (Adapprox): --rank, if given without --k-max-frac, caps every matrix's rank."""
     cls: type
-    lr: float  # default peak lr, tuned on the tiny config
+    lr: float  # default peak lr (each method's best lr on the tiny runs, per corpus: docs/RESULTS.md)
     lowrank: Optional[bool] = False
     variants: dict = field(default_factory=dict)  # ":kind" or "+switch" -> options
 
