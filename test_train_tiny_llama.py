@@ -1525,6 +1525,21 @@ def test_a_new_optimizer_is_one_recipe(corpus, tmp_path, monkeypatch):
     assert tl.parse_optimizer("adaptive:gap+noresidual") == ("adaptive", {"rank_metric": "gap", "residual": False})
 
 
+def test_the_two_corpus_variants_set_the_options_the_results_name():
+    # the specs of docs/RESULTS.md's two-corpus checks, built into the optimizers they describe
+    model = tl.build_model(tl.parse_args(["--model", "tiny"]), 257)
+    for spec, cls, option, value in [("ldadam+std", la.LDAdam, "proj_type", "std"),
+                                     ("galore:gha+residual+gha_lr0.1", la.GaLoreAdamW, "gha_lr", 0.1),
+                                     ("galore:gha+gha_lr1", la.GaLoreAdamW, "gha_lr", 1.0),
+                                     ("adapprox:clamp", la.Adapprox, "nonneg", "clamp"),
+                                     ("adapprox:floor", la.Adapprox, "nonneg", "floor"),
+                                     ("adapprox+noscaling", la.Adapprox, "row_col_scaling", False)]:
+        opt = tl.build_optimizer(tl.parse_args(["--optimizer", spec, "--rank", "4"]), model)
+        assert isinstance(opt, cls) and all(g[option] == value for g in opt.param_groups), spec
+    assert all(g["proj_type"] == "ldadam" for g in tl.build_optimizer(
+        tl.parse_args(["--optimizer", "ldadam", "--rank", "4"]), model).param_groups)  # the official rule by default
+
+
 def test_small_models_on_cpu_default_to_one_thread():
     """conftest.py pins the suite itself to 1 thread."""
     assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
