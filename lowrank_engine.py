@@ -106,17 +106,33 @@ def _assemble(got: list[Tensor], mine: list[tuple[Tensor, int]], rows: dict, wid
 
 
 def _mesh_of(sharded: list[Tensor]):
-    """The one 1-D device mesh of the DTensor parameters ``sharded``; a 2-D
-    mesh (HSDP) or several meshes are refused."""
+    """The one device mesh of the DTensor parameters ``sharded``: 1-D (FSDP2's
+    default), or 2-D replicate × shard (HSDP); several meshes, or more
+    dimensions, are refused."""
     mesh = sharded[0].device_mesh
-    if mesh.ndim != 1:
-        raise NotImplementedError(f"lowrank_adam under FSDP2: parameters on one 1-D device mesh only; a {mesh.ndim}-D "
-                                  "mesh (HSDP, or sharding combined with another parallelism) is not supported. "
-                                  "Shard with fully_shard on a 1-D mesh (its default). Nothing was changed.")
+    if mesh.ndim > 2:
+        raise NotImplementedError(f"lowrank_adam under FSDP2: parameters on a 1-D mesh or a 2-D (replicate, shard) "
+                                  f"mesh (HSDP) only, not a {mesh.ndim}-D one. Nothing was changed.")
     if any(p.device_mesh != mesh for p in sharded):
-        raise NotImplementedError("lowrank_adam under FSDP2: parameters on one 1-D device mesh only; these are on "
+        raise NotImplementedError("lowrank_adam under FSDP2: parameters on one device mesh only; these are on "
                                   "several meshes. Nothing was changed.")
     return mesh
+
+
+def _shard_dim(mesh) -> tuple:
+    """(process group, size, this rank's index) of the mesh dimension that
+    shards: a 1-D mesh's one, or HSDP's second. Under HSDP each replica
+    group steps alike on the same reduced gradients, so the replicas stay
+    equal with no collective between them."""
+    d = mesh.ndim - 1
+    return mesh.get_group(d), mesh.size(d), mesh.get_local_rank(d)
+
+
+def _row_sharded(p: Tensor) -> bool:
+    """Whether ``p``'s placements split its rows over the shard dimension and
+    replicate it over any other: (Shard(0),) or (Replicate(), Shard(0))."""
+    *rest, last = p.placements
+    return last.is_shard(0) and all(pl.is_replicate() for pl in rest)
 
 
 def _stepped_whole(optimizer: Optimizer, p: Tensor, group: dict) -> bool:
@@ -135,7 +151,9 @@ def _as_dtensor_like(v: Tensor, p: Tensor) -> Tensor:
 @torch.no_grad()
 def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> None:
     """``step()`` when FSDP2 (``fully_shard``) has sharded the parameters:
-    DTensors on a 1-D mesh, split by rows (dim 0) across the ranks.
+    DTensors on a 1-D mesh, split by rows (dim 0) across the ranks, or on an
+    HSDP mesh (replicate, shard), where each replica group does what
+    follows within its shard group (``_shard_dim``).
 
     A low-rank step needs its whole matrix (an SVD, a projection), so each
     such matrix has an owner rank (``_owner_ranks``: balanced by m·n, the
@@ -164,7 +182,7 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
     """
     opt = optimizer
     mesh = _mesh_of([p for p, _, _ in items if is_dtensor(p)])
-    group, world, me = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+    group, world, me = _shard_dim(mesh)
     device = next(p.device for p, _, _ in items if is_dtensor(p))
 
     def whole(p: Tensor, g: dict) -> bool:
@@ -177,10 +195,10 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
     owner = _owner_ranks({i: p.numel() for i, p in every}, world)
     for p, g, _ in items:  # whole matrices: split by rows as torch.chunk splits them (``_row_split``)
         if is_dtensor(p) and (p.grad.placements != p.placements or (whole(p, g) and (
-                len(p.placements) != 1 or not p.placements[0].is_shard(0)
-                or p.to_local().shape[0] != _row_split(p.shape[0], world)[me]))):
+                not _row_sharded(p) or p.to_local().shape[0] != _row_split(p.shape[0], world)[me]))):
             raise NotImplementedError(f"lowrank_adam under FSDP2: a parameter of shape {tuple(p.shape)} with "
-                                      f"placements {p.placements} (gradient {p.grad.placements}); expected Shard(0)")
+                                      f"placements {p.placements} (gradient {p.grad.placements}); expected Shard(0), "
+                                      "or (Replicate(), Shard(0)) under HSDP")
 
     # 1. NaN/Inf: Σ g of each local shard, agreed over the ranks (then exactly, to name the culprit)
     checked = [p for p, g, _ in items if g["check_finite"]]
@@ -328,7 +346,7 @@ def check_load(optimizer: Optimizer, state_dict: dict) -> None:
                     f"{_RESUME_PATHS}. Nothing was loaded.")
         return
     mesh = _mesh_of(sharded)
-    world = mesh.size()
+    shard_group, world, _ = _shard_dim(mesh)
     owner = _owner_ranks({i: p.numel() for i, (p, s, _) in enumerate(entries) if _stepped_whole(opt, p, s)}, world)
     held = {}  # what this rank's state dict holds of each parameter: "state", ("owner", r) or "mixed"
     for i, (p, _, st) in enumerate(entries):
@@ -337,7 +355,7 @@ def check_load(optimizer: Optimizer, state_dict: dict) -> None:
         elif st and i in owner:
             held[i] = "state"
     every: list = [None] * world
-    torch.distributed.all_gather_object(every, (_full_state_dict_load(), same_groups, held), group=mesh.get_group())
+    torch.distributed.all_gather_object(every, (_full_state_dict_load(), same_groups, held), group=shard_group)
     if not all(same for _, same, _ in every):
         raise ValueError(f"{name}.load_state_dict under FSDP2: the state dict's param groups differ from the "
                          f"optimizer's on rank {next(r for r, (_, same, _) in enumerate(every) if not same)}. "

@@ -123,8 +123,10 @@ The training script, bench.py and the documentation are tested in test_train_tin
 #       test_fsdp2_even_row_counts_split_in_halves_equal_one_process
 #   ... layerwise_hooks equals ordinary FSDP2 steps
 #       test_fsdp2_layerwise_updates_equal_ordinary_fsdp2_steps
-#   ... refused: 2-D meshes, a state dict of another world size or rank, a full state dict broadcast
-#       test_fsdp2_two_dimensional_mesh_is_refused_before_anything_changes,
+#   ... HSDP (a 2-D replicate x shard mesh): one process's results, every replica identical
+#       test_hsdp_on_a_one_by_two_mesh_equals_one_process,
+#       test_hsdp_on_a_two_by_two_mesh_equals_one_process_and_every_replica_is_identical
+#   ... refused: a state dict of another world size or rank, a full state dict broadcast
 #       test_fsdp2_state_dict_of_another_world_size_or_rank_is_refused_at_load_on_every_rank,
 #       test_fsdp2_full_state_dict_load_is_refused_on_every_rank_and_changes_nothing
 #   the table of state and peak per rank (a measurement; its command runs shrunk)
@@ -190,14 +192,18 @@ def rms(x):
     return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
 
 
-def run_on_two_processes(tmp_path, source, name):
-    """Runs ``source`` under torchrun with 2 gloo CPU processes (arguments: the
-    repository root and ``tmp_path``, where each rank writes its results)."""
+def run_on_processes(tmp_path, source, name, nproc=2):
+    """Runs ``source`` under torchrun with ``nproc`` gloo CPU processes (arguments:
+    the repository root and ``tmp_path``, where each rank writes its results)."""
     script = tmp_path / name
     script.write_text(source)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(ROOT), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          str(nproc), str(script), str(ROOT), str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+run_on_two_processes = run_on_processes
 
 torch.set_num_threads(min(torch.get_num_threads(), 2))
 
@@ -2754,14 +2760,13 @@ for case, groups in [("one matrix", [((0,), 2)]), ("gaps", [((2,), 2), ((0, 4), 
     held = [i for i, p in enumerate(m.parameters()) if "P" in opt.state[p]]
     out[("adaptive", case)] = dict(one=full(one), fsdp2=full(m), ranks=(one_opt.ranks(), opt.ranks()), held=held)
 
-# 3. a 2-D mesh (HSDP: replicated over 1, sharded over 2) is refused before anything changes
+# 3. a 2-D mesh (HSDP: replicated over 1, sharded over 2) steps as the 1-D mesh does
 mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard"))
+one = model()
+train(one, optimizer("GaLoreAdamW", one), 6)
 m = sharded(model(), mesh)
-opt = optimizer("GaLoreAdamW", m)
-opt.zero_grad(set_to_none=True)
-nn.functional.mse_loss(m(x), y).backward()
-before = snapshot(m, opt)
-out["2-D"] = (refused(opt.step), same(before, snapshot(m, opt)), sum(map(bool, opt.state.values())))
+train(m, optimizer("GaLoreAdamW", m), 6)
+out["2-D"] = dict(one=full(one), hsdp=full(m), placements=m[0].weight.placements)
 
 # 4. AdaptiveAdamW: equal scores on matrices of two owners. Three 6×6 matrices (owners 0, 1, 0); 0's gradient
 #    has rank 1, 1's and 2's are the same: of a budget of 6, the unit that 1 and 2 tie for goes to 1
@@ -2860,13 +2865,81 @@ def test_fsdp2_adaptive_allocation_takes_in_the_rank_with_no_matrix_due(fsdp2_pa
         assert (r0["held"], r1["held"]) == (([0], []) if case == "one matrix" else ([2], [0, 4])), case
 
 
-def test_fsdp2_two_dimensional_mesh_is_refused_before_anything_changes(fsdp2_paths):
-    # HSDP (a 2-D mesh: replicated, then sharded) is not supported: step() says so on every rank
-    # before a weight or a state changes.
+def test_hsdp_on_a_one_by_two_mesh_equals_one_process(fsdp2_paths):
+    # HSDP's 2-D mesh (replicate, shard) with one replica: the shard dimension is the 1-D case
     for r in fsdp2_paths:
-        message, unchanged, states = r["2-D"]
-        assert message.startswith("NotImplementedError") and "1-D device mesh only; a 2-D mesh" in message, message
-        assert unchanged and states == 0
+        assert [str(p) for p in r["2-D"]["placements"]] == ["R", "S(0)"]  # (Replicate(), Shard(0))
+        assert all(torch.equal(a, b) for a, b in zip(r["2-D"]["one"], r["2-D"]["hsdp"]))  # measured: bit for bit
+
+
+HSDP_TWO_BY_TWO = """
+import sys, torch, torch.distributed as dist
+from datetime import timedelta
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, sys.argv[1])
+import lowrank_adam as la
+torch.set_num_threads(1)
+dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+
+def model():  # rows 8, 6, 5 and 1: split 4 + 4, 3 + 3, 3 + 2 and 1 + 0 within each replica
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(),
+                         nn.Linear(5, 1))
+
+def optimizer(name, m):  # refreshes at steps 1, 4, 7 and 10; Adapprox's ranks move (from k_max 4 or 3)
+    if name == "Adapprox":
+        return la.Adapprox(m.parameters(), lr=1e-2, weight_decay=0.1, err_tol=0.05, k_max_frac=0.8)
+    gap = {} if name == "LDAdam" else {"update_proj_gap": 3}
+    return getattr(la, name)(la.lowrank_groups(m, 2, targets=("0", "2", "4"), **gap), lr=1e-2, weight_decay=0.1)
+
+g = torch.Generator().manual_seed(1)
+x = torch.randn(16, 5, generator=g)
+y = torch.sin(x[:, :1] * 2) + x[:, 1:2] * x[:, 2:3]
+
+def train(m, opt, steps):
+    ranks = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(m(x), y).backward()
+        opt.step()
+        ranks.append(opt.ranks())
+    return ranks
+
+mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+out = {}
+for name in ["GaLoreAdamW", "AdaptiveAdamW", "LDAdam", "Adapprox"]:
+    one = model()
+    one_ranks = train(one, optimizer(name, one), 10)
+    m = model()
+    for layer in m:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    opt = optimizer(name, m)
+    ranks = train(m, opt, 10)
+    out[name] = dict(one=[p.detach() for p in one.parameters()], hsdp=[p.full_tensor().detach() for p in m.parameters()],
+                     ranks=(one_ranks, ranks), states=sum(map(bool, opt.state.values())))
+torch.save(out, f"{sys.argv[2]}/rank{dist.get_rank()}.pt")
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_hsdp_on_a_two_by_two_mesh_equals_one_process_and_every_replica_is_identical(tmp_path):
+    # 4 gloo processes as a (replicate 2, shard 2) mesh: each replica group steps its matrices on owners
+    # inside its shard group, on the same reduced gradients, so the replicas stay equal with no collective
+    # between them; 10 steps with refreshes, AdaptiveAdamW's global allocation and Adapprox's moving ranks
+    run_on_processes(tmp_path, HSDP_TWO_BY_TWO, "hsdp.py", nproc=4)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    for name in ("GaLoreAdamW", "AdaptiveAdamW", "LDAdam", "Adapprox"):
+        ones, ranks = results[0][name]["one"], results[0][name]["ranks"]
+        assert len({str(r[name]["ranks"]) for r in results}) == 1 and ranks[0] == ranks[1], name
+        assert len({str(rs) for rs in ranks[0]}) > 1 or name in ("GaLoreAdamW", "LDAdam"), name  # ranks moved
+        for r in results:
+            assert all(torch.equal(a, b) for a, b in zip(ones, r[name]["hsdp"])), name  # measured: bit for bit
+            assert r[name]["states"] > 0, name
 
 
 def test_fsdp2_adaptive_ties_between_matrices_of_two_owners_go_to_the_lower_index_as_in_one_process(fsdp2_paths):
