@@ -123,7 +123,8 @@ The training script, bench.py and the documentation are tested in test_train_tin
 #       test_fsdp2_even_row_counts_split_in_halves_equal_one_process
 #   ... layerwise_hooks equals ordinary FSDP2 steps
 #       test_fsdp2_layerwise_updates_equal_ordinary_fsdp2_steps
-#   ... HSDP (a 2-D replicate x shard mesh): one process's results, every replica identical
+#   ... HSDP (a 2-D replicate x shard mesh): one process's results, every replica identical, sharded
+#   state dicts resume exactly
 #       test_hsdp_on_a_one_by_two_mesh_equals_one_process,
 #       test_hsdp_on_a_two_by_two_mesh_equals_one_process_and_every_replica_is_identical
 #   ... refused: a state dict of another world size or rank, a full state dict broadcast
@@ -2873,8 +2874,10 @@ def test_hsdp_on_a_one_by_two_mesh_equals_one_process(fsdp2_paths):
 
 
 HSDP_TWO_BY_TWO = """
-import sys, torch, torch.distributed as dist
+import io, sys, torch, torch.distributed as dist
 from datetime import timedelta
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -2908,19 +2911,38 @@ def train(m, opt, steps):
     return ranks
 
 mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-out = {}
-for name in ["GaLoreAdamW", "AdaptiveAdamW", "LDAdam", "Adapprox"]:
-    one = model()
-    one_ranks = train(one, optimizer(name, one), 10)
+
+def hsdp_model():
     m = model()
     for layer in m:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
-    fully_shard(m, mesh=mesh)
+    return fully_shard(m, mesh=mesh)
+
+out = {}
+for name in ["GaLoreAdamW", "AdaptiveAdamW", "LDAdam", "Adapprox"]:
+    one = model()
+    one_ranks = train(one, optimizer(name, one), 10)
+    m = hsdp_model()
     opt = optimizer(name, m)
     ranks = train(m, opt, 10)
+    # a checkpoint after 5 steps (each rank's sharded state dict, as written to disk), loaded into a
+    # fresh run that takes the other 5 steps
+    part = hsdp_model()
+    part_opt = optimizer(name, part)
+    train(part, part_opt, 5)
+    buf = io.BytesIO()
+    torch.save((get_model_state_dict(part), get_optimizer_state_dict(part, part_opt)), buf)
+    buf.seek(0)
+    weights, state = torch.load(buf, weights_only=False)
+    resumed = hsdp_model()
+    resumed_opt = optimizer(name, resumed)
+    set_model_state_dict(resumed, weights)
+    set_optimizer_state_dict(resumed, resumed_opt, state)
+    train(resumed, resumed_opt, 5)
     out[name] = dict(one=[p.detach() for p in one.parameters()], hsdp=[p.full_tensor().detach() for p in m.parameters()],
-                     ranks=(one_ranks, ranks), states=sum(map(bool, opt.state.values())))
+                     ranks=(one_ranks, ranks), states=sum(map(bool, opt.state.values())),
+                     resumed=[p.full_tensor().detach() for p in resumed.parameters()])
 torch.save(out, f"{sys.argv[2]}/rank{dist.get_rank()}.pt")
 dist.barrier()
 dist.destroy_process_group()
@@ -2930,7 +2952,8 @@ dist.destroy_process_group()
 def test_hsdp_on_a_two_by_two_mesh_equals_one_process_and_every_replica_is_identical(tmp_path):
     # 4 gloo processes as a (replicate 2, shard 2) mesh: each replica group steps its matrices on owners
     # inside its shard group, on the same reduced gradients, so the replicas stay equal with no collective
-    # between them; 10 steps with refreshes, AdaptiveAdamW's global allocation and Adapprox's moving ranks
+    # between them; 10 steps with refreshes, AdaptiveAdamW's global allocation and Adapprox's moving ranks;
+    # and a run resumed at step 5 from the sharded state dicts (get_/set_optimizer_state_dict) ends the same
     run_on_processes(tmp_path, HSDP_TWO_BY_TWO, "hsdp.py", nproc=4)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
     for name in ("GaLoreAdamW", "AdaptiveAdamW", "LDAdam", "Adapprox"):
@@ -2939,6 +2962,7 @@ def test_hsdp_on_a_two_by_two_mesh_equals_one_process_and_every_replica_is_ident
         assert len({str(rs) for rs in ranks[0]}) > 1 or name in ("GaLoreAdamW", "LDAdam"), name  # ranks moved
         for r in results:
             assert all(torch.equal(a, b) for a, b in zip(ones, r[name]["hsdp"])), name  # measured: bit for bit
+            assert all(torch.equal(a, b) for a, b in zip(ones, r[name]["resumed"])), name  # resumed at step 5
             assert r[name]["states"] > 0, name
 
 
