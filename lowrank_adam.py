@@ -496,7 +496,8 @@ class GaLoreAdamW(_Base):
     * ``residual=True`` (Fira): ``D ← α P N + S``, S the part of X the subspace
       drops (``orthogonal_residual``), its RMS growth per step capped at
       ``norm_growth_limit`` γ (1.01).
-    * ``refresh="randomized"``: P from ``randomized_spectrum`` (``refresh_iters``).
+    * ``refresh="randomized"``: P from ``randomized_spectrum``, a sketch warm-started
+      at the previous P (``refresh_iters`` iterations), in place of the exact SVD.
     * ``subspace="random"`` (a random P at each refresh) or ``"gha"`` (P tracked
       every step by Sanger's rule, ``gha_step``, ``gha_lr``): the moments
       follow P at each refresh (``transform_moments``).
