@@ -1017,12 +1017,13 @@ def check_resume(args, ckpt: Optional[dict]) -> None:
         return
     saved, now = ckpt["settings"], run_settings(args)
     flag = lambda k: "processes" if k == "processes" else "--" + k.replace("_", "-")
-    changed = [f"{flag(k)} {saved[k]} (now {now[k]})" for k in saved
-               if k in now and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    resharded = saved.get("fsdp") and now.get("fsdp")  # an --fsdp run moves to another number of processes
+    changed = [f"{flag(k)} {saved[k]} (now {now[k]})" for k in saved if k in now and k not in RESUME_MAY_CHANGE
+               and saved[k] != now[k] and not (k == "processes" and resharded)]
     if changed:
         fail(f"--resume: {Path(args.out_dir) / 'ckpt.pt'} was made with other settings: {', '.join(changed)}. A "
-             f"resume may only change {', '.join(flag(k) for k in RESUME_MAY_CHANGE[2:])}; start anything else "
-             "in a new --out-dir")
+             f"resume may only change {', '.join(flag(k) for k in RESUME_MAY_CHANGE[2:])} (and, with --fsdp, the "
+             "number of processes); start anything else in a new --out-dir")
 
 
 def nothing_to_resume(out: Path) -> str:
@@ -1094,45 +1095,47 @@ FULL = dict(full_state_dict=True)  # torch.distributed.checkpoint's StateDictOpt
 
 def fsdp_full_state(model: nn.Module, opt, dist: Dist) -> tuple[Optional[dict], Optional[dict]]:
     """--fsdp: the model's and the optimizer's state dicts as one process's, on rank 0 (None elsewhere),
-    keyed by parameter name (torch.distributed.checkpoint's full state dicts, on the CPU). Torch gathers
-    every DTensor (weights, dense moments); a low-rank matrix's state is a plain tensor on its owner rank
-    alone, marked ``{"owner": r}`` on the others, so each rank also sends the entries it owns to rank 0,
-    which puts them in place of the markers and keeps who owned what (``"owners"``) for the resume."""
+    keyed by parameter name: torch.distributed.checkpoint's full state dicts, on the CPU. Torch gathers
+    every DTensor (weights, dense moments), and lowrank_adam each matrix's low-rank state from its owner
+    rank, so the checkpoint fits any number of ranks."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
-    options = StateDictOptions(**FULL, cpu_offload=True)  # rank 0 alone receives, on the CPU
+    options = StateDictOptions(**FULL, cpu_offload=True)  # rank 0 alone keeps them, on the CPU
     model_state = get_model_state_dict(model, options=options)
     optimizer_state = get_optimizer_state_dict(model, opt, options=options)
-    names = {id(p): n for n, p in model.named_parameters()}
-    every = gather({names[id(p)]: {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
-                    for p, st in opt.state.items() if owned_here(st)}, dist)
-    if not dist.master:
-        return None, None
-    owners = {name: r for r, entries in enumerate(every) for name in entries}
-    optimizer_state["state"].update({name: every[r][name] for name, r in owners.items()})
-    optimizer_state["owners"] = owners
-    return model_state, optimizer_state
-
-
-def owned_here(state: dict) -> bool:
-    """--fsdp: whether this optimizer state is a whole matrix's, held by this rank, its owner (plain
-    tensors); a sharded parameter's dense state is DTensors, and a marker ``{"owner": r}`` is another's."""
-    tensors = [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    return "owner" not in state and bool(tensors) and not any(la.is_dtensor(v) for v in tensors)
+    return (model_state, optimizer_state) if dist.master else (None, None)
 
 
 def load_fsdp_full_state(model: nn.Module, opt, model_state: dict, optimizer_state: dict, dist: Dist) -> None:
-    """--fsdp: the inverse of fsdp_full_state, on every rank from the whole checkpoint: each rank keeps
-    its rows of every DTensor, the entries of the matrices it owned, and the markers of the others'."""
+    """--fsdp: the inverse of fsdp_full_state, on every rank from the whole checkpoint, on any number of
+    ranks: each keeps its rows of every DTensor and the states of the matrices it owns now."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
     set_model_state_dict(model, model_state, options=StateDictOptions(**FULL))
-    owners, rank = optimizer_state["owners"], dist.rank
-    state = {name: st if owners.get(name, rank) == rank else
-             {"owner": owners[name], **({"rank": st["rank"]} if "rank" in st else {})}
-             for name, st in optimizer_state["state"].items()}
-    local = {k: v for k, v in optimizer_state.items() if k != "owners"}
-    set_optimizer_state_dict(model, opt, {**local, "state": state}, options=StateDictOptions(**FULL))
+    optimizer_state = {k: v for k, v in optimizer_state.items() if k != "owners"}  # (older checkpoints kept owners)
+    set_optimizer_state_dict(model, opt, optimizer_state, options=StateDictOptions(**FULL))
+
+
+def resumed_data(saved, rank: int, world: int) -> dict:
+    """This rank's data position from a checkpoint's (one process's, or a list of every rank's). On as
+    many ranks, its own. On another number of ranks (--fsdp), every rank goes on from the furthest point
+    any rank's stream had reached, with its shuffle state from rank ``rank`` mod N's and nothing carried
+    over: the sequences read but not yet trained on (the shuffle buffers, the packing remainders) are
+    dropped, and the documents are dealt to the ranks anew."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) == world:
+        return states[rank]
+    far = max(states, key=lambda s: tuple(int(s["stream"][k]) for k in ("epoch", "file", "line")))
+    return {"stream": {**far["stream"], "tokens": torch.zeros(0, dtype=torch.long)},
+            "buffer": torch.zeros(0, dtype=torch.long), "rng": states[rank % len(states)]["rng"]}
+
+
+def resharded(was: int, world: int, tokens_per_step: int) -> str:
+    """What a --fsdp resume on another number of processes says."""
+    return (f"--fsdp: resumed on {world} processes, the checkpoint's run had {was}: each matrix's optimizer state "
+            f"moves to its owner among the {world} ranks; tokens per step go from {tokens_per_step // world * was:,} "
+            f"to {tokens_per_step:,}; the data goes on from the furthest rank's position (the sequences read but not "
+            "yet trained on are dropped)")
 
 
 # ----------------------------------------------------------------------------- how a run stops

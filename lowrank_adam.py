@@ -161,8 +161,7 @@ def _validate_rank(group: dict, optimizer: str, proj_types: Sequence[str] = ("st
     """Checks of a group with an integer ``rank``; warns if it exceeds a matrix's min(m, n)."""
     rank = group["rank"]
     _check(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1, f"Invalid rank: {rank}")
-    gap = group.get("update_proj_gap", 1)
-    _check(isinstance(gap, int) and gap >= 1, f"Invalid update_proj_gap: {gap}")
+    _check(isinstance(gap := group.get("update_proj_gap", 1), int) and gap >= 1, f"Invalid update_proj_gap: {gap}")
     _check(group.get("proj_type", "std") in proj_types,
            f"Invalid proj_type: {group.get('proj_type')!r} (expected one of {sorted(proj_types)})")
     for p in group["params"]:
@@ -336,6 +335,11 @@ class _Base(Optimizer):
             for i in (i for i in range(len(ps)) if i not in same):  # bf16 weights, float32 moments
                 ps[i].add_((m[i] / denom[i]).mul_(size[i]))  # W + update in float32, rounded once into W
 
+    def state_dict(self) -> dict:
+        """``Optimizer.state_dict``; a full one under FSDP2 holds every matrix's state (see the engine)."""
+        sharded = any(is_dtensor(p) for g in self.param_groups for p in g["params"])
+        return _engine().full_state(self, super().state_dict()) if sharded else super().state_dict()
+
     def load_state_dict(self, state_dict: dict) -> None:
         """``Optimizer.load_state_dict``, with every floating state tensor back in its
         saved dtype (torch's casts it to the parameter's, rounding a bf16 model's
@@ -348,7 +352,7 @@ class _Base(Optimizer):
                             f"groups hold {', '.join(sorted(foreign))}, which {cls} does not have); nothing was loaded")
         if any(is_dtensor(p) for g in self.param_groups for p in g["params"]) or any(
                 isinstance(s, dict) and "owner" in s for s in state_dict["state"].values()):
-            _engine().check_load(self, state_dict)  # FSDP2: each matrix's state on its owner rank
+            state_dict = _engine().place_state(self, state_dict)  # FSDP2: each matrix's state on its owner rank
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # an option added since the state dict was written: its default
             group.update({k: v for k, v in self.defaults.items() if k not in group and k not in self._bookkeeping_keys})

@@ -9,9 +9,12 @@ markers, a parameter is stepped alone, or a refusal can say more:
   low-rank matrix is gathered whole on one owner rank, which alone holds its
   state and runs the optimizer's own ``_step_items`` on it; the new rows go
   back to every rank.
-* ``check_load(optimizer, state_dict)``: before ``load_state_dict`` loads
-  anything, refuse (on every rank alike) a state dict whose low-rank states
-  are not on the ranks that step their matrices.
+* ``full_state`` and ``place_state``: a full state dict (torch.distributed.
+  checkpoint's, ``full_state_dict=True``) holds every matrix's state,
+  gathered from its owner, so a run resumes on any number of ranks; before
+  ``load_state_dict`` loads anything, each rank keeps what it owns, or every
+  rank alike refuses a state dict whose low-rank states would not reach
+  their owners.
 * ``step_parameter(optimizer, p)``: one parameter's step, for
   ``layerwise_hooks``, which steps each parameter inside the backward pass.
 * ``option_hint`` and ``check_state_dict``: whose option a refused group key
@@ -283,114 +286,156 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
                     opt.state[p]["rank"] = int(k)
 
 
-_RESUME_PATHS = ("Checkpoint with the default (sharded) get_optimizer_state_dict / set_optimizer_state_dict of "
-                 "torch.distributed.checkpoint.state_dict on every rank, or with dcp.save / dcp.load, and resume "
-                 "on the same number of ranks with the same param groups")
+_RESUME_PATHS = ("Resume on the same number of ranks with the sharded get_optimizer_state_dict / "
+                 "set_optimizer_state_dict of torch.distributed.checkpoint.state_dict (or dcp.save / dcp.load), or on "
+                 "any number of ranks, or in one process, with a full state dict: get_optimizer_state_dict(..., "
+                 "options=StateDictOptions(full_state_dict=True)) when saving, and set_optimizer_state_dict with "
+                 "full_state_dict=True on every rank, each given the whole dict, when loading")
 
 
-def _full_state_dict_load() -> bool:
-    """Whether this call runs inside torch.distributed.checkpoint's
-    ``set_optimizer_state_dict`` or ``set_state_dict`` with
-    ``full_state_dict=True`` and ``broadcast_from_rank0=True``: their
-    ``options`` reach ``load_state_dict`` no other way, so they are read from
-    the caller's frame. (Without the broadcast each rank loads the dict it is
-    given, and the layout check below tells whether that dict is its own.)"""
+def _dcp_call(names: tuple[str, ...]):
+    """The local variables of the innermost call, on this thread's stack, of one
+    of the functions ``names`` of torch.distributed.checkpoint.state_dict (None
+    if there is none): what ``state_dict`` and ``load_state_dict`` are called
+    for (``options``, or ``info`` in its private functions) reaches them no
+    other way."""
     frame = inspect.currentframe()
     try:
         while frame is not None:
-            if (frame.f_code.co_name in ("set_optimizer_state_dict", "set_state_dict")
+            if (frame.f_code.co_name in names
                     and frame.f_globals.get("__name__") == "torch.distributed.checkpoint.state_dict"):
-                options = frame.f_locals.get("options")
-                return bool(getattr(options, "full_state_dict", False) and getattr(options, "broadcast_from_rank0",
-                                                                                     False))
+                return frame.f_locals
             frame = frame.f_back
-        return False
+        return None
     finally:
         del frame
 
 
-def check_load(optimizer: Optimizer, state_dict: dict) -> None:
-    """Refuse, before anything is loaded, a state dict whose low-rank states
-    are not where this run keeps them (``load_state_dict`` calls it first).
+def _whole_entries(optimizer: Optimizer) -> dict[int, Tensor]:
+    """Index in the state dict -> parameter, of the parameters FSDP2 steps whole on an owner."""
+    pairs = [(p, g) for g in optimizer.param_groups for p in g["params"]]
+    return {i: p for i, (p, g) in enumerate(pairs) if _stepped_whole(optimizer, p, g)}
 
-    Under FSDP2 a matrix's state is on its owner rank alone; every other rank
-    holds the marker ``{"owner": r}`` (and the matrix's ``rank``). So each
-    rank's state dict fits only that rank of a run with as many ranks and
-    the same param groups:
 
-    * one process (or DDP, ZeRO-1): a state dict with markers is refused;
-    * FSDP2: every rank reports what its state dict holds of each matrix
-      (one all-gather), and every rank refuses, with the same message, unless
-      each matrix's state is on its owner and the markers name the owner;
-    * FSDP2, ``set_optimizer_state_dict`` with ``full_state_dict=True`` and
-      ``broadcast_from_rank0=True``: refused on every rank. A full state dict
-      is gathered to rank 0, which holds only the states it owns, and the
-      broadcast hands each other rank its own current state back: those
-      matrices would restart. (A full state dict that each rank is given
-      whole, its owned states in place, loads: the layout check passes.)
+def full_state(optimizer: Optimizer, state_dict: dict) -> dict:
+    """``state_dict()`` under FSDP2. Each rank's own state dict holds the states of
+    the matrices it owns and a marker ``{"owner": r}`` for each of the others.
+    Inside torch's full-state-dict getters (``get_optimizer_state_dict`` or
+    ``get_state_dict`` with ``full_state_dict=True``) each owner sends the
+    states it holds to every rank of its shard group (one all-gather, on the
+    CPU), which put them in place of the markers: the full state dict then
+    holds every matrix's state, as one process's does, and fits any number
+    of ranks (``place_state`` keeps each rank's part when it is loaded).
+    Torch's full-state-dict loaders take this rank's state dict as the
+    pattern of what they load (a value whose key it lacks breaks them), so
+    there it is complete too."""
+    getter = _dcp_call(("_get_optim_state_dict",))
+    if not (getattr(getter and getter.get("info"), "full_state_dict", False)
+            or _dcp_call(("_load_optim_state_dict",)) is not None):  # (torch's own state dict, to load a full one into)
+        return state_dict
+    whole = _whole_entries(optimizer)
+    group, world, _ = _shard_dim(_mesh_of([p for g in optimizer.param_groups for p in g["params"] if is_dtensor(p)]))
+    mine = {i: {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in st.items()}
+            for i, st in state_dict["state"].items() if i in whole and st and "owner" not in st}
+    every: list = [None] * world
+    torch.distributed.all_gather_object(every, mine, group=group)
+    return {**state_dict, "state": {**state_dict["state"], **{i: st for part in every for i, st in part.items()
+                                                              if i not in mine}}}
+
+
+def place_state(optimizer: Optimizer, state_dict: dict) -> dict:
+    """Before ``load_state_dict`` loads anything: the part of ``state_dict`` this
+    rank keeps, or a refusal (on every rank alike, before any rank loads).
+
+    Under FSDP2 a matrix's state is held by its owner rank alone (``_owner_ranks``
+    of this run: of its number of ranks and param groups); every other rank
+    keeps the marker ``{"owner": r}`` (and the matrix's ``rank``). So a state
+    dict loads when, for every matrix, the rank that owns it in this run has
+    its state; each rank then keeps the states it owns and a marker for the
+    rest. That holds for
+
+    * each rank's own (sharded) state dict, on as many ranks with the same
+      param groups (each matrix has the same owner as before);
+    * a full state dict (``full_state``, or one process's) on any number of
+      ranks, each given the whole dict: this is how a run moves to another
+      number of ranks, or to one process, or from one process to FSDP2.
+
+    Refused, naming what works: one rank's sharded state dict in one process
+    or on another number of ranks (an owner finds a marker, not the state: a
+    resharding needs the full state dict); a full state dict broadcast from
+    rank 0 (``broadcast_from_rank0=True``: torch hands the other ranks only
+    the keys their current state has, so a matrix's state could come back
+    incomplete); other param groups; whole tensors for the dense state of a
+    sharded parameter (one process's state dict given to the sharded loader:
+    load it with ``full_state_dict=True``, which shards it).
     """
     opt, name = optimizer, type(optimizer).__name__
     saved_groups = state_dict["param_groups"]
     same_groups = len(saved_groups) == len(opt.param_groups) and all(
         len(g["params"]) == len(s["params"]) for g, s in zip(opt.param_groups, saved_groups))
-    entries = [(p, s, state_dict["state"].get(i)) for g, s in zip(opt.param_groups, saved_groups)
-               for p, i in zip(g["params"], s["params"])]  # (parameter, its saved group, its saved state)
-    sharded = [p for g in opt.param_groups for p in g["params"] if is_dtensor(p)]
+    keys = [i for s in saved_groups for i in s["params"]]  # the state dict's index of each parameter
+    entries = [(p, state_dict["state"].get(k)) for p, k in zip((p for g in opt.param_groups for p in g["params"]), keys)]
+    marker_only = lambda st: isinstance(st, dict) and "owner" in st and set(st) <= {"owner", "rank"}
+    sharded = [p for p, _ in entries if is_dtensor(p)]
     if not sharded:
-        for p, _, st in entries:
-            if isinstance(st, dict) and "owner" in st:
+        for p, st in entries:
+            if marker_only(st):
                 raise ValueError(
                     f"{name}.load_state_dict: this state dict was written by one rank of an FSDP2 run: the state "
                     f"of the parameter of shape {tuple(p.shape)} is on rank {st['owner']}, not in it (each FSDP2 "
-                    f"rank holds the states of the matrices it owns). Resharding to one process is not supported. "
-                    f"{_RESUME_PATHS}. Nothing was loaded.")
-        return
-    mesh = _mesh_of(sharded)
-    shard_group, world, _ = _shard_dim(mesh)
-    owner = _owner_ranks({i: p.numel() for i, (p, s, _) in enumerate(entries) if _stepped_whole(opt, p, s)}, world)
-    held = {}  # what this rank's state dict holds of each parameter: "state", ("owner", r) or "mixed"
-    for i, (p, _, st) in enumerate(entries):
-        if isinstance(st, dict) and "owner" in st:
-            held[i] = ("owner", st["owner"]) if set(st) <= {"owner", "rank"} else "mixed"
-        elif st and i in owner:
-            held[i] = "state"
+                    f"rank holds the states of the matrices it owns). {_RESUME_PATHS}. Nothing was loaded.")
+        return {**state_dict, "state": {k: {n: v for n, v in st.items() if n != "owner"} if isinstance(st, dict)
+                                        else st for k, st in state_dict["state"].items()}}
+    shard_group, world, me = _shard_dim(_mesh_of(sharded))
+    whole = _whole_entries(opt)
+    owner = _owner_ranks({i: entries[i][0].numel() for i in whole}, world)
+    held, whole_dense = {}, None  # what this rank's state dict holds of each parameter: "state", "marker", "mixed"
+    for i, (p, st) in enumerate(entries):
+        if isinstance(st, dict) and st:
+            held[i] = "marker" if marker_only(st) else "mixed" if "owner" in st else "state"
+        if i not in whole and is_dtensor(p) and isinstance(st, dict) and any(
+                isinstance(v, Tensor) and v.dim() > 0 and not is_dtensor(v) for v in st.values()):
+            whole_dense = whole_dense or tuple(p.shape)
+    options = (_dcp_call(("set_optimizer_state_dict", "set_state_dict")) or {}).get("options")
+    broadcast = bool(getattr(options, "full_state_dict", False) and getattr(options, "broadcast_from_rank0", False))
     every: list = [None] * world
-    torch.distributed.all_gather_object(every, (_full_state_dict_load(), same_groups, held), group=shard_group)
-    if not all(same for _, same, _ in every):
+    torch.distributed.all_gather_object(every, (broadcast, same_groups, held, whole_dense), group=shard_group)
+    nothing = "Nothing was loaded on any rank."
+    if not all(same for _, same, _, _ in every):
         raise ValueError(f"{name}.load_state_dict under FSDP2: the state dict's param groups differ from the "
-                         f"optimizer's on rank {next(r for r, (_, same, _) in enumerate(every) if not same)}. "
-                         "Nothing was loaded on any rank.")
-    if owner and any(full for full, _, _ in every):
+                         f"optimizer's on rank {next(r for r, e in enumerate(every) if not e[1])}. {nothing}")
+    if owner and any(e[0] for e in every):
         raise ValueError(
             f"{name}.load_state_dict under FSDP2: a full state dict broadcast from rank 0 (full_state_dict=True, "
-            "broadcast_from_rank0=True) cannot restore the "
-            "low-rank states. Each matrix's state is held by its owner rank alone, so the full state dict that "
-            "rank 0 gathers lacks the states the other ranks own, and broadcast_from_rank0 would leave those "
-            f"matrices restarting from zero. {_RESUME_PATHS}. Nothing was loaded on any rank.")
-    for i, (p, _, _) in enumerate(entries):
-        seen = [h.get(i) for _, _, h in every]  # on each rank
-        what, o = f"the parameter of shape {tuple(p.shape)} (index {i})", owner.get(i)
+            "broadcast_from_rank0=True) cannot restore the low-rank states: the other ranks receive only the keys "
+            "of the states they hold now, and each matrix's state must reach its owner whole. "
+            f"{_RESUME_PATHS}. {nothing}")
+    if shape := next((e[3] for e in every if e[3]), None):
+        raise ValueError(f"{name}.load_state_dict under FSDP2: the state dict holds whole tensors for the state of "
+                         f"the sharded parameter of shape {shape}, as one process's does: load it with "
+                         f"set_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True)), which "
+                         f"shards them. {nothing}")
+    for i, (p, _) in enumerate(entries):
+        seen, what, o = [h.get(i) for _, _, h, _ in every], f"the parameter of shape {tuple(p.shape)} (index {i})", \
+            owner.get(i)
         problem = None
-        for r, h in enumerate(seen):
-            if h == "mixed":
-                problem = f"rank {r} holds both a state and an owner marker for {what}"
-            elif o is None and h is not None:
-                problem = f"rank {r} has an owner marker for {what}, which every rank steps on its own shard"
-            elif h == "state" and r != o:
-                problem = f"rank {r} holds the state of {what}, which rank {o} owns and steps on {world} ranks"
-            elif isinstance(h, tuple) and h[1] != o:
-                problem = f"rank {r}'s marker puts the state of {what} on rank {h[1]}, but rank {o} owns it on " \
-                          f"{world} ranks"
-            if problem:
-                break
-        if problem is None and o is not None and any(seen) and seen[o] != "state":
-            problem = f"rank {o}, which owns {what} on {world} ranks, has no state for it"
+        if o is None and any(h in ("marker", "mixed") for h in seen):
+            problem = f"rank {seen.index(next(h for h in seen if h in ('marker', 'mixed')))} has an owner " \
+                      f"marker for {what}, which every rank steps on its own shard"
+        elif o is not None and any(seen) and seen[o] != "state":
+            problem = f"rank {o}, which steps {what} on {world} ranks, has " + \
+                      ("no state for it" if seen[o] is None else "a marker putting its state on another rank")
         if problem:
             raise ValueError(
                 f"{name}.load_state_dict under FSDP2: this state dict does not hold each low-rank state on the "
-                f"rank that steps its matrix: {problem} (a state dict of another number of ranks, other param "
-                f"groups, or another rank's). Resharding is not supported. {_RESUME_PATHS}. Nothing was loaded "
-                "on any rank.")
+                f"rank that steps its matrix: {problem} (one rank's sharded state dict, of another number of "
+                f"ranks, another rank's, or with other param groups). {_RESUME_PATHS}. {nothing}")
+    state = dict(state_dict["state"])
+    for i, k in ((i, keys[i]) for i in whole if isinstance(state_dict["state"].get(keys[i]), dict)):
+        st = state[k]
+        state[k] = ({n: v for n, v in st.items() if n != "owner"} if owner[i] == me else
+                    {"owner": owner[i], **({"rank": st["rank"]} if "rank" in st else {})})
+    return {**state_dict, "state": state}
 
 
 def layerwise_hooks(optimizer: Optimizer) -> list:

@@ -127,7 +127,11 @@ The training script, bench.py and the documentation are tested in test_train_tin
 #   state dicts resume exactly
 #       test_hsdp_on_a_one_by_two_mesh_equals_one_process,
 #       test_hsdp_on_a_two_by_two_mesh_equals_one_process_and_every_replica_is_identical
-#   ... refused: a state dict of another world size or rank, a full state dict broadcast
+#   ... full state dicts (full_state_dict=True) on any number of ranks or in one process
+#       test_a_full_state_dict_resumes_on_another_number_of_ranks_as_the_uninterrupted_run,
+#       test_fsdp2_full_state_dicts_move_between_one_process_and_two_ranks,
+#       train::test_torchrun_fsdp_resumes_on_another_number_of_processes_and_says_so
+#   ... refused: a sharded state dict of another world size or rank, a full state dict broadcast
 #       test_fsdp2_state_dict_of_another_world_size_or_rank_is_refused_at_load_on_every_rank,
 #       test_fsdp2_full_state_dict_load_is_refused_on_every_rank_and_changes_nothing
 #   the table of state and peak per rank (a measurement; its command runs shrunk)
@@ -2619,13 +2623,12 @@ def test_fsdp2_every_optimizer_equals_one_process_with_sharded_state_and_resumes
             assert torch.equal(resumed, fsdp2), case  # the resumed run is the uninterrupted one
         if r0["dcp"] is not None:
             assert all(torch.equal(a, b) for a, b in zip(r0["dcp"], r0["fsdp2"])), case
-        # the state, gathered (torch's full state dict: DTensor shards joined, each owner's matrices), is
-        # one process's: dense moments kept as DTensors, sharded like their parameter
+        # the state, gathered (torch's full state dict: DTensor shards joined, each matrix's from its owner),
+        # is one process's, on both ranks
         for name, expected in r0["one_state"].items():
             for key, v in expected.items():
                 held = [r["state"][name][key] for r in (r0, r1) if key in r["state"][name]]
-                whole = case.startswith("Adapprox") or name in ("0.weight", "2.weight", "4.weight", "6.weight")
-                assert len(held) == (1 if whole else 2), (case, name, key)  # its owner's, or both halves
+                assert len(held) == 2, (case, name, key)
                 assert all((h - v).abs().max() <= 1e-6 * v.abs().max() for h in held), (case, name, key)
         # every rank allocated (AdaptiveAdamW) or adapted (Adapprox) each rank as one process did
         assert [{**r0["ranks"], **r1["ranks"]}.get(i) for i in sorted({**r0["ranks"], **r1["ranks"]})] == \
@@ -2966,6 +2969,116 @@ def test_hsdp_on_a_two_by_two_mesh_equals_one_process_and_every_replica_is_ident
             assert r[name]["states"] > 0, name
 
 
+RESHARD = """
+import io, os, sys, torch, torch.distributed as dist
+from datetime import timedelta
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, sys.argv[1])
+import lowrank_adam as la
+torch.set_num_threads(1)
+dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+FULL = StateDictOptions(full_state_dict=True)
+
+def model():  # rows 8, 6, 5 and 1: on 4 ranks 2+2+2+2, 2+2+2+0, 2+2+1+0 and 1+0+0+0
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(),
+                         nn.Linear(5, 1))
+
+def optimizer(name, m):  # refreshes at steps 1, 4, 7 and 10; AdaptiveAdamW's and Adapprox's ranks move
+    if name == "Adapprox":
+        return la.Adapprox(m.parameters(), lr=1e-2, weight_decay=0.1, err_tol=0.05, k_max_frac=0.8)
+    gap = {} if name == "LDAdam" else {"update_proj_gap": 3}
+    return getattr(la, name)(la.lowrank_groups(m, 2, targets=("0", "2", "4"), **gap), lr=1e-2, weight_decay=0.1)
+
+g = torch.Generator().manual_seed(1)
+x = torch.randn(16, 5, generator=g)
+y = torch.sin(x[:, :1] * 2) + x[:, 1:2] * x[:, 2:3]
+
+def train(m, opt, steps):
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(m(x), y).backward()
+        opt.step()
+
+hsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+meshes = {"1": None, "2": hsdp["shard"], "4": init_device_mesh("cpu", (4,)), "2x2": hsdp}  # "2": ranks {0,1}, {2,3}
+
+def on(mesh):  # the model, one process's (mesh None) or sharded by FSDP2 on mesh
+    m = model()
+    if mesh is not None:
+        for layer in m:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+    return m
+
+weights = lambda m: [p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach() for p in m.parameters()]
+out = {}
+for name in ["GaLoreAdamW", "AdaptiveAdamW", "LDAdam", "Adapprox"]:
+    one = model()
+    one_opt = optimizer(name, one)
+    train(one, one_opt, 10)
+    res = {"uninterrupted": (weights(one), one_opt.ranks())}
+    moves = [("2", "1"), ("1", "2"), ("2", "4"), ("2x2", "2"), ("4", "2")]
+    for src, dst in moves + ([("2", "4 dcp")] if name in ("GaLoreAdamW", "LDAdam") else []):
+        a = on(meshes[src])
+        a_opt = optimizer(name, a)
+        train(a, a_opt, 5)
+        saved = (get_model_state_dict(a, options=FULL), get_optimizer_state_dict(a, a_opt, options=FULL))
+        b = on(meshes[dst.split()[0]])
+        b_opt = optimizer(name, b)
+        if dst.endswith("dcp"):  # dcp.save of the full state dicts; dcp.load into a fresh run's (same shapes)
+            where = os.path.join(sys.argv[2], f"dcp-{name}")
+            dcp.save({"model": saved[0], "optim": saved[1]}, checkpoint_id=where)
+            into = {"model": get_model_state_dict(b, options=FULL), "optim": get_optimizer_state_dict(b, b_opt, options=FULL)}
+            dcp.load(into, checkpoint_id=where)
+            saved = (into["model"], into["optim"])
+        else:  # written to disk by rank 0 and read back on every rank
+            buf = io.BytesIO()
+            torch.save(saved, buf)
+            buf.seek(0)
+            saved = torch.load(buf, weights_only=True)
+        set_model_state_dict(b, saved[0], options=FULL)
+        set_optimizer_state_dict(b, b_opt, saved[1], options=FULL)
+        whole = [p for g in b_opt.param_groups for p in g["params"] if g.get("rank") is not None or name == "Adapprox"]
+        held = sum(1 for p in whole if b_opt.state[p] and "owner" not in b_opt.state[p])  # states on this rank
+        train(b, b_opt, 5)
+        res[f"{src} -> {dst}"] = (weights(b), b_opt.ranks(), held, len(whole))
+    out[name] = res
+torch.save(out, f"{sys.argv[2]}/rank{dist.get_rank()}.pt")
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_a_full_state_dict_resumes_on_another_number_of_ranks_as_the_uninterrupted_run(tmp_path):
+    # 4 gloo processes. A run of 5 steps on N ranks saves full state dicts (each matrix's state gathered
+    # from its owner), which a fresh run on M ranks loads (each rank keeping the states it owns now) and
+    # continues for 5 steps: 2 -> 1, 1 -> 2, 2 -> 4, HSDP's 2 x 2 -> 2 and 4 -> 2, through torch.save and,
+    # for the optimizers whose state shapes do not depend on the run, dcp.save / dcp.load. Each ends as
+    # the uninterrupted 10-step run (one process's, which FSDP2 on any number of ranks equals bit for bit).
+    run_on_processes(tmp_path, RESHARD, "reshard.py", nproc=4)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    for name in ("GaLoreAdamW", "AdaptiveAdamW", "LDAdam", "Adapprox"):
+        ones, ranks = results[0][name]["uninterrupted"]
+        moves = [m for m in results[0][name] if m != "uninterrupted"]
+        assert len(moves) == (6 if name in ("GaLoreAdamW", "LDAdam") else 5), moves
+        for r in results:
+            for move in moves:
+                weights, moved_ranks, _, _ = r[name][move]
+                assert moved_ranks == ranks, (name, move)
+                assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(ones, weights)), (name, move)
+        for move in moves:  # owners reassigned: each matrix's state on exactly one rank of a run on M ranks
+            m = {"1": 1, "2": 2, "4": 4}[move.split("-> ")[1].split()[0]]
+            held = [r[name][move][2] for r in results[:m]]
+            assert sum(held) == results[0][name][move][3] and (m == 1 or max(held) < sum(held)), (name, move, held)
+
+
 def test_fsdp2_adaptive_ties_between_matrices_of_two_owners_go_to_the_lower_index_as_in_one_process(fsdp2_paths):
     # allocate_ranks gives a tie to the lower index, so the spectra gathered from every rank are put in
     # parameter order, not rank by rank: matrices 1 (rank 1's) and 2 (rank 0's) have the same gradient,
@@ -3026,9 +3139,12 @@ for name in NAMES:
             ("full", lambda m, opt: set_optimizer_state_dict(m, opt, whole,
                                                              options=StateDictOptions(full_state_dict=True))),
             ("one_process", lambda m, opt: set_optimizer_state_dict(m, opt, get_optimizer_state_dict(one, one_opt))),
+            ("one_process full", lambda m, opt: set_optimizer_state_dict(m, opt, get_optimizer_state_dict(
+                one, one_opt), options=StateDictOptions(full_state_dict=True))),  # one process's, resharded
             ("in_one_process", lambda m, opt: set_optimizer_state_dict(m, opt, mine)),  # one rank's, in one process
+            ("full in_one_process", lambda m, opt: set_optimizer_state_dict(m, opt, whole)),  # the full one, there
             ("rank 0's", lambda m, opt: set_optimizer_state_dict(m, opt, rank0s))]:  # right on rank 0 alone
-        m2, opt2 = (one, one_opt) if how == "in_one_process" else trained(name)
+        m2, opt2 = (one, one_opt) if how.endswith("in_one_process") else trained(name)
         before = snapshot(m2, opt2)
         res[how] = refused(lambda: load(m2, opt2))
         res[how + " unchanged"] = same(before, snapshot(m2, opt2))
@@ -3082,19 +3198,37 @@ def fsdp2_checkpoints(fsdp2_small):
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
 def test_fsdp2_state_dict_of_another_world_size_or_rank_is_refused_at_load_on_every_rank(fsdp2_checkpoints, cls):
     # A sharded state dict holds the low-rank states of one rank's matrices and markers for the rest.
-    # One rank's, loaded in one process, or one process's, loaded on 2 ranks, is refused when loaded
-    # (not by a later step), and nothing changes. Rank 0's loaded on both ranks fits rank 0 alone: both
-    # refuse (the ranks compare what they were given), so no rank loads while another refuses.
+    # One rank's, loaded in one process, is refused when loaded (not by a later step), and nothing changes.
+    # Rank 0's loaded on both ranks fits rank 0 alone: both refuse (the ranks compare what they were
+    # given), so no rank loads while another refuses. One process's, given to the sharded loader, holds
+    # whole tensors for sharded states: refused, naming the full loader, which takes it (Adapprox, which
+    # shards no state, takes it there: the same run's state comes back).
     for r in fsdp2_checkpoints:
         res = r[("checkpoint", cls.__name__)]
-        for how in ("one_process", "rank 0's"):
-            assert res[how].startswith("ValueError") and "rank that steps its matrix" in res[how], res[how]
-            assert "Resharding is not supported" in res[how] and "on any rank" in res[how], res[how]
+        assert res["rank 0's"].startswith("ValueError") and "rank that steps its matrix" in res["rank 0's"]
+        assert "on any rank" in res["rank 0's"], res["rank 0's"]
         assert res["in_one_process"].startswith("ValueError") and "written by one rank of an FSDP2 run" in \
             res["in_one_process"], res["in_one_process"]
+        if cls is la.Adapprox:  # it steps every parameter whole on an owner: no state is sharded, so loads
+            assert res["one_process"] == "loaded", res["one_process"]
+        else:
+            assert res["one_process"].startswith("ValueError") and "whole tensors" in res["one_process"]
+            assert "full_state_dict=True" in res["one_process"] and "on any rank" in res["one_process"]
+        for how in ("rank 0's", "in_one_process"):
+            assert "get_optimizer_state_dict" in res[how] and "full_state_dict=True" in res[how], res[how]
         for how in ("one_process", "rank 0's", "in_one_process"):
-            assert "get_optimizer_state_dict" in res[how] and "same number of ranks" in res[how], res[how]
             assert res[how + " unchanged"], how
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_fsdp2_full_state_dicts_move_between_one_process_and_two_ranks(fsdp2_checkpoints, cls):
+    # A full state dict holds every matrix's state, gathered from its owner: FSDP2's loads in one process
+    # and one process's on 2 ranks (each rank keeps the states it owns), and either gives back the state
+    # of the same run, bit for bit (one process and FSDP2 step alike).
+    for r in fsdp2_checkpoints:
+        res = r[("checkpoint", cls.__name__)]
+        for how in ("one_process full", "full in_one_process"):
+            assert res[how] == "loaded" and res[how + " unchanged"], (how, res[how])
     assert fsdp2_checkpoints[0][("checkpoint", cls.__name__)]["rank 0's"] == \
         fsdp2_checkpoints[1][("checkpoint", cls.__name__)]["rank 0's"]  # the same message on every rank
 

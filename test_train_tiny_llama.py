@@ -85,6 +85,9 @@ test_lowrank_adam.py.
 #   --fsdp: weights, gradients and state sharded; one ckpt.pt; exact resume ->
 #       test_torchrun_fsdp_galore_equals_plain_ddp_and_reports_each_ranks_state,
 #       test_torchrun_fsdp_interrupted_and_resumed_equals_the_uninterrupted_run, test_fsdp_refuses_what_it_cannot_do
+#   --fsdp --resume on another --nproc_per_node ->
+#       test_torchrun_fsdp_resumes_on_another_number_of_processes_and_says_so,
+#       test_only_an_fsdp_run_may_resume_on_another_number_of_processes
 #   on GPUs: one process per GPU, NCCL instead of gloo ->
 #       test_under_torchrun_each_process_takes_a_gpu_with_nccl_or_a_cpu_share_with_gloo
 #   llama_c4.py: LLaMA in the published shapes 9m to 1b, plus tiny ->
@@ -1685,9 +1688,9 @@ def test_bench_help_explains_every_subcommand(capsys):
         assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: "), command
 
 
-def torchrun(*flags, cwd=ROOT):
-    """train_tiny_llama.py under torchrun with 2 gloo processes: (exit code, stdout, stderr)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+def torchrun(*flags, cwd=ROOT, nproc=2):
+    """train_tiny_llama.py under torchrun with ``nproc`` gloo processes: its stdout."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "train_tiny_llama.py", *SMALL, "--threads", "1", *flags]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -1806,11 +1809,59 @@ def test_torchrun_fsdp_interrupted_and_resumed_equals_the_uninterrupted_run(opt,
         "val_loss"]
     assert set(ckpt["model"]) == set(tl.build_model(tl.parse_args([]), 257).state_dict())  # plain tensors
     assert all(not hasattr(v, "to_local") for v in ckpt["model"].values())
-    if opt == "adaptive":  # every matrix's state in the file, once: its owner's, in place of the markers
-        owners = ckpt["optimizer"]["owners"]
-        assert sorted(set(owners.values())) == [0, 1]
-        assert all("owner" not in ckpt["optimizer"]["state"][n] and "exp_avg" in ckpt["optimizer"]["state"][n]
-                   for n in owners)
+    if opt == "adaptive":  # every matrix's state in the file, its owner's, in place of the markers
+        matrices = [n for g in ckpt["optimizer"]["param_groups"] if g.get("rank") is not None for n in g["params"]]
+        assert len(matrices) > 2 and all("owner" not in ckpt["optimizer"]["state"][n] and "exp_avg" in
+                                         ckpt["optimizer"]["state"][n] for n in matrices)
+
+
+def test_torchrun_fsdp_resumes_on_another_number_of_processes_and_says_so(corpus, tmp_path):
+    # 2 processes stop at step 3; the run goes on on 1 process, then (a second run) back on 2. The
+    # checkpoint holds every matrix's state whole, so each run's ranks take their owners' share, and every
+    # state counts on from step 3; the data goes on from the furthest rank's position.
+    common = ("--data", corpus, "--optimizer", "adaptive", "--fsdp")
+    whole = torchrun(*common, "--out-dir", str(tmp_path / "whole"))
+    torchrun(*common, "--out-dir", str(tmp_path / "a"), "--stop-after", "3")
+    one = torchrun(*common, "--out-dir", str(tmp_path / "a"), "--resume", nproc=1)
+    assert "resumed from step 3 of 6" in one and "--fsdp: resumed on 1 processes, the checkpoint's run had 2" in one
+    torchrun(*common, "--out-dir", str(tmp_path / "b"), "--stop-after", "3", nproc=1)
+    two = torchrun(*common, "--out-dir", str(tmp_path / "b"), "--resume")
+    assert "--fsdp: resumed on 2 processes, the checkpoint's run had 1" in two and "tokens per step go from" in two
+    for d in ("a", "b"):  # every state went on from step 3 (a restarted one would count 3), whole in the file
+        ckpt = torch.load(tmp_path / d / "ckpt.pt", weights_only=True)
+        assert ckpt["step"] == 6 and ckpt["result"] is not None
+        state = ckpt["optimizer"]["state"]
+        assert all("owner" not in s and int(s["step"]) == 6 for s in state.values()), d
+        assert sum("P" in s for s in state.values()) > 2
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_only_an_fsdp_run_may_resume_on_another_number_of_processes(fsdp, tmp_path, monkeypatch):
+    # DDP's and ZeRO's data positions and --zero's shards are per rank: a changed count is refused there
+    args = tl.parse_args(["--out-dir", str(tmp_path), "--resume"])
+    args.fsdp = fsdp  # (as parsed under torchrun)
+    saved = {"settings": {**llama_c4.run_settings(args), "processes": 2}}
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    if fsdp:
+        llama_c4.check_resume(args, saved)
+    else:
+        with pytest.raises(SystemExit, match=r"processes 2 \(now 1\)"):
+            llama_c4.check_resume(args, saved)
+
+
+def test_a_changed_number_of_ranks_goes_on_from_the_furthest_data_position():
+    # the same number of ranks: each its own position; another: the furthest stream position, nothing
+    # carried over, the shuffle state of rank r mod N
+    def state(line, rng):
+        return {"stream": {"epoch": 0, "file": 0, "line": line, "doc": line, "used": line, "emitted": 1,
+                           "tokens": torch.arange(3)}, "buffer": torch.ones(2, 4, dtype=torch.long), "rng": rng}
+    saved = [state(7, "r0"), state(9, "r1")]
+    assert llama_c4.resumed_data(saved, 1, 2) is saved[1]
+    for rank, world in [(0, 1), (2, 4), (3, 4)]:
+        s = llama_c4.resumed_data(saved, rank, world)
+        assert s["stream"]["line"] == 9 and len(s["stream"]["tokens"]) == 0 and len(s["buffer"]) == 0
+        assert s["rng"] == ("r0", "r1")[rank % 2]
+    assert llama_c4.resumed_data(saved[0], 0, 1) is saved[0]  # one process's
 
 
 @pytest.mark.parametrize("opt", ["adamw", "galore", "ldadam", "adapprox"])

@@ -472,7 +472,7 @@ def restore(run: Run, ckpt: dict, batches: llama_c4.TrainBatches) -> None:
     run.step, run.seconds, run.step_seconds = ckpt["step"], ckpt["timing"]["seconds"], ckpt["timing"]["step_seconds"]
     torch.set_rng_state(ckpt["rng"]["torch"])
     random.setstate(ckpt["rng"]["python"])
-    batches.load_state_dict(ckpt["data"][run.dist.rank] if run.dist.ddp else ckpt["data"])
+    batches.load_state_dict(llama_c4.resumed_data(ckpt["data"], run.dist.rank, run.dist.world))
 
 # ----------------------------------------------------------------------------- the loop
 # train() steps to --max-steps (or --stop-after) and finish() ends the invocation.
@@ -489,6 +489,8 @@ def train(args, data: llama_c4.C4Data, val: list, dist: Dist, ckpt: Optional[dic
             return ckpt["result"]
         if dist.master:
             say(f"resumed from step {run.step} of {args.max_steps}")
+        if dist.master and ckpt["settings"]["processes"] != dist.world:  # --fsdp on another number of ranks
+            say(llama_c4.resharded(ckpt["settings"]["processes"], dist.world, run.tokens_per_step))
     elif args.resume and dist.master:  # (bench.py compare --resume: a run not begun yet; main refuses this)
         say(f"--resume: no checkpoint in {args.out_dir} yet, so the run starts there")
     run.batches = llama_c4.Prefetch(batches)  # tokenized ahead, in a background thread
