@@ -46,7 +46,8 @@ commands:
   plot      loss curves, AdaptiveAdamW's rank heatmap and Adapprox's ranks of
             the runs in --out-dir; with --results, final validation loss
             against optimizer state, one point per optimizer, from compare's
-            results.json or a table of results (needs matplotlib)
+            results.json or a table of results (needs matplotlib, but for
+            an --out ending in .svg)
 
 examples:
   python bench.py compare --optimizer adamw,galore,adaptive --seeds 3 --rank 8
@@ -60,7 +61,7 @@ examples:
   python bench.py refresh --model 350m --rank 256
   python bench.py subspaces --optimizer adaptive --rank 8 --update-proj-gap 20
   python bench.py plot --out-dir out/compare
-  python bench.py plot --results docs/tiny_results.json --out docs/loss_vs_state.png
+  python bench.py plot --results docs/tiny_results.json --out docs/loss_vs_state.svg
   python bench.py sensitivity --ranks 1,4,16
 """
 
@@ -78,6 +79,7 @@ import sys
 import time
 import weakref
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -1021,13 +1023,13 @@ def memory(argv: list[str]) -> str:
 
 # ----------------------------------------------------------------------------- plot: loss curves and ranks
 
-def import_pyplot():
+def import_pyplot(hint: str = ""):
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        tl.fail("plots need matplotlib, which is not installed: pip install matplotlib")
+        tl.fail(f"plots need matplotlib, which is not installed: pip install matplotlib{hint}")
     return plt
 
 def read_runs(out_dir: Path) -> dict[str, list[dict]]:
@@ -1219,6 +1221,107 @@ def plot_loss_vs_state(plt, title: str | None, rows: list[dict], path: Path) -> 
     plt.close(fig)
     return path
 
+# matplotlib's default colours C0-C9, so that the SVG colours the rows as the PNG does
+TAB10 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+def svg_loss_vs_state(title: str | None, rows: list[dict], path: Path) -> Path:
+    """plot_loss_vs_state's picture as hand-written SVG, with Python alone (no matplotlib). In row
+    order, one circle of class "point" per row, its error bar (the seeds' spread) and its label (bold on
+    the front); the Pareto front a dashed polyline of class "front" through its points in order of
+    state; for each row whose label starts with "Muon", a dotted line of class "muon" across the plot
+    at its loss over its ± spread band, to read every other point against Muon; the legend under
+    the plot. Text widths are estimated (0.6 of the font size a character), so each label goes, as
+    in the PNG, right of its point, else left, above or below: the first place inside the plot clear
+    of the points and of the labels before it. Coordinates are rounded to 0.1 px: the same rows, the
+    same bytes."""
+    muons = [(i, r) for i, r in enumerate(rows) if r["label"].startswith("Muon")]
+    entries = [("6 4", "black", "Pareto front: no other point is lower in both loss and state")]
+    entries += [("2 3", TAB10[i % 10], f"{r['label']}'s loss ± its spread") for i, r in muons]
+    width, height, font = 800, 480 + 16 * len(entries), 11
+    titles = title.splitlines() if title else []
+    left, right, top, bottom = 64.0, 785.0, 14.0 + 16 * len(titles), 430.0  # the plot area, px
+    states, front = [r["state_pct"] for r in rows], pareto_front(rows)
+    s0, s1 = min(states) / 1.5, max(states) * 1.6  # as the PNG's limits
+    low = min(r["val_loss"] - r["spread"] for r in rows)
+    high = max(r["val_loss"] + r["spread"] for r in rows)
+    pad = 0.06 * (high - low) or 0.05  # a single loss still gets a range
+    v0, v1 = low - pad, high + pad
+    x = lambda s: left + (right - left) * math.log(s / s0) / math.log(s1 / s0)  # log scale
+    y = lambda v: bottom - (bottom - top) * (v - v0) / (v1 - v0)
+    f = lambda number: f"{number:.1f}"
+    esc = lambda text: escape(text, {'"': "&quot;"})
+    out = ['<?xml version="1.0" encoding="UTF-8"?>',
+           f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Arial, sans-serif" font-size="{font}">',
+           f'<rect width="{width}" height="{height}" fill="white"/>']
+    out += [f'<text x="{f(width / 2)}" y="{18 + 16 * i}" text-anchor="middle" font-size="12">{esc(line)}</text>'
+            for i, line in enumerate(titles)]
+    # grid and ticks: x at 1, 2 and 5 times each power of ten inside the limits, y every 1, 2 or 5
+    # times a power of ten, the one that gives at most 6 steps
+    xticks = [m * 10.0 ** e for e in range(math.floor(math.log10(s0)), math.ceil(math.log10(s1)) + 1)
+              for m in (1, 2, 5) if s0 <= m * 10.0 ** e <= s1]
+    exponent = math.floor(math.log10((v1 - v0) / 6))
+    step = next(m * 10.0 ** exponent for m in (1, 2, 5, 10) if m * 10.0 ** exponent >= (v1 - v0) / 6)
+    yticks = [k * step for k in range(math.ceil(v0 / step), math.floor(v1 / step) + 1)]
+    for t in xticks:
+        out.append(f'<line x1="{f(x(t))}" y1="{f(top)}" x2="{f(x(t))}" y2="{f(bottom)}" stroke="#ddd"/>')
+        out.append(f'<text x="{f(x(t))}" y="{f(bottom + 15)}" text-anchor="middle">{t:g}</text>')
+    for t in yticks:
+        out.append(f'<line x1="{f(left)}" y1="{f(y(t))}" x2="{f(right)}" y2="{f(y(t))}" stroke="#ddd"/>')
+        out.append(f'<text x="{f(left - 5)}" y="{f(y(t) + 4)}" text-anchor="end">'
+                   f'{t:.{max(0, -math.floor(math.log10(step) + 1e-9))}f}</text>')
+    out.append(f'<text x="{f((left + right) / 2)}" y="{f(bottom + 38)}" text-anchor="middle">'
+               f'optimizer state, % of AdamW\'s (log scale)</text>')
+    out.append(f'<text transform="rotate(-90 16 {f((top + bottom) / 2)})" x="16" y="{f((top + bottom) / 2)}" '
+               f'text-anchor="middle">final validation loss per token (a byte by default), lower is better</text>')
+    # Muon's band and line under the points
+    for i, r in muons:
+        color, (hi, lo) = TAB10[i % 10], (y(r["val_loss"] + r["spread"]), y(r["val_loss"] - r["spread"]))
+        out.append(f'<rect x="{f(left)}" y="{f(hi)}" width="{f(right - left)}" height="{f(lo - hi)}" '
+                   f'fill="{color}" fill-opacity="0.12"/>')
+        out.append(f'<line class="muon" x1="{f(left)}" y1="{f(y(r["val_loss"]))}" x2="{f(right)}" '
+                   f'y2="{f(y(r["val_loss"]))}" stroke="{color}" stroke-width="1.5" stroke-dasharray="2 3"/>')
+    points = [(x(r["state_pct"]), y(r["val_loss"])) for r in rows]
+    corners = " ".join(f"{f(x(r['state_pct']))},{f(y(r['val_loss']))}" for r in front)
+    out.append('<polyline class="front" fill="none" stroke="black" stroke-opacity="0.6" stroke-dasharray="6 4" '
+               f'points="{corners}"/>')
+    for i, (r, (px, py)) in enumerate(zip(rows, points)):
+        color = TAB10[i % 10]
+        if r["spread"]:
+            hi, lo = y(r["val_loss"] + r["spread"]), y(r["val_loss"] - r["spread"])
+            out.append(f'<path d="M{f(px)},{f(hi)}V{f(lo)}M{f(px - 4)},{f(hi)}H{f(px + 4)}'
+                       f'M{f(px - 4)},{f(lo)}H{f(px + 4)}" stroke="{color}"/>')
+        out.append(f'<circle class="point" cx="{f(px)}" cy="{f(py)}" r="4" fill="{color}"/>')
+    # the legend, under the axis label (inside the plot it could hide Muon's line)
+    for k, (dashes, color, text) in enumerate(entries):
+        ey = height - 10 - 16 * (len(entries) - 1 - k)
+        out.append(f'<line x1="{f(left)}" y1="{f(ey - 4)}" x2="{f(left + 24)}" y2="{f(ey - 4)}" stroke="{color}" '
+                   f'stroke-width="1.5" stroke-dasharray="{dashes}"/>')
+        out.append(f'<text x="{f(left + 30)}" y="{f(ey)}">{esc(text)}</text>')
+    taken = []  # the label boxes placed so far
+    for r, (px, py) in zip(rows, points):
+        bold = r in front
+        w = 0.6 * font * len(r["label"]) * (1.1 if bold else 1)
+        for tx, ty, anchor, x0 in ((px + 7, py + 4, "start", px + 7), (px - 7, py + 4, "end", px - 7 - w),
+                                   (px, py - 9, "middle", px - w / 2), (px, py + 9 + font, "middle", px - w / 2)):
+            label = (x0, ty - font, x0 + w, ty + 3)  # its box: left, top, right, bottom
+            clear = (left <= label[0] and label[2] <= right and top <= label[1] and label[3] <= bottom and
+                     not any(label[0] < b[2] and b[0] < label[2] and label[1] < b[3] and b[1] < label[3]
+                             for b in taken) and
+                     not any(label[0] - 5 <= qx <= label[2] + 5 and label[1] - 5 <= qy <= label[3] + 5
+                             for qx, qy in points))
+            if clear:
+                break  # else the last, below, as the PNG
+        taken.append(label)
+        weight = ' font-weight="bold"' if bold else ""
+        out.append(f'<text x="{f(tx)}" y="{f(ty)}" text-anchor="{anchor}"{weight}>{esc(r["label"])}</text>')
+    out.append(f'<rect x="{f(left)}" y="{f(top)}" width="{f(right - left)}" height="{f(bottom - top)}" '
+               'fill="none" stroke="black"/>')
+    out.append("</svg>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(("\n".join(out) + "\n").encode("utf-8"))
+    return path
+
 PLOT_HELP = """\
 Without --results: loss curves of the runs in --out-dir (loss_curves.png), and the ranks
 of each AdaptiveAdamW or Adapprox run (ranks_RUN.png), written into --out-dir.
@@ -1226,7 +1329,10 @@ of each AdaptiveAdamW or Adapprox run (ranks_RUN.png), written into --out-dir.
 With --results FILE: one picture, --out, of final validation loss against optimizer
 state (% of AdamW's): one labelled point per optimizer, its error bar the seeds' spread,
 and a dashed line through the Pareto front (the points that no other point beats on
-both loss and state). FILE is JSON, either
+both loss and state); with an --out ending in .svg, also a dotted line across at the loss
+of each row labelled Muon..., to read every other point against it. An --out ending in
+.png needs matplotlib; one ending in .svg is written by Python alone (no matplotlib).
+FILE is JSON, either
   - the results.json that `bench.py compare` writes into its --out-dir: each optimizer
     at its best lr, the median over seeds ± half the range, state as % of the adamw
     run's (it needs one), as compare's table shows them; or
@@ -1240,16 +1346,18 @@ A file in neither form is refused with one line saying what is wrong.
 examples:
   python bench.py plot --out-dir out/compare
   python bench.py plot --results out/compare/results.json --out out/compare/loss_vs_state.png
-  python bench.py plot --results docs/tiny_results.json --out docs/loss_vs_state.png
+  python bench.py plot --results docs/tiny_results.json --out docs/loss_vs_state.svg
 """
 
 def plot(argv: list[str]) -> list[Path]:
-    p = tl.Parser(prog="bench.py plot", description="PNG plots (needs matplotlib).", epilog=PLOT_HELP,
+    p = tl.Parser(prog="bench.py plot", description="PNG plots (needs matplotlib); --results with an --out "
+                  "ending in .svg draws SVG with Python alone (no matplotlib).", epilog=PLOT_HELP,
                   allow_abbrev=False, formatter_class=tl.HelpFormatter)
     p.add_argument("--out-dir", default="out/compare", help="a run folder, or a folder of run folders (without "
                    "--results)")
     p.add_argument("--results", help="a results file (JSON, see below): draw loss against optimizer state instead")
-    p.add_argument("--out", help="the picture --results draws (default: loss_vs_state.png beside the results file)")
+    p.add_argument("--out", help="the picture --results draws: .png (needs matplotlib) or .svg (needs nothing "
+                   "but Python) (default: loss_vs_state.png beside the results file)")
     args = p.parse_args(argv)
     if args.results is None:
         if args.out is not None:
@@ -1259,9 +1367,13 @@ def plot(argv: list[str]) -> list[Path]:
         results = Path(args.results)
         title, rows = read_results(results)  # a malformed file is refused before matplotlib is needed
         out = Path(args.out) if args.out else results.with_name("loss_vs_state.png")
-        if out.suffix.lower() != ".png":
-            tl.fail(f"--out {out}: must end in .png")
-        written = [plot_loss_vs_state(import_pyplot(), title, rows, out)]
+        if out.suffix.lower() == ".svg":
+            written = [svg_loss_vs_state(title, rows, out)]  # Python alone, no matplotlib
+        elif out.suffix.lower() == ".png":
+            plt = import_pyplot(" (or --out FILE.svg, which needs none)")
+            written = [plot_loss_vs_state(plt, title, rows, out)]
+        else:
+            tl.fail(f"--out {out}: must end in .png or .svg")
     for path in written:
         print(f"wrote {path}")
     return written

@@ -26,8 +26,12 @@ test_lowrank_adam.py.
 #       test_plot_results_draws_loss_against_state_and_refuses_a_malformed_file
 #   its numbers are RESULTS.md's table of every optimizer ->
 #       test_the_results_file_of_the_picture_holds_the_rows_of_its_results_table
-#   bars: the seeds' spread; dashed: the Pareto front ->
-#       test_plot_results_draws_loss_against_state_and_refuses_a_malformed_file
+#   bars: the seeds' spread; dashed: the Pareto front; dotted: Muon's loss ->
+#       test_plot_results_draws_loss_against_state_and_refuses_a_malformed_file,
+#       test_plot_results_as_svg_needs_no_matplotlib_and_marks_each_row_the_front_and_muon
+#   drawn as SVG by Python alone (no matplotlib), the file the README shows being today's drawing ->
+#       test_plot_results_as_svg_needs_no_matplotlib_and_marks_each_row_the_front_and_muon,
+#       test_the_results_file_of_the_picture_holds_the_rows_of_its_results_table, test_every_docs_command_runs
 #   the tiny LLaMA: 0.24M parameters, byte tokens, 300 steps ->
 #       test_the_default_run_trains_the_tiny_llama_on_bytes_with_adamw_into_out,
 #       test_the_published_shapes_have_the_sizes_they_are_named_after
@@ -144,6 +148,8 @@ test_lowrank_adam.py.
 #   plots; plot needs matplotlib -> test_plots_or_a_clear_message, test_plot_without_matplotlib_fails_before_training
 #   plot --results draws the picture from compare's results.json or a table of results ->
 #       test_plot_results_draws_loss_against_state_and_refuses_a_malformed_file
+#   ...as a PNG, or with an --out ending in .svg without matplotlib ->
+#       test_plot_results_as_svg_needs_no_matplotlib_and_marks_each_row_the_front_and_muon
 #   each subcommand prints a markdown table -> test_compare_of_a_single_run_prints_its_table,
 #       test_bench_steps_and_memory_tables, test_bench_refresh_and_steps_over_all_params,
 #       test_bench_peak_measures_each_optimizer_in_a_fresh_process
@@ -2308,8 +2314,62 @@ def test_plot_results_draws_loss_against_state_and_refuses_a_malformed_file(tmp_
     bad.write_text(json.dumps({"rows": [{"label": "A", "val_loss": 2.0}]}))
     with pytest.raises(SystemExit, match="state_pct"):  # the file is checked first
         bench.main(["plot", "--results", str(bad)])
-    with pytest.raises(SystemExit, match="pip install matplotlib"):
+    with pytest.raises(SystemExit, match=r"pip install matplotlib \(or --out FILE\.svg"):
         bench.main(["plot", "--results", str(good)])
+
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def test_plot_results_as_svg_needs_no_matplotlib_and_marks_each_row_the_front_and_muon(tmp_path, monkeypatch):
+    """bench.py plot --results with an --out ending in .svg: well-formed SVG written without matplotlib, one
+    marker per row, the Pareto front's polyline through exactly the front's markers in order of state, a line
+    across at Muon's loss exactly when a row is Muon's; text escaped; the same file, the same bytes."""
+    import xml.etree.ElementTree as ET
+    block_matplotlib(monkeypatch)
+    rows = [{"label": "AdamW", "val_loss": 2.1, "spread": 0.05, "state_pct": 100},  # not in order of state
+            {"label": "Muon (torch)", "val_loss": 1.7, "spread": 0.02, "state_pct": 60},  # front: the least loss
+            {"label": "same state", "val_loss": 1.9, "spread": 0.02, "state_pct": 30},  # beaten by low-rank alone
+            {"label": "low-rank", "val_loss": 1.8, "spread": 0.01, "state_pct": 30},  # front
+            {"label": "tiny <\"&'>", "val_loss": 2.2, "state_pct": 1.3}]  # front: the least state
+
+    def front(rows):  # the sweep in order of state (then loss): a point is on it if its loss is below all before
+        kept, best = [], math.inf
+        for i in sorted(range(len(rows)), key=lambda i: (rows[i]["state_pct"], rows[i]["val_loss"])):
+            if rows[i]["val_loss"] < best:
+                kept.append(i)
+                best = rows[i]["val_loss"]
+        return kept
+
+    def draw(rows, name):
+        table = tmp_path / f"{name}.json"
+        table.write_text(json.dumps({"title": "a <title> & more\nits second line", "rows": rows}))
+        assert bench.main(["plot", "--results", str(table), "--out", str(tmp_path / f"{name}.svg")]) == [
+            tmp_path / f"{name}.svg"]
+        root = ET.parse(tmp_path / f"{name}.svg").getroot()  # well-formed XML
+        assert root.tag == SVG + "svg"
+        markers = [(float(c.get("cx")), float(c.get("cy"))) for c in root.iter(SVG + "circle")
+                   if c.get("class") == "point"]
+        [polyline] = [p for p in root.iter(SVG + "polyline") if p.get("class") == "front"]
+        corners = [tuple(map(float, p.split(","))) for p in polyline.get("points").split()]
+        muon = [float(line.get("y1")) for line in root.iter(SVG + "line") if line.get("class") == "muon"]
+        texts = [t.text for t in root.iter(SVG + "text")]
+        return markers, corners, muon, texts
+
+    markers, corners, muon, texts = draw(rows, "with_muon")
+    assert [rows[i]["label"] for i in front(rows)] == ["tiny <\"&'>", "low-rank", "Muon (torch)"]
+    assert len(markers) == len(rows) and corners == [markers[i] for i in front(rows)]
+    assert muon == [markers[1][1]]  # across at Muon's loss
+    assert {"a <title> & more", "its second line", "tiny <\"&'>"} <= set(texts)  # escaped, read back as written
+    first = (tmp_path / "with_muon.svg").read_bytes()
+    draw(rows, "with_muon")
+    assert (tmp_path / "with_muon.svg").read_bytes() == first  # deterministic
+    others = [r for r in rows if not r["label"].startswith("Muon")]
+    markers, corners, muon, _ = draw(others, "without_muon")
+    assert [others[i]["label"] for i in front(others)] == ["tiny <\"&'>", "low-rank"]
+    assert len(markers) == 4 and corners == [markers[i] for i in front(others)] and muon == []
+    with pytest.raises(SystemExit, match="must end in .png or .svg"):
+        bench.main(["plot", "--results", str(tmp_path / "with_muon.json"), "--out", str(tmp_path / "p.jpg")])
 
 
 def test_adaptive_defaults_to_the_residual_and_galore_does_not():
@@ -2455,17 +2515,22 @@ def test_docs_links_resolve_and_stay_inside_the_repository(doc):
     assert "../" not in text.replace(ROOT, ""), f"{doc} points to a path above the repository"
     assert not re.search(r"\b[0-9a-f]{7}\b", text), f"{doc}: a version-control hash"
     if doc == "docs/RESULTS.md":
-        images = {t for t, _, _ in links if t.endswith(".png")}
-        assert images == {p.name for p in Path(ROOT, "docs").glob("*.png")}  # every figure shown
+        images = {t for t, _, _ in links if t.endswith((".png", ".svg"))}
+        assert images == {p.name for p in Path(ROOT, "docs").glob("*.[ps][nv]g")}  # every figure shown
 
 
-def test_the_results_file_of_the_picture_holds_the_rows_of_its_results_table():
-    """docs/tiny_results.json, which `bench.py plot --results` draws as docs/loss_vs_state.png, holds
-    docs/RESULTS.md's table of every optimizer row for row: its numbers live in one table."""
+def test_the_results_file_of_the_picture_holds_the_rows_of_its_results_table(tmp_path):
+    """docs/tiny_results.json, which `bench.py plot --results` draws as docs/loss_vs_state.svg, holds
+    docs/RESULTS.md's table of every optimizer row for row: its numbers live in one table. The SVG the
+    README and RESULTS.md show is today's drawing of it, byte for byte."""
     text = open(os.path.join(ROOT, "docs", "RESULTS.md")).read()
     section = text.split("\n## Every optimizer on the tiny model\n", 1)[1].split("\n## ", 1)[0]
-    assert "python bench.py plot --results docs/tiny_results.json --out docs/loss_vs_state.png" in section
-    assert "](loss_vs_state.png)" in section
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    command = "python bench.py plot --results docs/tiny_results.json --out docs/loss_vs_state.svg"
+    assert command in section and command in readme
+    assert "](loss_vs_state.svg)" in section and "](docs/loss_vs_state.svg)" in readme
+    bench.main(["plot", "--results", os.path.join(ROOT, "docs", "tiny_results.json"), "--out", str(tmp_path / "p.svg")])
+    assert (tmp_path / "p.svg").read_bytes() == Path(ROOT, "docs", "loss_vs_state.svg").read_bytes()
     table = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
     title, rows = bench.read_results(Path(ROOT, "docs", "tiny_results.json"))
     assert len(rows) == len(table) == 9
@@ -2556,8 +2621,8 @@ def run_command(command, capsys):
 @pytest.mark.parametrize("doc", DOCS)
 def test_every_docs_command_runs(doc, corpus, xdg_cache, tmp_path, monkeypatch, capsys):
     """Each command of README.md, and of docs/RESULTS.md, in order, in a scratch folder
-    (one per file), shrunk as README_APPEND says. Without matplotlib, a command that plots
-    must fail with the install hint before training, and then runs without --plot."""
+    (one per file), shrunk as README_APPEND says. Without matplotlib, a command that plots a PNG
+    must fail with the install hint before training, and then runs without --plot (an SVG needs none)."""
     for name in ("lowrank_adam.py", "lowrank_engine.py", "llama_c4.py", "train_tiny_llama.py", "bench.py",
                  "requirements.txt", "docs/tiny_results.json"):  # the results table that `bench.py plot --results` draws
         (tmp_path / name).parent.mkdir(exist_ok=True)
@@ -2586,7 +2651,8 @@ def test_every_docs_command_runs(doc, corpus, xdg_cache, tmp_path, monkeypatch, 
         if run is None or run in seen:  # pip, pytest; a command shown twice runs once
             continue
         seen.add(run)
-        if not plots and ("--plot" in run or "bench.py plot" in run):
+        svg = re.search(r"bench\.py plot .*--out \S+\.svg(\s|$)", run)  # drawn by Python alone
+        if not plots and ("--plot" in run or "bench.py plot" in run and not svg):
             status, out = run_command(run, capsys)
             assert status == 1 and "pip install matplotlib" in out, f"{command}\n{out[-3000:]}"
             if "--plot" not in run:
