@@ -33,7 +33,9 @@ commands:
             very matrices one training run sketches: relative errors, paired
   subspaces GaLoreAdamW's or AdaptiveAdamW's refresh="randomized" against the exact
             SVD on the very gradients one run refreshes on: energy captured,
-            time, and the allocation each spectrum gives
+            time, and the allocation each spectrum gives; --kept SPEC,...: for
+            GaLoreAdamW specs, the share of each step's gradient energy that the
+            basis held since the last step keeps, against the best rank-r share
   sensitivity  how much AdamW, torch Adafactor and Adapprox (default, held ranks,
             full rank) amplify 1e-7 gradient noise at one step; full-rank Adapprox's
             distance from AdamW's trajectory
@@ -60,6 +62,7 @@ examples:
   python bench.py shard --model 60m --rank 128 --batch-size 1 --seq-len 64
   python bench.py refresh --model 350m --rank 256
   python bench.py subspaces --optimizer adaptive --rank 8 --update-proj-gap 20
+  python bench.py subspaces --kept galore+residual,galore:gha+residual --rank 8 --out-dir out/kept
   python bench.py plot --out-dir out/compare
   python bench.py plot --results docs/tiny_results.json --out docs/loss_vs_state.svg
   python bench.py sensitivity --ranks 1,4,16
@@ -722,13 +725,28 @@ def subspaces(argv: list[str]) -> str:
     at every refresh after the first, also compute the exact SVD of the very
     gradient the optimizer refreshes on, and compare: the share of the
     gradient's energy the new basis captures against the exact top-r basis's,
-    the time of each, and (AdaptiveAdamW) the allocation each spectrum gives."""
+    the time of each, and (AdaptiveAdamW) the allocation each spectrum gives.
+    With --kept, instead, the energy of each new gradient that the basis held
+    since the last step keeps, for several GaLoreAdamW specs (``kept``)."""
     p = tl.Parser(prog="bench.py subspaces", description=subspaces.__doc__.split("\n\n")[0] + " Other flags as "
                   "train_tiny_llama.py (--model, --rank, --update-proj-gap, --max-steps, ...).",
                   formatter_class=tl.HelpFormatter, allow_abbrev=False)
-    p.add_argument("--optimizer", default="adaptive", choices=["galore", "adaptive"],
-                   help="whose refresh to measure (with refresh=\"randomized\")")
+    p.add_argument("--optimizer", choices=["galore", "adaptive"],
+                   help="whose refresh to measure (with refresh=\"randomized\"); unset: adaptive")
+    p.add_argument("--kept", metavar="SPEC,SPEC,...", help="instead: the energy each basis keeps between "
+                   "refreshes. One run per GaLoreAdamW spec (e.g. galore+residual,galore:gha+residual); at every "
+                   "step t >= 2 and for every low-rank matrix, e = ||B^T G_t||^2 / ||G_t||^2 with B the basis held "
+                   "after step t-1 (before step t's refresh, if any), on the side the matrix projects, and o = the "
+                   "best any basis of that rank keeps (the top r of G_t's squared singular values over their sum). A "
+                   "table of their medians and 5th percentiles, e/o also at the refresh steps t = 1 (mod T), the "
+                   "steps t = 2 (mod T) after them and the others; every step's numbers in --out-dir/kept.json; "
+                   "each run trains in --out-dir/SPEC")
     own, rest = p.parse_known_args(argv)
+    if own.kept is not None:
+        if own.optimizer is not None:
+            tl.fail("bench.py subspaces: --kept names its own optimizers: drop --optimizer")
+        return kept(own.kept, rest)
+    own.optimizer = own.optimizer or "adaptive"
     args = tl.parse_args([*rest, "--optimizer", f"{own.optimizer}+randomized", "--quiet"])
     energy, times, calls, allocations = [], {"randomized": [], "svd": []}, [], []
     randomized = la.randomized_spectrum
@@ -784,6 +802,93 @@ def subspaces(argv: list[str]) -> str:
         moved = [sum(abs(x - y) for x, y in zip(a, b)) / 2 / sum(b) for a, b in allocations]
         lines += ["", f"allocations: {same} of {len(allocations)} equal to the exact SVD's; rank moved to another "
                   f"matrix: median {100 * statistics.median(moved):.1f} %, worst {100 * max(moved):.1f} % of the budget"]
+    return "\n".join(lines)
+
+def percentile(xs: list[float], q: int) -> float:
+    """The q-th percentile of xs, never outside its range (statistics' inclusive method)."""
+    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
+
+def kept_energy(G: torch.Tensor, P: torch.Tensor, transposed: bool) -> tuple[float, float] | None:
+    """(e, o) for a gradient G (m×n, in the weight's layout) and a basis P of rank r:
+    e = ||Pᵀ G||² / ||G||² for a left basis (P m×r), ||G P||² / ||G||² for a right one
+    (``transposed``: P n×r), the span of P taken orthonormal in float64; o = the most any
+    rank-r basis keeps, the top r of G's squared singular values over their sum (exact SVD,
+    float64). None for an all-zero G."""
+    G = G.double()
+    if P.shape[0] != G.shape[1 if transposed else 0]:
+        raise ValueError(f"a basis of shape {tuple(P.shape)} does not fit the {'right' if transposed else 'left'} "
+                         f"side of a {tuple(G.shape)} gradient")
+    Q = torch.linalg.qr(P.double()).Q
+    s2 = torch.linalg.svdvals(G).square()
+    if s2.sum() == 0:
+        return None
+    inside = (G @ Q if transposed else Q.T @ G).square().sum()
+    return (inside / s2.sum()).item(), (s2[:P.shape[1]].sum() / s2.sum()).item()
+
+def kept(specs: str, rest: list[str]) -> str:
+    """bench.py subspaces --kept: one run per GaLoreAdamW spec; before each step of each low-rank
+    matrix (GaLoreAdamW._update, where the gradient and the basis of the last step are both at hand),
+    the energy the held basis keeps of the new gradient and the most any basis of its rank could."""
+    specs = list(dict.fromkeys(s.strip() for s in specs.split(",") if s.strip()))
+    base = tl.parse_args([*rest, "--quiet"])
+    runs = []
+    for spec in specs:
+        try:
+            name = tl.parse_optimizer(spec)[0]
+        except ValueError as e:
+            tl.fail(str(e))
+        if name != "galore":
+            tl.fail(f"bench.py subspaces --kept: {spec} is not a GaLoreAdamW spec (galore[:KIND][+SWITCH]...)")
+        runs.append(tl.parse_args([*rest, "--quiet", "--optimizer", spec, "--out-dir",
+                                   str(Path(base.out_dir) / spec)]))
+    if not runs:
+        tl.fail("bench.py subspaces --kept: name at least one spec")
+    for args in runs:
+        tl.check_out_dir(args)
+    dist = tl.setup_distributed(runs[0])
+    data, val = tl.load_data(runs[0], tl.load_tokenizer(runs[0]), dist)  # (its line names the first spec)
+    update, measured, results = la.GaLoreAdamW._update, {}, {}  # spec -> [t, kind of step, e, o] of each step
+    steps: list = []  # the list of the run under way (measuring reads the name when it is called)
+
+    def measuring(self, p, group, index):
+        state = self.state[p]
+        t = state.get("step", 0) + 1
+        if "P" in state:  # the basis held after step t-1, before this step refreshes or moves it
+            energy = kept_energy(p.grad, state["P"], la.oriented(p, group["proj_type"])[1])
+            if energy is not None:
+                kind = "refresh" if la.refresh_due(t, index, group) else (
+                    "after" if la.refresh_due(t - 1, index, group) else "between")
+                steps.append([t, kind, *energy])
+        update(self, p, group, index)
+
+    la.GaLoreAdamW._update = measuring
+    try:
+        with Progress(len(runs), "run", "subspaces --kept", shown=dist.master) as progress:
+            for args in runs:
+                progress.start(args.optimizer)
+                steps = measured[args.optimizer] = []
+                results[args.optimizer] = tl.train(args, data, val, dist)
+    finally:
+        la.GaLoreAdamW._update = update
+    (Path(base.out_dir) / "kept.json").write_text(json.dumps(
+        {spec: {"val_loss": results[spec]["val_loss"], "steps": measured[spec]} for spec in results}))
+    cell = lambda xs: f"{statistics.median(xs):.4f} ({percentile(xs, 5):.4f})" if xs else "–"
+    first = runs[0]
+    gap = tl.optimizer_options(first)[1].get("update_proj_gap", 200)
+    lines = [f"energy each basis keeps of the next gradient, e = ||Bᵀ G_t||² / ||G_t||² (B: the basis held after "
+             f"step t-1), and e/o (o: the best rank-r basis's, exact SVD): {first.model}, rank {first.rank}, "
+             f"T = {gap}, {first.max_steps} steps on {llama_c4.corpus_name(first)}, lr {first.lr:g}, "
+             f"seed {first.seed}; "
+             f"median (5th percentile) over every low-rank matrix and step t >= 2; e/o also at the refresh "
+             f"steps t ≡ 1 (mod T) alone (B: the basis the refresh replaces), at the steps t ≡ 2 after them "
+             f"(B: the new basis) and at the others", "",
+             "| spec | val loss | o | e | e/o | e/o at t ≡ 1 | e/o at t ≡ 2 | e/o at the other steps |",
+             "|---|---|---|---|---|---|---|---|"]
+    for spec, done in measured.items():
+        ratios = lambda kind: cell([e / o for _, k, e, o in done if k == kind])
+        lines.append(f"| {spec} | {results[spec]['val_loss']:.4f} | {cell([o for *_, o in done])} | "
+                     f"{cell([e for _, _, e, _ in done])} | {cell([e / o for *_, e, o in done])} | "
+                     f"{ratios('refresh')} | {ratios('after')} | {ratios('between')} |")
     return "\n".join(lines)
 
 # ----------------------------------------------------------------------------- sensitivity: noise amplification

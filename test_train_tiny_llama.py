@@ -2178,6 +2178,47 @@ def test_bench_subspaces_compares_the_randomized_refresh_with_the_svd(opt, capsy
     assert ("allocations:" in out) == (opt == "adaptive")
 
 
+def test_bench_subspaces_kept_measures_the_held_basis_against_the_best_of_its_rank(capsys, corpus, tmp_path):
+    specs = ["galore+residual", "galore:gha+residual"]
+    bench.main(["subspaces", "--kept", ",".join(specs), *SMALL, "--update-proj-gap", "3", "--rank", "4",
+                "--data", corpus, "--out-dir", str(tmp_path)])
+    rows = table_rows(capsys.readouterr().out)
+    assert [r[0][2:] for r in rows] == specs  # one row per spec
+    for r in rows:  # median (5th percentile) in [0, 1], the 5th percentile below the median
+        for c in r[2:]:
+            median, p5 = map(float, re.fullmatch(r"([\d.]+) \(([\d.]+)\)", c.strip(" |")).groups())
+            assert 0 <= p5 <= median <= 1
+    kept = json.loads((tmp_path / "kept.json").read_text())
+    assert list(kept) == specs
+    for spec in specs:  # every low-rank matrix (4 layers x 7) at steps 2-6; step 4 refreshes
+        steps = kept[spec]["steps"]
+        assert sorted({t for t, *_ in steps}) == [2, 3, 4, 5, 6] and len(steps) == 5 * 28
+        assert all(kind == {1: "refresh", 2: "after", 0: "between"}[t % 3] for t, kind, _, _ in steps)
+        assert all(0 <= e <= o * (1 + 1e-9) and 0 < o <= 1 for _, _, e, o in steps)  # no basis beats the SVD's
+    # at a refresh, the basis measured is the old one, not the SVD of this very gradient (which keeps o)
+    assert max(e / o for t, kind, e, o in kept["galore+residual"]["steps"] if kind == "refresh") < 0.999
+    with pytest.raises(SystemExit, match="adaptive is not a GaLoreAdamW spec"):
+        bench.main(["subspaces", "--kept", "galore,adaptive", "--out-dir", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()  # refused before any work
+
+
+def test_kept_energy_projects_on_the_side_the_basis_is_for():
+    G = torch.tensor([[1.0, 1.0], [0.0, 0.0]])  # rank 1: its top direction keeps all of it
+    e1 = torch.tensor([[1.0], [0.0]])
+    assert bench.kept_energy(G, e1, transposed=False) == pytest.approx((1.0, 1.0))  # ||e1ᵀ G||² = 2 of 2
+    assert bench.kept_energy(G, e1, transposed=True) == pytest.approx((0.5, 1.0))  # ||G e1||² = 1 of 2
+    assert bench.kept_energy(G, 2 * e1, transposed=False) == pytest.approx((1.0, 1.0))  # the span counts
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(3, 5, generator=g)
+    left, right = la.orthonormalize(torch.randn(3, 2, generator=g)), la.orthonormalize(torch.randn(5, 2, generator=g))
+    e, o = bench.kept_energy(wide, left, transposed=False)
+    assert e == pytest.approx((left.T.double() @ wide.double()).square().sum().item() / wide.square().sum().item())
+    assert bench.kept_energy(wide, right, transposed=True)[0] <= o * (1 + 1e-9)
+    with pytest.raises(ValueError, match="does not fit the right side"):
+        bench.kept_energy(wide, left, transposed=True)
+    assert bench.kept_energy(torch.zeros(3, 5), left, transposed=False) is None
+
+
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch's Muon needs torch >= 2.9")
 def test_muon_updates_matrices_by_torch_muon_and_the_rest_by_adamw():
     torch.manual_seed(0)
