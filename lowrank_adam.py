@@ -466,6 +466,23 @@ def norm_growth_limit_(x: Tensor, prev_rms: Tensor, gamma: float) -> Tensor:
     return cur * factor
 
 
+def orthonormalize_signed(x: Tensor) -> Tensor:
+    """Q of the thin QR of x with diag(R) >= 0, Haar-distributed for a Gaussian x
+    (Mezzadri 2007); contiguous, as a loaded checkpoint holds it."""
+    q, r = torch.linalg.qr(x.to(linalg_dtype(x.dtype)), mode="reduced")
+    sign = torch.sign(torch.diagonal(r))
+    return (q * torch.where(sign == 0, torch.ones_like(sign), sign)).contiguous()
+
+
+def gha_step(P: Tensor, x: Tensor, r: Tensor, lr: float) -> Tensor:
+    """One step of Sanger's rule towards the top-r eigenvectors of ``C = X Xᵀ / ‖X‖²_F``:
+    ``P ← P + η (C P - P triu(Pᵀ C P))``, with ``C P = X rᵀ/‖X‖²``, ``Pᵀ C P = r rᵀ/‖X‖²``
+    (r = Pᵀ X; our ‖X‖² makes η scale-free). A zero gradient leaves P unchanged."""
+    energy = torch.linalg.vector_norm(x).square().clamp_min(1e-30)
+    cp = (r @ x.T).T  # X rᵀ, with X on the right (a fast skinny product)
+    return P + (cp - P @ torch.triu(r @ r.T)) * (lr / energy)
+
+
 # =============================================================================
 # 4. GaLoreAdamW: uniform-rank gradient projection (the baseline)
 # =============================================================================
@@ -622,23 +639,6 @@ def is_all_zero(x: Tensor) -> bool:
 def random_basis(s: int, r: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
     """A uniformly random r-dimensional subspace of R^s (Haar-distributed basis)."""
     return orthonormalize_signed(torch.randn(s, r, generator=generator, device=generator.device, dtype=dtype))
-
-
-def orthonormalize_signed(x: Tensor) -> Tensor:
-    """Q of the thin QR of x with diag(R) >= 0, Haar-distributed for a Gaussian x
-    (Mezzadri 2007); contiguous, as a loaded checkpoint holds it."""
-    q, r = torch.linalg.qr(x.to(linalg_dtype(x.dtype)), mode="reduced")
-    sign = torch.sign(torch.diagonal(r))
-    return (q * torch.where(sign == 0, torch.ones_like(sign), sign)).contiguous()
-
-
-def gha_step(P: Tensor, x: Tensor, r: Tensor, lr: float) -> Tensor:
-    """One step of Sanger's rule towards the top-r eigenvectors of ``C = X Xᵀ / ‖X‖²_F``:
-    ``P ← P + η (C P - P triu(Pᵀ C P))``, with ``C P = X rᵀ/‖X‖²``, ``Pᵀ C P = r rᵀ/‖X‖²``
-    (r = Pᵀ X; our ‖X‖² makes η scale-free). A zero gradient leaves P unchanged."""
-    energy = torch.linalg.vector_norm(x).square().clamp_min(1e-30)
-    cp = (r @ x.T).T  # X rᵀ, with X on the right (a fast skinny product)
-    return P + (cp - P @ torch.triu(r @ r.T)) * (lr / energy)
 
 
 # =============================================================================
