@@ -1833,7 +1833,6 @@ def test_torchrun_fsdp_resumes_on_another_number_of_processes_and_says_so(corpus
     # checkpoint holds every matrix's state whole, so each run's ranks take their owners' share, and every
     # state counts on from step 3; the data goes on from the furthest rank's position.
     common = ("--data", corpus, "--optimizer", "adaptive", "--fsdp")
-    whole = torchrun(*common, "--out-dir", str(tmp_path / "whole"))
     torchrun(*common, "--out-dir", str(tmp_path / "a"), "--stop-after", "3")
     one = torchrun(*common, "--out-dir", str(tmp_path / "a"), "--resume", nproc=1)
     assert "resumed from step 3 of 6" in one and "--fsdp: resumed on 1 processes, the checkpoint's run had 2" in one
