@@ -130,6 +130,8 @@ The training script, bench.py and the documentation are tested in test_train_tin
 #   state dicts resume exactly
 #       test_hsdp_on_a_one_by_two_mesh_equals_one_process,
 #       test_hsdp_on_a_two_by_two_mesh_equals_one_process_and_every_replica_is_identical
+#   ... on GPUs, one process per GPU with NCCL (skipped without CUDA)
+#       test_fsdp2_with_nccl_one_process_per_gpu_equals_one_process_and_resumes
 #   ... full state dicts (full_state_dict=True) on any number of ranks or in one process
 #       test_a_full_state_dict_resumes_on_another_number_of_ranks_as_the_uninterrupted_run,
 #       test_fsdp2_full_state_dicts_move_between_one_process_and_two_ranks,
@@ -3780,6 +3782,104 @@ def test_state_loaded_in_any_layout_continues_bit_exactly(cls, opts, layout):
 # =============================================================================
 # CUDA (skipped without a GPU)
 # =============================================================================
+
+
+FSDP2_ON_DEVICES = """
+import io, os, sys, torch, torch.distributed as dist
+from datetime import timedelta
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+sys.path.insert(0, sys.argv[1])
+import lowrank_adam as la
+kind = sys.argv[3]  # "cuda": one process per GPU, NCCL; "cpu": gloo (the same script, to try it without a GPU)
+if kind == "cuda":
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    device = torch.device("cuda", torch.cuda.current_device())
+else:
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=timedelta(seconds=120))
+mesh = init_device_mesh(kind, (dist.get_world_size(),))
+FULL = StateDictOptions(full_state_dict=True)
+torch.backends.cuda.matmul.allow_tf32 = False
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 1)).to(device)
+
+def optimizer(name, m):
+    if name == "Adapprox":
+        return la.Adapprox(m.parameters(), lr=1e-2, weight_decay=0.1, err_tol=0.05)
+    gap = {} if name == "LDAdam" else {"update_proj_gap": 3}
+    return getattr(la, name)(la.lowrank_groups(m, 2, targets=("0", "2"), **gap), lr=1e-2, weight_decay=0.1)
+
+def sharded():
+    m = model()
+    for layer in m:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(m, mesh=mesh)
+
+g = torch.Generator().manual_seed(1)
+x = torch.randn(16, 5, generator=g).to(device)
+y = (torch.sin(x[:, :1] * 2) + x[:, 1:2] * x[:, 2:3]).to(device)
+
+def train(m, opt, steps):
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(m(x), y).backward()
+        opt.step()
+
+weights = lambda m: [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu() for p in m.parameters()]
+out = {}
+for name in ["GaLoreAdamW", "AdaptiveAdamW", "LDAdam", "Adapprox"]:
+    one = model()
+    train(one, optimizer(name, one), 6)
+    m = sharded()
+    opt = optimizer(name, m)
+    train(m, opt, 6)
+    part = sharded()  # 3 steps, a full state dict through bytes, a fresh run for the other 3
+    part_opt = optimizer(name, part)
+    train(part, part_opt, 3)
+    buf = io.BytesIO()
+    torch.save((get_model_state_dict(part, options=FULL), get_optimizer_state_dict(part, part_opt, options=FULL)), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    resumed = sharded()
+    resumed_opt = optimizer(name, resumed)
+    set_model_state_dict(resumed, saved[0], options=FULL)
+    set_optimizer_state_dict(resumed, resumed_opt, saved[1], options=FULL)
+    train(resumed, resumed_opt, 3)
+    out[name] = dict(one=weights(one), fsdp2=weights(m), resumed=weights(resumed))
+torch.save(out, os.path.join(sys.argv[2], f"rank{dist.get_rank()}.pt"))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def fsdp2_on_devices(tmp_path, kind, nproc):
+    """FSDP2_ON_DEVICES under torchrun: each rank's results."""
+    script = tmp_path / "on_devices.py"
+    script.write_text(FSDP2_ON_DEVICES)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                          str(script), str(ROOT), str(tmp_path), kind], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+
+
+@CUDA
+def test_fsdp2_with_nccl_one_process_per_gpu_equals_one_process_and_resumes(tmp_path):
+    # The GPU path users run: one process per GPU (up to 2), NCCL, FSDP2. Each optimizer equals one
+    # process on the same GPU (float32 rounding: the collectives and the GPU's kernels may order sums
+    # differently), and a full state dict through bytes resumes as the uninterrupted run.
+    for r in fsdp2_on_devices(tmp_path, "cuda", min(2, torch.cuda.device_count())):
+        for name, res in r.items():
+            for a, b, c in zip(res["one"], res["fsdp2"], res["resumed"]):
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+                assert torch.allclose(b, c, rtol=1e-5, atol=1e-6), name
 
 
 @CUDA
