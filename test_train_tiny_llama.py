@@ -2436,7 +2436,7 @@ README_TRAIN = ["--max-steps", "4", "--eval-interval", "2", "--warmup-steps", "1
                 "--seq-len", "32", "--val-batches", "1", "--shuffle-buffer", "8", "--update-proj-gap", "2",
                 "--model", "tiny", "--quiet", "--threads", "1"]
 README_APPEND = {"train_tiny_llama.py": README_TRAIN,
-                 "bench.py compare": README_TRAIN + ["--seeds", "1", "--lr-sweep", "1"],  # one run per spec
+                 "bench.py compare": README_TRAIN + ["--seeds", "1", "--lr-sweep", "1", "--widen", "0"],  # one run per spec
                  # one thread: commands that differ only in --threads run once
                  "bench.py steps": ["--model", "tiny", "--rank", "8", "--steps", "1", "--threads", "1"],
                  "bench.py peak": ["--model", "tiny", "--rank", "8", "--max-steps", "1", "--seq-len", "16"],
