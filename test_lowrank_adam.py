@@ -437,11 +437,12 @@ def rms64(x):
 
 
 def limit_growth(x, prev, gamma):
-    """Norm-growth limiter: scale x so RMS(x) <= γ·prev (no limit when prev = 0)."""
+    """Norm-growth limiter: scale x so RMS(x) <= γ·prev (no limit when prev = 0); the
+    history is the new RMS, or prev when x is all zero."""
     cur = rms64(x)
     if gamma is not None and prev > 0 and cur > gamma * prev:
         x = x * (gamma * prev / cur)
-    return x, rms64(x)
+    return x, (rms64(x) if cur > 0 else prev)
 
 
 def fira_residual(X, P, R, N):
@@ -1315,6 +1316,24 @@ def test_residual_limiter_bounds_growth_and_round_trips(cls, tmp_path):
     opt.step()
     opt2.step()
     assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls", [la.GaLoreAdamW, la.AdaptiveAdamW], ids=ids)
+def test_an_all_zero_gradient_keeps_the_limiters_history(cls):
+    # A zero gradient has a zero residual: the history stays the last nonzero RMS, so the next residual
+    # is still limited against it (a history of 0 let it through unlimited: 1.04 times the first here).
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.zeros(6, 12))
+    opt = cls([{"params": [p], "rank": 2, "residual": True, "update_proj_gap": 100}], lr=1.0)
+    sizes = []
+    for scale in (1.0, 0.0, 1e3):
+        p.grad = scale * torch.randn(6, 12, generator=g)
+        before = p.detach().clone()
+        opt.step()
+        P, delta = opt.state[p]["P"], p.detach() - before
+        sizes.append(rms(delta - P @ (P.T @ delta)).item())  # = lr · RMS(S)
+    assert sizes[0] > 0.1 and sizes[1] < 1e-6  # (the subspace step alone: zero up to rounding)
+    assert sizes[2] <= 1.01 * sizes[0] * (1 + 1e-4), sizes
 
 
 def test_adaptive_refresh_keep_rounds_a_fractional_bound_up(monkeypatch):
