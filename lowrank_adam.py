@@ -470,23 +470,6 @@ def norm_growth_limit_(x: Tensor, prev_rms: Tensor, gamma: float) -> Tensor:
     return torch.where(cur > 0, cur * factor, prev_rms)
 
 
-def orthonormalize_signed(x: Tensor) -> Tensor:
-    """Q of the thin QR of x with diag(R) >= 0, Haar-distributed for a Gaussian x
-    (Mezzadri 2007); contiguous, as a loaded checkpoint holds it."""
-    q, r = torch.linalg.qr(x.to(linalg_dtype(x.dtype)), mode="reduced")
-    sign = torch.sign(torch.diagonal(r))
-    return (q * torch.where(sign == 0, torch.ones_like(sign), sign)).contiguous()
-
-
-def gha_step(P: Tensor, x: Tensor, r: Tensor, lr: float) -> Tensor:
-    """One step of Sanger's rule towards the top-r eigenvectors of ``C = X Xᵀ / ‖X‖²_F``:
-    ``P ← P + η (C P - P triu(Pᵀ C P))``, with ``C P = X rᵀ/‖X‖²``, ``Pᵀ C P = r rᵀ/‖X‖²``
-    (r = Pᵀ X; our ‖X‖² makes η scale-free). A zero gradient leaves P unchanged."""
-    energy = torch.linalg.vector_norm(x).square().clamp_min(1e-30)
-    cp = (r @ x.T).T  # X rᵀ, with X on the right (a fast skinny product)
-    return P + (cp - P @ torch.triu(r @ r.T)) * (lr / energy)
-
-
 # =============================================================================
 # 4. GaLoreAdamW: uniform-rank gradient projection (the baseline)
 # =============================================================================
@@ -645,6 +628,23 @@ def random_basis(s: int, r: int, generator: torch.Generator, dtype: torch.dtype 
     return orthonormalize_signed(torch.randn(s, r, generator=generator, device=generator.device, dtype=dtype))
 
 
+def orthonormalize_signed(x: Tensor) -> Tensor:
+    """Q of the thin QR of x with diag(R) >= 0, Haar-distributed for a Gaussian x
+    (Mezzadri 2007); contiguous, as a loaded checkpoint holds it."""
+    q, r = torch.linalg.qr(x.to(linalg_dtype(x.dtype)), mode="reduced")
+    sign = torch.sign(torch.diagonal(r))
+    return (q * torch.where(sign == 0, torch.ones_like(sign), sign)).contiguous()
+
+
+def gha_step(P: Tensor, x: Tensor, r: Tensor, lr: float) -> Tensor:
+    """One step of Sanger's rule towards the top-r eigenvectors of ``C = X Xᵀ / ‖X‖²_F``:
+    ``P ← P + η (C P - P triu(Pᵀ C P))``, with ``C P = X rᵀ/‖X‖²``, ``Pᵀ C P = r rᵀ/‖X‖²``
+    (r = Pᵀ X; our ‖X‖² makes η scale-free). A zero gradient leaves P unchanged."""
+    energy = torch.linalg.vector_norm(x).square().clamp_min(1e-30)
+    cp = (r @ x.T).T  # X rᵀ, with X on the right (a fast skinny product)
+    return P + (cp - P @ torch.triu(r @ r.T)) * (lr / energy)
+
+
 # =============================================================================
 # 5. AdaptiveAdamW: a global rank budget split by gradient spectra
 # =============================================================================
@@ -714,18 +714,16 @@ class AdaptiveAdamW(_Base):
     With ``residual=False`` there is no S and the limiter acts on N (the source
     leaves open what it caps; with the residual the loss is lower, docs/DESIGN.md).
 
-    Group options as GaLoreAdamW's (``subspace`` "svd" or "gha"), plus
-    ``rank_metric`` (one of ``RANK_METRICS``, the same in every allocating group),
-    ``allocate`` (True; False keeps the group's rank, outside the budget),
-    ``transform_momentum`` (True) and ``refresh_keep`` (2.0: at most
-    ⌈refresh_keep·rank⌉ singular vectors per matrix are held until the allocation is
-    known; None keeps all). A matrix whose X is all-zero at its refresh keeps P and
-    rank and refreshes at the next step. With ``stagger`` the allocation stays
-    global: a matrix not due takes part with the spectrum of its last refresh, and
-    drops its last directions at once if allocated less. ``subspace="gha"``:
-    Sanger's rule (``gha_step``) tracks each P between refreshes; a refresh keeps it
-    where the rank stays, else P ← U[:, :r], and moves the moments from P_ref, their
-    basis since the last refresh (C = Pᵀ P_ref). ``ranks()`` is the allocation::
+    Group options as GaLoreAdamW's (no ``subspace``: the allocation needs
+    singular values), plus ``rank_metric`` (one of ``RANK_METRICS``, the same
+    in every allocating group), ``allocate`` (True; False keeps the group's
+    rank, outside the budget), ``transform_momentum`` (True) and
+    ``refresh_keep`` (2.0: at most ⌈refresh_keep·rank⌉ singular vectors per
+    matrix are held until the allocation is known; None keeps all). A matrix
+    whose X is all-zero at its refresh keeps P and rank and refreshes at the
+    next step. With ``stagger`` the allocation stays global: a matrix not due
+    takes part with the spectrum of its last refresh, and drops its last
+    directions at once if allocated less. ``ranks()`` is the allocation::
 
         opt = AdaptiveAdamW(lowrank_groups(model, rank=8, update_proj_gap=200), lr=1e-2)
     """
@@ -733,15 +731,14 @@ class AdaptiveAdamW(_Base):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, update_proj_gap: int = 200, scale: float = 0.25,
                  proj_type: str = "std", rank_metric: str = "explained_variance", allocate: bool = True,
-                 transform_momentum: bool = True, norm_growth_limit: Optional[float] = 1.01, subspace: str = "svd",
-                 residual: bool = True, refresh_keep: Optional[float] = 2.0, refresh: str = "svd", gha_lr: float = 0.5,
+                 transform_momentum: bool = True, norm_growth_limit: Optional[float] = 1.01,
+                 residual: bool = True, refresh_keep: Optional[float] = 2.0, refresh: str = "svd",
                  refresh_iters: int = 1, stagger: bool = False, seed: int = 0, check_finite: bool = True):
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, update_proj_gap=update_proj_gap, scale=scale,
             proj_type=proj_type, residual=residual, norm_growth_limit=norm_growth_limit, check_finite=check_finite,
-            rank_metric=rank_metric, allocate=allocate, transform_momentum=transform_momentum, subspace=subspace,
-            refresh_keep=refresh_keep, refresh=refresh, refresh_iters=refresh_iters, stagger=stagger, seed=seed,
-            gha_lr=gha_lr))
+            rank_metric=rank_metric, allocate=allocate, transform_momentum=transform_momentum,
+            refresh_keep=refresh_keep, refresh=refresh, refresh_iters=refresh_iters, stagger=stagger, seed=seed))
 
     def _validate_group(self, group: dict) -> None:
         _validate_adam(group)
@@ -749,7 +746,7 @@ class AdaptiveAdamW(_Base):
             return
         _validate_rank(group, type(self).__name__, PROJ_TYPES)
         _validate_options(group, {**SUBSPACE_OPTIONS, "refresh_keep": lambda v: v is None or v > 0,
-                                  "rank_metric": tuple(RANK_METRICS), "subspace": ("svd", "gha")})
+                                  "rank_metric": tuple(RANK_METRICS)})
         # one greedy allocation compares the scores of all allocating matrices, on one schedule
         for key in ("rank_metric", "stagger"):
             others = {g[key] for g in self.param_groups if g.get("rank") is not None and g["allocate"]}
@@ -785,6 +782,7 @@ class AdaptiveAdamW(_Base):
             for k, (p, g, i) in enumerate(due):
                 keep = ranks[k] if k not in pool else budget - pooled + 1 if g["refresh_keep"] is None else min(
                     budget - pooled + 1, max(ranks[k], math.ceil(g["refresh_keep"] * g["rank"])))
+                st[p]["refresh_again"] = 0
                 svds.append(self._randomized(p, g, i, keep) if g["refresh"] == "randomized" else
                             gradient_spectrum(oriented(p, g["proj_type"])[0], keep))
             # 2. r ← allocate_ranks(s, B): rank 1 each, then greedily the best next singular value
@@ -803,16 +801,13 @@ class AdaptiveAdamW(_Base):
                 s = st[p]
                 P = U[:, :r].contiguous() if r <= U.shape[1] else gradient_spectrum(  # allocated more than held
                     oriented(p, g["proj_type"])[0], r)[0]
-                if g["subspace"] == "gha":  # GHA: P the tracked one if r is its rank; P_old ← P_ref, P_ref ← P
-                    P = s["P"] if "P_ref" in s and r == s["rank"] and not s["refresh_again"] else P
-                    s.update({"P": s["P_ref"]} if "P_ref" in s else {}, P_ref=P)
                 if "P" in s:
                     align_signs_(P, s["P"])  # each column signed like P_old's
                     if "exp_avg" in s and g["transform_momentum"]:
                         s["exp_avg"], s["exp_avg_sq"] = transform_moments(P, s["P"], s["exp_avg"], s["exp_avg_sq"])
                     elif "exp_avg" in s and r != s["rank"]:  # no transformation: the first rows kept
                         s["exp_avg"], s["exp_avg_sq"] = resize_rows(s["exp_avg"], r), resize_rows(s["exp_avg_sq"], r)
-                s["P"], s["rank"], s["refresh_again"] = P, r, 0
+                s["P"], s["rank"] = P, r
         # every step: projected Adam with the residual; AdamW for the dense parameters
         for p, g, i in items:
             if g.get("rank") is not None:
@@ -848,8 +843,6 @@ class AdaptiveAdamW(_Base):
         # W ← W (1 - lr·wd) - lr · D
         apply_update_(p, D, group["lr"], group["weight_decay"])
         state["step"] = t
-        if group["subspace"] == "gha":  # P ← orth(P + η (C P - P triu(Pᵀ C P))), for the next step
-            state["P"] = orthonormalize_signed(gha_step(P, X, R, group["gha_lr"]))
 
     # -- pieces for some options only ----------------------------------------------------
     def _limited_projection(self, N: Tensor, P: Tensor, state: dict, group: dict, transposed: bool) -> Tensor:
@@ -883,8 +876,6 @@ class AdaptiveAdamW(_Base):
             if "P" not in state:
                 state["rank"] = min(g["rank"], *p.shape)
                 state["P"] = torch.eye(min(p.shape), state["rank"], dtype=linalg_dtype(p.dtype), device=p.device)
-                if g["subspace"] == "gha":  # (and the moments' basis, as after any refresh)
-                    state["P_ref"] = state["P"]
         return [d for d, z in zip(due, zero) if not z], [e for e, z in zip(E, zero) if not z]
 
     def _stored(self, held: list, due: list) -> list:
@@ -901,9 +892,9 @@ class AdaptiveAdamW(_Base):
             self.state[due[k][0]].update(spectrum=svds[k][1].clone(), energy=E[k].reshape(1))
         for p, _, i in stored:
             state, r = self.state[p], allocated[i]
-            if r < state["rank"]:  # (gha: P_ref's too)
-                state.update({k: state[k][:, :r].contiguous() for k in ("P", "P_ref") if k in state}, rank=r,
-                             exp_avg=state["exp_avg"][:r].contiguous(), exp_avg_sq=state["exp_avg_sq"][:r].contiguous())
+            if r < state["rank"]:
+                state.update(P=state["P"][:, :r].contiguous(), rank=r, exp_avg=state["exp_avg"][:r].contiguous(),
+                             exp_avg_sq=state["exp_avg_sq"][:r].contiguous())
 
 
 # =============================================================================

@@ -519,6 +519,8 @@ def _check_layerwise(optimizer: Optimizer, group: dict) -> None:
 # -- the richer messages of the core's refusals: whose option, whose state dict --------
 
 _HINTS = {  # (optimizer, group option it refuses) -> what to do instead
+    ("AdaptiveAdamW", "subspace"): "AdaptiveAdamW's allocation needs the spectra of the SVD, so its subspace is "
+                                   "always the SVD's (use GaLoreAdamW for 'random' or 'gha')",
     ("LDAdam", "scale"): "LDAdam's update P N has no GaLore scale α; remove 'scale' (or multiply lr by it)",
     ("LDAdam", "update_proj_gap"): "LDAdam refreshes its subspace every step; remove 'update_proj_gap'",
     ("LDAdam", "error_dtype"): "it is a constructor argument, LDAdam(..., error_dtype=torch.bfloat16)",
@@ -555,15 +557,10 @@ def check_state_dict(optimizer: Optimizer, state_dict: dict) -> dict:
         warnings.warn(f"{name}.load_state_dict: this state dict has the generator states of an older version, which "
                       "are ignored: the random sketches continue from counter-based seeds, so the run does not "
                       "continue bit-exactly", stacklevel=3)
-    keys = {k for g in state_dict["param_groups"] for k in g} - set(optimizer._bookkeeping_keys)
-    own = set(optimizer.defaults) | set(optimizer.group_keys)
-    foreign = keys - own  # none, yet another class's options may hold them and not all of ours (GaLoreAdamW's)
-    fits = {w: len(options - keys) for w, options in optimizer_options().items()  # -> its options the dict lacks
-            if (foreign <= options if foreign else keys <= options and not own <= options)}
-    writers = [w for w, lacks in fits.items() if lacks == min(fits.values())]  # the closest fits
+    foreign = ({k for g in state_dict["param_groups"] for k in g} - set(optimizer.defaults)
+               - set(optimizer.group_keys) - set(optimizer._bookkeeping_keys))
+    writers = [w for w, options in optimizer_options().items() if foreign and foreign <= options]
     if writers:
-        held = (f"hold {', '.join(sorted(foreign))}, which {name} does not have" if foreign else
-                f"lack {', '.join(sorted(own - keys))}, which {name} has")
         raise ValueError(f"{name}.load_state_dict: this state dict was written by {' or '.join(writers)} (its param "
-                         f"groups {held}); nothing was loaded")
+                         f"groups hold {', '.join(sorted(foreign))}, which {name} does not have); nothing was loaded")
     return state_dict

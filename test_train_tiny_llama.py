@@ -58,8 +58,6 @@ test_lowrank_adam.py.
 # The optimizers, API, Where it runs: the lines about the script and the docs
 #   the script's --stagger, or the spec galore+stagger / adaptive+stagger ->
 #       test_stagger_reaches_the_optimizer_of_a_run_and_is_refused_where_no_class_takes_it
-#   the spec adaptive:gha (combined with a metric and switches) ->
-#       test_a_new_optimizer_is_one_recipe, test_script_trains_and_resumes_exactly
 #   the API snippet runs on the GPT-2 its comment names, printing "0 {}" ->
 #       test_docs_python_snippets_run_on_the_models_they_name
 #   DESIGN.md's layer-wise snippet updates every parameter inside backward ->
@@ -559,7 +557,7 @@ def history(out_dir):
     return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "final")} for r in rows]
 
 
-@pytest.mark.parametrize("opt", list(tl.OPTIMIZERS) + ["adaptive:gap:gha+stagger"])  # (a spec: GHA bases resumed)
+@pytest.mark.parametrize("opt", list(tl.OPTIMIZERS))
 def test_script_trains_and_resumes_exactly(opt, corpus, tmp_path, capsys):
     common = SMALL + ["--data", corpus, "--optimizer", opt]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -1534,11 +1532,6 @@ def test_a_new_optimizer_is_one_recipe(corpus, tmp_path, monkeypatch):
     result = tl.main(SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "sgd+nesterov"])
     assert result["optimizer"] == "sgd+nesterov" and result["lr"] == 0.05 and result["state_mb"] > 0
     assert tl.parse_optimizer("adaptive:gap+noresidual") == ("adaptive", {"rank_metric": "gap", "residual": False})
-    # kinds that set different options combine, and --help shows each set in its own brackets
-    assert tl.parse_optimizer("adaptive:gap:gha+residual") == ("adaptive", {"rank_metric": "gap", "subspace": "gha",
-                                                                            "residual": True})
-    assert tl.OPTIMIZERS["adaptive"].describe("adaptive").startswith("adaptive[:combined|conditioning|") and \
-        "|uniform_variance][:gha][+residual]" in tl.OPTIMIZERS["adaptive"].describe("adaptive")
 
 
 def test_the_two_corpus_variants_set_the_options_the_results_name():

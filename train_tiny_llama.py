@@ -227,26 +227,21 @@ class Recipe:
     lowrank: Optional[bool] = False
     variants: dict = field(default_factory=dict)  # ":kind" or "+switch" -> options
 
-    def describe(self, name: str) -> str:  # e.g. adaptive[:gap|combined|...][:gha][+residual][+noresidual]
-        kinds = {}  # the options a :kind sets -> the kinds that set them (kinds of other options combine)
-        for v, options in self.variants.items():
-            if v[0] == ":":
-                kinds.setdefault(tuple(options), []).append(v[1:])
-        return name + "".join(f"[:{'|'.join(k)}]" for k in kinds.values()) + "".join(
-            f"[{v}]" for v in self.variants if v[0] == "+")
+    def describe(self, name: str) -> str:  # e.g. adaptive[:gap|combined|...][+residual][+noresidual]
+        kinds = "|".join(v[1:] for v in self.variants if v[0] == ":")
+        return name + (f"[:{kinds}]" if kinds else "") + "".join(f"[{v}]" for v in self.variants if v[0] == "+")
 
 RESIDUAL = {"+residual": {"residual": True}, "+noresidual": {"residual": False}}
 REFRESH = {"+randomized": {"refresh": "randomized"}}
 STAGGER = {"+stagger": {"stagger": True}}  # (the classes that take ``stagger``: see staggered)
-GHA_LR = {f"+gha_lr{v:g}": {"gha_lr": v} for v in (0.1, 1.0)}  # (with :gha)
 OPTIMIZERS = {
     "adamw": Recipe(torch.optim.AdamW, 3e-3),
     "galore": Recipe(la.GaLoreAdamW, 1e-2, lowrank=True,
                      variants={**{f":{k}": {"subspace": k} for k in la.SUBSPACES}, **RESIDUAL, **REFRESH,
-                               **STAGGER, **GHA_LR}),
+                               **STAGGER, **{f"+gha_lr{v:g}": {"gha_lr": v} for v in (0.1, 1.0)}}),
     "adaptive": Recipe(la.AdaptiveAdamW, 1e-2, lowrank=True,
-                       variants={**{f":{m}": {"rank_metric": m} for m in sorted(la.RANK_METRICS)},
-                                 ":gha": {"subspace": "gha"}, **RESIDUAL, **REFRESH, **STAGGER, **GHA_LR}),
+                       variants={**{f":{m}": {"rank_metric": m} for m in sorted(la.RANK_METRICS)}, **RESIDUAL,
+                                 **REFRESH, **STAGGER}),
     "ldadam": Recipe(la.LDAdam, 3e-3, lowrank=True, variants={"+noef": {"error_feedback": False},
                                                                "+std": {"proj_type": "std"}}),  # squares: columns
     "adapprox": Recipe(la.Adapprox, 3e-3, lowrank=None,  # --rank: a group of the matrices, capping their ranks
