@@ -2573,7 +2573,7 @@ def test_the_results_file_of_the_picture_holds_the_rows_of_its_results_table(tmp
     assert (tmp_path / "p.svg").read_bytes() == Path(ROOT, "docs", "loss_vs_state.svg").read_bytes()
     table = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
     title, rows = bench.read_results(Path(ROOT, "docs", "tiny_results.json"))
-    assert len(rows) == len(table) == 9
+    assert len(rows) == len(table) >= 9
     for row, line in zip(rows, table):
         _, lr, loss, state, where = [c.strip() for c in line.strip("|").split("|")]
         assert float(lr.split()[0].rstrip("\\*")) == row["lr"], line
