@@ -83,28 +83,38 @@ class Peers:
 
 
 def _exchange(send: list[list[Tensor]], recv_numels: list[int], group, dtype: torch.dtype,
-              device: torch.device) -> list[Tensor]:
-    """One all-to-all: the tensors ``send[r]`` (flattened, packed) go to rank
-    r; returns what each rank sent here, one flat tensor per rank."""
-    parts = [t.reshape(-1).to(dtype) for ts in send for t in ts]
+              device: torch.device, me: int) -> list:
+    """One all-to-all: the tensors ``send[r]`` (flattened, packed) go to rank r;
+    returns what each rank sent here, one flat tensor per rank. This rank's
+    own part is not packed or sent: it comes back as its list of flat views
+    (so the buffers hold only what crosses ranks: half the data at 2 ranks)."""
+    parts = [t.reshape(-1).to(dtype) for r, ts in enumerate(send) if r != me for t in ts]
     inp = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
-    out = torch.empty(sum(recv_numels), dtype=dtype, device=device)
-    torch.distributed.all_to_all_single(out, inp, recv_numels, [sum(t.numel() for t in ts) for ts in send],
-                                        group=group)
-    return list(out.split(recv_numels))
+    sent = [0 if r == me else sum(t.numel() for t in ts) for r, ts in enumerate(send)]
+    received = [0 if r == me else n for r, n in enumerate(recv_numels)]
+    out = torch.empty(sum(received), dtype=dtype, device=device)
+    torch.distributed.all_to_all_single(out, inp, received, sent, group=group)
+    got: list = list(out.split(received))
+    got[me] = [t.reshape(-1).to(dtype) for t in send[me]]
+    return got
 
 
-def _assemble(got: list[Tensor], mine: list[tuple[Tensor, int]], rows: dict, width: dict) -> dict:
-    """Each owned matrix (parameter, index) whole, W and G, from the flat
-    buffers ``got`` that every rank sent here (its rows of W, then of G, of
-    each matrix in order): index -> (W, G), copies that do not keep ``got``."""
+def _pieces(flat, sizes: list[int]) -> list[Tensor]:
+    """A rank's part of an exchange as its pieces: a flat tensor split by ``sizes``
+    (views), or this rank's own part, which is its list of pieces already."""
+    return flat if isinstance(flat, list) else list(flat.split(sizes))
+
+
+def _assemble(got: list, mine: list[tuple[Tensor, int]], rows: dict, width: dict) -> dict:
+    """Each owned matrix (parameter, index) whole, W and G, from what every rank
+    sent here (its rows of W, then of G, of each matrix in order): index ->
+    (W, G), copies that do not keep ``got``."""
     pieces: dict[int, tuple[list[Tensor], list[Tensor]]] = {i: ([], []) for _, i in mine}
     for r, flat in enumerate(got):
+        chunks = iter(_pieces(flat, [rows[i][r] * width[i] for _, i in mine for _ in (0, 1)]))
         for p, i in mine:
             for part in pieces[i]:  # rank r's rows of W, then of G
-                n = rows[i][r] * width[i]
-                part.append(flat[:n].view(rows[i][r], *p.shape[1:]))
-                flat = flat[n:]
+                part.append(next(chunks).view(rows[i][r], *p.shape[1:]))
     return {i: (torch.cat(w), torch.cat(g)) for i, (w, g) in pieces.items()}
 
 
@@ -228,7 +238,7 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
     for p, _, _ in mats:  # one dtype that holds every weight and gradient exactly
         dtype = torch.promote_types(dtype, torch.promote_types(p.dtype, p.grad.dtype))
     got = _exchange([[t for p, _, i in mats if owner[i] == r for t in (local(p), local(p.grad))] for r in range(world)],
-                    [sum(2 * rows[i][r] * width[i] for _, _, i in mine) for r in range(world)], group, dtype, device)
+                    [sum(2 * rows[i][r] * width[i] for _, _, i in mine) for r in range(world)], group, dtype, device, me)
     received = _assemble(got, [(p, i) for p, _, i in mine], rows, width)
     del got  # only the whole matrices are held through the step, not the buffer they came in
 
@@ -273,15 +283,14 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
     got = _exchange([[new[i].narrow(0, sum(rows[i][:r]), rows[i][r]) for _, _, i in mine] + [current]
                      for r in range(world)],
                     [sum(rows[i][me] * width[i] + 1 for _, _, i in mats if owner[i] == r) for r in range(world)],
-                    group, dtype, device)
+                    group, dtype, device, me)
     for r, flat in enumerate(got):
         theirs = [(p, i) for p, _, i in mats if owner[i] == r]
-        for p, i in theirs:
-            n = rows[i][me] * width[i]
-            local(p).copy_(flat[:n].view(local(p).shape))
-            flat = flat[n:]
+        *chunks, ranks = _pieces(flat, [rows[i][me] * width[i] for _, i in theirs] + [len(theirs)])
+        for (p, i), chunk in zip(theirs, chunks):
+            local(p).copy_(chunk.view(local(p).shape))
         if r != me:
-            for (p, _), k in zip(theirs, flat.tolist()):
+            for (p, _), k in zip(theirs, ranks.tolist()):
                 if k >= 0:
                     opt.state[p]["rank"] = int(k)
 
