@@ -48,15 +48,23 @@ def _row_split(rows: int, world: int) -> list[int]:
     return [max(0, min(step, rows - r * step)) for r in range(world)]
 
 
-def _owner_ranks(sizes: dict[int, int], world: int) -> dict[int, int]:
-    """Owner rank of each matrix (parameter index -> its numel), balanced by
-    work: in parameter order, each to the rank with the least m·n so far
-    (not largest first: a param group added later then moves no matrix,
-    whose state is on its owner)."""
-    load, owner = [0] * world, {}
-    for i in sorted(sizes):
-        owner[i] = min(range(world), key=lambda r: (load[r], r))
-        load[owner[i]] += sizes[i]
+def _owner_ranks(optimizer: Optimizer, world: int) -> dict[int, int]:
+    """Owner rank of each matrix FSDP2 steps whole (parameter index -> rank),
+    balanced by work (m·n): group by group, in the order the groups were
+    added, each group's matrices largest first, each to the rank with the
+    least m·n so far (ties: the lower rank). Largest first, so that a last
+    large matrix (an LM head) does not tip one rank; group by group, so that
+    a group added later moves no earlier matrix, whose state is on its owner."""
+    load, owner, index = [0] * world, {}, 0
+    for group in optimizer.param_groups:
+        mats = []
+        for p in group["params"]:
+            if _stepped_whole(optimizer, p, group):
+                mats.append((-p.numel(), index))
+            index += 1
+        for size, i in sorted(mats):
+            owner[i] = min(range(world), key=lambda r: (load[r], r))
+            load[owner[i]] -= size
     return owner
 
 
@@ -204,8 +212,7 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
     def local(t: Tensor) -> Tensor:
         return t.to_local() if is_dtensor(t) else t
 
-    every = [(i, p) for i, (p, g) in enumerate((p, g) for g in opt.param_groups for p in g["params"]) if whole(p, g)]
-    owner = _owner_ranks({i: p.numel() for i, p in every}, world)
+    owner = _owner_ranks(opt, world)
     for p, g, _ in items:  # whole matrices: split by rows as torch.chunk splits them (``_row_split``)
         if is_dtensor(p) and (p.grad.placements != p.placements or (whole(p, g) and (
                 not _row_sharded(p) or p.to_local().shape[0] != _row_split(p.shape[0], world)[me]))):
@@ -397,7 +404,7 @@ def place_state(optimizer: Optimizer, state_dict: dict) -> dict:
                                         else st for k, st in state_dict["state"].items()}}
     shard_group, world, me = _shard_dim(_mesh_of(sharded))
     whole = _whole_entries(opt)
-    owner = _owner_ranks({i: entries[i][0].numel() for i in whole}, world)
+    owner = _owner_ranks(opt, world)
     held, whole_dense = {}, None  # what this rank's state dict holds of each parameter: "state", "marker", "mixed"
     for i, (p, st) in enumerate(entries):
         if isinstance(st, dict) and st:
