@@ -3100,6 +3100,22 @@ def test_a_full_state_dict_resumes_on_another_number_of_ranks_as_the_uninterrupt
             assert sum(held) == results[0][name][move][3] and (m == 1 or max(held) < sum(held)), (name, move, held)
 
 
+def test_fsdp2_owners_take_each_groups_matrices_largest_first_and_a_later_group_moves_none(monkeypatch):
+    # Owners balance m·n: in parameter order a last large matrix (an LM head after the blocks) would go to
+    # the rank that already has the first one (an embedding); largest first puts them on different ranks.
+    # A group added later is placed after the earlier groups, whose owners stay.
+    monkeypatch.setattr(engine, "_stepped_whole", lambda opt, p, g: g.get("rank") is not None)
+    embed, head = nn.Parameter(torch.zeros(64, 8)), nn.Parameter(torch.zeros(64, 8))
+    blocks = [nn.Parameter(torch.zeros(8, 8)) for _ in range(6)]
+    opt = la.GaLoreAdamW([{"params": [embed, *blocks, head], "rank": 2}], lr=1e-2)
+    owner = engine._owner_ranks(opt, 2)
+    assert owner[0] != owner[7]  # the two large matrices
+    assert sorted(owner.values()).count(0) == 4  # 512 + 3·64 on each rank
+    extra = [nn.Parameter(torch.zeros(32, 8)), nn.Parameter(torch.zeros(8, 8))]
+    opt.add_param_group({"params": extra, "rank": 2})
+    assert {i: r for i, r in engine._owner_ranks(opt, 2).items() if i < 8} == owner
+
+
 def test_fsdp2_adaptive_ties_between_matrices_of_two_owners_go_to_the_lower_index_as_in_one_process(fsdp2_paths):
     # allocate_ranks gives a tie to the lower index, so the spectra gathered from every rank are put in
     # parameter order, not rank by rank: matrices 1 (rank 1's) and 2 (rank 0's) have the same gradient,
