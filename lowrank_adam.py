@@ -462,8 +462,8 @@ def orthogonal_residual(x: Tensor, P: Tensor, r: Tensor, n: Tensor, transposed: 
 
 
 def norm_growth_limit_(x: Tensor, prev_rms: Tensor, gamma: float) -> Tensor:
-    """``x ← x · min(1, γ·prev_rms / RMS(x))`` in place; returns the new history, RMS(x) (``prev_rms``
-    for an all-zero x: a zero gradient keeps it). A ``prev_rms`` of 0 (none yet) limits nothing."""
+    """``x ← x · min(1, γ·prev_rms / RMS(x))`` in place; returns the new history, RMS(x) (our choice:
+    ``prev_rms`` for an all-zero x, so a zero gradient keeps it). ``prev_rms`` 0 (none yet) limits nothing."""
     cur = torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
     factor = torch.where((prev_rms > 0) & (cur > gamma * prev_rms), gamma * prev_rms / cur.clamp_min(1e-30), 1.0)
     x.mul_(factor)

@@ -2897,10 +2897,11 @@ def test_hsdp_on_a_one_by_two_mesh_equals_one_process(fsdp2_paths):
         assert all(torch.equal(a, b) for a, b in zip(r["2-D"]["one"], r["2-D"]["hsdp"]))  # measured: bit for bit
 
 
-HSDP_TWO_BY_TWO = """
-import io, sys, torch, torch.distributed as dist
+FOUR_PROCESSES = """
+import io, os, sys, torch, torch.distributed as dist
 from datetime import timedelta
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -2910,7 +2911,7 @@ import lowrank_adam as la
 torch.set_num_threads(1)
 dist.init_process_group("gloo", timeout=timedelta(seconds=120))
 
-def model():  # rows 8, 6, 5 and 1: split 4 + 4, 3 + 3, 3 + 2 and 1 + 0 within each replica
+def model():  # rows 8, 6, 5 and 1: within 2 ranks 4+4, 3+3, 3+2, 1+0; on 4 ranks 2+2+2+2, 2+2+2+0, 2+2+1+0, 1+0+0+0
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(),
                          nn.Linear(5, 1))
@@ -2933,7 +2934,10 @@ def train(m, opt, steps):
         opt.step()
         ranks.append(opt.ranks())
     return ranks
+"""
 
+# HSDP: 4 gloo processes as a (replicate 2, shard 2) mesh
+HSDP_TWO_BY_TWO = FOUR_PROCESSES + """
 mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
 
 def hsdp_model():
@@ -2990,42 +2994,8 @@ def test_hsdp_on_a_two_by_two_mesh_equals_one_process_and_every_replica_is_ident
             assert r[name]["states"] > 0, name
 
 
-RESHARD = """
-import io, os, sys, torch, torch.distributed as dist
-from datetime import timedelta
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-sys.path.insert(0, sys.argv[1])
-import lowrank_adam as la
-torch.set_num_threads(1)
-dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+RESHARD = FOUR_PROCESSES + """
 FULL = StateDictOptions(full_state_dict=True)
-
-def model():  # rows 8, 6, 5 and 1: on 4 ranks 2+2+2+2, 2+2+2+0, 2+2+1+0 and 1+0+0+0
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(),
-                         nn.Linear(5, 1))
-
-def optimizer(name, m):  # refreshes at steps 1, 4, 7 and 10; AdaptiveAdamW's and Adapprox's ranks move
-    if name == "Adapprox":
-        return la.Adapprox(m.parameters(), lr=1e-2, weight_decay=0.1, err_tol=0.05, k_max_frac=0.8)
-    gap = {} if name == "LDAdam" else {"update_proj_gap": 3}
-    return getattr(la, name)(la.lowrank_groups(m, 2, targets=("0", "2", "4"), **gap), lr=1e-2, weight_decay=0.1)
-
-g = torch.Generator().manual_seed(1)
-x = torch.randn(16, 5, generator=g)
-y = torch.sin(x[:, :1] * 2) + x[:, 1:2] * x[:, 2:3]
-
-def train(m, opt, steps):
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        nn.functional.mse_loss(m(x), y).backward()
-        opt.step()
-
 hsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
 meshes = {"1": None, "2": hsdp["shard"], "4": init_device_mesh("cpu", (4,)), "2x2": hsdp}  # "2": ranks {0,1}, {2,3}
 
@@ -3271,7 +3241,7 @@ def test_fsdp2_full_state_dicts_move_between_one_process_and_two_ranks(fsdp2_che
             assert res[how] == "loaded" and res[how + " unchanged"], (how, res[how])
         # a full state dict that lacks one matrix's state (a marker in its place) is not loaded with that
         # matrix's state restarted: torch's loader already stops at the key its pattern lacks, and nothing changes
-        assert res["incomplete"] == "KeyError: 'state.2.weight.owner'" and res["incomplete unchanged"]
+        assert res["incomplete"] != "loaded" and "2.weight" in res["incomplete"] and res["incomplete unchanged"]
     assert fsdp2_checkpoints[0][("checkpoint", cls.__name__)]["rank 0's"] == \
         fsdp2_checkpoints[1][("checkpoint", cls.__name__)]["rank 0's"]  # the same message on every rank
 
