@@ -8,8 +8,8 @@ progress bar on a terminal, else lines such as `run 3/10: galore seed 1 lr
 commands:
   compare   train several runs from the same initial weights and data order and
             tabulate them: every optimizer of --optimizer (a comma list of
-            train_tiny_llama.py specs) at every lr of --lr-sweep, for --seeds
-            seeds, reported as the median over seeds ± half the range, with
+            train_tiny_llama.py specs) at each factor of --lr-sweep times its
+            lr, for --seeds seeds, reported as the median over seeds ± half the range, with
             each optimizer at its best lr (--widen N: up to N more lrs past
             the sweep's edge while the best sits there). Every other flag goes to each run
             (--corpus packages: the second embedded corpus; the table's

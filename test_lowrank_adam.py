@@ -145,6 +145,9 @@ The training script, bench.py and the documentation are tested in test_train_tin
 #       test_one_class_copied_out_with_the_core_alone_trains_as_the_module_does,
 #       test_one_class_copied_out_defines_every_name_its_code_uses,
 #       test_the_helpers_section_copied_out_with_the_core_alone_defines_every_name_its_code_uses
+#   groups by hand: an integer rank is low-rank, any other group AdamW; Adapprox: rank=None is dense
+#       test_one_class_copied_out_with_the_core_alone_trains_as_the_module_does, test_dense_path_matches_torch_adamw,
+#       test_adapprox_takes_the_same_selection_rank_caps_and_none_is_dense
 #
 # Install, results and tests
 #   torch 2.5 or newer (tested with 2.13.0)
