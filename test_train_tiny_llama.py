@@ -2559,20 +2559,23 @@ def test_docs_links_resolve_and_stay_inside_the_repository(doc):
         assert images == {p.name for p in Path(ROOT, "docs").glob("*.[ps][nv]g")}  # every figure shown
 
 
-def test_the_results_file_of_the_picture_holds_the_rows_of_its_results_table(tmp_path):
-    """docs/tiny_results.json, which `bench.py plot --results` draws as docs/loss_vs_state.svg, holds
-    docs/RESULTS.md's table of every optimizer row for row: its numbers live in one table. The SVG the
-    README and RESULTS.md show is today's drawing of it, byte for byte."""
+@pytest.mark.parametrize("size, picture", [("tiny", "loss_vs_state.svg"), ("9m", "loss_vs_state_9m.svg")])
+def test_the_results_file_of_the_picture_holds_the_rows_of_its_results_table(tmp_path, size, picture):
+    """docs/<size>_results.json, which `bench.py plot --results` draws as docs/<picture>, holds
+    docs/RESULTS.md's table of every optimizer on that model row for row: its numbers live in one table.
+    The SVG RESULTS.md shows (and the README, for the tiny model) is today's drawing of it, byte for byte."""
     text = open(os.path.join(ROOT, "docs", "RESULTS.md")).read()
-    section = text.split("\n## Every optimizer on the tiny model\n", 1)[1].split("\n## ", 1)[0]
+    section = text.split(f"\n## Every optimizer on the {size} model\n", 1)[1].split("\n## ", 1)[0]
     readme = open(os.path.join(ROOT, "README.md")).read()
-    command = "python bench.py plot --results docs/tiny_results.json --out docs/loss_vs_state.svg"
-    assert command in section and command in readme
-    assert "](loss_vs_state.svg)" in section and "](docs/loss_vs_state.svg)" in readme
-    bench.main(["plot", "--results", os.path.join(ROOT, "docs", "tiny_results.json"), "--out", str(tmp_path / "p.svg")])
-    assert (tmp_path / "p.svg").read_bytes() == Path(ROOT, "docs", "loss_vs_state.svg").read_bytes()
+    command = f"python bench.py plot --results docs/{size}_results.json --out docs/{picture}"
+    assert command in section and f"]({picture})" in section
+    if size == "tiny":
+        assert command in readme and f"](docs/{picture})" in readme
+    results = os.path.join(ROOT, "docs", f"{size}_results.json")
+    bench.main(["plot", "--results", results, "--out", str(tmp_path / "p.svg")])
+    assert (tmp_path / "p.svg").read_bytes() == Path(ROOT, "docs", picture).read_bytes()
     table = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    title, rows = bench.read_results(Path(ROOT, "docs", "tiny_results.json"))
+    title, rows = bench.read_results(Path(ROOT, "docs", f"{size}_results.json"))
     assert len(rows) == len(table) >= 9
     for row, line in zip(rows, table):
         _, lr, loss, state, where = [c.strip() for c in line.strip("|").split("|")]
@@ -2664,7 +2667,8 @@ def test_every_docs_command_runs(doc, corpus, xdg_cache, tmp_path, monkeypatch, 
     (one per file), shrunk as README_APPEND says. Without matplotlib, a command that plots a PNG
     must fail with the install hint before training, and then runs without --plot (an SVG needs none)."""
     for name in ("lowrank_adam.py", "lowrank_engine.py", "llama_c4.py", "train_tiny_llama.py", "bench.py",
-                 "requirements.txt", "docs/tiny_results.json"):  # the results table that `bench.py plot --results` draws
+                 "requirements.txt", "docs/tiny_results.json",  # the tables `bench.py plot --results` draws
+                 "docs/9m_results.json"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         shutil.copy(os.path.join(ROOT, name), tmp_path / name)
     monkeypatch.chdir(tmp_path)
