@@ -139,7 +139,9 @@ test_lowrank_adam.py.
 #       test_compare_tabulates_and_a_resumed_compare_reports_finished_runs,
 #       test_compare_lr_sweep_names_runs_and_keeps_each_best_lr
 #   --widen N extends a sweep past its edge while the best lr sits there ->
-#       test_compare_widen_moves_past_an_edge_best_lr_until_the_best_is_inside
+#       test_compare_widen_moves_past_an_edge_best_lr_until_the_best_is_inside,
+#       test_compare_widen_steps_by_the_sweeps_geometric_ratio_and_counts_each_spec_on_its_own,
+#       test_compare_widen_ranks_lrs_by_the_median_over_seeds_a_diverged_run_an_infinite_loss
 #   times step() -> test_bench_steps_and_memory_tables,
 #       test_bench_steps_full_gap_times_every_step_of_one_gap_with_and_without_stagger
 #   measures memory -> test_bench_steps_and_memory_tables, test_memory_formula_equals_state_bytes_of_a_real_step,
@@ -1657,6 +1659,74 @@ def test_compare_widen_moves_past_an_edge_best_lr_until_the_best_is_inside(corpu
                           "--lr-sweep", "100,1000", "--widen", "1"])  # far too large: widened downwards
     assert "widen: adamw's best lr 0.3 is the smallest tried; trying 0.03" in capsys.readouterr().out
     assert 0.03 == pytest.approx(min(r["lr"] for r in results))
+
+
+def fake_training(monkeypatch, loss_of):
+    """Replace compare's training run by ``loss_of(args)``: a val loss, or None for a run that diverges.
+    Returns the list of (optimizer, lr, seed) of every run compare started, in order."""
+    started = []
+
+    def train(args, data, val, dist, ckpt=None):
+        started.append((args.optimizer, args.lr, args.seed))
+        loss = loss_of(args)
+        if loss is None:
+            raise tl.Diverged(2)
+        return {"optimizer": args.optimizer, "lr": args.lr, "seed": args.seed, "params": 1e6, "steps": 3,
+                "val_loss": loss, "val_ppl": math.exp(loss), "tokens_per_s": 1.0, "state_mb": 1.0, "step_ms": 1.0,
+                "seconds": 0.0, "peak_cuda_gb": None}
+
+    monkeypatch.setattr(tl, "train", train)
+    return started
+
+
+def test_compare_widen_steps_by_the_sweeps_geometric_ratio_and_counts_each_spec_on_its_own(corpus, tmp_path,
+                                                                                          capsys, monkeypatch):
+    # a loss that falls towards a spec's own optimum far outside the sweep: adamw's best lies above, galore's
+    # below, so each spec moves its own edge --widen times, by the sweep's mean ratio (10 for 0.01,0.1,1)
+    target = {"adamw": 1.0, "galore": 1e-9}
+    started = fake_training(monkeypatch, lambda a: 1 + abs(math.log10(a.lr / target[a.optimizer])))
+    bench.main(["compare", *SMALL, "--data", corpus, "--out-dir", str(tmp_path / "a"), "--optimizer", "adamw,galore",
+                "--lr-sweep", "0.01,0.1,1", "--widen", "2"])
+    lrs = lambda spec: sorted(lr for name, lr, _ in started if name == spec)
+    base = {spec: tl.OPTIMIZERS[spec].lr for spec in target}
+    assert lrs("adamw") == pytest.approx([base["adamw"] * f for f in (0.01, 0.1, 1, 10, 100)])
+    assert lrs("galore") == pytest.approx([base["galore"] * f for f in (1e-4, 1e-3, 0.01, 0.1, 1)])
+    out = capsys.readouterr().out
+    assert out.count("widen: adamw's best lr") == 2 and out.count("widen: galore's best lr") == 2
+    # a single factor: the one lr is the largest tried (and the smallest), so the step is 2, upwards
+    started.clear()
+    bench.main(["compare", *SMALL, "--data", corpus, "--out-dir", str(tmp_path / "b"), "--lr-sweep", "1",
+                "--widen", "1"])
+    assert lrs("adamw") == pytest.approx([base["adamw"], 2 * base["adamw"]])
+    assert f"widen: adamw's best lr {base['adamw']:g} is the largest tried; trying {2 * base['adamw']:g}" in \
+        capsys.readouterr().out
+
+
+def test_compare_widen_ranks_lrs_by_the_median_over_seeds_a_diverged_run_an_infinite_loss(corpus, tmp_path,
+                                                                                           capsys, monkeypatch):
+    # per spec, lrs x1 and x10 over 3 seeds (the loss of seed 0, 1, 2):
+    #   adamw:    x1 (2, 2, 2),       x10 (1, 1, diverged): median picks x10 (a mean, inf, would pick x1)
+    #   galore:   x1 (1.5, 1.5, 1.5), x10 (1, 3, 3): median picks x1 (the least single loss is x10's)
+    #   adaptive: every run diverges: nothing to widen from
+    def loss_of(a):
+        if a.optimizer == "adaptive":
+            return None
+        high = a.lr > 1.5 * tl.OPTIMIZERS[a.optimizer].lr
+        if a.optimizer == "adamw":
+            return (None if a.seed == 2 else 1.0) if high else 2.0
+        return (1.0 if a.seed == 0 else 3.0) if high else 1.5
+
+    started = fake_training(monkeypatch, loss_of)
+    bench.main(["compare", *SMALL, "--data", corpus, "--out-dir", str(tmp_path), "--optimizer",
+                "adamw,galore,adaptive", "--lr-sweep", "1,10", "--seeds", "3", "--widen", "1"])
+    base = {spec: tl.OPTIMIZERS[spec].lr for spec in ("adamw", "galore", "adaptive")}
+    out = capsys.readouterr().out
+    assert f"widen: adamw's best lr {10 * base['adamw']:g} is the largest tried; " \
+           f"trying {100 * base['adamw']:g}" in out
+    assert f"widen: galore's best lr {base['galore']:g} is the smallest tried; " \
+           f"trying {0.1 * base['galore']:g}" in out
+    assert "widen: adaptive" not in out and sum(name == "adaptive" for name, _, _ in started) == 6
+    assert len(started) == 3 * 2 * 3 + 2 * 3  # the sweep, then one more lr of adamw and of galore
 
 
 def test_compare_starts_every_spec_and_lr_of_a_seed_from_the_same_weights_and_data_order(corpus, tmp_path):
