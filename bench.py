@@ -196,7 +196,8 @@ def compare(argv: list[str]) -> list[dict]:
     p.add_argument("--seeds", type=int, default=1, help="run seeds --seed ... --seed + N - 1")
     p.add_argument("--widen", type=int, default=0, help="up to N more lrs per optimizer: while its best lr (the "
                    "least median loss over the seeds) is the smallest or the largest tried, try one sweep step "
-                   "beyond it (the sweep's own ratio between neighbouring factors; 2 for a single factor)")
+                   "beyond it (the sweep's own ratio between neighbouring factors; 2 for a single factor, which "
+                   "moves up first)")
     p.add_argument("--out-dir", default="out/compare", help="one folder per run inside, and results.json")
     p.add_argument("--plot", action="store_true", help="also write the plots of `bench.py plot` (needs matplotlib)")
     own, rest = p.parse_known_args(argv)
@@ -254,7 +255,8 @@ def widen(own, rest: list[str], results: list[dict], failed: list[tuple], widene
     """The runs one more lr beyond the edge of each spec's sweep where its best lr (the least median
     loss over seeds; a diverged run counts as an infinite loss) is the smallest or the largest lr tried,
     at most --widen times per spec: the best lr of a sweep must lie inside it. The step is the sweep's
-    own (geometric mean ratio of neighbouring factors), 2 for a single factor. ``widened``: spec ->
+    own (geometric mean ratio of neighbouring factors), 2 for a single factor (a lone lr is the
+    largest tried, so it moves up first). ``widened``: spec ->
     how often so far, updated. Prints which edge moved."""
     factors = sweep_factors(own)
     step = (max(factors) / min(factors)) ** (1 / (len(factors) - 1)) if len(set(factors)) > 1 else 2.0
