@@ -28,7 +28,9 @@ test_lowrank_adam.py.
 #       test_the_results_file_of_the_picture_holds_the_rows_of_its_results_table
 #   bars: the seeds' spread; dashed: the Pareto front; dotted: Muon's loss ->
 #       test_plot_results_draws_loss_against_state_and_refuses_a_malformed_file,
-#       test_plot_results_as_svg_needs_no_matplotlib_and_marks_each_row_the_front_and_muon
+#       test_plot_results_as_svg_needs_no_matplotlib_and_marks_each_row_the_front_and_muon,
+#       test_pareto_front_is_every_point_no_other_beats_ties_and_duplicates_included,
+#       test_svg_draws_a_muon_line_and_band_for_each_row_whose_label_starts_with_muon
 #   drawn as SVG by Python alone (no matplotlib), the file the README shows being today's drawing ->
 #       test_plot_results_as_svg_needs_no_matplotlib_and_marks_each_row_the_front_and_muon,
 #       test_the_results_file_of_the_picture_holds_the_rows_of_its_results_table, test_every_docs_command_runs
@@ -2271,6 +2273,27 @@ def test_bench_subspaces_kept_measures_the_held_basis_against_the_best_of_its_ra
     assert not (tmp_path / "refused").exists()  # refused before any work
 
 
+def test_bench_subspaces_kept_table_holds_the_medians_and_5th_percentiles_of_kept_json(capsys, corpus, tmp_path):
+    """Each cell of the --kept table: the median (5th percentile, linear between order statistics) of the
+    steps kept.json records, o, e and e/o over every step, e/o over the refresh steps, the steps after them
+    and the others, recomputed here in float64."""
+    bench.main(["subspaces", "--kept", "galore+residual", *SMALL, "--update-proj-gap", "3", "--rank", "4",
+                "--data", corpus, "--out-dir", str(tmp_path)])
+    [row] = table_rows(capsys.readouterr().out)
+    record = json.loads((tmp_path / "kept.json").read_text())["galore+residual"]
+    steps = record["steps"]
+
+    def cell(xs):
+        xs = torch.tensor(xs, dtype=torch.float64)
+        return torch.quantile(xs, 0.5).item(), torch.quantile(xs, 0.05).item()
+    expected = [cell([o for *_, o in steps]), cell([e for _, _, e, _ in steps]), cell([e / o for *_, e, o in steps])]
+    expected += [cell([e / o for _, k, e, o in steps if k == kind]) for kind in ("refresh", "after", "between")]
+    assert float(row[1]) == pytest.approx(record["val_loss"], abs=5.1e-5)
+    for c, (median, p5) in zip(row[2:], expected, strict=True):
+        shown = tuple(map(float, re.fullmatch(r"([\d.]+) \(([\d.]+)\)", c.strip(" |")).groups()))
+        assert shown == pytest.approx((median, p5), abs=5.1e-5), (c, median, p5)  # to 4 decimals
+
+
 def test_kept_energy_projects_on_the_side_the_basis_is_for():
     G = torch.tensor([[1.0, 1.0], [0.0, 0.0]])  # rank 1: its top direction keeps all of it
     e1 = torch.tensor([[1.0], [0.0]])
@@ -2286,6 +2309,26 @@ def test_kept_energy_projects_on_the_side_the_basis_is_for():
     with pytest.raises(ValueError, match="does not fit the right side"):
         bench.kept_energy(wide, left, transposed=True)
     assert bench.kept_energy(torch.zeros(3, 5), left, transposed=False) is None
+
+
+def test_kept_energy_is_the_projection_on_the_span_against_the_top_r_singular_values():
+    """e = ||Π G||² / ||G||² (left) or ||G Π||² / ||G||² (right), Π = P P⁺ the projector on span(P), built
+    without QR; o = the top r = P's columns of G's squared singular values over their sum (float64 eigenvalues)."""
+    G = torch.tensor([[3.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 1.0, 0]])  # singular values 3, 2, 1
+    e1e2 = torch.tensor([[1.0, 1.0], [0, 1.0], [0, 0]])  # spans e1, e2: keeps 9 + 4 of 14, the best rank 2 can
+    assert bench.kept_energy(G, e1e2, transposed=False) == pytest.approx((13 / 14, 13 / 14))
+    e3e4 = torch.tensor([[0, 0], [0, 0], [1.0, 0], [0, 1.0]])  # the right side's e3, e4: keeps 1 of 14
+    assert bench.kept_energy(G, e3e4, transposed=True) == pytest.approx((1 / 14, 13 / 14))
+    g = torch.Generator().manual_seed(1)
+    G = torch.randn(6, 9, generator=g)
+    top = lambda r: (lambda s: s[:r].sum() / s.sum())(torch.linalg.eigvalsh(G.double() @ G.double().T).flip(0))
+    for transposed, side in ((False, 6), (True, 9)):
+        P = torch.randn(side, 3, generator=g) * torch.tensor([1.0, 10.0, 0.1])  # far from orthonormal
+        proj = P.double() @ torch.linalg.pinv(P.double())
+        kept = G.double() @ proj if transposed else proj @ G.double()
+        e, o = bench.kept_energy(G, P, transposed)
+        assert e == pytest.approx((kept.square().sum() / G.double().square().sum()).item(), rel=1e-5)
+        assert o == pytest.approx(top(3).item(), rel=1e-9) and o < top(4).item()  # r = 3 values, not 4
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch's Muon needs torch >= 2.9")
@@ -2480,6 +2523,79 @@ def test_plot_results_as_svg_needs_no_matplotlib_and_marks_each_row_the_front_an
     assert len(markers) == 4 and corners == [markers[i] for i in front(others)] and muon == []
     with pytest.raises(SystemExit, match="must end in .png or .svg"):
         bench.main(["plot", "--results", str(tmp_path / "with_muon.json"), "--out", str(tmp_path / "p.jpg")])
+
+
+def test_read_results_takes_each_optimizer_at_the_lr_of_least_median_loss_over_three_seeds(tmp_path):
+    """compare's results.json with 3 seeds, where the median and the mean disagree: the best lr is the one of
+    least median loss; the row's spread is half the range of its seeds (not their deviation), its state the
+    median of its runs' as % of the state of the AdamW runs drawn (so AdamW's own point is at 100 %)."""
+    runs = [dict(optimizer=o, lr=lr, seed=s, val_loss=v, state_mb=m) for o, lr, vs, ms in [
+        ("adamw", 0.001, (2.0, 2.1, 2.5), (2.0, 2.0, 2.0)),  # median 2.1, mean 2.2: the best by its median
+        ("adamw", 0.002, (2.15, 2.15, 2.15), (4.0, 4.0, 4.0)),  # median = mean 2.15: the best by the mean
+        ("galore", 0.01, (1.9, 1.92, 2.3), (0.5, 0.5, 0.6))] for s, (v, m) in enumerate(zip(vs, ms))]
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps(runs))
+    assert bench.read_results(path) == (None, [
+        dict(label="adamw", lr=0.001, val_loss=pytest.approx(2.1), state_pct=pytest.approx(100),
+             spread=pytest.approx((2.5 - 2.0) / 2)),
+        dict(label="galore", lr=0.01, val_loss=pytest.approx(1.92), state_pct=pytest.approx(100 * 0.5 / 2.0),
+             spread=pytest.approx((2.3 - 1.9) / 2))])
+
+
+@pytest.mark.parametrize("data, why", [
+    ({"rows": [{"label": "A", "val_loss": True, "state_pct": 9}]}, 'A: "val_loss" must be a number'),
+    ({"rows": [{"label": "A", "val_loss": math.nan, "state_pct": 9}]}, 'A: "val_loss" must be a number'),
+    ({"rows": [{"label": "A", "val_loss": 2, "state_pct": math.inf}]}, 'A: "state_pct" must be a number'),
+    ({"rows": [{"label": "A", "val_loss": 2, "state_pct": 9, "spread": math.nan}]}, '"spread" must be a number >= 0'),
+    ({"rows": [{"label": "A", "val_loss": 2, "state_pct": 0}]}, 'A: "state_pct" must be > 0'),  # a log axis
+    ({"rows": [{"label": "", "val_loss": 2, "state_pct": 9}]}, 'row 1: "label" must be a non-empty string'),
+    ({"rows": [{"label": "A", "val_loss": 2, "state_pct": 9}], "note": "x"}, "unknown key(s) note"),
+    ([dict(optimizer="adamw", seed=0, val_loss=2.0, state_mb=2.0)], "not all runs of bench.py compare"),  # no lr
+    ([dict(optimizer="adamw", lr=0.01, val_loss=math.nan, state_mb=2.0)], "not all runs of bench.py compare"),
+    ([dict(optimizer="adamw", lr=0.01, val_loss=2.0, state_mb=True)], "not all runs of bench.py compare")])
+def test_read_results_refuses_a_row_that_cannot_be_drawn(tmp_path, data, why):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))  # NaN and Infinity as Python's json writes and reads them
+    with pytest.raises(SystemExit) as e:
+        bench.read_results(path)
+    assert why in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_pareto_front_is_every_point_no_other_beats_ties_and_duplicates_included():
+    """By the definition, on points of a small grid (many ties): a row is on the front when no other row is at
+    most as high in both loss and state and lower in one; two equal rows beat neither each other (both on it)."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        rows = [dict(label=str(i), val_loss=float(v), state_pct=float(s))
+                for i, (v, s) in enumerate(torch.randint(1, 5, (8, 2), generator=g).tolist())]
+        on = [r for r in rows if not any(o["val_loss"] <= r["val_loss"] and o["state_pct"] <= r["state_pct"] and
+                                         (o["val_loss"], o["state_pct"]) != (r["val_loss"], r["state_pct"])
+                                         for o in rows)]
+        front = bench.pareto_front(rows)
+        assert sorted(r["label"] for r in front) == sorted(r["label"] for r in on), rows
+        assert [r["state_pct"] for r in front] == sorted(r["state_pct"] for r in on)  # in order of state
+    twins = [dict(label=k, val_loss=2.0, state_pct=s) for k, s in (("a", 10.0), ("b", 10.0), ("c", 20.0))]
+    assert [r["label"] for r in bench.pareto_front(twins)] == ["a", "b"]
+
+
+def test_svg_draws_a_muon_line_and_band_for_each_row_whose_label_starts_with_muon(tmp_path):
+    """A dotted line across at each Muon row's loss, over a band exactly as high as that row's error bar;
+    none for a row that merely names Muon."""
+    import xml.etree.ElementTree as ET
+    rows = [{"label": "AdamW (Muon's lr)", "val_loss": 2.1, "spread": 0.05, "state_pct": 100},
+            {"label": "Muon", "val_loss": 1.8, "spread": 0.03, "state_pct": 50},
+            {"label": "Muon (torch)", "val_loss": 1.9, "spread": 0.01, "state_pct": 60}]
+    bench.svg_loss_vs_state(None, rows, tmp_path / "p.svg")
+    root = ET.parse(tmp_path / "p.svg").getroot()
+    circles = [c for c in root.iter(SVG + "circle") if c.get("class") == "point"]
+    bars = {round(float(p.get("d")[1:].split(",")[0]), 1): p.get("d") for p in root.iter(SVG + "path")}
+    lines = [float(line.get("y1")) for line in root.iter(SVG + "line") if line.get("class") == "muon"]
+    assert lines == [float(circles[i].get("cy")) for i in (1, 2)]  # Muon's rows alone, at their loss
+    bands = [(float(r.get("y")), float(r.get("height"))) for r in root.iter(SVG + "rect") if r.get("fill-opacity")]
+    assert len(bands) == 2
+    for i, (top, height) in zip((1, 2), bands):
+        hi, lo = map(float, re.match(r"M[\d.]+,([\d.]+)V([\d.]+)", bars[float(circles[i].get("cx"))]).groups())
+        assert top == hi and height == pytest.approx(lo - hi, abs=0.11)  # the band: the row's ± its spread
 
 
 def test_adaptive_defaults_to_the_residual_and_galore_does_not():
