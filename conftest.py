@@ -1,4 +1,6 @@
-"""pytest configuration: one hypothesis profile and one CPU thread for the whole suite.
+"""pytest configuration: one hypothesis profile, one CPU thread per test process, and
+at most 4 of those processes for ``-n auto`` (pytest-xdist; each takes a few hundred
+MB, and the distributed tests start 2 to 4 processes of their own).
 
 Under CI (the ``CI`` environment variable set) examples are derandomized and
 no example database is written, so a run is reproducible and leaves no files.
@@ -24,6 +26,12 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 # One thread, whatever the machine: torch's default (one per core) made the suite

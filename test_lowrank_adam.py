@@ -1,4 +1,4 @@
-"""Tests for the optimizers in lowrank_adam.py (pytest + hypothesis). Run: ``pytest -q``.
+"""Tests for the optimizers in lowrank_adam.py (pytest + hypothesis). Run: ``python -m pytest -q -n auto``.
 
 Each algorithm has a plain float64 reference written step by step in this file
 (``galore_reference``, ``adaptive_reference``, ``ldadam_reference``,

@@ -1,6 +1,6 @@
 """Tests for the training script, its model and data, bench.py and the documentation.
 
-Run with the optimizer tests: ``pytest -q``. Sections, in order:
+Run with the optimizer tests: ``python -m pytest -q -n auto``. Sections, in order:
 
 1. The model (llama_c4.Llama): shapes, causality, RMSNorm, rotary embedding.
 2. The data: C4 shards, packing, shuffling, splits, resuming a stream, bad data.
@@ -55,7 +55,7 @@ test_lowrank_adam.py.
 #       network), test_embedded_corpus_is_c4_format
 #   ...under a minute on a 2-core CPU, as RESULTS.md's default run measured ->
 #       test_the_quick_start_time_is_the_measured_default_run
-#   `python -m pytest -q` runs the test suite (as CI runs it) ->
+#   `python -m pytest -q -n auto` runs the test suite (as CI runs it) ->
 #       test_the_readme_names_what_requirements_txt_installs_and_ci_runs_its_test_command
 # The optimizers, API, Where it runs: the lines about the script and the docs
 #   the script's --stagger, or the spec galore+stagger / adaptive+stagger ->
@@ -162,7 +162,8 @@ test_lowrank_adam.py.
 # Results, Tests, Licence
 #   every measurement is in RESULTS.md with its command; the links resolve -> test_every_docs_command_runs,
 #       test_readme_commands_are_shown_in_full, test_docs_links_resolve_and_stay_inside_the_repository
-#   `python -m pytest -q` runs on one CPU thread (conftest.py) -> test_small_models_on_cpu_default_to_one_thread
+#   the suite runs in one process per core, at most 4, each on one CPU thread (conftest.py) ->
+#       test_small_models_on_cpu_default_to_one_thread, test_the_suite_runs_on_at_most_four_processes
 #   this file runs every command of the README and RESULTS.md, shrunk to a few tiny steps ->
 #       test_every_docs_command_runs, test_readme_commands_are_shown_in_full
 #   (and a test the docs name by name exists) -> test_the_tests_the_docs_name_exist
@@ -1565,6 +1566,14 @@ def test_small_models_on_cpu_default_to_one_thread():
         torch.set_num_threads(1)
 
 
+def test_the_suite_runs_on_at_most_four_processes(monkeypatch):
+    """conftest.py: ``-n auto`` starts one test process per core, at most 4."""
+    import conftest
+    for cores, workers in [(1, 1), (2, 2), (3, 3), (4, 4), (16, 4), (None, 1)]:
+        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        assert conftest.pytest_xdist_auto_num_workers(None) == workers
+
+
 def test_requirements_list_numpy_so_torch_imports_without_a_warning():
     """Starts two processes: without numpy torch warns (so the check can fail), with it not."""
     names = [re.split(r"[<>=!~ ]", line)[0] for line in open(os.path.join(ROOT, "requirements.txt"))
@@ -1595,16 +1604,16 @@ def test_requirements_state_a_torch_range_and_ci_installs_the_tested_version():
 
 def test_the_readme_names_what_requirements_txt_installs_and_ci_runs_its_test_command():
     """README, Install: `pip install -r requirements.txt` "brings the rest (...)", the packages besides torch;
-    `-c constraints.txt` pins the ones it names. Quick start: `python -m pytest -q` runs the suite, as CI runs it."""
+    `-c constraints.txt` pins the ones it names. Quick start: `python -m pytest -q -n auto` runs the suite, as CI runs it."""
     readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
     names = lambda path: {re.split(r"[<>=!~ ]", line.strip())[0] for line in open(os.path.join(ROOT, path))
                           if line.strip() and not line.startswith("#")}
     brings = re.search(r"`pip install -r requirements.txt` brings the rest \(([^)]*)\)", readme)[1]
-    assert set(re.findall(r"\w+", brings)) - {"and", "for", "the", "tests"} == names("requirements.txt") - {"torch"}
+    assert set(re.findall(r"[\w-]+", brings)) - {"and", "for", "the", "tests"} == names("requirements.txt") - {"torch"}
     pinned = re.search(r"add `-c constraints.txt` for the exact (.*?) the tests run with", readme)[1]
     assert set(re.findall(r"\w+", pinned)) - {"and"} == names("constraints.txt") <= names("requirements.txt")
-    assert "python -m pytest -q" in readme_commands()
-    assert re.search(r"^python -m pytest -q$", open(os.path.join(ROOT, ".ci", "run")).read(), re.M)
+    assert "python -m pytest -q -n auto" in readme_commands()
+    assert re.search(r"^python -m pytest -q -n auto$", open(os.path.join(ROOT, ".ci", "run")).read(), re.M)
 
 
 def test_compare_tabulates_and_a_resumed_compare_reports_finished_runs(corpus, tmp_path, capsys):
@@ -2610,7 +2619,11 @@ def test_adaptive_defaults_to_the_residual_and_galore_does_not():
 # folder, as written except for the appendices below, which shrink it to a few steps of
 # a tiny model: argparse keeps the last value of a repeated flag, so appending overrides.
 # (--threads 1: a command run in this process must not change the suite's thread count.)
+# RESULTS.md's hundred commands are dealt into DOCS_PARTS tests that can run side by side;
+# a command shown in both files runs once, with README.md's.
 DOCS = ["README.md", "docs/RESULTS.md"]
+DOCS_PARTS = {"README.md": 1, "docs/RESULTS.md": 4}
+RESULTS_CHECKPOINTS = {"out/default", "out/zero-$o"}  # folders of runs whose checkpoint the test checks
 README_TRAIN = ["--max-steps", "4", "--eval-interval", "2", "--warmup-steps", "1", "--batch-size", "2",
                 "--seq-len", "32", "--val-batches", "1", "--shuffle-buffer", "8", "--update-proj-gap", "2",
                 "--model", "tiny", "--quiet", "--threads", "1"]
@@ -2618,7 +2631,9 @@ README_APPEND = {"train_tiny_llama.py": README_TRAIN,
                  "bench.py compare": README_TRAIN + ["--seeds", "1", "--lr-sweep", "1", "--widen", "0"],  # one run per spec
                  # one thread: commands that differ only in --threads run once
                  "bench.py steps": ["--model", "tiny", "--rank", "8", "--steps", "1", "--threads", "1"],
-                 "bench.py peak": ["--model", "tiny", "--rank", "8", "--max-steps", "1", "--seq-len", "16"],
+                 # the layer-wise mode's peak is measured by test_bench_peak_measures_each_optimizer_in_a_fresh_process
+                 "bench.py peak": ["--model", "tiny", "--rank", "8", "--max-steps", "1", "--seq-len", "16",
+                                   "--modes", "plain"],
                  "bench.py refresh": ["--model", "tiny", "--rank", "8", "--threads", "1"],
                  "bench.py loader": ["--seconds", "0.2", "--bpe", "300"],
                  "bench.py sketch": README_TRAIN,
@@ -2706,7 +2721,7 @@ def test_readme_commands_are_shown_in_full():
     commands = readme_commands()
     assert any(c.startswith("pip install -r requirements.txt && python train_tiny_llama.py") for c in commands)
     assert any(c.startswith("python bench.py compare") for c in commands)
-    assert any(c.startswith("torchrun") for c in commands) and "python -m pytest -q" in commands
+    assert any(c.startswith("torchrun") for c in commands) and "python -m pytest -q -n auto" in commands
     results = readme_commands("docs/RESULTS.md")
     assert sum("python bench.py compare" in c for c in results) >= 10
     for command in ("python bench.py steps", "python bench.py peak", "python bench.py refresh",
@@ -2846,12 +2861,49 @@ def run_command(command, capsys):
     return status, out.out + out.err
 
 
+def docs_part(doc, part, corpus, tokenizer):
+    """(command shown, command run) pairs of part ``part`` of ``doc``'s commands, shrunk, in
+    order: each command once (pip and pytest left out, and for RESULTS.md those README.md
+    shows), commands naming one --out-dir in one part, the folders dealt out in turn."""
+    shown_first = set() if doc == "README.md" else {shrink(c, corpus, tokenizer) for c in readme_commands()}
+    runs = {}
+    for command in readme_commands(doc):
+        run = shrink(command, corpus, tokenizer)
+        if run is not None and run not in shown_first:
+            runs.setdefault(run, command)
+    folders = list(dict.fromkeys(m[1] if (m := re.search(r"--out-dir (\S+)", run)) else run for run in runs))
+    dealt = {folder: k % DOCS_PARTS[doc] for k, folder in enumerate(folders)}
+    return [(command, run) for run, command in runs.items()
+            if dealt[m[1] if (m := re.search(r"--out-dir (\S+)", run)) else run] == part]
+
+
+def test_the_docs_parts_hold_every_command_once_and_each_folder_in_one_part():
+    for doc in DOCS:
+        parts = [docs_part(doc, k, "CORPUS", "TOKENIZER") for k in range(DOCS_PARTS[doc])]
+        runs = [run for part in parts for _, run in part]
+        expected = {shrink(c, "CORPUS", "TOKENIZER") for c in readme_commands(doc)} - {None}
+        if doc != "README.md":
+            expected -= {shrink(c, "CORPUS", "TOKENIZER") for c in readme_commands()}
+        assert len(runs) == len(set(runs)) and set(runs) == expected
+        assert all(len(part) >= 10 for part in parts)  # none empty: the work is shared
+        for k, part in enumerate(parts):
+            folders = {m[1] for _, run in part if (m := re.search(r"--out-dir (\S+)", run))}
+            assert not any(folders & {m[1] for _, run in other if (m := re.search(r"--out-dir (\S+)", run))}
+                           for other in parts[k + 1:])
+    folders = {m[1] for k in range(DOCS_PARTS["docs/RESULTS.md"]) for _, run in docs_part("docs/RESULTS.md", k, "C", "T")
+               if (m := re.search(r"--out-dir (\S+)", run))}
+    assert RESULTS_CHECKPOINTS <= folders  # each checked by the part that runs it
+    plot = [k for k in range(4) for _, run in docs_part("docs/RESULTS.md", k, "C", "T") if "out/heatmap" in run]
+    assert len(plot) == 2 and plot[0] == plot[1]  # `bench.py plot --out-dir` reads its compare's folder
+
+
 @pytest.mark.filterwarnings("ignore:.*exceeds (min|the sum):UserWarning")  # rank 128 on the tiny model
-@pytest.mark.parametrize("doc", DOCS)
-def test_every_docs_command_runs(doc, corpus, xdg_cache, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("doc,part", [(doc, k) for doc in DOCS for k in range(DOCS_PARTS[doc])])
+def test_every_docs_command_runs(doc, part, corpus, xdg_cache, tmp_path, monkeypatch, capsys):
     """Each command of README.md, and of docs/RESULTS.md, in order, in a scratch folder
-    (one per file), shrunk as README_APPEND says. Without matplotlib, a command that plots a PNG
-    must fail with the install hint before training, and then runs without --plot (an SVG needs none)."""
+    (one per part, see ``docs_part``), shrunk as README_APPEND says. Without matplotlib, a
+    command that plots a PNG must fail with the install hint before training, and then runs
+    without --plot (an SVG needs none)."""
     for name in ("lowrank_adam.py", "lowrank_engine.py", "llama_c4.py", "train_tiny_llama.py", "bench.py",
                  "requirements.txt", "docs/tiny_results.json",  # the tables `bench.py plot --results` draws
                  "docs/9m_results.json"):
@@ -2875,12 +2927,8 @@ def test_every_docs_command_runs(doc, corpus, xdg_cache, tmp_path, monkeypatch, 
         plots = True
     except ImportError:
         plots = False
-    ran, seen = 0, set()
-    for command in readme_commands(doc):
-        run = shrink(command, corpus, tokenizer)
-        if run is None or run in seen:  # pip, pytest; a command shown twice runs once
-            continue
-        seen.add(run)
+    ran, commands = 0, docs_part(doc, part, corpus, tokenizer)
+    for command, run in commands:
         svg = re.search(r"bench\.py plot .*--out \S+\.svg(\s|$)", run)  # drawn by Python alone
         if not plots and ("--plot" in run or "bench.py plot" in run and not svg):
             status, out = run_command(run, capsys)
@@ -2894,10 +2942,11 @@ def test_every_docs_command_runs(doc, corpus, xdg_cache, tmp_path, monkeypatch, 
     if doc == "README.md":
         assert ran >= 12
         assert (tmp_path / "out" / "ckpt.pt").exists() and (tmp_path / "out" / "c4-130m" / "ckpt.pt").exists()
-    else:
-        assert ran >= 25
-        assert (tmp_path / "out" / "default" / "ckpt.pt").exists() and (tmp_path / "out" / "zero-adapprox" /
-                                                                        "ckpt.pt").exists()
+    else:  # the default run and the torchrun ZeRO loop (over one optimizer, adapprox) leave checkpoints
+        assert ran >= 10
+        folders = {m[1] for _, run in commands if (m := re.search(r"--out-dir (\S+)", run))}
+        for folder in folders & RESULTS_CHECKPOINTS:
+            assert (tmp_path / folder.replace("$o", "adapprox") / "ckpt.pt").exists(), folder
 
 
 def test_bench_trace_counts_the_functions_that_run_and_their_code_lines(capsys):
