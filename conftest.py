@@ -8,6 +8,7 @@ no example database is written, so a run is reproducible and leaves no files.
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -26,6 +27,24 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+# Tests sharing a module fixture that starts processes run in one test process (with
+# --dist loadgroup), which computes it once; each process would compute it for itself.
+SHARED_FIXTURES = ("fsdp2_runs", "fsdp2_small", "copied_out_weights")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes seconds (starts processes, trains or runs many commands); "
+                            "runs first, so that the test processes of -n finish together")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the slow ones first
+    for item in items:
+        shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
 
 
 def pytest_xdist_auto_num_workers(config):

@@ -1,4 +1,5 @@
-"""Tests for the optimizers in lowrank_adam.py (pytest + hypothesis). Run: ``python -m pytest -q -n auto``.
+"""Tests for the optimizers in lowrank_adam.py (pytest + hypothesis).
+Run: ``python -m pytest -q -n auto --dist loadgroup``.
 
 Each algorithm has a plain float64 reference written step by step in this file
 (``galore_reference``, ``adaptive_reference``, ``ldadam_reference``,
@@ -663,6 +664,7 @@ def galore_cases(draw):
 
 @settings(max_examples=300)
 @given(case=galore_cases(), adam=ADAM_OPTIONS, data_seed=st.integers(0, 2**16))
+@pytest.mark.slow
 def test_galore_equals_its_reference_at_every_shape_rank_and_option(case, adam, data_seed):
     """GaLoreAdamW equals ``galore_reference`` step after step, whatever the
     shape, rank, gap, Adam setting, residual, subspace, refresh and stagger."""
@@ -2325,6 +2327,7 @@ def compile_toy_run(cls, compiled, steps=3):
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+@pytest.mark.slow
 def test_compiled_step_equals_the_eager_step(cls):
     # torch 2.13's inductor fused add(W, mm(a, b), alpha=-lr) into an addmm that
     # dropped alpha (GaLore and LDAdam stepped ~100x too far), and a graph break
@@ -2358,6 +2361,7 @@ def test_compiled_step_equals_the_eager_step(cls):
 
 @pytest.mark.parametrize("cls, options", [(la.GaLoreAdamW, {}), (la.GaLoreAdamW, {"subspace": "gha", "stagger": True}),
                                           (la.LDAdam, {})], ids=["GaLoreAdamW-svd", "GaLoreAdamW-gha-stagger", "LDAdam"])
+@pytest.mark.slow
 def test_fullgraph_compile_without_the_finite_check_equals_eager(cls, options):
     # the README's promise: with check_finite=False these compile with fullgraph=True
     # (no graph break at all), refreshes included, and equal the eager steps
@@ -2426,6 +2430,7 @@ for build in ("after", "before"):
 """
 
 
+@pytest.mark.slow
 def test_fsdp1_is_refused_under_torchrun(fsdp2_runs):
     # the real engine on 2 gloo processes (those of FSDP2_SCRIPT): weights become 1-D shards
     for rank in (0, 1):
@@ -2861,6 +2866,7 @@ def fsdp2_paths(fsdp2_small):
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+@pytest.mark.slow
 def test_fsdp2_float64_weights_cross_the_ranks_unrounded(fsdp2_paths, cls):
     # Each matrix's rows travel to its owner and back in one dtype that holds every weight and gradient:
     # float64 ones stay float64. The FSDP2 run then equals one process's far below float32 rounding
@@ -2980,6 +2986,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_hsdp_on_a_two_by_two_mesh_equals_one_process_and_every_replica_is_identical(tmp_path):
     # 4 gloo processes as a (replicate 2, shard 2) mesh: each replica group steps its matrices on owners
     # inside its shard group, on the same reduced gradients, so the replicas stay equal with no collective
@@ -3050,6 +3057,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_a_full_state_dict_resumes_on_another_number_of_ranks_as_the_uninterrupted_run(tmp_path):
     # 4 gloo processes. A run of 5 steps on N ranks saves full state dicts (each matrix's state gathered
     # from its owner), which a fresh run on M ranks loads (each rank keeping the states it owns now) and
@@ -3365,6 +3373,7 @@ def copied_out_weights(tmp_path_factory):
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+@pytest.mark.slow
 def test_one_class_copied_out_with_the_core_alone_trains_as_the_module_does(cls, copied_out_weights):
     code = copy_out_source(cls.__name__)
     readme = Path(ROOT, "README.md").read_text()
@@ -3447,6 +3456,7 @@ def tiny_gpt2(seed=0):
     return GPT2LMHeadModel(config)
 
 
+@pytest.mark.slow
 def test_lowrank_groups_selects_hugging_face_gpt2_conv1d_weights_and_not_its_embeddings(capsys):
     model = tiny_gpt2()
     groups = la.lowrank_groups(model, 4, verbose=True)
@@ -4241,6 +4251,7 @@ def adaptive_cases(draw):
 
 @settings(max_examples=300)
 @given(case=adaptive_cases(), adam=ADAM_OPTIONS, data_seed=st.integers(0, 2**16))
+@pytest.mark.slow
 def test_adaptive_equals_its_reference_at_every_shape_rank_and_option(case, adam, data_seed):
     """AdaptiveAdamW equals ``adaptive_reference``, weights and ranks (``ranks()``)
     after every step, whatever the shapes, budget, gap, Adam setting, residual
@@ -4918,6 +4929,7 @@ ADAPPROX_DESCENT = dict(  # the initial descent from rank 8 by rank_step 3: 8 ->
 @settings(max_examples=300)
 @given(case=adapprox_cases(), adam=ADAM_OPTIONS, data_seed=st.integers(0, 2**16))
 @example(case=ADAPPROX_DESCENT, adam=dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0), data_seed=0)
+@pytest.mark.slow
 def test_adapprox_equals_its_reference_at_every_shape_rank_cap_and_option(case, adam, data_seed):
     """Adapprox equals ``adapprox_reference``, weights after the last step and
     the rank (``ranks()``) before every step, whatever the shape (1×n and n×1:

@@ -1,6 +1,7 @@
 """Tests for the training script, its model and data, bench.py and the documentation.
 
-Run with the optimizer tests: ``python -m pytest -q -n auto``. Sections, in order:
+Run with the optimizer tests: ``python -m pytest -q -n auto --dist loadgroup``.
+Sections, in order:
 
 1. The model (llama_c4.Llama): shapes, causality, RMSNorm, rotary embedding.
 2. The data: C4 shards, packing, shuffling, splits, resuming a stream, bad data.
@@ -55,7 +56,7 @@ test_lowrank_adam.py.
 #       network), test_embedded_corpus_is_c4_format
 #   ...under a minute on a 2-core CPU, as RESULTS.md's default run measured ->
 #       test_the_quick_start_time_is_the_measured_default_run
-#   `python -m pytest -q -n auto` runs the test suite (as CI runs it) ->
+#   `python -m pytest -q -n auto --dist loadgroup` runs the test suite (as CI runs it) ->
 #       test_the_readme_names_what_requirements_txt_installs_and_ci_runs_its_test_command
 # The optimizers, API, Where it runs: the lines about the script and the docs
 #   the script's --stagger, or the spec galore+stagger / adaptive+stagger ->
@@ -164,6 +165,8 @@ test_lowrank_adam.py.
 #       test_readme_commands_are_shown_in_full, test_docs_links_resolve_and_stay_inside_the_repository
 #   the suite runs in one process per core, at most 4, each on one CPU thread (conftest.py) ->
 #       test_small_models_on_cpu_default_to_one_thread, test_the_suite_runs_on_at_most_four_processes
+#   tests that share a fixture which starts processes run in one of them ->
+#       test_tests_sharing_a_fixture_that_starts_processes_run_in_one_process_and_slow_tests_first
 #   this file runs every command of the README and RESULTS.md, shrunk to a few tiny steps ->
 #       test_every_docs_command_runs, test_readme_commands_are_shown_in_full
 #   (and a test the docs name by name exists) -> test_the_tests_the_docs_name_exist
@@ -454,6 +457,7 @@ def corpus(xdg_cache):
     return str(llama_c4.build_embedded_corpus(xdg_cache / "lowrank_adam"))
 
 
+@pytest.mark.slow
 def test_a_late_resume_reads_at_most_one_shard_and_continues_exactly(corpus, tmp_path):
     tok = llama_c4.ByteTokenizer()
     data = llama_c4.C4Data(corpus, tok, 64)
@@ -563,6 +567,7 @@ def history(out_dir):
 
 
 @pytest.mark.parametrize("opt", list(tl.OPTIMIZERS))
+@pytest.mark.slow
 def test_script_trains_and_resumes_exactly(opt, corpus, tmp_path, capsys):
     common = SMALL + ["--data", corpus, "--optimizer", opt]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -713,6 +718,7 @@ def test_a_run_steps_with_the_warmup_and_cosine_schedule(corpus, tmp_path):
     assert {g["lr"] for g in ckpt["optimizer"]["param_groups"]} == {expected[-1]}  # what the last step used
 
 
+@pytest.mark.slow
 def test_compile_trains_through_torch_compile_and_resumes_exactly_without_it(corpus, tmp_path, monkeypatch):
     """--compile: the model that trains is torch.compile's (here with dynamo's "eager" backend, which traces
     the model as inductor does but generates no code: seconds instead of minutes on a CPU). Its checkpoint
@@ -821,6 +827,7 @@ def test_shards_that_cannot_be_read_are_named_as_the_problem(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_resume_with_other_settings_is_refused_naming_them(corpus, tmp_path):
     """A rank-16 checkpoint resumed with --rank 8 must not silently train on at rank 16."""
     common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "galore"]
@@ -836,6 +843,7 @@ def test_a_resume_with_other_settings_is_refused_naming_them(corpus, tmp_path):
     assert done["steps"] == 6
 
 
+@pytest.mark.slow
 def test_a_resume_may_change_the_bookkeeping_flags_the_readme_lists_and_no_other(corpus, tmp_path):
     """The README: a resume "refuses a different value for any flag but the bookkeeping ones (`--stop-after`,
     the intervals, ...)". Every flag of the script, given another value, is checked against the checkpoint
@@ -949,6 +957,7 @@ def test_unwritable_out_dir_and_bad_tokenizer_fail_up_front(tmp_path, monkeypatc
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_a_bad_flag_on_the_command_line_is_one_line_on_stderr(tmp_path):
     """Runs the script as a process: exit status 1, one line, no traceback."""
     out = subprocess.run([sys.executable, "train_tiny_llama.py", "--rank", "0", "--out-dir", str(tmp_path)],
@@ -1055,6 +1064,7 @@ def four_steps(corpus, out_dir):
             "--eval-interval", "2", "--log-interval", "1", "--data", corpus, "--out-dir", str(out_dir)]
 
 
+@pytest.mark.slow
 def test_progress_on_a_terminal_is_a_bar_with_eta_and_evaluations_stay_lines(corpus, tmp_path):
     """Starts the script on a pseudo-terminal."""
     status, out = run_in_terminal(four_steps(corpus, tmp_path))
@@ -1067,6 +1077,7 @@ def test_progress_on_a_terminal_is_a_bar_with_eta_and_evaluations_stay_lines(cor
     assert re.search(r"\]\r\nadamw \(lr 0\.003\) seed 0: ", out)  # the bar ended (closed) before the result
 
 
+@pytest.mark.slow
 def test_progress_piped_is_the_plain_lines_without_carriage_returns(corpus, tmp_path):
     """Starts the script with its output piped."""
     out = subprocess.run(four_steps(corpus, tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=180)
@@ -1102,6 +1113,7 @@ def test_a_second_ctrl_c_on_a_terminal_ends_the_bar_before_its_message(corpus, t
     assert "\nstopped at once: no checkpoint was saved" in err  # on a line of its own, not after the bar
 
 
+@pytest.mark.slow
 def test_bench_compare_piped_says_which_run_of_how_many_with_an_eta(corpus, tmp_path):
     """Starts bench.py compare with its output piped (stderr into stdout, to see the order)."""
     cmd = [sys.executable, "bench.py", "compare", *SMALL, "--optimizer", "adamw", "--lr-sweep", "0.5,1", "--seeds",
@@ -1122,6 +1134,7 @@ def test_bench_compare_piped_says_which_run_of_how_many_with_an_eta(corpus, tmp_
                      "run 3/4", "adamw (lr 0.0015) seed 1", "run 4/4", "adamw (lr 0.003) seed 1"]
 
 
+@pytest.mark.slow
 def test_bench_steps_shows_progress_while_it_builds_and_measures(xdg_cache):
     """Starts bench.py steps twice: on a pseudo-terminal, and piped."""
     cmd = [sys.executable, "bench.py", "steps", "--model", "tiny", "--optimizer", "adamw,galore", "--steps", "1"]
@@ -1338,6 +1351,7 @@ def test_bench_tables_name_the_corpus_they_ran_on(packages_corpus, xdg_cache, tm
     assert "constant lr; the packages corpus (the installed packages'" in capsys.readouterr().out.splitlines()[0]
 
 
+@pytest.mark.slow
 def test_first_ctrl_c_saves_a_checkpoint_and_resume_continues(corpus, tmp_path):
     """Runs the script as a process and sends it SIGINT once it has logged step 3."""
     cmd = [sys.executable, "train_tiny_llama.py", *SMALL, "--max-steps", "100000", "--log-interval", "1",
@@ -1358,6 +1372,7 @@ def test_first_ctrl_c_saves_a_checkpoint_and_resume_continues(corpus, tmp_path):
     assert resumed["steps"] == step + 2
 
 
+@pytest.mark.slow
 def test_resume_needs_only_the_out_dir_and_refuses_only_explicit_changes(corpus, tmp_path, capsys):
     common = SMALL + ["--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adaptive", "--rank", "4"]
     tl.main(common + ["--stop-after", "2"])
@@ -1574,6 +1589,23 @@ def test_the_suite_runs_on_at_most_four_processes(monkeypatch):
         assert conftest.pytest_xdist_auto_num_workers(None) == workers
 
 
+@pytest.mark.slow
+def test_tests_sharing_a_fixture_that_starts_processes_run_in_one_process_and_slow_tests_first(request):
+    """conftest.py, seen in this session's own collection: each test using one of SHARED_FIXTURES
+    (module fixtures that run torchrun once) carries its xdist_group, and the slow tests come first."""
+    import conftest
+    source = open(os.path.join(ROOT, "test_lowrank_adam.py")).read()
+    for name in conftest.SHARED_FIXTURES:  # each still a module fixture of the optimizer tests
+        assert re.search(rf'@pytest.fixture\(scope="module"\)\ndef {name}\(', source), name
+    items = request.session.items
+    for name in conftest.SHARED_FIXTURES:
+        users = [item for item in items if name in item.fixturenames]
+        assert len(users) >= 2 or len(items) < 100, name  # (a run of a few tests may hold none)
+        assert all(name in [m.args[0] for m in item.iter_markers("xdist_group")] for item in users), name
+    slow = [item.get_closest_marker("slow") is not None for item in items]
+    assert slow == sorted(slow, reverse=True)
+
+
 def test_requirements_list_numpy_so_torch_imports_without_a_warning():
     """Starts two processes: without numpy torch warns (so the check can fail), with it not."""
     names = [re.split(r"[<>=!~ ]", line)[0] for line in open(os.path.join(ROOT, "requirements.txt"))
@@ -1604,7 +1636,8 @@ def test_requirements_state_a_torch_range_and_ci_installs_the_tested_version():
 
 def test_the_readme_names_what_requirements_txt_installs_and_ci_runs_its_test_command():
     """README, Install: `pip install -r requirements.txt` "brings the rest (...)", the packages besides torch;
-    `-c constraints.txt` pins the ones it names. Quick start: `python -m pytest -q -n auto` runs the suite, as CI runs it."""
+    `-c constraints.txt` pins the ones it names. Quick start: `python -m pytest -q -n auto --dist loadgroup`
+    runs the suite, as CI runs it."""
     readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
     names = lambda path: {re.split(r"[<>=!~ ]", line.strip())[0] for line in open(os.path.join(ROOT, path))
                           if line.strip() and not line.startswith("#")}
@@ -1612,10 +1645,12 @@ def test_the_readme_names_what_requirements_txt_installs_and_ci_runs_its_test_co
     assert set(re.findall(r"[\w-]+", brings)) - {"and", "for", "the", "tests"} == names("requirements.txt") - {"torch"}
     pinned = re.search(r"add `-c constraints.txt` for the exact (.*?) the tests run with", readme)[1]
     assert set(re.findall(r"\w+", pinned)) - {"and"} == names("constraints.txt") <= names("requirements.txt")
-    assert "python -m pytest -q -n auto" in readme_commands()
-    assert re.search(r"^python -m pytest -q -n auto$", open(os.path.join(ROOT, ".ci", "run")).read(), re.M)
+    assert "python -m pytest -q -n auto --dist loadgroup" in readme_commands()
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert re.search(r"^python -m pytest -q -n auto --dist loadgroup$", ci, re.M)
 
 
+@pytest.mark.slow
 def test_compare_tabulates_and_a_resumed_compare_reports_finished_runs(corpus, tmp_path, capsys):
     args = ["compare", *SMALL, "--data", corpus, "--out-dir", str(tmp_path), "--optimizer", "adamw,galore",
             "--seeds", "2"]
@@ -1654,6 +1689,7 @@ def test_compare_lr_sweep_names_runs_and_keeps_each_best_lr(corpus, tmp_path, ca
     assert "each optimizer at its best lr" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_compare_widen_moves_past_an_edge_best_lr_until_the_best_is_inside(corpus, tmp_path, capsys):
     # lrs far too small: the largest tried is the best, so --widen tries one sweep step (10x) above
     # it, once per --widen; a best lr inside the sweep (one below, one diverging above) is left alone
@@ -1740,6 +1776,7 @@ def test_compare_widen_ranks_lrs_by_the_median_over_seeds_a_diverged_run_an_infi
     assert len(started) == 3 * 2 * 3 + 2 * 3  # the sweep, then one more lr of adamw and of galore
 
 
+@pytest.mark.slow
 def test_compare_starts_every_spec_and_lr_of_a_seed_from_the_same_weights_and_data_order(corpus, tmp_path):
     """Runs of one seed, whatever their optimizer and lr, compute the same loss at step 1 (the same initial
     weights on the same first batch) and stand at the same data position at the end; another seed differs."""
@@ -1788,6 +1825,7 @@ def final_weights(out_dir):
     return torch.load(Path(out_dir) / "ckpt.pt", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_process_cpu_smoke(corpus, tmp_path):
     """Starts torchrun with 2 gloo processes."""
     stdout = torchrun("--data", corpus, "--optimizer", "ldadam", "--out-dir", str(tmp_path))
@@ -1796,6 +1834,7 @@ def test_torchrun_two_process_cpu_smoke(corpus, tmp_path):
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["settings"]["processes"] == 2
 
 
+@pytest.mark.slow
 def test_torchrun_zero_adapprox_replicas_stay_identical_and_resume_exactly(corpus, tmp_path):
     # ZeRO-1: each rank steps and keeps the state of its shard of the parameters and
     # broadcasts them; the checkpoint holds the consolidated state and every rank's
@@ -1811,6 +1850,7 @@ def test_torchrun_zero_adapprox_replicas_stay_identical_and_resume_exactly(corpu
     assert len(torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)["data"]) == 2  # a position per rank
 
 
+@pytest.mark.slow
 def test_torchrun_zero_galore_equals_plain_ddp_and_each_rank_keeps_its_shard_of_the_state(corpus, tmp_path):
     # GaLore's update of a matrix depends on nothing random: a rank stepping its shard
     # computes exactly what every rank computes without ZeRO; and under ZeRO each rank
@@ -1843,6 +1883,7 @@ def test_under_torchrun_each_process_takes_a_gpu_with_nccl_or_a_cpu_share_with_g
         assert calls == expected and dist == llama_c4.Dist(True, 1, 2, device)
 
 
+@pytest.mark.slow
 def test_torchrun_fsdp_galore_equals_plain_ddp_and_reports_each_ranks_state(corpus, tmp_path):
     # FSDP2: each matrix stepped whole on its owner rank, the same code on the same whole
     # tensors, so the run is plain DDP's; the gradients are reduce-scattered instead of
@@ -1882,6 +1923,7 @@ def test_fsdp_shards_each_block_the_embedding_and_the_head_as_units_of_their_own
 
 
 @pytest.mark.parametrize("opt", ["adaptive", "adapprox", "adamw"])
+@pytest.mark.slow
 def test_torchrun_fsdp_interrupted_and_resumed_equals_the_uninterrupted_run(opt, corpus, tmp_path):
     # the checkpoint is one process's (a single ckpt.pt from rank 0, by parameter name): the dense
     # state gathered from its shards, each matrix's low-rank state from its owner rank
@@ -1902,6 +1944,7 @@ def test_torchrun_fsdp_interrupted_and_resumed_equals_the_uninterrupted_run(opt,
                                          ckpt["optimizer"]["state"][n] for n in matrices)
 
 
+@pytest.mark.slow
 def test_torchrun_fsdp_resumes_on_another_number_of_processes_and_says_so(corpus, tmp_path):
     # 2 processes stop at step 3; the run goes on on 1 process, then (a second run) back on 2. The
     # checkpoint holds every matrix's state whole, so each run's ranks take their owners' share, and every
@@ -1951,6 +1994,7 @@ def test_a_changed_number_of_ranks_goes_on_from_the_furthest_data_position():
 
 
 @pytest.mark.parametrize("opt", ["adamw", "galore", "ldadam", "adapprox"])
+@pytest.mark.slow
 def test_layerwise_run_equals_the_ordinary_loop_and_resumes_exactly(opt, corpus, tmp_path):
     common = SMALL + ["--data", corpus, "--optimizer", opt, "--grad-clip", "0"]
     ordinary = tl.main(common + ["--out-dir", str(tmp_path / "a")])
@@ -2057,6 +2101,7 @@ def test_memory_formula_equals_state_bytes_of_a_real_step(method):
     assert la.state_bytes(opt) == predicted
 
 
+@pytest.mark.slow
 def test_bench_shard_tabulates_each_ranks_state_and_peak_under_ddp_and_fsdp():
     """Starts torchrun with 2 gloo processes (bench.py shard-one) per optimizer and mode."""
     rows, info = bench.shard_runs(["--model", "tiny", "--rank", "8", "--batch-size", "1", "--seq-len", "32",
@@ -2089,6 +2134,7 @@ def test_bench_shard_tabulates_each_ranks_state_and_peak_under_ddp_and_fsdp():
             assert shown[1] == " / ".join(f"{x['peak'] / mib:,.0f}" for x in r["ranks"]) + " |"
 
 
+@pytest.mark.slow
 def test_bench_shard_peak_counts_from_its_start_above_its_baseline():
     """bench.py shard's CPU measurement (as bench.py peak's): resident memory before the model
     (the baseline) and a reset of the peak before the first step, which a larger transient before
@@ -2122,6 +2168,7 @@ def table_rows(out):
     return [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
 
 
+@pytest.mark.slow
 def test_bench_peak_measures_each_optimizer_in_a_fresh_process(capsys, xdg_cache):
     # (the docs test runs docs/RESULTS.md's peak commands, with every optimizer, too)
     bench.main(["peak", "--model", "tiny", "--optimizer", "galore,adaptive", "--max-steps", "1",
@@ -2133,6 +2180,7 @@ def test_bench_peak_measures_each_optimizer_in_a_fresh_process(capsys, xdg_cache
     assert all(r[8:] == ["–", "– |"] for r in rows.values())  # one step: none after the first
 
 
+@pytest.mark.slow
 def test_bench_peak_covers_a_later_refresh_step_with_stagger(capsys, xdg_cache):
     """--update-proj-gap 2 --max-steps 3: steps 2 and 3 refresh half the bases each (stagger), or
     step 3 all of them; the last two columns are those of steps 2 and 3, without step 1's."""
@@ -2159,6 +2207,7 @@ def test_bench_steps_full_gap_times_every_step_of_one_gap_with_and_without_stagg
         bench.main(["steps", "--model", "tiny", "--optimizer", "adamw,galore", "--stagger"])
 
 
+@pytest.mark.slow
 def test_bench_refresh_and_steps_over_all_params(capsys):
     bench.main(["refresh", "--model", "tiny", "--rank", "8"])
     rows = table_rows(capsys.readouterr().out)
@@ -2367,6 +2416,7 @@ def test_muon_updates_matrices_by_torch_muon_and_the_rest_by_adamw():
     assert set(state) == {0, 1, 2, 3} and set(state[3]) == {"momentum_buffer"}  # (the dense group first)
 
 
+@pytest.mark.slow
 def test_bench_sensitivity_tabulates_noise_amplification_and_the_full_rank_distance(capsys, corpus):
     tiny = ["--model", "tiny", "--steps", "6", "--perturb-step", "2", "--ranks", "2", "--batch-size", "2",
             "--seq-len", "32", "--data", corpus]
@@ -2389,6 +2439,7 @@ def test_bench_sensitivity_tabulates_noise_amplification_and_the_full_rank_dista
     assert all(0 <= d < 1e-9 for d in distances[True]) and all(0 <= d < 1e-5 for d in distances[False])
 
 
+@pytest.mark.slow
 def test_a_bpe_run_resumes_exactly(corpus, tmp_path):
     # the batched BPE encoding in the prefetch thread, and the loader state with it
     pytest.importorskip("tokenizers")
@@ -2721,7 +2772,8 @@ def test_readme_commands_are_shown_in_full():
     commands = readme_commands()
     assert any(c.startswith("pip install -r requirements.txt && python train_tiny_llama.py") for c in commands)
     assert any(c.startswith("python bench.py compare") for c in commands)
-    assert any(c.startswith("torchrun") for c in commands) and "python -m pytest -q -n auto" in commands
+    assert any(c.startswith("torchrun") for c in commands)
+    assert "python -m pytest -q -n auto --dist loadgroup" in commands
     results = readme_commands("docs/RESULTS.md")
     assert sum("python bench.py compare" in c for c in results) >= 10
     for command in ("python bench.py steps", "python bench.py peak", "python bench.py refresh",
@@ -2899,6 +2951,7 @@ def test_the_docs_parts_hold_every_command_once_and_each_folder_in_one_part():
 
 @pytest.mark.filterwarnings("ignore:.*exceeds (min|the sum):UserWarning")  # rank 128 on the tiny model
 @pytest.mark.parametrize("doc,part", [(doc, k) for doc in DOCS for k in range(DOCS_PARTS[doc])])
+@pytest.mark.slow
 def test_every_docs_command_runs(doc, part, corpus, xdg_cache, tmp_path, monkeypatch, capsys):
     """Each command of README.md, and of docs/RESULTS.md, in order, in a scratch folder
     (one per part, see ``docs_part``), shrunk as README_APPEND says. Without matplotlib, a
