@@ -1597,12 +1597,30 @@ def test_tests_sharing_a_fixture_that_starts_processes_run_in_one_process_and_sl
     source = open(os.path.join(ROOT, "test_lowrank_adam.py")).read()
     for name in conftest.SHARED_FIXTURES:  # each still a module fixture of the optimizer tests
         assert re.search(rf'@pytest.fixture\(scope="module"\)\ndef {name}\(', source), name
-    items = request.session.items
-    for name in conftest.SHARED_FIXTURES:
-        users = [item for item in items if name in item.fixturenames]
-        assert len(users) >= 2 or len(items) < 100, name  # (a run of a few tests may hold none)
-        assert all(name in [m.args[0] for m in item.iter_markers("xdist_group")] for item in users), name
-    slow = [item.get_closest_marker("slow") is not None for item in items]
+
+    class Item:  # what the hook reads and writes of a pytest item
+        def __init__(self, fixtures, slow):
+            self.fixturenames, self.marks = fixtures, [pytest.mark.slow.mark] if slow else []
+
+        def get_closest_marker(self, name):
+            return next((m for m in self.marks if m.name == name), None)
+
+        def add_marker(self, mark):
+            self.marks.append(mark.mark)
+
+    fsdp, copied = conftest.SHARED_FIXTURES[0], conftest.SHARED_FIXTURES[-1]
+    items = [Item(["tmp_path"], False), Item([fsdp], False), Item(["tmp_path"], True), Item([fsdp], True),
+             Item([copied, "tmp_path"], False)]
+    order = list(items)
+    conftest.pytest_collection_modifyitems(None, items)
+    assert items == [order[2], order[3], order[0], order[1], order[4]]  # slow first, else as collected
+    groups = [[m.args[0] for m in item.marks if m.name == "xdist_group"] for item in order]
+    assert groups == [[], [fsdp], [], [fsdp], [copied]]
+    # and in this session's own collection
+    for item in request.session.items:
+        shared = [name for name in conftest.SHARED_FIXTURES if name in item.fixturenames]
+        assert [m.args[0] for m in item.iter_markers("xdist_group")] == shared[:1]
+    slow = [item.get_closest_marker("slow") is not None for item in request.session.items]
     assert slow == sorted(slow, reverse=True)
 
 
