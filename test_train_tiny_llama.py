@@ -2960,7 +2960,8 @@ def test_the_docs_parts_hold_every_command_once_and_each_folder_in_one_part():
             folders = {m[1] for _, run in part if (m := re.search(r"--out-dir (\S+)", run))}
             assert not any(folders & {m[1] for _, run in other if (m := re.search(r"--out-dir (\S+)", run))}
                            for other in parts[k + 1:])
-    results = [run for k in range(DOCS_PARTS["docs/RESULTS.md"]) for _, run in docs_part("docs/RESULTS.md", k, "C", "T")]
+    parts = range(DOCS_PARTS["docs/RESULTS.md"])
+    results = [run for k in parts for _, run in docs_part("docs/RESULTS.md", k, "C", "T")]
     folders = {m[1] for run in results if (m := re.search(r"--out-dir (\S+)", run))}
     assert RESULTS_CHECKPOINTS <= folders  # each checked by the part that runs it
     plot = [k for k in range(4) for _, run in docs_part("docs/RESULTS.md", k, "C", "T") if "out/heatmap" in run]
