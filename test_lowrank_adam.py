@@ -3292,6 +3292,69 @@ def test_fsdp2_full_state_dict_of_dense_parameters_alone_resumes_exactly(fsdp2_c
         assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed))
 
 
+# -- found by a mutation hunt: AdaptiveAdamW, LDAdam and Adapprox --
+
+
+@pytest.mark.parametrize("rank_init, k_min, expected", [(7, 1, [7, 3, 1, 1]), (5, 3, [5, 3, 3, 3])])
+def test_adapprox_first_descent_halves_rounding_down_and_stops_at_k_min(rank_init, k_min, expected):
+    # An exact V (G² of rank 1, ξ ≈ 0) descends by k ← max(k_min, min(k - 1, ⌊k/2⌋)) each step:
+    # 7 -> 3 (⌊7/2⌋, not ⌈7/2⌉ = 4) -> 1; from 5 with k_min = 3: ⌊5/2⌋ = 2 is below k_min, so 3,
+    # and ranks() never reports a rank outside [k_min, k_max]
+    g = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(12, 16, generator=g, dtype=torch.float64))
+    G = (torch.rand(12, 1, generator=g, dtype=torch.float64) + 0.5) @ (
+        torch.rand(1, 16, generator=g, dtype=torch.float64) + 0.5)
+    opt = la.Adapprox([p], lr=1e-3, k_max_frac=1.0, rank_init=rank_init, k_min=k_min)
+    history = [opt.ranks()[0]]
+    for _ in range(3):
+        p.grad = G.clone()
+        opt.step()
+        history.append(opt.ranks()[0])
+    assert history == expected
+
+
+def test_adapprox_float32_factors_step_a_gradient_near_the_float32_maximum():
+    # ``factor_dtype="float32"``: V is formed at scale 4^-h, h = ⌊log2 max|G|⌋ clamped to ±126, so a
+    # finite gradient of about 2^127 squares to about 1, not to inf; the steps equal the float64 reference
+    # (k + oversample covers the short side: the sketch spans everything, whatever Ω's dtype)
+    g = torch.Generator().manual_seed(0)
+    grads = [(G := torch.randn(6, 5, generator=g, dtype=torch.float64)) / G.abs().max() * 1.5 * 2.0**127
+             for _ in range(3)]  # max |G| = 1.5·2^127: h = 127, clamped to 126
+    assert all(bool(torch.isfinite(G.float()).all()) for G in grads)
+    opts = dict(lr=1.0, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, k_max_frac=0.5, rank_init=None, err_tol=0.0,
+                err_beta=0.9, oversample=5, power_iters=1, warm_start=True, nonneg="abs", clip_threshold=1.0,
+                seed=0, factor_dtype="float32")
+    expected, ranks, _ = adapprox_reference_for(opts, torch.zeros(6, 5, dtype=torch.float64), grads, 2)
+    assert ranks == [2, 2, 2]
+    p = nn.Parameter(torch.zeros(6, 5))
+    opt = la.Adapprox([p], **opts)
+    for G in grads:
+        p.grad = G.float()
+        opt.step()
+    assert opt.state[p]["u_exp"] == 126
+    torch.testing.assert_close(p.detach().double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_adapprox_floor_rule_is_taken_in_the_row_column_scaled_units():
+    # ``nonneg="floor"`` with ``row_col_scaling``: V̂ = diag(r) max(Q Uᵀ, (1-β2)·G²/(r cᵀ)) diag(c), the floor
+    # divided by the same scales as N; a rank-1 factorization of a full-rank V leaves it binding at many entries
+    g = torch.Generator().manual_seed(1)
+    W0 = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    grads = [torch.randn(8, 6, generator=g, dtype=torch.float64) for _ in range(3)]
+    opts = dict(lr=0.1, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, k_max_frac=0.2, rank_init=None, err_tol=0.5,
+                err_beta=0.9, oversample=2, power_iters=1, warm_start=True, nonneg="floor", clip_threshold=None,
+                seed=3)
+    expected, ranks, _ = adapprox_reference_for(opts, W0, grads, 1)
+    abs_rule, _, _ = adapprox_reference_for({**opts, "nonneg": "abs"}, W0, grads, 1)
+    assert ranks == [1, 1, 1] and not torch.allclose(expected, abs_rule)  # the floor binds
+    p = nn.Parameter(W0.clone())
+    opt = la.Adapprox([p], **opts)
+    for G in grads:
+        p.grad = G.clone()
+        opt.step()
+    torch.testing.assert_close(p.detach(), expected, atol=1e-9, rtol=1e-9)
+
+
 # -- one class copied out alone: the shared core plus its section ------------
 
 BANNER = re.compile(r"^# =+\n# (\d)\. [^\n]*\n# =+\n", re.M)
