@@ -6229,3 +6229,72 @@ def test_a_bf16_weight_takes_its_float32_update_rounded_once():
     torch_opt.step()
     assert torch.equal(w.detach(), ref.detach().to(torch.bfloat16))
     assert w[0].item() == 1 + 2**-7
+
+
+# -- found by a mutation hunt: the core and GaLoreAdamW --
+
+
+def splitmix64(state):
+    """SplitMix64 (Steele, Lea and Flood 2014, as in Vigna's splitmix64.c): the next state and output."""
+    mask = 2**64 - 1
+    state = (state + 0x9E3779B97F4A7C15) & mask
+    z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return state, z ^ (z >> 31)
+
+
+def test_stream_seed_is_splitmix64_seeded_by_the_seed_then_by_each_counter():
+    # A checkpoint holds stream_seed(seed, index) and the sketches of later steps are drawn from
+    # stream_seed(that, t): a stream that changed would resume an old run on other draws. Each
+    # counter c reseeds SplitMix64 with (previous output) ^ c, the seed alone with seed ^ 0, and the
+    # first output, halved to 63 bits, is the seed. (The generator checked on its published first
+    # outputs from 1234567.)
+    state, outputs = 1234567, []
+    for _ in range(3):
+        state, out = splitmix64(state)
+        outputs.append(out)
+    assert outputs == [6457827717110365317, 3203168211198807973, 9817491932198370423]
+
+    def expected(seed, *counters):
+        x = splitmix64(seed)[1]
+        for c in counters:
+            x = splitmix64(x ^ c)[1]
+        return x >> 1
+
+    assert la.stream_seed(0) == 0xE220A8397B1DCDAF >> 1
+    for seed, counters in [(0, ()), (1234567, ()), (0, (1,)), (7, (0, 3)), (2**40 + 5, (12, 2**20)), (3, (1, 2, 3))]:
+        assert la.stream_seed(seed, *counters) == expected(seed, *counters)
+
+
+@pytest.mark.parametrize("cls", [la.GaLoreAdamW, la.AdaptiveAdamW], ids=ids)
+def test_scale_must_be_positive_in_the_constructor_and_in_a_group(cls):
+    # α scales the projected-back update: 0 (the low-rank update switched off) and below are refused,
+    # as an option and per group; any positive α is taken
+    p = nn.Parameter(torch.randn(6, 4))
+    for bad in (0.0, -0.25):
+        with pytest.raises(ValueError, match="Invalid scale"):
+            cls([{"params": [p], "rank": 2}], scale=bad)
+        with pytest.raises(ValueError, match="Invalid scale"):
+            cls([{"params": [p], "rank": 2, "scale": bad}])
+    assert cls([{"params": [p], "rank": 2}], scale=1e-12).param_groups[0]["scale"] == 1e-12
+
+
+def test_a_first_step_with_a_zero_gradient_takes_the_leading_coordinate_axes_and_warm_starts_from_them():
+    # An all-zero first gradient has no subspace: P is the first r coordinate axes (the leading r columns
+    # of the identity), and the randomized refresh redone at step 2 is warm-started from them. With a
+    # short side of 14 and rank 2 the sketch (2 + 8 columns) is narrower than the short side, so the
+    # start shows in the basis and the weights, which follow galore_reference.
+    shape = (20, 14)
+    grads = separated_grads(shape, 5, seed=3, zero=(0,))
+    W0 = torch.randn(shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    kw = dict(rank=2, gap=3, lr=0.05, betas=(0.9, 0.99), eps=1e-8, wd=0.1, scale=0.5)
+    expected = galore_reference(W0, grads, **kw, refresh="randomized", seed=11)
+    p = nn.Parameter(W0.clone())
+    opt = la.GaLoreAdamW([{"params": [p], "rank": 2, "update_proj_gap": 3, "scale": 0.5, "refresh": "randomized"}],
+                         lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, seed=11)
+    for t, G in enumerate(grads, start=1):
+        p.grad = G.clone()
+        opt.step()
+        if t == 1:
+            assert torch.equal(opt.state[p]["P"], torch.eye(14, 2, dtype=torch.float64))
+    torch.testing.assert_close(p.detach(), expected, atol=1e-10, rtol=1e-10)
