@@ -1582,9 +1582,14 @@ def test_small_models_on_cpu_default_to_one_thread():
 
 
 def test_the_suite_runs_on_at_most_four_processes(monkeypatch):
-    """conftest.py: ``-n auto`` starts one test process per core, at most 4."""
+    """conftest.py: ``-n auto`` starts one test process per core this process may use, at most 4."""
     import conftest
-    for cores, workers in [(1, 1), (2, 2), (3, 3), (4, 4), (16, 4), (None, 1)]:
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the host's; the process may use fewer
+    for cores, workers in [(1, 1), (2, 2), (3, 3), (4, 4), (16, 4)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+        assert conftest.pytest_xdist_auto_num_workers(None) == workers
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # where the OS has no affinity
+    for cores, workers in [(2, 2), (16, 4), (None, 1)]:
         monkeypatch.setattr(os, "cpu_count", lambda: cores)
         assert conftest.pytest_xdist_auto_num_workers(None) == workers
 
