@@ -4583,10 +4583,11 @@ def ldadam_reference(W0, grads, rank, lr, betas, eps, wd, rho, error_feedback=Tr
     return W
 
 
-def test_ldadam_matches_reference():
-    """One fixed example of how LDAdam is compared with its reference (the
-    property below ranges over every shape and option)."""
-    shape, error_feedback, proj_method = SHAPES["wide"], True, "power"
+@pytest.mark.parametrize("proj_method", ["power", "svd"])
+def test_ldadam_matches_reference(proj_method):
+    """One fixed example of how LDAdam is compared with its reference, for each way of
+    taking P from the target T (the property below ranges over every shape and option)."""
+    shape, error_feedback = SHAPES["wide"], True
     g = torch.Generator().manual_seed(1)
     W0 = torch.randn(shape, generator=g, dtype=torch.float64)
     grads = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(8)]
@@ -4666,6 +4667,21 @@ def test_transport_keeps_zero_variance_zero_and_v_nonnegative(s, l, frac, seed, 
     V_det = la.transport_second_moment(c2 * (M / c1) ** 2, M, M_new, C, t, 0.9, 0.99)
     torch.testing.assert_close(V_det / c2, (M_new / c1) ** 2, atol=1e-10, rtol=1e-9)
     assert (la.transport_second_moment(V, M, M_new, C, t, 0.9, 0.99) >= 0).all()
+
+
+def test_transport_takes_the_absolute_value_where_the_moved_variance_comes_out_negative():
+    # V̂ < M̂² (as after two recent equal gradients, whose weight in M exceeds theirs in V), the
+    # basis turned by 45°: C∘C = ½·1, M = (1, -1)ᵀ gives M̃ = C M = (√2, 0)ᵀ, so the box's
+    # (C∘C)(V/c2 - M²/c1²) + M̃²/c1² is (1, -1)/c1² for V = 0, and |·| makes both c2/c1²
+    t, beta1, beta2 = 3, 0.9, 0.99
+    c1, c2 = 1 - beta1**t, 1 - beta2**t
+    h = 0.5**0.5
+    C = torch.tensor([[h, -h], [h, h]], dtype=torch.float64)
+    M, V = torch.tensor([[1.0], [-1.0]], dtype=torch.float64), torch.zeros(2, 1, dtype=torch.float64)
+    M_new = C @ M
+    torch.testing.assert_close(M_new, torch.tensor([[2**0.5], [0.0]], dtype=torch.float64))
+    moved = la.transport_second_moment(V, M, M_new, C, t, beta1, beta2)
+    torch.testing.assert_close(moved, torch.full((2, 1), c2 / c1**2, dtype=torch.float64), atol=1e-12, rtol=1e-12)
 
 
 def test_transport_on_a_permuted_basis_permutes_both_moments():
