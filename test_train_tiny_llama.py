@@ -1594,7 +1594,6 @@ def test_the_suite_runs_on_at_most_four_processes(monkeypatch):
         assert conftest.pytest_xdist_auto_num_workers(None) == workers
 
 
-@pytest.mark.slow
 def test_tests_sharing_a_fixture_that_starts_processes_run_in_one_process_and_slow_tests_first(request):
     """conftest.py, seen in this session's own collection: each test using one of SHARED_FIXTURES
     (module fixtures that run torchrun once) carries its xdist_group, and the slow tests come first."""
@@ -1629,6 +1628,7 @@ def test_tests_sharing_a_fixture_that_starts_processes_run_in_one_process_and_sl
     assert slow == sorted(slow, reverse=True)
 
 
+@pytest.mark.slow
 def test_requirements_list_numpy_so_torch_imports_without_a_warning():
     """Starts two processes: without numpy torch warns (so the check can fail), with it not."""
     names = [re.split(r"[<>=!~ ]", line)[0] for line in open(os.path.join(ROOT, "requirements.txt"))
@@ -2936,6 +2936,12 @@ def run_command(command, capsys):
     return status, out.out + out.err
 
 
+def out_dir(run):
+    """The --out-dir a command names, or None."""
+    m = re.search(r"--out-dir (\S+)", run)
+    return m[1] if m else None
+
+
 def docs_part(doc, part, corpus, tokenizer):
     """(command shown, command run) pairs of part ``part`` of ``doc``'s commands, shrunk, in
     order: each command once (pip and pytest left out, and for RESULTS.md those README.md
@@ -2946,10 +2952,9 @@ def docs_part(doc, part, corpus, tokenizer):
         run = shrink(command, corpus, tokenizer)
         if run is not None and run not in shown_first:
             runs.setdefault(run, command)
-    folders = list(dict.fromkeys(m[1] if (m := re.search(r"--out-dir (\S+)", run)) else run for run in runs))
-    dealt = {folder: k % DOCS_PARTS[doc] for k, folder in enumerate(folders)}
-    return [(command, run) for run, command in runs.items()
-            if dealt[m[1] if (m := re.search(r"--out-dir (\S+)", run)) else run] == part]
+    folder = {run: out_dir(run) or run for run in runs}  # a command without a folder is one of its own
+    dealt = {f: k % DOCS_PARTS[doc] for k, f in enumerate(dict.fromkeys(folder.values()))}
+    return [(command, run) for run, command in runs.items() if dealt[folder[run]] == part]
 
 
 def test_the_docs_parts_hold_every_command_once_and_each_folder_in_one_part():
@@ -2961,15 +2966,12 @@ def test_the_docs_parts_hold_every_command_once_and_each_folder_in_one_part():
             expected -= {shrink(c, "CORPUS", "TOKENIZER") for c in readme_commands()}
         assert len(runs) == len(set(runs)) and set(runs) == expected
         assert all(len(part) >= 10 for part in parts)  # none empty: the work is shared
-        for k, part in enumerate(parts):
-            folders = {m[1] for _, run in part if (m := re.search(r"--out-dir (\S+)", run))}
-            assert not any(folders & {m[1] for _, run in other if (m := re.search(r"--out-dir (\S+)", run))}
-                           for other in parts[k + 1:])
+        folders = [{out_dir(run) for _, run in part} - {None} for part in parts]
+        assert all(not (a & b) for k, a in enumerate(folders) for b in folders[k + 1:])
     parts = range(DOCS_PARTS["docs/RESULTS.md"])
     results = [run for k in parts for _, run in docs_part("docs/RESULTS.md", k, "C", "T")]
-    folders = {m[1] for run in results if (m := re.search(r"--out-dir (\S+)", run))}
-    assert RESULTS_CHECKPOINTS <= folders  # each checked by the part that runs it
-    plot = [k for k in range(4) for _, run in docs_part("docs/RESULTS.md", k, "C", "T") if "out/heatmap" in run]
+    assert RESULTS_CHECKPOINTS <= {out_dir(run) for run in results}  # each checked by the part that runs it
+    plot = [k for k in parts for _, run in docs_part("docs/RESULTS.md", k, "C", "T") if "out/heatmap" in run]
     assert len(plot) == 2 and plot[0] == plot[1]  # `bench.py plot --out-dir` reads its compare's folder
 
 
@@ -3021,8 +3023,7 @@ def test_every_docs_command_runs(doc, part, corpus, xdg_cache, tmp_path, monkeyp
         assert (tmp_path / "out" / "ckpt.pt").exists() and (tmp_path / "out" / "c4-130m" / "ckpt.pt").exists()
     else:  # the default run and the torchrun ZeRO loop (over one optimizer, adapprox) leave checkpoints
         assert ran >= 10
-        folders = {m[1] for _, run in commands if (m := re.search(r"--out-dir (\S+)", run))}
-        for folder in folders & RESULTS_CHECKPOINTS:
+        for folder in {out_dir(run) for _, run in commands} & RESULTS_CHECKPOINTS:
             assert (tmp_path / folder.replace("$o", "adapprox") / "ckpt.pt").exists(), folder
 
 
