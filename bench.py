@@ -9,11 +9,11 @@ commands:
   compare   train several runs from the same initial weights and data order and
             tabulate them: every optimizer of --optimizer (a comma list of
             train_tiny_llama.py specs) at each factor of --lr-sweep times its
-            lr, for --seeds seeds, reported as the median over seeds ± half the range, with
-            each optimizer at its best lr (--widen N: up to N more lrs past
-            the sweep's edge while the best sits there). Every other flag goes to each run
-            (--corpus packages: the second embedded corpus; the table's
-            caption names the data).
+            lr, for --seeds seeds, reported as the median over seeds ± half
+            the range, with each optimizer at its best lr (--widen N: up to N
+            more lrs past the sweep's edge while the best sits there). Every
+            other flag goes to each run (--corpus packages: the second
+            embedded corpus; the table's caption names the data).
   steps     time optimizer.step() alone on --model's attn/mlp matrices with
             random gradients: normal, first (state and exact SVD), refresh and
             amortized, against AdamW; --full-gap: every step of one refresh gap
