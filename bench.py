@@ -43,6 +43,8 @@ commands:
             opt.step() (one 24x40 matrix in a rank group, default options, the
             first step and an ordinary one) and their code lines (no blank,
             comment or docstring lines)
+  copyout   the lines of one class copied out of lowrank_adam.py with what it
+            needs: by the README's sections, and by the definitions it reaches
   loader    tokens per second of the data loader on one core, byte tokenizer
             and a BPE tokenizer trained on the corpus (needs tokenizers)
   plot      loss curves, AdaptiveAdamW's rank heatmap and Adapprox's ranks of
@@ -76,6 +78,7 @@ import inspect
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -1714,6 +1717,77 @@ def trace(argv: list[str]) -> str:
         listing.append(f"{name}: {', '.join(functions)}")
     return "\n".join(rows + ([""] + listing if own.list else []))
 
+# ----------------------------------------------------------------------------- copyout: one class alone
+
+SECTION_BANNER = re.compile(r"^# =+\n# (\d)\. [^\n]*\n# =+\n", re.M)
+
+def copy_out(name: str, by: str = "sections") -> str:
+    """The source a user gets by copying class ``name`` out of lowrank_adam.py with what
+    it needs. ``by="sections"`` (as the README says): everything before section 3 (the
+    imports and the core), the class's section and each section whose definitions it
+    uses. ``by="definitions"``: the module docstring and imports, then only the top-level
+    definitions the class reaches, transitively, in file order (the smallest working copy)."""
+    import ast
+    source = Path(la.__file__).read_text()
+    if by == "sections":
+        marks = list(SECTION_BANNER.finditer(source))
+        bounds = [(int(m.group(1)), m.start(), marks[i + 1].start() if i + 1 < len(marks) else len(source))
+                  for i, m in enumerate(marks)]
+        text = {k: source[a:b] for k, a, b in bounds if k >= 3}
+        own = next(k for k, t in text.items() if f"\nclass {name}(" in t)
+        reads = {n.id for n in ast.walk(ast.parse(text[own])) if isinstance(n, ast.Name)}
+        defined = {k: {n.name for n in ast.parse(t).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+                   | {x.id for n in ast.parse(t).body if isinstance(n, ast.Assign) for x in n.targets
+                      if isinstance(x, ast.Name)} for k, t in text.items()}
+        keep = [k for k in sorted(text) if k == own or defined[k] & reads]
+        return source[:bounds[[k for k, _, _ in bounds].index(3)][1]] + "".join(text[k] for k in keep)
+    tree, lines = ast.parse(source), source.splitlines(keepends=True)
+    spans: dict[str, tuple] = {}  # name -> (its node, first line, last line)
+    for node in tree.body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
+            t.id for t in getattr(node, "targets", [getattr(node, "target", None)]) if isinstance(t, ast.Name)]
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        for n in names:
+            spans[n] = (node, first, node.end_lineno)
+    needed, todo = set(), [name]
+    while todo:  # every name a needed definition reads (attributes of module-level names included)
+        n = todo.pop()
+        if n in spans and n not in needed:
+            needed.add(n)
+            todo += [x.id for x in ast.walk(spans[n][0]) if isinstance(x, ast.Name)]
+    head = max(n.end_lineno for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.Expr))
+               and n.lineno < min(s for _, s, _ in spans.values()))
+    kept = sorted({(a, b) for n, (_, a, b) in spans.items() if n in needed})
+    return "".join(lines[:head]) + "".join("\n\n" + "".join(lines[a - 1:b]) for a, b in kept)
+
+def docstring_lines(source: str) -> int:
+    """Lines of ``source`` that belong to a module, class or function docstring."""
+    import ast
+    count = 0
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node) is not None:
+            count += node.body[0].end_lineno - node.body[0].lineno + 1
+    return count
+
+def copyout(argv: list[str]) -> str:
+    p = tl.Parser(prog="bench.py copyout", description="The size of one class copied out of lowrank_adam.py with "
+                  "what it needs: by sections (the imports and the core, the class's section and the sections it "
+                  "uses, as the README says to copy) and by definitions (only the top-level definitions it reaches, "
+                  "transitively: the smallest copy that works). Lines as wc -l counts them, docstrings included.",
+                  formatter_class=tl.HelpFormatter, allow_abbrev=False)
+    p.add_argument("--optimizer", default="GaLoreAdamW,AdaptiveAdamW,LDAdam,Adapprox",
+                   help="comma list of class names of lowrank_adam")
+    own = p.parse_args(argv)
+    rows = ["| optimizer | by sections | by definitions | of which docstrings | blank |", "|---|---|---|---|---|"]
+    for name in own.optimizer.split(","):
+        if not (inspect.isclass(getattr(la, name, None)) and issubclass(getattr(la, name), torch.optim.Optimizer)):
+            tl.fail(f"--optimizer {name}: not an optimizer class of lowrank_adam")
+        least = copy_out(name, "definitions")
+        blank = sum(1 for line in least.splitlines() if not line.strip())
+        rows.append(f"| {name} | {len(copy_out(name).splitlines())} | {len(least.splitlines())} "
+                    f"| {docstring_lines(least)} | {blank} |")
+    return "\n".join(rows)
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     commands = {"compare": compare, "steps": lambda a: print(steps(a)), "memory": memory, "plot": plot,
@@ -1722,7 +1796,7 @@ def main(argv=None):
                 "shard": lambda a: print(shard(a)), "shard-one": shard_one, "refresh-one": refresh_one,
                 "loader": lambda a: print(loader(a)), "sketch": lambda a: print(sketch(a)),
                 "subspaces": lambda a: print(subspaces(a)), "sensitivity": lambda a: print(sensitivity(a)),
-                "trace": lambda a: print(trace(a))}
+                "trace": lambda a: print(trace(a)), "copyout": lambda a: print(copyout(a))}
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return None

@@ -3479,6 +3479,40 @@ def test_one_class_copied_out_defines_every_name_its_code_uses(cls):
     assert undefined == []
 
 
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
+def test_bench_copyout_measures_the_copy_the_readme_describes_and_the_smallest_that_works(cls):
+    # DESIGN.md's copy-out table comes from `python bench.py copyout`. Its "by sections" copy
+    # is the one this file builds on its own (copy_out_source); its "by definitions" copy,
+    # the smallest, must be a working copy: every name it reads is defined in it, and it
+    # trains bit for bit as the module does.
+    import bench
+    assert bench.copy_out(cls.__name__) == copy_out_source(cls.__name__)
+    least = bench.copy_out(cls.__name__, "definitions")
+    assert len(least.splitlines()) < len(copy_out_source(cls.__name__).splitlines())
+    code = compile(least, "least.py", "exec")
+    module = types.ModuleType("least")
+    exec(code, module.__dict__)
+    assert sorted(n for n in global_names(code) if n not in module.__dict__ and not hasattr(builtins, n)) == []
+    others = [c.__name__ for c in OPTIMIZERS if c is not cls]
+    assert not any(hasattr(module, name) for name in others)
+    weights = []
+    for Optimizer in (cls, getattr(module, cls.__name__)):
+        torch.manual_seed(0)
+        model = mlp()
+        hidden = [model[0].weight, model[2].weight]
+        rest = [p for p in model.parameters() if all(p is not q for q in hidden)]
+        opt = Optimizer([{"params": rest, "rank": None}, {"params": hidden, "rank": 3}], **copy_out_kwargs(cls))
+        train(model, opt, 6, regression_data())
+        weights.append([p.detach() for p in model.parameters()])
+    for a, b in zip(*weights):
+        assert torch.equal(a, b)
+    rows = bench.copyout(["--optimizer", cls.__name__]).splitlines()
+    design = Path(ROOT, "docs", "DESIGN.md").read_text()
+    assert rows[2] in design  # the figures DESIGN gives are today's
+    assert rows[2].startswith(f"| {cls.__name__} | {len(copy_out_source(cls.__name__).splitlines())} | "
+                              f"{len(least.splitlines())} | ")
+
 def test_the_readme_map_names_tests_that_exist():
     # the map at the top of this file: every test it names is defined (here, or in
     # test_train_tiny_llama.py where it says "train::")
