@@ -184,7 +184,7 @@ def _validate_options(group: dict, choices: dict) -> None:
 
 class _Base(Optimizer):
     """The shared optimizer. A class implements ``_validate_group(group)`` (run
-    before a group joins) and ``_update(p, group, index)`` (one step of one
+    before a group joins) and ``_update(p, state, group, index)`` (one step of one
     low-rank matrix), or ``_step_items(items)`` for a step that needs every
     matrix at once; ``_Base`` checks groups and gradients before anything
     changes, gives dense parameters AdamW, and loads state dicts exactly."""
@@ -250,9 +250,9 @@ class _Base(Optimizer):
             self._adamw(dense)
         for p, group, index in items:
             if group.get("rank") is not None:
-                self._update(p, group, index)
+                self._update(p, self.state[p], group, index)
 
-    def _update(self, p: Tensor, group: dict, index: int) -> None:
+    def _update(self, p: Tensor, state: dict, group: dict, index: int) -> None:
         raise NotImplementedError
 
     def _check_grads(self, items: list[tuple[Tensor, dict, int]]) -> None:
@@ -449,16 +449,16 @@ def resize_rows(x: Tensor, rows: int) -> Tensor:
     return out
 
 
-def orthogonal_residual(x: Tensor, P: Tensor, r: Tensor, n: Tensor, transposed: bool = False) -> Tensor:
+def orthogonal_residual(X: Tensor, P: Tensor, R: Tensor, N: Tensor, transposed: bool = False) -> Tensor:
     """Fira's residual, what the subspace drops scaled like the Adam update, in W's
     layout: ``S = (X - P R) diag(φ)``, ``φ_j = ‖N[:, j]‖ / (‖R[:, j]‖ + δ)``, with our
     scale-free guard ``δ = 1e-8 ‖X‖_F / sqrt(l)`` (φ = 0 for X = 0)."""
-    guard = torch.linalg.vector_norm(x) * (1e-8 / math.sqrt(max(x.shape[1], 1)))
-    denom = torch.linalg.vector_norm(r, dim=0) + guard
-    phi = torch.where(denom > 0, torch.linalg.vector_norm(n, dim=0) / denom, 0.0)
+    guard = torch.linalg.vector_norm(X) * (1e-8 / math.sqrt(max(X.shape[1], 1)))
+    denom = torch.linalg.vector_norm(R, dim=0) + guard
+    phi = torch.where(denom > 0, torch.linalg.vector_norm(N, dim=0) / denom, 0.0)
     if transposed:
-        return torch.addmm(x.T, r.T, P.T, alpha=-1).mul_(phi[:, None])  # Sᵀ: (l, s)
-    return torch.addmm(x, P, r, alpha=-1).mul_(phi)  # S: (s, l)
+        return torch.addmm(X.T, R.T, P.T, alpha=-1).mul_(phi[:, None])  # Sᵀ: (l, s)
+    return torch.addmm(X, P, R, alpha=-1).mul_(phi)  # S: (s, l)
 
 
 def norm_growth_limit_(x: Tensor, prev_rms: Tensor, gamma: float) -> Tensor:
@@ -528,9 +528,9 @@ class GaLoreAdamW(_Base):
             _validate_rank(group, type(self).__name__, PROJ_TYPES)
         _validate_options(group, SUBSPACE_OPTIONS)
 
-    def _update(self, p: Tensor, group: dict, index: int) -> None:
+    def _update(self, p: Tensor, state: dict, group: dict, index: int) -> None:
         """One GaLore step of one matrix: the box above, line by line."""
-        state, (beta1, beta2), t = self.state[p], group["betas"], self.state[p].get("step", 0) + 1
+        (beta1, beta2), t = group["betas"], state.get("step", 0) + 1
         X, transposed = oriented(p, group["proj_type"])  # X: (s, l)
         # if t ≡ 1 (mod T):  P ← top-r left singular vectors of X
         if refresh_due(t, index, group) or state.get("refresh_again"):
@@ -636,13 +636,14 @@ def orthonormalize_signed(x: Tensor) -> Tensor:
     return (q * torch.where(sign == 0, torch.ones_like(sign), sign)).contiguous()
 
 
-def gha_step(P: Tensor, x: Tensor, r: Tensor, lr: float) -> Tensor:
-    """One step of Sanger's rule towards the top-r eigenvectors of ``C = X Xᵀ / ‖X‖²_F``:
-    ``P ← P + η (C P - P triu(Pᵀ C P))``, with ``C P = X rᵀ/‖X‖²``, ``Pᵀ C P = r rᵀ/‖X‖²``
-    (r = Pᵀ X; our ‖X‖² makes η scale-free). A zero gradient leaves P unchanged."""
-    energy = torch.linalg.vector_norm(x).square().clamp_min(1e-30)
-    cp = (r @ x.T).T  # X rᵀ, with X on the right (a fast skinny product)
-    return P + (cp - P @ torch.triu(r @ r.T)) * (lr / energy)
+def gha_step(P: Tensor, X: Tensor, R: Tensor, lr: float) -> Tensor:
+    """One step of Sanger's rule towards the leading eigenvectors (as many as P has columns)
+    of ``C = X Xᵀ / ‖X‖²_F``: ``P ← P + η (C P - P triu(Pᵀ C P))``, with ``C P = X Rᵀ/‖X‖²``
+    and ``Pᵀ C P = R Rᵀ/‖X‖²`` (R = Pᵀ X; our ‖X‖² makes η scale-free). A zero gradient
+    leaves P unchanged."""
+    energy = torch.linalg.vector_norm(X).square().clamp_min(1e-30)
+    cp = (R @ X.T).T  # X Rᵀ, with X on the right (a fast skinny product)
+    return P + (cp - P @ torch.triu(R @ R.T)) * (lr / energy)
 
 
 # =============================================================================
@@ -754,6 +755,7 @@ class AdaptiveAdamW(_Base):
                    f"Invalid {key}: {group[key]!r} differs from {sorted(others)} of another group; every group that "
                    f"allocates shares one budget and must use the same {key} (or set allocate=False in one of them)")
 
+    @torch.compiler.disable(recursive=False)  # bookkeeping runs eager; the arithmetic it calls compiles
     def _step_items(self, items: list[tuple[Tensor, dict, int]], peers=None) -> None:
         """The refresh half of the box for every matrix due, then ``_update`` and AdamW.
         ``peers``: FSDP2's sums and gathers, so every rank allocates as one process."""
@@ -783,7 +785,7 @@ class AdaptiveAdamW(_Base):
                 keep = ranks[k] if k not in pool else budget - pooled + 1 if g["refresh_keep"] is None else min(
                     budget - pooled + 1, max(ranks[k], math.ceil(g["refresh_keep"] * g["rank"])))
                 st[p]["refresh_again"] = 0
-                svds.append(self._randomized(p, g, i, keep) if g["refresh"] == "randomized" else
+                svds.append(self._randomized(p, st[p], g, i, keep) if g["refresh"] == "randomized" else
                             gradient_spectrum(oriented(p, g["proj_type"])[0], keep))
             # 2. r ← allocate_ranks(s, B): rank 1 each, then greedily the best next singular value
             if pooled:
@@ -811,14 +813,14 @@ class AdaptiveAdamW(_Base):
         # every step: projected Adam with the residual; AdamW for the dense parameters
         for p, g, i in items:
             if g.get("rank") is not None:
-                self._update(p, g, i)
+                self._update(p, st[p], g, i)
         dense = [(p, g) for p, g, _ in items if g.get("rank") is None]
         if dense:
             self._adamw(dense)
 
-    def _update(self, p: Tensor, group: dict, index: int) -> None:
+    def _update(self, p: Tensor, state: dict, group: dict, index: int) -> None:
         """The every-step half of the box, for one matrix."""
-        state, (beta1, beta2), t = self.state[p], group["betas"], self.state[p].get("step", 0) + 1
+        (beta1, beta2), t = group["betas"], state.get("step", 0) + 1
         X, transposed = oriented(p, group["proj_type"])  # X: (s, l)
         P, gamma = state["P"], group["norm_growth_limit"]  # P: (s, r), r this matrix's allocated rank
         if "exp_avg" not in state:  # M, V: (r, l)
@@ -852,16 +854,17 @@ class AdaptiveAdamW(_Base):
         N.mul_(group["scale"])
         return N.T @ P.T if transposed else P @ N
 
-    def _randomized(self, p: Tensor, group: dict, index: int, keep: int) -> tuple[Tensor, Tensor]:
+    def _randomized(self, p: Tensor, state: dict, group: dict, index: int, keep: int) -> tuple[Tensor, Tensor]:
         """``refresh="randomized"``: ``keep`` + oversample leading vectors and values from
         ``randomized_spectrum`` warm-started at P (the first refresh: an exact SVD)."""
-        state, X = self.state[p], oriented(p, group["proj_type"])[0]
+        X = oriented(p, group["proj_type"])[0]
         state.setdefault("seed", stream_seed(group["seed"], index))
         if "P" not in state:
             return gradient_spectrum(X, keep)
         rng = _generator(p.device, stream_seed(state["seed"], state.get("step", 0) + 1))
         return randomized_spectrum(X, keep + REFRESH_OVERSAMPLE, state["P"], rng, group["refresh_iters"])
 
+    @torch.compiler.disable  # bookkeeping over the matrices due, which change from step to step: eager
     def _hold(self, due: list, E: list, zero: list) -> tuple[list, list]:
         """Matrices with an all-zero X at their refresh: P and rank kept (coordinate
         axes at first), out of the allocation, refreshed at the next step.
@@ -884,6 +887,7 @@ class AdaptiveAdamW(_Base):
         due_ids = {id(p) for p, _, _ in due}
         return [(p, g, i) for p, g, i in held if id(p) not in due_ids and "spectrum" in self.state[p]]
 
+    @torch.compiler.disable  # bookkeeping over the matrices due, which change from step to step: eager
     def _keep_spectra(self, due, pool, svds, E, stored, allocated) -> None:
         """``stagger``: keep each refreshed spectrum for the allocations until the
         matrix's next refresh; a matrix not due and allocated less than it holds
@@ -949,9 +953,9 @@ class LDAdam(_Base):
         if group.get("rank") is not None:
             _validate_rank(group, type(self).__name__, ("ldadam", *PROJ_TYPES))
 
-    def _update(self, p: Tensor, group: dict, index: int) -> None:
+    def _update(self, p: Tensor, state: dict, group: dict, index: int) -> None:
         """One LDAdam step of one matrix: the box above, line by line."""
-        state, (beta1, beta2), ef = self.state[p], group["betas"], group["error_feedback"]
+        (beta1, beta2), ef = group["betas"], group["error_feedback"]
         X, transposed = oriented(p, group["proj_type"])  # X: (s, l)
         if len(state) == 0:
             state.update(step=0, rank=min(group["rank"], *p.shape))
@@ -1048,8 +1052,8 @@ class Adapprox(_Base):
         D ← D / max(1, RMS(D)/d)              (update clipping, d = clip_threshold)
         D ← D · (1 + cos(M, G))               (cosine guidance, optional)
         W ← W (1 - lr·wd) - lr · D
-        k ← max(k_min, ⌊k/2⌋) while ξ̄ < err_tol/2 from the start; then k ± rank_step
-            above err_tol / below err_tol/2 (ξ̄: an EMA of ξ; ``_step_items``)
+        k ← max(k_min, min(k - rank_step, ⌊k/2⌋)) while ξ̄ < err_tol/2 from the start;
+            then k ± rank_step above err_tol / below err_tol/2 (ξ̄: an EMA of ξ; ``_step_items``)
 
     k starts at k_max = max(1, ⌊k_max_frac·min(m, n)⌋) (or ``rank_init``; a
     group's integer ``rank`` caps it instead; ``rank=None`` keeps a dense V,
@@ -1133,9 +1137,9 @@ class Adapprox(_Base):
         factored = []
         for (p, group, _), plan in zip(items, self._prepare(items)):
             if plan is None:
-                self._dense_update(p, group)
+                self._dense_update(p, self.state[p], group)
             else:
-                factored.append((p, group, plan, self._update(p, group, *plan[:2])))
+                factored.append((p, group, plan, self._update(p, self.state[p], group, *plan[:2])))
         for (p, group, (_, _, k_min, k_max), _), xi in zip(factored, _to_host([f[3] for f in factored])):
             state, beta, tol, step = self.state[p], group["err_beta"], group["err_tol"], group["rank_step"]
             k, descending = state["rank"], state.get("descending", state["step"] == 1)
@@ -1178,10 +1182,10 @@ class Adapprox(_Base):
             plans.append((omega, fd, k_min, k_max))
         return plans
 
-    def _update(self, p: Tensor, group: dict, omega: Optional[Tensor], fd: torch.dtype) -> Tensor:
+    def _update(self, p: Tensor, state: dict, group: dict, omega: Optional[Tensor], fd: torch.dtype) -> Tensor:
         """One Adapprox step of one factored matrix: the box above, line by line
         (at the scale 4^-h; ``fd``: V's dtype, float64 by default). Returns ξ."""
-        state, (beta1, beta2), t = self.state[p], group["betas"], self.state[p]["step"] + 1
+        (beta1, beta2), t = group["betas"], state["step"] + 1
         G = p.grad.to(torch.promote_types(p.dtype, torch.float32))  # G: (m, n)
         # h = ⌊log2 max(max|G|, sqrt(max V_{t-1}))⌋: G·2^-h and V/4^h are at most about 1, and powers of
         # two scale exactly (G² overflows float32 above 2^64). U (or V) is stored at scale 4^-e, e = u_exp.
@@ -1271,9 +1275,9 @@ class Adapprox(_Base):
             floor.div_(row[:, None]).div_(col[None, :])
         v_hat.clamp_min_(floor)
 
-    def _dense_update(self, p: Tensor, group: dict) -> None:
+    def _dense_update(self, p: Tensor, state: dict, group: dict) -> None:
         """A tensor that is not factored: an exact dense V, the same rule."""
-        state, beta2 = self.state[p], group["betas"][1]
+        beta2 = group["betas"][1]
         G = p.grad.to(linalg_dtype(p.dtype))
         if len(state) == 0:
             state.update(step=0, exp_avg_sq=torch.zeros_like(G))
