@@ -174,6 +174,16 @@ def plan_runs(own, rest: list[str], factors: dict | None = None) -> list:
     specs = [s.strip() for s in own.optimizer.split(",") if s.strip()]
     if not specs or own.seeds < 1 or own.widen < 0:
         tl.fail("compare needs at least one --optimizer, --seeds >= 1 and --widen >= 0")
+    if len(set(specs)) < len(specs):  # a spec twice would be its own seed again, not a second seed
+        tl.fail(f"--optimizer {own.optimizer}: names a spec twice; for repeats use --seeds")
+    try:  # (an unknown name is refused as such first)
+        named = set(specs) | {tl.parse_optimizer(spec)[0] for spec in specs}
+        unused = [key for key, _, _ in (item.partition("=") for item in (own.lr or "").split(",") if "=" in item)
+                  if tl.parse_optimizer(key) and key not in named]
+    except ValueError as e:
+        tl.fail(str(e))
+    if unused:
+        tl.fail(f"--lr {own.lr}: {unused[0]} is not among --optimizer {own.optimizer}, so no run would use it")
     factors = factors if factors is not None else dict.fromkeys(specs, sweep_factors(own))
     runs = []
     for seed in range(own.seed, own.seed + own.seeds):
@@ -683,7 +693,10 @@ def sketch(argv: list[str]) -> str:
     (paired: the same V, rank and oversampling) with the optimum of that rank
     (the truncated SVD, Eckart-Young). --optimizer may name an Adapprox variant
     (e.g. adapprox+noscaling+float32); unset: adapprox."""
-    args = tl.parse_args(["--optimizer", "adapprox", *argv, "--quiet"])
+    p = tl.Parser(prog="bench.py sketch", description=" ".join(sketch.__doc__.split()) + " Other flags as "
+                  "train_tiny_llama.py (--model, --rank, --max-steps, ...).", formatter_class=tl.HelpFormatter,
+                  allow_abbrev=False)
+    args = tl.parse_args(["--optimizer", "adapprox", *p.parse_known_args(argv)[1], "--quiet"])
     if tl.parse_optimizer(args.optimizer)[0] != "adapprox":
         tl.fail(f"bench.py sketch: --optimizer {args.optimizer}: sketches Adapprox's V; name adapprox or a variant")
     srsi, errors = la.srsi, {name: [] for name in ["optimal", *SKETCHES]}
@@ -733,7 +746,7 @@ def subspaces(argv: list[str]) -> str:
     the time of each, and (AdaptiveAdamW) the allocation each spectrum gives.
     With --kept, instead, the energy of each new gradient that the basis held
     since the last step keeps, for several GaLoreAdamW specs (``kept``)."""
-    p = tl.Parser(prog="bench.py subspaces", description=subspaces.__doc__.split("\n\n")[0] + " Other flags as "
+    p = tl.Parser(prog="bench.py subspaces", description=" ".join(subspaces.__doc__.split()) + " Other flags as "
                   "train_tiny_llama.py (--model, --rank, --update-proj-gap, --max-steps, ...).",
                   formatter_class=tl.HelpFormatter, allow_abbrev=False)
     p.add_argument("--optimizer", choices=["galore", "adaptive"],

@@ -980,7 +980,9 @@ def test_compare_checks_every_run_before_training_any(corpus, tmp_path, capsys):
                           (["--lr", "galore=-1e-3"], "--lr galore=-1e-3: a learning rate must be a number > 0"),
                           (["--lr", "adamw=1e-3,sgd=1e-2"], "unknown optimizer 'sgd'"),
                           (["--lr-sweep", "1,x"], "--lr-sweep 1,x: not a comma list"),
-                          (["--optimizer", "adamw,galore:gap"], "galore has no variant :gap")]:
+                          (["--optimizer", "adamw,galore:gap"], "galore has no variant :gap"),
+                          (["--optimizer", "adamw,galore,adamw"], "names a spec twice; for repeats use --seeds"),
+                          (["--lr", "ldadam=1e-3"], "ldadam is not among --optimizer adamw,galore")]:
         with pytest.raises(SystemExit, match=re.escape(message)):
             bench.main(["compare", "--optimizer", "adamw,galore", *argv, "--data", corpus, "--out-dir", str(out)])
         assert not list(out.glob("*/metrics.jsonl"))
@@ -1832,7 +1834,7 @@ def test_bench_help_explains_every_subcommand(capsys):
     for command in explained:
         with pytest.raises(SystemExit) as e:
             bench.main([command, "--help"])
-        assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: "), command
+        assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: bench.py {command} "), command
 
 
 def torchrun(*flags, cwd=ROOT, nproc=2):
