@@ -782,7 +782,7 @@ def describe(r: dict) -> str:
         extra += f", state bytes per rank {' / '.join(f'{b:,}' for b in r['state_bytes_per_rank'])}"
     return (f"{r['optimizer']} (lr {r['lr']:g}) seed {r['seed']}: {r['params'] / 1e6:.2f}M params, {r['steps']} steps, "
             f"val loss {r['val_loss']:.4f}, val ppl {r['val_ppl']:.2f}, {r['tokens_per_s']:,.0f} tokens/s, optimizer "
-            f"state {r['state_mb']:.2f} MB, step() {r['step_ms']:.2f} ms, {r['seconds']:.0f} s{extra}")
+            f"state {r['state_mb']:.2f} MiB, step() {r['step_ms']:.2f} ms, {r['seconds']:.0f} s{extra}")
 
 
 # ----------------------------------------------------------------------------- Muon with AdamW

@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr", type=float, help="peak learning rate; unset: " + ", ".join(f"{n} {r.lr:g}"
                                                                                       for n, r in OPTIMIZERS.items()))
     o.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
-    o.add_argument("--beta1", type=float, default=0.9, help="Adam β1")
-    o.add_argument("--beta2", type=float, default=0.999, help="Adam β2")
+    o.add_argument("--beta1", type=float, default=0.9, help="Adam β1, every optimizer's (LDAdam's class: 0.908)")
+    o.add_argument("--beta2", type=float, default=0.999, help="Adam β2, every optimizer's (LDAdam's class: 0.99)")
     o.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     o.add_argument("--rank", type=int, help="rank of the attn/mlp matrices (adaptive: the average; adapprox: the "
                    "cap of every matrix's adaptive rank, unless --k-max-frac is given); unset: hidden/4 (adapprox: "
@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "them; off by default: every matrix refreshes at steps 1, T+1, 2T+1, ..., the papers' schedule")
     d = p.add_argument_group("ldadam")
     d.add_argument("--rho", type=float, help="weight of the previous subspace" + unset(la.LDAdam, "rho"))
-    d.add_argument("--error-feedback", action=argparse.BooleanOptionalAction, help="unset: on")
+    d.add_argument("--error-feedback", action=argparse.BooleanOptionalAction,
+                   help="carry what each step's projection drops into the next gradient; unset: on")
     d.add_argument("--error-dtype", choices=["fp32", "bf16"], help="error-feedback buffer dtype; unset: float32 "
                    "(float64 for a float64 model)")
     x = p.add_argument_group("adapprox")
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--err-tol", type=float, help="relative error target of the rank rule" + unset(A, "err_tol"))
     x.add_argument("--rank-init", type=int, help="initial rank; unset: the largest")
     x.add_argument("--clip-threshold", type=float, help="update clipping d, 0 = off" + unset(A, "clip_threshold"))
-    x.add_argument("--cosine-guidance", action=argparse.BooleanOptionalAction, help="unset: off")
+    x.add_argument("--cosine-guidance", action=argparse.BooleanOptionalAction,
+                   help="scale each update by 1 + cos(M, G), the first moment's agreement with the gradient; unset: off")
     s = p.add_argument_group("schedule")
     s.add_argument("--max-steps", type=int, default=300, help="optimizer steps")
     s.add_argument("--warmup-steps", type=int, help="linear warmup steps, fewer than --max-steps; unset: 30, "
@@ -223,7 +225,7 @@ class Recipe:
     the attn/mlp matrices) or all parameters alike, and the options each :KIND or +SWITCH sets.
     ``lowrank=None`` (Adapprox): --rank, if given without --k-max-frac, caps every matrix's rank."""
     cls: type
-    lr: float  # default peak lr (each method's best lr on the tiny runs, per corpus: docs/RESULTS.md)
+    lr: float  # default peak lr (its paper's or ours; each method's best lr per corpus: docs/RESULTS.md)
     lowrank: Optional[bool] = False
     variants: dict = field(default_factory=dict)  # ":kind" or "+switch" -> options
 
