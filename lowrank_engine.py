@@ -506,10 +506,12 @@ def step_parameter(optimizer: Optimizer, p: Tensor) -> None:
     as ``step()`` would, from its post-accumulate-grad hook, so the whole model's
     gradients never exist at once. LR schedulers see the step; step hooks are
     not called."""
-    where = optimizer.__dict__.get("_where")  # dropped by add_param_group
-    if where is None or len(where) != sum(len(g["params"]) for g in optimizer.param_groups):
-        where = optimizer.__dict__["_where"] = {id(q): (g, i) for i, (g, q) in enumerate(
-            (g, q) for g in optimizer.param_groups for q in g["params"])}
+    groups = optimizer.param_groups  # load_state_dict puts new group dicts here: the table is rebuilt for them
+    built, where = optimizer.__dict__.get("_where") or ([], {})  # dropped by add_param_group
+    if len(built) != len(groups) or any(a is not b for a, b in zip(built, groups)) or len(where) != sum(
+            len(g["params"]) for g in groups):
+        where = {id(q): (g, i) for i, (g, q) in enumerate((g, q) for g in groups for q in g["params"])}
+        optimizer.__dict__["_where"] = (list(groups), where)
     if id(p) not in where:
         raise ValueError(f"step_parameter: the tensor of shape {tuple(p.shape)} is not a parameter of this optimizer")
     group, index = where[id(p)]

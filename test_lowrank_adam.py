@@ -107,6 +107,7 @@ The training script, bench.py and the documentation are tested in test_train_tin
 #       test_adapprox_equals_its_reference_at_every_shape_rank_cap_and_option
 #   layer-wise: step_parameter(p) as step() would; layerwise_hooks, gradients never coexist
 #       test_layerwise_updates_equal_ordinary_steps_and_resume, test_layerwise_gradients_never_coexist_during_backward
+#       test_step_parameter_after_load_state_dict_reads_the_loaded_groups
 #   ... excluded: AdaptiveAdamW's allocation (the rest is the script's)
 #       test_layerwise_refusals, train::test_layerwise_and_zero_refuse_what_they_cannot_do
 #   DDP and ZeRO-1 with all four; each rank's shard state; AdaptiveAdamW's budget per rank
@@ -2290,6 +2291,25 @@ def test_step_parameter_follows_a_group_replaced_by_add_param_group():
     c.grad = torch.randn(5, 7)
     opt.step_parameter(c)
     assert opt.state[c]["step"] == 1
+
+
+def test_step_parameter_after_load_state_dict_reads_the_loaded_groups():
+    # load_state_dict puts new group dicts in param_groups (torch's does); the layer-wise steps after it,
+    # in an optimizer that already stepped layer-wise, must read their options, as step() does. With the
+    # loaded lr = 0, W <- W (1 - lr wd) - lr update leaves every weight as it is.
+    model = mlp()
+    opt = la.GaLoreAdamW(mlp_groups(model), lr=1e-2, weight_decay=0.1)
+    engine.layerwise_hooks(opt)
+    x, y = regression_data()
+    nn.functional.mse_loss(model(x), y).backward()  # a layer-wise step of every parameter
+    sd = copy.deepcopy(opt.state_dict())
+    for group in sd["param_groups"]:
+        group["lr"] = 0.0
+    opt.load_state_dict(sd)
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.mse_loss(model(x), y).backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(opt.state[p]["step"] == 2 for p in model.parameters())
 
 
 def test_step_parameter_reaches_a_parameter_appended_to_a_groups_list():
