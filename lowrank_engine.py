@@ -220,6 +220,19 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
                                       f"placements {p.placements} (gradient {p.grad.placements}); expected Shard(0), "
                                       "or (Replicate(), Shard(0)) under HSDP")
 
+    # the optimizer's own refusals (a group's rank changed after steps, a complex gradient) before anything
+    # changes, on every rank alike: each parameter checked as an empty (meta) tensor of its shape with its
+    # state, where a non-owner's marker stands for the low-rank state its owner holds
+    for p, g, i in items:
+        state = opt.state.get(p, {})
+        w = torch.empty(p.shape, dtype=p.grad.dtype, device="meta")
+        w.grad = torch.empty(p.shape, dtype=p.grad.dtype, device="meta")
+        opt.state[w] = {"P": None, **state} if "owner" in state else state
+        try:
+            opt._check_grads([(w, {**g, "check_finite": False}, i)])
+        finally:
+            opt.state.pop(w, None)
+
     # 1. NaN/Inf: Σ g of each local shard, agreed over the ranks (then exactly, to name the culprit)
     checked = [p for p, g, _ in items if g["check_finite"]]
     for exact in (False, True):

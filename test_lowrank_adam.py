@@ -2951,6 +2951,19 @@ uneven = lambda: DTensor.from_local(torch.randn(rows, 4), init_device_mesh("cpu"
 w = nn.Parameter(uneven())
 w.grad = uneven()
 out["uneven"] = refused(la.GaLoreAdamW([{"params": [w], "rank": 2}], lr=1e-2).step)
+
+# 9. a group's rank changed after 2 steps (GaLoreAdamW: 2 -> None; LDAdam: 2 -> 1), as one process refuses it
+for name, rank in (("GaLoreAdamW", None), ("LDAdam", 1)):
+    runs = []
+    for m in (model(), sharded(model())):
+        opt = optimizer(name, m)
+        train(m, opt, 2)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(m(x), y).backward()
+        opt.param_groups[-1]["rank"] = rank
+        before = snapshot(m, opt)
+        runs.append((refused(opt.step), same(before, snapshot(m, opt))))
+    out[("rank changed", name)] = runs
 """
 
 
@@ -3253,6 +3266,17 @@ def test_fsdp2_a_weight_split_otherwise_than_torch_chunk_is_refused_on_every_ran
     # 2 + 3 would be put together wrong, so every rank refuses it before any collective of the step
     for r in fsdp2_paths:
         assert r["uneven"].startswith("NotImplementedError") and "expected Shard(0)" in r["uneven"], r["uneven"]
+
+
+def test_fsdp2_a_groups_rank_changed_after_steps_is_refused_on_every_rank_as_in_one_process(fsdp2_paths):
+    # One process refuses a group whose rank went from an integer to None (GaLoreAdamW) or changed at all
+    # (LDAdam) after its matrices took steps, before anything changes; so does every FSDP2 rank, the owner
+    # of a matrix (its state) and the others (a marker) alike
+    for r in fsdp2_paths:
+        for name, words in (("GaLoreAdamW", "changed from an integer to None"), ("LDAdam", "changed from 2 to 1")):
+            one, fsdp2 = r[("rank changed", name)]
+            for outcome, unchanged in (one, fsdp2):
+                assert outcome.startswith("ValueError") and words in outcome and unchanged, (name, outcome)
 
 
 FSDP2_CHECKPOINTS = """
