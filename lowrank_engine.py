@@ -220,6 +220,15 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
                                       f"placements {p.placements} (gradient {p.grad.placements}); expected Shard(0), "
                                       "or (Replicate(), Shard(0)) under HSDP")
 
+    # AdaptiveAdamW's allocation sums and gathers every rank's matrices: a plain (unsharded) one, on every rank
+    # alike, would count once per rank
+    plain = [p for p, g, _ in items if not is_dtensor(p) and g.get("rank") is not None and g.get("allocate")]
+    if plain:
+        raise NotImplementedError(f"{type(opt).__name__} under FSDP2: its allocation needs every matrix of an "
+                                  f"allocating group sharded by fully_shard; the one of shape {tuple(plain[0].shape)} "
+                                  "is a plain tensor, which every rank would count. Shard its module (or the root), "
+                                  "or use allocate=False. Nothing was changed.")
+
     # the optimizer's own refusals (a group's rank changed after steps, a complex gradient) before anything
     # changes, on every rank alike: each parameter checked as an empty (meta) tensor of its shape with its
     # state, where a non-owner's marker stands for the low-rank state its owner holds

@@ -2933,15 +2933,17 @@ out["stages"] = res
 
 # 7. layers 0 and 2 sharded, 4 and 6 left plain (no fully_shard of theirs or of the root): every rank steps the
 #    plain ones in place (the same batch on each rank: their gradients agree), as one process does
-for name in ("GaLoreAdamW", "Adapprox"):
+#    (AdaptiveAdamW's allocation, which would count a plain matrix once per rank: refused, changing nothing)
+for name in ("GaLoreAdamW", "Adapprox", "AdaptiveAdamW"):
     one = model()
     train(one, optimizer(name, one), 4)
     m = model()
     fully_shard(m[0])
     fully_shard(m[2])
     opt = optimizer(name, m)
+    before = snapshot(m, opt)
     out[("mixed", name)] = (refused(lambda: train(m, opt, 4)), full(one), full(m),
-                            [hasattr(p, "device_mesh") for p in m.parameters()])
+                            [hasattr(p, "device_mesh") for p in m.parameters()], same(before, snapshot(m, opt)))
 
 # 8. a DTensor weight split otherwise than FSDP2's torch.chunk (rows 2 + 3 of 5, not 3 + 2): refused on every rank
 from torch.distributed.tensor import DTensor, Shard
@@ -3256,9 +3258,19 @@ def test_fsdp2_a_model_with_layers_left_unsharded_equals_one_process(fsdp2_paths
     # process's (GaLoreAdamW; Adapprox, which steps every DTensor whole)
     for r in fsdp2_paths:
         for name in ("GaLoreAdamW", "Adapprox"):
-            outcome, one, fsdp2, sharded = r[("mixed", name)]
+            outcome, one, fsdp2, sharded, _ = r[("mixed", name)]
             assert outcome == "loaded" and sharded == [True] * 4 + [False] * 4, (name, outcome)
             assert all((a - b).abs().max() <= 1e-6 * a.abs().max() for a, b in zip(one, fsdp2)), name
+
+
+def test_fsdp2_adaptive_allocation_over_a_plain_matrix_is_refused_on_every_rank(fsdp2_paths):
+    # AdaptiveAdamW sums its budget and gathers its spectra over the ranks: a matrix left unsharded is on
+    # every rank and would count once per rank, so the ranks would not be one process's. Refused, naming
+    # the way out, and nothing changes.
+    for r in fsdp2_paths:
+        outcome, _, _, _, unchanged = r[("mixed", "AdaptiveAdamW")]
+        assert outcome.startswith("NotImplementedError") and "shape (5, 6) is a plain tensor" in outcome, outcome
+        assert "allocate=False" in outcome and unchanged
 
 
 def test_fsdp2_a_weight_split_otherwise_than_torch_chunk_is_refused_on_every_rank(fsdp2_paths):
