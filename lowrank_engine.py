@@ -220,6 +220,28 @@ def fsdp2_step(optimizer: Optimizer, items: list[tuple[Tensor, dict, int]]) -> N
                                       f"placements {p.placements} (gradient {p.grad.placements}); expected Shard(0), "
                                       "or (Replicate(), Shard(0)) under HSDP")
 
+    # AdaptiveAdamW's allocation sums and gathers every rank's matrices: a plain (unsharded) one, on every rank
+    # alike, would count once per rank
+    plain = [p for p, g, _ in items if not is_dtensor(p) and g.get("rank") is not None and g.get("allocate")]
+    if plain:
+        raise NotImplementedError(f"{type(opt).__name__} under FSDP2: its allocation needs every matrix of an "
+                                  f"allocating group sharded by fully_shard; the one of shape {tuple(plain[0].shape)} "
+                                  "is a plain tensor, which every rank would count. Shard its module (or the root), "
+                                  "or use allocate=False. Nothing was changed.")
+
+    # the optimizer's own refusals (a group's rank changed after steps, a complex gradient) before anything
+    # changes, on every rank alike: each parameter checked as an empty (meta) tensor of its shape with its
+    # state, where a non-owner's marker stands for the low-rank state its owner holds
+    for p, g, i in items:
+        state = opt.state.get(p, {})
+        w = torch.empty(p.shape, dtype=p.grad.dtype, device="meta")
+        w.grad = torch.empty(p.shape, dtype=p.grad.dtype, device="meta")
+        opt.state[w] = {"P": None, **state} if "owner" in state else state
+        try:
+            opt._check_grads([(w, {**g, "check_finite": False}, i)])
+        finally:
+            opt.state.pop(w, None)
+
     # 1. NaN/Inf: Σ g of each local shard, agreed over the ranks (then exactly, to name the culprit)
     checked = [p for p, g, _ in items if g["check_finite"]]
     for exact in (False, True):
@@ -506,10 +528,12 @@ def step_parameter(optimizer: Optimizer, p: Tensor) -> None:
     as ``step()`` would, from its post-accumulate-grad hook, so the whole model's
     gradients never exist at once. LR schedulers see the step; step hooks are
     not called."""
-    where = optimizer.__dict__.get("_where")  # dropped by add_param_group
-    if where is None or len(where) != sum(len(g["params"]) for g in optimizer.param_groups):
-        where = optimizer.__dict__["_where"] = {id(q): (g, i) for i, (g, q) in enumerate(
-            (g, q) for g in optimizer.param_groups for q in g["params"])}
+    groups = optimizer.param_groups  # load_state_dict puts new group dicts here: the table is rebuilt for them
+    built, where = optimizer.__dict__.get("_where") or ([], {})  # dropped by add_param_group
+    if len(built) != len(groups) or any(a is not b for a, b in zip(built, groups)) or len(where) != sum(
+            len(g["params"]) for g in groups):
+        where = {id(q): (g, i) for i, (g, q) in enumerate((g, q) for g in groups for q in g["params"])}
+        optimizer.__dict__["_where"] = (list(groups), where)
     if id(p) not in where:
         raise ValueError(f"step_parameter: the tensor of shape {tuple(p.shape)} is not a parameter of this optimizer")
     group, index = where[id(p)]

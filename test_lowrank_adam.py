@@ -107,6 +107,7 @@ The training script, bench.py and the documentation are tested in test_train_tin
 #       test_adapprox_equals_its_reference_at_every_shape_rank_cap_and_option
 #   layer-wise: step_parameter(p) as step() would; layerwise_hooks, gradients never coexist
 #       test_layerwise_updates_equal_ordinary_steps_and_resume, test_layerwise_gradients_never_coexist_during_backward
+#       test_step_parameter_after_load_state_dict_reads_the_loaded_groups
 #   ... excluded: AdaptiveAdamW's allocation (the rest is the script's)
 #       test_layerwise_refusals, train::test_layerwise_and_zero_refuse_what_they_cannot_do
 #   DDP and ZeRO-1 with all four; each rank's shard state; AdaptiveAdamW's budget per rank
@@ -2292,6 +2293,55 @@ def test_step_parameter_follows_a_group_replaced_by_add_param_group():
     assert opt.state[c]["step"] == 1
 
 
+def test_step_parameter_after_load_state_dict_reads_the_loaded_groups():
+    # load_state_dict puts new group dicts in param_groups (torch's does); the layer-wise steps after it,
+    # in an optimizer that already stepped layer-wise, must read their options, as step() does. With the
+    # loaded lr = 0, W <- W (1 - lr wd) - lr update leaves every weight as it is.
+    model = mlp()
+    opt = la.GaLoreAdamW(mlp_groups(model), lr=1e-2, weight_decay=0.1)
+    engine.layerwise_hooks(opt)
+    x, y = regression_data()
+    nn.functional.mse_loss(model(x), y).backward()  # a layer-wise step of every parameter
+    sd = copy.deepcopy(opt.state_dict())
+    for group in sd["param_groups"]:
+        group["lr"] = 0.0
+    opt.load_state_dict(sd)
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.mse_loss(model(x), y).backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(opt.state[p]["step"] == 2 for p in model.parameters())
+
+
+def test_step_parameter_reaches_a_parameter_appended_to_a_groups_list():
+    # step() steps whatever the groups' lists hold now; so does step_parameter
+    a, b = nn.Parameter(torch.randn(5, 7)), nn.Parameter(torch.randn(5, 7))
+    opt = la.GaLoreAdamW([{"params": [a], "rank": 2}], lr=1e-2)
+    a.grad = torch.randn(5, 7)
+    opt.step_parameter(a)
+    opt.param_groups[0]["params"].append(b)
+    b.grad = torch.randn(5, 7)
+    opt.step_parameter(b)
+    assert opt.state[b]["step"] == 1
+
+
+def test_a_subclass_of_an_optimizer_is_named_as_the_owner_of_its_group_options():
+    # optimizer_options covers subclasses at any depth: another optimizer refusing the option of a
+    # subclass of GaLoreAdamW names that subclass
+    import gc
+
+    class TunedGaLore(la.GaLoreAdamW):
+        group_keys = la.GaLoreAdamW.group_keys + ("tuning",)
+
+    try:
+        assert "tuning" in engine.optimizer_options()["TunedGaLore"]
+        with pytest.raises(ValueError, match=r"no group option 'tuning' \(an option of TunedGaLore\)"):
+            la.LDAdam([{"params": [nn.Parameter(torch.randn(4, 4))], "rank": 2, "tuning": 1}])
+    finally:
+        del TunedGaLore
+        gc.collect()
+    assert "TunedGaLore" not in engine.optimizer_options()  # gone: the other tests' lists are unchanged
+
+
 # =============================================================================
 # Wherever it is pasted: torch.compile, FSDP1, FSDP2, a class copied out alone,
 # Hugging Face GPT-2, options changed between steps, the layout of loaded state
@@ -2692,6 +2742,44 @@ def test_fsdp2_row_split_is_torch_chunks(world):
         assert engine._row_split(rows, world) == chunks + [0] * (world - len(chunks)), rows
 
 
+def test_fsdp2_steps_whole_only_weights_split_by_rows_on_the_last_mesh_dimension_and_replicated_on_the_others():
+    # Stepped whole on an owner: a weight whose placements are (Shard(0),) on a 1-D mesh or (Replicate(),
+    # Shard(0)) on HSDP's 2-D one. Columns split (Shard(1)), rows split twice, or a sharded or partial first
+    # dimension are not row shards: a step refuses them rather than assemble a wrong matrix.
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    cases = [((Shard(0),), True), ((Replicate(), Shard(0)), True), ((Shard(1),), False),
+             ((Replicate(), Shard(1)), False), ((Shard(0), Shard(0)), False), ((Shard(1), Shard(0)), False),
+             ((Partial(), Shard(0)), False), ((Replicate(),), False), ((Shard(0), Replicate()), False)]
+    for placements, expected in cases:
+        assert engine._row_sharded(types.SimpleNamespace(placements=placements)) is expected, placements
+
+
+def test_fsdp2_refuses_a_mesh_of_three_dimensions_and_parameters_on_several_meshes():
+    # Each step and load finds the one device mesh of the sharded parameters: 1-D, or 2-D (HSDP). A 3-D
+    # mesh, or parameters on two meshes (whose shard groups differ), are refused, not stepped on the
+    # first parameter's mesh. (Only a parameter's device_mesh, a mesh's ndim and == are read: stand-ins.)
+    class Mesh:
+        def __init__(self, ndim):
+            self.ndim = ndim
+
+    on = lambda mesh: types.SimpleNamespace(device_mesh=mesh)
+    flat, hsdp = Mesh(1), Mesh(2)
+    assert engine._mesh_of([on(flat), on(flat)]) is flat and engine._mesh_of([on(hsdp)]) is hsdp
+    with pytest.raises(NotImplementedError, match="not a 3-D one"):
+        engine._mesh_of([on(Mesh(3))])
+    with pytest.raises(NotImplementedError, match="several meshes"):
+        engine._mesh_of([on(flat), on(Mesh(1))])
+
+
+def test_plain_tensors_have_no_fsdp2_owner():
+    # Only a DTensor (a weight FSDP2 shards) is gathered whole on an owner rank; a plain parameter, low-rank
+    # or Adapprox's, is stepped in place by every rank, so no owner is drawn for it
+    model = mlp()
+    for opt in (la.GaLoreAdamW(mlp_groups(model), lr=1e-2), la.Adapprox(model.parameters(), lr=1e-2)):
+        assert engine._owner_ranks(opt, 2) == {}
+        assert not any(engine._stepped_whole(opt, p, g) for g in opt.param_groups for p in g["params"])
+
+
 # -- FSDP2: float64, even rows, a rank with no matrix due, meshes; checkpoints ---
 
 # The start and end of the scripts below (2 gloo processes): a small model, its optimizers, snapshots
@@ -2847,6 +2935,42 @@ if dist.get_rank() == 1:
     m[2].weight.grad.to_local()[0, 0] = float("nan")
 res["nan"] = refused(opt.step)
 out["stages"] = res
+
+# 7. layers 0 and 2 sharded, 4 and 6 left plain (no fully_shard of theirs or of the root): every rank steps the
+#    plain ones in place (the same batch on each rank: their gradients agree), as one process does
+#    (AdaptiveAdamW's allocation, which would count a plain matrix once per rank: refused, changing nothing)
+for name in ("GaLoreAdamW", "Adapprox", "AdaptiveAdamW"):
+    one = model()
+    train(one, optimizer(name, one), 4)
+    m = model()
+    fully_shard(m[0])
+    fully_shard(m[2])
+    opt = optimizer(name, m)
+    before = snapshot(m, opt)
+    out[("mixed", name)] = (refused(lambda: train(m, opt, 4)), full(one), full(m),
+                            [hasattr(p, "device_mesh") for p in m.parameters()], same(before, snapshot(m, opt)))
+
+# 8. a DTensor weight split otherwise than FSDP2's torch.chunk (rows 2 + 3 of 5, not 3 + 2): refused on every rank
+from torch.distributed.tensor import DTensor, Shard
+rows = (2, 3)[dist.get_rank()]
+uneven = lambda: DTensor.from_local(torch.randn(rows, 4), init_device_mesh("cpu", (2,)), [Shard(0)],
+                                    shape=torch.Size([5, 4]), stride=(4, 1))
+w = nn.Parameter(uneven())
+w.grad = uneven()
+out["uneven"] = refused(la.GaLoreAdamW([{"params": [w], "rank": 2}], lr=1e-2).step)
+
+# 9. a group's rank changed after 2 steps (GaLoreAdamW: 2 -> None; LDAdam: 2 -> 1), as one process refuses it
+for name, rank in (("GaLoreAdamW", None), ("LDAdam", 1)):
+    runs = []
+    for m in (model(), sharded(model())):
+        opt = optimizer(name, m)
+        train(m, opt, 2)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(m(x), y).backward()
+        opt.param_groups[-1]["rank"] = rank
+        before = snapshot(m, opt)
+        runs.append((refused(opt.step), same(before, snapshot(m, opt))))
+    out[("rank changed", name)] = runs
 """
 
 
@@ -3133,6 +3257,45 @@ def test_fsdp2_on_a_mesh_smaller_than_the_world_the_collectives_stay_on_the_mesh
         assert res["nan"] == "loaded" if rank == 0 else res["nan"].startswith("NonFiniteGradientError"), res
 
 
+def test_fsdp2_a_model_with_layers_left_unsharded_equals_one_process(fsdp2_paths):
+    # fully_shard on two layers alone: their weights are DTensors, stepped whole on owners (or as shards),
+    # the other layers' plain tensors, low-rank or dense, are stepped in place by every rank; the run is one
+    # process's (GaLoreAdamW; Adapprox, which steps every DTensor whole)
+    for r in fsdp2_paths:
+        for name in ("GaLoreAdamW", "Adapprox"):
+            outcome, one, fsdp2, sharded, _ = r[("mixed", name)]
+            assert outcome == "loaded" and sharded == [True] * 4 + [False] * 4, (name, outcome)
+            assert all((a - b).abs().max() <= 1e-6 * a.abs().max() for a, b in zip(one, fsdp2)), name
+
+
+def test_fsdp2_adaptive_allocation_over_a_plain_matrix_is_refused_on_every_rank(fsdp2_paths):
+    # AdaptiveAdamW sums its budget and gathers its spectra over the ranks: a matrix left unsharded is on
+    # every rank and would count once per rank, so the ranks would not be one process's. Refused, naming
+    # the way out, and nothing changes.
+    for r in fsdp2_paths:
+        outcome, _, _, _, unchanged = r[("mixed", "AdaptiveAdamW")]
+        assert outcome.startswith("NotImplementedError") and "shape (5, 6) is a plain tensor" in outcome, outcome
+        assert "allocate=False" in outcome and unchanged
+
+
+def test_fsdp2_a_weight_split_otherwise_than_torch_chunk_is_refused_on_every_rank(fsdp2_paths):
+    # The owner assembles a matrix from FSDP2's row split (torch.chunk: 3 + 2 of 5 rows); a DTensor split
+    # 2 + 3 would be put together wrong, so every rank refuses it before any collective of the step
+    for r in fsdp2_paths:
+        assert r["uneven"].startswith("NotImplementedError") and "expected Shard(0)" in r["uneven"], r["uneven"]
+
+
+def test_fsdp2_a_groups_rank_changed_after_steps_is_refused_on_every_rank_as_in_one_process(fsdp2_paths):
+    # One process refuses a group whose rank went from an integer to None (GaLoreAdamW) or changed at all
+    # (LDAdam) after its matrices took steps, before anything changes; so does every FSDP2 rank, the owner
+    # of a matrix (its state) and the others (a marker) alike
+    for r in fsdp2_paths:
+        for name, words in (("GaLoreAdamW", "changed from an integer to None"), ("LDAdam", "changed from 2 to 1")):
+            one, fsdp2 = r[("rank changed", name)]
+            for outcome, unchanged in (one, fsdp2):
+                assert outcome.startswith("ValueError") and words in outcome and unchanged, (name, outcome)
+
+
 FSDP2_CHECKPOINTS = """
 # checkpoints: only the sharded state dicts of as many ranks resume
 def trained(name):
@@ -3209,9 +3372,33 @@ whole = get_optimizer_state_dict(m, opt, options=StateDictOptions(full_state_dic
 m2, opt2 = dense()
 m2.load_state_dict(m.state_dict())
 res = refused(lambda: set_optimizer_state_dict(m2, opt2, whole, options=StateDictOptions(full_state_dict=True)))
+m3, opt3 = dense()  # the same full state dict broadcast from rank 0: no low-rank state to miss, so it loads too
+m3.load_state_dict(m.state_dict())
+res3 = refused(lambda: set_optimizer_state_dict(m3, opt3, whole if dist.get_rank() == 0 else {}, options=broadcast))
 train(m, opt, 3)
 train(m2, opt2, 3)
+train(m3, opt3, 3)
 out["dense"] = (res, full(m), full(m2))
+out["dense broadcast"] = (res3, full(m), full(m3))
+
+# an owner marker for a weight this run steps as a dense shard: 2.weight low-rank (its owner rank 1) when
+# saved, dense when loaded (same group sizes); rank 0's sharded state dict, given to both ranks, holds
+# a marker for it and no whole tensor: refused on every rank, naming the marker, and nothing changes
+def two_matrices(m, rank):
+    rest = [p for n, p in m.named_parameters() if n not in ("0.weight", "2.weight")]
+    return la.GaLoreAdamW([{"params": [m[0].weight], "rank": 2}, {"params": [m[2].weight], "rank": rank},
+                           {"params": rest}], lr=1e-2)
+m = sharded(model())
+opt = two_matrices(m, 2)
+train(m, opt, 2)
+torch.save(get_optimizer_state_dict(m, opt), os.path.join(sys.argv[2], f"marker{dist.get_rank()}.pt"))
+dist.barrier()
+rank0s = torch.load(os.path.join(sys.argv[2], "marker0.pt"), weights_only=False)
+m2 = sharded(model())
+opt2 = two_matrices(m2, None)
+train(m2, opt2, 1)
+before = snapshot(m2, opt2)
+out["dense marker"] = (refused(lambda: set_optimizer_state_dict(m2, opt2, rank0s)), same(before, snapshot(m2, opt2)))
 
 """
 
@@ -3295,6 +3482,25 @@ def test_fsdp2_full_state_dict_of_dense_parameters_alone_resumes_exactly(fsdp2_c
         outcome, uninterrupted, resumed = r["dense"]
         assert outcome == "loaded"
         assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed))
+
+
+def test_fsdp2_a_full_state_dict_of_dense_parameters_alone_broadcast_from_rank_0_resumes_exactly(fsdp2_checkpoints):
+    # The broadcast from rank 0 is refused for what it loses of the low-rank states; with none (no low-rank
+    # group) torch's one-file pattern loads and the run resumes exactly
+    for r in fsdp2_checkpoints:
+        outcome, uninterrupted, resumed = r["dense broadcast"]
+        assert outcome == "loaded", outcome
+        assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed))
+
+
+def test_fsdp2_an_owner_marker_for_a_weight_now_stepped_as_a_dense_shard_is_refused_on_every_rank(fsdp2_checkpoints):
+    # a sharded state dict with a marker {"owner": 1} for 2.weight, low-rank when saved, dense in the run
+    # that loads it: the marker holds no state for that rank's shard; refused before any rank loads
+    for r in fsdp2_checkpoints:
+        outcome, unchanged = r["dense marker"]
+        assert outcome.startswith("ValueError") and "rank 0 has an owner marker for the parameter of shape (6, 8) " \
+            "(index 1), which every rank steps on its own shard" in outcome, outcome
+        assert unchanged
 
 
 # -- found by a mutation hunt: AdaptiveAdamW, LDAdam and Adapprox --
