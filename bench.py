@@ -868,8 +868,7 @@ def kept(specs: str, rest: list[str]) -> str:
     update, measured, results = la.GaLoreAdamW._update, {}, {}  # spec -> [t, kind of step, e, o] of each step
     steps: list = []  # the list of the run under way (measuring reads the name when it is called)
 
-    def measuring(self, p, group, index):
-        state = self.state[p]
+    def measuring(self, p, state, group, index):
         t = state.get("step", 0) + 1
         if "P" in state:  # the basis held after step t-1, before this step refreshes or moves it
             energy = kept_energy(p.grad, state["P"], la.oriented(p, group["proj_type"])[1])
@@ -877,7 +876,7 @@ def kept(specs: str, rest: list[str]) -> str:
                 kind = "refresh" if la.refresh_due(t, index, group) else (
                     "after" if la.refresh_due(t - 1, index, group) else "between")
                 steps.append([t, kind, *energy])
-        update(self, p, group, index)
+        update(self, p, state, group, index)
 
     la.GaLoreAdamW._update = measuring
     try:
