@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="train_tiny_llama.py", usage="%(prog)s [--flag value ...]", description=__doc__,
                formatter_class=HelpFormatter, allow_abbrev=False)
     a = p.add_argument_group("data")
-    a.add_argument("--data", help="C4 shards: a folder, glob or file of c4-train.*.json.gz, c4-validation.*.json.gz,"
-                   " .json or .jsonl; unset: the embedded corpus of --corpus")
+    a.add_argument("--data", help="C4 shards: a folder (searched with its subfolders), glob or file of "
+                   "c4-train.*.json.gz, c4-validation.*.json.gz, .json or .jsonl; unset: the embedded corpus of --corpus")
     a.add_argument("--corpus", choices=list(llama_c4.CORPORA), help="the embedded corpus, used only without "
                    "--data (refused with it): pydoc, the documentation every Python ships; packages, the installed "
                    "packages' READMEs, licences and metadata; unset: pydoc")
