@@ -1708,25 +1708,33 @@ def reader_path(cls) -> tuple[list[str], int]:
     lines = set().union(*(code_lines(c) for c in ran))
     return sorted({c.co_qualname for c in ran if not c.co_name.startswith("<")}), len(lines)
 
+def add_classes_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--optimizer", default="GaLoreAdamW,AdaptiveAdamW,LDAdam,Adapprox",
+                   help="comma list of class names of lowrank_adam")
+
+def named_classes(names: str) -> list[type]:
+    """The optimizer classes of lowrank_adam a comma list names (refused: any other name)."""
+    classes = [getattr(la, name, None) for name in names.split(",")]
+    for name, cls in zip(names.split(","), classes):
+        if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
+            tl.fail(f"--optimizer {name}: not an optimizer class of lowrank_adam")
+    return classes
+
 def trace(argv: list[str]) -> str:
     p = tl.Parser(prog="bench.py trace", description="The reader's path through each optimizer: the distinct "
                   "functions of lowrank_adam.py that run inside opt.step() (sys.settrace; one 24x40 matrix in a rank "
                   "group, default options, the first step and an ordinary one) and their code lines, each line once "
                   "(no blank, comment or docstring lines; comprehensions and lambdas count as their function's lines).",
                   formatter_class=tl.HelpFormatter, allow_abbrev=False)
-    p.add_argument("--optimizer", default="GaLoreAdamW,AdaptiveAdamW,LDAdam,Adapprox",
-                   help="comma list of class names of lowrank_adam")
+    add_classes_flag(p)
     p.add_argument("--list", action="store_true", help="also list the functions of each")
     own = p.parse_args(argv)
     rows = ["| optimizer | functions | code lines |", "|---|---|---|"]
     listing = []
-    for name in own.optimizer.split(","):
-        cls = getattr(la, name, None)
-        if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
-            tl.fail(f"--optimizer {name}: not an optimizer class of lowrank_adam")
+    for cls in named_classes(own.optimizer):
         functions, lines = reader_path(cls)
-        rows.append(f"| {name} | {len(functions)} | {lines} |")
-        listing.append(f"{name}: {', '.join(functions)}")
+        rows.append(f"| {cls.__name__} | {len(functions)} | {lines} |")
+        listing.append(f"{cls.__name__}: {', '.join(functions)}")
     return "\n".join(rows + ([""] + listing if own.list else []))
 
 # ----------------------------------------------------------------------------- copyout: one class alone
@@ -1787,13 +1795,10 @@ def copyout(argv: list[str]) -> str:
                   "uses, as the README says to copy) and by definitions (only the top-level definitions it reaches, "
                   "transitively: the smallest copy that works). Lines as wc -l counts them, docstrings included.",
                   formatter_class=tl.HelpFormatter, allow_abbrev=False)
-    p.add_argument("--optimizer", default="GaLoreAdamW,AdaptiveAdamW,LDAdam,Adapprox",
-                   help="comma list of class names of lowrank_adam")
+    add_classes_flag(p)
     own = p.parse_args(argv)
     rows = ["| optimizer | by sections | by definitions | of which docstrings | blank |", "|---|---|---|---|---|"]
-    for name in own.optimizer.split(","):
-        if not (inspect.isclass(getattr(la, name, None)) and issubclass(getattr(la, name), torch.optim.Optimizer)):
-            tl.fail(f"--optimizer {name}: not an optimizer class of lowrank_adam")
+    for name in (cls.__name__ for cls in named_classes(own.optimizer)):
         least = copy_out(name, "definitions")
         blank = sum(1 for line in least.splitlines() if not line.strip())
         rows.append(f"| {name} | {len(copy_out(name).splitlines())} | {len(least.splitlines())} "

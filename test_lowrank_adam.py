@@ -3656,15 +3656,20 @@ def test_one_class_copied_out_with_the_core_alone_trains_as_the_module_does(cls,
     others = [c.__name__ for c in OPTIMIZERS if c is not cls]
     assert not any(f"class {name}(" in code for name in others)
     # the same run with the whole module
+    copied = torch.load(copied_out_weights / f"{cls.__name__}.pt", weights_only=True)
+    for a, b in zip(copy_out_run(cls, cls), copied):
+        assert torch.equal(a, b)
+
+
+def copy_out_run(Optimizer, cls):
+    """The copy-out script's run (COPY_OUT_SCRIPT) with ``Optimizer``, in this process: the final weights."""
     torch.manual_seed(0)
     model = mlp()
     hidden = [model[0].weight, model[2].weight]
     rest = [p for p in model.parameters() if all(p is not q for q in hidden)]
-    opt = cls([{"params": rest, "rank": None}, {"params": hidden, "rank": 3}], **copy_out_kwargs(cls))
+    opt = Optimizer([{"params": rest, "rank": None}, {"params": hidden, "rank": 3}], **copy_out_kwargs(cls))
     train(model, opt, 6, regression_data())
-    copied = torch.load(copied_out_weights / f"{cls.__name__}.pt", weights_only=True)
-    for a, b in zip(model.parameters(), copied):
-        assert torch.equal(a.detach(), b)
+    return [p.detach() for p in model.parameters()]
 
 
 def global_names(code):
@@ -3690,7 +3695,6 @@ def test_one_class_copied_out_defines_every_name_its_code_uses(cls):
     assert undefined == []
 
 
-
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=ids)
 def test_bench_copyout_measures_the_copy_the_readme_describes_and_the_smallest_that_works(cls):
     # DESIGN.md's copy-out table comes from `python bench.py copyout`. Its "by sections" copy
@@ -3707,16 +3711,7 @@ def test_bench_copyout_measures_the_copy_the_readme_describes_and_the_smallest_t
     assert sorted(n for n in global_names(code) if n not in module.__dict__ and not hasattr(builtins, n)) == []
     others = [c.__name__ for c in OPTIMIZERS if c is not cls]
     assert not any(hasattr(module, name) for name in others)
-    weights = []
-    for Optimizer in (cls, getattr(module, cls.__name__)):
-        torch.manual_seed(0)
-        model = mlp()
-        hidden = [model[0].weight, model[2].weight]
-        rest = [p for p in model.parameters() if all(p is not q for q in hidden)]
-        opt = Optimizer([{"params": rest, "rank": None}, {"params": hidden, "rank": 3}], **copy_out_kwargs(cls))
-        train(model, opt, 6, regression_data())
-        weights.append([p.detach() for p in model.parameters()])
-    for a, b in zip(*weights):
+    for a, b in zip(copy_out_run(cls, cls), copy_out_run(getattr(module, cls.__name__), cls)):
         assert torch.equal(a, b)
     rows = bench.copyout(["--optimizer", cls.__name__]).splitlines()
     design = Path(ROOT, "docs", "DESIGN.md").read_text()
